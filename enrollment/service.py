@@ -1,0 +1,214 @@
+"""The enrollment use cases of the HR workflow: create an agent, collect utterances, build or
+rebuild the voiceprint, erase the agent. Every step is audited (never with audio or embeddings).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from enrollment.voiceprint import RejectedUtterance, check_consistency, mean_embedding
+from server.agents import validate_agent_id, validate_text
+from server.config import EnrollmentPolicy
+from server.errors import EnrollmentIncompleteError
+from server.speech import QualityIssue, SpeechAnalysis
+from server.store import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint, VoiceprintStore
+from server.voice import AudioInput, VoiceAnalyser
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UtteranceOutcome:
+    """What happened to one submitted utterance."""
+
+    quality: SpeechAnalysis
+    received_at: datetime
+    record: UtteranceRecord | None
+    """The kept utterance; None when it failed the quality gates."""
+    rejection_reason: str = ""
+
+
+@dataclass(frozen=True)
+class EnrollmentProgress:
+    agent: AgentRecord
+    pending: list[UtteranceRecord]
+    net_speech_seconds: float
+    required_net_speech_seconds: float
+    voiceprint: Voiceprint | None
+
+    @property
+    def ready_to_finalize(self) -> bool:
+        return self.net_speech_seconds >= self.required_net_speech_seconds
+
+
+@dataclass(frozen=True)
+class FinalizeOutcome:
+    voiceprint: Voiceprint
+    replaced_previous: bool
+    rejected: list[RejectedUtterance]
+
+
+class EnrollmentService:
+    def __init__(
+        self,
+        store: VoiceprintStore,
+        analyser: VoiceAnalyser,
+        policy: EnrollmentPolicy,
+        now: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._analyser = analyser
+        self._policy = policy
+        self._now = now
+
+    def create_agent(self, agent_id: str, display_name: str, consent_reference: str) -> AgentRecord:
+        agent = AgentRecord(
+            agent_id=validate_agent_id(agent_id),
+            display_name=validate_text(display_name, "display_name", 256),
+            # Biometric data may only be collected under a recorded consent (GDPR art. 9).
+            consent_reference=validate_text(consent_reference, "consent_reference", 256),
+            created_at=self._now(),
+        )
+        self._store.create_agent(agent)
+        self._audit("agent.create", agent.agent_id, "ok")
+        return agent
+
+    def add_utterance(self, agent_id: str, audio: AudioInput) -> UtteranceOutcome:
+        """Blocking: runs the model. The audio is analysed and dropped; only the embedding and
+        the quality figures are kept."""
+        agent = self._store.get_agent(validate_agent_id(agent_id))
+        sample = self._analyser.analyse(
+            audio, min_net_speech_seconds=self._policy.min_utterance_net_speech_seconds
+        )
+        received_at = self._now()
+        quality = sample.quality
+        # Quiet or clipped audio would still embed, but into a poorer voiceprint: refuse it so
+        # HR can re-record while the agent is there.
+        if sample.embedding is None or quality.issues:
+            reason = _quality_rejection(quality, self._policy.min_utterance_net_speech_seconds)
+            self._audit("enrollment.add", agent.agent_id, "rejected", reason=reason)
+            return UtteranceOutcome(quality, received_at, None, reason)
+        record = UtteranceRecord(
+            utterance_id=uuid.uuid4().hex,
+            agent_id=agent.agent_id,
+            model_id=self._analyser.model_id,
+            embedding=sample.embedding,
+            duration_seconds=quality.duration_seconds,
+            net_speech_seconds=quality.net_speech_seconds,
+            speech_level_dbfs=quality.speech_level_dbfs,
+            clipped_fraction=quality.clipped_fraction,
+            received_at=received_at,
+        )
+        self._store.add_utterance(record, self._policy.max_pending_utterances)
+        self._audit(
+            "enrollment.add",
+            agent.agent_id,
+            "ok",
+            utterance_id=record.utterance_id,
+            net_speech_seconds=round(quality.net_speech_seconds, 2),
+        )
+        return UtteranceOutcome(quality, received_at, record)
+
+    def progress(self, agent_id: str) -> EnrollmentProgress:
+        agent = self._store.get_agent(validate_agent_id(agent_id))
+        pending = self._store.pending_utterances(agent.agent_id)
+        return EnrollmentProgress(
+            agent=agent,
+            pending=pending,
+            net_speech_seconds=sum(u.net_speech_seconds for u in pending),
+            required_net_speech_seconds=self._policy.required_net_speech_seconds,
+            voiceprint=self._store.get_voiceprint(agent.agent_id),
+        )
+
+    def finalize(self, agent_id: str) -> FinalizeOutcome:
+        """Builds the voiceprint from the pending utterances and swaps it in atomically."""
+        agent = self._store.get_agent(validate_agent_id(agent_id))
+        pending = self._store.pending_utterances(agent.agent_id)
+        model_id = self._analyser.model_id
+        # Embeddings of another model live in another space: they cannot join this voiceprint.
+        stale = [
+            RejectedUtterance(u, f"made by model {u.model_id}, not the current {model_id}")
+            for u in pending
+            if u.model_id != model_id
+        ]
+        current = [u for u in pending if u.model_id == model_id]
+        consistency = check_consistency(current, self._policy.consistency_threshold)
+        rejected = stale + consistency.rejected
+        if rejected:
+            self._store.remove_utterances(
+                agent.agent_id, [r.utterance.utterance_id for r in rejected]
+            )
+            for r in rejected:
+                self._audit(
+                    "enrollment.reject_utterance",
+                    agent.agent_id,
+                    "rejected",
+                    utterance_id=r.utterance.utterance_id,
+                    reason=r.reason,
+                )
+        collected = sum(u.net_speech_seconds for u in consistency.accepted)
+        required = self._policy.required_net_speech_seconds
+        if consistency.undecided:
+            self._audit("enrollment.finalize", agent.agent_id, "undecided")
+            raise EnrollmentIncompleteError(
+                "the two pending utterances do not sound like the same person; add another "
+                "utterance of the agent so the odd one out can be identified"
+            )
+        if not consistency.accepted or collected < required:
+            self._audit(
+                "enrollment.finalize", agent.agent_id, "incomplete", net_speech_seconds=collected
+            )
+            raise EnrollmentIncompleteError(
+                f"{collected:.1f} s of consistent net speech collected, {required:.1f} s needed"
+                + (f"; {len(rejected)} utterance(s) rejected: " if rejected else "")
+                + "; ".join(r.reason for r in rejected)
+            )
+        voiceprint = Voiceprint(
+            agent_id=agent.agent_id,
+            model_id=model_id,
+            embedding=mean_embedding(consistency.accepted),
+            created_at=self._now(),
+            utterance_count=len(consistency.accepted),
+            net_speech_seconds=collected,
+        )
+        replaced = self._store.replace_voiceprint(
+            voiceprint, [u.utterance_id for u in consistency.accepted]
+        )
+        self._audit(
+            "enrollment.finalize",
+            agent.agent_id,
+            "ok",
+            replaced_previous=replaced,
+            utterance_count=voiceprint.utterance_count,
+            net_speech_seconds=round(collected, 2),
+            model_id=model_id,
+        )
+        return FinalizeOutcome(voiceprint, replaced, rejected)
+
+    def delete(self, agent_id: str) -> None:
+        agent_id = validate_agent_id(agent_id)
+        self._store.delete_agent(agent_id)
+        self._audit("agent.delete", agent_id, "ok")
+
+    def _audit(self, action: str, agent_id: str, outcome: str, **details: object) -> None:
+        self._store.append_audit(AuditEvent(action, agent_id, outcome, self._now(), dict(details)))
+        log.info("%s agent=%s outcome=%s %s", action, agent_id, outcome, details or "")
+
+
+def _quality_rejection(quality: SpeechAnalysis, min_net_speech: float) -> str:
+    reasons = []
+    for issue in quality.issues:
+        if issue is QualityIssue.TOO_LITTLE_SPEECH:
+            reasons.append(
+                f"too little speech ({quality.net_speech_seconds:.1f} s; at least "
+                f"{min_net_speech:.1f} s per utterance)"
+            )
+        elif issue is QualityIssue.TOO_QUIET:
+            reasons.append(f"too quiet (speech at {quality.speech_level_dbfs:.0f} dBFS)")
+        elif issue is QualityIssue.CLIPPED:
+            reasons.append(f"clipped ({quality.clipped_fraction:.1%} of samples at full scale)")
+    return "; ".join(reasons) or "unusable audio"

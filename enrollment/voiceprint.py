@@ -1,0 +1,67 @@
+"""Building a voiceprint from enrollment utterances: consistency check, then aggregation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.embedder import Embedding
+from server.store import UtteranceRecord
+
+
+@dataclass(frozen=True)
+class RejectedUtterance:
+    utterance: UtteranceRecord
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConsistencyResult:
+    accepted: list[UtteranceRecord]
+    rejected: list[RejectedUtterance]
+    undecided: bool
+    """True when two utterances disagree and nothing tells which one is the agent."""
+
+
+def mean_embedding(utterances: list[UtteranceRecord]) -> Embedding:
+    """L2-normalised mean of the embeddings, weighted by net speech: a long utterance carries
+    more evidence about the voice than a short one."""
+    weights = np.array([u.net_speech_seconds for u in utterances], dtype=np.float64)
+    stacked = np.stack([u.embedding.astype(np.float64) for u in utterances])
+    mean = (weights[:, None] * stacked).sum(axis=0) / weights.sum()
+    norm = float(np.linalg.norm(mean))
+    voiceprint: Embedding = (mean / norm if norm > 0.0 else mean).astype(np.float32)
+    return voiceprint
+
+
+def check_consistency(utterances: list[UtteranceRecord], threshold: float) -> ConsistencyResult:
+    """Drops, one at a time, the utterance that agrees least with the mean of the others, while
+    that agreement is below `threshold`.
+
+    Removing the worst one first matters: an impostor's utterance drags the mean of the others
+    down for every genuine utterance, so judging all of them in one pass would reject good ones.
+    """
+    remaining = list(utterances)
+    rejected: list[RejectedUtterance] = []
+    while len(remaining) >= 2:
+        scores = [
+            float(np.dot(u.embedding, mean_embedding(remaining[:i] + remaining[i + 1 :])))
+            for i, u in enumerate(remaining)
+        ]
+        worst = int(np.argmin(scores))
+        if scores[worst] >= threshold:
+            break
+        if len(remaining) == 2:
+            # Two voices that disagree: either could be the agent's. Keep both and ask for
+            # more speech rather than guess.
+            return ConsistencyResult(accepted=remaining, rejected=rejected, undecided=True)
+        outlier = remaining.pop(worst)
+        rejected.append(
+            RejectedUtterance(
+                outlier,
+                f"does not match the agent's other utterances (similarity {scores[worst]:.2f} "
+                f"< {threshold:.2f}): most likely another speaker",
+            )
+        )
+    return ConsistencyResult(accepted=remaining, rejected=rejected, undecided=False)

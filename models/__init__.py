@@ -1,0 +1,1 @@
+"""Speaker models: manifests, verified fetching of weights, and loaders behind one interface."""

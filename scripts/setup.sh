@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepares this checkout to run voxauth: a virtual environment with the project installed,
+# the verified speaker model, and a local development encryption key. Safe to run again:
+# each step is skipped when already done. `--dev` also installs the test and lint tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [[ "${1:-}" == "--dev" ]]; then extras="[dev]"; fi
+
+python=""
+for candidate in python3.11 python3; do
+  if command -v "$candidate" >/dev/null &&
+     "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    python="$candidate"; break
+  fi
+done
+if [[ -z "$python" ]]; then
+  echo "voxauth setup: Python 3.11 is required (python3.11 or python3 on PATH)" >&2
+  exit 1
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  echo "voxauth setup: creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+
+# Reinstall only when the dependencies (or the extras asked for) changed.
+stamp=".venv/.voxauth-installed${extras}"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "voxauth setup: installing voxauth${extras} and its dependencies (torch takes a minute)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".${extras}"
+  echo "$want" > "$stamp"
+fi
+
+.venv/bin/voxauth fetch-model
+mkdir -p var
+.venv/bin/voxauth create-key var/dev.key

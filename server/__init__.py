@@ -1,0 +1,1 @@
+"""The voxauth service: gRPC edge, verification policy, storage, audit, configuration, CLI."""

@@ -1,0 +1,65 @@
+"""Domain exceptions. Every error voxauth raises on purpose derives from VoxauthError.
+
+Domain code raises these; the gRPC edge maps them to status codes in one place
+(server/interceptors.py), so no domain module needs to know about grpc.
+"""
+
+from __future__ import annotations
+
+
+class VoxauthError(Exception):
+    """Base class of all voxauth domain errors."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # The request field at fault, when there is one (reported as google.rpc.BadRequest).
+        self.field = field
+
+
+class InvalidAudioError(VoxauthError):
+    """The audio cannot be used: unknown format, bad rate, empty, too long, corrupt, NaN..."""
+
+
+class InvalidRequestError(VoxauthError):
+    """A request field other than audio is missing or malformed."""
+
+
+class AgentNotFoundError(VoxauthError):
+    """No agent with the given id."""
+
+
+class AgentExistsError(VoxauthError):
+    """An agent with the given id already exists."""
+
+
+class NotEnrolledError(VoxauthError):
+    """The agent exists but has no voiceprint yet."""
+
+
+class ModelMismatchError(VoxauthError):
+    """The stored voiceprint was made by a different speaker model than the one loaded."""
+
+
+class EnrollmentIncompleteError(VoxauthError):
+    """Finalize was asked for before enough consistent net speech was collected."""
+
+
+class CapacityError(VoxauthError):
+    """A bounded resource is full (inference queue, pending utterances); retry later."""
+
+
+class ConfigurationError(VoxauthError):
+    """The service cannot start as configured (missing key, missing model files...)."""
+
+
+class ModelFilesError(ConfigurationError):
+    """Model weights are missing or do not match the manifest."""
+
+
+class StorageError(VoxauthError):
+    """The store could not read or write (including a voiceprint that fails to decrypt)."""
+
+
+class ServiceNotReadyError(VoxauthError):
+    """The server is starting (model not loaded yet) or shutting down."""

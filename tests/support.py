@@ -1,0 +1,123 @@
+"""Test helpers: real speech from tests/data, and an in-process voxauth server on a free port
+reached through a real gRPC channel."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import soundfile as sf
+from voxauth.v1 import voxauth_pb2 as pb
+from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
+
+from models.embedder import SpeakerEmbedder
+from server.app import VoxauthServer
+from server.config import EnrollmentPolicy, ServerConfig
+
+DATA = Path(__file__).parent / "data"
+RATE = 16_000
+
+# Speakers in tests/data (see its README): two enrolled voices, two others, one short clip.
+SPEAKER_A = "198-126831-0000"
+SPEAKER_B = "8770-295462-0000"
+OTHER_1 = "229-130880-0000"
+OTHER_2 = "3374-298025-0000"
+SHORT_CLIP = "1447-130550-0000"
+
+Samples = npt.NDArray[np.float32]
+T = TypeVar("T")
+
+
+def speech(name: str) -> Samples:
+    samples, rate = sf.read(DATA / f"{name}.flac", dtype="float32")
+    assert rate == RATE
+    return np.asarray(samples, dtype=np.float32)
+
+
+def first_half(name: str) -> Samples:
+    samples = speech(name)
+    return samples[: len(samples) // 2]
+
+
+def second_half(name: str) -> Samples:
+    samples = speech(name)
+    return samples[len(samples) // 2 :]
+
+
+def split(samples: Samples, parts: int) -> list[Samples]:
+    return [np.asarray(p, dtype=np.float32) for p in np.array_split(samples, parts)]
+
+
+def wav_bytes(samples: Samples, rate: int = RATE, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def wav_audio(samples: Samples) -> pb.Audio:
+    return pb.Audio(encoding=pb.AUDIO_ENCODING_WAV, data=wav_bytes(samples))
+
+
+KEY = bytes(range(32))
+
+
+def make_config(tmp_path: Path) -> ServerConfig:
+    # Each test file holds ~17 s of one speaker, so tests ask for 5 s of enrollment speech
+    # instead of the 20 s default.
+    return replace(
+        ServerConfig(),
+        listen_address="127.0.0.1:0",
+        database_path=tmp_path / "voxauth.db",
+        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
+    )
+
+
+class RunningServer:
+    """A VoxauthServer on its own event loop thread, reached over a real socket."""
+
+    def __init__(
+        self, config: ServerConfig, load_embedder: Callable[[], SpeakerEmbedder], key: bytes
+    ) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server = VoxauthServer(config, key, load_embedder=load_embedder)
+        self.port = self._call(self.server.start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.enrollment = pb_grpc.EnrollmentServiceStub(self.channel)
+        self.verification = pb_grpc.VerificationServiceStub(self.channel)
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self._call(self.server.stop(grace=1.0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def enroll(self, agent_id: str, utterances: list[Samples]) -> pb.FinalizeEnrollmentResponse:
+        self.enrollment.CreateAgent(
+            pb.CreateAgentRequest(
+                agent_id=agent_id, display_name=f"Agent {agent_id}", consent_reference="HR-1"
+            )
+        )
+        for samples in utterances:
+            response = self.enrollment.AddEnrollmentAudio(
+                pb.AddEnrollmentAudioRequest(agent_id=agent_id, audio=wav_audio(samples))
+            )
+            assert response.utterance.accepted, response.utterance.rejection_reason
+        return self.enrollment.FinalizeEnrollment(pb.FinalizeEnrollmentRequest(agent_id=agent_id))
+
+    def verify(self, agent_id: str, audio: pb.Audio) -> pb.VerifyResponse:
+        return self.verification.Verify(pb.VerifyRequest(agent_id=agent_id, audio=audio))

@@ -1,0 +1,73 @@
+"""The `voxauth` client commands against a running server, as the HR workflow uses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from server.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
+from tests.support import (
+    OTHER_1,
+    SHORT_CLIP,
+    SPEAKER_A,
+    RunningServer,
+    first_half,
+    second_half,
+    speech,
+    split,
+)
+
+
+def write_flac(path: Path, samples: np.ndarray) -> Path:
+    sf.write(path, samples, 16_000, format="FLAC")
+    return path
+
+
+def test_enroll_verify_status_delete(
+    voxauth: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = ["--server", f"127.0.0.1:{voxauth.port}"]
+    parts = [
+        write_flac(tmp_path / f"part{i}.flac", samples)
+        for i, samples in enumerate(split(first_half(SPEAKER_A), 2))
+    ]
+    genuine = write_flac(tmp_path / "genuine.flac", second_half(SPEAKER_A))
+    impostor = write_flac(tmp_path / "impostor.flac", second_half(OTHER_1))
+    short = write_flac(tmp_path / "short.flac", speech(SHORT_CLIP))
+
+    assert main(["enroll", *server, "agent-7", *map(str, parts)]) == EXIT_USAGE
+    assert "--consent" in capsys.readouterr().err
+
+    code = main(
+        ["enroll", *server, "agent-7", *map(str, parts), "--name", "Ann", "--consent", "HR-7"]
+    )
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "agent-7 enrolled" in out
+
+    assert main(["verify", *server, "agent-7", str(genuine)]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("ACCEPT")
+    assert main(["verify", *server, "agent-7", str(impostor)]) == EXIT_REJECT
+    assert capsys.readouterr().out.startswith("REJECT")
+    assert main(["verify", *server, "agent-7", str(short)]) == EXIT_INCONCLUSIVE
+
+    assert main(["status", *server, "agent-7"]) == EXIT_OK
+    assert "enrolled: 2 utterance(s)" in capsys.readouterr().out
+
+    assert main(["delete", *server, "agent-7"]) == EXIT_OK
+    assert main(["status", *server, "agent-7"]) == EXIT_REFUSED
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_local_file_problems_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "agent", str(tmp_path / "missing.wav")]) == EXIT_USAGE
+    assert "no such file" in capsys.readouterr().err
+    raw = tmp_path / "call.pcm"
+    raw.write_bytes(b"\0\0" * 100)
+    assert main(["verify", "agent", str(raw)]) == EXIT_USAGE
+    assert "--rate" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Server lifecycle: health reports NOT_SERVING until the model is loaded, reflection lists the
+API, shutdown drains. A fake embedder stands in for the model, so loading can be held back."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from voxauth.v1 import voxauth_pb2 as pb
+from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
+
+from models.embedder import Embedding, Waveform
+from tests.support import KEY, RunningServer, make_config
+
+
+class HeldBackEmbedder:
+    """Implements SpeakerEmbedder; its loading waits until the test releases it."""
+
+    model_id = "fake-model"
+    sample_rate = 16_000
+    dimension = 4
+    min_samples = 8_000
+
+    def embed(self, waveform: Waveform) -> Embedding:
+        return np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def load() -> HeldBackEmbedder:
+        release.wait(30)
+        return HeldBackEmbedder()
+
+    # A fixed port, so the test can reach the server while start() is still loading the model.
+    port = free_port()
+    config = replace(make_config(tmp_path), listen_address=f"127.0.0.1:{port}")
+    servers: list[RunningServer] = []
+    starting = threading.Thread(target=lambda: servers.append(RunningServer(config, load, KEY)))
+    starting.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        health = health_pb2_grpc.HealthStub(channel)
+        loading = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert loading.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as early:
+            pb_grpc.VerificationServiceStub(channel).Verify(
+                pb.VerifyRequest(agent_id="a", audio=pb.Audio()), timeout=5
+            )
+        assert early.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        release.set()
+        starting.join(30)
+        for service in ("", "voxauth.v1.VerificationService", "voxauth.v1.EnrollmentService"):
+            ready = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert ready.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        starting.join(30)
+        channel.close()
+        for server in servers:
+            server.stop()
+
+
+def test_reflection_lists_the_api(voxauth: RunningServer) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(voxauth.channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"voxauth.v1.EnrollmentService", "voxauth.v1.VerificationService"} <= names
+    assert "grpc.health.v1.Health" in names

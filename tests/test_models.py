@@ -1,0 +1,191 @@
+"""The real ECAPA model on real speech, its weight checks, and the benchmark.
+
+Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
+models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from models.benchmark import embedding_benchmark, format_report
+from models.ecapa import EcapaEmbedder
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.fetch import default_model_dir
+from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from server.errors import InvalidAudioError, ModelFilesError
+
+DATA = Path(__file__).parent / "data"
+# The four long utterances, one speaker each (see data/README.md).
+SPEAKERS = ["198-126831-0000", "8770-295462-0000", "229-130880-0000", "3374-298025-0000"]
+
+
+def _speech(name: str) -> Waveform:
+    audio, rate = sf.read(DATA / f"{name}.flac", dtype="float32")
+    assert rate == 16_000
+    waveform: Waveform = audio
+    return waveform
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    directory = default_model_dir()
+    verify_model_dir(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def halves(embedder: SpeakerEmbedder) -> dict[str, tuple[Embedding, Embedding]]:
+    """Each speaker's utterance cut in two (about 8.5 s each), embedded separately."""
+    result = {}
+    for speaker in SPEAKERS:
+        audio = _speech(speaker)
+        middle = audio.shape[0] // 2
+        result[speaker] = (embedder.embed(audio[:middle]), embedder.embed(audio[middle:]))
+    return result
+
+
+def test_describes_itself(embedder: SpeakerEmbedder) -> None:
+    assert embedder.model_id == ECAPA_MANIFEST.model_id
+    assert embedder.sample_rate == 16_000
+    assert embedder.dimension == 192
+
+
+def test_embedding_is_unit_length_float32_and_deterministic(embedder: SpeakerEmbedder) -> None:
+    audio = _speech(SPEAKERS[0])[: 5 * 16_000]
+    first = embedder.embed(audio)
+    assert first.shape == (192,)
+    assert first.dtype == np.float32
+    assert np.linalg.norm(first) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(embedder.embed(audio), first, atol=1e-6)
+
+
+def test_same_speaker_scores_clearly_higher_than_different_speakers(
+    halves: dict[str, tuple[Embedding, Embedding]],
+) -> None:
+    same = [float(a @ b) for a, b in halves.values()]
+    different = [
+        float(x @ y)
+        for s, t in itertools.combinations(SPEAKERS, 2)
+        for x in halves[s]
+        for y in halves[t]
+    ]
+    # Measured: same speaker 0.79-0.88, different speakers at most 0.36.
+    assert min(same) > 0.6
+    assert min(same) - max(different) > 0.25
+
+
+def test_concurrent_calls_match_sequential_ones(embedder: SpeakerEmbedder) -> None:
+    clips = [_speech(speaker)[: 3 * 16_000] for speaker in SPEAKERS]
+    sequential = [embedder.embed(clip) for clip in clips]
+    with ThreadPoolExecutor(max_workers=len(clips)) as pool:
+        concurrent = list(pool.map(embedder.embed, clips))
+    for got, expected in zip(concurrent, sequential, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
+    audio = _speech(SPEAKERS[0])
+    embedder.embed(audio[: embedder.min_samples])
+    with pytest.raises(InvalidAudioError, match="too short"):
+        embedder.embed(audio[: embedder.min_samples - 1])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((2, 16_000), dtype=np.float32), "mono"),
+        (np.full(16_000, np.nan, dtype=np.float32), "NaN"),
+    ],
+)
+def test_unusable_audio_is_rejected(embedder: SpeakerEmbedder, bad: Waveform, message: str) -> None:
+    with pytest.raises(InvalidAudioError, match=message):
+        embedder.embed(bad)
+
+
+def _missing(path: Path, real: Path) -> None:
+    """Leaves the file out."""
+
+
+def _truncated(path: Path, real: Path) -> None:
+    with real.open("rb") as f:
+        path.write_bytes(f.read(1000))
+
+
+def _corrupt(path: Path, real: Path) -> None:
+    """Right size, wrong bytes: all zeros (sparse, so the 83 MB file costs no disk)."""
+    with path.open("wb") as f:
+        f.truncate(real.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        ("embedding_model.ckpt", _missing, "missing"),
+        ("embedding_model.ckpt", _truncated, "wrong size"),
+        ("embedding_model.ckpt", _corrupt, "wrong SHA-256"),
+        ("hyperparams.yaml", _corrupt, "wrong SHA-256"),
+        ("mean_var_norm_emb.ckpt", _missing, "missing"),
+    ],
+)
+def test_damaged_weights_name_the_file_and_the_fix(
+    model_dir: Path,
+    tmp_path: Path,
+    name: str,
+    damage: Callable[[Path, Path], None],
+    problem: str,
+) -> None:
+    # Symlinks to the real files, except the damaged one, which is a new file: the real
+    # weights are never written to.
+    for spec in ECAPA_MANIFEST.files:
+        if spec.name != name:
+            (tmp_path / spec.name).symlink_to(model_dir / spec.name)
+    damage(tmp_path / name, model_dir / name)
+    with pytest.raises(ModelFilesError) as raised:
+        EcapaEmbedder.load(tmp_path)
+    assert f"{name}: {problem}" in raised.value.message
+    assert "voxauth fetch-model" in raised.value.message
+
+
+class _FixedCostEmbedder:
+    model_id = "fake@0"
+    sample_rate = 16_000
+    dimension = 2
+    min_samples = 1
+
+    def embed(self, waveform: Waveform) -> Embedding:
+        time.sleep(0.01)
+        return np.array([1.0, 0.0], dtype=np.float32)
+
+
+def test_benchmark_reports_real_time_factor() -> None:
+    threads_before = torch.get_num_threads()
+    report = embedding_benchmark(_FixedCostEmbedder(), seconds=2.0, runs=3, threads=1)
+    assert torch.get_num_threads() == threads_before
+    assert report.audio_source == "synthetic"
+    assert report.audio_seconds == 2.0
+    assert report.runs == 3
+    assert report.min_seconds <= report.median_seconds
+    assert report.median_rtf == pytest.approx(report.median_seconds / 2.0)
+    text = format_report(report)
+    assert "RTF" in text
+    assert "threads  1" in text
+
+
+def test_benchmark_on_real_speech(embedder: SpeakerEmbedder) -> None:
+    report = embedding_benchmark(
+        embedder, seconds=2.0, runs=1, waveform=_speech(SPEAKERS[0]), load_seconds=0.1
+    )
+    assert report.audio_source == "speech"
+    assert report.audio_seconds == 2.0
+    assert 0 < report.median_rtf < 5
+    assert "load     0.10 s" in format_report(report)

@@ -1,0 +1,164 @@
+"""server/speech.py: speech detection on real speech, and the quality gates."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional
+
+from models.embedder import Waveform
+from server.audio import AudioEncoding, decode, encode_mulaw
+from server.speech import (
+    QualityIssue,
+    QualityThresholds,
+    Segment,
+    SileroSpeechDetector,
+    SpeechAnalysis,
+    SpeechDetector,
+    analyse,
+)
+
+DATA = Path(__file__).parent / "data"
+MIN_SPEECH = 3.0
+
+
+def load(name: str) -> Waveform:
+    samples, rate = sf.read(DATA / name, dtype="float32")
+    assert rate == 16000
+    return np.asarray(samples)
+
+
+def rms_dbfs(waveform: Waveform) -> float:
+    return float(10 * np.log10(np.mean(np.square(waveform, dtype=np.float64))))
+
+
+@pytest.fixture(scope="module")
+def detector() -> SileroSpeechDetector:
+    return SileroSpeechDetector()
+
+
+@pytest.fixture(scope="module")
+def speech() -> Waveform:
+    """17.2 s of read speech with pauses."""
+    return load("198-126831-0000.flac")
+
+
+@pytest.fixture(scope="module")
+def speech_analysis(speech: Waveform, detector: SpeechDetector) -> SpeechAnalysis:
+    return check(speech, detector)
+
+
+def check(waveform: Waveform, detector: SpeechDetector) -> SpeechAnalysis:
+    return analyse(waveform, detector, QualityThresholds(), min_net_speech_seconds=MIN_SPEECH)
+
+
+def test_real_speech_is_mostly_speech(speech_analysis: SpeechAnalysis) -> None:
+    assert speech_analysis.duration_seconds == pytest.approx(17.19)
+    assert 13.0 < speech_analysis.net_speech_seconds < 17.0
+    assert len(speech_analysis.speech) == round(speech_analysis.net_speech_seconds * 16000)
+    assert speech_analysis.issues == ()
+    assert speech_analysis.clipped_fraction == 0.0
+
+
+def test_level_is_measured_over_the_speech(
+    speech: Waveform, speech_analysis: SpeechAnalysis
+) -> None:
+    assert speech_analysis.speech_level_dbfs == pytest.approx(rms_dbfs(speech_analysis.speech))
+    # Pauses are left out, so the speech is louder than the whole file.
+    assert rms_dbfs(speech) < speech_analysis.speech_level_dbfs < -20
+
+
+def test_a_short_clip_has_too_little_speech(detector: SpeechDetector) -> None:
+    result = check(load("1447-130550-0000.flac"), detector)
+    assert 0.5 < result.net_speech_seconds < 1.645
+    assert result.issues == (QualityIssue.TOO_LITTLE_SPEECH,)
+
+
+def test_silence_is_no_speech_and_too_quiet(detector: SpeechDetector) -> None:
+    result = check(np.zeros(5 * 16000, dtype=np.float32), detector)
+    assert result.net_speech_seconds == 0.0
+    assert len(result.speech) == 0
+    assert result.speech_level_dbfs == -120.0
+    assert result.issues == (QualityIssue.TOO_LITTLE_SPEECH, QualityIssue.TOO_QUIET)
+
+
+@pytest.mark.parametrize("level_dbfs", [-70.0, -50.0, -30.0])
+def test_white_noise_is_not_speech(detector: SpeechDetector, level_dbfs: float) -> None:
+    noise = np.random.default_rng(1).standard_normal(5 * 16000) * 10 ** (level_dbfs / 20)
+    result = check(noise.astype(np.float32), detector)
+    assert result.net_speech_seconds < 0.3
+    assert QualityIssue.TOO_LITTLE_SPEECH in result.issues
+    # With no speech, the level is that of the whole audio.
+    assert result.speech_level_dbfs == pytest.approx(level_dbfs, abs=0.1)
+
+
+def test_quiet_speech_is_detected_and_flagged_too_quiet(
+    speech: Waveform, speech_analysis: SpeechAnalysis, detector: SpeechDetector
+) -> None:
+    quiet = speech * np.float32(10 ** ((-45 - speech_analysis.speech_level_dbfs) / 20))
+    result = check(quiet, detector)
+    # Detection does not depend on the level.
+    assert result.net_speech_seconds == pytest.approx(speech_analysis.net_speech_seconds, abs=0.1)
+    assert result.speech_level_dbfs == pytest.approx(-45, abs=0.5)
+    assert result.issues == (QualityIssue.TOO_QUIET,)
+
+
+def test_clipped_speech_is_flagged(speech: Waveform, detector: SpeechDetector) -> None:
+    result = check(np.clip(speech * 20, -1.0, 1.0), detector)
+    assert result.clipped_fraction > 0.01
+    assert result.issues == (QualityIssue.CLIPPED,)
+
+
+def test_speech_clipped_on_a_telephone_line_is_flagged(
+    speech: Waveform, detector: SpeechDetector
+) -> None:
+    narrowband = torchaudio.functional.resample(torch.from_numpy(speech), 16000, 8000).numpy()
+    # G.711 saturates below full scale (0.98 for mu-law).
+    line = encode_mulaw(np.clip(narrowband * 20, -1.0, 1.0))
+    result = check(decode(line, AudioEncoding.MULAW, 8000, max_seconds=60), detector)
+    assert result.clipped_fraction > 0.01
+    assert QualityIssue.CLIPPED in result.issues
+
+
+def test_thresholds_are_configurable(speech: Waveform, detector: SpeechDetector) -> None:
+    strict = QualityThresholds(min_speech_level_dbfs=-10.0)
+    result = analyse(speech, detector, strict, min_net_speech_seconds=20.0)
+    assert result.issues == (QualityIssue.TOO_LITTLE_SPEECH, QualityIssue.TOO_QUIET)
+
+
+class FixedSegments:
+    def __init__(self, segments: list[Segment]) -> None:
+        self._segments = segments
+
+    def segments(self, waveform: Waveform) -> list[Segment]:
+        return self._segments
+
+
+def test_only_the_speech_is_measured_and_kept() -> None:
+    waveform = np.full(48000, 0.001, dtype=np.float32)
+    waveform[16000:32000] = 0.1
+    waveform[20000:20100] = 1.0
+    result = check(waveform, FixedSegments([(16000, 24000), (28000, 32000)]))
+    assert result.duration_seconds == 3.0
+    assert result.net_speech_seconds == 0.75
+    np.testing.assert_array_equal(
+        result.speech, np.concatenate([waveform[16000:24000], waveform[28000:32000]])
+    )
+    assert result.clipped_fraction == pytest.approx(100 / 12000)
+
+
+def test_concurrent_detection_matches_serial(detector: SpeechDetector) -> None:
+    clips = [
+        load(name)[: 6 * 16000]
+        for name in ("198-126831-0000.flac", "8770-295462-0000.flac", "229-130880-0000.flac")
+    ] * 2
+    serial = [detector.segments(clip) for clip in clips]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        concurrent = list(pool.map(detector.segments, clips))
+    assert concurrent == serial
+    assert all(serial)
