@@ -6,6 +6,7 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,48 @@ def embedding_benchmark(
     )
 
 
+@dataclass(frozen=True)
+class ThroughputReport:
+    threads: int
+    workers: int
+    calls: int
+    audio_seconds: float
+    wall_seconds: float
+
+    @property
+    def audio_per_second(self) -> float:
+        """Seconds of audio embedded per wall-clock second, all workers together."""
+        return self.calls * self.audio_seconds / self.wall_seconds
+
+    @property
+    def seconds_per_call(self) -> float:
+        """Mean latency of one call while all workers are busy."""
+        return self.wall_seconds * self.workers / self.calls
+
+
+def throughput_benchmark(
+    embedder: SpeakerEmbedder,
+    waveform: Waveform,
+    *,
+    threads: int,
+    workers: int,
+    calls: int = 12,
+) -> ThroughputReport:
+    """Embeds `waveform` `calls` times from `workers` threads at once, as the server's pool
+    does, after one warm-up call per worker."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda _: embedder.embed(waveform), range(workers)))
+            start = time.perf_counter()
+            list(pool.map(lambda _: embedder.embed(waveform), range(calls)))
+            wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous_threads)
+    return ThroughputReport(threads, workers, calls, waveform.shape[0] / embedder.sample_rate, wall)
+
+
 def format_report(report: BenchReport) -> str:
     load = "not measured" if report.load_seconds is None else f"{report.load_seconds:.2f} s"
     return "\n".join(
@@ -137,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         "--audio", type=Path, default=_DEFAULT_SPEECH, help="16 kHz speech file (FLAC or WAV)"
     )
     parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also measure concurrent throughput for 1-2 threads x 1-2 workers",
+    )
     args = parser.parse_args(argv)
 
     waveform: Waveform | None = None
@@ -161,4 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds=load_seconds,
     )
     print(format_report(report))
+    if args.throughput:
+        audio = waveform[: int(args.seconds * 16_000)] if waveform is not None else None
+        if audio is None:
+            audio = _synthetic_speechlike(int(args.seconds * 16_000), 16_000)
+        print("concurrent throughput (threads = torch intra-op threads, workers = callers):")
+        for threads, workers in ((1, 1), (1, 2), (2, 1), (2, 2)):
+            load = throughput_benchmark(embedder, audio, threads=threads, workers=workers)
+            print(
+                f"  threads {threads} workers {workers}: {load.audio_per_second:5.1f} s of "
+                f"audio per s, {load.seconds_per_call:.3f} s per call ({load.calls} calls)"
+            )
     return 0

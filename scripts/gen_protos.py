@@ -37,7 +37,11 @@ def generate(out_dir: Path) -> None:
         f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
-    subprocess.run(command, check=True, cwd=PROTO_ROOT)
+    # The plugins chat on stderr ("Writing mypy to ..."); show it only when protoc fails.
+    done = subprocess.run(command, cwd=PROTO_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed with exit code {done.returncode}")
 
 
 def generated_files(directory: Path) -> list[Path]:

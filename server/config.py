@@ -15,7 +15,7 @@ from server.errors import ConfigurationError
 
 # Chosen with `voxauth eval` on 251 LibriSpeech speakers (see README, "Accuracy"): the lowest
 # cosine threshold whose false-match rate on that set is at most 1 in 1,000.
-DEFAULT_THRESHOLD = 0.40
+DEFAULT_THRESHOLD = 0.46
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,12 @@ class InferenceLimits:
     """The bounded executor that runs decoding and the model off the event loop."""
 
     workers: int = 2
-    """Worker threads, one per core; each runs single-threaded torch (VOXAUTH_WORKERS)."""
+    """Requests worked on at once, one per core (VOXAUTH_WORKERS)."""
+
+    torch_threads: int = 2
+    """torch intra-op threads, shared by the workers (VOXAUTH_TORCH_THREADS). On the 2-core
+    reference machine, 2 threads with 2 workers embedded the most audio per second (see
+    README, "Speed"; `voxauth bench --throughput` measures it on yours)."""
 
     max_queued: int = 32
     """Requests waiting beyond the workers; more get RESOURCE_EXHAUSTED (VOXAUTH_MAX_QUEUED)."""
@@ -125,6 +130,7 @@ class ServerConfig:
             ),
             inference=InferenceLimits(
                 workers=_int(env, "VOXAUTH_WORKERS", base.inference.workers),
+                torch_threads=_int(env, "VOXAUTH_TORCH_THREADS", base.inference.torch_threads),
                 max_queued=_int(env, "VOXAUTH_MAX_QUEUED", base.inference.max_queued),
             ),
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,8 @@ Scores = npt.NDArray[np.float64]
 class Trials:
     target: Scores
     impostor: Scores
-    skipped_files: list[str]
-    """Files whose halves had too little speech to enroll or to verify (INCONCLUSIVE)."""
+    inconclusive_files: list[str]
+    """Files whose halves had too little speech to enroll or to verify."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,12 @@ def collect_trials(
     verification: VerificationPolicy,
     limits: AudioLimits,
 ) -> Trials:
+    """Halves with less net speech than the service asks for are left out, as the service would
+    refuse them (enrollment) or answer INCONCLUSIVE (verification); set both minimums to 0 to
+    score every trial."""
     voiceprints: list[tuple[str, Embedding]] = []
     tests: list[tuple[str, Embedding]] = []
-    skipped: list[str] = []
+    inconclusive: list[str] = []
     for path in files:
         waveform = decode(
             path.read_bytes(),
@@ -77,18 +80,18 @@ def collect_trials(
             waveform[half:], min_net_speech_seconds=verification.min_net_speech_seconds
         )
         if enrolled.embedding is None or test.embedding is None:
-            skipped.append(path.name)
+            inconclusive.append(path.name)
             continue
         speaker = speaker_of(path, root)
         voiceprints.append((speaker, enrolled.embedding))
         tests.append((speaker, test.embedding))
     if not voiceprints:
-        return Trials(np.zeros(0), np.zeros(0), skipped)
+        return Trials(np.zeros(0), np.zeros(0), inconclusive)
     enrolled_matrix = np.stack([e for _, e in voiceprints]).astype(np.float64)
     test_matrix = np.stack([e for _, e in tests]).astype(np.float64)
     scores = enrolled_matrix @ test_matrix.T
     same = np.array([[a == b for b, _ in tests] for a, _ in voiceprints])
-    return Trials(scores[same], scores[~same], skipped)
+    return Trials(scores[same], scores[~same], inconclusive)
 
 
 def equal_error_rate(trials: Trials) -> tuple[float, float]:
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         help="false-match rate for the suggested threshold (default 0.001)",
     )
     parser.add_argument("--model-dir", type=Path, help="verified model files")
+    parser.add_argument(
+        "--all-trials",
+        action="store_true",
+        help="score halves with less net speech than the service's minimums too",
+    )
     args = parser.parse_args(argv)
 
     from models.ecapa import EcapaEmbedder
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.speech import QualityThresholds, SileroSpeechDetector
 
     config = ServerConfig.from_environment()
+    enrollment, verification = config.enrollment, config.verification
+    if args.all_trials:
+        enrollment = replace(enrollment, min_utterance_net_speech_seconds=0.0)
+        verification = replace(verification, min_net_speech_seconds=0.0)
     threshold = config.verification.threshold if args.threshold is None else args.threshold
     files = sorted(p for p in args.directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
     if not files:
@@ -150,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     embedder = EcapaEmbedder.load(args.model_dir or config.model_dir or default_model_dir())
     analyser = VoiceAnalyser(embedder, SileroSpeechDetector(), QualityThresholds(), config.audio)
     started = time.perf_counter()
-    trials = collect_trials(
-        analyser, files, args.directory, config.enrollment, config.verification, config.audio
-    )
+    trials = collect_trials(analyser, files, args.directory, enrollment, verification, config.audio)
     elapsed = time.perf_counter() - started
     if len(trials.target) == 0 or len(trials.impostor) == 0:
         print("voxauth eval: need at least two speakers with enough speech", file=sys.stderr)
@@ -163,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     suggested = operating_point(trials, threshold_for_fmr(trials, args.target_fmr))
     print(f"model: {embedder.model_id}")
     print(
-        f"files: {len(files)} ({len(trials.skipped_files)} skipped: too little speech in a half"
-        f"{': ' + ', '.join(trials.skipped_files) if trials.skipped_files else ''})"
+        f"files: {len(files)}, of which {len(trials.inconclusive_files)} left out: a half "
+        "had less net speech than the service needs (--all-trials keeps them)"
     )
     print(
         f"trials: {len(trials.target)} target, {len(trials.impostor)} impostor "

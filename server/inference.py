@@ -19,9 +19,8 @@ T = TypeVar("T")
 
 class InferencePool:
     def __init__(self, limits: InferenceLimits) -> None:
-        # One single-threaded torch worker per core: on these CPUs two intra-op threads in one
-        # call are slower than two calls side by side (see README, "Speed").
-        torch.set_num_threads(1)
+        # Process-wide: torch has one intra-op thread pool, shared by all workers.
+        torch.set_num_threads(limits.torch_threads)
         self._executor = ThreadPoolExecutor(
             max_workers=limits.workers, thread_name_prefix="voxauth-inference"
         )

@@ -102,7 +102,7 @@ class EnrollmentServicer(_Base, pb_grpc.EnrollmentServiceServicer):
         self._services()
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
-        return await self._add(request.agent_id, _audio_input(request.audio, "audio"))
+        return await self._add(request.agent_id, _audio_input(request.audio))
 
     async def StreamEnrollmentAudio(
         self, request_iterator: AsyncIterator[pb.EnrollmentAudioChunk], context: Any
@@ -118,15 +118,15 @@ class EnrollmentServicer(_Base, pb_grpc.EnrollmentServiceServicer):
                 raise InvalidAudioError(
                     f"streamed audio exceeds {self._limits.max_encoded_bytes} bytes, more than "
                     f"{self._limits.max_seconds:.0f} s of audio in any supported format",
-                    field="data",
+                    field="audio.data",
                 )
             parts.append(chunk.data)
         if first is None:
-            raise InvalidAudioError("the stream carried no audio", field="data")
+            raise InvalidAudioError("the stream carried no audio", field="audio.data")
         audio = pb.Audio(
             encoding=first.encoding, sample_rate_hz=first.sample_rate_hz, data=b"".join(parts)
         )
-        return await self._add(first.agent_id, _audio_input(audio, ""))
+        return await self._add(first.agent_id, _audio_input(audio))
 
     async def _add(self, agent_id: str, audio: AudioInput) -> pb.AddEnrollmentAudioResponse:
         enrollment = self._services().enrollment
@@ -169,7 +169,7 @@ class VerificationServicer(_Base, pb_grpc.VerificationServiceServicer):
         verification = self._services().verification
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
-        audio = _audio_input(request.audio, "audio")
+        audio = _audio_input(request.audio)
         result = await self._run(lambda: verification.verify(request.agent_id, audio))
         return pb.VerifyResponse(
             decision=_DECISIONS[result.decision],
@@ -180,12 +180,11 @@ class VerificationServicer(_Base, pb_grpc.VerificationServiceServicer):
         )
 
 
-def _audio_input(audio: pb.Audio, prefix: str) -> AudioInput:
-    field = f"{prefix}.encoding" if prefix else "encoding"
+def _audio_input(audio: pb.Audio) -> AudioInput:
     if audio.encoding not in _ENCODINGS:
         raise InvalidAudioError(
             "audio encoding is not set or not supported; use WAV, FLAC, PCM16LE, MULAW or ALAW",
-            field=field,
+            field="audio.encoding",
         )
     return AudioInput(
         data=audio.data, encoding=_ENCODINGS[audio.encoding], sample_rate_hz=audio.sample_rate_hz

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,7 +68,11 @@ class SileroSpeechDetector:
     def _model(self) -> Any:
         model = getattr(self._local, "model", None)
         if model is None:
-            model = self._local.model = load_silero_vad()
+            with warnings.catch_warnings():
+                # silero-vad ships a TorchScript model; torch's notice that torch.jit.load is
+                # deprecated is for silero's maintainers, not for our operators' logs.
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+                model = self._local.model = load_silero_vad()
         return model
 
 

@@ -57,7 +57,8 @@ class VoiceAnalyser:
             self._thresholds,
             min_net_speech_seconds=min_net_speech_seconds,
         )
-        if quality.net_speech_seconds < min_net_speech_seconds:
+        too_short = len(quality.speech) < self.embedder.min_samples
+        if too_short or quality.net_speech_seconds < min_net_speech_seconds:
             return VoiceSample(quality=quality, embedding=None)
         # Only the detected speech is embedded: pauses carry no voice and dilute the embedding.
         return VoiceSample(quality=quality, embedding=self.embedder.embed(quality.speech))

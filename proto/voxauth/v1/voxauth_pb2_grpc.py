@@ -102,7 +102,8 @@ class EnrollmentServiceServicer:
     def StreamEnrollmentAudio(self, request_iterator, context):
         """Same as AddEnrollmentAudio for audio too long for one message: the first message carries
         agent_id and the format, every message carries the next bytes. The bytes of all messages
-        form a single utterance.
+        form a single utterance. Errors name the fields as if the utterance had been sent as one
+        Audio message ("audio.data", "audio.encoding", "audio.sample_rate_hz").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

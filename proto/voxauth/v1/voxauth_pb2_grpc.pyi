@@ -64,7 +64,8 @@ class EnrollmentServiceStub:
     StreamEnrollmentAudio: _grpc.StreamUnaryMultiCallable[_voxauth_pb2.EnrollmentAudioChunk, _voxauth_pb2.AddEnrollmentAudioResponse]
     """Same as AddEnrollmentAudio for audio too long for one message: the first message carries
     agent_id and the format, every message carries the next bytes. The bytes of all messages
-    form a single utterance.
+    form a single utterance. Errors name the fields as if the utterance had been sent as one
+    Audio message ("audio.data", "audio.encoding", "audio.sample_rate_hz").
     """
     GetEnrollmentStatus: _grpc.UnaryUnaryMultiCallable[_voxauth_pb2.GetEnrollmentStatusRequest, _voxauth_pb2.EnrollmentStatus]
     """How far enrollment has come: net speech collected against the requirement, per-utterance
@@ -112,7 +113,8 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     StreamEnrollmentAudio: _aio.StreamUnaryMultiCallable[_voxauth_pb2.EnrollmentAudioChunk, _voxauth_pb2.AddEnrollmentAudioResponse]  # type: ignore[assignment]
     """Same as AddEnrollmentAudio for audio too long for one message: the first message carries
     agent_id and the format, every message carries the next bytes. The bytes of all messages
-    form a single utterance.
+    form a single utterance. Errors name the fields as if the utterance had been sent as one
+    Audio message ("audio.data", "audio.encoding", "audio.sample_rate_hz").
     """
     GetEnrollmentStatus: _aio.UnaryUnaryMultiCallable[_voxauth_pb2.GetEnrollmentStatusRequest, _voxauth_pb2.EnrollmentStatus]  # type: ignore[assignment]
     """How far enrollment has come: net speech collected against the requirement, per-utterance
@@ -175,7 +177,8 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_voxauth_pb2.AddEnrollmentAudioResponse, _abc.Awaitable[_voxauth_pb2.AddEnrollmentAudioResponse]]:
         """Same as AddEnrollmentAudio for audio too long for one message: the first message carries
         agent_id and the format, every message carries the next bytes. The bytes of all messages
-        form a single utterance.
+        form a single utterance. Errors name the fields as if the utterance had been sent as one
+        Audio message ("audio.data", "audio.encoding", "audio.sample_rate_hz").
         """
 
     @_abc_1.abstractmethod
