@@ -28,6 +28,8 @@ Segment = tuple[int, int]
 _DETECTION_PEAK = 0.5
 _MAX_DETECTION_GAIN = 1000.0
 
+_LOAD_LOCK = threading.Lock()
+
 # The level reported for digital silence, instead of -inf.
 _FLOOR_DBFS = -120.0
 
@@ -68,7 +70,8 @@ class SileroSpeechDetector:
     def _model(self) -> Any:
         model = getattr(self._local, "model", None)
         if model is None:
-            with warnings.catch_warnings():
+            # catch_warnings swaps process-wide state: threads loading at once must take turns.
+            with _LOAD_LOCK, warnings.catch_warnings():
                 # silero-vad ships a TorchScript model; torch's notice that torch.jit.load is
                 # deprecated is for silero's maintainers, not for our operators' logs.
                 warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
