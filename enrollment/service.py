@@ -196,7 +196,8 @@ class EnrollmentService:
 
     def _audit(self, action: str, agent_id: str, outcome: str, **details: object) -> None:
         self._store.append_audit(AuditEvent(action, agent_id, outcome, self._now(), dict(details)))
-        log.info("%s agent=%s outcome=%s %s", action, agent_id, outcome, details or "")
+        extra = "".join(f" {name}={value}" for name, value in details.items())
+        log.info("%s agent=%s outcome=%s%s", action, agent_id, outcome, extra)
 
 
 def _quality_rejection(quality: SpeechAnalysis, min_net_speech: float) -> str:

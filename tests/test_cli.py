@@ -10,6 +10,7 @@ import soundfile as sf
 
 from server.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
 from tests.support import (
+    DATA,
     OTHER_1,
     SHORT_CLIP,
     SPEAKER_A,
@@ -71,3 +72,12 @@ def test_local_file_problems_are_usage_errors(
     raw.write_bytes(b"\0\0" * 100)
     assert main(["verify", "agent", str(raw)]) == EXIT_USAGE
     assert "--rate" in capsys.readouterr().err
+
+
+def test_eval_prints_error_rates_with_trial_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(DATA)]) == EXIT_OK
+    out = capsys.readouterr().out
+    # 4 of the 5 files have two halves with enough speech: 4 target, 12 impostor trials.
+    assert "trials: 4 target, 12 impostor" in out
+    assert "EER: 0.00%" in out
+    assert "FNMR 0.00% (0/4)" in out

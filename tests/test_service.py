@@ -328,3 +328,26 @@ def test_server_refuses_to_start_without_a_key(tmp_path: Path, key_env: dict[str
     assert started.returncode == 2
     assert "VOXAUTH_KEY" in started.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_empty_enrollment_stream_is_invalid(voxauth: RunningServer) -> None:
+    with pytest.raises(grpc.RpcError) as failure:
+        voxauth.enrollment.StreamEnrollmentAudio(iter([]))
+    assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "no audio" in (failure.value.details() or "")
+
+
+def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) -> None:
+    enroll_a(voxauth)
+    voxauth.verify("agent-a", wav_audio(second_half(SPEAKER_A)))
+    voxauth.stop()
+    store = SqliteVoiceprintStore.open(voxauth.config.database_path, VoiceprintCipher(KEY))
+    events = store.audit_events("agent-a")
+    store.close()
+    actions = [e.action for e in events]
+    assert actions[0] == "agent.create"
+    assert actions.count("enrollment.add") == 2
+    assert "enrollment.finalize" in actions
+    verify = next(e for e in events if e.action == "verify")
+    assert verify.outcome == "ACCEPT"
+    assert set(verify.details) == {"score", "threshold", "net_speech_seconds", "model_id"}
