@@ -15,8 +15,8 @@ from server.agents import validate_agent_id
 from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.speech import SpeechAnalysis
-from server.store import AuditEvent, VoiceprintStore
-from server.voice import AudioInput, VoiceAnalyser
+from server.store import AuditEvent, Voiceprint, VoiceprintStore
+from server.voice import AudioInput, VoiceAnalyser, VoiceSample
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,14 @@ class VerificationService:
 
     def verify(self, agent_id: str, audio: AudioInput) -> VerificationResult:
         """Blocking: runs the model. Cheap checks on the agent come before the audio work."""
+        voiceprint = self.voiceprint_of(agent_id)
+        sample = self._analyser.analyse(
+            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
+        )
+        return self.judge(voiceprint, sample, action="verify")
+
+    def voiceprint_of(self, agent_id: str) -> Voiceprint:
+        """The agent's voiceprint, if it can be compared with this server's model."""
         agent = self._store.get_agent(validate_agent_id(agent_id))
         voiceprint = self._store.get_voiceprint(agent.agent_id)
         if voiceprint is None:
@@ -72,9 +80,14 @@ class VerificationService:
                 f"the voiceprint of agent {agent.agent_id} was made by model "
                 f"{voiceprint.model_id}, but this server runs {model_id}: re-enroll the agent"
             )
-        sample = self._analyser.analyse(
-            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
-        )
+        return voiceprint
+
+    def judge(
+        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: str
+    ) -> VerificationResult:
+        """Scores an analysed sample against the voiceprint, decides, and audits the decision
+        under `action` ("verify", or a shift checkpoint)."""
+        model_id = self._analyser.model_id
         if sample.embedding is None:
             result = VerificationResult(
                 Decision.INCONCLUSIVE, 0.0, self._policy.threshold, model_id, sample.quality
@@ -86,8 +99,8 @@ class VerificationService:
             )
         self._store.append_audit(
             AuditEvent(
-                "verify",
-                agent.agent_id,
+                action,
+                voiceprint.agent_id,
                 result.decision.value,
                 self._now(),
                 {
@@ -99,8 +112,9 @@ class VerificationService:
             )
         )
         log.info(
-            "verify agent=%s decision=%s score=%.3f threshold=%.3f net_speech=%.1fs",
-            agent.agent_id,
+            "%s agent=%s decision=%s score=%.3f threshold=%.3f net_speech=%.1fs",
+            action,
+            voiceprint.agent_id,
             result.decision.value,
             result.score,
             result.threshold,
