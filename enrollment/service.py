@@ -10,7 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from enrollment.voiceprint import RejectedUtterance, check_consistency, mean_embedding
+from enrollment.voiceprint import (
+    RejectedUtterance,
+    check_consistency,
+    companion_embedding,
+    mean_embedding,
+)
 from server.agents import validate_agent_id, validate_text
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
@@ -102,6 +107,7 @@ class EnrollmentService:
             speech_level_dbfs=quality.speech_level_dbfs,
             clipped_fraction=quality.clipped_fraction,
             received_at=received_at,
+            telephone_embedding=self._analyser.telephone_embedding(quality.speech),
         )
         self._store.add_utterance(record, self._policy.max_pending_utterances)
         self._audit(
@@ -174,6 +180,7 @@ class EnrollmentService:
             created_at=self._now(),
             utterance_count=len(consistency.accepted),
             net_speech_seconds=collected,
+            telephone_embedding=companion_embedding(consistency.accepted),
         )
         replaced = self._store.replace_voiceprint(
             voiceprint, [u.utterance_id for u in consistency.accepted]

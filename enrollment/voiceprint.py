@@ -27,8 +27,22 @@ class ConsistencyResult:
 def mean_embedding(utterances: list[UtteranceRecord]) -> Embedding:
     """L2-normalised mean of the embeddings, weighted by net speech: a long utterance carries
     more evidence about the voice than a short one."""
+    return _weighted_mean([u.embedding for u in utterances], utterances)
+
+
+def companion_embedding(utterances: list[UtteranceRecord]) -> Embedding | None:
+    """The telephone-band companion of `mean_embedding(utterances)`, made the same way from
+    the utterances' telephone embeddings; None if one of them has none (stored before
+    companions existed), as a companion of part of the speech would not match."""
+    telephone = [u.telephone_embedding for u in utterances]
+    if not telephone or any(e is None for e in telephone):
+        return None
+    return _weighted_mean([e for e in telephone if e is not None], utterances)
+
+
+def _weighted_mean(embeddings: list[Embedding], utterances: list[UtteranceRecord]) -> Embedding:
     weights = np.array([u.net_speech_seconds for u in utterances], dtype=np.float64)
-    stacked = np.stack([u.embedding.astype(np.float64) for u in utterances])
+    stacked = np.stack([e.astype(np.float64) for e in embeddings])
     mean = (weights[:, None] * stacked).sum(axis=0) / weights.sum()
     norm = float(np.linalg.norm(mean))
     voiceprint: Embedding = (mean / norm if norm > 0.0 else mean).astype(np.float32)

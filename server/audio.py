@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,14 @@ def waveform_seconds(waveform: Waveform) -> float:
     return len(waveform) / TARGET_RATE
 
 
+@dataclass(frozen=True, eq=False)
+class DecodedAudio:
+    waveform: Waveform
+    """At TARGET_RATE, mono, float32 in [-1, 1]."""
+    source_rate_hz: int
+    """The rate the audio had before conversion: 8000 means telephone band."""
+
+
 def decode(
     data: bytes,
     encoding: AudioEncoding,
@@ -94,6 +103,17 @@ def decode(
     `sample_rate_hz` is the declared rate (0 = not declared). Raises InvalidAudioError, with
     the field of the Audio message at fault, for anything that cannot be used.
     """
+    return decode_audio(data, encoding, sample_rate_hz, max_seconds=max_seconds).waveform
+
+
+def decode_audio(
+    data: bytes,
+    encoding: AudioEncoding,
+    sample_rate_hz: int,
+    *,
+    max_seconds: float,
+) -> DecodedAudio:
+    """`decode`, also telling the rate the audio came at."""
     if not data:
         raise InvalidAudioError("audio data is empty", field=_DATA)
     if encoding in (AudioEncoding.WAV, AudioEncoding.FLAC):
@@ -104,7 +124,21 @@ def decode(
         samples, rate = _read_g711(data, encoding, sample_rate_hz, max_seconds)
     if samples.size == 0:
         raise InvalidAudioError("audio contains no samples", field=_DATA)
-    return _to_target_rate(samples, rate)
+    return DecodedAudio(_to_target_rate(samples, rate), rate)
+
+
+def telephone_channel(waveform: Waveform) -> Waveform:
+    """What a 16 kHz waveform becomes over a G.711 telephone call: band-limited to 8 kHz
+    sampling, mu-law coded, and decoded back to 16 kHz by the same path as a client's u-law."""
+    narrowband = torchaudio.functional.resample(
+        torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)),
+        TARGET_RATE,
+        G711_RATE,
+        **_RESAMPLER,
+    ).numpy()
+    return _to_target_rate(
+        _MULAW_TABLE[np.frombuffer(encode_mulaw(narrowband), np.uint8)], G711_RATE
+    )
 
 
 def encode_mulaw(waveform: Waveform) -> bytes:

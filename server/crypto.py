@@ -36,7 +36,9 @@ _HEADER_BYTES = 1 + KEY_ID_BYTES
 KEY_ENV = "VOXAUTH_KEY"
 KEY_FILE_ENV = "VOXAUTH_KEY_FILE"
 
-RecordKind = Literal["voiceprint", "pending_utterance"]
+RecordKind = Literal[
+    "voiceprint", "pending_utterance", "telephone_voiceprint", "telephone_pending_utterance"
+]
 
 
 def associated_data(*, agent_id: str, record_kind: RecordKind, model_id: str) -> bytes:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
-from server.audio import AudioEncoding, decode
+from server.audio import TARGET_RATE, AudioEncoding, decode_audio, telephone_channel
+from server.channel import Channel, channel_of
 from server.config import AudioLimits
 from server.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
 
@@ -27,6 +28,8 @@ class VoiceSample:
     quality: SpeechAnalysis
     embedding: Embedding | None
     """None when there was too little speech to embed: such a sample decides nothing."""
+    channel: Channel = Channel.WIDEBAND
+    """The band the speech came in: telephone checks are scored against the companion."""
 
 
 class VoiceAnalyser:
@@ -44,13 +47,24 @@ class VoiceAnalyser:
 
     def analyse(self, audio: AudioInput, *, min_net_speech_seconds: float) -> VoiceSample:
         """Blocking (decoding, VAD and the model): call from a worker thread."""
-        waveform = decode(
+        decoded = decode_audio(
             audio.data, audio.encoding, audio.sample_rate_hz, max_seconds=self._limits.max_seconds
         )
-        return self.analyse_waveform(waveform, min_net_speech_seconds=min_net_speech_seconds)
+        return self.analyse_waveform(
+            decoded.waveform,
+            min_net_speech_seconds=min_net_speech_seconds,
+            source_rate_hz=decoded.source_rate_hz,
+        )
 
-    def analyse_waveform(self, waveform: Waveform, *, min_net_speech_seconds: float) -> VoiceSample:
-        """The same as `analyse` for audio already decoded to 16 kHz mono."""
+    def analyse_waveform(
+        self,
+        waveform: Waveform,
+        *,
+        min_net_speech_seconds: float,
+        source_rate_hz: int = TARGET_RATE,
+    ) -> VoiceSample:
+        """The same as `analyse` for audio already decoded to 16 kHz mono; `source_rate_hz`
+        is the rate it came at (the speech's bandwidth tells telephone audio in any case)."""
         quality = analyse(
             waveform,
             self._detector,
@@ -58,10 +72,18 @@ class VoiceAnalyser:
             min_net_speech_seconds=min_net_speech_seconds,
         )
         too_short = len(quality.speech) < self.embedder.min_samples
+        channel = channel_of(source_rate_hz, quality.speech)
         if too_short or quality.net_speech_seconds < min_net_speech_seconds:
-            return VoiceSample(quality=quality, embedding=None)
+            return VoiceSample(quality=quality, embedding=None, channel=channel)
         # Only the detected speech is embedded: pauses carry no voice and dilute the embedding.
-        return VoiceSample(quality=quality, embedding=self.embedder.embed(quality.speech))
+        return VoiceSample(
+            quality=quality, embedding=self.embedder.embed(quality.speech), channel=channel
+        )
+
+    def telephone_embedding(self, speech: Waveform) -> Embedding:
+        """The embedding of `speech` as it would sound over a G.711 call: what a companion
+        voiceprint is made of, from the enrollment speech itself (audio is never stored)."""
+        return self.embedder.embed(telephone_channel(speech))
 
     @property
     def model_id(self) -> str:

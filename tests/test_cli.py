@@ -74,10 +74,22 @@ def test_local_file_problems_are_usage_errors(
     assert "--rate" in capsys.readouterr().err
 
 
-def test_eval_prints_error_rates_with_trial_counts(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", str(DATA)]) == EXIT_OK
+def test_eval_prints_error_rates_with_trial_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    det = tmp_path / "det.png"
+    arguments = ["eval", str(DATA), "--det", str(det), "--cache", str(tmp_path / "cache")]
+    assert main([*arguments, "--duration", "full", "--duration", "3"]) == EXIT_OK
     out = capsys.readouterr().out
-    # 4 of the 5 files have two halves with enough speech: 4 target, 12 impostor trials.
-    assert "trials: 4 target, 12 impostor" in out
-    assert "EER: 0.00%" in out
-    assert "FNMR 0.00% (0/4)" in out
+    # 4 of the 5 files have two halves with enough speech: 4 target, 12 impostor trials, in
+    # each condition; the tests' speakers are none of the calibration's.
+    assert "speakers: 5 held out of 5" in out
+    for condition in ("wideband", "wideband-to-telephone", "telephone"):
+        for duration in ("full", "3 s"):
+            assert f"{condition}, {duration} test: 4 target, 12 impostor trials" in out
+    assert "AS-norm  EER 0.00%" in out
+    assert "FMR 0.00% (0/12" in out
+    assert det.read_bytes().startswith(b"\x89PNG")
+    # A second run embeds nothing: every segment comes from the cache.
+    assert main([*arguments, "--condition", "wideband"]) == EXIT_OK
+    assert "0 segments embedded" in capsys.readouterr().out

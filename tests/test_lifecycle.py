@@ -17,6 +17,7 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import Embedding, Waveform
+from tests.fake_scoring import fake_scoring
 from tests.support import KEY, RunningServer, make_config
 
 
@@ -47,7 +48,11 @@ def test_health_is_not_serving_until_the_model_is_loaded(tmp_path: Path) -> None
 
     # A fixed port, so the test can reach the server while start() is still loading the model.
     port = free_port()
-    config = replace(make_config(tmp_path), listen_address=f"127.0.0.1:{port}")
+    config = replace(
+        make_config(tmp_path),
+        listen_address=f"127.0.0.1:{port}",
+        scoring=fake_scoring(tmp_path / "scoring", HeldBackEmbedder.model_id, 4),
+    )
     servers: list[RunningServer] = []
     starting = threading.Thread(target=lambda: servers.append(RunningServer(config, load, KEY)))
     starting.start()

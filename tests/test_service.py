@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from scipy.signal import resample_poly
 from voxauth.v1 import voxauth_pb2 as pb
 
-from server.audio import encode_mulaw
+from server.audio import encode_mulaw, telephone_channel
 from server.crypto import VoiceprintCipher
 from server.sqlite_store import SqliteVoiceprintStore
 from server.store import Voiceprint
@@ -48,7 +48,14 @@ def test_same_speaker_is_accepted(voxauth: RunningServer) -> None:
 
     assert result.decision == pb.DECISION_ACCEPT
     assert result.score >= result.threshold
-    assert result.threshold == voxauth.config.verification.threshold
+    assert result.llr >= result.llr_threshold
+    assert result.normalized_score >= result.normalized_threshold
+    assert result.llr > 0  # the evidence favours the agent
+    assert result.target_false_match_rate == 1e-4
+    assert 0 < result.expected_false_non_match_rate < 0.5
+    assert result.channel == pb.CHANNEL_WIDEBAND
+    assert result.comparison == pb.COMPARISON_WIDEBAND
+    assert finalized.voiceprint.telephone_companion
     assert result.model_id == finalized.voiceprint.model_id
     assert result.quality.net_speech_seconds >= 3.0
 
@@ -59,6 +66,7 @@ def test_different_speaker_is_rejected(voxauth: RunningServer) -> None:
         result = voxauth.verify("agent-a", wav_audio(second_half(impostor)))
         assert result.decision == pb.DECISION_REJECT, impostor
         assert result.score < result.threshold
+        assert result.llr < result.llr_threshold
 
 
 def test_too_little_speech_is_inconclusive(voxauth: RunningServer) -> None:
@@ -77,6 +85,19 @@ def test_telephone_mulaw_of_enrolled_speaker_is_accepted(voxauth: RunningServer)
     )
     result = voxauth.verify("agent-a", audio)
     assert result.decision == pb.DECISION_ACCEPT, result.score
+    assert result.channel == pb.CHANNEL_TELEPHONE
+    assert result.comparison == pb.COMPARISON_TELEPHONE
+
+
+def test_telephone_audio_in_a_wideband_file_is_scored_as_telephone(voxauth: RunningServer) -> None:
+    enroll_a(voxauth)
+    relayed = wav_audio(telephone_channel(second_half(SPEAKER_A)))
+    result = voxauth.verify("agent-a", relayed)
+    assert result.channel == pb.CHANNEL_TELEPHONE
+    assert result.decision == pb.DECISION_ACCEPT, result.score
+    impostor = voxauth.verify("agent-a", wav_audio(telephone_channel(second_half(OTHER_1))))
+    assert impostor.comparison == pb.COMPARISON_TELEPHONE
+    assert impostor.decision == pb.DECISION_REJECT, impostor.score
 
 
 def test_unknown_and_unenrolled_agents(voxauth: RunningServer) -> None:
@@ -350,4 +371,15 @@ def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) ->
     assert "enrollment.finalize" in actions
     verify = next(e for e in events if e.action == "verify")
     assert verify.outcome == "ACCEPT"
-    assert set(verify.details) == {"score", "threshold", "net_speech_seconds", "model_id"}
+    assert set(verify.details) == {
+        "score",
+        "threshold",
+        "net_speech_seconds",
+        "model_id",
+        "channel",
+        "target_fmr",
+        "condition",
+        "normalized_score",
+        "llr",
+        "llr_threshold",
+    }

@@ -113,26 +113,86 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     DECISION_UNSPECIFIED: _Decision.ValueType  # 0
     DECISION_ACCEPT: _Decision.ValueType  # 1
-    """The voice matches the agent's voiceprint: score >= threshold."""
+    """The voice matches the agent's voiceprint: score >= threshold (equivalently
+    llr >= llr_threshold).
+    """
     DECISION_REJECT: _Decision.ValueType  # 2
     """The voice does not match: score < threshold."""
     DECISION_INCONCLUSIVE: _Decision.ValueType  # 3
     """Not enough net speech to decide (less than the minimum, 3 s by default). Not a failure:
-    ask for more speech. score is 0 and not meaningful.
+    ask for more speech. The scores and thresholds are 0 and not meaningful.
     """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper): ...
 
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
 DECISION_ACCEPT: Decision.ValueType  # 1
-"""The voice matches the agent's voiceprint: score >= threshold."""
+"""The voice matches the agent's voiceprint: score >= threshold (equivalently
+llr >= llr_threshold).
+"""
 DECISION_REJECT: Decision.ValueType  # 2
 """The voice does not match: score < threshold."""
 DECISION_INCONCLUSIVE: Decision.ValueType  # 3
 """Not enough net speech to decide (less than the minimum, 3 s by default). Not a failure:
-ask for more speech. score is 0 and not meaningful.
+ask for more speech. The scores and thresholds are 0 and not meaningful.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _Channel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANNEL_UNSPECIFIED: _Channel.ValueType  # 0
+    CHANNEL_WIDEBAND: _Channel.ValueType  # 1
+    """16 kHz or more with speech energy above 4 kHz: a softphone or wideband codec."""
+    CHANNEL_TELEPHONE: _Channel.ValueType  # 2
+    """Telephone band: audio sent at 8 kHz (G.711 u-law/A-law, 8 kHz PCM or WAV), or audio at a
+    higher rate that carries nothing above the telephone band (a call recorded at 16 kHz).
+    """
+
+class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
+    """The band the verified speech came in."""
+
+CHANNEL_UNSPECIFIED: Channel.ValueType  # 0
+CHANNEL_WIDEBAND: Channel.ValueType  # 1
+"""16 kHz or more with speech energy above 4 kHz: a softphone or wideband codec."""
+CHANNEL_TELEPHONE: Channel.ValueType  # 2
+"""Telephone band: audio sent at 8 kHz (G.711 u-law/A-law, 8 kHz PCM or WAV), or audio at a
+higher rate that carries nothing above the telephone band (a call recorded at 16 kHz).
+"""
+Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+class _Comparison:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComparisonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comparison.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPARISON_UNSPECIFIED: _Comparison.ValueType  # 0
+    COMPARISON_WIDEBAND: _Comparison.ValueType  # 1
+    """Wideband speech against the wideband voiceprint."""
+    COMPARISON_WIDEBAND_TO_TELEPHONE: _Comparison.ValueType  # 2
+    """Telephone-band speech against the wideband voiceprint: the voiceprint has no telephone
+    companion (enrolled before companions existed).
+    """
+    COMPARISON_TELEPHONE: _Comparison.ValueType  # 3
+    """Telephone-band speech against the voiceprint's telephone companion."""
+
+class Comparison(_Comparison, metaclass=_ComparisonEnumTypeWrapper):
+    """Which voiceprint the speech was compared with; each has its own cohort and calibration."""
+
+COMPARISON_UNSPECIFIED: Comparison.ValueType  # 0
+COMPARISON_WIDEBAND: Comparison.ValueType  # 1
+"""Wideband speech against the wideband voiceprint."""
+COMPARISON_WIDEBAND_TO_TELEPHONE: Comparison.ValueType  # 2
+"""Telephone-band speech against the wideband voiceprint: the voiceprint has no telephone
+companion (enrolled before companions existed).
+"""
+COMPARISON_TELEPHONE: Comparison.ValueType  # 3
+"""Telephone-band speech against the voiceprint's telephone companion."""
+Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
 
 @_typing.final
 class Audio(_message.Message):
@@ -460,11 +520,18 @@ class VoiceprintInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UTTERANCE_COUNT_FIELD_NUMBER: _builtins.int
     NET_SPEECH_SECONDS_FIELD_NUMBER: _builtins.int
+    TELEPHONE_COMPANION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The speaker model that made it. Verification refuses a voiceprint from another model."""
     utterance_count: _builtins.int
     """Number of utterances and net speech it was built from."""
     net_speech_seconds: _builtins.float
+    telephone_companion: _builtins.bool
+    """True when the voiceprint has a telephone-band companion, made from the same enrollment
+    speech passed through a simulated G.711 call, against which telephone-band checks are
+    scored. False for voiceprints enrolled before companions existed: their telephone checks
+    are scored across channels (re-enroll to get one).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -474,10 +541,11 @@ class VoiceprintInfo(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         utterance_count: _builtins.int = ...,
         net_speech_seconds: _builtins.float = ...,
+        telephone_companion: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "model_id", b"model_id", "net_speech_seconds", b"net_speech_seconds", "utterance_count", b"utterance_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "model_id", b"model_id", "net_speech_seconds", b"net_speech_seconds", "telephone_companion", b"telephone_companion", "utterance_count", b"utterance_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -598,13 +666,52 @@ class VerifyResponse(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    LLR_FIELD_NUMBER: _builtins.int
+    LLR_THRESHOLD_FIELD_NUMBER: _builtins.int
+    TARGET_FALSE_MATCH_RATE_FIELD_NUMBER: _builtins.int
+    EXPECTED_FALSE_NON_MATCH_RATE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    NORMALIZED_SCORE_FIELD_NUMBER: _builtins.int
+    NORMALIZED_THRESHOLD_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     score: _builtins.float
-    """Cosine similarity between the audio's embedding and the voiceprint, in [-1, 1]."""
+    """Raw cosine similarity between the audio's embedding and the voiceprint it was compared
+    with (see `comparison`), in [-1, 1].
+    """
     threshold: _builtins.float
-    """The threshold the score was compared with."""
+    """The cosine this check needed: the server's threshold for its target false-match rate,
+    translated to this voiceprint, this audio and its net speech (the threshold is set on the
+    AS-norm score, so its cosine equivalent differs from check to check). ACCEPT exactly when
+    score >= threshold.
+    """
     model_id: _builtins.str
     """The speaker model used."""
+    llr: _builtins.float
+    """Calibrated log-likelihood ratio (natural log) of "the agent spoke" against "someone else
+    spoke", from the AS-norm score and the net speech: > 0 favours the agent. The posterior
+    probability at a prior probability p that the caller is the agent is
+    1 / (1 + exp(-(llr + ln(p / (1 - p))))).
+    """
+    llr_threshold: _builtins.float
+    """The LLR at the decision threshold: ACCEPT exactly when llr >= llr_threshold."""
+    target_false_match_rate: _builtins.float
+    """The false-match rate the server's threshold is set for (VOXAUTH_TARGET_FMR, default
+    0.0001): the expected share of impostor checks that would be accepted.
+    """
+    expected_false_non_match_rate: _builtins.float
+    """The expected share of the agent's own checks with this much net speech, on this channel,
+    that the threshold rejects (from the server's calibration).
+    """
+    channel: Global___Channel.ValueType
+    """The band the audio came in."""
+    comparison: Global___Comparison.ValueType
+    """Which voiceprint it was compared with."""
+    normalized_score: _builtins.float
+    """The score after adaptive symmetric normalisation (AS-norm) against the cohort of the
+    channel, and the threshold on that scale that the target false-match rate sets.
+    """
+    normalized_threshold: _builtins.float
     @_builtins.property
     def quality(self) -> Global___AudioQuality: ...
     def __init__(
@@ -615,10 +722,18 @@ class VerifyResponse(_message.Message):
         threshold: _builtins.float = ...,
         model_id: _builtins.str = ...,
         quality: Global___AudioQuality | None = ...,
+        llr: _builtins.float = ...,
+        llr_threshold: _builtins.float = ...,
+        target_false_match_rate: _builtins.float = ...,
+        expected_false_non_match_rate: _builtins.float = ...,
+        channel: Global___Channel.ValueType = ...,
+        comparison: Global___Comparison.ValueType = ...,
+        normalized_score: _builtins.float = ...,
+        normalized_threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "model_id", b"model_id", "quality", b"quality", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,255 @@
+"""Score normalisation, calibration and thresholds set by a false-match rate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from models.embedder import Embedding
+from models.manifest import ECAPA_MANIFEST
+from server.calibrate import is_calibration_speaker
+from server.calibration import Calibration, Condition, fit_condition
+from server.channel import Channel
+from server.config import ScoringPolicy, ServerConfig
+from server.errors import ConfigurationError
+from server.normalization import (
+    CohortStatistics,
+    as_norm,
+    cosine_for,
+    top_n_statistics,
+)
+from server.scoring import Scorer, ScoringModel, default_scoring_dir
+from server.store import Voiceprint
+from tests.support import (
+    OTHER_1,
+    OTHER_2,
+    SHORT_CLIP,
+    SPEAKER_A,
+    SPEAKER_B,
+    RunningServer,
+    make_config,
+)
+
+DIMENSION = 192
+RNG = np.random.default_rng(7)
+
+
+def unit(vector: np.ndarray) -> Embedding:
+    result: Embedding = (vector / np.linalg.norm(vector)).astype(np.float32)
+    return result
+
+
+def random_voices(count: int) -> np.ndarray:
+    return np.array([unit(RNG.normal(size=DIMENSION)) for _ in range(count)], dtype=np.float64)
+
+
+def synthetic_calibration(top_n: int = 10) -> Calibration:
+    """Impostors score N(0, 1) and targets N(3, 1) at every length: the true LLR is
+    3 s - 4.5."""
+    target = RNG.normal(3.0, 1.0, 4000)
+    impostor = RNG.normal(0.0, 1.0, 40000)
+    seconds_t = RNG.uniform(3, 20, len(target))
+    seconds_i = RNG.uniform(3, 20, len(impostor))
+    fitted = fit_condition(target, seconds_t, impostor, seconds_i)
+    return Calibration(
+        "test-model", top_n, True, dict.fromkeys(Condition, fitted), {"speakers": []}
+    )
+
+
+def test_as_norm_measures_the_score_against_both_sides_cohort_statistics() -> None:
+    enrollment, test = CohortStatistics(0.2, 0.05), CohortStatistics(0.1, 0.1)
+    assert as_norm(0.6, enrollment, test) == pytest.approx(0.5 * (0.4 / 0.05 + 0.5 / 0.1))
+    # The per-check cosine threshold is the exact inverse.
+    assert as_norm(cosine_for(3.72, enrollment, test), enrollment, test) == pytest.approx(3.72)
+
+
+def test_top_n_statistics_take_the_closest_voices_and_leave_out_the_excluded() -> None:
+    scores = np.array([[0.9, 0.1, 0.5, 0.3]])
+    means, stds = top_n_statistics(scores, 2)
+    assert means[0] == pytest.approx(0.7) and stds[0] == pytest.approx(0.2)
+    means, _ = top_n_statistics(scores, 2, np.array([[True, False, False, False]]))
+    assert means[0] == pytest.approx(0.4)
+
+
+def test_calibrated_llr_and_threshold_follow_the_score_distributions() -> None:
+    calibration = synthetic_calibration()[Condition.WIDEBAND]
+    for score in (0.0, 1.5, 3.0, 5.0):
+        assert calibration.llr(score, 8.0) == pytest.approx(3 * score - 4.5, abs=0.35)
+    threshold = calibration.threshold(1e-4)
+    assert threshold == pytest.approx(NormalDist().inv_cdf(1 - 1e-4), abs=0.15)
+    assert calibration.false_non_match_rate(threshold, 8.0) == pytest.approx(
+        NormalDist(3.0, 1.0).cdf(threshold), abs=0.05
+    )
+    # A stricter false-match rate costs false non-matches.
+    assert calibration.threshold(1e-5) > threshold
+
+
+def test_calibration_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
+    calibration = synthetic_calibration()
+    path = tmp_path / "calibration.json"
+    path.write_text(calibration.to_json())
+    loaded = Calibration.load(path, "test-model")
+    assert loaded.cohort_top_n == 10
+    assert loaded[Condition.TELEPHONE].llr(2.0, 5.0) == calibration[Condition.TELEPHONE].llr(
+        2.0, 5.0
+    )
+    with pytest.raises(ConfigurationError, match=r"made for model test-model.*voxauth calibrate"):
+        Calibration.load(path, "other-model@v2")
+    with pytest.raises(ConfigurationError, match="no score calibration"):
+        Calibration.load(tmp_path / "missing.json", "test-model")
+    document = json.loads(path.read_text())
+    del document["conditions"]["telephone"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigurationError, match="incomplete"):
+        Calibration.load(path, "test-model")
+
+
+def test_shipped_scoring_files_match_the_model_and_the_split() -> None:
+    model = ScoringModel.load(ScoringPolicy(), ECAPA_MANIFEST.model_id)
+    speakers = model.calibration.provenance["speakers"]
+    assert speakers and all(is_calibration_speaker(s) for s in speakers)
+    # The tests' own speakers are held out: the e2e tests never meet their voice in the cohort.
+    tests_data = [SPEAKER_A, SPEAKER_B, OTHER_1, OTHER_2, SHORT_CLIP]
+    assert not any(is_calibration_speaker(name.split("-")[0]) for name in tests_data)
+    for channel in Channel:
+        # One voice per calibration speaker whose halves could both be embedded.
+        assert 0.9 * len(speakers) <= len(model.cohort(channel)) <= len(speakers)
+    with pytest.raises(ConfigurationError, match="made for model"):
+        ScoringModel.load(ScoringPolicy(scoring_dir=default_scoring_dir()), "another-model@1")
+
+
+def test_server_refuses_to_start_without_its_calibration(
+    tmp_path: Path, start_server: Callable[..., RunningServer]
+) -> None:
+    config = replace(make_config(tmp_path), scoring=ScoringPolicy(scoring_dir=tmp_path / "none"))
+    with pytest.raises(ConfigurationError, match="no score calibration"):
+        start_server(config)
+
+
+def voiceprint(agent_id: str, embedding: Embedding, telephone: Embedding | None) -> Voiceprint:
+    return Voiceprint(
+        agent_id,
+        "test-model",
+        embedding,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        2,
+        20.0,
+        telephone_embedding=telephone,
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scoring_model() -> ScoringModel:
+    return ScoringModel({c: random_voices(40) for c in Channel}, synthetic_calibration())
+
+
+def test_telephone_checks_use_the_companion_or_else_the_cross_channel_calibration() -> None:
+    model = scoring_model()
+    scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
+    wideband, telephone = unit(RNG.normal(size=DIMENSION)), unit(RNG.normal(size=DIMENSION))
+    test = unit(telephone + 0.3 * RNG.normal(size=DIMENSION))
+
+    both = voiceprint("a", wideband, telephone)
+    with_companion = scorer.score(both, test, 8.0, Channel.TELEPHONE)
+    assert with_companion.condition is Condition.TELEPHONE
+
+    def cosine(a: Embedding, b: Embedding, channel: Channel) -> float:
+        return float(np.dot(model.prepare(a, channel), model.prepare(b, channel)))
+
+    assert with_companion.cosine == pytest.approx(cosine(test, telephone, Channel.TELEPHONE))
+
+    without = scorer.score(voiceprint("a", wideband, None), test, 8.0, Channel.TELEPHONE)
+    assert without.condition is Condition.WIDEBAND_TO_TELEPHONE
+    assert without.cosine == pytest.approx(
+        float(
+            np.dot(
+                model.prepare(test, Channel.TELEPHONE), model.prepare(wideband, Channel.WIDEBAND)
+            )
+        )
+    )
+
+    wide = scorer.score(both, test, 8.0, Channel.WIDEBAND)
+    assert wide.condition is Condition.WIDEBAND
+
+
+def test_decision_agrees_on_every_scale_and_follows_the_target_fmr() -> None:
+    model = scoring_model()
+    enrolled = unit(RNG.normal(size=DIMENSION))
+    strict = Scorer(model, ScoringPolicy(target_fmr=1e-6), voiceprints=list)
+    lenient = Scorer(model, ScoringPolicy(target_fmr=1e-2), voiceprints=list)
+    for noise in (0.2, 0.6, 1.0, 1.5, 3.0):
+        test = unit(enrolled + noise * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+        for scorer in (strict, lenient):
+            score = scorer.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+            assert score.accepted == (score.cosine >= score.threshold - 1e-9)
+            assert score.accepted == (score.llr >= score.llr_threshold - 1e-9)
+        stricter = strict.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+        looser = lenient.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+        assert stricter.threshold > looser.threshold
+        assert stricter.expected_false_non_match_rate > looser.expected_false_non_match_rate
+
+
+def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
+    model = scoring_model()
+    enrolled = unit(RNG.normal(size=DIMENSION))
+    test = unit(enrolled + 0.5 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    claimed = voiceprint("a", enrolled, enrolled)
+    # Another agent who sounds like the test: in the cohort, it raises the test's statistics.
+    lookalike = voiceprint("b", test, test)
+    stored: list[Voiceprint] = [claimed]
+    clock = Clock()
+    policy = ScoringPolicy(cohort_includes_agents=True, cohort_refresh_seconds=60)
+    scorer = Scorer(model, policy, voiceprints=lambda: list(stored), monotonic=clock)
+    shipped_only = Scorer(model, ScoringPolicy(), voiceprints=lambda: list(stored))
+
+    alone = scorer.score(claimed, test, 8.0, Channel.WIDEBAND)
+    # The claimed agent's own voiceprint is no part of its cohort.
+    assert alone.normalized == pytest.approx(
+        shipped_only.score(claimed, test, 8.0, Channel.WIDEBAND).normalized
+    )
+    stored.append(lookalike)
+    clock.now = 30.0
+    assert scorer.score(claimed, test, 8.0, Channel.WIDEBAND).normalized == alone.normalized
+    clock.now = 61.0
+    joined = scorer.score(claimed, test, 8.0, Channel.WIDEBAND)
+    assert joined.normalized < alone.normalized
+
+
+def test_scoring_policy_from_the_environment() -> None:
+    assert ServerConfig.from_environment({}).scoring == ScoringPolicy()
+    assert ScoringPolicy().target_fmr == 1e-4
+    config = ServerConfig.from_environment(
+        {
+            "VOXAUTH_TARGET_FMR": "0.001",
+            "VOXAUTH_COHORT_AGENTS": "1",
+            "VOXAUTH_SCORING_DIR": "/opt/scoring",
+        }
+    )
+    assert config.scoring == replace(
+        ScoringPolicy(),
+        target_fmr=0.001,
+        cohort_includes_agents=True,
+        scoring_dir=Path("/opt/scoring"),
+    )
+    for name, value in (
+        ("VOXAUTH_TARGET_FMR", "0"),
+        ("VOXAUTH_TARGET_FMR", "1e-4x"),
+        ("VOXAUTH_TARGET_FMR", "0.7"),
+        ("VOXAUTH_COHORT_AGENTS", "yes"),
+    ):
+        with pytest.raises(ConfigurationError, match=name):
+            ServerConfig.from_environment({name: value})
