@@ -6,11 +6,12 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from voxauth.v1 import shifts_pb2 as spb
+from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
@@ -18,14 +19,19 @@ from enrollment.service import EnrollmentService
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
+from server.channel import Channel
+from server.clock import Clock, SystemClock
 from server.config import ServerConfig
 from server.crypto import VoiceprintCipher
 from server.inference import InferencePool
 from server.interceptors import ErrorMappingInterceptor
+from server.scoring import Scorer, ScoringModel
 from server.servicers import EnrollmentServicer, Readiness, Services, VerificationServicer
+from server.shift_servicer import ShiftServicer
+from server.shifts import ShiftService
 from server.speech import QualityThresholds, SileroSpeechDetector
 from server.sqlite_store import SqliteVoiceprintStore
-from server.store import VoiceprintStore
+from server.store import Store
 from server.verification import VerificationService
 from server.voice import VoiceAnalyser
 
@@ -34,11 +40,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
     pb.DESCRIPTOR.services_by_name["VerificationService"].full_name,
+    spb.DESCRIPTOR.services_by_name["ShiftService"].full_name,
 )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class VoxauthServer:
@@ -51,18 +54,19 @@ class VoxauthServer:
         key: bytes,
         *,
         load_embedder: Callable[[], SpeakerEmbedder] | None = None,
-        now: Callable[[], datetime] = utc_now,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self._key = key
         self._load_embedder = load_embedder or (
             lambda: EcapaEmbedder.load(config.model_dir or default_model_dir())
         )
-        self._now = now
+        self._clock = clock or SystemClock()
         self._readiness = Readiness()
         self._health = health.aio.HealthServicer()
         self._pool = InferencePool(config.inference)
-        self._store: VoiceprintStore | None = None
+        self._store: Store | None = None
+        self._shifts: ShiftService | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -78,6 +82,12 @@ class VoxauthServer:
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                # Pings find softphones that vanished without closing their shift stream, so
+                # the stream is detached instead of waiting forever.
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
         pb_grpc.add_EnrollmentServiceServicer_to_server(
@@ -86,6 +96,7 @@ class VoxauthServer:
         pb_grpc.add_VerificationServiceServicer_to_server(
             VerificationServicer(self._pool, self._readiness), server
         )
+        spb_grpc.add_ShiftServiceServicer_to_server(ShiftServicer(self._readiness), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -105,26 +116,46 @@ class VoxauthServer:
             raise
         return self.port
 
-    async def _load_model(self, store: VoiceprintStore) -> None:
+    async def _load_model(self, store: Store) -> None:
         started = asyncio.get_running_loop().time()
         embedder = await self._pool.run(self._load_embedder)
         detector = await self._pool.run(SileroSpeechDetector)
         analyser = VoiceAnalyser(embedder, detector, QualityThresholds(), self.config.audio)
+        # Missing or mismatched cohort and calibration files stop the start here, clearly.
+        scoring = await self._pool.run(
+            lambda: ScoringModel.load(self.config.scoring, embedder.model_id)
+        )
+        scorer = Scorer(
+            scoring, self.config.scoring, voiceprints=lambda: store.voiceprints(embedder.model_id)
+        )
+        now = self._clock.now
+        verification = VerificationService(store, analyser, self.config.verification, scorer, now)
+        self._shifts = ShiftService(
+            store,
+            verification,
+            analyser,
+            detector,
+            self._pool,
+            self.config.shifts,
+            self._clock,
+        )
         self._readiness.serve(
             Services(
-                enrollment=EnrollmentService(store, analyser, self.config.enrollment, self._now),
-                verification=VerificationService(
-                    store, analyser, self.config.verification, self._now
-                ),
+                enrollment=EnrollmentService(store, analyser, self.config.enrollment, now),
+                verification=verification,
+                shifts=self._shifts,
             )
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         elapsed = asyncio.get_running_loop().time() - started
         log.info(
-            "speaker model %s loaded in %.1f s; serving (threshold %.3f)",
+            "speaker model %s loaded in %.1f s; serving (target false-match rate %g, "
+            "cohort of %d voices%s)",
             embedder.model_id,
             elapsed,
-            self.config.verification.threshold,
+            self.config.scoring.target_fmr,
+            len(scoring.cohort(Channel.WIDEBAND)),
+            " and the enrolled agents" if self.config.scoring.cohort_includes_agents else "",
         )
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
@@ -138,6 +169,8 @@ class VoxauthServer:
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         self._readiness.withdraw()
+        if self._shifts is not None:
+            await self._shifts.close()
         self._pool.shutdown()
         if self._store is not None:
             self._store.close()

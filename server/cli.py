@@ -100,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     delete.set_defaults(command=_delete)
 
     commands.add_parser("eval", help="measure accuracy over a folder of speakers")
-    commands.add_parser("bench", help="measure embedding speed")
+    commands.add_parser(
+        "calibrate", help="make the score cohort and calibration from a folder of speakers"
+    )
+    commands.add_parser("bench", help="measure embedding speed; `bench shifts`: shift load")
     return parser
 
 
@@ -161,7 +164,17 @@ def _eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def _calibrate(argv: list[str]) -> int:
+    from server.calibrate import main as calibrate_main
+
+    return calibrate_main(argv)
+
+
 def _bench(argv: list[str]) -> int:
+    if argv[:1] == ["shifts"]:
+        from server.shift_bench import main as shift_bench_main
+
+        return shift_bench_main(argv[1:])
     from models.benchmark import main as bench_main
 
     return bench_main(argv)
@@ -170,6 +183,7 @@ def _bench(argv: list[str]) -> int:
 _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "fetch-model": _fetch_model,
     "eval": _eval,
+    "calibrate": _calibrate,
     "bench": _bench,
 }
 
@@ -243,10 +257,19 @@ def _verify(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
     decision = pb.Decision.Name(response.decision).removeprefix("DECISION_")
+    channel = pb.Channel.Name(response.channel).removeprefix("CHANNEL_").lower()
     print(
         f"{decision}  score {response.score:.3f}  threshold {response.threshold:.3f}  "
-        f"net speech {response.quality.net_speech_seconds:.1f} s  model {response.model_id}"
+        f"LLR {response.llr:+.2f} (threshold {response.llr_threshold:+.2f})  "
+        f"net speech {response.quality.net_speech_seconds:.1f} s  {channel}  "
+        f"model {response.model_id}"
     )
+    if response.decision != pb.DECISION_INCONCLUSIVE:
+        print(
+            f"threshold set for a false-match rate of {response.target_false_match_rate:g}; "
+            f"expected false-non-match rate at this length "
+            f"{response.expected_false_non_match_rate:.2%}"
+        )
     return {
         pb.DECISION_ACCEPT: EXIT_OK,
         pb.DECISION_REJECT: EXIT_REJECT,

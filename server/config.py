@@ -56,10 +56,72 @@ class VerificationPolicy:
     """How a score becomes a decision."""
 
     threshold: float = DEFAULT_THRESHOLD
-    """Cosine score at or above which the voice is accepted (VOXAUTH_THRESHOLD)."""
+    """Cosine below which an enrollment utterance is taken for another speaker's
+    (VOXAUTH_THRESHOLD). Verification decides by ScoringPolicy.target_fmr instead."""
 
     min_net_speech_seconds: float = 3.0
     """Less net speech than this gives INCONCLUSIVE (VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS)."""
+
+
+@dataclass(frozen=True)
+class ScoringPolicy:
+    """How a cosine becomes a decision: AS-norm against a cohort, calibration, and a threshold
+    set by the false-match rate the operator accepts (see README, "Accuracy")."""
+
+    target_fmr: float = 1e-4
+    """False-match rate the threshold is set for (VOXAUTH_TARGET_FMR); 1 in 10,000 is NIST
+    SP 800-63B's bar for biometrics."""
+
+    scoring_dir: Path | None = None
+    """Cohort and calibration made by `voxauth calibrate`; None means the ones shipped in
+    models/scoring/ (VOXAUTH_SCORING_DIR)."""
+
+    cohort_includes_agents: bool = False
+    """Also normalise against the enrolled agents' own voiceprints, the claimed agent's left
+    out (VOXAUTH_COHORT_AGENTS=1). Off by default: the calibration was measured with the
+    shipped cohort alone."""
+
+    cohort_refresh_seconds: float = 300.0
+    """How old the agents' part of the cohort may grow before it is read again."""
+
+
+@dataclass(frozen=True)
+class ShiftPolicy:
+    """Re-verification during a shift: when checkpoints fall, what they need, what locks."""
+
+    mean_checkpoint_interval_seconds: float = 600.0
+    """Average time between checkpoints (VOXAUTH_CHECKPOINT_MEAN_SECONDS)."""
+
+    checkpoint_jitter_seconds: float = 480.0
+    """Each interval is the mean plus a uniform random offset within +/- this, drawn from the
+    operating system's cryptographic source (VOXAUTH_CHECKPOINT_JITTER_SECONDS)."""
+
+    min_checkpoint_gap_seconds: float = 120.0
+    """No interval is shorter than this (VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS)."""
+
+    checkpoint_net_speech_seconds: float = 8.0
+    """Net speech a checkpoint verifies: the most recent, silence excluded."""
+
+    max_audio_age_seconds: float = 90.0
+    """Audio older than this is discarded unused; bounds each shift's buffer (at 16 kHz
+    16-bit, 90 s is 2.9 MB)."""
+
+    speech_wait_seconds: float = 120.0
+    """How long a due checkpoint waits for enough speech before INSUFFICIENT_SPEECH."""
+
+    speech_recheck_seconds: float = 5.0
+    """While waiting, how much new audio arrives between two looks for speech."""
+
+    max_consecutive_failures: int = 2
+    """Failed checkpoints in a row that lock the shift (VOXAUTH_LOCK_AFTER_FAILURES)."""
+
+    idle_stream_seconds: float = 600.0
+    """A shift with no stream attached for this long is dropped from memory (its state stays
+    stored; the softphone resumes it by reconnecting)."""
+
+    max_pending_events: int = 64
+    """Events queued for a stream that does not read them; beyond, the oldest are dropped
+    (they are all in the audit log and the shift state)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +157,9 @@ class ServerConfig:
     audio: AudioLimits = field(default_factory=AudioLimits)
     enrollment: EnrollmentPolicy = field(default_factory=EnrollmentPolicy)
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
+    scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
+    shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -128,12 +192,50 @@ class ServerConfig:
                     base.verification.min_net_speech_seconds,
                 ),
             ),
+            scoring=_scoring(env, base.scoring),
+            shifts=replace(
+                base.shifts,
+                mean_checkpoint_interval_seconds=_float(
+                    env,
+                    "VOXAUTH_CHECKPOINT_MEAN_SECONDS",
+                    base.shifts.mean_checkpoint_interval_seconds,
+                ),
+                checkpoint_jitter_seconds=_float(
+                    env, "VOXAUTH_CHECKPOINT_JITTER_SECONDS", base.shifts.checkpoint_jitter_seconds
+                ),
+                min_checkpoint_gap_seconds=_float(
+                    env,
+                    "VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS",
+                    base.shifts.min_checkpoint_gap_seconds,
+                ),
+                max_consecutive_failures=_int(
+                    env, "VOXAUTH_LOCK_AFTER_FAILURES", base.shifts.max_consecutive_failures
+                ),
+            ),
             inference=InferenceLimits(
                 workers=_int(env, "VOXAUTH_WORKERS", base.inference.workers),
                 torch_threads=_int(env, "VOXAUTH_TORCH_THREADS", base.inference.torch_threads),
                 max_queued=_int(env, "VOXAUTH_MAX_QUEUED", base.inference.max_queued),
             ),
         )
+
+
+def _scoring(env: Mapping[str, str], base: ScoringPolicy) -> ScoringPolicy:
+    target_fmr = _float(env, "VOXAUTH_TARGET_FMR", base.target_fmr)
+    if not 0 < target_fmr < 0.5:
+        raise ConfigurationError(
+            f"VOXAUTH_TARGET_FMR={target_fmr:g} must be a rate between 0 and 0.5 (e.g. 0.0001)"
+        )
+    scoring_dir = env.get("VOXAUTH_SCORING_DIR")
+    agents = env.get("VOXAUTH_COHORT_AGENTS", "")
+    if agents not in ("", "0", "1"):
+        raise ConfigurationError(f"VOXAUTH_COHORT_AGENTS={agents!r} must be 0 or 1")
+    return replace(
+        base,
+        target_fmr=target_fmr,
+        scoring_dir=Path(scoring_dir) if scoring_dir else base.scoring_dir,
+        cohort_includes_agents=agents == "1" if agents else base.cohort_includes_agents,
+    )
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

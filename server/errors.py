@@ -29,6 +29,22 @@ class AgentNotFoundError(VoxauthError):
     """No agent with the given id."""
 
 
+class ShiftNotFoundError(VoxauthError):
+    """No shift with the given id."""
+
+
+class ShiftEndedError(VoxauthError):
+    """The shift has ended; start a new one."""
+
+
+class ShiftTakenOverError(VoxauthError):
+    """A newer stream for the same shift replaced this one."""
+
+
+class StreamOrderError(VoxauthError):
+    """Messages of a stream came in the wrong order (e.g. audio before the stream header)."""
+
+
 class AgentExistsError(VoxauthError):
     """An agent with the given id already exists."""
 
@@ -63,3 +79,13 @@ class StorageError(VoxauthError):
 
 class ServiceNotReadyError(VoxauthError):
     """The server is starting (model not loaded yet) or shutting down."""
+
+
+class UnauthenticatedError(VoxauthError):
+    """The caller has no usable identity: no client certificate with a role, or a missing,
+    unknown or malformed bearer token."""
+
+
+class CertificateFilesError(ConfigurationError):
+    """TLS certificates or keys are missing, unreadable or invalid, or writing a development
+    PKI would overwrite existing files."""

@@ -25,7 +25,11 @@ from server.errors import (
     ModelMismatchError,
     NotEnrolledError,
     ServiceNotReadyError,
+    ShiftEndedError,
+    ShiftNotFoundError,
+    ShiftTakenOverError,
     StorageError,
+    StreamOrderError,
     VoxauthError,
 )
 
@@ -35,6 +39,10 @@ STATUS_OF: dict[type[VoxauthError], grpc.StatusCode] = {
     InvalidAudioError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     AgentNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ShiftNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ShiftEndedError: grpc.StatusCode.FAILED_PRECONDITION,
+    StreamOrderError: grpc.StatusCode.FAILED_PRECONDITION,
+    ShiftTakenOverError: grpc.StatusCode.ABORTED,
     AgentExistsError: grpc.StatusCode.ALREADY_EXISTS,
     NotEnrolledError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,

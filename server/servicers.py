@@ -17,12 +17,15 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from enrollment.service import EnrollmentProgress, EnrollmentService, UtteranceOutcome
 from server.audio import AudioEncoding
+from server.calibration import Condition
+from server.channel import Channel
 from server.config import AudioLimits
 from server.errors import InvalidAudioError, ServiceNotReadyError
 from server.inference import InferencePool
+from server.shifts import ShiftService
 from server.speech import QualityIssue, SpeechAnalysis
 from server.store import AgentRecord, UtteranceRecord, Voiceprint
-from server.verification import Decision, VerificationService
+from server.verification import Decision, VerificationResult, VerificationService
 from server.voice import AudioInput
 
 T = TypeVar("T")
@@ -45,11 +48,19 @@ _DECISIONS = {
     Decision.INCONCLUSIVE: pb.DECISION_INCONCLUSIVE,
 }
 
+_CHANNELS = {Channel.WIDEBAND: pb.CHANNEL_WIDEBAND, Channel.TELEPHONE: pb.CHANNEL_TELEPHONE}
+_COMPARISONS = {
+    Condition.WIDEBAND: pb.COMPARISON_WIDEBAND,
+    Condition.WIDEBAND_TO_TELEPHONE: pb.COMPARISON_WIDEBAND_TO_TELEPHONE,
+    Condition.TELEPHONE: pb.COMPARISON_TELEPHONE,
+}
+
 
 @dataclass(frozen=True)
 class Services:
     enrollment: EnrollmentService
     verification: VerificationService
+    shifts: ShiftService
 
 
 class Readiness:
@@ -102,7 +113,7 @@ class EnrollmentServicer(_Base, pb_grpc.EnrollmentServiceServicer):
         self._services()
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
-        return await self._add(request.agent_id, _audio_input(request.audio))
+        return await self._add(request.agent_id, audio_input(request.audio))
 
     async def StreamEnrollmentAudio(
         self, request_iterator: AsyncIterator[pb.EnrollmentAudioChunk], context: Any
@@ -126,7 +137,7 @@ class EnrollmentServicer(_Base, pb_grpc.EnrollmentServiceServicer):
         audio = pb.Audio(
             encoding=first.encoding, sample_rate_hz=first.sample_rate_hz, data=b"".join(parts)
         )
-        return await self._add(first.agent_id, _audio_input(audio))
+        return await self._add(first.agent_id, audio_input(audio))
 
     async def _add(self, agent_id: str, audio: AudioInput) -> pb.AddEnrollmentAudioResponse:
         enrollment = self._services().enrollment
@@ -169,18 +180,33 @@ class VerificationServicer(_Base, pb_grpc.VerificationServiceServicer):
         verification = self._services().verification
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
-        audio = _audio_input(request.audio)
+        audio = audio_input(request.audio)
         result = await self._run(lambda: verification.verify(request.agent_id, audio))
-        return pb.VerifyResponse(
-            decision=_DECISIONS[result.decision],
-            score=result.score,
-            threshold=result.threshold,
-            model_id=result.model_id,
-            quality=_quality(result.quality),
-        )
+        return verify_response(result)
 
 
-def _audio_input(audio: pb.Audio) -> AudioInput:
+def verify_response(result: VerificationResult) -> pb.VerifyResponse:
+    response = pb.VerifyResponse(
+        decision=_DECISIONS[result.decision],
+        score=result.score,
+        threshold=result.threshold,
+        model_id=result.model_id,
+        quality=_quality(result.quality),
+        target_false_match_rate=result.target_fmr,
+        channel=_CHANNELS[result.channel],
+    )
+    scoring = result.scoring
+    if scoring is not None:
+        response.llr = scoring.llr
+        response.llr_threshold = scoring.llr_threshold
+        response.expected_false_non_match_rate = scoring.expected_false_non_match_rate
+        response.comparison = _COMPARISONS[scoring.condition]
+        response.normalized_score = scoring.normalized
+        response.normalized_threshold = scoring.normalized_threshold
+    return response
+
+
+def audio_input(audio: pb.Audio) -> AudioInput:
     if audio.encoding not in _ENCODINGS:
         raise InvalidAudioError(
             "audio encoding is not set or not supported; use WAV, FLAC, PCM16LE, MULAW or ALAW",
@@ -191,7 +217,7 @@ def _audio_input(audio: pb.Audio) -> AudioInput:
     )
 
 
-def _timestamp(at: datetime) -> Timestamp:
+def timestamp(at: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(at)
     return stamp
@@ -202,7 +228,7 @@ def _agent(agent: AgentRecord, *, enrolled: bool) -> pb.Agent:
         agent_id=agent.agent_id,
         display_name=agent.display_name,
         consent_reference=agent.consent_reference,
-        created_at=_timestamp(agent.created_at),
+        created_at=timestamp(agent.created_at),
         enrolled=enrolled,
     )
 
@@ -228,7 +254,7 @@ def _utterance(record: UtteranceRecord, *, accepted: bool, reason: str = "") -> 
             speech_level_dbfs=record.speech_level_dbfs,
             clipped_fraction=record.clipped_fraction,
         ),
-        received_at=_timestamp(record.received_at),
+        received_at=timestamp(record.received_at),
     )
 
 
@@ -238,16 +264,17 @@ def _utterance_outcome(outcome: UtteranceOutcome) -> pb.Utterance:
         accepted=outcome.record is not None,
         rejection_reason=outcome.rejection_reason,
         quality=_quality(outcome.quality),
-        received_at=_timestamp(outcome.received_at),
+        received_at=timestamp(outcome.received_at),
     )
 
 
 def _voiceprint(voiceprint: Voiceprint) -> pb.VoiceprintInfo:
     return pb.VoiceprintInfo(
         model_id=voiceprint.model_id,
-        created_at=_timestamp(voiceprint.created_at),
+        created_at=timestamp(voiceprint.created_at),
         utterance_count=voiceprint.utterance_count,
         net_speech_seconds=voiceprint.net_speech_seconds,
+        telephone_companion=voiceprint.telephone_embedding is not None,
     )
 
 

@@ -20,9 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from server.crypto import VoiceprintCipher, associated_data
-from server.errors import AgentExistsError, AgentNotFoundError, CapacityError, StorageError
-from server.store import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from models.embedder import Embedding
+from server.crypto import RecordKind, VoiceprintCipher, associated_data
+from server.errors import (
+    AgentExistsError,
+    AgentNotFoundError,
+    CapacityError,
+    ShiftNotFoundError,
+    StorageError,
+)
+from server.store import (
+    AgentRecord,
+    AuditEvent,
+    ShiftRecord,
+    ShiftState,
+    UtteranceRecord,
+    Voiceprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +80,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX audit_by_agent ON audit (agent_id, id)",
     ),
+    (
+        # Shift state only, never audio. Erasing the agent erases its shifts.
+        """CREATE TABLE shifts (
+            shift_id TEXT PRIMARY KEY,
+            agent_id TEXT NOT NULL REFERENCES agents (agent_id) ON DELETE CASCADE,
+            device_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            ended_at INTEGER,
+            consecutive_failures INTEGER NOT NULL,
+            checkpoints_passed INTEGER NOT NULL,
+            checkpoints_failed INTEGER NOT NULL,
+            checkpoints_insufficient INTEGER NOT NULL
+        )""",
+        "CREATE INDEX shifts_by_agent ON shifts (agent_id)",
+    ),
+    (
+        # Telephone-band companions of voiceprints and of the utterances they are made from;
+        # NULL for rows written before companions existed.
+        "ALTER TABLE pending_utterances ADD COLUMN telephone_embedding BLOB",
+        "ALTER TABLE voiceprints ADD COLUMN telephone_embedding BLOB",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+_SHIFT_COLUMNS = (
+    "shift_id, agent_id, device_id, state, started_at, updated_at, ended_at, "
+    "consecutive_failures, checkpoints_passed, checkpoints_failed, checkpoints_insufficient"
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -76,7 +118,11 @@ _MAX_AUDIT_FLOATS = 32
 
 _UTTERANCE_COLUMNS = (
     "utterance_id, agent_id, model_id, embedding, duration_seconds, net_speech_seconds, "
-    "speech_level_dbfs, clipped_fraction, received_at"
+    "speech_level_dbfs, clipped_fraction, received_at, telephone_embedding"
+)
+_VOICEPRINT_COLUMNS = (
+    "agent_id, model_id, embedding, created_at, utterance_count, net_speech_seconds, "
+    "telephone_embedding"
 )
 
 
@@ -149,6 +195,12 @@ class SqliteVoiceprintStore:
                 model_id=utterance.model_id,
             ),
         )
+        telephone_blob = self._seal_optional(
+            utterance.telephone_embedding,
+            utterance.agent_id,
+            "telephone_pending_utterance",
+            utterance.model_id,
+        )
         with self._transaction(f"add utterance for agent {utterance.agent_id!r}") as conn:
             if not _agent_exists(conn, utterance.agent_id):
                 raise _not_found(utterance.agent_id)
@@ -163,7 +215,7 @@ class SqliteVoiceprintStore:
                 )
             conn.execute(
                 f"INSERT INTO pending_utterances ({_UTTERANCE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     utterance.utterance_id,
                     utterance.agent_id,
@@ -174,6 +226,7 @@ class SqliteVoiceprintStore:
                     utterance.speech_level_dbfs,
                     utterance.clipped_fraction,
                     _to_micros(utterance.received_at),
+                    telephone_blob,
                 ),
             )
 
@@ -199,6 +252,12 @@ class SqliteVoiceprintStore:
                 agent_id=voiceprint.agent_id, record_kind="voiceprint", model_id=voiceprint.model_id
             ),
         )
+        telephone_blob = self._seal_optional(
+            voiceprint.telephone_embedding,
+            voiceprint.agent_id,
+            "telephone_voiceprint",
+            voiceprint.model_id,
+        )
         with self._transaction(f"store voiceprint of agent {voiceprint.agent_id!r}") as conn:
             if not _agent_exists(conn, voiceprint.agent_id):
                 raise _not_found(voiceprint.agent_id)
@@ -209,8 +268,8 @@ class SqliteVoiceprintStore:
                 is not None
             )
             conn.execute(
-                "INSERT OR REPLACE INTO voiceprints (agent_id, model_id, embedding, created_at, "
-                "utterance_count, net_speech_seconds) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO voiceprints ({_VOICEPRINT_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     voiceprint.agent_id,
                     voiceprint.model_id,
@@ -218,6 +277,7 @@ class SqliteVoiceprintStore:
                     _to_micros(voiceprint.created_at),
                     voiceprint.utterance_count,
                     voiceprint.net_speech_seconds,
+                    telephone_blob,
                 ),
             )
             _delete_utterances(conn, voiceprint.agent_id, consumed_utterance_ids)
@@ -228,27 +288,19 @@ class SqliteVoiceprintStore:
             if not _agent_exists(conn, agent_id):
                 raise _not_found(agent_id)
             row = conn.execute(
-                "SELECT model_id, embedding, created_at, utterance_count, net_speech_seconds "
-                "FROM voiceprints WHERE agent_id = ?",
+                f"SELECT {_VOICEPRINT_COLUMNS} FROM voiceprints WHERE agent_id = ?",
                 (agent_id,),
             ).fetchone()
-        if row is None:
-            return None
-        model_id, blob, created_at, utterance_count, net_speech_seconds = row
-        embedding = self._cipher.decrypt_embedding(
-            blob,
-            associated=associated_data(
-                agent_id=agent_id, record_kind="voiceprint", model_id=model_id
-            ),
-        )
-        return Voiceprint(
-            agent_id,
-            model_id,
-            embedding,
-            _from_micros(created_at),
-            utterance_count,
-            net_speech_seconds,
-        )
+        return None if row is None else self._voiceprint_from_row(row)
+
+    def voiceprints(self, model_id: str) -> list[Voiceprint]:
+        with self._transaction("read voiceprints", write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {_VOICEPRINT_COLUMNS} FROM voiceprints WHERE model_id = ? "
+                "ORDER BY agent_id",
+                (model_id,),
+            ).fetchall()
+        return [self._voiceprint_from_row(row) for row in rows]
 
     def append_audit(self, event: AuditEvent) -> None:
         details = _audit_details_json(event.details)
@@ -270,6 +322,48 @@ class SqliteVoiceprintStore:
             AuditEvent(action, agent, outcome, _from_micros(at), json.loads(details))
             for action, agent, outcome, at, details in rows
         ]
+
+    def create_shift(self, shift: ShiftRecord) -> None:
+        with self._transaction(f"start shift {shift.shift_id!r}") as conn:
+            if not _agent_exists(conn, shift.agent_id):
+                raise _not_found(shift.agent_id)
+            conn.execute(
+                f"INSERT INTO shifts ({_SHIFT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _shift_row(shift),
+            )
+
+    def get_shift(self, shift_id: str) -> ShiftRecord:
+        with self._transaction(f"read shift {shift_id!r}", write=False) as conn:
+            row = conn.execute(
+                f"SELECT {_SHIFT_COLUMNS} FROM shifts WHERE shift_id = ?", (shift_id,)
+            ).fetchone()
+        if row is None:
+            raise ShiftNotFoundError(f"no shift {shift_id!r}")
+        return ShiftRecord(
+            shift_id=row[0],
+            agent_id=row[1],
+            device_id=row[2],
+            state=ShiftState(row[3]),
+            started_at=_from_micros(row[4]),
+            updated_at=_from_micros(row[5]),
+            ended_at=None if row[6] is None else _from_micros(row[6]),
+            consecutive_failures=row[7],
+            checkpoints_passed=row[8],
+            checkpoints_failed=row[9],
+            checkpoints_insufficient=row[10],
+        )
+
+    def update_shift(self, shift: ShiftRecord) -> None:
+        row = _shift_row(shift)
+        with self._transaction(f"update shift {shift.shift_id!r}") as conn:
+            updated = conn.execute(
+                "UPDATE shifts SET agent_id = ?, device_id = ?, state = ?, started_at = ?, "
+                "updated_at = ?, ended_at = ?, consecutive_failures = ?, checkpoints_passed = ?, "
+                "checkpoints_failed = ?, checkpoints_insufficient = ? WHERE shift_id = ?",
+                (*row[1:], row[0]),
+            )
+            if updated.rowcount == 0:
+                raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
 
     def close(self) -> None:
         with self._lock:
@@ -306,8 +400,48 @@ class SqliteVoiceprintStore:
         if busy:
             logger.warning("WAL not truncated after erasure: another connection is reading")
 
+    def _seal_optional(
+        self, embedding: Embedding | None, agent_id: str, kind: RecordKind, model_id: str
+    ) -> bytes | None:
+        if embedding is None:
+            return None
+        return self._cipher.encrypt_embedding(
+            embedding,
+            associated=associated_data(agent_id=agent_id, record_kind=kind, model_id=model_id),
+        )
+
+    def _open_optional(
+        self, blob: bytes | None, agent_id: str, kind: RecordKind, model_id: str
+    ) -> Embedding | None:
+        if blob is None:
+            return None
+        return self._cipher.decrypt_embedding(
+            blob,
+            associated=associated_data(agent_id=agent_id, record_kind=kind, model_id=model_id),
+        )
+
+    def _voiceprint_from_row(self, row: tuple[Any, ...]) -> Voiceprint:
+        agent_id, model_id, blob, created_at, utterance_count, net_speech, telephone = row
+        embedding = self._cipher.decrypt_embedding(
+            blob,
+            associated=associated_data(
+                agent_id=agent_id, record_kind="voiceprint", model_id=model_id
+            ),
+        )
+        return Voiceprint(
+            agent_id,
+            model_id,
+            embedding,
+            _from_micros(created_at),
+            utterance_count,
+            net_speech,
+            self._open_optional(telephone, agent_id, "telephone_voiceprint", model_id),
+        )
+
     def _utterance_from_row(self, row: tuple[Any, ...]) -> UtteranceRecord:
-        utterance_id, agent_id, model_id, blob, duration, net_speech, level, clipped, at = row
+        utterance_id, agent_id, model_id, blob, duration, net_speech, level, clipped, at, phone = (
+            row
+        )
         embedding = self._cipher.decrypt_embedding(
             blob,
             associated=associated_data(
@@ -324,6 +458,7 @@ class SqliteVoiceprintStore:
             level,
             clipped,
             _from_micros(at),
+            self._open_optional(phone, agent_id, "telephone_pending_utterance", model_id),
         )
 
 
@@ -395,6 +530,22 @@ def _delete_utterances(conn: sqlite3.Connection, agent_id: str, utterance_ids: l
     conn.executemany(
         "DELETE FROM pending_utterances WHERE agent_id = ? AND utterance_id = ?",
         [(agent_id, utterance_id) for utterance_id in utterance_ids],
+    )
+
+
+def _shift_row(shift: ShiftRecord) -> tuple[Any, ...]:
+    return (
+        shift.shift_id,
+        shift.agent_id,
+        shift.device_id,
+        shift.state.value,
+        _to_micros(shift.started_at),
+        _to_micros(shift.updated_at),
+        None if shift.ended_at is None else _to_micros(shift.ended_at),
+        shift.consecutive_failures,
+        shift.checkpoints_passed,
+        shift.checkpoints_failed,
+        shift.checkpoints_insufficient,
     )
 
 

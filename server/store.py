@@ -7,6 +7,7 @@ no raw audio is ever stored.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -35,6 +36,9 @@ class UtteranceRecord:
     speech_level_dbfs: float
     clipped_fraction: float
     received_at: datetime
+    telephone_embedding: Embedding | None = None
+    """The utterance's speech as heard over a simulated G.711 call, embedded: what the
+    companion voiceprint is made of (None for utterances stored before it existed)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,37 @@ class Voiceprint:
     created_at: datetime
     utterance_count: int
     net_speech_seconds: float
+    telephone_embedding: Embedding | None = None
+    """The companion voiceprint that telephone-band checks are compared with, made from the
+    same enrollment speech through a simulated G.711 call; None for voiceprints made before
+    companions existed (their telephone checks are scored across channels)."""
+
+
+class ShiftState(enum.Enum):
+    VERIFIED = "VERIFIED"
+    """The last login check passed and fewer than the allowed checkpoints failed since."""
+    UNVERIFIED = "UNVERIFIED"
+    """The login check did not pass (rejected or too little speech); a new one may."""
+    LOCKED = "LOCKED"
+    """Too many consecutive checkpoints failed; only a passing login check unlocks it."""
+    ENDED = "ENDED"
+
+
+@dataclass(frozen=True)
+class ShiftRecord:
+    """A shift's state: what survives a restart. Never any audio."""
+
+    shift_id: str
+    agent_id: str
+    device_id: str
+    state: ShiftState
+    started_at: datetime
+    updated_at: datetime
+    consecutive_failures: int = 0
+    checkpoints_passed: int = 0
+    checkpoints_failed: int = 0
+    checkpoints_insufficient: int = 0
+    ended_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,10 @@ class VoiceprintStore(Protocol):
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
         """The agent's voiceprint, or None if not enrolled. Raises AgentNotFoundError."""
 
+    def voiceprints(self, model_id: str) -> list[Voiceprint]:
+        """Every agent's voiceprint made by `model_id`: the agents' part of the
+        score-normalisation cohort."""
+
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record."""
 
@@ -99,3 +138,20 @@ class VoiceprintStore(Protocol):
         """Audit records, oldest first, optionally for one agent."""
 
     def close(self) -> None: ...
+
+
+class ShiftStore(Protocol):
+    """Shift states. Thread-safe, like VoiceprintStore."""
+
+    def create_shift(self, shift: ShiftRecord) -> None:
+        """Raises AgentNotFoundError if the agent does not exist."""
+
+    def get_shift(self, shift_id: str) -> ShiftRecord:
+        """Raises ShiftNotFoundError."""
+
+    def update_shift(self, shift: ShiftRecord) -> None:
+        """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
+
+
+class Store(VoiceprintStore, ShiftStore, Protocol):
+    """Everything the service keeps: one interface, so a distributed store can replace SQLite."""

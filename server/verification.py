@@ -8,12 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
-
-from models.embedder import Embedding
 from server.agents import validate_agent_id
+from server.channel import Channel
 from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
+from server.scoring import Score, Scorer
 from server.speech import SpeechAnalysis
 from server.store import AuditEvent, Voiceprint, VoiceprintStore
 from server.voice import AudioInput, VoiceAnalyser, VoiceSample
@@ -32,18 +31,17 @@ class Decision(enum.Enum):
 class VerificationResult:
     decision: Decision
     score: float
+    """Cosine of the test and the voiceprint it was compared with; 0 when INCONCLUSIVE."""
     threshold: float
+    """The cosine this check needed (the policy's threshold for this voiceprint, this test and
+    its length): ACCEPT exactly when score >= threshold. 0 when INCONCLUSIVE."""
     model_id: str
     quality: SpeechAnalysis
-
-
-def cosine_score(embedding: Embedding, voiceprint: Embedding) -> float:
-    """Both are L2-normalised, so the dot product is the cosine similarity."""
-    return float(np.clip(np.dot(embedding, voiceprint), -1.0, 1.0))
-
-
-def decide(score: float, policy: VerificationPolicy) -> Decision:
-    return Decision.ACCEPT if score >= policy.threshold else Decision.REJECT
+    channel: Channel
+    target_fmr: float
+    """The false-match rate the threshold was set for."""
+    scoring: Score | None
+    """AS-norm score, calibrated LLR and their thresholds; None when INCONCLUSIVE."""
 
 
 class VerificationService:
@@ -52,20 +50,25 @@ class VerificationService:
         store: VoiceprintStore,
         analyser: VoiceAnalyser,
         policy: VerificationPolicy,
+        scorer: Scorer,
         now: Callable[[], datetime],
     ) -> None:
         self._store = store
         self._analyser = analyser
         self._policy = policy
+        self._scorer = scorer
         self._now = now
 
-    def verify(self, agent_id: str, audio: AudioInput) -> VerificationResult:
-        """Blocking: runs the model. Cheap checks on the agent come before the audio work."""
+    def verify(
+        self, agent_id: str, audio: AudioInput, *, action: str = "verify"
+    ) -> VerificationResult:
+        """Blocking: runs the model. Cheap checks on the agent come before the audio work.
+        `action` names the decision in the audit log (a plain Verify, or a shift's login)."""
         voiceprint = self.voiceprint_of(agent_id)
         sample = self._analyser.analyse(
             audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
         )
-        return self.judge(voiceprint, sample, action="verify")
+        return self.judge(voiceprint, sample, action=action)
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """The agent's voiceprint, if it can be compared with this server's model."""
@@ -88,36 +91,56 @@ class VerificationService:
         """Scores an analysed sample against the voiceprint, decides, and audits the decision
         under `action` ("verify", or a shift checkpoint)."""
         model_id = self._analyser.model_id
-        if sample.embedding is None:
-            result = VerificationResult(
-                Decision.INCONCLUSIVE, 0.0, self._policy.threshold, model_id, sample.quality
-            )
-        else:
-            score = cosine_score(sample.embedding, voiceprint.embedding)
-            result = VerificationResult(
-                decide(score, self._policy), score, self._policy.threshold, model_id, sample.quality
-            )
-        self._store.append_audit(
-            AuditEvent(
-                action,
-                voiceprint.agent_id,
-                result.decision.value,
-                self._now(),
-                {
-                    "score": round(result.score, 4),
-                    "threshold": result.threshold,
-                    "net_speech_seconds": round(sample.quality.net_speech_seconds, 2),
-                    "model_id": model_id,
-                },
+        scoring = (
+            None
+            if sample.embedding is None
+            else self._scorer.score(
+                voiceprint, sample.embedding, sample.quality.net_speech_seconds, sample.channel
             )
         )
+        if scoring is None:
+            decision = Decision.INCONCLUSIVE
+        else:
+            decision = Decision.ACCEPT if scoring.accepted else Decision.REJECT
+        result = VerificationResult(
+            decision=decision,
+            score=scoring.cosine if scoring else 0.0,
+            threshold=scoring.threshold if scoring else 0.0,
+            model_id=model_id,
+            quality=sample.quality,
+            channel=sample.channel,
+            target_fmr=self._scorer.target_fmr,
+            scoring=scoring,
+        )
+        details: dict[str, object] = {
+            "score": round(result.score, 4),
+            "threshold": round(result.threshold, 4),
+            "net_speech_seconds": round(sample.quality.net_speech_seconds, 2),
+            "model_id": model_id,
+            "channel": sample.channel.value,
+            "target_fmr": result.target_fmr,
+        }
+        if scoring is not None:
+            details |= {
+                "condition": scoring.condition.value,
+                "normalized_score": round(scoring.normalized, 3),
+                "llr": round(scoring.llr, 3),
+                "llr_threshold": round(scoring.llr_threshold, 3),
+            }
+        self._store.append_audit(
+            AuditEvent(action, voiceprint.agent_id, result.decision.value, self._now(), details)
+        )
         log.info(
-            "%s agent=%s decision=%s score=%.3f threshold=%.3f net_speech=%.1fs",
+            "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
+            "net_speech=%.1fs",
             action,
             voiceprint.agent_id,
             result.decision.value,
+            sample.channel.value,
+            scoring.condition.value if scoring else "-",
             result.score,
             result.threshold,
+            scoring.llr if scoring else 0.0,
             sample.quality.net_speech_seconds,
         )
         return result

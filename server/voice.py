@@ -65,9 +65,23 @@ class VoiceAnalyser:
     ) -> VoiceSample:
         """The same as `analyse` for audio already decoded to 16 kHz mono; `source_rate_hz`
         is the rate it came at (the speech's bandwidth tells telephone audio in any case)."""
+        return self._sample(waveform, self._detector, min_net_speech_seconds, source_rate_hz)
+
+    def analyse_speech(self, speech: Waveform, *, source_rate_hz: int) -> VoiceSample:
+        """For speech the detector has already cut out (a shift's checkpoint): measured and
+        embedded as it is, without detecting speech in it a second time."""
+        return self._sample(speech, _ALL_SPEECH, 0.0, source_rate_hz)
+
+    def _sample(
+        self,
+        waveform: Waveform,
+        detector: SpeechDetector,
+        min_net_speech_seconds: float,
+        source_rate_hz: int,
+    ) -> VoiceSample:
         quality = analyse(
             waveform,
-            self._detector,
+            detector,
             self._thresholds,
             min_net_speech_seconds=min_net_speech_seconds,
         )
@@ -88,3 +102,13 @@ class VoiceAnalyser:
     @property
     def model_id(self) -> str:
         return self.embedder.model_id
+
+
+class _AllSpeech:
+    """A SpeechDetector for audio that is speech from end to end."""
+
+    def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
+        return [(0, len(waveform))] if len(waveform) else []
+
+
+_ALL_SPEECH = _AllSpeech()

@@ -8,6 +8,7 @@ import io
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
+from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
@@ -80,21 +82,68 @@ def make_config(tmp_path: Path) -> ServerConfig:
     )
 
 
+class ManualClock:
+    """A Clock that moves only when the test says, so a whole shift runs in seconds."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._start = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self._now)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._now:
+            return
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (deadline, wake)
+        self._sleepers.append(entry)
+        try:
+            await wake
+        finally:
+            if entry in self._sleepers:
+                self._sleepers.remove(entry)
+
+    async def advance(self, seconds: float) -> None:
+        """Moves time on (on the server's loop) and wakes whoever's deadline has come."""
+        self._now += seconds
+        for deadline, wake in list(self._sleepers):
+            if deadline <= self._now and not wake.done():
+                wake.set_result(None)
+        # Let the woken tasks run up to their next wait.
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
 class RunningServer:
     """A VoxauthServer on its own event loop thread, reached over a real socket."""
 
     def __init__(
-        self, config: ServerConfig, load_embedder: Callable[[], SpeakerEmbedder], key: bytes
+        self,
+        config: ServerConfig,
+        load_embedder: Callable[[], SpeakerEmbedder],
+        key: bytes,
+        clock: ManualClock | None = None,
     ) -> None:
         self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.server = VoxauthServer(config, key, load_embedder=load_embedder)
+        self.clock = clock or ManualClock()
+        self.server = VoxauthServer(config, key, load_embedder=load_embedder, clock=self.clock)
         self.port = self._call(self.server.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.enrollment = pb_grpc.EnrollmentServiceStub(self.channel)
         self.verification = pb_grpc.VerificationServiceStub(self.channel)
+        self.shifts = spb_grpc.ShiftServiceStub(self.channel)
+
+    def advance(self, seconds: float) -> None:
+        """Moves the server's clock on by `seconds`."""
+        self._call(self.clock.advance(seconds))
 
     def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
