@@ -17,6 +17,7 @@ from enrollment.voiceprint import (
     mean_embedding,
 )
 from server.agents import validate_agent_id, validate_text
+from server.audit import ERASURE_ACTION
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.speech import QualityIssue, SpeechAnalysis
@@ -199,7 +200,8 @@ class EnrollmentService:
     def delete(self, agent_id: str) -> None:
         agent_id = validate_agent_id(agent_id)
         self._store.delete_agent(agent_id)
-        self._audit("agent.delete", agent_id, "ok")
+        # After the erasure: with the agent gone, the store records this one in clear.
+        self._audit(ERASURE_ACTION, agent_id, "ok")
 
     def _audit(self, action: str, agent_id: str, outcome: str, **details: object) -> None:
         self._store.append_audit(AuditEvent(action, agent_id, outcome, self._now(), dict(details)))

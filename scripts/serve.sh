@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One command for a new user: set everything up, then run voxauth on the embedded SQLite store
-# (var/voxauth.db) with the local development key (var/dev.key). Extra arguments go to
-# `voxauth serve`, e.g. --listen 0.0.0.0:50051.
+# (var/voxauth.db) with the local development key (var/dev.key), over mutual TLS with the
+# development certificates in var/pki. Extra arguments go to `voxauth serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export VOXAUTH_KEY_FILE="${VOXAUTH_KEY_FILE:-var/dev.key}"
+export VOXAUTH_TLS_CERT="${VOXAUTH_TLS_CERT:-var/pki/server.crt}"
+export VOXAUTH_TLS_KEY="${VOXAUTH_TLS_KEY:-var/pki/server.key}"
+export VOXAUTH_TLS_CLIENT_CA="${VOXAUTH_TLS_CLIENT_CA:-var/pki/ca.crt}"
 exec .venv/bin/voxauth serve "$@"

@@ -38,3 +38,8 @@ fi
 .venv/bin/voxauth fetch-model
 mkdir -p var
 .venv/bin/voxauth create-key var/dev.key
+# A development CA with a server certificate and one client certificate per role (softphone,
+# hr, mfa, admin): the server speaks mutual TLS only. Not for production: bring your own PKI.
+if [[ ! -f var/pki/ca.crt ]]; then
+  .venv/bin/voxauth certs init --dir var/pki
+fi

@@ -6,10 +6,12 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from datetime import timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from voxauth.v1 import admin_pb2, admin_pb2_grpc, assurances_pb2, assurances_pb2_grpc
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
@@ -19,12 +21,27 @@ from enrollment.service import EnrollmentService
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
+from server.access import (
+    AccessInterceptor,
+    CredentialResolver,
+    DevelopmentResolver,
+    IdentityResolver,
+    TokenRegistry,
+)
+from server.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
+from server.audit import AuditKey
+from server.certificates import server_credentials
 from server.channel import Channel
 from server.clock import Clock, SystemClock
-from server.config import ServerConfig
+from server.config import MfaConfig, ServerConfig, TransportConfig
 from server.crypto import VoiceprintCipher
+from server.errors import ConfigurationError, VoxauthError
 from server.inference import InferencePool
 from server.interceptors import ErrorMappingInterceptor
+from server.jwks_http import JwksHttpServer
+from server.mfa import AssuranceDesk
+from server.mfa_servicers import AdminServicer, AssuranceServicer
+from server.retention import expire_unused_voiceprints
 from server.scoring import Scorer, ScoringModel
 from server.servicers import EnrollmentServicer, Readiness, Services, VerificationServicer
 from server.shift_servicer import ShiftServicer
@@ -32,16 +49,66 @@ from server.shifts import ShiftService
 from server.speech import QualityThresholds, SileroSpeechDetector
 from server.sqlite_store import SqliteVoiceprintStore
 from server.store import Store
+from server.throttling import VerificationThrottle
 from server.verification import VerificationService
 from server.voice import VoiceAnalyser
 
 log = logging.getLogger(__name__)
 
+_RETENTION_PERIOD_SECONDS = 86_400.0
+
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
     pb.DESCRIPTOR.services_by_name["VerificationService"].full_name,
     spb.DESCRIPTOR.services_by_name["ShiftService"].full_name,
+    assurances_pb2.DESCRIPTOR.services_by_name["AssuranceService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
+
+
+def _resolver(transport: TransportConfig) -> IdentityResolver:
+    if transport.insecure_development:
+        return DevelopmentResolver()
+    tokens = TokenRegistry.load(transport.tokens_file) if transport.tokens_file else None
+    return CredentialResolver(tokens)
+
+
+def _listen(
+    server: grpc.aio.Server, transport: TransportConfig, address: str, *, client_auth: bool
+) -> int:
+    """Binds `address`: mutual TLS (or TLS with bearer tokens when `client_auth` is off), or
+    plain text only in insecure development mode."""
+    if transport.insecure_development:
+        log.warning(
+            "INSECURE DEVELOPMENT MODE: %s speaks plain text and every caller has every role. "
+            "Never use this outside one developer's machine.",
+            address,
+        )
+        port = server.add_insecure_port(address)
+    else:
+        paths = (transport.tls_certificate, transport.tls_private_key, transport.client_ca)
+        if None in paths:
+            raise ConfigurationError(
+                "TLS is required: set VOXAUTH_TLS_CERT, VOXAUTH_TLS_KEY and "
+                "VOXAUTH_TLS_CLIENT_CA (`voxauth certs init` makes a development set), or run "
+                "`voxauth serve --insecure-dev` on a development machine"
+            )
+        certificate, private_key, client_ca = (p for p in paths if p is not None)
+        credentials = server_credentials(
+            certificate, private_key, client_ca, require_client_auth=client_auth
+        )
+        port = server.add_secure_port(address, credentials)
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    return int(port)
+
+
+def _assurance_policy(config: MfaConfig) -> AssurancePolicy:
+    return AssurancePolicy(
+        issuer=config.issuer,
+        token_lifetime=timedelta(seconds=config.token_lifetime_seconds),
+        key_rotation_interval=timedelta(days=config.key_rotation_days),
+    )
 
 
 class VoxauthServer:
@@ -53,11 +120,13 @@ class VoxauthServer:
         config: ServerConfig,
         key: bytes,
         *,
+        previous_keys: tuple[bytes, ...] = (),
         load_embedder: Callable[[], SpeakerEmbedder] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.config = config
         self._key = key
+        self._previous_keys = previous_keys
         self._load_embedder = load_embedder or (
             lambda: EcapaEmbedder.load(config.model_dir or default_model_dir())
         )
@@ -67,18 +136,37 @@ class VoxauthServer:
         self._pool = InferencePool(config.inference)
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
+        self._assurances: AssuranceDesk | None = None
+        self._jwks_http: JwksHttpServer | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.token_port = 0
+        self.jwks_port = 0
 
     async def start(self) -> int:
-        # Opening the store first means a bad key or database stops the start before any port
-        # is open.
-        self._store = SqliteVoiceprintStore.open(
-            self.config.database_path, VoiceprintCipher(self._key)
+        # Opening the store (and the signing keys in it) first means a bad key or database
+        # stops the start before any port is open.
+        store = SqliteVoiceprintStore.open(
+            self.config.database_path,
+            VoiceprintCipher(self._key, self._previous_keys),
+            audit_key=AuditKey(self._key),
         )
+        self._store = store
+        keyring = await asyncio.to_thread(
+            SigningKeyring.load,
+            store,
+            SigningKeyCipher(self._key, self._previous_keys),
+            _assurance_policy(self.config.mfa),
+            self._clock.now(),
+        )
+        self._assurances = AssuranceDesk(store, keyring, self.config.mfa.audience, self._clock)
+        transport = self.config.transport
+        access = AccessInterceptor(_resolver(transport), store.append_audit, self._clock)
         max_bytes = self.config.audio.max_encoded_bytes
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            # Access first: an unknown or unauthorised caller reaches nothing else.
+            interceptors=[access, ErrorMappingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -97,26 +185,50 @@ class VoxauthServer:
             VerificationServicer(self._pool, self._readiness), server
         )
         spb_grpc.add_ShiftServiceServicer_to_server(ShiftServicer(self._readiness), server)
+        assurances_pb2_grpc.add_AssuranceServiceServicer_to_server(
+            AssuranceServicer(self._readiness), server
+        )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self._readiness, self.config, self._clock), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = server.add_insecure_port(self.config.listen_address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.listen_address}")
+        self.port = _listen(server, transport, self.config.listen_address, client_auth=True)
+        if transport.token_listen_address:
+            self.token_port = _listen(
+                server, transport, transport.token_listen_address, client_auth=False
+            )
         await server.start()
         self._server = server
+        if self.config.mfa.jwks_listen_address:
+            host, port = self.config.mfa.jwks_listen_address.rsplit(":", 1)
+            self._jwks_http = JwksHttpServer(self._assurances.jwks)
+            self.jwks_port = await self._jwks_http.start(host, int(port))
         host = self.config.listen_address.rsplit(":", 1)[0]
         log.info("voxauth listening on %s:%d (loading the speaker model)", host, self.port)
         try:
-            await self._load_model(self._store)
+            await self._load_model(store, self._assurances)
         except BaseException:
             await self.stop(grace=0)
             raise
+        self._retention = asyncio.create_task(self._expire_voiceprints(store), name="retention")
         return self.port
 
-    async def _load_model(self, store: Store) -> None:
+    async def _expire_voiceprints(self, store: Store) -> None:
+        """Voiceprints unused for longer than the retention period go: now, then daily."""
+        while True:
+            try:
+                await asyncio.to_thread(
+                    expire_unused_voiceprints, store, self.config.retention, self._clock.now()
+                )
+            except VoxauthError as error:
+                log.error("voiceprint expiry failed: %s", error.message)
+            await self._clock.sleep_until(self._clock.monotonic() + _RETENTION_PERIOD_SECONDS)
+
+    async def _load_model(self, store: Store, assurances: AssuranceDesk) -> None:
         started = asyncio.get_running_loop().time()
         embedder = await self._pool.run(self._load_embedder)
         detector = await self._pool.run(SileroSpeechDetector)
@@ -129,7 +241,10 @@ class VoxauthServer:
             scoring, self.config.scoring, voiceprints=lambda: store.voiceprints(embedder.model_id)
         )
         now = self._clock.now
-        verification = VerificationService(store, analyser, self.config.verification, scorer, now)
+        throttle = VerificationThrottle(store, self.config.throttle)
+        verification = VerificationService(
+            store, analyser, self.config.verification, scorer, now, throttle
+        )
         self._shifts = ShiftService(
             store,
             verification,
@@ -138,12 +253,16 @@ class VoxauthServer:
             self._pool,
             self.config.shifts,
             self._clock,
+            assurances,
         )
         self._readiness.serve(
             Services(
                 enrollment=EnrollmentService(store, analyser, self.config.enrollment, now),
                 verification=verification,
                 shifts=self._shifts,
+                assurances=assurances,
+                throttle=throttle,
+                store=store,
             )
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -166,8 +285,12 @@ class VoxauthServer:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING first so balancers drain, then in-flight calls finish."""
         await self._health.enter_graceful_shutdown()
+        if self._retention is not None:
+            self._retention.cancel()
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_seconds if grace is None else grace)
+        if self._jwks_http is not None:
+            await self._jwks_http.stop()
         self._readiness.withdraw()
         if self._shifts is not None:
             await self._shifts.close()

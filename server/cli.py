@@ -30,6 +30,7 @@ EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
 
 DEFAULT_SERVER = "localhost:50051"
+DEFAULT_PKI_DIR = "var/pki"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"voxauth: {error}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigurationError as error:
-        print(f"voxauth: cannot start: {error.message}", file=sys.stderr)
+        print(f"voxauth: {error.message}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as error:
         return _report_rpc_error(error)
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
     serve.add_argument("--model-dir", type=Path, help="verified model files (VOXAUTH_MODEL_DIR)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="plain text, every caller with every role: one developer's machine only",
+    )
     serve.set_defaults(command=_serve)
 
     commands.add_parser("fetch-model", help="download and verify the speaker model")
@@ -73,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     enroll = commands.add_parser(
         "enroll", help="create (if needed) and enroll an agent from audio files"
     )
-    _client_options(enroll)
+    _client_options(enroll, "hr")
     enroll.add_argument("agent_id")
     enroll.add_argument("files", nargs="+", type=Path, metavar="FILE")
     enroll.add_argument("--name", help="display name (needed when the agent is new)")
@@ -84,35 +90,58 @@ def _parser() -> argparse.ArgumentParser:
     enroll.set_defaults(command=_enroll)
 
     verify = commands.add_parser("verify", help="verify an audio file against an agent")
-    _client_options(verify)
+    _client_options(verify, "softphone")
     verify.add_argument("agent_id")
     verify.add_argument("file", type=Path)
     verify.set_defaults(command=_verify)
 
     status = commands.add_parser("status", help="show an agent's enrollment status")
-    _client_options(status)
+    _client_options(status, "hr")
     status.add_argument("agent_id")
     status.set_defaults(command=_status)
 
     delete = commands.add_parser("delete", help="erase an agent and its voiceprint")
-    _client_options(delete)
+    _client_options(delete, "hr")
     delete.add_argument("agent_id")
     delete.set_defaults(command=_delete)
 
+    commands.add_parser("certs", help="create a development CA, server and client certificates")
+    commands.add_parser(
+        "reencrypt", help="re-seal stored voiceprints under the current key (key rotation)"
+    )
+    commands.add_parser("token", help="mint a bearer token for a caller without a certificate")
     commands.add_parser("eval", help="measure accuracy over a folder of speakers")
     commands.add_parser(
         "calibrate", help="make the score cohort and calibration from a folder of speakers"
     )
     commands.add_parser("bench", help="measure embedding speed; `bench shifts`: shift load")
+    commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     return parser
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser, role: str) -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("VOXAUTH_SERVER", DEFAULT_SERVER),
         help=f"server address (default {DEFAULT_SERVER}, VOXAUTH_SERVER)",
     )
+    parser.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=Path(os.environ.get("VOXAUTH_PKI_DIR", DEFAULT_PKI_DIR)),
+        help=f"development PKI from `voxauth certs init` (default {DEFAULT_PKI_DIR}, "
+        f"VOXAUTH_PKI_DIR): its CA, and the client certificate named {role!r}",
+    )
+    parser.add_argument("--ca", type=Path, help="CA certificate of the server (VOXAUTH_CA)")
+    parser.add_argument("--cert", type=Path, help="client certificate (VOXAUTH_CERT)")
+    parser.add_argument("--key", type=Path, help="its private key (VOXAUTH_CERT_KEY)")
+    parser.add_argument(
+        "--token", help="bearer token instead of a client certificate (VOXAUTH_TOKEN)"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain text, to a server run with --insecure-dev"
+    )
+    parser.set_defaults(role=role)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     parser.add_argument("--rate", type=int, default=0, help="sample rate of raw .pcm/.raw files")
 
@@ -123,7 +152,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import VoxauthServer, serve_until_signalled
     from server.config import ServerConfig
-    from server.crypto import key_from_environment
+    from server.crypto import key_from_environment, previous_keys_from_environment
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -136,8 +165,11 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, database_path=args.db)
     if args.model_dir:
         config = replace(config, model_dir=args.model_dir)
+    if args.insecure_dev:
+        config = replace(config, transport=replace(config.transport, insecure_development=True))
     key = key_from_environment(os.environ)
-    asyncio.run(serve_until_signalled(VoxauthServer(config, key)))
+    previous = previous_keys_from_environment(os.environ)
+    asyncio.run(serve_until_signalled(VoxauthServer(config, key, previous_keys=previous)))
     return EXIT_OK
 
 
@@ -180,11 +212,39 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _reencrypt(argv: list[str]) -> int:
+    from server.key_rotation import main as reencrypt_main
+
+    return reencrypt_main(argv)
+
+
+def _certs(argv: list[str]) -> int:
+    from server.certificates import main as certs_main
+
+    return certs_main(argv)
+
+
+def _token(argv: list[str]) -> int:
+    from server.access import main as token_main
+
+    return token_main(argv)
+
+
+def _audit(argv: list[str]) -> int:
+    from server.audit_cli import main as audit_main
+
+    return audit_main(argv)
+
+
 _DELEGATED: dict[str, Callable[[list[str]], int]] = {
+    "certs": _certs,
+    "reencrypt": _reencrypt,
+    "token": _token,
     "fetch-model": _fetch_model,
     "eval": _eval,
     "calibrate": _calibrate,
     "bench": _bench,
+    "audit": _audit,
 }
 
 
@@ -192,7 +252,28 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.server)
+    """Mutual TLS with the command's role certificate from the PKI folder unless told
+    otherwise; a bearer token instead of a certificate; plain text only when asked."""
+    if args.insecure or os.environ.get("VOXAUTH_INSECURE") == "1":
+        return grpc.insecure_channel(args.server)
+    from server.certificates import channel_credentials
+
+    def chosen(flag: Path | None, variable: str, fallback: Path) -> Path:
+        return (
+            flag or Path(os.environ.get(variable, ""))
+            if (flag or os.environ.get(variable))
+            else fallback
+        )
+
+    pki = args.pki_dir
+    ca = chosen(args.ca, "VOXAUTH_CA", pki / "ca.crt")
+    token = args.token or os.environ.get("VOXAUTH_TOKEN")
+    if token:
+        return grpc.secure_channel(args.server, channel_credentials(ca, bearer_token=token))
+    certificate = chosen(args.cert, "VOXAUTH_CERT", pki / "clients" / f"{args.role}.crt")
+    private_key = chosen(args.key, "VOXAUTH_CERT_KEY", pki / "clients" / f"{args.role}.key")
+    credentials = channel_credentials(ca, certificate=certificate, private_key=private_key)
+    return grpc.secure_channel(args.server, credentials)
 
 
 def _enroll(args: argparse.Namespace) -> int:

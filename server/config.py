@@ -141,6 +141,81 @@ class InferenceLimits:
 
 
 @dataclass(frozen=True)
+class ThrottlePolicy:
+    """Limits on guessing at a voice, as NIST SP 800-63B-4 asks of biometrics: consecutive
+    failed verification attempts of one agent delay its next attempt, then disable it."""
+
+    free_failures: int = 5
+    """Consecutive failures allowed without delay (VOXAUTH_THROTTLE_FREE_FAILURES)."""
+
+    base_delay_seconds: float = 30.0
+    """Wait after the last free failure; it doubles with each further failure
+    (VOXAUTH_THROTTLE_DELAY_SECONDS)."""
+
+    max_delay_seconds: float = 86_400.0
+    """The doubling stops at one day (VOXAUTH_THROTTLE_MAX_DELAY_SECONDS)."""
+
+    disable_after_failures: int = 50
+    """Consecutive failures that disable the agent's biometric verification until an
+    administrator re-enables it (VOXAUTH_THROTTLE_DISABLE_AFTER)."""
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long biometric data is kept."""
+
+    voiceprint_ttl_days: float = 1095.0
+    """A voiceprint no check has scored against for this long is erased: three years
+    (VOXAUTH_VOICEPRINT_TTL_DAYS)."""
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How callers reach the server and prove who they are."""
+
+    tls_certificate: Path | None = None
+    """The server's certificate, PEM (VOXAUTH_TLS_CERT)."""
+
+    tls_private_key: Path | None = None
+    """Its private key, PEM (VOXAUTH_TLS_KEY)."""
+
+    client_ca: Path | None = None
+    """The CA that issues client certificates; callers must present one (VOXAUTH_TLS_CLIENT_CA)."""
+
+    token_listen_address: str = ""
+    """A second TLS port for callers that cannot do mutual TLS and send a bearer token
+    instead; empty for none (VOXAUTH_TOKEN_LISTEN)."""
+
+    tokens_file: Path | None = None
+    """Hashes of the accepted bearer tokens and their roles (VOXAUTH_TOKENS_FILE)."""
+
+    insecure_development: bool = False
+    """Plain text and every caller with every role: for development on one machine only
+    (`voxauth serve --insecure-dev`). Logged loudly."""
+
+
+@dataclass(frozen=True)
+class MfaConfig:
+    """Signed assurances for the MFA provider."""
+
+    audience: str = "mfa"
+    """The `aud` claim: the MFA provider's identifier (VOXAUTH_ASSURANCE_AUDIENCE)."""
+
+    issuer: str = "voxauth"
+    """The `iss` claim (VOXAUTH_ASSURANCE_ISSUER)."""
+
+    token_lifetime_seconds: float = 8 * 3600.0
+    """How long an assurance is valid: one shift (VOXAUTH_ASSURANCE_LIFETIME_SECONDS)."""
+
+    key_rotation_days: float = 30.0
+    """Age at which the signing key is replaced (VOXAUTH_SIGNING_KEY_ROTATION_DAYS)."""
+
+    jwks_listen_address: str = "127.0.0.1:8080"
+    """host:port of the HTTP endpoint /.well-known/jwks.json; empty for none
+    (VOXAUTH_JWKS_LISTEN)."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_address: str = "127.0.0.1:50051"
     """host:port to listen on; port 0 picks a free port (VOXAUTH_LISTEN)."""
@@ -160,6 +235,10 @@ class ServerConfig:
     scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    mfa: MfaConfig = field(default_factory=MfaConfig)
+    throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -167,8 +246,28 @@ class ServerConfig:
         base = cls()
         model_dir = env.get("VOXAUTH_MODEL_DIR")
         threshold = _float(env, "VOXAUTH_THRESHOLD", base.verification.threshold)
+        transport = TransportConfig(
+            tls_certificate=_path(env, "VOXAUTH_TLS_CERT"),
+            tls_private_key=_path(env, "VOXAUTH_TLS_KEY"),
+            client_ca=_path(env, "VOXAUTH_TLS_CLIENT_CA"),
+            token_listen_address=env.get("VOXAUTH_TOKEN_LISTEN", ""),
+            tokens_file=_path(env, "VOXAUTH_TOKENS_FILE"),
+        )
+        mfa = MfaConfig(
+            audience=env.get("VOXAUTH_ASSURANCE_AUDIENCE", base.mfa.audience),
+            issuer=env.get("VOXAUTH_ASSURANCE_ISSUER", base.mfa.issuer),
+            token_lifetime_seconds=_float(
+                env, "VOXAUTH_ASSURANCE_LIFETIME_SECONDS", base.mfa.token_lifetime_seconds
+            ),
+            key_rotation_days=_float(
+                env, "VOXAUTH_SIGNING_KEY_ROTATION_DAYS", base.mfa.key_rotation_days
+            ),
+            jwks_listen_address=env.get("VOXAUTH_JWKS_LISTEN", base.mfa.jwks_listen_address),
+        )
         return replace(
             base,
+            transport=transport,
+            mfa=mfa,
             listen_address=env.get("VOXAUTH_LISTEN", base.listen_address),
             database_path=Path(env.get("VOXAUTH_DB", str(base.database_path))),
             model_dir=Path(model_dir) if model_dir else None,
@@ -193,6 +292,8 @@ class ServerConfig:
                 ),
             ),
             scoring=_scoring(env, base.scoring),
+            throttle=_throttle(env, base.throttle),
+            retention=_retention(env, base.retention),
             shifts=replace(
                 base.shifts,
                 mean_checkpoint_interval_seconds=_float(
@@ -236,6 +337,40 @@ def _scoring(env: Mapping[str, str], base: ScoringPolicy) -> ScoringPolicy:
         scoring_dir=Path(scoring_dir) if scoring_dir else base.scoring_dir,
         cohort_includes_agents=agents == "1" if agents else base.cohort_includes_agents,
     )
+
+
+def _throttle(env: Mapping[str, str], base: ThrottlePolicy) -> ThrottlePolicy:
+    policy = ThrottlePolicy(
+        free_failures=_int(env, "VOXAUTH_THROTTLE_FREE_FAILURES", base.free_failures),
+        base_delay_seconds=_float(env, "VOXAUTH_THROTTLE_DELAY_SECONDS", base.base_delay_seconds),
+        max_delay_seconds=_float(env, "VOXAUTH_THROTTLE_MAX_DELAY_SECONDS", base.max_delay_seconds),
+        disable_after_failures=_int(
+            env, "VOXAUTH_THROTTLE_DISABLE_AFTER", base.disable_after_failures
+        ),
+    )
+    if not 0 < policy.base_delay_seconds <= policy.max_delay_seconds:
+        raise ConfigurationError(
+            "VOXAUTH_THROTTLE_DELAY_SECONDS must be above zero and at most "
+            "VOXAUTH_THROTTLE_MAX_DELAY_SECONDS"
+        )
+    if policy.disable_after_failures <= policy.free_failures:
+        raise ConfigurationError(
+            "VOXAUTH_THROTTLE_DISABLE_AFTER must be more than VOXAUTH_THROTTLE_FREE_FAILURES"
+        )
+    return policy
+
+
+def _retention(env: Mapping[str, str], base: RetentionPolicy) -> RetentionPolicy:
+    days = _float(env, "VOXAUTH_VOICEPRINT_TTL_DAYS", base.voiceprint_ttl_days)
+    if days == 0:
+        # Zero would erase every voiceprint at the next expiry run.
+        raise ConfigurationError("VOXAUTH_VOICEPRINT_TTL_DAYS must be above zero")
+    return replace(base, voiceprint_ttl_days=days)
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw) if raw else None
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -1,7 +1,8 @@
 """Encryption at rest of speaker embeddings (voiceprints and pending utterances), and the key.
 
 A blob is: format version (1 byte) | key id (8 bytes) | nonce (12 bytes) | AES-256-GCM output.
-The key id lets a later key rotation tell which key sealed a blob; the associated data binds
+The key id tells which key sealed a blob, so after a key rotation blobs sealed with a previous
+key (VOXAUTH_PREVIOUS_KEYS) still open until they are re-sealed; the associated data binds
 each blob to its row, so a blob copied into another agent's row does not decrypt.
 """
 
@@ -13,7 +14,7 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +36,8 @@ _HEADER_BYTES = 1 + KEY_ID_BYTES
 
 KEY_ENV = "VOXAUTH_KEY"
 KEY_FILE_ENV = "VOXAUTH_KEY_FILE"
+PREVIOUS_KEYS_ENV = "VOXAUTH_PREVIOUS_KEYS"
+PREVIOUS_KEYS_FILE_ENV = "VOXAUTH_PREVIOUS_KEYS_FILE"
 
 RecordKind = Literal[
     "voiceprint", "pending_utterance", "telephone_voiceprint", "telephone_pending_utterance"
@@ -50,18 +53,28 @@ def associated_data(*, agent_id: str, record_kind: RecordKind, model_id: str) ->
 
 
 class VoiceprintCipher:
-    """Seals embeddings with AES-256-GCM under one key. Thread-safe (holds no mutable state)."""
+    """Seals embeddings with AES-256-GCM under the current key, and opens blobs sealed with it
+    or with one of the previous keys. Thread-safe (holds no mutable state)."""
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_BYTES:
-            raise ConfigurationError(f"the encryption key is {len(key)} bytes; it must be 32")
+    def __init__(self, key: bytes, previous_keys: Sequence[bytes] = ()) -> None:
+        for candidate in (key, *previous_keys):
+            if len(candidate) != KEY_BYTES:
+                raise ConfigurationError(
+                    f"an encryption key is {len(candidate)} bytes; it must be {KEY_BYTES}"
+                )
         self._aead = AESGCM(key)
-        self._key_id = hashlib.sha256(key).digest()[:KEY_ID_BYTES]
+        self._key_id = _key_id(key)
+        self._openers = {_key_id(known): AESGCM(known) for known in (*previous_keys, key)}
 
     @property
     def key_id(self) -> str:
-        """Hex id of the key (a SHA-256 prefix: safe to log, reveals nothing usable)."""
+        """Hex id of the current key (a SHA-256 prefix: safe to log, reveals nothing usable)."""
         return self._key_id.hex()
+
+    @property
+    def known_key_ids(self) -> frozenset[str]:
+        """Hex ids of the keys this cipher opens blobs of: the current and the previous ones."""
+        return frozenset(key_id.hex() for key_id in self._openers)
 
     def encrypt_embedding(self, embedding: Embedding, *, associated: bytes) -> bytes:
         vector = np.asarray(embedding, dtype="<f4")
@@ -85,16 +98,16 @@ class VoiceprintCipher:
             )
         header = blob[:_HEADER_BYTES]
         blob_key_id = header[1:]
-        if blob_key_id != self._key_id:
+        opener = self._openers.get(blob_key_id)
+        if opener is None:
             raise StorageError(
                 f"encrypted embedding was sealed with key {blob_key_id.hex()}, but the loaded "
-                f"key is {self.key_id}: wrong VOXAUTH_KEY / VOXAUTH_KEY_FILE?"
+                f"key is {self.key_id}: wrong {KEY_ENV} / {KEY_FILE_ENV}, or a previous key "
+                f"missing from {PREVIOUS_KEYS_ENV}?"
             )
         nonce = blob[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
         try:
-            plain = self._aead.decrypt(
-                nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + associated
-            )
+            plain = opener.decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + associated)
         except InvalidTag:
             raise StorageError(
                 "encrypted embedding failed authentication: it was altered, or it belongs to "
@@ -103,6 +116,16 @@ class VoiceprintCipher:
         if len(plain) % 4:
             raise StorageError(f"decrypted embedding has {len(plain)} bytes, not whole float32s")
         return np.frombuffer(plain, dtype="<f4").astype(np.float32)
+
+    def reseal(self, blob: bytes, *, associated: bytes) -> bytes:
+        """The blob's embedding sealed anew under the current key."""
+        return self.encrypt_embedding(
+            self.decrypt_embedding(blob, associated=associated), associated=associated
+        )
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:KEY_ID_BYTES]
 
 
 def load_key(*, key_b64: str | None, key_file: Path | None) -> bytes:
@@ -113,7 +136,10 @@ def load_key(*, key_b64: str | None, key_file: Path | None) -> bytes:
     if key_b64 is not None:
         return _decode_key(key_b64, source=KEY_ENV)
     if key_file is not None:
-        return _decode_key(_read_key_file(key_file), source=f"{KEY_FILE_ENV} file {key_file}")
+        return _decode_key(
+            _read_key_file(key_file, env_name=KEY_FILE_ENV),
+            source=f"{KEY_FILE_ENV} file {key_file}",
+        )
     raise ConfigurationError(
         f"no voiceprint encryption key: set {KEY_ENV} (base64 of 32 random bytes) or "
         f"{KEY_FILE_ENV} (path of a file holding it); the setup script creates var/dev.key "
@@ -125,6 +151,28 @@ def key_from_environment(env: Mapping[str, str]) -> bytes:
     """load_key from the environment; an empty variable counts as unset."""
     key_file = env.get(KEY_FILE_ENV)
     return load_key(key_b64=env.get(KEY_ENV) or None, key_file=Path(key_file) if key_file else None)
+
+
+def previous_keys_from_environment(env: Mapping[str, str]) -> tuple[bytes, ...]:
+    """Keys replaced by the current one, which still open what they sealed until it is
+    re-sealed: base64 keys separated by commas in VOXAUTH_PREVIOUS_KEYS, or by commas or line
+    breaks in the file named by VOXAUTH_PREVIOUS_KEYS_FILE. None set: no previous keys."""
+    listed = env.get(PREVIOUS_KEYS_ENV) or None
+    key_file = env.get(PREVIOUS_KEYS_FILE_ENV) or None
+    if listed is not None and key_file is not None:
+        raise ConfigurationError(
+            f"both {PREVIOUS_KEYS_ENV} and {PREVIOUS_KEYS_FILE_ENV} are set; set only one"
+        )
+    if key_file is not None:
+        source = f"{PREVIOUS_KEYS_FILE_ENV} file {key_file}"
+        text = _read_key_file(Path(key_file), env_name=PREVIOUS_KEYS_FILE_ENV)
+    else:
+        source, text = PREVIOUS_KEYS_ENV, listed or ""
+    entries = [entry for entry in text.replace("\n", ",").split(",") if entry.strip()]
+    return tuple(
+        _decode_key(entry, source=f"{source}, key {number}")
+        for number, entry in enumerate(entries, start=1)
+    )
 
 
 def create_key_file(path: Path) -> None:
@@ -150,13 +198,13 @@ def create_key_file(path: Path) -> None:
         raise ConfigurationError(f"cannot write key file {path}: {exc.strerror}") from exc
 
 
-def _read_key_file(path: Path) -> str:
+def _read_key_file(path: Path, *, env_name: str) -> str:
     try:
         with path.open("rb") as source:
             mode = stat.S_IMODE(os.fstat(source.fileno()).st_mode)
             raw = source.read()
     except OSError as exc:
-        raise ConfigurationError(f"cannot read {KEY_FILE_ENV} file {path}: {exc.strerror}") from exc
+        raise ConfigurationError(f"cannot read {env_name} file {path}: {exc.strerror}") from exc
     if mode & 0o077:
         logger.warning(
             "key file %s is accessible by group or others (mode %03o); chmod 600 it", path, mode
@@ -164,7 +212,7 @@ def _read_key_file(path: Path) -> str:
     try:
         return raw.decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigurationError(f"{KEY_FILE_ENV} file {path} is not base64 text") from None
+        raise ConfigurationError(f"{env_name} file {path} is not base64 text") from None
 
 
 def _decode_key(text: str, *, source: str) -> bytes:

@@ -89,3 +89,24 @@ class UnauthenticatedError(VoxauthError):
 class CertificateFilesError(ConfigurationError):
     """TLS certificates or keys are missing, unreadable or invalid, or writing a development
     PKI would overwrite existing files."""
+
+
+class AssuranceNotFoundError(VoxauthError):
+    """The shift has no valid assurance (no passed login check, or it expired)."""
+
+
+class ShiftNotLockedError(VoxauthError):
+    """An unlock was asked for a shift that is not locked."""
+
+
+class ThrottledError(VoxauthError):
+    """Too many consecutive failed verifications of the agent: the next attempt must wait."""
+
+    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class VerificationDisabledError(VoxauthError):
+    """The agent's biometric verification is disabled after too many consecutive failures,
+    until an administrator re-enables it."""

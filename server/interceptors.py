@@ -1,22 +1,26 @@
 """The one place where domain errors become gRPC status codes.
 
 Servicers raise domain exceptions (server/errors.py) and never pick status codes themselves.
-Errors with a request field attached also carry a google.rpc.BadRequest detail naming it.
+Errors with a request field attached also carry a google.rpc.BadRequest detail naming it, and a
+throttled verification a google.rpc.RetryInfo detail with the time to wait.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
+    AssuranceNotFoundError,
     CapacityError,
     ConfigurationError,
     EnrollmentIncompleteError,
@@ -27,9 +31,13 @@ from server.errors import (
     ServiceNotReadyError,
     ShiftEndedError,
     ShiftNotFoundError,
+    ShiftNotLockedError,
     ShiftTakenOverError,
     StorageError,
     StreamOrderError,
+    ThrottledError,
+    UnauthenticatedError,
+    VerificationDisabledError,
     VoxauthError,
 )
 
@@ -43,11 +51,17 @@ STATUS_OF: dict[type[VoxauthError], grpc.StatusCode] = {
     ShiftEndedError: grpc.StatusCode.FAILED_PRECONDITION,
     StreamOrderError: grpc.StatusCode.FAILED_PRECONDITION,
     ShiftTakenOverError: grpc.StatusCode.ABORTED,
+    ShiftNotLockedError: grpc.StatusCode.FAILED_PRECONDITION,
+    AssuranceNotFoundError: grpc.StatusCode.NOT_FOUND,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     AgentExistsError: grpc.StatusCode.ALREADY_EXISTS,
     NotEnrolledError: grpc.StatusCode.FAILED_PRECONDITION,
     ModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     EnrollmentIncompleteError: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ThrottledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Not PERMISSION_DENIED: the caller may be entitled; the agent's state must change first.
+    VerificationDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
     ServiceNotReadyError: grpc.StatusCode.UNAVAILABLE,
     ConfigurationError: grpc.StatusCode.INTERNAL,
     StorageError: grpc.StatusCode.INTERNAL,
@@ -82,6 +96,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
             ]
         )
         status.details.add().Pack(detail)
+    if isinstance(error, ThrottledError):
+        delay = duration_pb2.Duration(seconds=math.ceil(error.retry_after_seconds))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     await context.abort(
         code, message, trailing_metadata=rpc_status.to_status(status).trailing_metadata
     )

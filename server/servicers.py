@@ -22,9 +22,11 @@ from server.channel import Channel
 from server.config import AudioLimits
 from server.errors import InvalidAudioError, ServiceNotReadyError
 from server.inference import InferencePool
+from server.mfa import AssuranceDesk
 from server.shifts import ShiftService
 from server.speech import QualityIssue, SpeechAnalysis
-from server.store import AgentRecord, UtteranceRecord, Voiceprint
+from server.store import AgentRecord, Store, UtteranceRecord, Voiceprint
+from server.throttling import VerificationThrottle
 from server.verification import Decision, VerificationResult, VerificationService
 from server.voice import AudioInput
 
@@ -61,6 +63,9 @@ class Services:
     enrollment: EnrollmentService
     verification: VerificationService
     shifts: ShiftService
+    assurances: AssuranceDesk
+    throttle: VerificationThrottle
+    store: Store
 
 
 class Readiness:

@@ -255,12 +255,15 @@ class BenchServer:
             if k not in ("VOXAUTH_KEY_FILE", "VOXAUTH_LISTEN", "VOXAUTH_DB")
         }
         env["VOXAUTH_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
+        env["VOXAUTH_JWKS_LISTEN"] = ""
         env.update(settings.server_environment())
         self.settings = sorted(
             f"{k}={v}" for k, v in env.items() if k.startswith("VOXAUTH_") and k != "VOXAUTH_KEY"
         )
         command = [sys.executable, "-m", "server.cli", "serve"]
         command += ["--listen", f"127.0.0.1:{self.port}", "--db", str(workdir / "bench.db")]
+        # Loopback only, and the measurement is of checkpoints, not of TLS.
+        command += ["--insecure-dev"]
         with self.log_path.open("wb") as log:
             # A session of its own: Ctrl-C reaches the benchmark, which then stops the server
             # in order instead of both dying at once.

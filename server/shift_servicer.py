@@ -14,9 +14,8 @@ from server.audio import AudioEncoding
 from server.errors import InvalidAudioError, StreamOrderError
 from server.servicers import Readiness, audio_input, timestamp, verify_response
 from server.shift_audio import StreamFormat
-from server.shifts import ShiftEvent, ShiftEventKind, ShiftStream
+from server.shifts import LoginOutcome, ShiftEvent, ShiftEventKind, ShiftStream
 from server.store import ShiftRecord, ShiftState
-from server.verification import VerificationResult
 from server.voice import AudioInput
 
 _STATES = {
@@ -31,6 +30,8 @@ _KINDS = {
     ShiftEventKind.CHECKPOINT_FAILED: spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED,
     ShiftEventKind.INSUFFICIENT_SPEECH: spb.SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH,
     ShiftEventKind.SHIFT_LOCKED: spb.SHIFT_EVENT_KIND_SHIFT_LOCKED,
+    ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
+    ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
 }
 
 
@@ -43,16 +44,14 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
     ) -> spb.LoginCheckResponse:
         shifts = self._readiness.require().shifts
         audio = _login_audio(request)
-        record, result = await shifts.start(request.agent_id, request.device_id, audio)
-        return _login_response(record, result)
+        return _login_response(await shifts.start(request.agent_id, request.device_id, audio))
 
     async def CheckLogin(
         self, request: spb.CheckLoginRequest, context: Any
     ) -> spb.LoginCheckResponse:
         shifts = self._readiness.require().shifts
         audio = _login_audio(request)
-        record, result = await shifts.check_login(request.shift_id, audio)
-        return _login_response(record, result)
+        return _login_response(await shifts.check_login(request.shift_id, audio))
 
     async def StreamShiftAudio(
         self, request_iterator: AsyncIterator[spb.ShiftAudio], context: Any
@@ -83,6 +82,16 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
                 await reader
             stream.detach()
 
+    async def SubscribeShiftEvents(
+        self, request: spb.SubscribeShiftEventsRequest, context: Any
+    ) -> AsyncIterator[spb.ShiftEvent]:
+        subscription = self._readiness.require().shifts.subscribe(request.agent_id)
+        try:
+            while True:
+                yield _event(await subscription.next_event())
+        finally:
+            subscription.close()
+
     async def EndShift(self, request: spb.EndShiftRequest, context: Any) -> spb.Shift:
         record = await self._readiness.require().shifts.end(request.shift_id)
         return shift_message(record)
@@ -112,8 +121,12 @@ def _login_audio(request: spb.StartShiftRequest | spb.CheckLoginRequest) -> Audi
     return audio_input(request.login_audio)
 
 
-def _login_response(record: ShiftRecord, result: VerificationResult) -> spb.LoginCheckResponse:
-    return spb.LoginCheckResponse(shift=shift_message(record), verification=verify_response(result))
+def _login_response(outcome: LoginOutcome) -> spb.LoginCheckResponse:
+    return spb.LoginCheckResponse(
+        shift=shift_message(outcome.shift),
+        verification=verify_response(outcome.verification),
+        assurance=outcome.assurance.token if outcome.assurance else "",
+    )
 
 
 def shift_message(record: ShiftRecord) -> spb.Shift:

@@ -14,7 +14,6 @@ import logging
 import re
 import secrets
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -25,19 +24,23 @@ from server.errors import (
     CapacityError,
     InvalidRequestError,
     ShiftEndedError,
+    ShiftNotLockedError,
     ShiftTakenOverError,
     StreamOrderError,
     VoxauthError,
 )
 from server.inference import InferencePool
+from server.mfa import AssuranceDesk
 from server.shift_audio import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.speech import SpeechDetector
-from server.store import AuditEvent, ShiftRecord, ShiftState, Store
+from server.store import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
 from server.verification import Decision, VerificationResult, VerificationService
 from server.voice import AudioInput, VoiceAnalyser
 
 log = logging.getLogger(__name__)
 
+# Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
+_SUBSCRIBER_EVENTS = 256
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
 _SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -48,6 +51,8 @@ class ShiftEventKind(enum.Enum):
     CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
     INSUFFICIENT_SPEECH = "INSUFFICIENT_SPEECH"
     SHIFT_LOCKED = "SHIFT_LOCKED"
+    SHIFT_VERIFIED = "SHIFT_VERIFIED"
+    SHIFT_ENDED = "SHIFT_ENDED"
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,31 @@ class ShiftStream:
 
     def detach(self) -> None:
         self._session.detach(self)
+
+
+class EventSubscription:
+    """A listener to every shift's events (the MFA provider's), bounded: a subscriber that
+    does not keep up loses the oldest events, never the server's memory."""
+
+    def __init__(self, service: ShiftService, agent_id: str, max_events: int) -> None:
+        self._service = service
+        self._agent_id = agent_id
+        self._events: deque[ShiftEvent] = deque(maxlen=max_events)
+        self._ready = asyncio.Event()
+
+    def offer(self, event: ShiftEvent) -> None:
+        if not self._agent_id or event.shift.agent_id == self._agent_id:
+            self._events.append(event)
+            self._ready.set()
+
+    async def next_event(self) -> ShiftEvent:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def close(self) -> None:
+        self._service.unsubscribe(self)
 
 
 class ShiftSession:
@@ -282,6 +312,14 @@ class ShiftSession:
         )
 
 
+@dataclass(frozen=True)
+class LoginOutcome:
+    shift: ShiftRecord
+    verification: VerificationResult
+    assurance: AssuranceRecord | None
+    """Signed for the MFA provider when the check passed (and assurances are configured)."""
+
+
 class ShiftService:
     def __init__(
         self,
@@ -292,8 +330,10 @@ class ShiftService:
         pool: InferencePool,
         policy: ShiftPolicy,
         clock: Clock,
+        assurances: AssuranceDesk | None = None,
     ) -> None:
         self._store = store
+        self._assurances = assurances
         self._verification = verification
         self._analyser = analyser
         self._detector = detector
@@ -302,14 +342,12 @@ class ShiftService:
         self.clock = clock
         self.schedule = CheckpointSchedule(policy)
         self._sessions: dict[str, ShiftSession] = {}
-        self._subscribers: list[Callable[[ShiftEvent], None]] = []
+        self._subscribers: list[EventSubscription] = []
         self._reaper: asyncio.Task[None] | None = None
 
     # --- use cases ------------------------------------------------------------------------
 
-    async def start(
-        self, agent_id: str, device_id: str, audio: AudioInput
-    ) -> tuple[ShiftRecord, VerificationResult]:
+    async def start(self, agent_id: str, device_id: str, audio: AudioInput) -> LoginOutcome:
         agent_id = validate_agent_id(agent_id)
         if not _DEVICE_ID.fullmatch(device_id):
             raise InvalidRequestError(
@@ -331,29 +369,50 @@ class ShiftService:
         await asyncio.to_thread(self._store.create_shift, record)
         await self.audit("shift.start", record, record.state.value, device_id=device_id)
         self._session(record)
-        return record, result
+        return LoginOutcome(record, result, await self._assure(record, result))
 
-    async def check_login(
-        self, shift_id: str, audio: AudioInput
-    ) -> tuple[ShiftRecord, VerificationResult]:
+    async def check_login(self, shift_id: str, audio: AudioInput) -> LoginOutcome:
         session = await self._active(shift_id)
-        record = session.record
+        agent_id = session.record.agent_id
         result = await self.pool.run(
-            lambda: self._verification.verify(record.agent_id, audio, action="shift.login")
+            lambda: self._verification.verify(agent_id, audio, action="shift.login")
         )
         if result.decision is Decision.ACCEPT:
-            record = replace(
-                session.record,
-                state=ShiftState.VERIFIED,
-                consecutive_failures=0,
-                updated_at=self.clock.now(),
+            await self._verified(session, "shift.relogin")
+        return LoginOutcome(session.record, result, await self._assure(session.record, result))
+
+    async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
+        """An admin's unlock, without a login check (e.g. the helpdesk verified the agent)."""
+        session = await self._active(shift_id)
+        if session.record.state is not ShiftState.LOCKED:
+            raise ShiftNotLockedError(
+                f"shift {shift_id} is {session.record.state.value}, not locked"
             )
-            await self.save(record)
-            if session.record.state is not ShiftState.VERIFIED:
-                await self.audit("shift.unlock", record, "VERIFIED")
-            session.record = record
-            session.ensure_checkpoints()
-        return session.record, result
+        await self._verified(session, "shift.admin_unlock", reason=reason)
+        return session.record
+
+    async def _verified(self, session: ShiftSession, action: str, **details: object) -> None:
+        was = session.record.state
+        record = replace(
+            session.record,
+            state=ShiftState.VERIFIED,
+            consecutive_failures=0,
+            updated_at=self.clock.now(),
+        )
+        await self.save(record)
+        session.record = record
+        await self.audit(action, record, "VERIFIED", previous_state=was.value, **details)
+        if was is not ShiftState.VERIFIED:
+            session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
+        session.ensure_checkpoints()
+
+    async def _assure(
+        self, record: ShiftRecord, result: VerificationResult
+    ) -> AssuranceRecord | None:
+        if self._assurances is None or result.decision is not Decision.ACCEPT:
+            return None
+        desk = self._assurances
+        return await asyncio.to_thread(lambda: desk.issue(record))
 
     async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
         session = await self._active(shift_id)
@@ -375,6 +434,7 @@ class ShiftService:
             await self.audit("shift.end", record, "ENDED", reason=reason)
         if session is not None:
             session.record = record
+            session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
             session.stop()
         return record
 
@@ -384,9 +444,17 @@ class ShiftService:
             return session.record
         return await asyncio.to_thread(self._store.get_shift, shift_id)
 
-    def subscribe(self, listener: Callable[[ShiftEvent], None]) -> None:
-        """Calls `listener` on the event loop for every checkpoint event of every shift."""
-        self._subscribers.append(listener)
+    def subscribe(self, agent_id: str = "") -> EventSubscription:
+        """Every event of every shift from now on (or of one agent's shifts)."""
+        if agent_id:
+            validate_agent_id(agent_id)
+        subscription = EventSubscription(self, agent_id, _SUBSCRIBER_EVENTS)
+        self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: EventSubscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
 
     async def close(self) -> None:
         for session in self._sessions.values():
@@ -434,8 +502,8 @@ class ShiftService:
         )
 
     def publish(self, event: ShiftEvent) -> None:
-        for listener in self._subscribers:
-            listener(event)
+        for subscription in self._subscribers:
+            subscription.offer(event)
 
     def wall_time(self, monotonic: float) -> datetime:
         return self.clock.now() - timedelta(seconds=self.clock.monotonic() - monotonic)

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,24 +21,80 @@ from typing import Any
 import numpy as np
 
 from models.embedder import Embedding
-from server.crypto import RecordKind, VoiceprintCipher, associated_data
+from server.assurances import StoredSigningKey
+from server.audit import (
+    ERASURE_ACTION,
+    GENESIS_HASH,
+    AuditEntry,
+    AuditHead,
+    AuditKey,
+    AuditRecord,
+    canonical_details,
+    chain_hash,
+    new_agent_pseudonym,
+)
+from server.crypto import KEY_ID_BYTES, RecordKind, VoiceprintCipher, associated_data
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
     CapacityError,
+    ConfigurationError,
     ShiftNotFoundError,
     StorageError,
 )
 from server.store import (
     AgentRecord,
+    AssuranceRecord,
     AuditEvent,
+    ReencryptionReport,
     ShiftRecord,
     ShiftState,
+    ThrottleState,
     UtteranceRecord,
     Voiceprint,
 )
 
 logger = logging.getLogger(__name__)
+
+# The hash-chained audit log (server/audit.py), an entry of _MIGRATIONS. Named, because its
+# hashes and seals need Python: _migrate runs _chain_carried_over_audit right after it.
+_AUDIT_CHAIN_MIGRATION = (
+    # Audit records name an agent by this random pseudonym, so erasing the agent's row unlinks
+    # them while the chain over them stays intact.
+    "ALTER TABLE agents ADD COLUMN audit_pseudonym TEXT",
+    "UPDATE agents SET audit_pseudonym = lower(hex(randomblob(16)))",
+    "CREATE UNIQUE INDEX agents_by_audit_pseudonym ON agents (audit_pseudonym)",
+    # seq counts from 1 without gaps; key_id and mac are NULL only when written by a store
+    # opened without the audit key.
+    """CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        agent_ref TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        key_id TEXT,
+        mac TEXT
+    )""",
+    "CREATE INDEX audit_log_by_agent_ref ON audit_log (agent_ref)",
+    "CREATE INDEX audit_log_by_agent_id ON audit_log (agent_id)",
+    """INSERT INTO audit_log (seq, at, action, agent_id, agent_ref, outcome, details,
+        prev_hash, hash)
+        SELECT row_number() OVER (ORDER BY id), at, action, agent_id, '', outcome, details, '', ''
+        FROM audit""",
+    "DROP TABLE audit",
+    # The sealed head: how many records the chain has and the last one's hash.
+    """CREATE TABLE audit_head (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        key_id TEXT,
+        mac TEXT
+    )""",
+)
 
 # _MIGRATIONS[n] takes the schema from user_version n to n + 1.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -103,6 +159,45 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE pending_utterances ADD COLUMN telephone_embedding BLOB",
         "ALTER TABLE voiceprints ADD COLUMN telephone_embedding BLOB",
     ),
+    (
+        # Assurance signing keys, their private halves sealed; and each shift's latest
+        # assurance, for the MFA provider to fetch. Erasing an agent erases its assurances.
+        """CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            sealed_private_key BLOB NOT NULL,
+            created_at INTEGER NOT NULL,
+            retired_at INTEGER,
+            published_until INTEGER
+        )""",
+        """CREATE TABLE assurances (
+            shift_id TEXT PRIMARY KEY REFERENCES shifts (shift_id) ON DELETE CASCADE,
+            agent_id TEXT NOT NULL REFERENCES agents (agent_id) ON DELETE CASCADE,
+            token_id TEXT NOT NULL,
+            token TEXT NOT NULL,
+            issued_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        )""",
+    ),
+    (
+        # Throttling of verification attempts (server/throttling.py): only agents in a run of
+        # failures have a row. Erasing the agent erases it.
+        """CREATE TABLE verification_throttle (
+            agent_id TEXT PRIMARY KEY REFERENCES agents (agent_id) ON DELETE CASCADE,
+            consecutive_failures INTEGER NOT NULL,
+            last_failure_at INTEGER,
+            disabled_at INTEGER
+        )""",
+        # When a check last scored against each voiceprint, for retention. Voiceprints stored
+        # before count from their latest audited decision, or else from their creation.
+        "ALTER TABLE voiceprints ADD COLUMN last_used_at INTEGER NOT NULL DEFAULT 0",
+        """UPDATE voiceprints SET last_used_at = max(created_at, coalesce((
+            SELECT max(at) FROM audit WHERE audit.agent_id = voiceprints.agent_id
+            AND audit.action IN ('verify', 'shift.login', 'shift.checkpoint')
+            AND audit.outcome IN ('ACCEPT', 'REJECT')
+        ), 0))""",
+        "CREATE INDEX voiceprints_by_last_use ON voiceprints (last_used_at)",
+    ),
+    _AUDIT_CHAIN_MIGRATION,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -116,27 +211,49 @@ _MICROSECOND = timedelta(microseconds=1)
 # A longer list of floats in audit details looks like an embedding written out with tolist().
 _MAX_AUDIT_FLOATS = 32
 
+# Joins an audit record's pseudonym to its agent while the agent exists.
+_RESOLVE_AGENT = "LEFT JOIN agents g ON a.agent_ref <> '' AND g.audit_pseudonym = a.agent_ref"
+
 _UTTERANCE_COLUMNS = (
     "utterance_id, agent_id, model_id, embedding, duration_seconds, net_speech_seconds, "
     "speech_level_dbfs, clipped_fraction, received_at, telephone_embedding"
 )
 _VOICEPRINT_COLUMNS = (
     "agent_id, model_id, embedding, created_at, utterance_count, net_speech_seconds, "
-    "telephone_embedding"
+    "telephone_embedding, last_used_at"
+)
+# Every column holding something sealed under the service key, whose blob starts with a format
+# byte and the key id: what a key rotation must move and what startup checks it can open.
+_SEALED_COLUMNS = (
+    ("voiceprints", "embedding"),
+    ("voiceprints", "telephone_embedding"),
+    ("pending_utterances", "embedding"),
+    ("pending_utterances", "telephone_embedding"),
+    ("signing_keys", "sealed_private_key"),
 )
 
 
 class SqliteVoiceprintStore:
     """VoiceprintStore on one SQLite connection shared by worker threads under a lock."""
 
-    def __init__(self, connection: sqlite3.Connection, cipher: VoiceprintCipher) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        cipher: VoiceprintCipher,
+        audit_key: AuditKey | None = None,
+    ) -> None:
         """Use `open`, which configures and migrates the connection first."""
         self._conn = connection
         self._cipher = cipher
+        self._audit_key = audit_key
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, cipher: VoiceprintCipher) -> SqliteVoiceprintStore:
+    def open(
+        cls, path: Path, cipher: VoiceprintCipher, *, audit_key: AuditKey | None = None
+    ) -> SqliteVoiceprintStore:
+        """`audit_key` seals the audit chain; without it records are chained but unsealed,
+        and `voxauth audit verify` reports them as unverifiable."""
         _create_private_file(path)
         try:
             # isolation_level=None: transactions are begun explicitly, never implicitly.
@@ -145,26 +262,33 @@ class SqliteVoiceprintStore:
             raise StorageError(f"cannot open voiceprint database {path}: {exc}") from exc
         try:
             _configure(conn)
-            _migrate(conn)
+            _migrate(conn, audit_key)
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"cannot prepare voiceprint database {path}: {exc}") from exc
             raise
-        return cls(conn, cipher)
+        store = cls(conn, cipher, audit_key)
+        try:
+            store._require_known_keys()
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def create_agent(self, agent: AgentRecord) -> None:
         with self._transaction(f"create agent {agent.agent_id!r}") as conn:
             if _agent_exists(conn, agent.agent_id):
                 raise AgentExistsError(f"agent {agent.agent_id!r} already exists")
             conn.execute(
-                "INSERT INTO agents (agent_id, display_name, consent_reference, created_at) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT INTO agents (agent_id, display_name, consent_reference, created_at, "
+                "audit_pseudonym) VALUES (?, ?, ?, ?, ?)",
                 (
                     agent.agent_id,
                     agent.display_name,
                     agent.consent_reference,
                     _to_micros(agent.created_at),
+                    new_agent_pseudonym(),
                 ),
             )
 
@@ -269,7 +393,7 @@ class SqliteVoiceprintStore:
             )
             conn.execute(
                 f"INSERT OR REPLACE INTO voiceprints ({_VOICEPRINT_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     voiceprint.agent_id,
                     voiceprint.model_id,
@@ -278,6 +402,8 @@ class SqliteVoiceprintStore:
                     voiceprint.utterance_count,
                     voiceprint.net_speech_seconds,
                     telephone_blob,
+                    # Enrollment is the first use: retention counts from it.
+                    _to_micros(voiceprint.created_at),
                 ),
             )
             _delete_utterances(conn, voiceprint.agent_id, consumed_utterance_ids)
@@ -303,25 +429,106 @@ class SqliteVoiceprintStore:
         return [self._voiceprint_from_row(row) for row in rows]
 
     def append_audit(self, event: AuditEvent) -> None:
+        """Chains and seals the record. An existing agent is recorded by its pseudonym; an id
+        that is no agent (any more), as in the record of an erasure, in clear."""
         details = _audit_details_json(event.details)
+        at = _to_micros(event.at)
         with self._transaction(f"append audit event {event.action!r}") as conn:
-            conn.execute(
-                "INSERT INTO audit (at, action, agent_id, outcome, details) VALUES (?, ?, ?, ?, ?)",
-                (_to_micros(event.at), event.action, event.agent_id, event.outcome, details),
+            row = conn.execute(
+                "SELECT audit_pseudonym FROM agents WHERE agent_id = ?", (event.agent_id,)
+            ).fetchone()
+            agent_ref: str = "" if row is None else row[0]
+            entry = AuditEntry(
+                at,
+                event.action,
+                "" if agent_ref else event.agent_id,
+                agent_ref,
+                event.outcome,
+                details,
             )
+            _append_chained(conn, self._audit_key, entry)
 
     def audit_events(self, agent_id: str | None = None) -> list[AuditEvent]:
-        query = "SELECT action, agent_id, outcome, at, details FROM audit"
+        query = (
+            "SELECT a.action, coalesce(g.agent_id, a.agent_id), a.outcome, a.at, a.details "
+            f"FROM audit_log a {_RESOLVE_AGENT}"
+        )
         parameters: tuple[str, ...] = ()
         if agent_id is not None:
-            query += " WHERE agent_id = ?"
-            parameters = (agent_id,)
+            query += (
+                " WHERE a.agent_ref = (SELECT audit_pseudonym FROM agents WHERE agent_id = ?)"
+                " OR (a.agent_id = ? AND a.agent_ref = '')"
+            )
+            parameters = (agent_id, agent_id)
         with self._transaction("read audit events", write=False) as conn:
-            rows = conn.execute(query + " ORDER BY id", parameters).fetchall()
+            rows = conn.execute(query + " ORDER BY a.seq", parameters).fetchall()
         return [
             AuditEvent(action, agent, outcome, _from_micros(at), json.loads(details))
             for action, agent, outcome, at, details in rows
         ]
+
+    def audit_head(self) -> AuditHead | None:
+        with self._transaction("read the audit chain head", write=False) as conn:
+            row = conn.execute("SELECT seq, hash, key_id, mac FROM audit_head").fetchone()
+        return None if row is None else AuditHead(*row)
+
+    def audit_records(self, after_seq: int, limit: int) -> list[AuditRecord]:
+        with self._transaction("read audit records", write=False) as conn:
+            rows = conn.execute(
+                # The casts keep a value someone rewrote with another type checkable: it then
+                # fails its hash instead of the check.
+                "SELECT a.seq, CAST(a.at AS INTEGER), CAST(a.action AS TEXT), "
+                "CAST(a.agent_id AS TEXT), CAST(a.agent_ref AS TEXT), CAST(a.outcome AS TEXT), "
+                "CAST(a.details AS TEXT), CAST(a.prev_hash AS TEXT), CAST(a.hash AS TEXT), "
+                "CAST(a.key_id AS TEXT), CAST(a.mac AS TEXT), coalesce(g.agent_id, a.agent_id) "
+                f"FROM audit_log a {_RESOLVE_AGENT} WHERE a.seq > ? ORDER BY a.seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [
+            AuditRecord(
+                seq=row[0],
+                entry=AuditEntry(*row[1:7]),
+                prev_hash=row[7],
+                hash=row[8],
+                key_id=row[9],
+                mac=row[10],
+                agent=row[11],
+            )
+            for row in rows
+        ]
+
+    def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
+        """After a key rotation: seals under the current audit key every record (and the head)
+        sealed under one of `keys`, `batch_size` records per transaction, and returns how many
+        records it re-sealed. A seal that does not check out stops it with StorageError, for
+        re-sealing it would launder tampering."""
+        current = self._audit_key
+        if current is None:
+            raise ConfigurationError("re-sealing the audit log needs the audit key")
+        known = {key.key_id: key for key in keys}
+        resealed = 0
+        while True:
+            with self._transaction("re-seal audit records") as conn:
+                rows = conn.execute(
+                    "SELECT seq, hash, key_id, mac FROM audit_log "
+                    "WHERE key_id IS NOT NULL AND key_id <> ? ORDER BY seq LIMIT ?",
+                    (current.key_id, batch_size),
+                ).fetchall()
+                for seq, record_hash, key_id, mac in rows:
+                    key = known.get(key_id)
+                    if key is None or mac is None or not key.sealed_record(record_hash, mac):
+                        raise StorageError(
+                            f"audit record {seq}'s seal does not check out under the given "
+                            "keys; run `voxauth audit verify` before re-sealing"
+                        )
+                    conn.execute(
+                        "UPDATE audit_log SET key_id = ?, mac = ? WHERE seq = ?",
+                        (*_record_seal(current, record_hash), seq),
+                    )
+                if not rows:
+                    _reseal_head(conn, current, known)
+                    return resealed
+            resealed += len(rows)
 
     def create_shift(self, shift: ShiftRecord) -> None:
         with self._transaction(f"start shift {shift.shift_id!r}") as conn:
@@ -365,6 +572,157 @@ class SqliteVoiceprintStore:
             if updated.rowcount == 0:
                 raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
 
+    def load_signing_keys(self) -> list[StoredSigningKey]:
+        with self._transaction("read signing keys", write=False) as conn:
+            rows = conn.execute(
+                "SELECT kid, sealed_private_key, created_at, retired_at, published_until "
+                "FROM signing_keys"
+            ).fetchall()
+        return [
+            StoredSigningKey(
+                kid=row[0],
+                sealed_private_key=bytes(row[1]),
+                created_at=_from_micros(row[2]),
+                retired_at=None if row[3] is None else _from_micros(row[3]),
+                published_until=None if row[4] is None else _from_micros(row[4]),
+            )
+            for row in rows
+        ]
+
+    def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
+        with self._transaction("save signing keys") as conn:
+            conn.execute("DELETE FROM signing_keys")
+            conn.executemany(
+                "INSERT INTO signing_keys (kid, sealed_private_key, created_at, retired_at, "
+                "published_until) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        key.kid,
+                        key.sealed_private_key,
+                        _to_micros(key.created_at),
+                        None if key.retired_at is None else _to_micros(key.retired_at),
+                        None if key.published_until is None else _to_micros(key.published_until),
+                    )
+                    for key in keys
+                ],
+            )
+
+    def save_assurance(self, assurance: AssuranceRecord) -> None:
+        with self._transaction(f"save assurance of shift {assurance.shift_id!r}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO assurances (shift_id, agent_id, token_id, token, "
+                "issued_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    assurance.shift_id,
+                    assurance.agent_id,
+                    assurance.token_id,
+                    assurance.token,
+                    _to_micros(assurance.issued_at),
+                    _to_micros(assurance.expires_at),
+                ),
+            )
+
+    def get_assurance(self, shift_id: str) -> AssuranceRecord | None:
+        with self._transaction(f"read assurance of shift {shift_id!r}", write=False) as conn:
+            row = conn.execute(
+                "SELECT agent_id, token_id, token, issued_at, expires_at FROM assurances "
+                "WHERE shift_id = ?",
+                (shift_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return AssuranceRecord(
+            shift_id, row[0], row[1], row[2], _from_micros(row[3]), _from_micros(row[4])
+        )
+
+    def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
+        with self._transaction(f"record the use of agent {agent_id!r}'s voiceprint") as conn:
+            conn.execute(
+                "UPDATE voiceprints SET last_used_at = max(last_used_at, ?) WHERE agent_id = ?",
+                (_to_micros(at), agent_id),
+            )
+
+    def expire_voiceprints(self, unused_before: datetime) -> list[str]:
+        cutoff = _to_micros(unused_before)
+        with self._transaction("expire unused voiceprints") as conn:
+            expired = [
+                agent_id
+                for (agent_id,) in conn.execute(
+                    "SELECT agent_id FROM voiceprints WHERE last_used_at < ? ORDER BY agent_id",
+                    (cutoff,),
+                )
+            ]
+            conn.execute("DELETE FROM voiceprints WHERE last_used_at < ?", (cutoff,))
+        if expired:
+            self._truncate_wal()
+        return expired
+
+    def update_throttle_state(
+        self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
+    ) -> ThrottleState:
+        with self._transaction(f"update the throttling of agent {agent_id!r}") as conn:
+            if not _agent_exists(conn, agent_id):
+                raise _not_found(agent_id)
+            row = conn.execute(
+                "SELECT consecutive_failures, last_failure_at, disabled_at "
+                "FROM verification_throttle WHERE agent_id = ?",
+                (agent_id,),
+            ).fetchone()
+            before = (
+                ThrottleState()
+                if row is None
+                else ThrottleState(
+                    row[0],
+                    None if row[1] is None else _from_micros(row[1]),
+                    None if row[2] is None else _from_micros(row[2]),
+                )
+            )
+            after = update(before)
+            # Agents without failures need no row: the table holds only runs of failures.
+            conn.execute("DELETE FROM verification_throttle WHERE agent_id = ?", (agent_id,))
+            if after != ThrottleState():
+                conn.execute(
+                    "INSERT INTO verification_throttle "
+                    "(agent_id, consecutive_failures, last_failure_at, disabled_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        agent_id,
+                        after.consecutive_failures,
+                        None
+                        if after.last_failure_at is None
+                        else _to_micros(after.last_failure_at),
+                        None if after.disabled_at is None else _to_micros(after.disabled_at),
+                    ),
+                )
+        return before
+
+    def sealing_key_ids(self) -> dict[str, int]:
+        # Reads only the key id bytes of each blob, never decrypts.
+        sealed = " UNION ALL ".join(
+            f"SELECT substr({column}, 2, {KEY_ID_BYTES}) AS key_id FROM {table} "
+            f"WHERE {column} IS NOT NULL"
+            for table, column in _SEALED_COLUMNS
+        )
+        with self._transaction("count sealed values by key", write=False) as conn:
+            rows = conn.execute(
+                f"SELECT lower(hex(key_id)), count(*) FROM ({sealed}) GROUP BY key_id"
+            ).fetchall()
+        return dict(rows)
+
+    def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
+        report = ReencryptionReport(
+            voiceprints=self._reseal_rows(
+                "voiceprints", "voiceprint", "telephone_voiceprint", batch_size
+            ),
+            pending_utterances=self._reseal_rows(
+                "pending_utterances", "pending_utterance", "telephone_pending_utterance", batch_size
+            ),
+        )
+        if report.voiceprints or report.pending_utterances:
+            # Old WAL frames still hold the blobs sealed under the key about to be retired.
+            self._truncate_wal()
+        return report
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -400,6 +758,59 @@ class SqliteVoiceprintStore:
         if busy:
             logger.warning("WAL not truncated after erasure: another connection is reading")
 
+    def _require_known_keys(self) -> None:
+        """Refuses a store holding values sealed under a key this cipher does not have, before
+        the service starts rather than at the first read of each."""
+        unknown = {
+            key_id: count
+            for key_id, count in self.sealing_key_ids().items()
+            if key_id not in self._cipher.known_key_ids
+        }
+        if unknown:
+            listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in unknown.items())
+            raise ConfigurationError(
+                f"the database holds values sealed with key {listed}, which is neither the "
+                f"current key {self._cipher.key_id} (VOXAUTH_KEY / VOXAUTH_KEY_FILE) nor a "
+                "previous key (VOXAUTH_PREVIOUS_KEYS / VOXAUTH_PREVIOUS_KEYS_FILE)"
+            )
+
+    def _reseal_rows(
+        self, table: str, kind: RecordKind, telephone_kind: RecordKind, batch_size: int
+    ) -> int:
+        """Re-seals, `batch_size` rows per transaction, the rows of `table` with an embedding
+        sealed under another key than the current one; returns how many."""
+        current = bytes.fromhex(self._cipher.key_id)
+        resealed = 0
+        while True:
+            with self._transaction(f"re-encrypt {table}") as conn:
+                rows = conn.execute(
+                    "SELECT rowid, agent_id, model_id, embedding, telephone_embedding "
+                    f"FROM {table} WHERE substr(embedding, 2, :n) != :key "
+                    "OR substr(telephone_embedding, 2, :n) != :key LIMIT :batch",
+                    {"n": KEY_ID_BYTES, "key": current, "batch": batch_size},
+                ).fetchall()
+                for rowid, agent_id, model_id, blob, telephone in rows:
+                    conn.execute(
+                        f"UPDATE {table} SET embedding = ?, telephone_embedding = ? "
+                        "WHERE rowid = ?",
+                        (
+                            self._reseal(blob, agent_id, kind, model_id),
+                            None
+                            if telephone is None
+                            else self._reseal(telephone, agent_id, telephone_kind, model_id),
+                            rowid,
+                        ),
+                    )
+            if not rows:
+                return resealed
+            resealed += len(rows)
+
+    def _reseal(self, blob: bytes, agent_id: str, kind: RecordKind, model_id: str) -> bytes:
+        return self._cipher.reseal(
+            blob,
+            associated=associated_data(agent_id=agent_id, record_kind=kind, model_id=model_id),
+        )
+
     def _seal_optional(
         self, embedding: Embedding | None, agent_id: str, kind: RecordKind, model_id: str
     ) -> bytes | None:
@@ -421,7 +832,7 @@ class SqliteVoiceprintStore:
         )
 
     def _voiceprint_from_row(self, row: tuple[Any, ...]) -> Voiceprint:
-        agent_id, model_id, blob, created_at, utterance_count, net_speech, telephone = row
+        agent_id, model_id, blob, created_at, utterance_count, net_speech, telephone, used = row
         embedding = self._cipher.decrypt_embedding(
             blob,
             associated=associated_data(
@@ -436,6 +847,7 @@ class SqliteVoiceprintStore:
             utterance_count,
             net_speech,
             self._open_optional(telephone, agent_id, "telephone_voiceprint", model_id),
+            _from_micros(used),
         )
 
     def _utterance_from_row(self, row: tuple[Any, ...]) -> UtteranceRecord:
@@ -494,7 +906,7 @@ def _configure(conn: sqlite3.Connection) -> None:
         raise StorageError(f"this SQLite build does not apply the required settings: {applied}")
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, audit_key: AuditKey | None) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -506,6 +918,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
                 conn.execute(statement)
+            if statements is _AUDIT_CHAIN_MIGRATION:
+                _chain_carried_over_audit(conn, audit_key)
         # user_version lives in the database header, so it commits with the schema.
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -561,10 +975,120 @@ def _from_micros(micros: int) -> datetime:
 
 def _audit_details_json(details: Mapping[str, Any]) -> str:
     _refuse_biometrics(details, "details")
-    try:
-        return json.dumps(details, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"audit details must be plain JSON values: {exc}") from exc
+    return canonical_details(details)
+
+
+def _append_chained(conn: sqlite3.Connection, key: AuditKey | None, entry: AuditEntry) -> None:
+    """Appends the record after the sealed head and moves the head on, in the caller's
+    transaction."""
+    head = conn.execute("SELECT seq, hash FROM audit_head").fetchone()
+    if head is None:
+        raise StorageError(
+            "the audit chain's head is missing: the audit log was tampered with (run "
+            "`voxauth audit verify`)"
+        )
+    # Continuing from the head rather than from the last row keeps records cut off the end
+    # missing for good: the next record cannot seal over the cut.
+    seq, record_hash = head[0] + 1, chain_hash(head[1], entry)
+    conn.execute(
+        "INSERT INTO audit_log (seq, at, action, agent_id, agent_ref, outcome, details, "
+        "prev_hash, hash, key_id, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            seq,
+            entry.at,
+            entry.action,
+            entry.agent_id,
+            entry.agent_ref,
+            entry.outcome,
+            entry.details,
+            head[1],
+            record_hash,
+            *_record_seal(key, record_hash),
+        ),
+    )
+    _seal_head(conn, key, seq, record_hash)
+
+
+def _chain_carried_over_audit(conn: sqlite3.Connection, key: AuditKey | None) -> None:
+    """Pseudonymises, chains and seals the audit rows of a database from before the chain, in
+    its migration's transaction. The rows of an agent erased back then lose its id (a pseudonym
+    nothing resolves) except the record of the erasure, as they would have had the chain
+    existed."""
+    rows = conn.execute(
+        "SELECT seq, at, action, agent_id, outcome, details FROM audit_log ORDER BY seq"
+    ).fetchall()
+    pseudonyms: dict[str, str] = dict(
+        conn.execute("SELECT agent_id, audit_pseudonym FROM agents").fetchall()
+    )
+    # An id erased and created again: its rows up to the last erasure are the erased agent's.
+    last_erasure = {row[3]: row[0] for row in rows if row[2] == ERASURE_ACTION}
+    erased: dict[str, str] = {}
+    seq, prev_hash = 0, GENESIS_HASH
+    for seq, at, action, agent_id, outcome, details in rows:
+        if not agent_id or action == ERASURE_ACTION:
+            agent_ref = ""
+        elif agent_id in pseudonyms and seq > last_erasure.get(agent_id, 0):
+            agent_ref = pseudonyms[agent_id]
+        else:
+            agent_ref = erased.setdefault(agent_id, new_agent_pseudonym())
+        entry = AuditEntry(
+            at,
+            action,
+            "" if agent_ref else agent_id,
+            agent_ref,
+            outcome,
+            canonical_details(json.loads(details)),
+        )
+        record_hash = chain_hash(prev_hash, entry)
+        conn.execute(
+            "UPDATE audit_log SET agent_id = ?, agent_ref = ?, details = ?, prev_hash = ?, "
+            "hash = ?, key_id = ?, mac = ? WHERE seq = ?",
+            (
+                entry.agent_id,
+                entry.agent_ref,
+                entry.details,
+                prev_hash,
+                record_hash,
+                *_record_seal(key, record_hash),
+                seq,
+            ),
+        )
+        prev_hash = record_hash
+    _seal_head(conn, key, seq, prev_hash)
+
+
+def _record_seal(key: AuditKey | None, record_hash: str) -> tuple[str | None, str | None]:
+    """The key id and MAC columns of a record."""
+    return (None, None) if key is None else (key.key_id, key.record_mac(record_hash))
+
+
+def _reseal_head(
+    conn: sqlite3.Connection, current: AuditKey, known: Mapping[str, AuditKey]
+) -> None:
+    head = conn.execute("SELECT seq, hash, key_id, mac FROM audit_head").fetchone()
+    if head is None or head[2] == current.key_id:
+        return
+    seq, head_hash, key_id, mac = head
+    key = known.get(key_id)
+    if key is None or mac is None or not key.sealed_head(seq, head_hash, mac):
+        raise StorageError(
+            "the audit chain head's seal does not check out under the given keys; run "
+            "`voxauth audit verify` before re-sealing"
+        )
+    _seal_head(conn, current, seq, head_hash)
+
+
+def _seal_head(conn: sqlite3.Connection, key: AuditKey | None, seq: int, head_hash: str) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO audit_head (singleton, seq, hash, key_id, mac) "
+        "VALUES (1, ?, ?, ?, ?)",
+        (
+            seq,
+            head_hash,
+            None if key is None else key.key_id,
+            None if key is None else key.head_mac(seq, head_hash),
+        ),
+    )
 
 
 def _refuse_biometrics(value: object, where: str) -> None:

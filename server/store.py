@@ -8,11 +8,14 @@ no raw audio is ever stored.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from models.embedder import Embedding
+from server.assurances import SigningKeyStore
+from server.audit import AuditLog
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class Voiceprint:
     """The companion voiceprint that telephone-band checks are compared with, made from the
     same enrollment speech through a simulated G.711 call; None for voiceprints made before
     companions existed (their telephone checks are scored across channels)."""
+    last_used_at: datetime | None = None
+    """When a check last scored against it (its enrollment until then), to the hour: what
+    retention counts from. None in a voiceprint not yet stored."""
 
 
 class ShiftState(enum.Enum):
@@ -93,8 +99,9 @@ class AuditEvent:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class VoiceprintStore(Protocol):
-    """Agents, their pending enrollment utterances, their voiceprints, and the audit log.
+class VoiceprintStore(AuditLog, Protocol):
+    """Agents, their pending enrollment utterances, their voiceprints, and the audit log
+    (read as a hash chain through AuditLog).
 
     Implementations are thread-safe: methods are called from worker threads.
     """
@@ -131,11 +138,21 @@ class VoiceprintStore(Protocol):
         """Every agent's voiceprint made by `model_id`: the agents' part of the
         score-normalisation cohort."""
 
+    def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
+        """Records that a check scored against the agent's voiceprint at `at` (never moves the
+        time back). Does nothing if the agent has no voiceprint (any more)."""
+
+    def expire_voiceprints(self, unused_before: datetime) -> list[str]:
+        """Erases every voiceprint last used before `unused_before` (the agents stay) and
+        returns their agents' ids."""
+
     def append_audit(self, event: AuditEvent) -> None:
-        """Appends one audit record."""
+        """Appends one audit record to the chain and seals it. While the agent exists the
+        record names it by pseudonym only, so erasing the agent unlinks its records."""
 
     def audit_events(self, agent_id: str | None = None) -> list[AuditEvent]:
-        """Audit records, oldest first, optionally for one agent."""
+        """Audit records, oldest first, optionally for one agent. Records of an erased agent
+        come back with an empty agent_id, except the record of its erasure."""
 
     def close(self) -> None: ...
 
@@ -153,5 +170,70 @@ class ShiftStore(Protocol):
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
 
 
-class Store(VoiceprintStore, ShiftStore, Protocol):
+@dataclass(frozen=True)
+class AssuranceRecord:
+    """The latest signed assurance of a shift, kept for the MFA provider to fetch."""
+
+    shift_id: str
+    agent_id: str
+    token_id: str
+    token: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class AssuranceStore(SigningKeyStore, Protocol):
+    """Signing keys (sealed) and the assurances issued with them. Thread-safe."""
+
+    def save_assurance(self, assurance: AssuranceRecord) -> None:
+        """Keeps `assurance` as its shift's latest, replacing an earlier one."""
+
+    def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    """An agent's run of failed verification attempts: what throttling needs to survive a
+    restart."""
+
+    consecutive_failures: int = 0
+    """Failed attempts since the last ACCEPT, counting attempts still being decided."""
+    last_failure_at: datetime | None = None
+    """When the latest of them failed (or, while being decided, began)."""
+    disabled_at: datetime | None = None
+    """When too many failures disabled the agent's verification; None while enabled."""
+
+
+class ThrottleStore(Protocol):
+    """Throttling state per agent. Thread-safe, like VoiceprintStore."""
+
+    def update_throttle_state(
+        self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
+    ) -> ThrottleState:
+        """Replaces the agent's state (ThrottleState() if it has none) with `update(state)` in
+        one atomic step, and returns the state it replaced. An exception from `update` changes
+        nothing and propagates; `update` must be quick and must not call the store. Raises
+        AgentNotFoundError."""
+
+
+@dataclass(frozen=True)
+class ReencryptionReport:
+    """Rows whose sealed embeddings `reencrypt_all` moved to the current key."""
+
+    voiceprints: int
+    pending_utterances: int
+
+
+class KeyRotationStore(Protocol):
+    """What rotating the encryption key needs of the store. Thread-safe."""
+
+    def sealing_key_ids(self) -> dict[str, int]:
+        """How many sealed values (embeddings, signing keys) each key id has sealed."""
+
+    def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
+        """Re-seals under the current key every voiceprint and pending utterance sealed under
+        a previous one, `batch_size` rows per transaction so the service keeps running."""
+
+
+class Store(VoiceprintStore, ShiftStore, AssuranceStore, ThrottleStore, KeyRotationStore, Protocol):
     """Everything the service keeps: one interface, so a distributed store can replace SQLite."""

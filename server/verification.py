@@ -6,7 +6,8 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from server.agents import validate_agent_id
 from server.channel import Channel
@@ -17,7 +18,15 @@ from server.speech import SpeechAnalysis
 from server.store import AuditEvent, Voiceprint, VoiceprintStore
 from server.voice import AudioInput, VoiceAnalyser, VoiceSample
 
+if TYPE_CHECKING:
+    # Only for the annotation: server.throttling imports Decision from here.
+    from server.throttling import VerificationThrottle
+
 log = logging.getLogger(__name__)
+
+# Retention counts in years: noting a voiceprint's use once an hour is precise enough and
+# spares most checks a write.
+_LAST_USE_RESOLUTION = timedelta(hours=1)
 
 
 class Decision(enum.Enum):
@@ -52,23 +61,34 @@ class VerificationService:
         policy: VerificationPolicy,
         scorer: Scorer,
         now: Callable[[], datetime],
+        throttle: VerificationThrottle,
     ) -> None:
         self._store = store
         self._analyser = analyser
         self._policy = policy
         self._scorer = scorer
         self._now = now
+        self._throttle = throttle
 
     def verify(
         self, agent_id: str, audio: AudioInput, *, action: str = "verify"
     ) -> VerificationResult:
-        """Blocking: runs the model. Cheap checks on the agent come before the audio work.
-        `action` names the decision in the audit log (a plain Verify, or a shift's login)."""
+        """Blocking: runs the model. Cheap checks on the agent and the throttle come before the
+        audio work. `action` names the decision in the audit log (a plain Verify, or a shift's
+        login). Raises ThrottledError or VerificationDisabledError after too many failures."""
         voiceprint = self.voiceprint_of(agent_id)
-        sample = self._analyser.analyse(
-            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
-        )
-        return self.judge(voiceprint, sample, action=action)
+        agent_id = voiceprint.agent_id
+        self._throttle.check(agent_id, self._now())
+        try:
+            sample = self._analyser.analyse(
+                audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
+            )
+            result = self.judge(voiceprint, sample, action=action)
+        except BaseException:
+            self._throttle.abandon(agent_id)
+            raise
+        self._throttle.record(agent_id, result.decision, self._now())
+        return result
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """The agent's voiceprint, if it can be compared with this server's model."""
@@ -89,7 +109,8 @@ class VerificationService:
         self, voiceprint: Voiceprint, sample: VoiceSample, *, action: str
     ) -> VerificationResult:
         """Scores an analysed sample against the voiceprint, decides, and audits the decision
-        under `action` ("verify", or a shift checkpoint)."""
+        under `action` ("verify", or a shift checkpoint). Not throttled: a checkpoint is no
+        attempt of a claimant."""
         model_id = self._analyser.model_id
         scoring = (
             None
@@ -127,9 +148,15 @@ class VerificationService:
                 "llr": round(scoring.llr, 3),
                 "llr_threshold": round(scoring.llr_threshold, 3),
             }
+        now = self._now()
         self._store.append_audit(
-            AuditEvent(action, voiceprint.agent_id, result.decision.value, self._now(), details)
+            AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
         )
+        last_used_at = voiceprint.last_used_at
+        if scoring is not None and (
+            last_used_at is None or now - last_used_at >= _LAST_USE_RESOLUTION
+        ):
+            self._store.mark_voiceprint_used(voiceprint.agent_id, now)
         log.info(
             "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
             "net_speech=%.1fs",

@@ -7,13 +7,14 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
 from server.config import ServerConfig
-from tests.support import KEY, RunningServer, make_config
+from tests.support import KEY, ManualClock, RunningServer, make_config
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +30,14 @@ def start_server(
     """Starts servers on demand (several in a row share the same database: restarts)."""
     running: list[RunningServer] = []
 
-    def start(config: ServerConfig | None = None) -> RunningServer:
-        server = RunningServer(config or make_config(tmp_path), lambda: embedder, KEY)
+    def start(
+        config: ServerConfig | None = None,
+        clock: ManualClock | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> RunningServer:
+        server = RunningServer(
+            config or make_config(tmp_path), lambda: embedder, KEY, clock, credentials
+        )
         running.append(server)
         return server
 

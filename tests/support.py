@@ -21,8 +21,10 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import SpeakerEmbedder
+from server.access import Role
 from server.app import VoxauthServer
-from server.config import EnrollmentPolicy, ServerConfig
+from server.certificates import DevelopmentPki, channel_credentials
+from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
 
 DATA = Path(__file__).parent / "data"
 RATE = 16_000
@@ -74,20 +76,45 @@ KEY = bytes(range(32))
 def make_config(tmp_path: Path) -> ServerConfig:
     # Each test file holds ~17 s of one speaker, so tests ask for 5 s of enrollment speech
     # instead of the 20 s default.
+    # Plain text, every caller with every role: these tests are about speech, not access
+    # (tests/test_security.py runs the real server with mutual TLS).
     return replace(
         ServerConfig(),
         listen_address="127.0.0.1:0",
         database_path=tmp_path / "voxauth.db",
         enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
+        transport=TransportConfig(insecure_development=True),
+        mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
+    )
+
+
+def tls_config(tmp_path: Path, pki: DevelopmentPki) -> ServerConfig:
+    """The test configuration behind mutual TLS with the development PKI."""
+    return replace(
+        make_config(tmp_path),
+        transport=TransportConfig(
+            tls_certificate=pki.server_certificate,
+            tls_private_key=pki.server_key,
+            client_ca=pki.ca_certificate,
+        ),
+    )
+
+
+def as_role(pki: DevelopmentPki, role: Role) -> grpc.ChannelCredentials:
+    """Client credentials of the development PKI's certificate for `role`."""
+    return channel_credentials(
+        pki.ca_certificate,
+        certificate=pki.client_certificate(role.value),
+        private_key=pki.client_key(role.value),
     )
 
 
 class ManualClock:
     """A Clock that moves only when the test says, so a whole shift runs in seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: datetime = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)) -> None:
         self._now = 0.0
-        self._start = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
+        self._start = start
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def monotonic(self) -> float:
@@ -128,6 +155,7 @@ class RunningServer:
         load_embedder: Callable[[], SpeakerEmbedder],
         key: bytes,
         clock: ManualClock | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.config = config
         self._loop = asyncio.new_event_loop()
@@ -136,7 +164,12 @@ class RunningServer:
         self.clock = clock or ManualClock()
         self.server = VoxauthServer(config, key, load_embedder=load_embedder, clock=self.clock)
         self.port = self._call(self.server.start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        target = f"127.0.0.1:{self.port}"
+        self.channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials
+            else grpc.insecure_channel(target)
+        )
         self.enrollment = pb_grpc.EnrollmentServiceStub(self.channel)
         self.verification = pb_grpc.VerificationServiceStub(self.channel)
         self.shifts = spb_grpc.ShiftServiceStub(self.channel)

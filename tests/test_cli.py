@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from server.certificates import create_pki
 from server.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
 from tests.support import (
     DATA,
@@ -19,6 +21,7 @@ from tests.support import (
     second_half,
     speech,
     split,
+    tls_config,
 )
 
 
@@ -28,9 +31,14 @@ def write_flac(path: Path, samples: np.ndarray) -> Path:
 
 
 def test_enroll_verify_status_delete(
-    voxauth: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    start_server: Callable[..., RunningServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    server = ["--server", f"127.0.0.1:{voxauth.port}"]
+    # The real path: mutual TLS, each command with its role's certificate from the PKI folder.
+    pki = create_pki(tmp_path / "pki")
+    voxauth = start_server(tls_config(tmp_path, pki))
+    server = ["--server", f"127.0.0.1:{voxauth.port}", "--pki-dir", str(pki.folder)]
     parts = [
         write_flac(tmp_path / f"part{i}.flac", samples)
         for i, samples in enumerate(split(first_half(SPEAKER_A), 2))
@@ -57,6 +65,11 @@ def test_enroll_verify_status_delete(
 
     assert main(["status", *server, "agent-7"]) == EXIT_OK
     assert "enrolled: 2 utterance(s)" in capsys.readouterr().out
+
+    # A certificate of the wrong role is refused.
+    mfa = ["--cert", str(pki.client_certificate("mfa")), "--key", str(pki.client_key("mfa"))]
+    assert main(["delete", *server, *mfa, "agent-7"]) == EXIT_REFUSED
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
 
     assert main(["delete", *server, "agent-7"]) == EXIT_OK
     assert main(["status", *server, "agent-7"]) == EXIT_REFUSED

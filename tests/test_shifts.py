@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from voxauth.v1 import shifts_pb2 as spb
+from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import ShiftPolicy
@@ -54,7 +55,7 @@ def pcm16_frames(samples: Samples, frames_per_message: int = 50) -> list[bytes]:
 class ShiftStream:
     """A softphone's bidirectional stream, driven from the test thread."""
 
-    def __init__(self, voxauth: RunningServer, shift_id: str) -> None:
+    def __init__(self, shifts: spb_grpc.ShiftServiceStub, shift_id: str) -> None:
         self._outbox: queue.Queue[spb.ShiftAudio | None] = queue.Queue()
         self._outbox.put(
             spb.ShiftAudio(
@@ -63,7 +64,7 @@ class ShiftStream:
                 )
             )
         )
-        self.call = voxauth.shifts.StreamShiftAudio(self._requests())
+        self.call = shifts.StreamShiftAudio(self._requests())
         self._events: queue.Queue[spb.ShiftEvent | grpc.RpcError | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -142,7 +143,7 @@ def test_checkpoints_pass_then_another_speaker_locks_the_shift(
     shift_server: RunningServer,
 ) -> None:
     shift_id = start_shift(shift_server, second_half(SPEAKER_A)).shift.shift_id
-    stream = ShiftStream(shift_server, shift_id)
+    stream = ShiftStream(shift_server.shifts, shift_id)
     assert stream.next_event().kind == spb.SHIFT_EVENT_KIND_STREAM_ATTACHED
 
     stream.send(speech(SPEAKER_A))
@@ -193,7 +194,7 @@ def test_silence_and_noise_give_insufficient_speech_and_no_lock(
     shift_server: RunningServer,
 ) -> None:
     shift_id = start_shift(shift_server, second_half(SPEAKER_A)).shift.shift_id
-    stream = ShiftStream(shift_server, shift_id)
+    stream = ShiftStream(shift_server.shifts, shift_id)
     stream.next_event()
     rng = np.random.default_rng(7)
     for _ in range(3):
@@ -212,9 +213,9 @@ def test_silence_and_noise_give_insufficient_speech_and_no_lock(
 
 def test_reconnect_resumes_and_a_new_stream_takes_over(shift_server: RunningServer) -> None:
     shift_id = start_shift(shift_server, second_half(SPEAKER_A)).shift.shift_id
-    first = ShiftStream(shift_server, shift_id)
+    first = ShiftStream(shift_server.shifts, shift_id)
     first.next_event()
-    second = ShiftStream(shift_server, shift_id)
+    second = ShiftStream(shift_server.shifts, shift_id)
     attached = second.next_event()
     assert attached.kind == spb.SHIFT_EVENT_KIND_STREAM_ATTACHED
     assert attached.shift.shift_id == shift_id
@@ -226,7 +227,7 @@ def test_reconnect_resumes_and_a_new_stream_takes_over(shift_server: RunningServ
     second.close()
 
     # The softphone drops off and comes back: same shift, same counts.
-    third = ShiftStream(shift_server, shift_id)
+    third = ShiftStream(shift_server.shifts, shift_id)
     resumed = third.next_event()
     assert resumed.shift.checkpoints_passed == 1
     third.close()
@@ -238,7 +239,7 @@ def test_restart_keeps_the_shift_state(
     config = replace(make_config(tmp_path), shifts=POLICY)
     first = start_server(config)
     shift_id = start_shift(first, second_half(SPEAKER_A)).shift.shift_id
-    stream = ShiftStream(first, shift_id)
+    stream = ShiftStream(first.shifts, shift_id)
     stream.next_event()
     stream.send(speech(SPEAKER_A))
     first.advance(100)
@@ -250,7 +251,7 @@ def test_restart_keeps_the_shift_state(
     state = second.shifts.GetShift(spb.GetShiftRequest(shift_id=shift_id))
     assert state.state == spb.SHIFT_STATE_VERIFIED
     assert state.checkpoints_passed == 1
-    resumed = ShiftStream(second, shift_id)
+    resumed = ShiftStream(second.shifts, shift_id)
     assert resumed.next_event().shift.checkpoints_passed == 1
     resumed.send(speech(SPEAKER_A))
     second.advance(100)
@@ -262,7 +263,7 @@ def test_bad_streams_get_clear_errors_and_leave_other_shifts_alone(
     shift_server: RunningServer,
 ) -> None:
     good_id = start_shift(shift_server, second_half(SPEAKER_A)).shift.shift_id
-    good = ShiftStream(shift_server, good_id)
+    good = ShiftStream(shift_server.shifts, good_id)
     good.next_event()
     good.send(speech(SPEAKER_A))
 
@@ -322,12 +323,13 @@ def test_bad_streams_get_clear_errors_and_leave_other_shifts_alone(
 
 def test_ending_a_shift_stops_its_stream(shift_server: RunningServer) -> None:
     shift_id = start_shift(shift_server, second_half(SPEAKER_A)).shift.shift_id
-    stream = ShiftStream(shift_server, shift_id)
+    stream = ShiftStream(shift_server.shifts, shift_id)
     stream.next_event()
     ended = shift_server.shifts.EndShift(spb.EndShiftRequest(shift_id=shift_id))
     assert ended.state == spb.SHIFT_STATE_ENDED
     assert ended.HasField("ended_at")
-    # The event stream ends normally; the shift stays readable for audit.
+    # The stream says so, then ends normally; the shift stays readable for audit.
+    assert stream.next_event().kind == spb.SHIFT_EVENT_KIND_SHIFT_ENDED
     assert stream.ended()
     state = shift_server.shifts.GetShift(spb.GetShiftRequest(shift_id=shift_id))
     assert state.state == spb.SHIFT_STATE_ENDED

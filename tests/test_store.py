@@ -18,7 +18,13 @@ import pytest
 
 from models.embedder import Embedding
 from server.crypto import VoiceprintCipher
-from server.errors import AgentExistsError, AgentNotFoundError, CapacityError, StorageError
+from server.errors import (
+    AgentExistsError,
+    AgentNotFoundError,
+    CapacityError,
+    ConfigurationError,
+    StorageError,
+)
 from server.sqlite_store import SqliteVoiceprintStore
 from server.store import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
 
@@ -232,18 +238,15 @@ def test_database_file_is_private(db_path: Path, store: SqliteVoiceprintStore) -
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
-def test_another_key_cannot_read_the_voiceprints(db_path: Path) -> None:
+def test_another_key_cannot_open_the_voiceprints(db_path: Path) -> None:
     store = SqliteVoiceprintStore.open(db_path, CIPHER)
     store.create_agent(agent("a1"))
     store.replace_voiceprint(voiceprint("a1", "v"), [])
     store.close()
 
-    other = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(bytes(32)))
-    try:
-        with pytest.raises(StorageError, match="loaded key"):
-            other.get_voiceprint("a1")
-    finally:
-        other.close()
+    # Refused when the store opens (the server's start), naming the key that sealed them.
+    with pytest.raises(ConfigurationError, match=CIPHER.key_id):
+        SqliteVoiceprintStore.open(db_path, VoiceprintCipher(bytes(32)))
 
 
 def test_a_blob_copied_to_another_agent_does_not_decrypt(
@@ -318,7 +321,9 @@ def test_delete_agent_leaves_no_trace_on_disk(db_path: Path, store: SqliteVoicep
     with pytest.raises(AgentNotFoundError):
         store.get_agent("doomed")
     assert [u.utterance_id for u in store.pending_utterances("keep")] == ["keep-u1"]
-    assert [e.action for e in store.audit_events("doomed")] == ["agent.create"]
+    # The agent's audit records stay, but nothing links them to it any more.
+    assert store.audit_events("doomed") == []
+    assert [(e.action, e.agent_id) for e in store.audit_events()] == [("agent.create", "")]
 
     def assert_no_trace() -> None:
         on_disk = file_bytes(db_path)

@@ -72,6 +72,10 @@ class _ShiftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftE
     """Not enough speech arrived before the checkpoint's deadline. Not a failure."""
     SHIFT_EVENT_KIND_SHIFT_LOCKED: _ShiftEventKind.ValueType  # 4
     """Consecutive failures reached the limit: the shift is locked until a login check passes."""
+    SHIFT_EVENT_KIND_SHIFT_VERIFIED: _ShiftEventKind.ValueType  # 6
+    """A login check passed (or an admin unlocked it): the shift is VERIFIED again."""
+    SHIFT_EVENT_KIND_SHIFT_ENDED: _ShiftEventKind.ValueType  # 7
+    """The shift ended."""
 
 class ShiftEventKind(_ShiftEventKind, metaclass=_ShiftEventKindEnumTypeWrapper): ...
 
@@ -86,7 +90,31 @@ SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH: ShiftEventKind.ValueType  # 3
 """Not enough speech arrived before the checkpoint's deadline. Not a failure."""
 SHIFT_EVENT_KIND_SHIFT_LOCKED: ShiftEventKind.ValueType  # 4
 """Consecutive failures reached the limit: the shift is locked until a login check passes."""
+SHIFT_EVENT_KIND_SHIFT_VERIFIED: ShiftEventKind.ValueType  # 6
+"""A login check passed (or an admin unlocked it): the shift is VERIFIED again."""
+SHIFT_EVENT_KIND_SHIFT_ENDED: ShiftEventKind.ValueType  # 7
+"""The shift ended."""
 Global___ShiftEventKind: _TypeAlias = ShiftEventKind  # noqa: Y015
+
+@_typing.final
+class SubscribeShiftEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """Only this agent's shifts; empty for all."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeShiftEventsRequest: _TypeAlias = SubscribeShiftEventsRequest  # noqa: Y015
 
 @_typing.final
 class Shift(_message.Message):
@@ -209,6 +237,11 @@ class LoginCheckResponse(_message.Message):
 
     SHIFT_FIELD_NUMBER: _builtins.int
     VERIFICATION_FIELD_NUMBER: _builtins.int
+    ASSURANCE_FIELD_NUMBER: _builtins.int
+    assurance: _builtins.str
+    """When the check passed: the signed assurance for the MFA provider (see
+    assurances.proto). Empty otherwise.
+    """
     @_builtins.property
     def shift(self) -> Global___Shift:
         """The shift after the check."""
@@ -222,10 +255,11 @@ class LoginCheckResponse(_message.Message):
         *,
         shift: Global___Shift | None = ...,
         verification: _voxauth_pb2.VerifyResponse | None = ...,
+        assurance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shift", b"shift", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shift", b"shift", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assurance", b"assurance", "shift", b"shift", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,11 @@ class ShiftServiceStub:
                 request_serializer=voxauth_dot_v1_dot_shifts__pb2.GetShiftRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_shifts__pb2.Shift.FromString,
                 _registered_method=True)
+        self.SubscribeShiftEvents = channel.unary_stream(
+                '/voxauth.v1.ShiftService/SubscribeShiftEvents',
+                request_serializer=voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.FromString,
+                _registered_method=True)
 
 
 class ShiftServiceServicer:
@@ -118,6 +123,16 @@ class ShiftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeShiftEvents(self, request, context):
+        """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
+        how the MFA provider learns at once that a shift was locked. Events are not replayed: read
+        GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
+        events beyond 256 (the shift state stays authoritative).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShiftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +160,11 @@ def add_ShiftServiceServicer_to_server(servicer, server):
                     servicer.GetShift,
                     request_deserializer=voxauth_dot_v1_dot_shifts__pb2.GetShiftRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_shifts__pb2.Shift.SerializeToString,
+            ),
+            'SubscribeShiftEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeShiftEvents,
+                    request_deserializer=voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -282,6 +302,33 @@ class ShiftService:
             '/voxauth.v1.ShiftService/GetShift',
             voxauth_dot_v1_dot_shifts__pb2.GetShiftRequest.SerializeToString,
             voxauth_dot_v1_dot_shifts__pb2.Shift.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeShiftEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/voxauth.v1.ShiftService/SubscribeShiftEvents',
+            voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.SerializeToString,
+            voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,12 @@ class ShiftServiceStub:
     """The shift's current state (what the MFA integration reads).
       NOT_FOUND           no shift with this id.
     """
+    SubscribeShiftEvents: _grpc.UnaryStreamMultiCallable[_shifts_pb2.SubscribeShiftEventsRequest, _shifts_pb2.ShiftEvent]
+    """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
+    how the MFA provider learns at once that a shift was locked. Events are not replayed: read
+    GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
+    events beyond 256 (the shift state stays authoritative).
+    """
 
 @_typing.type_check_only
 class ShiftServiceAsyncStub(ShiftServiceStub):
@@ -109,6 +115,12 @@ class ShiftServiceAsyncStub(ShiftServiceStub):
     GetShift: _aio.UnaryUnaryMultiCallable[_shifts_pb2.GetShiftRequest, _shifts_pb2.Shift]  # type: ignore[assignment]
     """The shift's current state (what the MFA integration reads).
       NOT_FOUND           no shift with this id.
+    """
+    SubscribeShiftEvents: _aio.UnaryStreamMultiCallable[_shifts_pb2.SubscribeShiftEventsRequest, _shifts_pb2.ShiftEvent]  # type: ignore[assignment]
+    """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
+    how the MFA provider learns at once that a shift was locked. Events are not replayed: read
+    GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
+    events beyond 256 (the shift state stays authoritative).
     """
 
 class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +186,18 @@ class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shifts_pb2.Shift, _abc.Awaitable[_shifts_pb2.Shift]]:
         """The shift's current state (what the MFA integration reads).
           NOT_FOUND           no shift with this id.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeShiftEvents(
+        self,
+        request: _shifts_pb2.SubscribeShiftEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_shifts_pb2.ShiftEvent], _abc.AsyncIterator[_shifts_pb2.ShiftEvent]]:
+        """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
+        how the MFA provider learns at once that a shift was locked. Events are not replayed: read
+        GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
+        events beyond 256 (the shift state stays authoritative).
         """
 
 def add_ShiftServiceServicer_to_server(servicer: ShiftServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
