@@ -34,6 +34,7 @@ from server.certificates import server_credentials
 from server.channel import Channel
 from server.clock import Clock, SystemClock
 from server.config import MfaConfig, ServerConfig, TransportConfig
+from server.config_audit import record_configuration
 from server.crypto import VoiceprintCipher
 from server.errors import ConfigurationError, VoxauthError
 from server.inference import InferencePool
@@ -161,6 +162,10 @@ class VoxauthServer:
             self._clock.now(),
         )
         self._assurances = AssuranceDesk(store, keyring, self.config.mfa.audience, self._clock)
+        if await asyncio.to_thread(
+            record_configuration, store, self.config.as_json(), self._clock.now()
+        ):
+            log.info("configuration differs from the last start: recorded in the audit log")
         transport = self.config.transport
         access = AccessInterceptor(_resolver(transport), store.append_audit, self._clock)
         max_bytes = self.config.audio.max_encoded_bytes

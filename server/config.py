@@ -6,9 +6,12 @@ variables (listed on each field) override them, and `voxauth serve` flags overri
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 from server.errors import ConfigurationError
@@ -240,6 +243,11 @@ class ServerConfig:
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
+    def as_json(self) -> str:
+        """The effective configuration as JSON. It holds no secrets: keys come from the
+        environment and are never part of ServerConfig."""
+        return json.dumps(dataclasses.asdict(self), default=_plain, sort_keys=True, indent=2)
+
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
         env = os.environ if env is None else env
@@ -366,6 +374,14 @@ def _retention(env: Mapping[str, str], base: RetentionPolicy) -> RetentionPolicy
         # Zero would erase every voiceprint at the next expiry run.
         raise ConfigurationError("VOXAUTH_VOICEPRINT_TTL_DAYS must be above zero")
     return replace(base, voiceprint_ttl_days=days)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    raise TypeError(f"cannot show {type(value).__name__} in the configuration")
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

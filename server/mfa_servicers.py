@@ -4,13 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
-import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 from voxauth.v1 import admin_pb2, admin_pb2_grpc, assurances_pb2, assurances_pb2_grpc
@@ -102,24 +98,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetConfiguration(
         self, request: admin_pb2.GetConfigurationRequest, context: Any
     ) -> admin_pb2.Configuration:
-        return admin_pb2.Configuration(json=configuration_json(self._config))
+        return admin_pb2.Configuration(json=self._config.as_json())
 
     async def RotateSigningKey(
         self, request: admin_pb2.RotateSigningKeyRequest, context: Any
     ) -> admin_pb2.RotateSigningKeyResponse:
         desk = self._readiness.require().assurances
         return admin_pb2.RotateSigningKeyResponse(key_id=await asyncio.to_thread(desk.rotate))
-
-
-def configuration_json(config: ServerConfig) -> str:
-    """The effective configuration. It holds no secrets: keys come from the environment and
-    are never part of ServerConfig."""
-    return json.dumps(dataclasses.asdict(config), default=_plain, sort_keys=True, indent=2)
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    raise TypeError(f"cannot show {type(value).__name__} in the configuration")

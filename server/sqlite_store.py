@@ -467,6 +467,17 @@ class SqliteVoiceprintStore:
             for action, agent, outcome, at, details in rows
         ]
 
+    def latest_audit_event(self, action: str) -> AuditEvent | None:
+        query = (
+            "SELECT a.action, coalesce(g.agent_id, a.agent_id), a.outcome, a.at, a.details "
+            f"FROM audit_log a {_RESOLVE_AGENT} WHERE a.action = ? ORDER BY a.seq DESC LIMIT 1"
+        )
+        with self._transaction("read the latest audit event", write=False) as conn:
+            row = conn.execute(query, (action,)).fetchone()
+        if row is None:
+            return None
+        return AuditEvent(row[0], row[1], row[2], _from_micros(row[3]), json.loads(row[4]))
+
     def audit_head(self) -> AuditHead | None:
         with self._transaction("read the audit chain head", write=False) as conn:
             row = conn.execute("SELECT seq, hash, key_id, mac FROM audit_head").fetchone()

@@ -154,6 +154,9 @@ class VoiceprintStore(AuditLog, Protocol):
         """Audit records, oldest first, optionally for one agent. Records of an erased agent
         come back with an empty agent_id, except the record of its erasure."""
 
+    def latest_audit_event(self, action: str) -> AuditEvent | None:
+        """The newest audit record of `action`, if any."""
+
     def close(self) -> None: ...
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from server.config import DEFAULT_THRESHOLD, ServerConfig
+from server.config_audit import record_configuration
+from server.crypto import VoiceprintCipher
 from server.errors import ConfigurationError
+from server.sqlite_store import SqliteVoiceprintStore
 
 
 def test_defaults() -> None:
@@ -42,3 +47,21 @@ def test_overrides() -> None:
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=name):
         ServerConfig.from_environment({name: value})
+
+
+def test_configuration_changes_are_audited(tmp_path: Path) -> None:
+    store = SqliteVoiceprintStore.open(tmp_path / "v.db", VoiceprintCipher(bytes(32)))
+    now = datetime(2026, 11, 1, tzinfo=UTC)
+    config = ServerConfig.from_environment({})
+    assert record_configuration(store, config.as_json(), now)
+    assert not record_configuration(store, config.as_json(), now)  # a plain restart
+    changed = ServerConfig.from_environment({"VOXAUTH_LOCK_AFTER_FAILURES": "3"})
+    assert record_configuration(store, changed.as_json(), now)
+    events = [e for e in store.audit_events() if e.action == "configuration"]
+    store.close()
+    assert [e.outcome for e in events] == ["initial", "changed"]
+    assert events[1].details["changed"] == ["shifts.max_consecutive_failures"]
+    # Keys are read apart from the configuration: none can reach the audit log this way.
+    secret = "c2VjcmV0LWtleS1tYXRlcmlhbC0zMi1ieXRlcy1sb25nIQ=="
+    assert secret not in ServerConfig.from_environment({"VOXAUTH_KEY": secret}).as_json()
+    assert json.loads(config.as_json()) == events[0].details["configuration"]
