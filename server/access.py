@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from server.clock import Clock, SystemClock
 from server.errors import ConfigurationError, InvalidRequestError, UnauthenticatedError
+from server.handlers import rewrap
 from server.store import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -383,28 +384,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await self._admit(method, context)
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(admit, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard_unary(admit, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(admit, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _guard_stream(admit, handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return rewrap(
+            handler,
+            lambda behavior: _guard_unary(admit, behavior),
+            lambda behavior: _guard_stream(admit, behavior),
         )
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:

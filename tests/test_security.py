@@ -23,7 +23,6 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from server.access import Role
 from server.certificates import DevelopmentPki, channel_credentials, create_pki
-from server.config import ShiftPolicy
 from server.crypto import VoiceprintCipher
 from server.sqlite_store import SqliteVoiceprintStore
 from tests.support import (
@@ -40,15 +39,7 @@ from tests.support import (
     tls_config,
     wav_audio,
 )
-from tests.test_shifts import ShiftStream
-
-POLICY = replace(
-    ShiftPolicy(),
-    mean_checkpoint_interval_seconds=100.0,
-    checkpoint_jitter_seconds=0.0,
-    min_checkpoint_gap_seconds=10.0,
-    checkpoint_net_speech_seconds=6.0,
-)
+from tests.test_shifts import POLICY, ShiftStream
 
 
 @pytest.fixture
