@@ -1,37 +1,42 @@
-"""How fast the speaker model embeds audio on this host, as a real-time factor."""
+"""`voxauth bench`: how fast the speaker model embeds audio on this host, as a real-time factor,
+for plain SpeechBrain and for the service's path side by side in one run.
+
+Each path runs in a process of its own, so that its thread setting, load time and peak memory
+are its own and not the sum of everything measured before it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.ecapa import EcapaEmbedder
-from models.embedder import SpeakerEmbedder, Waveform
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
 from models.fetch import default_model_dir
 
-# Real speech shipped with the tests (LibriSpeech, CC BY 4.0): used when present.
+# Real speech shipped with the tests (LibriSpeech, CC BY 4.0).
 _DEFAULT_SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "198-126831-0000.flac"
+_RATE = 16_000
 
 
 @dataclass(frozen=True)
 class BenchReport:
-    model_id: str
     audio_seconds: float
-    audio_source: str  # "speech" or "synthetic"
-    threads: int  # torch intra-op threads during the runs
     runs: int
     warmup_seconds: float
     median_seconds: float
     min_seconds: float
-    load_seconds: float | None  # None when the caller loaded the model untimed
 
     @property
     def median_rtf(self) -> float:
@@ -43,112 +48,177 @@ class BenchReport:
         return self.min_seconds / self.audio_seconds
 
 
-def timed_load(model_dir: Path) -> tuple[EcapaEmbedder, float]:
-    """Load (verify + build) the ECAPA model, with the seconds it took."""
-    start = time.perf_counter()
-    embedder = EcapaEmbedder.load(model_dir)
-    return embedder, time.perf_counter() - start
-
-
 def embedding_benchmark(
-    embedder: SpeakerEmbedder,
-    *,
-    seconds: float = 10.0,
-    runs: int = 7,
-    threads: int = 1,
-    waveform: Waveform | None = None,
-    load_seconds: float | None = None,
+    embedder: SpeakerEmbedder, waveform: Waveform, *, seconds: float, runs: int = 7
 ) -> BenchReport:
-    """Time `runs` embeddings of `seconds` of audio after one warm-up run (reported apart).
-
-    Uses the first `seconds` of `waveform` (real speech) when given, else a synthetic signal;
-    the model's cost depends on length, not content, but real speech rules out surprises.
-    """
-    if runs < 1 or seconds <= 0 or threads < 1:
-        raise ValueError("runs, seconds and threads must be positive")
+    """Time `runs` embeddings of the first `seconds` of `waveform` after one warm-up run
+    (reported apart)."""
+    if runs < 1 or seconds <= 0:
+        raise ValueError("runs and seconds must be positive")
     samples = int(seconds * embedder.sample_rate)
-    if waveform is None:
-        audio, source = _synthetic_speechlike(samples, embedder.sample_rate), "synthetic"
-    else:
-        audio, source = waveform[:samples], "speech"
-
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        warmup = _timed_embed(embedder, audio)
-        durations = [_timed_embed(embedder, audio) for _ in range(runs)]
-    finally:
-        torch.set_num_threads(previous_threads)
-
+    if waveform.shape[0] < samples:
+        raise ValueError(f"the audio is shorter than {seconds:g} s")
+    audio = waveform[:samples]
+    warmup = _timed_embed(embedder, audio)
+    durations = [_timed_embed(embedder, audio) for _ in range(runs)]
     return BenchReport(
-        model_id=embedder.model_id,
-        audio_seconds=audio.shape[0] / embedder.sample_rate,
-        audio_source=source,
-        threads=threads,
+        audio_seconds=samples / embedder.sample_rate,
         runs=runs,
         warmup_seconds=warmup,
         median_seconds=statistics.median(durations),
         min_seconds=min(durations),
-        load_seconds=load_seconds,
     )
 
 
 @dataclass(frozen=True)
 class ThroughputReport:
-    threads: int
-    workers: int
+    callers: int
     calls: int
     audio_seconds: float
     wall_seconds: float
 
     @property
     def audio_per_second(self) -> float:
-        """Seconds of audio embedded per wall-clock second, all workers together."""
+        """Seconds of audio embedded per wall-clock second, all callers together."""
         return self.calls * self.audio_seconds / self.wall_seconds
-
-    @property
-    def seconds_per_call(self) -> float:
-        """Mean latency of one call while all workers are busy."""
-        return self.wall_seconds * self.workers / self.calls
 
 
 def throughput_benchmark(
-    embedder: SpeakerEmbedder,
-    waveform: Waveform,
-    *,
-    threads: int,
-    workers: int,
-    calls: int = 12,
+    embedder: SpeakerEmbedder, waveform: Waveform, *, callers: int, calls: int = 12
 ) -> ThroughputReport:
-    """Embeds `waveform` `calls` times from `workers` threads at once, as the server's pool
-    does, after one warm-up call per worker."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda _: embedder.embed(waveform), range(workers)))
-            start = time.perf_counter()
-            list(pool.map(lambda _: embedder.embed(waveform), range(calls)))
-            wall = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(previous_threads)
-    return ThroughputReport(threads, workers, calls, waveform.shape[0] / embedder.sample_rate, wall)
+    """Embeds `waveform` `calls` times from `callers` threads at once, as the server's workers
+    do, after one warm-up call per caller."""
+    with ThreadPoolExecutor(callers) as pool:
+        list(pool.map(lambda _: embedder.embed(waveform), range(callers)))
+        start = time.perf_counter()
+        list(pool.map(lambda _: embedder.embed(waveform), range(calls)))
+        wall = time.perf_counter() - start
+    return ThroughputReport(callers, calls, waveform.shape[0] / embedder.sample_rate, wall)
 
 
-def format_report(report: BenchReport) -> str:
-    load = "not measured" if report.load_seconds is None else f"{report.load_seconds:.2f} s"
-    return "\n".join(
-        [
-            f"model    {report.model_id}",
-            f"load     {load} (verify weights + build network)",
-            f"input    {report.audio_seconds:.1f} s of {report.audio_source} audio",
-            f"threads  {report.threads} (torch intra-op)",
-            f"warm-up  {report.warmup_seconds:.3f} s",
-            f"runs     {report.runs}: median {report.median_seconds:.3f} s"
-            f" (RTF {report.median_rtf:.4f}), min {report.min_seconds:.3f} s"
-            f" (RTF {report.min_rtf:.4f})",
-        ]
+class Engine(Enum):
+    SPEECHBRAIN = "SpeechBrain EncoderClassifier (torch)"
+    SERVICE = "voxauth (OpenVINO)"
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    engine: Engine
+    threads: int | None
+    """Intra-op threads; None leaves torch's default (one per core)."""
+    throughput: bool = False
+
+
+@dataclass(frozen=True)
+class PathResult:
+    spec: PathSpec
+    threads: int
+    load_seconds: float
+    reports: tuple[BenchReport, ...]
+    peak_rss_bytes: int
+    embedding: Embedding
+    """Of the longest input, for the agreement check between paths."""
+    throughput: tuple[ThroughputReport, ...]
+
+
+def measure_path(
+    spec: PathSpec, waveform: Waveform, lengths: Sequence[float], runs: int, model_dir: Path
+) -> PathResult:
+    """Load the path's model and time it on each length; meant for a process of its own."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    embedder: SpeakerEmbedder
+    if spec.engine is Engine.SPEECHBRAIN:
+        from models.reference import SpeechBrainReference
+
+        embedder = SpeechBrainReference.load(model_dir)
+    else:
+        from models.ecapa import EcapaEmbedder
+
+        # As the server builds it: one stream per core, each with `threads` threads.
+        workers = 2 if spec.throughput else 1
+        embedder = EcapaEmbedder.load(model_dir, workers=workers, threads=threads)
+    load_seconds = time.perf_counter() - start
+    reports = tuple(
+        embedding_benchmark(embedder, waveform, seconds=seconds, runs=runs) for seconds in lengths
     )
+    throughput: tuple[ThroughputReport, ...] = ()
+    if spec.throughput:
+        audio = waveform[: int(8 * _RATE)]
+        throughput = tuple(throughput_benchmark(embedder, audio, callers=n) for n in (1, 2))
+    return PathResult(
+        spec=spec,
+        threads=threads,
+        load_seconds=load_seconds,
+        reports=reports,
+        # ru_maxrss is in KiB on Linux.
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        embedding=embedder.embed(waveform[: int(max(lengths) * _RATE)]),
+        throughput=throughput,
+    )
+
+
+def format_results(results: Sequence[PathResult], runs: int) -> str:
+    """The side-by-side table, speed-ups of the service's single-thread path over each
+    baseline, and the embeddings' agreement."""
+    lengths = [report.audio_seconds for report in results[0].reports]
+    header = f"{'path':44s} {'threads':>7s} {'load s':>7s} {'peak MB':>8s}" + "".join(
+        f"  RTF {seconds:4.0f} s" for seconds in lengths
+    )
+    lines = [f"real-time factor = compute s per audio s, median of {runs} runs after a warm-up", ""]
+    lines.append(header)
+    for result in results:
+        lines.append(
+            f"{result.spec.engine.value:44s} {result.threads:7d} {result.load_seconds:7.2f} "
+            f"{result.peak_rss_bytes / 2**20:8.0f}"
+            + "".join(f"  {report.median_rtf:10.4f}" for report in result.reports)
+        )
+    service = next((r for r in results if r.spec.engine is Engine.SERVICE and r.threads == 1), None)
+    if service is not None:
+        lines.append("")
+        for baseline in results:
+            if baseline.spec.engine is not Engine.SPEECHBRAIN:
+                continue
+            ratios = [
+                b.median_rtf / s.median_rtf
+                for b, s in zip(baseline.reports, service.reports, strict=True)
+            ]
+            lines.append(
+                f"voxauth (1 thread) vs SpeechBrain ({baseline.threads} thread"
+                f"{'s' if baseline.threads > 1 else ''}): "
+                + ", ".join(
+                    f"{ratio:.1f}x at {seconds:g} s"
+                    for ratio, seconds in zip(ratios, lengths, strict=True)
+                )
+            )
+        reference = next(r for r in results if r.spec.engine is Engine.SPEECHBRAIN)
+        lines.append(
+            f"cosine of voxauth's and SpeechBrain's embedding ({lengths[-1]:g} s): "
+            f"{float(service.embedding @ reference.embedding):.5f}"
+        )
+    for result in results:
+        if result.throughput:
+            single, both = result.throughput
+            lines.append(
+                f"throughput, voxauth ({result.threads} thread per call), 8 s calls: "
+                f"1 caller {single.audio_per_second:.1f}, 2 callers {both.audio_per_second:.1f} "
+                f"s of audio per s ({both.audio_per_second / single.audio_per_second:.2f}x; "
+                f"{both.calls} calls each)"
+            )
+    return "\n".join(lines)
+
+
+def parse_lengths(text: str) -> list[float]:
+    """'3,8,20' -> [3.0, 8.0, 20.0]"""
+    try:
+        lengths = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of seconds") from None
+    if not lengths or min(lengths) <= 0 or max(lengths) > 60:
+        raise argparse.ArgumentTypeError("lengths must be between 0 and 60 s")
+    return lengths
 
 
 def _timed_embed(embedder: SpeakerEmbedder, audio: Waveform) -> float:
@@ -157,25 +227,32 @@ def _timed_embed(embedder: SpeakerEmbedder, audio: Waveform) -> float:
     return time.perf_counter() - start
 
 
-def _synthetic_speechlike(samples: int, sample_rate: int) -> Waveform:
-    """A voiced-sounding signal: harmonics of a wandering pitch, syllable-rate bursts, noise."""
-    rng = np.random.default_rng(0)
-    t = np.arange(samples) / sample_rate
-    pitch = 120.0 + 20.0 * np.sin(2 * np.pi * 0.5 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 11))
-    syllables = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t))
-    signal = 0.1 * syllables * voiced + 0.005 * rng.standard_normal(samples)
-    return signal.astype(np.float32)
+def _speech(path: Path, seconds: float) -> Waveform:
+    """The recording, repeated when it is shorter than `seconds`."""
+    import soundfile as sf
+
+    samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    if rate != _RATE:
+        raise ValueError(f"{path} is {rate} Hz; give 16 kHz audio")
+    speech = samples.mean(axis=1).astype(np.float32)
+    waveform: Waveform = np.tile(speech, int(np.ceil(seconds * _RATE / len(speech))))
+    return waveform
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="voxauth bench", description="Embedding speed as a real-time factor."
+        prog="voxauth bench",
+        description="Embedding speed of plain SpeechBrain and of the service, side by side. "
+        "`voxauth bench shifts` and `voxauth bench load` measure a whole server.",
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10)")
+    parser.add_argument(
+        "--seconds",
+        type=parse_lengths,
+        default=parse_lengths("3,8,20"),
+        metavar="S[,S...]",
+        help="audio lengths (default 3,8,20)",
+    )
     parser.add_argument("--runs", type=int, default=7, help="timed runs after a warm-up")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
         "--audio", type=Path, default=_DEFAULT_SPEECH, help="16 kHz speech file (FLAC or WAV)"
     )
@@ -183,41 +260,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--throughput",
         action="store_true",
-        help="also measure concurrent throughput for 1-2 threads x 1-2 workers",
+        help="also measure the service's throughput with 1 and 2 concurrent callers",
     )
     args = parser.parse_args(argv)
-
-    waveform: Waveform | None = None
-    if args.audio.is_file():
-        import soundfile as sf
-
-        samples, rate = sf.read(args.audio, dtype="float32", always_2d=True)
-        if rate != 16_000:
-            print(f"voxauth bench: {args.audio} is {rate} Hz; give 16 kHz audio", file=sys.stderr)
-            return 2
-        speech = samples.mean(axis=1).astype(np.float32)
-        # Repeat the recording if it is shorter than the length asked for.
-        repeats = int(np.ceil(args.seconds * rate / len(speech)))
-        waveform = np.tile(speech, repeats)
-    embedder, load_seconds = timed_load(args.model_dir or default_model_dir())
-    report = embedding_benchmark(
-        embedder,
-        seconds=args.seconds,
-        runs=args.runs,
-        threads=args.threads,
-        waveform=waveform,
-        load_seconds=load_seconds,
-    )
-    print(format_report(report))
+    if args.runs < 1:
+        parser.error("--runs must be positive")
+    try:
+        waveform = _speech(args.audio, max(args.seconds))
+    except (OSError, RuntimeError, ValueError) as error:
+        print(f"voxauth bench: {error}", file=sys.stderr)
+        return 2
+    specs = [
+        PathSpec(Engine.SPEECHBRAIN, None),
+        PathSpec(Engine.SPEECHBRAIN, 1),
+        PathSpec(Engine.SERVICE, 1),
+        PathSpec(Engine.SERVICE, 2),
+    ]
     if args.throughput:
-        audio = waveform[: int(args.seconds * 16_000)] if waveform is not None else None
-        if audio is None:
-            audio = _synthetic_speechlike(int(args.seconds * 16_000), 16_000)
-        print("concurrent throughput (threads = torch intra-op threads, workers = callers):")
-        for threads, workers in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            load = throughput_benchmark(embedder, audio, threads=threads, workers=workers)
-            print(
-                f"  threads {threads} workers {workers}: {load.audio_per_second:5.1f} s of "
-                f"audio per s, {load.seconds_per_call:.3f} s per call ({load.calls} calls)"
-            )
+        specs.append(PathSpec(Engine.SERVICE, 1, throughput=True))
+    model_dir = args.model_dir or default_model_dir()
+    print(f"audio: {args.audio} (looped when shorter than {max(args.seconds):g} s)")
+    results = []
+    for spec in specs:
+        # A fresh process per path: its own threads, load and peak memory.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            result = child.submit(
+                measure_path, spec, waveform, args.seconds, args.runs, model_dir
+            ).result()
+        results.append(result)
+    print(format_results(results, args.runs))
     return 0

@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
+from models.export import export_network
 from models.manifest import (
     ECAPA_MANIFEST,
     FETCH_COMMAND,
@@ -104,7 +105,8 @@ def fetch_model(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=FETCH_COMMAND,
-        description="Download the speaker model's weights and verify them against the manifest.",
+        description="Download the speaker model's weights, verify them against the manifest, "
+        "and export the network for the server (cached beside the weights).",
     )
     parser.add_argument(
         "--dir",
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     target: Path = args.dir if args.dir is not None else default_model_dir()
     try:
         fetch_model(target)
+        _say(f"exported network: {export_network(target)}")
     except ModelFilesError as e:
         _say(f"error: {e.message}")
         return 1

@@ -129,7 +129,11 @@ class VoxauthServer:
         self._key = key
         self._previous_keys = previous_keys
         self._load_embedder = load_embedder or (
-            lambda: EcapaEmbedder.load(config.model_dir or default_model_dir())
+            lambda: EcapaEmbedder.load(
+                config.model_dir or default_model_dir(),
+                workers=config.inference.workers,
+                threads=config.inference.threads,
+            )
         )
         self._clock = clock or SystemClock()
         self._readiness = Readiness()

@@ -114,7 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "calibrate", help="make the score cohort and calibration from a folder of speakers"
     )
-    commands.add_parser("bench", help="measure embedding speed; `bench shifts`: shift load")
+    commands.add_parser(
+        "bench",
+        help="measure embedding speed; `bench load`: Verify load; `bench shifts`: shift load",
+    )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     return parser
 
@@ -207,6 +210,10 @@ def _bench(argv: list[str]) -> int:
         from server.shift_bench import main as shift_bench_main
 
         return shift_bench_main(argv[1:])
+    if argv[:1] == ["load"]:
+        from server.load_bench import main as load_bench_main
+
+        return load_bench_main(argv[1:])
     from models.benchmark import main as bench_main
 
     return bench_main(argv)

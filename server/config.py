@@ -134,10 +134,11 @@ class InferenceLimits:
     workers: int = 2
     """Requests worked on at once, one per core (VOXAUTH_WORKERS)."""
 
-    torch_threads: int = 2
-    """torch intra-op threads, shared by the workers (VOXAUTH_TORCH_THREADS). On the 2-core
-    reference machine, 2 threads with 2 workers embedded the most audio per second (see
-    README, "Speed"; `voxauth bench --throughput` measures it on yours)."""
+    threads: int = 1
+    """Intra-op threads of each worker's inference, for OpenVINO and torch alike
+    (VOXAUTH_THREADS). On the 2-core reference machine one thread per worker with two workers
+    embeds the most audio per second (see README, "Speed"; `voxauth bench --throughput`
+    measures it on yours)."""
 
     max_queued: int = 32
     """Requests waiting beyond the workers; more get RESOURCE_EXHAUSTED (VOXAUTH_MAX_QUEUED)."""
@@ -323,7 +324,7 @@ class ServerConfig:
             ),
             inference=InferenceLimits(
                 workers=_int(env, "VOXAUTH_WORKERS", base.inference.workers),
-                torch_threads=_int(env, "VOXAUTH_TORCH_THREADS", base.inference.torch_threads),
+                threads=_int(env, "VOXAUTH_THREADS", base.inference.threads),
                 max_queued=_int(env, "VOXAUTH_MAX_QUEUED", base.inference.max_queued),
             ),
         )

@@ -19,8 +19,9 @@ T = TypeVar("T")
 
 class InferencePool:
     def __init__(self, limits: InferenceLimits) -> None:
-        # Process-wide: torch has one intra-op thread pool, shared by all workers.
-        torch.set_num_threads(limits.torch_threads)
+        # Process-wide: torch (features, speech detection) has one intra-op thread pool,
+        # shared by all workers; the speaker network has its own threads per worker.
+        torch.set_num_threads(limits.threads)
         self._executor = ThreadPoolExecutor(
             max_workers=limits.workers, thread_name_prefix="voxauth-inference"
         )

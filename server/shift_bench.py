@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,7 @@ class BenchSettings:
 class BenchServer:
     """`voxauth serve` in a subprocess with a throwaway key and database."""
 
-    def __init__(self, workdir: Path, settings: BenchSettings) -> None:
+    def __init__(self, workdir: Path, environment: Mapping[str, str]) -> None:
         self.port = _free_port()
         self.log_path = workdir / "server.log"
         # The caller's VOXAUTH_* settings (workers, threads, scoring...) apply, except those
@@ -256,7 +256,7 @@ class BenchServer:
         }
         env["VOXAUTH_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
         env["VOXAUTH_JWKS_LISTEN"] = ""
-        env.update(settings.server_environment())
+        env.update(environment)
         self.settings = sorted(
             f"{k}={v}" for k, v in env.items() if k.startswith("VOXAUTH_") and k != "VOXAUTH_KEY"
         )
@@ -614,7 +614,7 @@ def _print_preamble(settings: BenchSettings, server: BenchServer, agents: Sequen
 
 
 async def _bench(settings: BenchSettings, workdir: Path) -> list[LevelResult]:
-    server = BenchServer(workdir, settings)
+    server = BenchServer(workdir, settings.server_environment())
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             await server.wait_until_serving(channel)

@@ -6,6 +6,7 @@ models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-mo
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import time
 from collections.abc import Callable
@@ -15,13 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
-from models.benchmark import embedding_benchmark, format_report
+from models.benchmark import (
+    BenchReport,
+    Engine,
+    PathResult,
+    PathSpec,
+    ThroughputReport,
+    embedding_benchmark,
+    format_results,
+    parse_lengths,
+)
 from models.ecapa import EcapaEmbedder
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.export import export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from models.reference import SpeechBrainReference
 from server.errors import InvalidAudioError, ModelFilesError
 
 DATA = Path(__file__).parent / "data"
@@ -58,6 +69,24 @@ def test_describes_itself(embedder: SpeakerEmbedder) -> None:
     assert embedder.model_id == ECAPA_MANIFEST.model_id
     assert embedder.sample_rate == 16_000
     assert embedder.dimension == 192
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path) -> SpeechBrainReference:
+    """SpeechBrain's own EncoderClassifier on the same weights."""
+    return SpeechBrainReference.load(model_dir)
+
+
+@pytest.mark.parametrize("seconds", [3.0, 8.0, None])
+def test_embedding_agrees_with_speechbrains_own(
+    embedder: SpeakerEmbedder, reference: SpeechBrainReference, seconds: float | None
+) -> None:
+    # The service's faster path (OpenVINO, bfloat16 where the CPU has it) must give the same
+    # embedding as SpeechBrain's encode_batch: same model id, same voiceprints.
+    for speaker in SPEAKERS:
+        audio = _speech(speaker)
+        clip = audio if seconds is None else audio[: int(seconds * 16_000)]
+        assert float(embedder.embed(clip) @ reference.embed(clip)) >= 0.999
 
 
 def test_embedding_is_unit_length_float32_and_deterministic(embedder: SpeakerEmbedder) -> None:
@@ -156,6 +185,35 @@ def test_damaged_weights_name_the_file_and_the_fix(
     assert "voxauth fetch-model" in raised.value.message
 
 
+def test_missing_or_stale_export_names_the_fix(model_dir: Path, tmp_path: Path) -> None:
+    for spec in ECAPA_MANIFEST.files:
+        (tmp_path / spec.name).symlink_to(model_dir / spec.name)
+    # An export of other weights (or an older format) sits there under another name.
+    (tmp_path / "ecapa-network-0000000000000000-v0.onnx").symlink_to(export_path(model_dir))
+    with pytest.raises(ModelFilesError) as raised:
+        EcapaEmbedder.load(tmp_path)
+    assert export_path(tmp_path).name in raised.value.message
+    assert f"voxauth fetch-model --dir {tmp_path}" in raised.value.message
+
+
+def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
+    model_dir: Path, tmp_path: Path, embedder: SpeakerEmbedder
+) -> None:
+    for spec in ECAPA_MANIFEST.files:
+        (tmp_path / spec.name).symlink_to(model_dir / spec.name)
+    stale = tmp_path / "ecapa-network-0000000000000000-v0.onnx"
+    stale.write_bytes(b"an export of other weights")
+    made = export_network(tmp_path)
+    assert made == export_path(tmp_path)
+    assert not stale.exists()
+    modified = made.stat().st_mtime_ns
+    assert export_network(tmp_path) == made  # current: left alone
+    assert made.stat().st_mtime_ns == modified
+    audio = _speech(SPEAKERS[1])[: 4 * 16_000]
+    rebuilt = EcapaEmbedder.load(tmp_path).embed(audio)
+    np.testing.assert_allclose(rebuilt, embedder.embed(audio), atol=1e-5)
+
+
 class _FixedCostEmbedder:
     model_id = "fake@0"
     sample_rate = 16_000
@@ -168,24 +226,57 @@ class _FixedCostEmbedder:
 
 
 def test_benchmark_reports_real_time_factor() -> None:
-    threads_before = torch.get_num_threads()
-    report = embedding_benchmark(_FixedCostEmbedder(), seconds=2.0, runs=3, threads=1)
-    assert torch.get_num_threads() == threads_before
-    assert report.audio_source == "synthetic"
+    audio = np.zeros(3 * 16_000, dtype=np.float32)
+    report = embedding_benchmark(_FixedCostEmbedder(), audio, seconds=2.0, runs=3)
     assert report.audio_seconds == 2.0
     assert report.runs == 3
     assert report.min_seconds <= report.median_seconds
     assert report.median_rtf == pytest.approx(report.median_seconds / 2.0)
-    text = format_report(report)
-    assert "RTF" in text
-    assert "threads  1" in text
+    with pytest.raises(ValueError, match="shorter"):
+        embedding_benchmark(_FixedCostEmbedder(), audio, seconds=4.0)
+
+
+def _result(engine: Engine, threads: int, rtf: float, embedding: list[float]) -> PathResult:
+    return PathResult(
+        spec=PathSpec(engine, threads, throughput=engine is Engine.SERVICE),
+        threads=threads,
+        load_seconds=0.5,
+        reports=tuple(BenchReport(s, 7, rtf * s, rtf * s, rtf * s) for s in (3.0, 8.0)),
+        peak_rss_bytes=600 * 2**20,
+        embedding=np.array(embedding, dtype=np.float32),
+        throughput=(
+            (ThroughputReport(1, 12, 8.0, 2.0), ThroughputReport(2, 12, 8.0, 1.0))
+            if engine is Engine.SERVICE
+            else ()
+        ),
+    )
+
+
+def test_benchmark_prints_baseline_and_service_side_by_side() -> None:
+    text = format_results(
+        [
+            _result(Engine.SPEECHBRAIN, 2, 0.02, [1.0, 0.0]),
+            _result(Engine.SPEECHBRAIN, 1, 0.045, [1.0, 0.0]),
+            _result(Engine.SERVICE, 1, 0.015, [0.6, 0.8]),
+        ],
+        runs=7,
+    )
+    assert "median of 7 runs" in text
+    assert "RTF    3 s" in text and "RTF    8 s" in text
+    assert "voxauth (1 thread) vs SpeechBrain (1 thread): 3.0x at 3 s, 3.0x at 8 s" in text
+    assert "vs SpeechBrain (2 threads): 1.3x at 3 s" in text
+    assert "embedding (8 s): 0.60000" in text
+    assert "1 caller 48.0, 2 callers 96.0 s of audio per s (2.00x" in text
+
+
+def test_benchmark_lengths_parse() -> None:
+    assert parse_lengths("3,8,20") == [3.0, 8.0, 20.0]
+    for bad in ("", "0", "x", "90"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_lengths(bad)
 
 
 def test_benchmark_on_real_speech(embedder: SpeakerEmbedder) -> None:
-    report = embedding_benchmark(
-        embedder, seconds=2.0, runs=1, waveform=_speech(SPEAKERS[0]), load_seconds=0.1
-    )
-    assert report.audio_source == "speech"
+    report = embedding_benchmark(embedder, _speech(SPEAKERS[0]), seconds=2.0, runs=1)
     assert report.audio_seconds == 2.0
     assert 0 < report.median_rtf < 5
-    assert "load     0.10 s" in format_report(report)

@@ -1,0 +1,99 @@
+"""The ECAPA-TDNN network, built from the verified weights and exported once to ONNX for
+OpenVINO, which runs it about twice as fast as torch on one core (see README, "Speed").
+
+The export runs during setup (`voxauth fetch-model`), not in the server, and is cached next to
+the weights under a name that carries the weights' SHA-256 and the export format: new weights
+or a changed export step give a new name, so a stale export is never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+
+from models.manifest import ECAPA_MANIFEST, FETCH_COMMAND, ModelManifest, verify_model_dir
+from server.errors import ModelFilesError
+
+N_MELS = 80
+DIMENSION = 192
+WEIGHTS_FILE = "embedding_model.ckpt"
+# Bump when the export step changes (opset, inputs, wrapping), so older exports are rebuilt.
+EXPORT_FORMAT = 1
+_OPSET = 17
+_EXAMPLE_FRAMES = 300
+
+
+def build_network(model_dir: Path) -> torch.nn.Module:
+    """ECAPA-TDNN with SpeechBrain's spkrec-ecapa-voxceleb hyperparameters and the weights
+    from `model_dir` (verify them first), in eval mode."""
+    network: torch.nn.Module = ECAPA_TDNN(
+        input_size=N_MELS,
+        channels=[1024, 1024, 1024, 1024, 3072],
+        kernel_sizes=[5, 3, 3, 3, 1],
+        dilations=[1, 2, 3, 4, 1],
+        attention_channels=128,
+        lin_neurons=DIMENSION,
+    )
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    network.eval()
+    return network
+
+
+def export_path(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:
+    """Where the export of these weights in this format lives."""
+    weights = next(spec for spec in manifest.files if spec.name == WEIGHTS_FILE)
+    return model_dir / f"ecapa-network-{weights.sha256[:16]}-v{EXPORT_FORMAT}.onnx"
+
+
+def exported_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:
+    """The current export, or ModelFilesError naming the command that makes it."""
+    path = export_path(model_dir, manifest)
+    if not path.is_file():
+        raise ModelFilesError(
+            f"the exported speaker network {path.name} is missing from {model_dir} (not made "
+            f"yet, or made from other weights or by an older version). Run `{FETCH_COMMAND} "
+            f"--dir {model_dir}` to make it from the verified weights."
+        )
+    return path
+
+
+def export_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:
+    """Export the verified weights' network to ONNX (time axis dynamic) unless the current
+    export is there; remove older exports. Returns the export's path."""
+    verify_model_dir(model_dir, manifest)
+    target = export_path(model_dir, manifest)
+    if target.is_file():
+        return target
+    network = build_network(model_dir)
+    fd, name = tempfile.mkstemp(dir=model_dir, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    temp = Path(name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The exporter's notes on constant folding of slices concern its own graph
+            # passes; the export is checked against SpeechBrain's embedding by the tests.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network,
+                (torch.zeros(1, _EXAMPLE_FRAMES, N_MELS),),
+                str(temp),
+                input_names=["features"],
+                output_names=["embedding"],
+                dynamic_axes={"features": {1: "frames"}},
+                opset_version=_OPSET,
+                dynamo=False,
+            )
+        temp.chmod(0o644)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    for stale in model_dir.glob("ecapa-network-*.onnx"):
+        if stale != target:
+            stale.unlink()
+    return target
