@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
 import pytest
 import soundfile as sf
 
@@ -27,9 +28,9 @@ from models.benchmark import (
     format_results,
     parse_lengths,
 )
-from models.ecapa import EcapaEmbedder
+from models.ecapa import EcapaEmbedder, split_network
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
-from models.export import export_network, export_path
+from models.export import EMBEDDING_OUTPUT, export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
@@ -212,6 +213,21 @@ def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
     audio = _speech(SPEAKERS[1])[: 4 * 16_000]
     rebuilt = EcapaEmbedder.load(tmp_path).embed(audio)
     np.testing.assert_allclose(rebuilt, embedder.embed(audio), atol=1e-5)
+
+
+def test_trunk_then_head_is_the_whole_network(model_dir: Path) -> None:
+    # The service runs the network in two parts (the trunk in bfloat16 where the CPU has it,
+    # the pooling head in float32): in float32 the two chained give the whole network's output.
+    core = ov.Core()
+    network = core.read_model(export_path(model_dir))
+    trunk, head = split_network(network)
+    f32 = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    features = np.random.default_rng(0).standard_normal((1, 400, 80)).astype(np.float32)
+    whole = core.compile_model(network, "CPU", f32)({0: features})[EMBEDDING_OUTPUT]
+    frames = core.compile_model(trunk, "CPU", f32)({0: features})[0]
+    assert frames.shape == (1, 3072, 400)
+    chained = core.compile_model(head, "CPU", f32)({0: frames})[0]
+    np.testing.assert_allclose(chained, whole, rtol=1e-4, atol=1e-5)
 
 
 class _FixedCostEmbedder:
