@@ -74,3 +74,13 @@ def fake_verification(
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
     throttle = VerificationThrottle(store, throttle_policy or ThrottlePolicy())
     return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle)
+
+
+class MovableNow:
+    """The `now` a service reads, moved by the test."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now

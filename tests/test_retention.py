@@ -27,6 +27,7 @@ from tests.fake_voice import (
     IMPOSTOR_AUDIO,
     MODEL_ID,
     TOO_SHORT_AUDIO,
+    MovableNow,
     fake_verification,
 )
 from tests.support import KEY
@@ -35,14 +36,6 @@ T0 = datetime(2023, 1, 10, 8, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
 CIPHER = VoiceprintCipher(KEY)
 POLICY = RetentionPolicy()
-
-
-class MovableNow:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -118,7 +111,7 @@ def test_the_time_of_use_never_moves_back(store: SqliteVoiceprintStore) -> None:
 
 @pytest.fixture
 def service(store: SqliteVoiceprintStore, tmp_path: Path) -> tuple[VerificationService, MovableNow]:
-    now = MovableNow()
+    now = MovableNow(T0)
     enroll(store, "a1", T0)
     return fake_verification(store, tmp_path / "scoring", now), now
 

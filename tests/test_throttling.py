@@ -39,6 +39,7 @@ from tests.fake_voice import (
     IMPOSTOR_VOICE,
     MODEL_ID,
     TOO_SHORT_AUDIO,
+    MovableNow,
     fake_verification,
 )
 from tests.support import (
@@ -288,19 +289,9 @@ def test_inconsistent_policy_is_refused(env: dict[str, str]) -> None:
 # --- through VerificationService ----------------------------------------------------------
 
 
-class MovableNow:
-    """The `now` a VerificationService reads, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> MovableNow:
-    return MovableNow()
+    return MovableNow(T0)
 
 
 @pytest.fixture
