@@ -16,13 +16,19 @@ from enrollment.voiceprint import (
     companion_embedding,
     mean_embedding,
 )
-from server.agents import validate_agent_id, validate_text
-from server.audit import ERASURE_ACTION
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
-from server.speech import QualityIssue, SpeechAnalysis
-from server.store import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint, VoiceprintStore
-from server.voice import AudioInput, VoiceAnalyser
+from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.speech import QualityIssue, SpeechAnalysis
+from server.security.audit import ERASURE_ACTION
+from server.storage.interface import (
+    AgentRecord,
+    AuditEvent,
+    UtteranceRecord,
+    Voiceprint,
+    VoiceprintStore,
+)
+from server.validation import validate_agent_id, validate_text
 
 log = logging.getLogger(__name__)
 

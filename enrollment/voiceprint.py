@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.embedder import Embedding
-from server.store import UtteranceRecord
+from server.storage.interface import UtteranceRecord
 
 
 @dataclass(frozen=True)

@@ -21,38 +21,38 @@ from enrollment.service import EnrollmentService
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
-from server.access import (
+from server.api.access import (
     AccessInterceptor,
     CredentialResolver,
     DevelopmentResolver,
     IdentityResolver,
     TokenRegistry,
 )
-from server.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
-from server.audit import AuditKey
-from server.certificates import server_credentials
-from server.channel import Channel
-from server.clock import Clock, SystemClock
+from server.api.interceptors import ErrorMappingInterceptor
+from server.api.jwks_http import JwksHttpServer
+from server.api.mfa_servicers import AdminServicer, AssuranceServicer
+from server.api.servicers import EnrollmentServicer, Readiness, Services, VerificationServicer
+from server.api.shift_servicer import ShiftServicer
 from server.config import MfaConfig, ServerConfig, TransportConfig
-from server.config_audit import record_configuration
-from server.crypto import VoiceprintCipher
 from server.errors import ConfigurationError, VoxauthError
-from server.inference import InferencePool
-from server.interceptors import ErrorMappingInterceptor
-from server.jwks_http import JwksHttpServer
-from server.mfa import AssuranceDesk
-from server.mfa_servicers import AdminServicer, AssuranceServicer
-from server.retention import expire_unused_voiceprints
-from server.scoring import Scorer, ScoringModel
-from server.servicers import EnrollmentServicer, Readiness, Services, VerificationServicer
-from server.shift_servicer import ShiftServicer
-from server.shifts import ShiftService
-from server.speech import QualityThresholds, SileroSpeechDetector
-from server.sqlite_store import SqliteVoiceprintStore
-from server.store import Store
-from server.throttling import VerificationThrottle
-from server.verification import VerificationService
-from server.voice import VoiceAnalyser
+from server.pipeline.analysis import VoiceAnalyser
+from server.pipeline.channel import Channel
+from server.pipeline.speech import QualityThresholds, SileroSpeechDetector
+from server.runtime.clock import Clock, SystemClock
+from server.runtime.inference import InferencePool
+from server.scoring.scorer import Scorer, ScoringModel
+from server.security.assurance_desk import AssuranceDesk
+from server.security.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
+from server.security.audit import AuditKey
+from server.security.certificates import server_credentials
+from server.security.config_audit import record_configuration
+from server.security.crypto import VoiceprintCipher
+from server.shifts.service import ShiftService
+from server.storage.interface import Store
+from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.verification.retention import expire_unused_voiceprints
+from server.verification.service import VerificationService
+from server.verification.throttling import VerificationThrottle
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.calibration import (
+from server.config import ScoringPolicy
+from server.scoring.calibration import (
     Calibration,
     Condition,
     ConditionCalibration,
@@ -15,8 +16,7 @@ from server.calibration import (
     ScoreModel,
     TailModel,
 )
-from server.config import ScoringPolicy
-from server.scoring import CALIBRATION_FILE, COHORT_FILE
+from server.scoring.scorer import CALIBRATION_FILE, COHORT_FILE
 
 
 def fake_scoring(directory: Path, model_id: str, dimension: int) -> ScoringPolicy:

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from models.embedder import Embedding, Waveform
-from server.audio import AudioEncoding
 from server.config import AudioLimits, ThrottlePolicy, VerificationPolicy
-from server.scoring import Scorer, ScoringModel
-from server.speech import QualityThresholds
-from server.store import Store
-from server.throttling import VerificationThrottle
-from server.verification import VerificationService
-from server.voice import AudioInput, VoiceAnalyser
+from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.decode import AudioEncoding
+from server.pipeline.speech import QualityThresholds
+from server.scoring.scorer import Scorer, ScoringModel
+from server.storage.interface import Store
+from server.verification.service import VerificationService
+from server.verification.throttling import VerificationThrottle
 from tests.fake_scoring import fake_scoring
 
 MODEL_ID = "fake-model"

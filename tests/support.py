@@ -21,10 +21,10 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import SpeakerEmbedder
-from server.access import Role
+from server.api.access import Role
 from server.app import VoxauthServer
-from server.certificates import DevelopmentPki, channel_credentials
 from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
+from server.security.certificates import DevelopmentPki, channel_credentials
 
 DATA = Path(__file__).parent / "data"
 RATE = 16_000

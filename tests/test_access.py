@@ -24,7 +24,7 @@ from voxauth.v1 import admin_pb2, assurances_pb2
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
-from server.access import (
+from server.api.access import (
     ALLOWED_ROLES,
     ASSURANCE_JWKS,
     PUBLIC_METHODS,
@@ -41,10 +41,15 @@ from server.access import (
     main,
     mint_token,
 )
-from server.certificates import DevelopmentPki, channel_credentials, create_pki, server_credentials
+from server.api.interceptors import ErrorMappingInterceptor
 from server.errors import ConfigurationError, StorageError, UnauthenticatedError
-from server.interceptors import ErrorMappingInterceptor
-from server.store import AuditEvent
+from server.security.certificates import (
+    DevelopmentPki,
+    channel_credentials,
+    create_pki,
+    server_credentials,
+)
+from server.storage.interface import AuditEvent
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -376,7 +381,7 @@ def test_insecure_development_mode_says_so_and_grants_every_listed_rpc(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     audited: list[AuditEvent] = []
-    with caplog.at_level(logging.WARNING, logger="server.access"):
+    with caplog.at_level(logging.WARNING, logger="server.api.access"):
         resolver = DevelopmentResolver("dev-laptop")
     assert "INSECURE DEVELOPMENT MODE" in caplog.text
 

@@ -13,7 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from server.assurances import (
+from server.errors import InvalidRequestError, StorageError
+from server.security.assurances import (
     Assurance,
     AssuranceIssuer,
     AssurancePolicy,
@@ -24,7 +25,6 @@ from server.assurances import (
     SigningKeyring,
     jwks_document,
 )
-from server.errors import InvalidRequestError, StorageError
 
 SERVICE_KEY = bytes(range(32))
 AUDIENCE = "mfa.example.com"

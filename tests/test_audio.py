@@ -15,7 +15,8 @@ import torch
 import torchaudio.functional
 
 from models.embedder import Waveform
-from server.audio import (
+from server.errors import InvalidAudioError
+from server.pipeline.decode import (
     TARGET_RATE,
     AudioEncoding,
     decode,
@@ -23,7 +24,6 @@ from server.audio import (
     encode_mulaw,
     waveform_seconds,
 )
-from server.errors import InvalidAudioError
 
 SPEECH_FILE = Path(__file__).parent / "data" / "198-126831-0000.flac"
 LIMIT = 60.0

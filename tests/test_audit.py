@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
-from server.audit import (
+from server.errors import StorageError
+from server.security.audit import (
     ERASURE_ACTION,
     GENESIS_HASH,
     AuditEntry,
@@ -36,11 +37,8 @@ from server.audit import (
     read_chain,
     verify_log,
 )
-from server.cli import main
-from server.crypto import VoiceprintCipher
-from server.errors import StorageError
-from server.sqlite_store import _AUDIT_CHAIN_MIGRATION, _MIGRATIONS, SqliteVoiceprintStore
-from server.store import (
+from server.security.crypto import VoiceprintCipher
+from server.storage.interface import (
     AgentRecord,
     AuditEvent,
     ShiftRecord,
@@ -48,6 +46,8 @@ from server.store import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.storage.sqlite.store import _AUDIT_CHAIN_MIGRATION, _MIGRATIONS, SqliteVoiceprintStore
+from server.tools.cli import main
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from server.certificates import create_pki
-from server.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
+from server.security.certificates import create_pki
+from server.tools.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
 from tests.support import (
     DATA,
     OTHER_1,

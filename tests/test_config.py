@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from server.config import DEFAULT_THRESHOLD, ServerConfig
-from server.config_audit import record_configuration
-from server.crypto import VoiceprintCipher
 from server.errors import ConfigurationError
-from server.sqlite_store import SqliteVoiceprintStore
+from server.security.config_audit import record_configuration
+from server.security.crypto import VoiceprintCipher
+from server.storage.sqlite.store import SqliteVoiceprintStore
 
 
 def test_defaults() -> None:

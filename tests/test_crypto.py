@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
-from server.crypto import (
+from server.errors import ConfigurationError, StorageError
+from server.security.crypto import (
     VoiceprintCipher,
     associated_data,
     create_key_file,
     key_from_environment,
     load_key,
 )
-from server.errors import ConfigurationError, StorageError
 
 KEY = bytes(range(32))
 KEY_B64 = base64.b64encode(KEY).decode()
@@ -164,7 +164,7 @@ def test_loose_key_file_permissions_warn(tmp_path: Path, caplog: pytest.LogCaptu
     key_file = tmp_path / "shared.key"
     key_file.write_text(KEY_B64)
     key_file.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="server.crypto"):
+    with caplog.at_level(logging.WARNING, logger="server.security.crypto"):
         assert load_key(key_b64=None, key_file=key_file) == KEY
     assert "chmod 600" in caplog.text
     assert KEY_B64 not in caplog.text

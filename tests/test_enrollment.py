@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from enrollment.voiceprint import check_consistency, mean_embedding
-from server.store import UtteranceRecord
+from server.storage.interface import UtteranceRecord
 
 
 def utterance(uid: str, direction: list[float], seconds: float = 5.0) -> UtteranceRecord:

@@ -9,7 +9,7 @@ import pytest
 
 from server.config import InferenceLimits
 from server.errors import CapacityError
-from server.inference import InferencePool
+from server.runtime.inference import InferencePool
 
 
 def test_work_beyond_the_bound_is_refused_at_once() -> None:

@@ -12,14 +12,14 @@ from email.message import Message
 
 import pytest
 
-from server.assurances import (
+from server.api.jwks_http import JwksHttpServer
+from server.security.assurances import (
     AssurancePolicy,
     MemorySigningKeyStore,
     SigningKeyCipher,
     SigningKeyring,
     jwks_document,
 )
-from server.jwks_http import JwksHttpServer
 
 EXCHANGE_TIMEOUT_SECONDS = 0.3
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
-from server import key_rotation
-from server.assurances import SigningKey, SigningKeyCipher
-from server.crypto import VoiceprintCipher, associated_data, previous_keys_from_environment
 from server.errors import ConfigurationError, StorageError
-from server.sqlite_store import SqliteVoiceprintStore
-from server.store import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
+from server.security import key_rotation
+from server.security.assurances import SigningKey, SigningKeyCipher
+from server.security.crypto import VoiceprintCipher, associated_data, previous_keys_from_environment
+from server.storage.interface import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
+from server.storage.sqlite.store import SqliteVoiceprintStore
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))

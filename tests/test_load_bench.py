@@ -9,7 +9,7 @@ import grpc
 import pytest
 from voxauth.v1 import voxauth_pb2 as pb
 
-from server.load_bench import BenchAgent, LevelReport, Outcome, format_level, run_level
+from server.tools.load_bench import BenchAgent, LevelReport, Outcome, format_level, run_level
 
 
 class _FakeVerification:

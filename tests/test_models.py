@@ -18,7 +18,14 @@ import openvino as ov
 import pytest
 import soundfile as sf
 
-from models.benchmark import (
+from models.ecapa import EcapaEmbedder, split_network
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.export import EMBEDDING_OUTPUT, export_network, export_path
+from models.fetch import default_model_dir
+from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from models.reference import SpeechBrainReference
+from server.errors import InvalidAudioError, ModelFilesError
+from server.tools.model_bench import (
     BenchReport,
     Engine,
     PathResult,
@@ -28,13 +35,6 @@ from models.benchmark import (
     format_results,
     parse_lengths,
 )
-from models.ecapa import EcapaEmbedder, split_network
-from models.embedder import Embedding, SpeakerEmbedder, Waveform
-from models.export import EMBEDDING_OUTPUT, export_network, export_path
-from models.fetch import default_model_dir
-from models.manifest import ECAPA_MANIFEST, verify_model_dir
-from models.reference import SpeechBrainReference
-from server.errors import InvalidAudioError, ModelFilesError
 
 DATA = Path(__file__).parent / "data"
 # The four long utterances, one speaker each (see data/README.md).

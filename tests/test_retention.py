@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from server.config import RetentionPolicy, ServerConfig
-from server.crypto import VoiceprintCipher, associated_data
 from server.errors import ConfigurationError, NotEnrolledError
-from server.retention import expire_unused_voiceprints
-from server.speech import SpeechAnalysis
-from server.sqlite_store import _MIGRATIONS, SqliteVoiceprintStore
-from server.store import AgentRecord, UtteranceRecord, Voiceprint
-from server.verification import Decision, VerificationService
-from server.voice import VoiceSample
+from server.pipeline.analysis import VoiceSample
+from server.pipeline.speech import SpeechAnalysis
+from server.security.crypto import VoiceprintCipher, associated_data
+from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
+from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
+from server.verification.retention import expire_unused_voiceprints
+from server.verification.service import Decision, VerificationService
 from tests.fake_voice import (
     AGENT_AUDIO,
     AGENT_VOICE,

@@ -14,19 +14,19 @@ import pytest
 
 from models.embedder import Embedding
 from models.manifest import ECAPA_MANIFEST
-from server.calibrate import is_calibration_speaker
-from server.calibration import Calibration, Condition, fit_condition
-from server.channel import Channel
 from server.config import ScoringPolicy, ServerConfig
 from server.errors import ConfigurationError
-from server.normalization import (
+from server.pipeline.channel import Channel
+from server.scoring.calibration import Calibration, Condition, fit_condition
+from server.scoring.normalization import (
     CohortStatistics,
     as_norm,
     cosine_for,
     top_n_statistics,
 )
-from server.scoring import Scorer, ScoringModel, default_scoring_dir
-from server.store import Voiceprint
+from server.scoring.scorer import Scorer, ScoringModel, default_scoring_dir
+from server.storage.interface import Voiceprint
+from server.tools.calibrate import is_calibration_speaker
 from tests.support import (
     OTHER_1,
     OTHER_2,

@@ -21,10 +21,10 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from server.access import Role
-from server.certificates import DevelopmentPki, channel_credentials, create_pki
-from server.crypto import VoiceprintCipher
-from server.sqlite_store import SqliteVoiceprintStore
+from server.api.access import Role
+from server.security.certificates import DevelopmentPki, channel_credentials, create_pki
+from server.security.crypto import VoiceprintCipher
+from server.storage.sqlite.store import SqliteVoiceprintStore
 from tests.support import (
     KEY,
     OTHER_1,

@@ -15,10 +15,10 @@ from grpc_status import rpc_status
 from scipy.signal import resample_poly
 from voxauth.v1 import voxauth_pb2 as pb
 
-from server.audio import encode_mulaw, telephone_channel
-from server.crypto import VoiceprintCipher
-from server.sqlite_store import SqliteVoiceprintStore
-from server.store import Voiceprint
+from server.pipeline.decode import encode_mulaw, telephone_channel
+from server.security.crypto import VoiceprintCipher
+from server.storage.interface import Voiceprint
+from server.storage.sqlite.store import SqliteVoiceprintStore
 from tests.support import (
     KEY,
     OTHER_1,
@@ -334,7 +334,7 @@ def test_server_refuses_to_start_without_a_key(tmp_path: Path, key_env: dict[str
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.tools.cli",
             "serve",
             "--listen",
             "127.0.0.1:0",

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from models.embedder import Waveform
-from server.audio import AudioEncoding
 from server.config import ShiftPolicy
 from server.errors import InvalidAudioError
-from server.shift_audio import ShiftAudioBuffer, StreamFormat
-from server.shifts import CheckpointSchedule
-from server.speech import Segment
+from server.pipeline.decode import AudioEncoding
+from server.pipeline.speech import Segment
+from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
+from server.shifts.service import CheckpointSchedule
 
 PCM16 = StreamFormat.declared(AudioEncoding.PCM16LE, 16_000)
 MULAW = StreamFormat.declared(AudioEncoding.MULAW, 8_000)
@@ -100,7 +100,7 @@ def test_speech_detection_runs_once_per_block() -> None:
 
 
 def test_telephone_frames_are_decoded_to_16_khz() -> None:
-    from server.audio import encode_mulaw
+    from server.pipeline.decode import encode_mulaw
 
     buffer = ShiftAudioBuffer(MULAW, max_age_seconds=60)
     tone = (0.5 * np.sin(2 * np.pi * 300 * np.arange(8_000 * 3) / 8_000)).astype(np.float32)

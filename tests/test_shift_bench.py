@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from server.shift_bench import (
+from server.tools.shift_bench import (
     FRAME_BYTES,
     MESSAGE_FRAMES,
     LatencyStats,

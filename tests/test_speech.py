@@ -12,8 +12,8 @@ import torch
 import torchaudio.functional
 
 from models.embedder import Waveform
-from server.audio import AudioEncoding, decode, encode_mulaw
-from server.speech import (
+from server.pipeline.decode import AudioEncoding, decode, encode_mulaw
+from server.pipeline.speech import (
     QualityIssue,
     QualityThresholds,
     Segment,

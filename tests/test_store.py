@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
-from server.crypto import VoiceprintCipher
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
@@ -25,8 +24,9 @@ from server.errors import (
     ConfigurationError,
     StorageError,
 )
-from server.sqlite_store import SqliteVoiceprintStore
-from server.store import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from server.security.crypto import VoiceprintCipher
+from server.storage.interface import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from server.storage.sqlite.store import SqliteVoiceprintStore
 
 MODEL = "ecapa-voxceleb-test"
 NOW = datetime(2025, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
-from server.audio import AudioEncoding, decode_audio, encode_mulaw, telephone_channel
-from server.channel import Channel, channel_of, high_band_fraction
-from server.crypto import VoiceprintCipher, associated_data
-from server.sqlite_store import _MIGRATIONS, SqliteVoiceprintStore
-from server.store import AgentRecord, UtteranceRecord, Voiceprint
+from server.pipeline.channel import Channel, channel_of, high_band_fraction
+from server.pipeline.decode import AudioEncoding, decode_audio, encode_mulaw, telephone_channel
+from server.security.crypto import VoiceprintCipher, associated_data
+from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
+from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
 from tests.support import KEY, SPEAKER_A, speech, wav_bytes
 
 AT = datetime(2026, 3, 1, tzinfo=UTC)

@@ -18,7 +18,6 @@ from grpc_status import rpc_status
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import ServerConfig, ThrottlePolicy
-from server.crypto import VoiceprintCipher
 from server.errors import (
     AgentNotFoundError,
     ConfigurationError,
@@ -26,12 +25,13 @@ from server.errors import (
     ThrottledError,
     VerificationDisabledError,
 )
-from server.speech import SpeechAnalysis
-from server.sqlite_store import SqliteVoiceprintStore
-from server.store import AgentRecord, ThrottleState, Voiceprint
-from server.throttling import VerificationThrottle, delay_after
-from server.verification import Decision, VerificationService
-from server.voice import AudioInput, VoiceSample
+from server.pipeline.analysis import AudioInput, VoiceSample
+from server.pipeline.speech import SpeechAnalysis
+from server.security.crypto import VoiceprintCipher
+from server.storage.interface import AgentRecord, ThrottleState, Voiceprint
+from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.verification.service import Decision, VerificationService
+from server.verification.throttling import VerificationThrottle, delay_after
 from tests.fake_voice import (
     AGENT_AUDIO,
     AGENT_VOICE,

@@ -1,0 +1,114 @@
+"""The path every piece of audio takes before a decision: decode, find the speech, measure its
+quality, embed it. Enrollment and verification both go through `VoiceAnalyser.analyse`, so
+they see exactly the same speech the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from server.config import AudioLimits
+from server.pipeline.channel import Channel, channel_of
+from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode_audio, telephone_channel
+from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """Encoded audio as a client sent it, with its declared format."""
+
+    data: bytes
+    encoding: AudioEncoding
+    sample_rate_hz: int
+
+
+@dataclass(frozen=True)
+class VoiceSample:
+    quality: SpeechAnalysis
+    embedding: Embedding | None
+    """None when there was too little speech to embed: such a sample decides nothing."""
+    channel: Channel = Channel.WIDEBAND
+    """The band the speech came in: telephone checks are scored against the companion."""
+
+
+class VoiceAnalyser:
+    def __init__(
+        self,
+        embedder: SpeakerEmbedder,
+        detector: SpeechDetector,
+        thresholds: QualityThresholds,
+        limits: AudioLimits,
+    ) -> None:
+        self.embedder = embedder
+        self._detector = detector
+        self._thresholds = thresholds
+        self._limits = limits
+
+    def analyse(self, audio: AudioInput, *, min_net_speech_seconds: float) -> VoiceSample:
+        """Blocking (decoding, VAD and the model): call from a worker thread."""
+        decoded = decode_audio(
+            audio.data, audio.encoding, audio.sample_rate_hz, max_seconds=self._limits.max_seconds
+        )
+        return self.analyse_waveform(
+            decoded.waveform,
+            min_net_speech_seconds=min_net_speech_seconds,
+            source_rate_hz=decoded.source_rate_hz,
+        )
+
+    def analyse_waveform(
+        self,
+        waveform: Waveform,
+        *,
+        min_net_speech_seconds: float,
+        source_rate_hz: int = TARGET_RATE,
+    ) -> VoiceSample:
+        """The same as `analyse` for audio already decoded to 16 kHz mono; `source_rate_hz`
+        is the rate it came at (the speech's bandwidth tells telephone audio in any case)."""
+        return self._sample(waveform, self._detector, min_net_speech_seconds, source_rate_hz)
+
+    def analyse_speech(self, speech: Waveform, *, source_rate_hz: int) -> VoiceSample:
+        """For speech the detector has already cut out (a shift's checkpoint): measured and
+        embedded as it is, without detecting speech in it a second time."""
+        return self._sample(speech, _ALL_SPEECH, 0.0, source_rate_hz)
+
+    def _sample(
+        self,
+        waveform: Waveform,
+        detector: SpeechDetector,
+        min_net_speech_seconds: float,
+        source_rate_hz: int,
+    ) -> VoiceSample:
+        quality = analyse(
+            waveform,
+            detector,
+            self._thresholds,
+            min_net_speech_seconds=min_net_speech_seconds,
+        )
+        too_short = len(quality.speech) < self.embedder.min_samples
+        channel = channel_of(source_rate_hz, quality.speech)
+        if too_short or quality.net_speech_seconds < min_net_speech_seconds:
+            return VoiceSample(quality=quality, embedding=None, channel=channel)
+        # Only the detected speech is embedded: pauses carry no voice and dilute the embedding.
+        return VoiceSample(
+            quality=quality, embedding=self.embedder.embed(quality.speech), channel=channel
+        )
+
+    def telephone_embedding(self, speech: Waveform) -> Embedding:
+        """The embedding of `speech` as it would sound over a G.711 call: what a companion
+        voiceprint is made of, from the enrollment speech itself (audio is never stored)."""
+        return self.embedder.embed(telephone_channel(speech))
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+
+class _AllSpeech:
+    """A SpeechDetector for audio that is speech from end to end."""
+
+    def segments(self, waveform: Waveform) -> list[tuple[int, int]]:
+        return [(0, len(waveform))] if len(waveform) else []
+
+
+_ALL_SPEECH = _AllSpeech()

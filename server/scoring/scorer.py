@@ -1,0 +1,276 @@
+"""Scoring a test against a voiceprint: cosine, AS-norm against the cohort of the channel,
+calibrated log-likelihood ratio, and the threshold the policy's false-match rate sets.
+
+The cohort and the calibration ship in models/scoring/ (made by `voxauth calibrate`); the
+cohort can be extended with the enrolled agents' own voiceprints, the contact centre's own
+population (ScoringPolicy.cohort_includes_agents).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import models
+from models.embedder import Embedding
+from server.config import ScoringPolicy
+from server.errors import ConfigurationError
+from server.pipeline.channel import Channel
+from server.scoring.calibration import Calibration, Condition
+from server.scoring.normalization import (
+    Cohort,
+    CohortStatistics,
+    Matrix,
+    as_norm,
+    centre,
+    cosine_for,
+)
+from server.storage.interface import Voiceprint
+
+COHORT_FILE = "cohort.npz"
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Score:
+    condition: Condition
+    cosine: float
+    normalized: float
+    """AS-norm score."""
+    llr: float
+    """Calibrated log-likelihood ratio (natural log): > 0 favours the agent's voice."""
+    normalized_threshold: float
+    """The AS-norm score that the target false-match rate sets."""
+    threshold: float
+    """The cosine that reaches `normalized_threshold` for this voiceprint and this test: the
+    decision is `cosine >= threshold`."""
+    llr_threshold: float
+    """The calibrated LLR at the threshold: the decision is also `llr >= llr_threshold`."""
+    expected_false_non_match_rate: float
+    """Share of the agent's own checks of this length expected to fall below the threshold."""
+
+    @property
+    def accepted(self) -> bool:
+        return self.normalized >= self.normalized_threshold
+
+
+class ScoringModel:
+    """The shipped cohort (one per channel) and calibration."""
+
+    def __init__(self, raw_cohorts: dict[Channel, Matrix], calibration: Calibration) -> None:
+        """`raw_cohorts`: the cohort voices of each channel as the model embeds them."""
+        self.calibration = calibration
+        self._centres = {
+            channel: voices.mean(axis=0) if calibration.centring else None
+            for channel, voices in raw_cohorts.items()
+        }
+        self._cohorts = {
+            channel: Cohort(self.prepare(voices, channel), calibration.cohort_top_n)
+            for channel, voices in raw_cohorts.items()
+        }
+
+    def cohort(self, channel: Channel) -> Cohort:
+        """The channel's cohort, prepared (see `prepare`)."""
+        return self._cohorts[channel]
+
+    def prepare(self, embeddings: npt.NDArray[np.floating[Any]], channel: Channel) -> Matrix:
+        """Embeddings (rows, or one) as the scoring compares them: centred on the channel's
+        mean cohort voice when the calibration was made so."""
+        centre_of_channel = self._centres[channel]
+        if centre_of_channel is None:
+            return embeddings.astype(np.float64)
+        return centre(embeddings.astype(np.float64), centre_of_channel)
+
+    @classmethod
+    def load(cls, policy: ScoringPolicy, model_id: str) -> ScoringModel:
+        """Raises ConfigurationError when the files are missing or made for another model."""
+        directory = policy.scoring_dir or default_scoring_dir()
+        calibration = Calibration.load(directory / CALIBRATION_FILE, model_id)
+        cohorts = load_cohorts(directory / COHORT_FILE, model_id)
+        return cls(cohorts, calibration)
+
+
+def default_scoring_dir() -> Path:
+    """models/scoring/, where the shipped cohort and calibration live."""
+    return Path(models.__file__).resolve().parent / "scoring"
+
+
+def load_cohorts(path: Path, model_id: str) -> dict[Channel, Matrix]:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            stored_model = str(stored["model_id"])
+            embeddings = {c: stored[c.value].astype(np.float64) for c in Channel}
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"no score-normalisation cohort at {path}: it ships with voxauth (models/scoring/); "
+            "`voxauth calibrate` remakes it"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigurationError(f"cannot read the cohort {path}: {exc}") from exc
+    if stored_model != model_id:
+        raise ConfigurationError(
+            f"the cohort {path} was made with model {stored_model}, but this server runs "
+            f"{model_id}: run `voxauth calibrate` for this model"
+        )
+    return embeddings
+
+
+@dataclass(frozen=True, eq=False)
+class _AgentVoices:
+    """The enrolled agents' voiceprints of one channel."""
+
+    agent_ids: npt.NDArray[np.str_]
+    embeddings: Matrix
+
+
+@dataclass(frozen=True, eq=False)
+class _AgentCohort:
+    voices: dict[Channel, _AgentVoices]
+    loaded_at: float
+    generation: int
+    """Changes with every reload, so statistics against an older cohort are not reused."""
+
+
+class Scorer:
+    """Scores tests against voiceprints by the policy. Thread-safe.
+
+    A voiceprint's cohort statistics depend only on the voiceprint and the cohort, so they are
+    computed once and kept until either changes; a test's cost against the cohort is one
+    cosine per cohort voice."""
+
+    def __init__(
+        self,
+        model: ScoringModel,
+        policy: ScoringPolicy,
+        voiceprints: Callable[[], list[Voiceprint]],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._model = model
+        self._policy = policy
+        self._voiceprints = voiceprints
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._agent_cohort: _AgentCohort | None = None
+        self.target_fmr = policy.target_fmr
+        self._enrollment_statistics: dict[
+            tuple[str, Condition], tuple[tuple[datetime, int], CohortStatistics]
+        ] = {}
+
+    def score(
+        self,
+        voiceprint: Voiceprint,
+        test: Embedding,
+        test_net_speech_seconds: float,
+        channel: Channel,
+    ) -> Score:
+        condition, enrolled = _condition(voiceprint, channel)
+        reference = self._model.prepare(enrolled, condition.enrollment_channel)
+        prepared = self._model.prepare(test, condition.test_channel)
+        enrollment_cohort, test_cohort, generation = self._cohort_for(
+            condition, voiceprint.agent_id
+        )
+        # One entry per agent and condition: a new voiceprint or cohort replaces it.
+        key = (voiceprint.agent_id, condition)
+        version = (voiceprint.created_at, generation)
+        with self._lock:
+            cached = self._enrollment_statistics.get(key)
+        if cached is not None and cached[0] == version:
+            enrollment = cached[1]
+        else:
+            enrollment = enrollment_cohort.statistics(reference)
+            with self._lock:
+                self._enrollment_statistics[key] = (version, enrollment)
+        test_statistics = test_cohort.statistics(prepared)
+        cosine = float(np.clip(np.dot(prepared, reference), -1.0, 1.0))
+        normalized = as_norm(cosine, enrollment, test_statistics)
+        calibration = self._model.calibration[condition]
+        # The shorter side limits how much the comparison can tell.
+        seconds = min(voiceprint.net_speech_seconds, test_net_speech_seconds)
+        normalized_threshold = calibration.threshold(self._policy.target_fmr)
+        return Score(
+            condition=condition,
+            cosine=cosine,
+            normalized=normalized,
+            llr=calibration.llr(normalized, seconds),
+            normalized_threshold=normalized_threshold,
+            threshold=cosine_for(normalized_threshold, enrollment, test_statistics),
+            llr_threshold=calibration.llr(normalized_threshold, seconds),
+            expected_false_non_match_rate=calibration.false_non_match_rate(
+                normalized_threshold, seconds
+            ),
+        )
+
+    def _cohort_for(self, condition: Condition, agent_id: str) -> tuple[Cohort, Cohort, int]:
+        """The enrollment-side and test-side cohorts, and a number that changes whenever they
+        do. With the agents' voiceprints included, the claimed agent's own is left out: it
+        is not a stranger to its own voice."""
+        shipped_enrollment = self._model.cohort(condition.enrollment_channel)
+        shipped_test = self._model.cohort(condition.test_channel)
+        if not self._policy.cohort_includes_agents:
+            return shipped_enrollment, shipped_test, 0
+        agents = self._agents()
+
+        def extended(shipped: Cohort, channel: Channel) -> Cohort:
+            voices = agents.voices[channel]
+            return shipped.extended(voices.embeddings[voices.agent_ids != agent_id])
+
+        return (
+            extended(shipped_enrollment, condition.enrollment_channel),
+            extended(shipped_test, condition.test_channel),
+            agents.generation,
+        )
+
+    def _agents(self) -> _AgentCohort:
+        now = self._monotonic()
+        with self._lock:
+            current = self._agent_cohort
+        if current is not None and now - current.loaded_at < self._policy.cohort_refresh_seconds:
+            return current
+        voiceprints = self._voiceprints()
+        dimension = self._model.cohort(Channel.WIDEBAND).embeddings.shape[1]
+
+        def voices(pairs: list[tuple[str, Embedding]], channel: Channel) -> _AgentVoices:
+            matrix = np.array([e for _, e in pairs], dtype=np.float64)
+            return _AgentVoices(
+                np.array([agent for agent, _ in pairs], dtype=np.str_),
+                self._model.prepare(matrix.reshape(len(pairs), dimension), channel),
+            )
+
+        generation = current.generation + 1 if current is not None else 1
+        agents = _AgentCohort(
+            voices={
+                Channel.WIDEBAND: voices(
+                    [(v.agent_id, v.embedding) for v in voiceprints], Channel.WIDEBAND
+                ),
+                Channel.TELEPHONE: voices(
+                    [
+                        (v.agent_id, v.telephone_embedding)
+                        for v in voiceprints
+                        if v.telephone_embedding is not None
+                    ],
+                    Channel.TELEPHONE,
+                ),
+            },
+            loaded_at=now,
+            generation=generation,
+        )
+        with self._lock:
+            self._agent_cohort = agents
+        return agents
+
+
+def _condition(voiceprint: Voiceprint, channel: Channel) -> tuple[Condition, Embedding]:
+    if channel is Channel.WIDEBAND:
+        return Condition.WIDEBAND, voiceprint.embedding
+    if voiceprint.telephone_embedding is not None:
+        return Condition.TELEPHONE, voiceprint.telephone_embedding
+    # Enrolled before companion voiceprints existed: scored across channels, calibrated so.
+    return Condition.WIDEBAND_TO_TELEPHONE, voiceprint.embedding

@@ -1,0 +1,417 @@
+"""Signed assurances for the MFA provider: after a login check passes, voxauth issues a JWT
+signed with Ed25519 (JWS alg `EdDSA`) that the provider verifies offline with the public keys
+voxauth publishes as a JWKS document (RFC 7517, OKP keys per RFC 8037).
+
+Claims of an assurance (all registered names except the one `voxauth_` private claim):
+
+- `iss` the configured issuer, `sub` the agent id, `aud` the MFA provider's audience;
+- `iat` = `nbf` = when the login check passed, `exp` = `iat` + the token lifetime (a shift);
+- `jti` 128 random bits, so the provider can refuse a replayed assurance;
+- `sid` the shift id (OpenID's session id claim: the shift is the agent's session);
+- `amr` `["voice"]`, RFC 8176's method reference for voice biometrics. No `acr`: its values
+  are agreed per deployment with the provider, while `amr` already states the method;
+- `voxauth_device_id` the softphone device the check was made on (no registered claim fits).
+
+Signing keys rotate: the new key signs from then on while each retired key stays published
+until every token it signed has expired (plus a clock-skew margin), and is then pruned. Keys
+persist through a SigningKeyStore, their private halves sealed with AES-256-GCM under a key
+derived from the service key (VOXAUTH_KEY), never in clear.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from server.errors import ConfigurationError, InvalidRequestError, StorageError
+from server.security.crypto import KEY_BYTES, KEY_ID_BYTES
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM = "EdDSA"
+VOICE_METHOD = "voice"
+"""RFC 8176 authentication method reference: "Use of voice biometric for authentication"."""
+
+Jwk = dict[str, str]
+JwksDocument = dict[str, list[Jwk]]
+
+_SEALED_FORMAT_VERSION = 1
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_SEALED_HEADER_BYTES = 1 + KEY_ID_BYTES
+_PRIVATE_KEY_BYTES = 32
+# HKDF's info string: changing it would make every stored signing key unreadable.
+_SUBKEY_PURPOSE = b"voxauth signing keys v1"
+
+
+@dataclass(frozen=True)
+class AssurancePolicy:
+    """How assurances are issued and how long their signing keys live."""
+
+    issuer: str = "voxauth"
+    """The `iss` claim; the MFA provider checks it."""
+
+    token_lifetime: timedelta = timedelta(hours=8)
+    """From issue to `exp`: one shift, so one login check covers it."""
+
+    clock_skew: timedelta = timedelta(minutes=5)
+    """Extra time a retired key stays published, for a provider whose clock runs behind or
+    who accepts `exp` with some leeway."""
+
+    key_rotation_interval: timedelta = timedelta(days=30)
+    """Age at which the active signing key is replaced by a new one."""
+
+    def __post_init__(self) -> None:
+        if not self.issuer:
+            raise ConfigurationError("the assurance issuer must not be empty")
+        for name in ("token_lifetime", "key_rotation_interval"):
+            if getattr(self, name) < timedelta(seconds=1):
+                raise ConfigurationError(f"the assurance {name} must be at least one second")
+        if self.clock_skew < timedelta(0):
+            raise ConfigurationError("the assurance clock_skew must not be negative")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One Ed25519 signing key and where it is in its life: active while `retired_at` is None,
+    then published (for verification only) until `published_until`."""
+
+    kid: str
+    """RFC 7638 JWK thumbprint of the public key: stable, and derived from the key alone."""
+    private_key: Ed25519PrivateKey
+    created_at: datetime
+    retired_at: datetime | None = None
+    published_until: datetime | None = None
+
+    @classmethod
+    def generate(cls, now: datetime) -> SigningKey:
+        return cls.from_private_key(Ed25519PrivateKey.generate(), created_at=now)
+
+    @classmethod
+    def from_private_key(
+        cls, private_key: Ed25519PrivateKey, *, created_at: datetime
+    ) -> SigningKey:
+        return cls(kid=_thumbprint(private_key), private_key=private_key, created_at=created_at)
+
+    def public_jwk(self) -> Jwk:
+        return {
+            "kty": "OKP",
+            "crv": "Ed25519",
+            "x": _public_x(self.private_key),
+            "kid": self.kid,
+            "use": "sig",
+            "alg": ALGORITHM,
+        }
+
+    def retire(self, now: datetime, keep_published_for: timedelta) -> SigningKey:
+        return replace(self, retired_at=now, published_until=now + keep_published_for)
+
+    def is_published(self, now: datetime) -> bool:
+        return self.published_until is None or now < self.published_until
+
+
+@dataclass(frozen=True)
+class StoredSigningKey:
+    """A signing key as stored: its private half sealed, the rest in clear."""
+
+    kid: str
+    sealed_private_key: bytes
+    created_at: datetime
+    retired_at: datetime | None
+    published_until: datetime | None
+
+
+class SigningKeyStore(Protocol):
+    """Where the signing keys persist. Implementations are thread-safe."""
+
+    def load_signing_keys(self) -> list[StoredSigningKey]:
+        """Every stored signing key, in any order."""
+
+    def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
+        """Replaces the stored keys with `keys` in one transaction (keys left out are deleted).
+        Raises StorageError."""
+
+
+class MemorySigningKeyStore:
+    """A SigningKeyStore that lives as long as the object: for tests."""
+
+    def __init__(self) -> None:
+        self._keys: list[StoredSigningKey] = []
+        self._lock = threading.Lock()
+
+    def load_signing_keys(self) -> list[StoredSigningKey]:
+        with self._lock:
+            return list(self._keys)
+
+    def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
+        with self._lock:
+            self._keys = list(keys)
+
+
+class SigningKeyCipher:
+    """Seals private signing keys with AES-256-GCM under a subkey of the service key.
+
+    A separate subkey (HKDF-SHA256) keeps signing-key blobs and voiceprint blobs in separate
+    key domains although one secret is configured. A blob is: format version (1 byte) | id of
+    the service key (8 bytes, the same id server/crypto.py shows) | nonce (12) | AES-GCM
+    output; the associated data binds it to its kid, so a blob moved to another row does not
+    open.
+    """
+
+    def __init__(self, service_key: bytes, previous_keys: tuple[bytes, ...] = ()) -> None:
+        """Seals under `service_key`; opens under it or any of `previous_keys` (during a key
+        rotation: the keyring re-seals what it opened with an old key)."""
+        self._aeads: dict[bytes, AESGCM] = {}
+        for key in (service_key, *previous_keys):
+            if len(key) != KEY_BYTES:
+                raise ConfigurationError(
+                    f"the encryption key is {len(key)} bytes; it must be {KEY_BYTES}"
+                )
+            subkey = HKDF(
+                algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=_SUBKEY_PURPOSE
+            ).derive(key)
+            self._aeads.setdefault(hashlib.sha256(key).digest()[:KEY_ID_BYTES], AESGCM(subkey))
+        self._key_id = hashlib.sha256(service_key).digest()[:KEY_ID_BYTES]
+        self._aead = self._aeads[self._key_id]
+
+    def is_current(self, stored: StoredSigningKey) -> bool:
+        """Whether `stored` is sealed under the current service key."""
+        return stored.sealed_private_key[1:_SEALED_HEADER_BYTES] == self._key_id
+
+    def seal(self, key: SigningKey) -> StoredSigningKey:
+        header = bytes([_SEALED_FORMAT_VERSION]) + self._key_id
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(
+            nonce, key.private_key.private_bytes_raw(), header + key.kid.encode()
+        )
+        return StoredSigningKey(
+            kid=key.kid,
+            sealed_private_key=header + nonce + sealed,
+            created_at=key.created_at,
+            retired_at=key.retired_at,
+            published_until=key.published_until,
+        )
+
+    def open(self, stored: StoredSigningKey) -> SigningKey:
+        blob = stored.sealed_private_key
+        if len(blob) != _SEALED_HEADER_BYTES + _NONCE_BYTES + _PRIVATE_KEY_BYTES + _TAG_BYTES:
+            raise StorageError(f"sealed signing key {stored.kid} has {len(blob)} bytes")
+        header = blob[:_SEALED_HEADER_BYTES]
+        if header[0] != _SEALED_FORMAT_VERSION:
+            raise StorageError(
+                f"sealed signing key {stored.kid} has format version {header[0]}; this voxauth "
+                f"reads version {_SEALED_FORMAT_VERSION}"
+            )
+        aead = self._aeads.get(header[1:])
+        if aead is None:
+            raise StorageError(
+                f"signing key {stored.kid} was sealed with key {header[1:].hex()}, but the "
+                f"loaded key is {self._key_id.hex()}: wrong VOXAUTH_KEY / VOXAUTH_KEY_FILE?"
+            )
+        nonce = blob[_SEALED_HEADER_BYTES : _SEALED_HEADER_BYTES + _NONCE_BYTES]
+        try:
+            raw = aead.decrypt(
+                nonce, blob[_SEALED_HEADER_BYTES + _NONCE_BYTES :], header + stored.kid.encode()
+            )
+        except InvalidTag:
+            raise StorageError(
+                f"sealed signing key {stored.kid} failed authentication: it was altered, or it "
+                "belongs to another key"
+            ) from None
+        private_key = Ed25519PrivateKey.from_private_bytes(raw)
+        return SigningKey(
+            kid=stored.kid,
+            private_key=private_key,
+            created_at=stored.created_at,
+            retired_at=stored.retired_at,
+            published_until=stored.published_until,
+        )
+
+
+class SigningKeyring:
+    """The active signing key and the retired ones still needed to verify unexpired tokens.
+
+    Every change is saved before it takes effect, so no token is ever signed by a key that a
+    restart would lose. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: SigningKeyStore,
+        cipher: SigningKeyCipher,
+        policy: AssurancePolicy,
+        active: SigningKey | None,
+        retired: list[SigningKey],
+    ) -> None:
+        self.policy = policy
+        self._store = store
+        self._cipher = cipher
+        self._active = active
+        self._retired = retired
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        store: SigningKeyStore,
+        cipher: SigningKeyCipher,
+        policy: AssurancePolicy,
+        now: datetime,
+    ) -> SigningKeyring:
+        """The keyring as stored; creates the first key, or rotates an overdue one, as needed.
+        Raises StorageError."""
+        stored_keys = store.load_signing_keys()
+        keys = [cipher.open(stored) for stored in stored_keys]
+        active = [key for key in keys if key.retired_at is None]
+        if len(active) > 1:
+            raise StorageError(
+                f"the store holds {len(active)} active signing keys; there can be only one"
+            )
+        retired = [key for key in keys if key.retired_at is not None]
+        keyring = cls(store, cipher, policy, active[0] if active else None, retired)
+        current = keyring.refresh(now)
+        if not all(cipher.is_current(stored) for stored in stored_keys):
+            # After a service-key rotation: re-seal everything under the new key, so the
+            # old one can be retired.
+            with keyring._lock:
+                keyring._save(current, keyring._retired)
+        return keyring
+
+    def refresh(self, now: datetime) -> SigningKey:
+        """The key to sign with now: rotates first when the active key is older than the
+        rotation interval (or there is none), and prunes retired keys no longer needed."""
+        with self._lock:
+            active = self._active
+            if active is None or now - active.created_at >= self.policy.key_rotation_interval:
+                return self._rotate(now)
+            published = [key for key in self._retired if key.is_published(now)]
+            if len(published) != len(self._retired):
+                self._save(active, published)
+            return active
+
+    def rotate(self, now: datetime) -> SigningKey:
+        """Makes a new active key now. The old one stays published while tokens it signed can
+        still be valid, so rotation invalidates no token (nor does it revoke any)."""
+        with self._lock:
+            return self._rotate(now)
+
+    def published_keys(self, now: datetime) -> list[SigningKey]:
+        """The keys a verifier needs now: the active one first, then retired ones, newest
+        first."""
+        with self._lock:
+            active = [self._active] if self._active is not None else []
+            retired = sorted(
+                (key for key in self._retired if key.is_published(now)),
+                key=lambda key: key.created_at,
+                reverse=True,
+            )
+        return active + retired
+
+    def _rotate(self, now: datetime) -> SigningKey:
+        new = SigningKey.generate(now)
+        retired = [key for key in self._retired if key.is_published(now)]
+        old = self._active
+        if old is not None:
+            # The last token the old key signs is issued now; it must verify until it expires.
+            retired.append(old.retire(now, self.policy.token_lifetime + self.policy.clock_skew))
+        self._save(new, retired)
+        logger.info("signing key %s is now active (replacing %s)", new.kid, old and old.kid)
+        return new
+
+    def _save(self, active: SigningKey, retired: list[SigningKey]) -> None:
+        self._store.save_signing_keys([self._cipher.seal(key) for key in [active, *retired]])
+        self._active = active
+        self._retired = retired
+
+
+@dataclass(frozen=True)
+class Assurance:
+    token: str
+    """Compact JWS (header.payload.signature, base64url without padding)."""
+    jti: str
+    expires_at: datetime
+
+
+class AssuranceIssuer:
+    """Signs assurances with the keyring's active key, under the keyring's policy (one source
+    for the lifetime, which also decides how long retired keys stay published)."""
+
+    def __init__(self, keyring: SigningKeyring) -> None:
+        self._keyring = keyring
+
+    def issue(
+        self, *, agent_id: str, shift_id: str, device_id: str, audience: str, now: datetime
+    ) -> Assurance:
+        """Raises InvalidRequestError when an identifier is empty, StorageError when a due key
+        rotation cannot be saved."""
+        for field, value in (
+            ("agent_id", agent_id),
+            ("shift_id", shift_id),
+            ("device_id", device_id),
+            ("audience", audience),
+        ):
+            if not value:
+                raise InvalidRequestError(f"an assurance needs a {field}", field=field)
+        key = self._keyring.refresh(now)
+        policy = self._keyring.policy
+        issued_at = int(now.timestamp())
+        expires_at = issued_at + int(policy.token_lifetime.total_seconds())
+        jti = _b64url(secrets.token_bytes(16))
+        header = {"alg": ALGORITHM, "typ": "JWT", "kid": key.kid}
+        claims: dict[str, object] = {
+            "iss": policy.issuer,
+            "sub": agent_id,
+            "aud": audience,
+            "iat": issued_at,
+            "nbf": issued_at,
+            "exp": expires_at,
+            "jti": jti,
+            "sid": shift_id,
+            "amr": [VOICE_METHOD],
+            "voxauth_device_id": device_id,
+        }
+        signing_input = f"{_b64url(_canonical_json(header))}.{_b64url(_canonical_json(claims))}"
+        signature = key.private_key.sign(signing_input.encode("ascii"))
+        return Assurance(
+            token=f"{signing_input}.{_b64url(signature)}",
+            jti=jti,
+            expires_at=datetime.fromtimestamp(expires_at, UTC),
+        )
+
+
+def jwks_document(keyring: SigningKeyring, now: datetime) -> JwksDocument:
+    """The public keys a verifier needs now, as a JWKS document. Never any private part."""
+    return {"keys": [key.public_jwk() for key in keyring.published_keys(now)]}
+
+
+def _thumbprint(private_key: Ed25519PrivateKey) -> str:
+    # RFC 7638: the required members only (RFC 8037 §2: crv, kty, x), sorted, no whitespace.
+    members = {"crv": "Ed25519", "kty": "OKP", "x": _public_x(private_key)}
+    return _b64url(hashlib.sha256(_canonical_json(members)).digest())
+
+
+def _public_x(private_key: Ed25519PrivateKey) -> str:
+    return _b64url(private_key.public_key().public_bytes_raw())
+
+
+def _canonical_json(value: Mapping[str, object]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")

@@ -1,0 +1,222 @@
+"""The audio a shift's stream delivers: validated 20 ms frames, held in a bounded buffer of
+one-second blocks, from which a checkpoint takes the most recent net speech.
+
+Frames are kept as they arrived (encoded) and decoded only when a checkpoint looks at them:
+most audio is never looked at, and decoding a run of blocks at once resamples G.711 without
+seams. Speech detection results are kept per block, so a checkpoint that waits for more
+speech only analyses the audio that arrived since it last looked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.embedder import Waveform
+from server.errors import InvalidAudioError
+from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode
+from server.pipeline.speech import Segment, SpeechDetector
+
+FRAME_SECONDS = 0.02
+MAX_FRAMES_PER_MESSAGE = 50
+_BLOCK_FRAMES = 50  # one second
+# Speech detection looks at up to this many blocks at once, newest first: in conversation,
+# 8 s of the agent's speech usually lies within the newest 10-20 s.
+_ANALYSIS_RUN_BLOCKS = 10
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """The audio format a stream declared in its header."""
+
+    encoding: AudioEncoding
+    sample_rate_hz: int
+
+    @classmethod
+    def declared(cls, encoding: AudioEncoding, sample_rate_hz: int) -> StreamFormat:
+        supported = {
+            (AudioEncoding.PCM16LE, 16_000),
+            (AudioEncoding.MULAW, 8_000),
+            (AudioEncoding.ALAW, 8_000),
+        }
+        if (encoding, sample_rate_hz) not in supported:
+            raise InvalidAudioError(
+                f"shift audio must be PCM16LE at 16000 Hz, or MULAW or ALAW at 8000 Hz; got "
+                f"{encoding.name} at {sample_rate_hz} Hz",
+                field="header.encoding",
+            )
+        return cls(encoding, sample_rate_hz)
+
+    @property
+    def frame_bytes(self) -> int:
+        bytes_per_sample = 2 if self.encoding is AudioEncoding.PCM16LE else 1
+        return round(self.sample_rate_hz * FRAME_SECONDS) * bytes_per_sample
+
+    def frame_count(self, data: bytes) -> int:
+        """Whole frames in one message; anything else is refused."""
+        frames, remainder = divmod(len(data), self.frame_bytes)
+        if remainder or not 1 <= frames <= MAX_FRAMES_PER_MESSAGE:
+            raise InvalidAudioError(
+                f"each message must carry 1 to {MAX_FRAMES_PER_MESSAGE} whole 20 ms frames "
+                f"({self.frame_bytes} bytes each for {self.encoding.name} at "
+                f"{self.sample_rate_hz} Hz); got {len(data)} bytes",
+                field="frames",
+            )
+        return frames
+
+
+@dataclass
+class _Block:
+    data: bytearray
+    frames: int
+    start: float
+    end: float
+    sealed: bool = False
+    """Taken for analysis: new frames go to a new block."""
+    waveform: Waveform | None = None
+    speech: list[Segment] | None = None
+    """Speech within `waveform`; None until analysed."""
+
+
+@dataclass(frozen=True)
+class RecentSpeech:
+    speech: Waveform
+    """The most recent speech, silence excluded, oldest first."""
+    start: float
+    end: float
+    """Clock times of the blocks the speech came from."""
+
+    @property
+    def net_seconds(self) -> float:
+        return len(self.speech) / TARGET_RATE
+
+
+class ShiftAudioBuffer:
+    """Bounded: audio older than `max_age_seconds`, or beyond that many seconds in all, is
+    dropped as new audio arrives.
+
+    `append` is called on the event loop; `recent_speech` from a worker thread.
+    """
+
+    def __init__(self, stream_format: StreamFormat, max_age_seconds: float) -> None:
+        self.format = stream_format
+        self._max_age = max_age_seconds
+        self._blocks: deque[_Block] = deque()
+        self._lock = threading.Lock()
+        self._frames_since_mark = 0
+        self._frames = 0
+        self._max_frames = round(max_age_seconds / FRAME_SECONDS)
+
+    def append(self, data: bytes, at: float) -> None:
+        """Adds validated frames received at clock time `at`."""
+        frames = self.format.frame_count(data)
+        with self._lock:
+            last = self._blocks[-1] if self._blocks else None
+            if last is None or last.frames >= _BLOCK_FRAMES or last.sealed:
+                start = max(at - frames * FRAME_SECONDS, last.end if last else at - 1e9)
+                last = _Block(bytearray(), 0, start, at)
+                self._blocks.append(last)
+            last.data += data
+            last.frames += frames
+            last.end = at
+            self._frames_since_mark += frames
+            self._frames += frames
+            # By age for a client streaming in real time; by amount for one sending faster.
+            while self._blocks and (
+                self._blocks[0].end < at - self._max_age or self._frames > self._max_frames
+            ):
+                self._frames -= self._blocks.popleft().frames
+
+    @property
+    def seconds_since_mark(self) -> float:
+        """Audio received since the last `mark()`."""
+        return self._frames_since_mark * FRAME_SECONDS
+
+    def mark(self) -> None:
+        self._frames_since_mark = 0
+
+    @property
+    def buffered_seconds(self) -> float:
+        return self._frames * FRAME_SECONDS
+
+    def clear(self) -> None:
+        """Discards everything: used audio is not kept."""
+        with self._lock:
+            self._blocks.clear()
+            self._frames = 0
+
+    def recent_speech(self, detector: SpeechDetector, needed_seconds: float) -> RecentSpeech | None:
+        """The most recent `needed_seconds` of speech, or None if the buffer holds less.
+
+        Detection works backwards from the newest audio, a run of blocks at a time, and stops
+        once enough speech is found: older audio is only analysed if it is needed.
+        """
+        with self._lock:
+            blocks = list(self._blocks)
+            for block in blocks:
+                block.sealed = True
+        needed = int(needed_seconds * TARGET_RATE)
+        found = 0
+        end = len(blocks)
+        while end > 0 and found < needed:
+            start = end - 1
+            if blocks[start].speech is None:
+                while (
+                    start > 0
+                    and blocks[start - 1].speech is None
+                    and end - start < _ANALYSIS_RUN_BLOCKS
+                ):
+                    start -= 1
+                self._analyse(blocks[start:end], detector)
+            found += sum(e - s for b in blocks[start:end] for s, e in b.speech or [])
+            end = start
+        if found < needed:
+            return None
+        return _latest_speech(blocks, needed)
+
+    def _analyse(self, blocks: list[_Block], detector: SpeechDetector) -> None:
+        """Decodes and runs speech detection over a run of consecutive blocks at once."""
+        if not blocks:
+            return
+        data = b"".join(bytes(b.data) for b in blocks)
+        seconds = sum(b.frames for b in blocks) * FRAME_SECONDS
+        waveform = decode(
+            data, self.format.encoding, self.format.sample_rate_hz, max_seconds=seconds + 1
+        )
+        segments = detector.segments(waveform)
+        offset = 0
+        for block in blocks:
+            length = round(block.frames * FRAME_SECONDS * TARGET_RATE)
+            block.waveform = waveform[offset : offset + length]
+            block.speech = [
+                (max(start, offset) - offset, min(end, offset + length) - offset)
+                for start, end in segments
+                if end > offset and start < offset + length
+            ]
+            offset += length
+
+
+def _latest_speech(blocks: list[_Block], needed: int) -> RecentSpeech:
+    """The newest `needed` samples of speech in analysed blocks, oldest first."""
+    pieces: list[Waveform] = []
+    collected = 0
+    first: _Block | None = None
+    last: _Block | None = None
+    for block in reversed(blocks):
+        if block.waveform is None or block.speech is None:
+            break
+        for start, end in reversed(block.speech):
+            take = min(end - start, needed - collected)
+            if take <= 0:
+                break
+            pieces.append(block.waveform[end - take : end])
+            collected += take
+            first = block
+            last = last or block
+        if collected >= needed:
+            break
+    assert first is not None and last is not None
+    return RecentSpeech(np.concatenate(pieces[::-1]), first.start, last.end)

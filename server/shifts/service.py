@@ -1,0 +1,554 @@
+"""Shifts: a login check when the shift starts, then checkpoints at random times that verify
+the agent's most recent speech from the softphone's stream. Consecutive failed checkpoints lock
+the shift until a login check passes.
+
+Shift state lives in the store (it survives restarts); audio lives only in each active shift's
+bounded in-memory buffer. All timing goes through one Clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+import secrets
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from server.config import ShiftPolicy
+from server.errors import (
+    CapacityError,
+    InvalidRequestError,
+    ShiftEndedError,
+    ShiftNotLockedError,
+    ShiftTakenOverError,
+    StreamOrderError,
+    VoxauthError,
+)
+from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.speech import SpeechDetector
+from server.runtime.clock import Clock
+from server.runtime.inference import InferencePool
+from server.security.assurance_desk import AssuranceDesk
+from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.storage.interface import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
+from server.validation import validate_agent_id
+from server.verification.service import Decision, VerificationResult, VerificationService
+
+log = logging.getLogger(__name__)
+
+# Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
+_SUBSCRIBER_EVENTS = 256
+_DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+_SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ShiftEventKind(enum.Enum):
+    STREAM_ATTACHED = "STREAM_ATTACHED"
+    CHECKPOINT_PASSED = "CHECKPOINT_PASSED"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
+    INSUFFICIENT_SPEECH = "INSUFFICIENT_SPEECH"
+    SHIFT_LOCKED = "SHIFT_LOCKED"
+    SHIFT_VERIFIED = "SHIFT_VERIFIED"
+    SHIFT_ENDED = "SHIFT_ENDED"
+
+
+@dataclass(frozen=True)
+class ShiftEvent:
+    kind: ShiftEventKind
+    shift: ShiftRecord
+    at: datetime
+    scheduled_at: datetime | None = None
+    score: float = 0.0
+    threshold: float = 0.0
+    net_speech_seconds: float = 0.0
+    audio_start: datetime | None = None
+    audio_end: datetime | None = None
+
+
+class CheckpointSchedule:
+    """Draws checkpoint intervals the client cannot predict: the mean interval plus a uniform
+    offset within +/- jitter, from the operating system's cryptographic source, never shorter
+    than the minimum gap."""
+
+    _RESOLUTION = 1_000_000
+
+    def __init__(self, policy: ShiftPolicy) -> None:
+        self._policy = policy
+
+    def next_interval(self) -> float:
+        p = self._policy
+        fraction = secrets.randbelow(self._RESOLUTION + 1) / self._RESOLUTION
+        interval = (
+            p.mean_checkpoint_interval_seconds + (2 * fraction - 1) * p.checkpoint_jitter_seconds
+        )
+        return max(p.min_checkpoint_gap_seconds, interval)
+
+
+class ShiftStream:
+    """One attached softphone stream: audio in, events out (bounded; oldest dropped)."""
+
+    def __init__(self, session: ShiftSession, max_events: int) -> None:
+        self._session = session
+        self._events: deque[ShiftEvent | BaseException | None] = deque(maxlen=max_events)
+        self._ready = asyncio.Event()
+
+    def push(self, frames: bytes) -> None:
+        """Adds audio frames; raises InvalidAudioError for frames of the wrong size."""
+        self._session.receive(self, frames)
+
+    def deliver(self, event: ShiftEvent) -> None:
+        self._events.append(event)
+        self._ready.set()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Ends the event stream, with an error to report or None for a normal end."""
+        self._events.append(error)
+        self._ready.set()
+
+    async def next_event(self) -> ShiftEvent | None:
+        """The next event; None when the stream has ended. Raises the error it ended with."""
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._events.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def detach(self) -> None:
+        self._session.detach(self)
+
+
+class EventSubscription:
+    """A listener to every shift's events (the MFA provider's), bounded: a subscriber that
+    does not keep up loses the oldest events, never the server's memory."""
+
+    def __init__(self, service: ShiftService, agent_id: str, max_events: int) -> None:
+        self._service = service
+        self._agent_id = agent_id
+        self._events: deque[ShiftEvent] = deque(maxlen=max_events)
+        self._ready = asyncio.Event()
+
+    def offer(self, event: ShiftEvent) -> None:
+        if not self._agent_id or event.shift.agent_id == self._agent_id:
+            self._events.append(event)
+            self._ready.set()
+
+    async def next_event(self) -> ShiftEvent:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def close(self) -> None:
+        self._service.unsubscribe(self)
+
+
+class ShiftSession:
+    """An active shift in memory: its audio buffer, its checkpoint task, its stream."""
+
+    def __init__(self, service: ShiftService, record: ShiftRecord) -> None:
+        self.record = record
+        self._service = service
+        self.buffer: ShiftAudioBuffer | None = None
+        self.stream: ShiftStream | None = None
+        self._audio_arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.detached_since: float | None = service.clock.monotonic()
+
+    # --- stream -------------------------------------------------------------------------
+
+    def attach(self, stream_format: StreamFormat) -> ShiftStream:
+        if self.stream is not None:
+            self.stream.close(ShiftTakenOverError("a newer stream took over this shift"))
+        if self.buffer is None or self.buffer.format != stream_format:
+            self.buffer = ShiftAudioBuffer(
+                stream_format, self._service.policy.max_audio_age_seconds
+            )
+        self.stream = ShiftStream(self, self._service.policy.max_pending_events)
+        self.detached_since = None
+        self.stream.deliver(
+            ShiftEvent(ShiftEventKind.STREAM_ATTACHED, self.record, self._service.clock.now())
+        )
+        self.ensure_checkpoints()
+        return self.stream
+
+    def detach(self, stream: ShiftStream) -> None:
+        if self.stream is stream:
+            self.stream = None
+            self.detached_since = self._service.clock.monotonic()
+
+    def receive(self, stream: ShiftStream, frames: bytes) -> None:
+        if stream is not self.stream or self.buffer is None:
+            raise StreamOrderError("this stream no longer owns the shift")
+        self.buffer.append(frames, self._service.clock.monotonic())
+        if self.buffer.seconds_since_mark >= self._service.policy.speech_recheck_seconds:
+            self._audio_arrived.set()
+
+    def publish(self, event: ShiftEvent) -> None:
+        if self.stream is not None:
+            self.stream.deliver(event)
+        self._service.publish(event)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def ensure_checkpoints(self) -> None:
+        """Runs the checkpoint loop while the shift is VERIFIED."""
+        if self.record.state is ShiftState.VERIFIED and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(
+                self._checkpoints(), name=f"shift-{self.record.shift_id}"
+            )
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    async def _checkpoints(self) -> None:
+        service = self._service
+        try:
+            while self.record.state is ShiftState.VERIFIED:
+                due = service.clock.monotonic() + service.schedule.next_interval()
+                await service.clock.sleep_until(due)
+                await self._checkpoint(due)
+        except asyncio.CancelledError:
+            raise
+        except VoxauthError as error:
+            # The agent was erased or re-enrolled with another model mid-shift: nothing
+            # left to verify against, so the shift ends.
+            log.warning("shift %s ends: %s", self.record.shift_id, error.message)
+            await service.end(self.record.shift_id, reason=error.message)
+
+    async def _checkpoint(self, due: float) -> None:
+        service = self._service
+        policy = service.policy
+        scheduled_at = service.clock.now() - timedelta(seconds=service.clock.monotonic() - due)
+        deadline = due + policy.speech_wait_seconds
+        while True:
+            if self.buffer is not None:
+                self.buffer.mark()
+                self._audio_arrived.clear()
+                try:
+                    outcome = await service.pool.run(lambda: service.check_speech(self))
+                except CapacityError:
+                    outcome = None  # Busy: look again when more audio arrives.
+                if outcome is not None:
+                    await self._decided(outcome, scheduled_at)
+                    return
+            if service.clock.monotonic() >= deadline:
+                await self._insufficient(scheduled_at)
+                return
+            arrived = asyncio.ensure_future(self._audio_arrived.wait())
+            timeout = asyncio.ensure_future(service.clock.sleep_until(deadline))
+            try:
+                await asyncio.wait({arrived, timeout}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrived.cancel()
+                timeout.cancel()
+
+    async def _decided(
+        self, outcome: tuple[VerificationResult, RecentSpeech], scheduled_at: datetime
+    ) -> None:
+        service = self._service
+        result, recent = outcome
+        assert self.buffer is not None
+        self.buffer.clear()  # Used audio is not kept.
+        passed = result.decision is Decision.ACCEPT
+        record = self.record
+        record = replace(
+            record,
+            consecutive_failures=0 if passed else record.consecutive_failures + 1,
+            checkpoints_passed=record.checkpoints_passed + passed,
+            checkpoints_failed=record.checkpoints_failed + (not passed),
+            updated_at=service.clock.now(),
+        )
+        locked = record.consecutive_failures >= service.policy.max_consecutive_failures
+        if locked:
+            record = replace(record, state=ShiftState.LOCKED)
+        await service.save(record)
+        self.record = record
+        kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
+        self.publish(
+            ShiftEvent(
+                kind,
+                record,
+                record.updated_at,
+                scheduled_at=scheduled_at,
+                score=result.score,
+                threshold=result.threshold,
+                net_speech_seconds=recent.net_seconds,
+                audio_start=service.wall_time(recent.start),
+                audio_end=service.wall_time(recent.end),
+            )
+        )
+        if locked:
+            await service.audit(
+                "shift.lock", record, "LOCKED", consecutive_failures=record.consecutive_failures
+            )
+            self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+
+    async def _insufficient(self, scheduled_at: datetime) -> None:
+        service = self._service
+        record = replace(
+            self.record,
+            checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
+            updated_at=service.clock.now(),
+        )
+        await service.save(record)
+        self.record = record
+        await service.audit("shift.checkpoint", record, "INSUFFICIENT_SPEECH")
+        self.publish(
+            ShiftEvent(
+                ShiftEventKind.INSUFFICIENT_SPEECH,
+                record,
+                record.updated_at,
+                scheduled_at=scheduled_at,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    shift: ShiftRecord
+    verification: VerificationResult
+    assurance: AssuranceRecord | None
+    """Signed for the MFA provider when the check passed (and assurances are configured)."""
+
+
+class ShiftService:
+    def __init__(
+        self,
+        store: Store,
+        verification: VerificationService,
+        analyser: VoiceAnalyser,
+        detector: SpeechDetector,
+        pool: InferencePool,
+        policy: ShiftPolicy,
+        clock: Clock,
+        assurances: AssuranceDesk | None = None,
+    ) -> None:
+        self._store = store
+        self._assurances = assurances
+        self._verification = verification
+        self._analyser = analyser
+        self._detector = detector
+        self.pool = pool
+        self.policy = policy
+        self.clock = clock
+        self.schedule = CheckpointSchedule(policy)
+        self._sessions: dict[str, ShiftSession] = {}
+        self._subscribers: list[EventSubscription] = []
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- use cases ------------------------------------------------------------------------
+
+    async def start(self, agent_id: str, device_id: str, audio: AudioInput) -> LoginOutcome:
+        agent_id = validate_agent_id(agent_id)
+        if not _DEVICE_ID.fullmatch(device_id):
+            raise InvalidRequestError(
+                "device_id must be 1-128 characters from A-Z, a-z, 0-9 and . _ @ : -",
+                field="device_id",
+            )
+        result = await self.pool.run(
+            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+        )
+        now = self.clock.now()
+        record = ShiftRecord(
+            shift_id=secrets.token_urlsafe(16),
+            agent_id=agent_id,
+            device_id=device_id,
+            state=_state_after_login(result),
+            started_at=now,
+            updated_at=now,
+        )
+        await asyncio.to_thread(self._store.create_shift, record)
+        await self.audit("shift.start", record, record.state.value, device_id=device_id)
+        self._session(record)
+        return LoginOutcome(record, result, await self._assure(record, result))
+
+    async def check_login(self, shift_id: str, audio: AudioInput) -> LoginOutcome:
+        session = await self._active(shift_id)
+        agent_id = session.record.agent_id
+        result = await self.pool.run(
+            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+        )
+        if result.decision is Decision.ACCEPT:
+            await self._verified(session, "shift.relogin")
+        return LoginOutcome(session.record, result, await self._assure(session.record, result))
+
+    async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
+        """An admin's unlock, without a login check (e.g. the helpdesk verified the agent)."""
+        session = await self._active(shift_id)
+        if session.record.state is not ShiftState.LOCKED:
+            raise ShiftNotLockedError(
+                f"shift {shift_id} is {session.record.state.value}, not locked"
+            )
+        await self._verified(session, "shift.admin_unlock", reason=reason)
+        return session.record
+
+    async def _verified(self, session: ShiftSession, action: str, **details: object) -> None:
+        was = session.record.state
+        record = replace(
+            session.record,
+            state=ShiftState.VERIFIED,
+            consecutive_failures=0,
+            updated_at=self.clock.now(),
+        )
+        await self.save(record)
+        session.record = record
+        await self.audit(action, record, "VERIFIED", previous_state=was.value, **details)
+        if was is not ShiftState.VERIFIED:
+            session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
+        session.ensure_checkpoints()
+
+    async def _assure(
+        self, record: ShiftRecord, result: VerificationResult
+    ) -> AssuranceRecord | None:
+        if self._assurances is None or result.decision is not Decision.ACCEPT:
+            return None
+        desk = self._assurances
+        return await asyncio.to_thread(lambda: desk.issue(record))
+
+    async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
+        session = await self._active(shift_id)
+        if session.record.state is ShiftState.UNVERIFIED:
+            raise StreamOrderError(
+                f"shift {shift_id} has not passed its login check; call CheckLogin first"
+            )
+        return session.attach(stream_format)
+
+    async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
+        session = self._sessions.pop(_valid_shift_id(shift_id), None)
+        record = (
+            session.record if session else await asyncio.to_thread(self._store.get_shift, shift_id)
+        )
+        if record.state is not ShiftState.ENDED:
+            now = self.clock.now()
+            record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
+            await self.save(record)
+            await self.audit("shift.end", record, "ENDED", reason=reason)
+        if session is not None:
+            session.record = record
+            session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
+            session.stop()
+        return record
+
+    async def get(self, shift_id: str) -> ShiftRecord:
+        session = self._sessions.get(_valid_shift_id(shift_id))
+        if session is not None:
+            return session.record
+        return await asyncio.to_thread(self._store.get_shift, shift_id)
+
+    def subscribe(self, agent_id: str = "") -> EventSubscription:
+        """Every event of every shift from now on (or of one agent's shifts)."""
+        if agent_id:
+            validate_agent_id(agent_id)
+        subscription = EventSubscription(self, agent_id, _SUBSCRIBER_EVENTS)
+        self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: EventSubscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            session.stop()
+        self._sessions.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    # --- for sessions ---------------------------------------------------------------------
+
+    def check_speech(self, session: ShiftSession) -> tuple[VerificationResult, RecentSpeech] | None:
+        """Blocking (worker thread): verifies the shift's most recent speech, or returns None
+        while there is not enough of it."""
+        assert session.buffer is not None
+        recent = session.buffer.recent_speech(
+            self._detector, self.policy.checkpoint_net_speech_seconds
+        )
+        if recent is None:
+            return None
+        voiceprint = self._verification.voiceprint_of(session.record.agent_id)
+        sample = self._analyser.analyse_speech(
+            recent.speech, source_rate_hz=session.buffer.format.sample_rate_hz
+        )
+        result = self._verification.judge(voiceprint, sample, action="shift.checkpoint")
+        if result.decision is Decision.INCONCLUSIVE:
+            return None
+        return result, recent
+
+    async def save(self, record: ShiftRecord) -> None:
+        await asyncio.to_thread(self._store.update_shift, record)
+
+    async def audit(
+        self, action: str, record: ShiftRecord, outcome: str, **details: object
+    ) -> None:
+        event = AuditEvent(
+            action,
+            record.agent_id,
+            outcome,
+            self.clock.now(),
+            {"shift_id": record.shift_id, **details},
+        )
+        await asyncio.to_thread(self._store.append_audit, event)
+        log.info(
+            "%s shift=%s agent=%s outcome=%s", action, record.shift_id, record.agent_id, outcome
+        )
+
+    def publish(self, event: ShiftEvent) -> None:
+        for subscription in self._subscribers:
+            subscription.offer(event)
+
+    def wall_time(self, monotonic: float) -> datetime:
+        return self.clock.now() - timedelta(seconds=self.clock.monotonic() - monotonic)
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _active(self, shift_id: str) -> ShiftSession:
+        """The shift's session, loaded from the store after a restart or an idle drop."""
+        session = self._sessions.get(_valid_shift_id(shift_id))
+        if session is None:
+            record = await asyncio.to_thread(self._store.get_shift, shift_id)
+            session = self._session(record)
+        if session.record.state is ShiftState.ENDED:
+            raise ShiftEndedError(f"shift {shift_id} has ended; start a new shift")
+        return session
+
+    def _session(self, record: ShiftRecord) -> ShiftSession:
+        session = ShiftSession(self, record)
+        if record.state is not ShiftState.ENDED:
+            self._sessions[record.shift_id] = session
+            self._start_reaper()
+        return session
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_idle(), name="shift-reaper")
+
+    async def _reap_idle(self) -> None:
+        """Drops sessions with no stream for a while: their state is stored, their audio is
+        stale, and a softphone that comes back resumes from the store."""
+        idle = self.policy.idle_stream_seconds
+        while self._sessions:
+            await self.clock.sleep_until(self.clock.monotonic() + idle / 4)
+            now = self.clock.monotonic()
+            for shift_id, session in list(self._sessions.items()):
+                if session.detached_since is not None and now - session.detached_since >= idle:
+                    session.stop()
+                    del self._sessions[shift_id]
+
+
+def _state_after_login(result: VerificationResult) -> ShiftState:
+    return ShiftState.VERIFIED if result.decision is Decision.ACCEPT else ShiftState.UNVERIFIED
+
+
+def _valid_shift_id(shift_id: str) -> str:
+    if not _SHIFT_ID.fullmatch(shift_id):
+        raise InvalidRequestError("shift_id is missing or malformed", field="shift_id")
+    return shift_id

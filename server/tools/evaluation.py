@@ -1,0 +1,438 @@
+"""`voxauth eval DIR`: accuracy of the service's own scoring path on a folder of speakers.
+
+Every file is split in two: the first half enrolls, the second half verifies. A trial pairs a
+voiceprint with a test; it is a target trial when both come from the same speaker and an
+impostor trial otherwise. Each trial is scored as the service scores it: cosine of the speech's
+embeddings, AS-norm against the shipped cohort (models/scoring/), and the decision threshold
+that the shipped calibration sets for the target false-match rate and the trial's net speech.
+Speakers whose audio made the cohort or the calibration are left out, so no figure comes from
+data the scoring was fitted on.
+
+Conditions: wideband (voiceprint and test as recorded), wideband-to-telephone (wideband
+voiceprint, test through a simulated G.711 call), telephone (the companion voiceprint that
+enrollment makes from the same speech through the simulated call, and a telephone test).
+Test durations: 3 s or 8 s of net speech from the start of the second half, or all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import numpy.typing as npt
+
+from server.pipeline.channel import Channel
+from server.scoring.calibration import Condition
+from server.scoring.normalization import as_norm_matrix, top_n_statistics
+from server.scoring.scorer import ScoringModel
+from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
+
+Vector = npt.NDArray[np.float64]
+
+ENROLLMENT_SIDE = {
+    Condition.WIDEBAND: Side.WIDEBAND,
+    Condition.WIDEBAND_TO_TELEPHONE: Side.WIDEBAND,
+    Condition.TELEPHONE: Side.COMPANION,
+}
+TEST_SIDE = {
+    Condition.WIDEBAND: Side.WIDEBAND,
+    Condition.WIDEBAND_TO_TELEPHONE: Side.TELEPHONE,
+    Condition.TELEPHONE: Side.TELEPHONE,
+}
+DURATIONS = {"3": 3.0, "8": 8.0, "full": None}
+
+# Detection cost of NIST SRE: a target prior of 1%, misses and false alarms costing the same.
+DCF_TARGET_PRIOR = 0.01
+REPORTED_FMRS = (1e-3, 1e-4)
+_Z95 = NormalDist().inv_cdf(0.975)
+
+
+@dataclass(frozen=True, eq=False)
+class TrialSide:
+    """Embeddings of one side of the trials (voiceprints or tests), one row each."""
+
+    speakers: list[str]
+    embeddings: Vector
+    net_speech_seconds: Vector
+
+
+@dataclass(frozen=True, eq=False)
+class Trials:
+    """Scores of target and impostor trials, with each trial's shorter net speech."""
+
+    target: Vector
+    impostor: Vector
+    target_seconds: Vector
+    impostor_seconds: Vector
+
+    def with_scores(self, target: Vector, impostor: Vector) -> Trials:
+        return Trials(target, impostor, self.target_seconds, self.impostor_seconds)
+
+
+@dataclass(frozen=True)
+class Rate:
+    errors: int
+    trials: int
+
+    @property
+    def value(self) -> float:
+        return self.errors / self.trials if self.trials else float("nan")
+
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson score interval: sound also for 0 errors, where it is not 0..0."""
+        n, p = self.trials, self.value
+        if n == 0:
+            return float("nan"), float("nan")
+        centre = (p + _Z95**2 / (2 * n)) / (1 + _Z95**2 / n)
+        half = _Z95 * math.sqrt(p * (1 - p) / n + _Z95**2 / (4 * n * n)) / (1 + _Z95**2 / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+    def __str__(self) -> str:
+        low, high = self.interval()
+        return f"{self.value:.2%} ({self.errors}/{self.trials}; {low:.2%}-{high:.2%})"
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def error_curve(trials: Trials) -> tuple[Vector, Vector, Vector]:
+    """(thresholds, FMR, FNMR) at every distinct score, accepting score >= threshold."""
+    thresholds = np.unique(np.concatenate([trials.target, trials.impostor]))
+    target = np.sort(trials.target)
+    impostor = np.sort(trials.impostor)
+    fnmr = np.searchsorted(target, thresholds, side="left") / len(target)
+    fmr = 1.0 - np.searchsorted(impostor, thresholds, side="left") / len(impostor)
+    return thresholds, fmr, fnmr
+
+
+def equal_error_rate(trials: Trials) -> tuple[float, float]:
+    """(EER, threshold): where the false-match and false-non-match rates cross."""
+    thresholds, fmr, fnmr = error_curve(trials)
+    crossing = int(np.argmin(np.abs(fmr - fnmr)))
+    return float((fmr[crossing] + fnmr[crossing]) / 2), float(thresholds[crossing])
+
+
+def min_dcf(trials: Trials, target_prior: float = DCF_TARGET_PRIOR) -> float:
+    """Minimum normalised detection cost over all thresholds."""
+    _, fmr, fnmr = error_curve(trials)
+    cost = target_prior * fnmr + (1 - target_prior) * fmr
+    return float(min(cost.min(), 1.0) / min(target_prior, 1 - target_prior))
+
+
+def threshold_for_fmr(impostor: Vector, max_fmr: float) -> float:
+    """The lowest threshold whose false-match rate on these impostor scores is at most
+    max_fmr."""
+    allowed = int(np.floor(max_fmr * len(impostor)))
+    ranked = np.sort(impostor)[::-1]
+    if allowed >= len(ranked):
+        return float(ranked[-1])
+    # Accepting needs score >= threshold, so sit just above the (allowed+1)-th highest impostor.
+    return float(np.nextafter(ranked[allowed], np.inf))
+
+
+def fnmr_at_fmr(trials: Trials, max_fmr: float) -> Rate:
+    threshold = threshold_for_fmr(trials.impostor, max_fmr)
+    return Rate(int((trials.target < threshold).sum()), len(trials.target))
+
+
+def cllr(target_llr: Vector, impostor_llr: Vector) -> float:
+    """Cost of the log-likelihood ratios in bits: 0 perfect, 1 as useless as no answer."""
+    return float(
+        (np.logaddexp(0, -target_llr).mean() + np.logaddexp(0, impostor_llr).mean())
+        / (2 * math.log(2))
+    )
+
+
+# --- trials ------------------------------------------------------------------------------------
+
+
+def embed_side(
+    corpus: SpeechCorpus, files: Sequence[Recording], side: Side, segment: Segment, minimum: float
+) -> TrialSide:
+    """Embeddings of `segment` of each file; files with less net speech than `minimum` (or
+    than the segment asks for) are left out, as the service would refuse them."""
+    speakers, rows, seconds = [], [], []
+    for recording in files:
+        embedded = corpus.embed(recording, side, segment)
+        if embedded.embedding is None or embedded.net_speech_seconds < minimum:
+            continue
+        speakers.append(recording.speaker)
+        rows.append(embedded.embedding.astype(np.float64))
+        seconds.append(embedded.net_speech_seconds)
+    return TrialSide(
+        speakers,
+        np.array(rows, dtype=np.float64).reshape(len(rows), corpus.dimension),
+        np.array(seconds),
+    )
+
+
+def prepared(scoring: ScoringModel, side: TrialSide, channel: Channel) -> TrialSide:
+    """The side's embeddings as the service compares them (centred, when it centres)."""
+    if len(side.speakers) == 0:
+        return side
+    return TrialSide(
+        side.speakers, scoring.prepare(side.embeddings, channel), side.net_speech_seconds
+    )
+
+
+def score_trials(
+    enrollment: TrialSide,
+    test: TrialSide,
+    *,
+    normalize: tuple[tuple[Vector, Vector], tuple[Vector, Vector]] | None,
+    skip: npt.NDArray[np.bool_] | None = None,
+) -> Trials:
+    """All (voiceprint, test) pairs; AS-norm when `normalize` holds both sides' cohort
+    statistics. `skip` marks pairs that are no trial (the same speech on both sides)."""
+    scores = enrollment.embeddings @ test.embeddings.T
+    if normalize is not None:
+        scores = as_norm_matrix(scores, *normalize)
+    same = np.array([[a == b for b in test.speakers] for a in enrollment.speakers], dtype=bool)
+    same = same.reshape(scores.shape)
+    shorter = np.minimum(enrollment.net_speech_seconds[:, None], test.net_speech_seconds[None, :])
+    valid = np.ones_like(same) if skip is None else ~skip
+    return Trials(
+        scores[same & valid],
+        scores[~same & valid],
+        shorter[same & valid],
+        shorter[~same & valid],
+    )
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionResult:
+    condition: Condition
+    duration: str
+    raw: Trials
+    normalized: Trials
+    llr_target: Vector
+    llr_impostor: Vector
+    at_policy: tuple[Rate, Rate]
+    """(FMR, FNMR) at the service's own threshold for the target false-match rate."""
+
+
+def evaluate(
+    corpus: SpeechCorpus,
+    files: Sequence[Recording],
+    scoring: ScoringModel,
+    condition: Condition,
+    duration: str,
+    *,
+    target_fmr: float,
+    min_enrollment_seconds: float,
+    min_test_seconds: float,
+) -> ConditionResult:
+    enrollment = embed_side(
+        corpus, files, ENROLLMENT_SIDE[condition], Segment(Part.FIRST_HALF), min_enrollment_seconds
+    )
+    test = embed_side(
+        corpus,
+        files,
+        TEST_SIDE[condition],
+        Segment(Part.SECOND_HALF, 0.0, DURATIONS[duration]),
+        min_test_seconds,
+    )
+    enrollment_cohort = scoring.cohort(condition.enrollment_channel)
+    test_cohort = scoring.cohort(condition.test_channel)
+    top_n = scoring.calibration.cohort_top_n
+    # The plain cosine, as the service scored before normalisation, for comparison.
+    raw = score_trials(enrollment, test, normalize=None)
+    enrollment = prepared(scoring, enrollment, condition.enrollment_channel)
+    test = prepared(scoring, test, condition.test_channel)
+    normalize = (
+        top_n_statistics(enrollment.embeddings @ enrollment_cohort.embeddings.T, top_n),
+        top_n_statistics(test.embeddings @ test_cohort.embeddings.T, top_n),
+    )
+    normalized = score_trials(enrollment, test, normalize=normalize)
+    calibration = scoring.calibration[condition]
+    llr = np.vectorize(calibration.llr, otypes=[np.float64])
+    threshold = calibration.threshold(target_fmr)
+    false_matches = int((normalized.impostor >= threshold).sum())
+    false_non_matches = int((normalized.target < threshold).sum())
+    return ConditionResult(
+        condition,
+        duration,
+        raw,
+        normalized,
+        llr(normalized.target, normalized.target_seconds),
+        llr(normalized.impostor, normalized.impostor_seconds),
+        (
+            Rate(false_matches, len(normalized.impostor)),
+            Rate(false_non_matches, len(normalized.target)),
+        ),
+    )
+
+
+def _report(result: ConditionResult, target_fmr: float) -> list[str]:
+    lines = []
+    for name, trials in (("cosine", result.raw), ("AS-norm", result.normalized)):
+        eer, _ = equal_error_rate(trials)
+        eer_rate = Rate(round(eer * len(trials.target)), len(trials.target))
+        low, high = eer_rate.interval()
+        lines.append(
+            f"  {name:8} EER {eer:.2%} ({low:.2%}-{high:.2%})  "
+            f"minDCF(0.01) {min_dcf(trials):.3f}  "
+            + "  ".join(f"FNMR@FMR{fmr:g} {fnmr_at_fmr(trials, fmr)}" for fmr in REPORTED_FMRS)
+        )
+    fmr, fnmr = result.at_policy
+    lines.append(
+        f"  service  at its threshold for FMR {target_fmr:g}: FMR {fmr}, FNMR {fnmr}; "
+        f"Cllr {cllr(result.llr_target, result.llr_impostor):.3f}"
+    )
+    return lines
+
+
+def write_det_plot(results: Sequence[ConditionResult], path: Path) -> None:
+    """DET curves (probit axes) of every condition, AS-norm solid and plain cosine dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probit = np.vectorize(NormalDist().inv_cdf, otypes=[np.float64])
+    ticks = [0.0001, 0.001, 0.01, 0.05, 0.2, 0.4]
+    labels = [f"{t * 100:g}%" for t in ticks]
+    figure, axes = plt.subplots(figsize=(7, 6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, result in enumerate(results):
+        for trials, style, name in (
+            (result.normalized, "-", "AS-norm"),
+            (result.raw, "--", "cosine"),
+        ):
+            _, fmr, fnmr = error_curve(trials)
+            keep = (fmr > 0) & (fnmr > 0) & (fmr < 1) & (fnmr < 1)
+            eer, _ = equal_error_rate(trials)
+            axes.plot(
+                probit(fmr[keep]),
+                probit(fnmr[keep]),
+                style,
+                color=colours[index % len(colours)],
+                label=f"{result.condition.value}, {result.duration} s test, {name} "
+                f"(EER {eer:.2%})".replace("full s", "full"),
+            )
+    axes.set_xticks(probit(ticks), labels)
+    axes.set_yticks(probit(ticks), labels)
+    axes.set_xlim(probit(0.00005), probit(0.5))
+    axes.set_ylim(probit(0.0005), probit(0.5))
+    axes.set_xlabel("false-match rate")
+    axes.set_ylabel("false-non-match rate")
+    axes.set_title("voxauth eval: DET curves")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voxauth eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path, help="folder of speakers' audio (FLAC or WAV)")
+    parser.add_argument(
+        "--condition",
+        action="append",
+        choices=[c.value for c in Condition],
+        help="channel condition; repeat for several (default: all three)",
+    )
+    parser.add_argument(
+        "--duration",
+        action="append",
+        choices=sorted(DURATIONS),
+        help="net speech of each test; repeat for several (default: full)",
+    )
+    parser.add_argument(
+        "--target-fmr",
+        type=float,
+        help="false-match rate the threshold is set for (default: config)",
+    )
+    parser.add_argument("--det", type=Path, default=Path("var/det.png"), help="DET plot (PNG)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("var/eval-cache"), help="embedding cache folder"
+    )
+    parser.add_argument("--model-dir", type=Path, help="verified model files")
+    parser.add_argument(
+        "--all-trials",
+        action="store_true",
+        help="score halves with less net speech than the service's minimums too",
+    )
+    args = parser.parse_args(argv)
+
+    from models.ecapa import EcapaEmbedder
+    from models.fetch import default_model_dir
+    from server.config import ServerConfig
+    from server.pipeline.speech import SileroSpeechDetector
+
+    config = ServerConfig.from_environment()
+    target_fmr = config.scoring.target_fmr if args.target_fmr is None else args.target_fmr
+    conditions = [Condition(c) for c in args.condition or [c.value for c in Condition]]
+    durations = args.duration or ["full"]
+    all_files = recordings(args.directory)
+    if not all_files:
+        print(f"voxauth eval: no .flac or .wav files under {args.directory}", file=sys.stderr)
+        return 2
+    embedder = EcapaEmbedder.load(args.model_dir or config.model_dir or default_model_dir())
+    scoring = ScoringModel.load(config.scoring, embedder.model_id)
+    fitted_on = set(scoring.calibration.provenance.get("speakers", []))
+    files = [r for r in all_files if r.speaker not in fitted_on]
+    corpus = SpeechCorpus(
+        embedder, SileroSpeechDetector(), max_seconds=config.audio.max_seconds, cache_dir=args.cache
+    )
+    min_enrollment, min_test = (
+        (0.0, 0.0)
+        if args.all_trials
+        else (
+            config.enrollment.min_utterance_net_speech_seconds,
+            config.verification.min_net_speech_seconds,
+        )
+    )
+    started = time.perf_counter()
+    print(f"model: {embedder.model_id}")
+    held_out = len({r.speaker for r in files})
+    print(
+        f"speakers: {held_out} held out of {len({r.speaker for r in all_files})} "
+        f"({len(all_files) - len(files)} files left out: their speakers made the cohort or the "
+        "calibration)"
+    )
+    results = []
+    for duration in durations:
+        for condition in conditions:
+            result = evaluate(
+                corpus,
+                files,
+                scoring,
+                condition,
+                duration,
+                target_fmr=target_fmr,
+                min_enrollment_seconds=min_enrollment,
+                min_test_seconds=min_test,
+            )
+            name = f"{condition.value}, {duration}{'' if duration == 'full' else ' s'} test"
+            if len(result.raw.target) == 0 or len(result.raw.impostor) == 0:
+                print(f"{name}: no trials (no test half holds that much net speech)")
+                continue
+            print(
+                f"{name}: {len(result.raw.target)} target, {len(result.raw.impostor)} impostor "
+                "trials"
+            )
+            for line in _report(result, target_fmr):
+                print(line)
+            results.append(result)
+    if not results:
+        print("voxauth eval: need at least two speakers with enough speech", file=sys.stderr)
+        return 2
+    write_det_plot(results, args.det)
+    print(
+        f"DET curves: {args.det}  ({time.perf_counter() - started:.0f} s, "
+        f"{corpus.computed} segments embedded, the rest from {args.cache})"
+    )
+    return 0

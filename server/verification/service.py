@@ -1,0 +1,173 @@
+"""Verification: score a voice against the agent's voiceprint and decide by policy."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from server.config import VerificationPolicy
+from server.errors import ModelMismatchError, NotEnrolledError
+from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
+from server.pipeline.channel import Channel
+from server.pipeline.speech import SpeechAnalysis
+from server.scoring.scorer import Score, Scorer
+from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
+from server.validation import validate_agent_id
+
+if TYPE_CHECKING:
+    # Only for the annotation: server.verification.throttling imports Decision from here.
+    from server.verification.throttling import VerificationThrottle
+
+log = logging.getLogger(__name__)
+
+# Retention counts in years: noting a voiceprint's use once an hour is precise enough and
+# spares most checks a write.
+_LAST_USE_RESOLUTION = timedelta(hours=1)
+
+
+class Decision(enum.Enum):
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    INCONCLUSIVE = "INCONCLUSIVE"
+    """Too little speech to decide: not a failure, the caller should ask for more speech."""
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    decision: Decision
+    score: float
+    """Cosine of the test and the voiceprint it was compared with; 0 when INCONCLUSIVE."""
+    threshold: float
+    """The cosine this check needed (the policy's threshold for this voiceprint, this test and
+    its length): ACCEPT exactly when score >= threshold. 0 when INCONCLUSIVE."""
+    model_id: str
+    quality: SpeechAnalysis
+    channel: Channel
+    target_fmr: float
+    """The false-match rate the threshold was set for."""
+    scoring: Score | None
+    """AS-norm score, calibrated LLR and their thresholds; None when INCONCLUSIVE."""
+
+
+class VerificationService:
+    def __init__(
+        self,
+        store: VoiceprintStore,
+        analyser: VoiceAnalyser,
+        policy: VerificationPolicy,
+        scorer: Scorer,
+        now: Callable[[], datetime],
+        throttle: VerificationThrottle,
+    ) -> None:
+        self._store = store
+        self._analyser = analyser
+        self._policy = policy
+        self._scorer = scorer
+        self._now = now
+        self._throttle = throttle
+
+    def verify(
+        self, agent_id: str, audio: AudioInput, *, action: str = "verify"
+    ) -> VerificationResult:
+        """Blocking: runs the model. Cheap checks on the agent and the throttle come before the
+        audio work. `action` names the decision in the audit log (a plain Verify, or a shift's
+        login). Raises ThrottledError or VerificationDisabledError after too many failures."""
+        voiceprint = self.voiceprint_of(agent_id)
+        agent_id = voiceprint.agent_id
+        self._throttle.check(agent_id, self._now())
+        try:
+            sample = self._analyser.analyse(
+                audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
+            )
+            result = self.judge(voiceprint, sample, action=action)
+        except BaseException:
+            self._throttle.abandon(agent_id)
+            raise
+        self._throttle.record(agent_id, result.decision, self._now())
+        return result
+
+    def voiceprint_of(self, agent_id: str) -> Voiceprint:
+        """The agent's voiceprint, if it can be compared with this server's model."""
+        agent = self._store.get_agent(validate_agent_id(agent_id))
+        voiceprint = self._store.get_voiceprint(agent.agent_id)
+        if voiceprint is None:
+            raise NotEnrolledError(f"agent {agent.agent_id} has no voiceprint yet: enroll first")
+        model_id = self._analyser.model_id
+        if voiceprint.model_id != model_id:
+            # Embeddings of different models are not comparable; a score would be meaningless.
+            raise ModelMismatchError(
+                f"the voiceprint of agent {agent.agent_id} was made by model "
+                f"{voiceprint.model_id}, but this server runs {model_id}: re-enroll the agent"
+            )
+        return voiceprint
+
+    def judge(
+        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: str
+    ) -> VerificationResult:
+        """Scores an analysed sample against the voiceprint, decides, and audits the decision
+        under `action` ("verify", or a shift checkpoint). Not throttled: a checkpoint is no
+        attempt of a claimant."""
+        model_id = self._analyser.model_id
+        scoring = (
+            None
+            if sample.embedding is None
+            else self._scorer.score(
+                voiceprint, sample.embedding, sample.quality.net_speech_seconds, sample.channel
+            )
+        )
+        if scoring is None:
+            decision = Decision.INCONCLUSIVE
+        else:
+            decision = Decision.ACCEPT if scoring.accepted else Decision.REJECT
+        result = VerificationResult(
+            decision=decision,
+            score=scoring.cosine if scoring else 0.0,
+            threshold=scoring.threshold if scoring else 0.0,
+            model_id=model_id,
+            quality=sample.quality,
+            channel=sample.channel,
+            target_fmr=self._scorer.target_fmr,
+            scoring=scoring,
+        )
+        details: dict[str, object] = {
+            "score": round(result.score, 4),
+            "threshold": round(result.threshold, 4),
+            "net_speech_seconds": round(sample.quality.net_speech_seconds, 2),
+            "model_id": model_id,
+            "channel": sample.channel.value,
+            "target_fmr": result.target_fmr,
+        }
+        if scoring is not None:
+            details |= {
+                "condition": scoring.condition.value,
+                "normalized_score": round(scoring.normalized, 3),
+                "llr": round(scoring.llr, 3),
+                "llr_threshold": round(scoring.llr_threshold, 3),
+            }
+        now = self._now()
+        self._store.append_audit(
+            AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
+        )
+        last_used_at = voiceprint.last_used_at
+        if scoring is not None and (
+            last_used_at is None or now - last_used_at >= _LAST_USE_RESOLUTION
+        ):
+            self._store.mark_voiceprint_used(voiceprint.agent_id, now)
+        log.info(
+            "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
+            "net_speech=%.1fs",
+            action,
+            voiceprint.agent_id,
+            result.decision.value,
+            sample.channel.value,
+            scoring.condition.value if scoring else "-",
+            result.score,
+            result.threshold,
+            scoring.llr if scoring else 0.0,
+            sample.quality.net_speech_seconds,
+        )
+        return result
