@@ -58,3 +58,25 @@ def key_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXAUTH_")}
     env["VOXAUTH_KEY"] = base64.b64encode(KEY).decode()
     return env
+
+
+# Fixtures that bring the real speaker model: a test using one is end to end, and lives there.
+_REAL_MODEL_FIXTURES = frozenset({"embedder", "voxauth", "start_server", "key_env"})
+_SUITES = ("unit", "contract", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks each test with its suite's name (its folder), so `-m unit` or `-m "not e2e"`
+    select by kind, and refuses a real-model test outside tests/e2e: the fast suites stay fast."""
+    misplaced = []
+    for item in items:
+        suite = next((s for s in _SUITES if f"tests/{s}/" in item.nodeid), None)
+        if suite is None:
+            misplaced.append(f"{item.nodeid}: outside tests/unit, tests/contract and tests/e2e")
+            continue
+        item.add_marker(getattr(pytest.mark, suite))
+        uses_model = _REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses_model and suite != "e2e":
+            misplaced.append(f"{item.nodeid}: uses {sorted(uses_model)}, belongs in tests/e2e")
+    if misplaced:
+        raise pytest.UsageError("tests in the wrong suite:\n  " + "\n  ".join(misplaced))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,8 +32,6 @@ from tests.support import (
     SHORT_CLIP,
     SPEAKER_A,
     SPEAKER_B,
-    RunningServer,
-    make_config,
 )
 
 DIMENSION = 192
@@ -125,12 +122,6 @@ def test_shipped_scoring_files_match_the_model_and_the_split() -> None:
         ScoringModel.load(ScoringPolicy(scoring_dir=default_scoring_dir()), "another-model@1")
 
 
-def test_server_refuses_to_start_without_its_calibration(
-    tmp_path: Path, start_server: Callable[..., RunningServer]
-) -> None:
-    config = replace(make_config(tmp_path), scoring=ScoringPolicy(scoring_dir=tmp_path / "none"))
-    with pytest.raises(ConfigurationError, match="no score calibration"):
-        start_server(config)
 
 
 def voiceprint(agent_id: str, embedding: Embedding, telephone: Embedding | None) -> Voiceprint:

@@ -4,9 +4,7 @@ the test's, so a whole shift runs in seconds."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,10 +12,9 @@ import grpc
 import numpy as np
 import pytest
 from voxauth.v1 import shifts_pb2 as spb
-from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 
-from server.config import ShiftPolicy
+from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     OTHER_1,
     OTHER_2,
@@ -31,83 +28,6 @@ from tests.support import (
     split,
     wav_audio,
 )
-
-# Checkpoints exactly every 100 s of test-clock time (no jitter), verifying 6 s of speech.
-POLICY = replace(
-    ShiftPolicy(),
-    mean_checkpoint_interval_seconds=100.0,
-    checkpoint_jitter_seconds=0.0,
-    min_checkpoint_gap_seconds=10.0,
-    checkpoint_net_speech_seconds=6.0,
-    speech_wait_seconds=30.0,
-    speech_recheck_seconds=2.0,
-)
-FRAME = 320  # 20 ms at 16 kHz
-
-
-def pcm16_frames(samples: Samples, frames_per_message: int = 50) -> list[bytes]:
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-    pcm = pcm[: len(pcm) - len(pcm) % (2 * FRAME)]
-    step = 2 * FRAME * frames_per_message
-    return [pcm[i : i + step] for i in range(0, len(pcm), step)]
-
-
-class ShiftStream:
-    """A softphone's bidirectional stream, driven from the test thread."""
-
-    def __init__(self, shifts: spb_grpc.ShiftServiceStub, shift_id: str) -> None:
-        self._outbox: queue.Queue[spb.ShiftAudio | None] = queue.Queue()
-        self._outbox.put(
-            spb.ShiftAudio(
-                header=spb.ShiftAudioHeader(
-                    shift_id=shift_id, encoding=pb.AUDIO_ENCODING_PCM16LE, sample_rate_hz=16000
-                )
-            )
-        )
-        self.call = shifts.StreamShiftAudio(self._requests())
-        self._events: queue.Queue[spb.ShiftEvent | grpc.RpcError | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _requests(self) -> Iterator[spb.ShiftAudio]:
-        while (message := self._outbox.get()) is not None:
-            yield message
-
-    def _read(self) -> None:
-        try:
-            for event in self.call:
-                self._events.put(event)
-        except grpc.RpcError as error:
-            self._events.put(error)
-        else:
-            self._events.put(None)  # The server ended the stream normally.
-
-    def send(self, samples: Samples) -> None:
-        for chunk in pcm16_frames(samples):
-            self._outbox.put(spb.ShiftAudio(frames=chunk))
-
-    def send_raw(self, message: spb.ShiftAudio) -> None:
-        self._outbox.put(message)
-
-    def next_event(self, timeout: float = 60.0) -> spb.ShiftEvent:
-        item = self._events.get(timeout=timeout)
-        if isinstance(item, grpc.RpcError):
-            raise item
-        assert item is not None, "the stream ended"
-        return item
-
-    def ended(self, timeout: float = 60.0) -> bool:
-        return self._events.get(timeout=timeout) is None
-
-    def error(self, timeout: float = 60.0) -> grpc.RpcError:
-        item = self._events.get(timeout=timeout)
-        while not isinstance(item, grpc.RpcError):
-            item = self._events.get(timeout=timeout)
-        return item
-
-    def close(self) -> None:
-        self._outbox.put(None)
-        self.call.cancel()
 
 
 @pytest.fixture

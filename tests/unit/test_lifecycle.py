@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
@@ -81,11 +80,3 @@ def test_health_is_not_serving_until_the_model_is_loaded(tmp_path: Path) -> None
             server.stop()
 
 
-def test_reflection_lists_the_api(voxauth: RunningServer) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(voxauth.channel)
-    responses = stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-    )
-    names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"voxauth.v1.EnrollmentService", "voxauth.v1.VerificationService"} <= names
-    assert "grpc.health.v1.Health" in names

@@ -25,7 +25,7 @@ from server.pipeline.decode import (
     waveform_seconds,
 )
 
-SPEECH_FILE = Path(__file__).parent / "data" / "198-126831-0000.flac"
+SPEECH_FILE = Path(__file__).parents[1] / "data" / "198-126831-0000.flac"
 LIMIT = 60.0
 
 

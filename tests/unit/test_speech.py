@@ -23,7 +23,7 @@ from server.pipeline.speech import (
     analyse,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 MIN_SPEECH = 3.0
 
 

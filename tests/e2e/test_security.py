@@ -25,6 +25,7 @@ from server.api.access import Role
 from server.security.certificates import DevelopmentPki, channel_credentials, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.storage.sqlite.store import SqliteVoiceprintStore
+from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     KEY,
     OTHER_1,
@@ -39,7 +40,6 @@ from tests.support import (
     tls_config,
     wav_audio,
 )
-from tests.test_shifts import POLICY, ShiftStream
 
 
 @pytest.fixture

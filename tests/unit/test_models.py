@@ -1,0 +1,220 @@
+"""The real ECAPA model on real speech, its weight checks, and the benchmark.
+
+Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
+models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+import soundfile as sf
+
+from models.ecapa import EcapaEmbedder, split_network
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.export import EMBEDDING_OUTPUT, export_path
+from models.fetch import default_model_dir
+from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from models.reference import SpeechBrainReference
+from server.errors import ModelFilesError
+from server.tools.model_bench import (
+    BenchReport,
+    Engine,
+    PathResult,
+    PathSpec,
+    ThroughputReport,
+    embedding_benchmark,
+    format_results,
+    parse_lengths,
+)
+
+DATA = Path(__file__).parents[1] / "data"
+# The four long utterances, one speaker each (see data/README.md).
+SPEAKERS = ["198-126831-0000", "8770-295462-0000", "229-130880-0000", "3374-298025-0000"]
+
+
+def _speech(name: str) -> Waveform:
+    audio, rate = sf.read(DATA / f"{name}.flac", dtype="float32")
+    assert rate == 16_000
+    waveform: Waveform = audio
+    return waveform
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    directory = default_model_dir()
+    verify_model_dir(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def halves(embedder: SpeakerEmbedder) -> dict[str, tuple[Embedding, Embedding]]:
+    """Each speaker's utterance cut in two (about 8.5 s each), embedded separately."""
+    result = {}
+    for speaker in SPEAKERS:
+        audio = _speech(speaker)
+        middle = audio.shape[0] // 2
+        result[speaker] = (embedder.embed(audio[:middle]), embedder.embed(audio[middle:]))
+    return result
+
+
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path) -> SpeechBrainReference:
+    """SpeechBrain's own EncoderClassifier on the same weights."""
+    return SpeechBrainReference.load(model_dir)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def _missing(path: Path, real: Path) -> None:
+    """Leaves the file out."""
+
+
+def _truncated(path: Path, real: Path) -> None:
+    with real.open("rb") as f:
+        path.write_bytes(f.read(1000))
+
+
+def _corrupt(path: Path, real: Path) -> None:
+    """Right size, wrong bytes: all zeros (sparse, so the 83 MB file costs no disk)."""
+    with path.open("wb") as f:
+        f.truncate(real.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        ("embedding_model.ckpt", _missing, "missing"),
+        ("embedding_model.ckpt", _truncated, "wrong size"),
+        ("embedding_model.ckpt", _corrupt, "wrong SHA-256"),
+        ("hyperparams.yaml", _corrupt, "wrong SHA-256"),
+        ("mean_var_norm_emb.ckpt", _missing, "missing"),
+    ],
+)
+def test_damaged_weights_name_the_file_and_the_fix(
+    model_dir: Path,
+    tmp_path: Path,
+    name: str,
+    damage: Callable[[Path, Path], None],
+    problem: str,
+) -> None:
+    # Symlinks to the real files, except the damaged one, which is a new file: the real
+    # weights are never written to.
+    for spec in ECAPA_MANIFEST.files:
+        if spec.name != name:
+            (tmp_path / spec.name).symlink_to(model_dir / spec.name)
+    damage(tmp_path / name, model_dir / name)
+    with pytest.raises(ModelFilesError) as raised:
+        EcapaEmbedder.load(tmp_path)
+    assert f"{name}: {problem}" in raised.value.message
+    assert "voxauth fetch-model" in raised.value.message
+
+
+def test_missing_or_stale_export_names_the_fix(model_dir: Path, tmp_path: Path) -> None:
+    for spec in ECAPA_MANIFEST.files:
+        (tmp_path / spec.name).symlink_to(model_dir / spec.name)
+    # An export of other weights (or an older format) sits there under another name.
+    (tmp_path / "ecapa-network-0000000000000000-v0.onnx").symlink_to(export_path(model_dir))
+    with pytest.raises(ModelFilesError) as raised:
+        EcapaEmbedder.load(tmp_path)
+    assert export_path(tmp_path).name in raised.value.message
+    assert f"voxauth fetch-model --dir {tmp_path}" in raised.value.message
+
+
+
+
+def test_trunk_then_head_is_the_whole_network(model_dir: Path) -> None:
+    # The service runs the network in two parts (the trunk in bfloat16 where the CPU has it,
+    # the pooling head in float32): in float32 the two chained give the whole network's output.
+    core = ov.Core()
+    network = core.read_model(export_path(model_dir))
+    trunk, head = split_network(network)
+    f32 = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    features = np.random.default_rng(0).standard_normal((1, 400, 80)).astype(np.float32)
+    whole = core.compile_model(network, "CPU", f32)({0: features})[EMBEDDING_OUTPUT]
+    frames = core.compile_model(trunk, "CPU", f32)({0: features})[0]
+    assert frames.shape == (1, 3072, 400)
+    chained = core.compile_model(head, "CPU", f32)({0: frames})[0]
+    np.testing.assert_allclose(chained, whole, rtol=1e-4, atol=1e-5)
+
+
+class _FixedCostEmbedder:
+    model_id = "fake@0"
+    sample_rate = 16_000
+    dimension = 2
+    min_samples = 1
+
+    def embed(self, waveform: Waveform) -> Embedding:
+        time.sleep(0.01)
+        return np.array([1.0, 0.0], dtype=np.float32)
+
+
+def test_benchmark_reports_real_time_factor() -> None:
+    audio = np.zeros(3 * 16_000, dtype=np.float32)
+    report = embedding_benchmark(_FixedCostEmbedder(), audio, seconds=2.0, runs=3)
+    assert report.audio_seconds == 2.0
+    assert report.runs == 3
+    assert report.min_seconds <= report.median_seconds
+    assert report.median_rtf == pytest.approx(report.median_seconds / 2.0)
+    with pytest.raises(ValueError, match="shorter"):
+        embedding_benchmark(_FixedCostEmbedder(), audio, seconds=4.0)
+
+
+def _result(engine: Engine, threads: int, rtf: float, embedding: list[float]) -> PathResult:
+    return PathResult(
+        spec=PathSpec(engine, threads, throughput=engine is Engine.SERVICE),
+        threads=threads,
+        load_seconds=0.5,
+        reports=tuple(BenchReport(s, 7, rtf * s, rtf * s, rtf * s) for s in (3.0, 8.0)),
+        peak_rss_bytes=600 * 2**20,
+        embedding=np.array(embedding, dtype=np.float32),
+        throughput=(
+            (ThroughputReport(1, 12, 8.0, 2.0), ThroughputReport(2, 12, 8.0, 1.0))
+            if engine is Engine.SERVICE
+            else ()
+        ),
+    )
+
+
+def test_benchmark_prints_baseline_and_service_side_by_side() -> None:
+    text = format_results(
+        [
+            _result(Engine.SPEECHBRAIN, 2, 0.02, [1.0, 0.0]),
+            _result(Engine.SPEECHBRAIN, 1, 0.045, [1.0, 0.0]),
+            _result(Engine.SERVICE, 1, 0.015, [0.6, 0.8]),
+        ],
+        runs=7,
+    )
+    assert "median of 7 runs" in text
+    assert "RTF    3 s" in text and "RTF    8 s" in text
+    assert "voxauth (1 thread) vs SpeechBrain (1 thread): 3.0x at 3 s, 3.0x at 8 s" in text
+    assert "vs SpeechBrain (2 threads): 1.3x at 3 s" in text
+    assert "embedding (8 s): 0.60000" in text
+    assert "1 caller 48.0, 2 callers 96.0 s of audio per s (2.00x" in text
+
+
+def test_benchmark_lengths_parse() -> None:
+    assert parse_lengths("3,8,20") == [3.0, 8.0, 20.0]
+    for bad in ("", "0", "x", "90"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_lengths(bad)
+
+
