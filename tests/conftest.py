@@ -14,7 +14,8 @@ from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
 from server.config import ServerConfig
-from tests.support import KEY, ManualClock, RunningServer, make_config
+from tests.clock import ManualClock
+from tests.support import KEY, RunningServer, make_config
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import io
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ from server.api.access import Role
 from server.app import VoxauthServer
 from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
 from server.security.certificates import DevelopmentPki, channel_credentials
+from tests.clock import ManualClock
 
 DATA = Path(__file__).parent / "data"
 RATE = 16_000
@@ -109,43 +109,6 @@ def as_role(pki: DevelopmentPki, role: Role) -> grpc.ChannelCredentials:
     )
 
 
-class ManualClock:
-    """A Clock that moves only when the test says, so a whole shift runs in seconds."""
-
-    def __init__(self, start: datetime = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)) -> None:
-        self._now = 0.0
-        self._start = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def monotonic(self) -> float:
-        return self._now
-
-    def now(self) -> datetime:
-        return self._start + timedelta(seconds=self._now)
-
-    async def sleep_until(self, deadline: float) -> None:
-        if deadline <= self._now:
-            return
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (deadline, wake)
-        self._sleepers.append(entry)
-        try:
-            await wake
-        finally:
-            if entry in self._sleepers:
-                self._sleepers.remove(entry)
-
-    async def advance(self, seconds: float) -> None:
-        """Moves time on (on the server's loop) and wakes whoever's deadline has come."""
-        self._now += seconds
-        for deadline, wake in list(self._sleepers):
-            if deadline <= self._now and not wake.done():
-                wake.set_result(None)
-        # Let the woken tasks run up to their next wait.
-        for _ in range(5):
-            await asyncio.sleep(0)
-
-
 class RunningServer:
     """A VoxauthServer on its own event loop thread, reached over a real socket."""
 
@@ -175,8 +138,15 @@ class RunningServer:
         self.shifts = spb_grpc.ShiftServiceStub(self.channel)
 
     def advance(self, seconds: float) -> None:
-        """Moves the server's clock on by `seconds`."""
-        self._call(self.clock.advance(seconds))
+        """Moves the server's clock on by `seconds`, on the server's loop where its sleepers
+        wait, and lets the woken tasks run up to their next wait."""
+
+        async def advance_and_settle() -> None:
+            self.clock.advance(seconds)
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        self._call(advance_and_settle())
 
     def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)

@@ -1,4 +1,5 @@
-"""The real ECAPA model on real speech, its weight checks, and the benchmark.
+"""The real ECAPA model on real speech, its export, and the benchmark on it (the weight checks
+are in tests/unit/test_models.py).
 
 Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
 models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
@@ -7,7 +8,6 @@ models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-mo
 from __future__ import annotations
 
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,14 +22,7 @@ from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
 from server.errors import InvalidAudioError
-from server.tools.model_bench import (
-    BenchReport,
-    Engine,
-    PathResult,
-    PathSpec,
-    ThroughputReport,
-    embedding_benchmark,
-)
+from server.tools.model_bench import embedding_benchmark
 
 DATA = Path(__file__).parents[1] / "data"
 # The four long utterances, one speaker each (see data/README.md).
@@ -137,25 +130,6 @@ def test_unusable_audio_is_rejected(embedder: SpeakerEmbedder, bad: Waveform, me
         embedder.embed(bad)
 
 
-def _missing(path: Path, real: Path) -> None:
-    """Leaves the file out."""
-
-
-def _truncated(path: Path, real: Path) -> None:
-    with real.open("rb") as f:
-        path.write_bytes(f.read(1000))
-
-
-def _corrupt(path: Path, real: Path) -> None:
-    """Right size, wrong bytes: all zeros (sparse, so the 83 MB file costs no disk)."""
-    with path.open("wb") as f:
-        f.truncate(real.stat().st_size)
-
-
-
-
-
-
 def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
     model_dir: Path, tmp_path: Path, embedder: SpeakerEmbedder
 ) -> None:
@@ -172,41 +146,6 @@ def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
     audio = _speech(SPEAKERS[1])[: 4 * 16_000]
     rebuilt = EcapaEmbedder.load(tmp_path).embed(audio)
     np.testing.assert_allclose(rebuilt, embedder.embed(audio), atol=1e-5)
-
-
-
-
-class _FixedCostEmbedder:
-    model_id = "fake@0"
-    sample_rate = 16_000
-    dimension = 2
-    min_samples = 1
-
-    def embed(self, waveform: Waveform) -> Embedding:
-        time.sleep(0.01)
-        return np.array([1.0, 0.0], dtype=np.float32)
-
-
-
-
-def _result(engine: Engine, threads: int, rtf: float, embedding: list[float]) -> PathResult:
-    return PathResult(
-        spec=PathSpec(engine, threads, throughput=engine is Engine.SERVICE),
-        threads=threads,
-        load_seconds=0.5,
-        reports=tuple(BenchReport(s, 7, rtf * s, rtf * s, rtf * s) for s in (3.0, 8.0)),
-        peak_rss_bytes=600 * 2**20,
-        embedding=np.array(embedding, dtype=np.float32),
-        throughput=(
-            (ThroughputReport(1, 12, 8.0, 2.0), ThroughputReport(2, 12, 8.0, 1.0))
-            if engine is Engine.SERVICE
-            else ()
-        ),
-    )
-
-
-
-
 
 
 def test_benchmark_on_real_speech(embedder: SpeakerEmbedder) -> None:

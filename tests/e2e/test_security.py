@@ -25,12 +25,12 @@ from server.api.access import Role
 from server.security.certificates import DevelopmentPki, channel_credentials, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.storage.sqlite.store import SqliteVoiceprintStore
+from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     KEY,
     OTHER_1,
     SPEAKER_A,
-    ManualClock,
     RunningServer,
     as_role,
     first_half,

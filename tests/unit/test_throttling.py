@@ -1,6 +1,6 @@
 """Throttling of verification attempts (NIST SP 800-63B-4): the timeline on a test clock, what
-counts as a failure, disabling and re-enabling, persistence, concurrent attempts, and what a
-client sees over gRPC."""
+counts as a failure, disabling and re-enabling, persistence and concurrent attempts (what a
+client sees over gRPC is in tests/e2e/test_throttling_e2e.py)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from server.storage.interface import AgentRecord, ThrottleState, Voiceprint
 from server.storage.sqlite.store import SqliteVoiceprintStore
 from server.verification.service import Decision, VerificationService
 from server.verification.throttling import VerificationThrottle, delay_after
-from tests.fake_voice import (
+from tests.clock import ManualClock
+from tests.fakes import (
     AGENT_AUDIO,
     AGENT_VOICE,
     IMPOSTOR_AUDIO,
     IMPOSTOR_VOICE,
     MODEL_ID,
     TOO_SHORT_AUDIO,
-    MovableNow,
     fake_verification,
 )
 from tests.support import (
@@ -279,25 +279,27 @@ def test_inconsistent_policy_is_refused(env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def clock() -> MovableNow:
-    return MovableNow(T0)
+def clock() -> ManualClock:
+    return ManualClock(start=T0)
 
 
 @pytest.fixture
-def service(store: SqliteVoiceprintStore, tmp_path: Path, clock: MovableNow) -> VerificationService:
+def service(
+    store: SqliteVoiceprintStore, tmp_path: Path, clock: ManualClock
+) -> VerificationService:
     store.replace_voiceprint(Voiceprint(AGENT, MODEL_ID, AGENT_VOICE, T0, 3, 20.0), [])
-    return fake_verification(store, tmp_path / "scoring", clock)
+    return fake_verification(store, tmp_path / "scoring", clock.now)
 
 
 def test_verify_and_login_checks_count_and_the_sixth_waits(
-    service: VerificationService, clock: MovableNow
+    service: VerificationService, clock: ManualClock
 ) -> None:
     for action in ("verify", "shift.login", "verify", "shift.login", "verify"):
         result = service.verify(AGENT, IMPOSTOR_AUDIO, action=action)
         assert result.decision is Decision.REJECT
     with pytest.raises(ThrottledError):
         service.verify(AGENT, AGENT_AUDIO, action="shift.login")
-    clock.now += timedelta(seconds=30)
+    clock.advance(timedelta(seconds=30))
     assert service.verify(AGENT, AGENT_AUDIO).decision is Decision.ACCEPT
     # The ACCEPT reset the count.
     for _ in range(5):
@@ -337,8 +339,3 @@ def test_a_disabled_agent_is_refused_before_any_audio_work(
     with pytest.raises(VerificationDisabledError):
         # Audio that would fail to decode: the refusal comes first.
         service.verify(AGENT, AudioInput(b"", AGENT_AUDIO.encoding, 16_000))
-
-
-# --- over gRPC ------------------------------------------------------------------------------
-
-
