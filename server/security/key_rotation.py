@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from server.audit_actions import AuditAction
 from server.config import ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.runtime.clock import SystemClock
@@ -39,7 +40,7 @@ def reencrypt(
     report = store.reencrypt_all(batch_size)
     store.append_audit(
         AuditEvent(
-            "key.reencrypt",
+            AuditAction.KEY_REENCRYPT,
             "",
             "ok",
             now,
