@@ -1,7 +1,7 @@
 """The real ECAPA model on real speech, its weight checks, and the benchmark.
 
 Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
-models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+VOXAUTH_MODEL_DIR, else models.fetch.default_model_dir(); run `voxauth fetch-model` first).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from models.export import EMBEDDING_OUTPUT, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
+from server.config import ServerConfig
 from server.errors import ModelFilesError
 from server.tools.model_bench import (
     BenchReport,
@@ -48,7 +49,7 @@ def _speech(name: str) -> Waveform:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    directory = default_model_dir()
+    directory = ServerConfig.from_environment().model_dir or default_model_dir()
     verify_model_dir(directory)
     return directory
 
