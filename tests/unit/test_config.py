@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from server.errors import ConfigurationError
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
 from server.storage.sqlite.store import SqliteVoiceprintStore
-from server.tools.cli import EXIT_OK, EXIT_USAGE, main
+from server.tools.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
 
 
 def test_defaults() -> None:
@@ -193,3 +194,18 @@ def test_serve_stops_at_start_on_an_unknown_variable(
     err = capsys.readouterr().err
     assert "unknown environment variable VOXAUTH_THROTTLE_DISABLE_AFTR" in err
     assert "VOXAUTH_THROTTLE_DISABLE_AFTER" in err
+
+
+def test_client_commands_take_the_server_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    monkeypatch.setenv("VOXAUTH_SERVER", address)
+    monkeypatch.setenv("VOXAUTH_INSECURE", "1")
+    assert main(["status", "agent-1", "--timeout", "2"]) == EXIT_UNREACHABLE
+    assert address in capsys.readouterr().err
+    monkeypatch.setenv("VOXAUTH_INSECURE", "yes")
+    assert main(["status", "agent-1"]) == EXIT_USAGE
+    assert "VOXAUTH_INSECURE='yes' must be 0 or 1" in capsys.readouterr().err
