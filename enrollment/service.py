@@ -16,11 +16,11 @@ from enrollment.voiceprint import (
     companion_embedding,
     mean_embedding,
 )
+from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.security.audit import ERASURE_ACTION
 from server.storage.interface import (
     AgentRecord,
     AuditEvent,
@@ -86,7 +86,7 @@ class EnrollmentService:
             created_at=self._now(),
         )
         self._store.create_agent(agent)
-        self._audit("agent.create", agent.agent_id, "ok")
+        self._audit(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
         return agent
 
     def add_utterance(self, agent_id: str, audio: AudioInput) -> UtteranceOutcome:
@@ -102,7 +102,7 @@ class EnrollmentService:
         # HR can re-record while the agent is there.
         if sample.embedding is None or quality.issues:
             reason = _quality_rejection(quality, self._policy.min_utterance_net_speech_seconds)
-            self._audit("enrollment.add", agent.agent_id, "rejected", reason=reason)
+            self._audit(AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason)
             return UtteranceOutcome(quality, received_at, None, reason)
         record = UtteranceRecord(
             utterance_id=uuid.uuid4().hex,
@@ -118,7 +118,7 @@ class EnrollmentService:
         )
         self._store.add_utterance(record, self._policy.max_pending_utterances)
         self._audit(
-            "enrollment.add",
+            AuditAction.ENROLLMENT_ADD,
             agent.agent_id,
             "ok",
             utterance_id=record.utterance_id,
@@ -157,7 +157,7 @@ class EnrollmentService:
             )
             for r in rejected:
                 self._audit(
-                    "enrollment.reject_utterance",
+                    AuditAction.ENROLLMENT_REJECT_UTTERANCE,
                     agent.agent_id,
                     "rejected",
                     utterance_id=r.utterance.utterance_id,
@@ -166,14 +166,17 @@ class EnrollmentService:
         collected = sum(u.net_speech_seconds for u in consistency.accepted)
         required = self._policy.required_net_speech_seconds
         if consistency.undecided:
-            self._audit("enrollment.finalize", agent.agent_id, "undecided")
+            self._audit(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided")
             raise EnrollmentIncompleteError(
                 "the two pending utterances do not sound like the same person; add another "
                 "utterance of the agent so the odd one out can be identified"
             )
         if not consistency.accepted or collected < required:
             self._audit(
-                "enrollment.finalize", agent.agent_id, "incomplete", net_speech_seconds=collected
+                AuditAction.ENROLLMENT_FINALIZE,
+                agent.agent_id,
+                "incomplete",
+                net_speech_seconds=collected,
             )
             raise EnrollmentIncompleteError(
                 f"{collected:.1f} s of consistent net speech collected, {required:.1f} s needed"
@@ -193,7 +196,7 @@ class EnrollmentService:
             voiceprint, [u.utterance_id for u in consistency.accepted]
         )
         self._audit(
-            "enrollment.finalize",
+            AuditAction.ENROLLMENT_FINALIZE,
             agent.agent_id,
             "ok",
             replaced_previous=replaced,
@@ -207,9 +210,9 @@ class EnrollmentService:
         agent_id = validate_agent_id(agent_id)
         self._store.delete_agent(agent_id)
         # After the erasure: with the agent gone, the store records this one in clear.
-        self._audit(ERASURE_ACTION, agent_id, "ok")
+        self._audit(AuditAction.AGENT_DELETE, agent_id, "ok")
 
-    def _audit(self, action: str, agent_id: str, outcome: str, **details: object) -> None:
+    def _audit(self, action: AuditAction, agent_id: str, outcome: str, **details: object) -> None:
         self._store.append_audit(AuditEvent(action, agent_id, outcome, self._now(), dict(details)))
         extra = "".join(f" {name}={value}" for name, value in details.items())
         log.info("%s agent=%s outcome=%s%s", action, agent_id, outcome, extra)

@@ -21,7 +21,7 @@ from tests.support import KEY, RunningServer, make_config
 @pytest.fixture(scope="session")
 def embedder() -> SpeakerEmbedder:
     """The real ECAPA model, loaded once for the whole run."""
-    return EcapaEmbedder.load(default_model_dir())
+    return EcapaEmbedder.load(ServerConfig.from_environment().model_dir or default_model_dir())
 
 
 @pytest.fixture

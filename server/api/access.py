@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from server.api.handlers import rewrap
+from server.audit_actions import AuditAction
 from server.errors import ConfigurationError, InvalidRequestError, UnauthenticatedError
 from server.runtime.clock import Clock, SystemClock
 from server.storage.interface import AuditEvent
@@ -427,7 +428,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if identity is not None:
             details |= identity.describe()
         event = AuditEvent(
-            action="access.denied",
+            action=AuditAction.ACCESS_DENIED,
             agent_id="",
             outcome=code.name,
             at=self._clock.now(),

@@ -15,6 +15,7 @@ from voxauth.v1 import shifts_pb2 as spb
 from server.api.access import caller_identity
 from server.api.servicers import Readiness, timestamp
 from server.api.shift_servicer import shift_message
+from server.audit_actions import AuditAction
 from server.config import ServerConfig
 from server.runtime.clock import Clock
 from server.security.audit import cef_lines, jsonl_lines, read_chain
@@ -61,7 +62,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         services = self._readiness.require()
         previous = await asyncio.to_thread(services.throttle.re_enable, agent_id)
         event = AuditEvent(
-            "throttle.re_enable",
+            AuditAction.THROTTLE_RE_ENABLE,
             agent_id,
             "ok",
             self._clock.now(),

@@ -9,20 +9,20 @@ data, so there is no downtime.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from server.config import ServerConfig
+from server.audit_actions import AuditAction
+from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.runtime.clock import SystemClock
 from server.security.audit import AuditKey
 from server.security.crypto import (
     VoiceprintCipher,
-    key_from_environment,
-    previous_keys_from_environment,
+    load_key,
+    load_previous_keys,
 )
 from server.storage.interface import AuditEvent, ReencryptionReport, Store
 from server.storage.sqlite.store import SqliteVoiceprintStore
@@ -39,7 +39,7 @@ def reencrypt(
     report = store.reencrypt_all(batch_size)
     store.append_audit(
         AuditEvent(
-            "key.reencrypt",
+            AuditAction.KEY_REENCRYPT,
             "",
             "ok",
             now,
@@ -70,8 +70,9 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--batch-size must be at least 1")
     try:
         database = args.db or ServerConfig.from_environment().database_path
-        key = key_from_environment(os.environ)
-        previous = previous_keys_from_environment(os.environ)
+        keys = KeySettings.from_environment()
+        key = load_key(key_b64=keys.key, key_file=keys.key_file)
+        previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
         cipher = VoiceprintCipher(key, previous)
         store = SqliteVoiceprintStore.open(database, cipher, audit_key=AuditKey(key))
         try:

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from server.audit_actions import AuditAction
 from server.config import ShiftPolicy
 from server.errors import (
     CapacityError,
@@ -288,7 +289,10 @@ class ShiftSession:
         )
         if locked:
             await service.audit(
-                "shift.lock", record, "LOCKED", consecutive_failures=record.consecutive_failures
+                AuditAction.SHIFT_LOCK,
+                record,
+                "LOCKED",
+                consecutive_failures=record.consecutive_failures,
             )
             self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
 
@@ -301,7 +305,7 @@ class ShiftSession:
         )
         await service.save(record)
         self.record = record
-        await service.audit("shift.checkpoint", record, "INSUFFICIENT_SPEECH")
+        await service.audit(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
         self.publish(
             ShiftEvent(
                 ShiftEventKind.INSUFFICIENT_SPEECH,
@@ -355,7 +359,7 @@ class ShiftService:
                 field="device_id",
             )
         result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
         )
         now = self.clock.now()
         record = ShiftRecord(
@@ -367,7 +371,7 @@ class ShiftService:
             updated_at=now,
         )
         await asyncio.to_thread(self._store.create_shift, record)
-        await self.audit("shift.start", record, record.state.value, device_id=device_id)
+        await self.audit(AuditAction.SHIFT_START, record, record.state.value, device_id=device_id)
         self._session(record)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -375,10 +379,10 @@ class ShiftService:
         session = await self._active(shift_id)
         agent_id = session.record.agent_id
         result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
         )
         if result.decision is Decision.ACCEPT:
-            await self._verified(session, "shift.relogin")
+            await self._verified(session, AuditAction.SHIFT_RELOGIN)
         return LoginOutcome(session.record, result, await self._assure(session.record, result))
 
     async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
@@ -388,10 +392,12 @@ class ShiftService:
             raise ShiftNotLockedError(
                 f"shift {shift_id} is {session.record.state.value}, not locked"
             )
-        await self._verified(session, "shift.admin_unlock", reason=reason)
+        await self._verified(session, AuditAction.SHIFT_ADMIN_UNLOCK, reason=reason)
         return session.record
 
-    async def _verified(self, session: ShiftSession, action: str, **details: object) -> None:
+    async def _verified(
+        self, session: ShiftSession, action: AuditAction, **details: object
+    ) -> None:
         was = session.record.state
         record = replace(
             session.record,
@@ -431,7 +437,7 @@ class ShiftService:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
             await self.save(record)
-            await self.audit("shift.end", record, "ENDED", reason=reason)
+            await self.audit(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
         if session is not None:
             session.record = record
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
@@ -478,7 +484,7 @@ class ShiftService:
         sample = self._analyser.analyse_speech(
             recent.speech, source_rate_hz=session.buffer.format.sample_rate_hz
         )
-        result = self._verification.judge(voiceprint, sample, action="shift.checkpoint")
+        result = self._verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
         if result.decision is Decision.INCONCLUSIVE:
             return None
         return result, recent
@@ -487,7 +493,7 @@ class ShiftService:
         await asyncio.to_thread(self._store.update_shift, record)
 
     async def audit(
-        self, action: str, record: ShiftRecord, outcome: str, **details: object
+        self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
     ) -> None:
         event = AuditEvent(
             action,

@@ -30,6 +30,8 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from server.config import ClientSettings
+from server.errors import ConfigurationError
 from server.security.certificates import channel_credentials
 from server.tools.shift_bench import BenchServer, nearest_rank, parse_levels, recordings
 
@@ -244,13 +246,18 @@ async def _bench(args: argparse.Namespace, address: str, server: BenchServer | N
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        client = ClientSettings.from_environment()
+    except ConfigurationError as error:
+        print(f"voxauth bench load: {error.message}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog="voxauth bench load",
         description="Verify throughput and p50/p95/p99 latency at given concurrencies.",
     )
     parser.add_argument(
         "--server",
-        default=os.environ.get("VOXAUTH_SERVER", "localhost:50051"),
+        default=client.server,
         help="a running server (default localhost:50051, VOXAUTH_SERVER)",
     )
     parser.add_argument(
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pki-dir",
         type=Path,
-        default=Path(os.environ.get("VOXAUTH_PKI_DIR", "var/pki")),
+        default=client.pki_dir,
         help="CA and the `hr` and `softphone` client certificates (default var/pki)",
     )
     parser.add_argument(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from server.audit_actions import AuditAction
 from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
@@ -71,7 +72,7 @@ class VerificationService:
         self._throttle = throttle
 
     def verify(
-        self, agent_id: str, audio: AudioInput, *, action: str = "verify"
+        self, agent_id: str, audio: AudioInput, *, action: AuditAction = AuditAction.VERIFY
     ) -> VerificationResult:
         """Blocking: runs the model. Cheap checks on the agent and the throttle come before the
         audio work. `action` names the decision in the audit log (a plain Verify, or a shift's
@@ -106,7 +107,7 @@ class VerificationService:
         return voiceprint
 
     def judge(
-        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: str
+        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: AuditAction
     ) -> VerificationResult:
         """Scores an analysed sample against the voiceprint, decides, and audits the decision
         under `action` ("verify", or a shift checkpoint). Not throttled: a checkpoint is no

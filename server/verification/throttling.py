@@ -20,6 +20,7 @@ import math
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from server.audit_actions import AuditAction
 from server.config import ThrottlePolicy
 from server.errors import ThrottledError, VerificationDisabledError
 from server.storage.interface import AuditEvent, Store, ThrottleState
@@ -111,7 +112,7 @@ class VerificationThrottle:
         if before.disabled_at is None and after.disabled_at is not None:
             self._store.append_audit(
                 AuditEvent(
-                    "throttle.disable",
+                    AuditAction.THROTTLE_DISABLE,
                     agent_id,
                     "DISABLED",
                     now,

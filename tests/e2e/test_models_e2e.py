@@ -2,7 +2,7 @@
 are in tests/unit/test_models.py).
 
 Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
-models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+VOXAUTH_MODEL_DIR, else models.fetch.default_model_dir(); run `voxauth fetch-model` first).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from models.export import export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
+from server.config import ServerConfig
 from server.errors import InvalidAudioError
 from server.tools.model_bench import embedding_benchmark
 
@@ -38,7 +39,7 @@ def _speech(name: str) -> Waveform:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    directory = default_model_dir()
+    directory = ServerConfig.from_environment().model_dir or default_model_dir()
     verify_model_dir(directory)
     return directory
 

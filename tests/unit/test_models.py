@@ -19,6 +19,7 @@ from models.ecapa import EcapaEmbedder, split_network
 from models.export import EMBEDDING_OUTPUT, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from server.config import ServerConfig
 from server.errors import ModelFilesError
 from server.tools.model_bench import (
     BenchReport,
@@ -35,7 +36,7 @@ from tests.fakes import FakeEmbedder
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    directory = default_model_dir()
+    directory = ServerConfig.from_environment().model_dir or default_model_dir()
     verify_model_dir(directory)
     return directory
 

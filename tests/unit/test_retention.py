@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.audit_actions import AuditAction
 from server.config import RetentionPolicy, ServerConfig
 from server.errors import ConfigurationError, NotEnrolledError
 from server.pipeline.analysis import VoiceSample
@@ -129,7 +130,8 @@ def test_verifications_and_checkpoints_keep_the_voiceprint(
     clock.advance(2 * YEAR)
     voiceprint = verification.voiceprint_of("a1")
     quality = SpeechAnalysis(8.0, 8.0, -20.0, 0.0, (), np.zeros(8 * 16_000, np.float32))
-    verification.judge(voiceprint, VoiceSample(quality, AGENT_VOICE), action="shift.checkpoint")
+    sample = VoiceSample(quality, AGENT_VOICE)
+    verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
     assert last_used(store, "a1") == clock.now()
 
     # Used a year ago: a 3-year TTL keeps it.

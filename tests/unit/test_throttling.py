@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.audit_actions import AuditAction
 from server.config import ServerConfig, ThrottlePolicy
 from server.errors import (
     AgentNotFoundError,
@@ -294,11 +295,12 @@ def service(
 def test_verify_and_login_checks_count_and_the_sixth_waits(
     service: VerificationService, clock: ManualClock
 ) -> None:
-    for action in ("verify", "shift.login", "verify", "shift.login", "verify"):
+    verify, login = AuditAction.VERIFY, AuditAction.SHIFT_LOGIN
+    for action in (verify, login, verify, login, verify):
         result = service.verify(AGENT, IMPOSTOR_AUDIO, action=action)
         assert result.decision is Decision.REJECT
     with pytest.raises(ThrottledError):
-        service.verify(AGENT, AGENT_AUDIO, action="shift.login")
+        service.verify(AGENT, AGENT_AUDIO, action=login)
     clock.advance(timedelta(seconds=30))
     assert service.verify(AGENT, AGENT_AUDIO).decision is Decision.ACCEPT
     # The ACCEPT reset the count.
@@ -323,7 +325,7 @@ def test_shift_checkpoints_do_not_count(service: VerificationService) -> None:
     quality = SpeechAnalysis(8.0, 8.0, -20.0, 0.0, (), np.zeros(8 * 16_000, np.float32))
     for _ in range(20):
         failed = service.judge(
-            voiceprint, VoiceSample(quality, IMPOSTOR_VOICE), action="shift.checkpoint"
+            voiceprint, VoiceSample(quality, IMPOSTOR_VOICE), action=AuditAction.SHIFT_CHECKPOINT
         )
         assert failed.decision is Decision.REJECT
     for _ in range(5):
