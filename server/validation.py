@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from server.errors import InvalidRequestError
 
@@ -19,13 +20,30 @@ def validate_agent_id(agent_id: str) -> str:
     return agent_id
 
 
+# Controls (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width marks),
+# line and paragraph separators, surrogates, private use and unassigned code points: none
+# belongs in a name, a consent reference or a reason, and each can make a record read other
+# than it is.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+# Zero-width non-joiner and joiner are part of correct spelling in Persian and Indic scripts,
+# and they change no character's order or meaning.
+_JOINERS = frozenset({"\u200c", "\u200d"})
+
+
 def validate_text(value: str, field: str, max_length: int) -> str:
-    """A required free-text field: trimmed, non-empty, bounded, no control characters."""
+    """A required free-text field: trimmed, non-empty, bounded, nothing hidden or invisible."""
     value = value.strip()
     if not value:
         raise InvalidRequestError(f"{field} is required", field=field)
     if len(value) > max_length:
         raise InvalidRequestError(f"{field} is longer than {max_length} characters", field=field)
-    if any(ord(c) < 32 for c in value):
-        raise InvalidRequestError(f"{field} contains control characters", field=field)
+    for position, character in enumerate(value):
+        if unicodedata.category(character) in _HIDDEN_CATEGORIES and character not in _JOINERS:
+            name = unicodedata.name(character, "a control character")
+            raise InvalidRequestError(
+                f"{field} contains U+{ord(character):04X} ({name}) at position {position}: "
+                "control and formatting characters are refused, since they can disguise what "
+                "an audit export or a SIEM feed shows",
+                field=field,
+            )
     return value

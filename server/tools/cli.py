@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -156,12 +155,10 @@ def _client_options(parser: argparse.ArgumentParser, role: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import VoxauthServer, serve_until_signalled
     from server.config import KeySettings, ServerConfig
+    from server.runtime.log_format import configure_logging
     from server.security.crypto import load_key, load_previous_keys
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     config = ServerConfig.from_environment()
     if args.listen:
         config = replace(config, listen_address=args.listen)
