@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
-from models.export import export_network
+from models.errors import ModelFilesError
 from models.manifest import (
     ECAPA_MANIFEST,
     FETCH_COMMAND,
@@ -33,7 +33,6 @@ from models.manifest import (
     file_problem,
     verify_model_dir,
 )
-from server.errors import ModelFilesError
 
 MODEL_DIR_ENV = "VOXAUTH_MODEL_DIR"
 DEFAULT_HUB_URL = "https://huggingface.co"
@@ -116,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     target: Path = args.dir if args.dir is not None else default_model_dir()
+    # The export needs torch and SpeechBrain: loaded for this command only, so that importing
+    # models.fetch (for default_model_dir) stays light.
+    from models.export import export_network
+
     try:
         fetch_model(target)
         _say(f"exported network: {export_network(target)}")

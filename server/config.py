@@ -145,6 +145,16 @@ class InferenceLimits:
 
 
 @dataclass(frozen=True)
+class StoreLimits:
+    """The store's own threads, apart from inference (server/runtime/store_pool.py)."""
+
+    workers: int = 4
+    """Store calls worked on at once (VOXAUTH_STORE_WORKERS). The SQLite store runs one
+    statement at a time on its connection; more threads let sealing, done outside its lock,
+    overlap, and a burst of calls waits here."""
+
+
+@dataclass(frozen=True)
 class ThrottlePolicy:
     """Limits on guessing at a voice, as NIST SP 800-63B-4 asks of biometrics: consecutive
     failed verification attempts of one agent delay its next attempt, then disable it."""
@@ -238,6 +248,7 @@ class ServerConfig:
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
     scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
+    store: StoreLimits = field(default_factory=StoreLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)
@@ -327,6 +338,7 @@ class ServerConfig:
                 threads=_int(env, "VOXAUTH_THREADS", base.inference.threads),
                 max_queued=_int(env, "VOXAUTH_MAX_QUEUED", base.inference.max_queued),
             ),
+            store=StoreLimits(workers=_int(env, "VOXAUTH_STORE_WORKERS", base.store.workers)),
         )
 
 

@@ -69,10 +69,6 @@ class ConfigurationError(VoxauthError):
     """The service cannot start as configured (missing key, missing model files...)."""
 
 
-class ModelFilesError(ConfigurationError):
-    """Model weights are missing or do not match the manifest."""
-
-
 class StorageError(VoxauthError):
     """The store could not read or write (including a voiceprint that fails to decrypt)."""
 

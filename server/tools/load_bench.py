@@ -30,7 +30,7 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from server.security.certificates import channel_credentials
+from server.api.tls import channel_credentials
 from server.tools.shift_bench import BenchServer, nearest_rank, parse_levels, recordings
 
 _SPEECH_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -106,7 +106,7 @@ class BenchAgent:
 
 
 async def prepare_agents(
-    enrollment: pb_grpc.EnrollmentServiceStub, count: int, given: Sequence[str]
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, count: int, given: Sequence[str]
 ) -> list[BenchAgent]:
     """The agents the callers verify against: those given (with the first recording's speech:
     the decision does not matter to the load), else one new bench agent per caller."""
@@ -128,7 +128,7 @@ async def prepare_agents(
 
 
 async def enroll(
-    enrollment: pb_grpc.EnrollmentServiceStub,
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub,
     agent_id: str,
     samples: np.ndarray[tuple[int], np.dtype[np.float32]],
 ) -> None:
@@ -154,7 +154,7 @@ async def enroll(
 
 
 async def run_level(
-    verification: pb_grpc.VerificationServiceStub,
+    verification: pb_grpc.VerificationServiceAsyncStub,
     agents: Sequence[BenchAgent],
     concurrency: int,
     *,
@@ -187,7 +187,9 @@ async def run_level(
     return LevelReport(concurrency, loop.time() - start, tuple(outcomes))
 
 
-async def _delete(enrollment: pb_grpc.EnrollmentServiceStub, agents: Sequence[BenchAgent]) -> None:
+async def _delete(
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, agents: Sequence[BenchAgent]
+) -> None:
     for agent in agents:
         if agent.created:
             await enrollment.DeleteAgent(

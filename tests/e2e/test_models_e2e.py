@@ -17,11 +17,11 @@ import soundfile as sf
 
 from models.ecapa import EcapaEmbedder
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import UnusableWaveformError
 from models.export import export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
-from server.errors import InvalidAudioError
 from server.tools.model_bench import (
     BenchReport,
     Engine,
@@ -121,7 +121,7 @@ def test_concurrent_calls_match_sequential_ones(embedder: SpeakerEmbedder) -> No
 def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     audio = _speech(SPEAKERS[0])
     embedder.embed(audio[: embedder.min_samples])
-    with pytest.raises(InvalidAudioError, match="too short"):
+    with pytest.raises(UnusableWaveformError, match="too short"):
         embedder.embed(audio[: embedder.min_samples - 1])
 
 
@@ -133,7 +133,7 @@ def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     ],
 )
 def test_unusable_audio_is_rejected(embedder: SpeakerEmbedder, bad: Waveform, message: str) -> None:
-    with pytest.raises(InvalidAudioError, match=message):
+    with pytest.raises(UnusableWaveformError, match=message):
         embedder.embed(bad)
 
 

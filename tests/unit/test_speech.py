@@ -13,11 +13,11 @@ import torchaudio.functional
 
 from models.embedder import Waveform
 from server.pipeline.decode import AudioEncoding, decode, encode_mulaw
+from server.pipeline.silero import SileroSpeechDetector
 from server.pipeline.speech import (
     QualityIssue,
     QualityThresholds,
     Segment,
-    SileroSpeechDetector,
     SpeechAnalysis,
     SpeechDetector,
     analyse,
