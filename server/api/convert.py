@@ -23,7 +23,8 @@ from server.storage.interface import (
     UtteranceRecord,
     Voiceprint,
 )
-from server.verification.service import Decision, VerificationResult
+from server.verification.decision import Decision
+from server.verification.service import VerificationResult
 
 _ENCODINGS = {
     pb.AUDIO_ENCODING_WAV: AudioEncoding.WAV,

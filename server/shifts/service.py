@@ -36,7 +36,8 @@ from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.storage.interface import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
 from server.validation import validate_agent_id
-from server.verification.service import Decision, VerificationResult, VerificationService
+from server.verification.decision import Decision
+from server.verification.service import VerificationResult, VerificationService
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from server.errors import (
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, Voiceprint
 from server.storage.sqlite.store import SqliteVoiceprintStore
-from server.verification.service import Decision, VerificationService
+from server.verification.decision import Decision
+from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
 from tests.fake_voice import (
     AGENT_VOICE,
