@@ -1,5 +1,5 @@
 """gRPC servicer of AdminService, for administrators: protobuf <-> domain calls, nothing more.
-Every call here is store work, so it runs on the StorePool."""
+None of these calls runs the model: what touches the store runs on the StorePool."""
 
 from __future__ import annotations
 

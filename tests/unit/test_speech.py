@@ -1,4 +1,5 @@
-"""server/speech.py: speech detection on real speech, and the quality gates."""
+"""Speech detection (server/pipeline/silero.py) on real speech, and the quality gates
+(server/pipeline/speech.py)."""
 
 from __future__ import annotations
 
