@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
-from models.export import export_network
+from models.errors import ModelFilesError
 from models.manifest import (
     ECAPA_MANIFEST,
     FETCH_COMMAND,
@@ -33,7 +33,6 @@ from models.manifest import (
     file_problem,
     verify_model_dir,
 )
-from server.errors import ModelFilesError
 
 DEFAULT_HUB_URL = "https://huggingface.co"
 _CHUNK_BYTES = 1 << 20
@@ -116,6 +115,10 @@ def main(argv: Sequence[str] | None = None, *, configured_dir: Path | None = Non
     )
     args = parser.parse_args(argv)
     target: Path = args.dir or configured_dir or default_model_dir()
+    # The export needs torch and SpeechBrain: loaded for this command only, so that importing
+    # models.fetch (for default_model_dir) stays light.
+    from models.export import export_network
+
     try:
         fetch_model(target)
         _say(f"exported network: {export_network(target)}")

@@ -274,6 +274,16 @@ class InferenceLimits(Settings):
 
 
 @dataclass(frozen=True)
+class StoreLimits(Settings):
+    """The store's own threads, apart from inference (server/runtime/store_pool.py)."""
+
+    workers: int = field(default=4, metadata=setting("VOXAUTH_STORE_WORKERS", check=at_least(1)))
+    """Store calls worked on at once. The SQLite store runs one statement at a time on its
+    connection; more threads let sealing, done outside its lock, overlap, and a burst of calls
+    waits here."""
+
+
+@dataclass(frozen=True)
 class ThrottlePolicy(Settings):
     """Limits on guessing at a voice, as NIST SP 800-63B-4 asks of biometrics: consecutive
     failed verification attempts of one agent delay its next attempt, then disable it."""
@@ -395,6 +405,7 @@ class ServerConfig(Settings):
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
     scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
+    store: StoreLimits = field(default_factory=StoreLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)

@@ -33,7 +33,6 @@ The whole hierarchy (status code in brackets):
     │   └── ServiceNotReadyError
     └── InternalError                  the operator's problem, not the caller's [INTERNAL]
         ├── ConfigurationError
-        │   ├── ModelFilesError
         │   └── CertificateFilesError
         └── StorageError
 
@@ -205,10 +204,6 @@ class ServiceNotReadyError(UnavailableError):
 
 class ConfigurationError(InternalError):
     """The service cannot start as configured (missing key, missing model files...)."""
-
-
-class ModelFilesError(ConfigurationError):
-    """Model weights are missing or do not match the manifest."""
 
 
 class CertificateFilesError(ConfigurationError):

@@ -20,10 +20,11 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import SpeakerEmbedder
-from server.api.access import Role
+from server.api.tls import channel_credentials
 from server.app import VoxauthServer
 from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
-from server.security.certificates import DevelopmentPki, channel_credentials
+from server.security.certificates import DevelopmentPki
+from server.security.identity import Role
 from tests.clock import ManualClock
 
 DATA = Path(__file__).parent / "data"

@@ -18,7 +18,13 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.api.handlers import rewrap
+from server.api.handler_wrapping import (
+    Continuation,
+    MethodHandler,
+    Request,
+    Response,
+    rewrap,
+)
 from server.errors import (
     AlreadyExistsError,
     CapacityError,
@@ -98,9 +104,9 @@ def _passes_through(error: BaseException) -> bool:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation[Request, Response],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler[Request, Response]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

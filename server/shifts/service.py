@@ -32,11 +32,13 @@ from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
+from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.storage.interface import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
 from server.validation import validate_agent_id
-from server.verification.service import Decision, VerificationResult, VerificationService
+from server.verification.decision import Decision
+from server.verification.service import VerificationResult, VerificationService
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +334,7 @@ class ShiftService:
         analyser: VoiceAnalyser,
         detector: SpeechDetector,
         pool: InferencePool,
+        store_pool: StorePool,
         policy: ShiftPolicy,
         clock: Clock,
         assurances: AssuranceDesk | None = None,
@@ -342,6 +345,7 @@ class ShiftService:
         self._analyser = analyser
         self._detector = detector
         self.pool = pool
+        self._store_pool = store_pool
         self.policy = policy
         self.clock = clock
         self.schedule = CheckpointSchedule(policy)
@@ -370,7 +374,7 @@ class ShiftService:
             started_at=now,
             updated_at=now,
         )
-        await asyncio.to_thread(self._store.create_shift, record)
+        await self._store_pool.run(lambda: self._store.create_shift(record))
         await self.audit(AuditAction.SHIFT_START, record, record.state.value, device_id=device_id)
         self._session(record)
         return LoginOutcome(record, result, await self._assure(record, result))
@@ -418,7 +422,7 @@ class ShiftService:
         if self._assurances is None or result.decision is not Decision.ACCEPT:
             return None
         desk = self._assurances
-        return await asyncio.to_thread(lambda: desk.issue(record))
+        return await self._store_pool.run(lambda: desk.issue(record))
 
     async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
         session = await self._active(shift_id)
@@ -431,7 +435,7 @@ class ShiftService:
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
         session = self._sessions.pop(_valid_shift_id(shift_id), None)
         record = (
-            session.record if session else await asyncio.to_thread(self._store.get_shift, shift_id)
+            session.record if session else await self._get_shift(shift_id)
         )
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
@@ -448,7 +452,7 @@ class ShiftService:
         session = self._sessions.get(_valid_shift_id(shift_id))
         if session is not None:
             return session.record
-        return await asyncio.to_thread(self._store.get_shift, shift_id)
+        return await self._get_shift(shift_id)
 
     def subscribe(self, agent_id: str = "") -> EventSubscription:
         """Every event of every shift from now on (or of one agent's shifts)."""
@@ -490,7 +494,7 @@ class ShiftService:
         return result, recent
 
     async def save(self, record: ShiftRecord) -> None:
-        await asyncio.to_thread(self._store.update_shift, record)
+        await self._store_pool.run(lambda: self._store.update_shift(record))
 
     async def audit(
         self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
@@ -502,7 +506,7 @@ class ShiftService:
             self.clock.now(),
             {"shift_id": record.shift_id, **details},
         )
-        await asyncio.to_thread(self._store.append_audit, event)
+        await self._store_pool.run(lambda: self._store.append_audit(event))
         log.info(
             "%s shift=%s agent=%s outcome=%s", action, record.shift_id, record.agent_id, outcome
         )
@@ -516,11 +520,14 @@ class ShiftService:
 
     # --- internals ------------------------------------------------------------------------
 
+    async def _get_shift(self, shift_id: str) -> ShiftRecord:
+        return await self._store_pool.run(lambda: self._store.get_shift(shift_id))
+
     async def _active(self, shift_id: str) -> ShiftSession:
         """The shift's session, loaded from the store after a restart or an idle drop."""
         session = self._sessions.get(_valid_shift_id(shift_id))
         if session is None:
-            record = await asyncio.to_thread(self._store.get_shift, shift_id)
+            record = await self._get_shift(shift_id)
             session = self._session(record)
         if session.record.state is ShiftState.ENDED:
             raise ShiftEndedError(f"shift {shift_id} has ended; start a new shift")

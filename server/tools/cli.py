@@ -18,6 +18,7 @@ import grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from models.errors import ModelFilesError
 from server.config import ClientSettings
 from server.errors import ConfigurationError
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
@@ -42,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AudioFileError as error:
         print(f"voxauth: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except ConfigurationError as error:
+    except (ConfigurationError, ModelFilesError) as error:
+        # Model files that are missing or do not match the manifest stop `serve` here.
         print(f"voxauth: {error.message}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as error:
@@ -247,19 +249,19 @@ def _bench(argv: list[str]) -> int:
 
 
 def _reencrypt(argv: list[str]) -> int:
-    from server.security.key_rotation import main as reencrypt_main
+    from server.tools.reencrypt_cli import main as reencrypt_main
 
     return reencrypt_main(argv)
 
 
 def _certs(argv: list[str]) -> int:
-    from server.security.certificates import main as certs_main
+    from server.tools.certs_cli import main as certs_main
 
     return certs_main(argv)
 
 
 def _token(argv: list[str]) -> int:
-    from server.api.access import main as token_main
+    from server.tools.token_cli import main as token_main
 
     return token_main(argv)
 
@@ -292,7 +294,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     server: str = args.server or settings.server
     if args.insecure or settings.insecure:
         return grpc.insecure_channel(server)
-    from server.security.certificates import channel_credentials
+    from server.api.tls import channel_credentials
 
     pki: Path = args.pki_dir or settings.pki_dir
     ca: Path = args.ca or settings.ca or pki / "ca.crt"
@@ -368,11 +370,11 @@ def _verify(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
     decision = pb.Decision.Name(response.decision).removeprefix("DECISION_")
-    channel = pb.Channel.Name(response.channel).removeprefix("CHANNEL_").lower()
+    band = pb.Channel.Name(response.channel).removeprefix("CHANNEL_").lower()
     print(
         f"{decision}  score {response.score:.3f}  threshold {response.threshold:.3f}  "
         f"LLR {response.llr:+.2f} (threshold {response.llr_threshold:+.2f})  "
-        f"net speech {response.quality.net_speech_seconds:.1f} s  {channel}  "
+        f"net speech {response.quality.net_speech_seconds:.1f} s  {band}  "
         f"model {response.model_id}"
     )
     if response.decision != pb.DECISION_INCONCLUSIVE:

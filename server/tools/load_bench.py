@@ -30,9 +30,9 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from server.api.tls import channel_credentials
 from server.config import ClientSettings
 from server.errors import ConfigurationError
-from server.security.certificates import channel_credentials
 from server.tools.shift_bench import BenchServer, nearest_rank, parse_levels, recordings
 
 _SPEECH_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -108,7 +108,7 @@ class BenchAgent:
 
 
 async def prepare_agents(
-    enrollment: pb_grpc.EnrollmentServiceStub, count: int, given: Sequence[str]
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, count: int, given: Sequence[str]
 ) -> list[BenchAgent]:
     """The agents the callers verify against: those given (with the first recording's speech:
     the decision does not matter to the load), else one new bench agent per caller."""
@@ -130,7 +130,7 @@ async def prepare_agents(
 
 
 async def enroll(
-    enrollment: pb_grpc.EnrollmentServiceStub,
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub,
     agent_id: str,
     samples: np.ndarray[tuple[int], np.dtype[np.float32]],
 ) -> None:
@@ -156,7 +156,7 @@ async def enroll(
 
 
 async def run_level(
-    verification: pb_grpc.VerificationServiceStub,
+    verification: pb_grpc.VerificationServiceAsyncStub,
     agents: Sequence[BenchAgent],
     concurrency: int,
     *,
@@ -189,7 +189,9 @@ async def run_level(
     return LevelReport(concurrency, loop.time() - start, tuple(outcomes))
 
 
-async def _delete(enrollment: pb_grpc.EnrollmentServiceStub, agents: Sequence[BenchAgent]) -> None:
+async def _delete(
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, agents: Sequence[BenchAgent]
+) -> None:
     for agent in agents:
         if agent.created:
             await enrollment.DeleteAgent(

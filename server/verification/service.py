@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from server.audit_actions import AuditAction
 from server.config import VerificationPolicy
@@ -18,23 +16,14 @@ from server.pipeline.speech import SpeechAnalysis
 from server.scoring.scorer import Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
-
-if TYPE_CHECKING:
-    # Only for the annotation: server.verification.throttling imports Decision from here.
-    from server.verification.throttling import VerificationThrottle
+from server.verification.decision import Decision
+from server.verification.throttling import VerificationThrottle
 
 log = logging.getLogger(__name__)
 
 # Retention counts in years: noting a voiceprint's use once an hour is precise enough and
 # spares most checks a write.
 _LAST_USE_RESOLUTION = timedelta(hours=1)
-
-
-class Decision(enum.Enum):
-    ACCEPT = "ACCEPT"
-    REJECT = "REJECT"
-    INCONCLUSIVE = "INCONCLUSIVE"
-    """Too little speech to decide: not a failure, the caller should ask for more speech."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from server.config import ThrottlePolicy
 from server.errors import ThrottledError, VerificationDisabledError
 from server.storage.interface import AuditEvent, Store, ThrottleState
 from server.validation import validate_agent_id
-from server.verification.service import Decision
+from server.verification.decision import Decision
 
 log = logging.getLogger(__name__)
 

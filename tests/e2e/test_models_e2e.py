@@ -17,13 +17,15 @@ import soundfile as sf
 
 from models.ecapa import EcapaEmbedder
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import UnusableWaveformError
 from models.export import export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
 from server.config import ServerConfig
-from server.errors import InvalidAudioError
-from server.tools.model_bench import embedding_benchmark
+from server.tools.model_bench import (
+    embedding_benchmark,
+)
 
 DATA = Path(__file__).parents[1] / "data"
 # The four long utterances, one speaker each (see data/README.md).
@@ -115,7 +117,7 @@ def test_concurrent_calls_match_sequential_ones(embedder: SpeakerEmbedder) -> No
 def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     audio = _speech(SPEAKERS[0])
     embedder.embed(audio[: embedder.min_samples])
-    with pytest.raises(InvalidAudioError, match="too short"):
+    with pytest.raises(UnusableWaveformError, match="too short"):
         embedder.embed(audio[: embedder.min_samples - 1])
 
 
@@ -127,7 +129,7 @@ def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     ],
 )
 def test_unusable_audio_is_rejected(embedder: SpeakerEmbedder, bad: Waveform, message: str) -> None:
-    with pytest.raises(InvalidAudioError, match=message):
+    with pytest.raises(UnusableWaveformError, match=message):
         embedder.embed(bad)
 
 

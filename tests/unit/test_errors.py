@@ -28,7 +28,6 @@ from server.errors import (
     InvalidAudioError,
     InvalidInputError,
     InvalidRequestError,
-    ModelFilesError,
     ModelMismatchError,
     NotEnrolledError,
     NotFoundError,
@@ -77,7 +76,6 @@ EXPECTED: dict[type[VoxauthError], grpc.StatusCode] = {
     ServiceNotReadyError: Code.UNAVAILABLE,
     InternalError: Code.INTERNAL,
     ConfigurationError: Code.INTERNAL,
-    ModelFilesError: Code.INTERNAL,
     CertificateFilesError: Code.INTERNAL,
     StorageError: Code.INTERNAL,
 }

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from models.errors import ModelFilesError
 from models.fetch import default_model_dir, fetch_model
 from models.manifest import (
     ECAPA_MANIFEST,
@@ -25,7 +26,6 @@ from models.manifest import (
     verify_model_dir,
 )
 from server.config import ServerConfig
-from server.errors import ModelFilesError
 
 FAKE_FILES = {
     "weights.bin": bytes(range(256)) * 64,

@@ -16,11 +16,11 @@ import pytest
 from models.embedder import Embedding
 from server.config import KeySettings
 from server.errors import ConfigurationError, StorageError
-from server.security import key_rotation
 from server.security.assurances import SigningKey, SigningKeyCipher
 from server.security.crypto import VoiceprintCipher, associated_data, load_previous_keys
 from server.storage.interface import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
 from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.tools import reencrypt_cli
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))
@@ -190,7 +190,7 @@ def test_reencrypt_command_with_the_server_running(
     monkeypatch.delenv("VOXAUTH_KEY_FILE", raising=False)
     monkeypatch.setenv("VOXAUTH_PREVIOUS_KEYS", base64.b64encode(KEY_A).decode())
 
-    assert key_rotation.main(["--db", str(db_path), "--batch-size", "3"]) == 0
+    assert reencrypt_cli.main(["--db", str(db_path), "--batch-size", "3"]) == 0
 
     output = capsys.readouterr().out
     assert "5 voiceprints, 15 pending utterances" in output
@@ -212,7 +212,7 @@ def test_reencrypt_command_without_the_old_key_changes_nothing(
     monkeypatch.delenv("VOXAUTH_PREVIOUS_KEYS", raising=False)
     monkeypatch.delenv("VOXAUTH_PREVIOUS_KEYS_FILE", raising=False)
 
-    assert key_rotation.main(["--db", str(db_path)]) == 2
+    assert reencrypt_cli.main(["--db", str(db_path)]) == 2
 
     assert A_ID in capsys.readouterr().err
     assert_everything_readable(open_store(db_path, opened, KEY_A))

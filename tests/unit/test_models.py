@@ -16,11 +16,11 @@ import openvino as ov
 import pytest
 
 from models.ecapa import EcapaEmbedder, split_network
+from models.errors import ModelFilesError
 from models.export import EMBEDDING_OUTPUT, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from server.config import ServerConfig
-from server.errors import ModelFilesError
 from server.tools.model_bench import (
     BenchReport,
     Engine,

@@ -20,8 +20,9 @@ from server.pipeline.speech import SpeechAnalysis
 from server.security.crypto import VoiceprintCipher, associated_data
 from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
 from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
+from server.verification.decision import Decision
 from server.verification.retention import expire_unused_voiceprints
-from server.verification.service import Decision, VerificationService
+from server.verification.service import VerificationService
 from tests.clock import ManualClock
 from tests.fakes import (
     AGENT_AUDIO,

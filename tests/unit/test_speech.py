@@ -1,4 +1,5 @@
-"""server/speech.py: speech detection on real speech, and the quality gates."""
+"""Speech detection (server/pipeline/silero.py) on real speech, and the quality gates
+(server/pipeline/speech.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import torchaudio.functional
 
 from models.embedder import Waveform
 from server.pipeline.decode import AudioEncoding, decode, encode_mulaw
+from server.pipeline.silero import SileroSpeechDetector
 from server.pipeline.speech import (
     QualityIssue,
     QualityThresholds,
-    SileroSpeechDetector,
     SpeechAnalysis,
     SpeechDetector,
     analyse,

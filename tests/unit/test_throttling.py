@@ -27,7 +27,8 @@ from server.pipeline.speech import SpeechAnalysis
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, ThrottleState, Voiceprint
 from server.storage.sqlite.store import SqliteVoiceprintStore
-from server.verification.service import Decision, VerificationService
+from server.verification.decision import Decision
+from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle, delay_after
 from tests.clock import ManualClock
 from tests.fakes import (
