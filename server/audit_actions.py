@@ -29,6 +29,8 @@ class AuditAction(StrEnum):
     SHIFT_LOCK = "shift.lock"
     SHIFT_ADMIN_UNLOCK = "shift.admin_unlock"
     SHIFT_END = "shift.end"
+    ASSURANCE_REVOKE = "assurance.revoke"
+    """A shift's assurance revoked because the shift ended or locked."""
 
     # Throttling of failed verifications.
     THROTTLE_DISABLE = "throttle.disable"

@@ -18,6 +18,7 @@ The whole hierarchy (status code in brackets):
     │   │                              [FAILED_PRECONDITION]
     │   ├── ShiftEndedError
     │   ├── ShiftNotLockedError
+    │   ├── AssuranceRevokedError
     │   ├── StreamOrderError
     │   ├── NotEnrolledError
     │   ├── ModelMismatchError
@@ -145,6 +146,11 @@ class ShiftEndedError(PreconditionError):
 
 class ShiftNotLockedError(PreconditionError):
     """An unlock was asked for a shift that is not locked."""
+
+
+class AssuranceRevokedError(PreconditionError):
+    """The shift's latest assurance was revoked (its shift ended or locked); the message ends
+    in the reason. After a lock, a passing login check issues a fresh one."""
 
 
 class StreamOrderError(PreconditionError):

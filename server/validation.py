@@ -1,4 +1,4 @@
-"""Rules for agent identifiers and names, shared by enrollment and verification."""
+"""Rules for identifiers (agents, shifts) and free text, shared by every service that takes them."""
 
 from __future__ import annotations
 
@@ -18,6 +18,29 @@ def validate_agent_id(agent_id: str) -> str:
             "agent_id must be 1-128 characters from A-Z, a-z, 0-9 and . _ @ -", field="agent_id"
         )
     return agent_id
+
+
+_SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_SHIFT_ID = 64
+
+
+def validate_shift_id(shift_id: str) -> str:
+    """A shift id as ShiftService issues them (secrets.token_urlsafe). The message never
+    repeats a refused value: it may hold NUL, newlines or bidi overrides, or a megabyte that
+    would overflow the status trailer."""
+    if not shift_id:
+        raise InvalidRequestError("shift_id is required", field="shift_id")
+    if len(shift_id) > _MAX_SHIFT_ID:
+        raise InvalidRequestError(
+            f"shift_id is {len(shift_id)} characters long; at most {_MAX_SHIFT_ID} are allowed",
+            field="shift_id",
+        )
+    if not _SHIFT_ID.fullmatch(shift_id):
+        raise InvalidRequestError(
+            f"shift_id must be 1-{_MAX_SHIFT_ID} characters from A-Z, a-z, 0-9, _ and -",
+            field="shift_id",
+        )
+    return shift_id
 
 
 # Controls (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width marks),

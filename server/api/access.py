@@ -75,6 +75,7 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _SHIFTS + "GetShift": frozenset({Role.SOFTPHONE, Role.MFA, Role.ADMIN}),
         _SHIFTS + "SubscribeShiftEvents": _MFA,
         _ASSURANCES + "GetAssurance": _MFA,
+        _ASSURANCES + "IntrospectAssurance": _MFA,
         _ADMIN_SERVICE + "UnlockShift": _ADMIN,
         _ADMIN_SERVICE + "EnableVerification": _ADMIN,
         _ADMIN_SERVICE + "ExportAudit": _ADMIN,

@@ -9,6 +9,18 @@ from voxauth.v1 import assurances_pb2_grpc as apb_grpc
 from server.api.convert import timestamp
 from server.api.readiness import Readiness
 from server.runtime.store_pool import StorePool
+from server.security.assurance_desk import Introspection
+from server.security.assurances import InactiveReason
+
+_INACTIVE_REASON: dict[InactiveReason, apb.InactiveReason.ValueType] = {
+    InactiveReason.MALFORMED: apb.INACTIVE_REASON_MALFORMED,
+    InactiveReason.SIGNATURE_INVALID: apb.INACTIVE_REASON_SIGNATURE_INVALID,
+    InactiveReason.NOT_YET_VALID: apb.INACTIVE_REASON_NOT_YET_VALID,
+    InactiveReason.EXPIRED: apb.INACTIVE_REASON_EXPIRED,
+    InactiveReason.REVOKED_SHIFT_ENDED: apb.INACTIVE_REASON_REVOKED_SHIFT_ENDED,
+    InactiveReason.REVOKED_SHIFT_LOCKED: apb.INACTIVE_REASON_REVOKED_SHIFT_LOCKED,
+    InactiveReason.SHIFT_ERASED: apb.INACTIVE_REASON_SHIFT_ERASED,
+}
 
 
 class AssuranceServicer(apb_grpc.AssuranceServiceServicer):
@@ -38,3 +50,32 @@ class AssuranceServicer(apb_grpc.AssuranceServiceServicer):
             shift_id=record.shift_id,
             agent_id=record.agent_id,
         )
+
+    async def IntrospectAssurance(
+        self,
+        request: apb.IntrospectAssuranceRequest,
+        context: ServicerContext[apb.IntrospectAssuranceRequest, apb.AssuranceIntrospection],
+    ) -> apb.AssuranceIntrospection:
+        desk = self._readiness.require().assurances
+        return _introspection(await self._store_pool.run(lambda: desk.introspect(request.token)))
+
+
+def _introspection(found: Introspection) -> apb.AssuranceIntrospection:
+    if found.claims is not None:
+        claims = found.claims
+        return apb.AssuranceIntrospection(
+            active=True,
+            agent_id=claims.agent_id,
+            shift_id=claims.shift_id,
+            audience=claims.audience,
+            token_id=claims.token_id,
+            issued_at=timestamp(claims.issued_at),
+            expires_at=timestamp(claims.expires_at),
+        )
+    assert found.inactive_reason is not None
+    answer = apb.AssuranceIntrospection(
+        active=False, inactive_reason=_INACTIVE_REASON[found.inactive_reason]
+    )
+    if found.revocation is not None:
+        answer.revoked_at.CopyFrom(timestamp(found.revocation.revoked_at))
+    return answer

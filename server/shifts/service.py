@@ -35,8 +35,15 @@ from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
-from server.storage.interface import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
-from server.validation import validate_agent_id
+from server.storage.interface import (
+    AssuranceRecord,
+    AuditEvent,
+    RevocationReason,
+    ShiftRecord,
+    ShiftState,
+    Store,
+)
+from server.validation import validate_agent_id, validate_shift_id
 from server.verification.decision import Decision
 from server.verification.service import VerificationResult, VerificationService
 
@@ -45,7 +52,6 @@ log = logging.getLogger(__name__)
 # Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
 _SUBSCRIBER_EVENTS = 256
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
-_SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ShiftEventKind(enum.Enum):
@@ -273,6 +279,7 @@ class ShiftSession:
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
+            await service.revoke_assurance(record, RevocationReason.SHIFT_LOCKED)
         await service.save(record)
         self.record = record
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
@@ -433,13 +440,14 @@ class ShiftService:
         return session.attach(stream_format)
 
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
-        session = self._sessions.pop(_valid_shift_id(shift_id), None)
+        session = self._sessions.pop(validate_shift_id(shift_id), None)
         record = (
             session.record if session else await self._get_shift(shift_id)
         )
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
+            await self.revoke_assurance(record, RevocationReason.SHIFT_ENDED)
             await self.save(record)
             await self.audit(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
         if session is not None:
@@ -449,7 +457,7 @@ class ShiftService:
         return record
 
     async def get(self, shift_id: str) -> ShiftRecord:
-        session = self._sessions.get(_valid_shift_id(shift_id))
+        session = self._sessions.get(validate_shift_id(shift_id))
         if session is not None:
             return session.record
         return await self._get_shift(shift_id)
@@ -493,6 +501,23 @@ class ShiftService:
             return None
         return result, recent
 
+    async def revoke_assurance(self, record: ShiftRecord, reason: RevocationReason) -> None:
+        """Revokes the shift's assurance before its new state is saved or announced: should
+        the save fail, the token is refused already (fail closed), and an MFA provider that
+        introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it revoked."""
+        if self._assurances is None:
+            return
+        desk = self._assurances
+        revocation = await self._store_pool.run(lambda: desk.revoke(record.shift_id, reason))
+        if revocation is not None:
+            await self.audit(
+                AuditAction.ASSURANCE_REVOKE,
+                record,
+                "REVOKED",
+                token_id=revocation.token_id,
+                reason=reason.value,
+            )
+
     async def save(self, record: ShiftRecord) -> None:
         await self._store_pool.run(lambda: self._store.update_shift(record))
 
@@ -525,7 +550,7 @@ class ShiftService:
 
     async def _active(self, shift_id: str) -> ShiftSession:
         """The shift's session, loaded from the store after a restart or an idle drop."""
-        session = self._sessions.get(_valid_shift_id(shift_id))
+        session = self._sessions.get(validate_shift_id(shift_id))
         if session is None:
             record = await self._get_shift(shift_id)
             session = self._session(record)
@@ -559,9 +584,3 @@ class ShiftService:
 
 def _state_after_login(result: VerificationResult) -> ShiftState:
     return ShiftState.VERIFIED if result.decision is Decision.ACCEPT else ShiftState.UNVERIFIED
-
-
-def _valid_shift_id(shift_id: str) -> str:
-    if not _SHIFT_ID.fullmatch(shift_id):
-        raise InvalidRequestError("shift_id is missing or malformed", field="shift_id")
-    return shift_id

@@ -185,13 +185,43 @@ class AssuranceRecord:
     expires_at: datetime
 
 
+class RevocationReason(enum.Enum):
+    """Why an assurance no longer stands. The values are stored: they never change."""
+
+    SHIFT_ENDED = "shift ended"
+    SHIFT_LOCKED = "shift locked"
+
+
+@dataclass(frozen=True)
+class AssuranceRevocation:
+    """One revoked assurance, named by its token id (jti). Kept as long as its shift, so the
+    token stays refused after a newer assurance of the shift replaces its record."""
+
+    token_id: str
+    shift_id: str
+    reason: RevocationReason
+    revoked_at: datetime
+
+
 class AssuranceStore(SigningKeyStore, Protocol):
-    """Signing keys (sealed) and the assurances issued with them. Thread-safe."""
+    """Signing keys (sealed), the assurances issued with them and their revocations.
+    Thread-safe."""
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
-        """Keeps `assurance` as its shift's latest, replacing an earlier one."""
+        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
+        if any, stands)."""
 
     def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        """Revokes the shift's latest assurance in one atomic step and returns the revocation;
+        None when the shift has no assurance or its latest is revoked already (the first
+        revocation stands)."""
+
+    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
+        """The revocation of the assurance whose jti is `token_id`; None if it has none."""
 
 
 @dataclass(frozen=True)

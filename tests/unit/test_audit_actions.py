@@ -29,6 +29,7 @@ STORED_NAMES = {
     "shift.lock",
     "shift.admin_unlock",
     "shift.end",
+    "assurance.revoke",
     "throttle.disable",
     "throttle.re_enable",
     "voiceprint.expire",

@@ -45,8 +45,10 @@ from server.security.crypto import KEY_ID_BYTES, RecordKind, VoiceprintCipher, a
 from server.storage.interface import (
     AgentRecord,
     AssuranceRecord,
+    AssuranceRevocation,
     AuditEvent,
     ReencryptionReport,
+    RevocationReason,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -198,6 +200,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX voiceprints_by_last_use ON voiceprints (last_used_at)",
     ),
     _AUDIT_CHAIN_MIGRATION,
+    (
+        # Revoked assurances, by token id: a shift that ends or locks revokes its latest one,
+        # and the row outlives a newer assurance of the shift. Erasing the shift (with its
+        # agent) erases them.
+        """CREATE TABLE assurance_revocations (
+            token_id TEXT PRIMARY KEY,
+            shift_id TEXT NOT NULL REFERENCES shifts (shift_id) ON DELETE CASCADE,
+            reason TEXT NOT NULL,
+            revoked_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX assurance_revocations_by_shift ON assurance_revocations (shift_id)",
+        # Shifts that ended or locked before revocation existed revoke their assurance now.
+        """INSERT INTO assurance_revocations (token_id, shift_id, reason, revoked_at)
+            SELECT a.token_id, a.shift_id,
+                CASE s.state WHEN 'ENDED' THEN 'shift ended' ELSE 'shift locked' END,
+                coalesce(s.ended_at, s.updated_at)
+            FROM assurances a JOIN shifts s ON s.shift_id = a.shift_id
+            WHERE s.state IN ('ENDED', 'LOCKED')""",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -644,6 +665,35 @@ class SqliteVoiceprintStore:
             return None
         return AssuranceRecord(
             shift_id, row[0], row[1], row[2], _from_micros(row[3]), _from_micros(row[4])
+        )
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        with self._transaction(f"revoke the assurance of shift {shift_id!r}") as conn:
+            revoked = conn.execute(
+                "INSERT OR IGNORE INTO assurance_revocations (token_id, shift_id, reason, "
+                "revoked_at) SELECT token_id, shift_id, ?, ? FROM assurances WHERE shift_id = ?",
+                (reason.value, _to_micros(at), shift_id),
+            )
+            if revoked.rowcount == 0:
+                return None
+            (token_id,) = conn.execute(
+                "SELECT token_id FROM assurances WHERE shift_id = ?", (shift_id,)
+            ).fetchone()
+        return AssuranceRevocation(token_id, shift_id, reason, at)
+
+    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
+        with self._transaction("read an assurance revocation", write=False) as conn:
+            row = conn.execute(
+                "SELECT shift_id, reason, revoked_at FROM assurance_revocations "
+                "WHERE token_id = ?",
+                (token_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return AssuranceRevocation(
+            token_id, row[0], RevocationReason(row[1]), _from_micros(row[2])
         )
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
