@@ -488,9 +488,7 @@ class AssuranceVerifier:
             return InactiveReason.EXPIRED
         return verified
 
-    def _signed(
-        self, kid: str, signing_input: bytes, signature: bytes, now: datetime
-    ) -> bool:
+    def _signed(self, kid: str, signing_input: bytes, signature: bytes, now: datetime) -> bool:
         for key in self._keyring.published_keys(now):
             if key.kid == kid:
                 try:

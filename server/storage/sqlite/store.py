@@ -686,15 +686,12 @@ class SqliteVoiceprintStore:
     def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
         with self._transaction("read an assurance revocation", write=False) as conn:
             row = conn.execute(
-                "SELECT shift_id, reason, revoked_at FROM assurance_revocations "
-                "WHERE token_id = ?",
+                "SELECT shift_id, reason, revoked_at FROM assurance_revocations WHERE token_id = ?",
                 (token_id,),
             ).fetchone()
         if row is None:
             return None
-        return AssuranceRevocation(
-            token_id, row[0], RevocationReason(row[1]), _from_micros(row[2])
-        )
+        return AssuranceRevocation(token_id, row[0], RevocationReason(row[1]), _from_micros(row[2]))
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         with self._transaction(f"record the use of agent {agent_id!r}'s voiceprint") as conn:
