@@ -20,8 +20,8 @@ def validate_agent_id(agent_id: str) -> str:
     return agent_id
 
 
-_SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_SHIFT_ID = 64
+_SHIFT_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{_MAX_SHIFT_ID}}}")
 
 
 def validate_shift_id(shift_id: str) -> str:
