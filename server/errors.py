@@ -8,7 +8,8 @@ The whole hierarchy (status code in brackets):
     VoxauthError
     ├── InvalidInputError              the request itself is wrong [INVALID_ARGUMENT]
     │   ├── InvalidAudioError
-    │   └── InvalidRequestError
+    │   ├── InvalidRequestError
+    │   └── MalformedMessageError
     ├── UnauthenticatedError           no usable caller identity [UNAUTHENTICATED]
     ├── NotFoundError                  the thing asked about does not exist [NOT_FOUND]
     │   ├── AgentNotFoundError
@@ -31,6 +32,9 @@ The whole hierarchy (status code in brackets):
     │   └── ThrottledError
     ├── UnavailableError               the service cannot serve right now [UNAVAILABLE]
     │   └── ServiceNotReadyError
+    ├── TimedOutError                  the server stopped waiting for the caller
+    │   │                              [DEADLINE_EXCEEDED]
+    │   └── StreamIdleError
     └── InternalError                  the operator's problem, not the caller's [INTERNAL]
         ├── ConfigurationError
         │   └── CertificateFilesError
@@ -105,6 +109,11 @@ class UnavailableError(VoxauthError):
     back-off."""
 
 
+class TimedOutError(VoxauthError):
+    """The server stopped waiting for the caller (e.g. a stream that sent nothing for too long).
+    Nothing the caller sent was wrong; it may call again when it has something to send."""
+
+
 class InternalError(VoxauthError):
     """A fault of the deployment or of the service itself (configuration, storage): callers
     get no details; the server log has them."""
@@ -119,6 +128,10 @@ class InvalidAudioError(InvalidInputError):
 
 class InvalidRequestError(InvalidInputError):
     """A request field other than audio is missing or malformed."""
+
+
+class MalformedMessageError(InvalidInputError):
+    """The bytes of a request are not the protobuf message the method takes."""
 
 
 # --- not found ----------------------------------------------------------------------------
@@ -197,6 +210,13 @@ class ThrottledError(CapacityError):
 
 class ServiceNotReadyError(UnavailableError):
     """The server is starting (model not loaded yet) or shutting down."""
+
+
+# --- timed out ----------------------------------------------------------------------------
+
+
+class StreamIdleError(TimedOutError):
+    """A client stream sent no message for longer than the server waits."""
 
 
 # --- internal -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from server.api.admin_servicer import AdminServicer
 from server.api.assurance_servicer import AssuranceServicer
 from server.api.enrollment_servicer import EnrollmentServicer
 from server.api.interceptors import ErrorMappingInterceptor
+from server.api.malformed_requests import MalformedRequestInterceptor, MalformedRequests
 from server.api.readiness import Readiness
 from server.api.shift_servicer import ShiftServicer
 from server.api.tls import server_credentials
@@ -66,6 +67,8 @@ class GrpcServer:
         self._store_pool = store_pool
         self._clock = clock
         self._health = health.aio.HealthServicer()
+        self.malformed_requests = MalformedRequests(clock)
+        """Requests refused as not the message their method takes (a count to export)."""
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.token_port = 0
@@ -76,8 +79,13 @@ class GrpcServer:
         transport = config.transport
         access = AccessInterceptor(_resolver(transport), audit, self._clock)
         server = grpc.aio.server(
-            # Access first: an unknown or unauthorised caller reaches nothing else.
-            interceptors=[access, ErrorMappingInterceptor()],
+            # Access first: an unknown or unauthorised caller reaches nothing else. Malformed
+            # requests last: refused behind the access check, through the error mapping.
+            interceptors=[
+                access,
+                ErrorMappingInterceptor(),
+                MalformedRequestInterceptor(self.malformed_requests),
+            ],
             options=[
                 ("grpc.max_receive_message_length", config.audio.max_encoded_bytes),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -131,6 +139,7 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        await self.malformed_requests.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
