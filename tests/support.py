@@ -4,10 +4,11 @@ reached through a real gRPC channel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +21,16 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import SpeakerEmbedder
+from server.api.grpc_server import GrpcServer
+from server.api.readiness import Readiness
 from server.api.tls import channel_credentials
 from server.app import VoxauthServer
 from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
+from server.runtime.inference import InferencePool
+from server.runtime.store_pool import StorePool
 from server.security.certificates import DevelopmentPki
 from server.security.identity import Role
+from server.storage.interface import AuditEvent
 from tests.clock import ManualClock
 
 DATA = Path(__file__).parent / "data"
@@ -174,3 +180,38 @@ class RunningServer:
 
     def verify(self, agent_id: str, audio: pb.Audio) -> pb.VerifyResponse:
         return self.verification.Verify(pb.VerifyRequest(agent_id=agent_id, audio=audio))
+
+
+@dataclass
+class ApiServer:
+    """The gRPC edge alone (GrpcServer: servicers, interceptors, TLS ports), without a domain:
+    every call that gets past the edge is UNAVAILABLE, as while the model loads."""
+
+    api: GrpcServer
+    clock: ManualClock
+    address: str
+    """The mutual-TLS port, as localhost:port."""
+    token_address: str
+    """The TLS port for bearer tokens."""
+    audited: list[AuditEvent] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def api_server(config: ServerConfig) -> AsyncIterator[ApiServer]:
+    """Runs `config`'s gRPC edge on the current event loop (use `tls_config`, with a
+    token_listen_address for the second port)."""
+    clock = ManualClock()
+    inference, store_pool = InferencePool(config.inference), StorePool(config.store)
+    api = GrpcServer(config, Readiness(), inference, store_pool, clock)
+    audited: list[AuditEvent] = []
+
+    async def audit(event: AuditEvent) -> None:
+        audited.append(event)
+
+    await api.start(audit)
+    try:
+        yield ApiServer(api, clock, f"localhost:{api.port}", f"localhost:{api.token_port}", audited)
+    finally:
+        await api.stop(0)
+        inference.shutdown()
+        store_pool.shutdown()

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from server.errors import ConfigurationError, InvalidRequestError, UnauthenticatedError
+from server.validation import validate_text
 
 
 class Role(enum.Enum):
@@ -96,6 +97,7 @@ def identity_from_certificate(pem: bytes) -> Identity:
     names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1 or not isinstance(names[0].value, str):
         raise UnauthenticatedError("the client certificate must name the caller in one CN")
+    name = _certificate_caller_name(names[0].value)
     try:
         alternative_names = certificate.extensions.get_extension_for_class(
             x509.SubjectAlternativeName
@@ -114,7 +116,22 @@ def identity_from_certificate(pem: bytes) -> Identity:
         raise UnauthenticatedError(
             f"the client certificate carries an unknown role {roles[0]!r}"
         ) from None
-    return Identity(names[0].value, frozenset({role}), CredentialSource.CERTIFICATE)
+    return Identity(name, frozenset({role}), CredentialSource.CERTIFICATE)
+
+
+# X.509 bounds a CN at 64 characters (ub-common-name, RFC 5280).
+_MAX_COMMON_NAME = 64
+
+
+def _certificate_caller_name(common_name: str) -> str:
+    """The caller's name from its certificate's CN. Another CA than voxauth's may issue names
+    with spaces and letters of any script; none may hold a control or format character (a
+    newline would forge log lines, a bidi override disguise audit records), and the refusal
+    names the character, never the CN."""
+    try:
+        return validate_text(common_name, "the client certificate's CN", _MAX_COMMON_NAME)
+    except InvalidRequestError as error:
+        raise UnauthenticatedError(error.message) from None
 
 
 # --- bearer tokens ------------------------------------------------------------------------

@@ -7,22 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from server.api.grpc_server import GrpcServer
-from server.api.readiness import Readiness
-from server.runtime.inference import InferencePool
-from server.runtime.store_pool import StorePool
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.identity import Role
-from server.storage.interface import AuditEvent
-from tests.clock import ManualClock
-from tests.support import as_role, tls_config
+from tests.support import ApiServer, api_server, as_role, tls_config
 
 CREATE_AGENT = "/voxauth.v1.EnrollmentService/CreateAgent"
 STREAM_ENROLLMENT_AUDIO = "/voxauth.v1.EnrollmentService/StreamEnrollmentAudio"
@@ -40,41 +33,20 @@ def as_bytes(message: bytes) -> bytes:
 RAW = {"request_serializer": as_bytes, "response_deserializer": as_bytes}
 
 
-@dataclass
-class Server:
-    api: GrpcServer
-    clock: ManualClock
-    audited: list[AuditEvent]
-    address: str
-    token_address: str
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevelopmentPki:
     return create_pki(tmp_path_factory.mktemp("pki"))
 
 
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, pki: DevelopmentPki) -> AsyncIterator[Server]:
-    """The gRPC server as `voxauth serve` assembles it: mutual TLS on one port, TLS for bearer
-    tokens on another. The domain is never ready, so a well-formed call gets UNAVAILABLE."""
+def running(
+    tmp_path: Path, pki: DevelopmentPki
+) -> contextlib.AbstractAsyncContextManager[ApiServer]:
+    """Mutual TLS on one port, TLS for bearer tokens on another; the domain is never ready, so
+    a well-formed call gets UNAVAILABLE."""
     base = tls_config(tmp_path, pki)
-    config = replace(base, transport=replace(base.transport, token_listen_address="127.0.0.1:0"))
-    clock = ManualClock()
-    inference, store_pool = InferencePool(config.inference), StorePool(config.store)
-    api = GrpcServer(config, Readiness(), inference, store_pool, clock)
-    audited: list[AuditEvent] = []
-
-    async def audit(event: AuditEvent) -> None:
-        audited.append(event)
-
-    await api.start(audit)
-    try:
-        yield Server(api, clock, audited, f"localhost:{api.port}", f"localhost:{api.token_port}")
-    finally:
-        await api.stop(0)
-        inference.shutdown()
-        store_pool.shutdown()
+    return api_server(
+        replace(base, transport=replace(base.transport, token_listen_address="127.0.0.1:0"))
+    )
 
 
 async def unary(
