@@ -96,7 +96,9 @@ def client_signed_by_the_ca(
 async def status_of(address: str, credentials: grpc.ChannelCredentials, method: str) -> Any:
     async with grpc.aio.secure_channel(address, credentials) as channel:
         try:
-            await channel.unary_unary(method)(b"", timeout=10)
+            await channel.unary_unary(
+                method, request_serializer=bytes, response_deserializer=bytes
+            )(b"", timeout=10)
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details()
     return grpc.StatusCode.OK, ""
