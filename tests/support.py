@@ -25,7 +25,13 @@ from server.api.grpc_server import GrpcServer
 from server.api.readiness import Readiness
 from server.api.tls import channel_credentials
 from server.app import VoxauthServer
-from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
+from server.config import (
+    EnrollmentPolicy,
+    MfaConfig,
+    ServerConfig,
+    StreamLimits,
+    TransportConfig,
+)
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.certificates import DevelopmentPki
@@ -80,11 +86,16 @@ def wav_audio(samples: Samples) -> pb.Audio:
 KEY = bytes(range(32))
 
 
+_A_DAY = 86_400.0
+
+
 def make_config(tmp_path: Path) -> ServerConfig:
     # Each test file holds ~17 s of one speaker, so tests ask for 5 s of enrollment speech
     # instead of the 20 s default.
     # Plain text, every caller with every role: these tests are about speech, not access
     # (tests/test_security.py runs the real server with mutual TLS).
+    # Tests move the clock by minutes at a time while a softphone or upload sends nothing, which
+    # a real client would not do: streams are not closed for idling (tests of that set it).
     return replace(
         ServerConfig(),
         listen_address="127.0.0.1:0",
@@ -92,6 +103,7 @@ def make_config(tmp_path: Path) -> ServerConfig:
         enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
         transport=TransportConfig(insecure_development=True),
         mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
+        streams=StreamLimits(shift_idle_seconds=_A_DAY, enrollment_idle_seconds=_A_DAY),
     )
 
 

@@ -99,12 +99,17 @@ class GrpcServer:
         )
         readiness, inference, store_pool = self._readiness, self._inference, self._store_pool
         pb_grpc.add_EnrollmentServiceServicer_to_server(
-            EnrollmentServicer(config.audio, inference, store_pool, readiness), server
+            EnrollmentServicer(
+                config.audio, inference, store_pool, readiness, config.streams, self._clock
+            ),
+            server,
         )
         pb_grpc.add_VerificationServiceServicer_to_server(
             VerificationServicer(inference, readiness), server
         )
-        spb_grpc.add_ShiftServiceServicer_to_server(ShiftServicer(readiness), server)
+        spb_grpc.add_ShiftServiceServicer_to_server(
+            ShiftServicer(readiness, config.streams, self._clock), server
+        )
         assurances_pb2_grpc.add_AssuranceServiceServicer_to_server(
             AssuranceServicer(readiness, store_pool), server
         )
