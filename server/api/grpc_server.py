@@ -36,7 +36,7 @@ from server.errors import ConfigurationError
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
-from server.security.identity import TokenRegistry
+from server.security.identity import TokenFile
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class GrpcServer:
         """Listens and answers; `audit` records the calls that access control refuses."""
         config = self._config
         transport = config.transport
-        access = AccessInterceptor(_resolver(transport), audit, self._clock)
+        access = AccessInterceptor(_resolver(transport, self._clock), audit, self._clock)
         server = grpc.aio.server(
             # Access first: an unknown or unauthorised caller reaches nothing else. Malformed
             # requests last: refused behind the access check, through the error mapping.
@@ -151,11 +151,12 @@ class GrpcServer:
             await self._server.wait_for_termination()
 
 
-def _resolver(transport: TransportConfig) -> IdentityResolver:
+def _resolver(transport: TransportConfig, clock: Clock) -> IdentityResolver:
     if transport.insecure_development:
         return DevelopmentResolver()
-    tokens = TokenRegistry.load(transport.tokens_file) if transport.tokens_file else None
-    return CredentialResolver(tokens)
+    # A bad token file stops the start; once started, one reloaded bad keeps the last good.
+    tokens = TokenFile(transport.tokens_file, clock) if transport.tokens_file else None
+    return CredentialResolver(tokens, clock)
 
 
 def _listen(
