@@ -19,6 +19,7 @@ from tests.support import ApiServer, api_server, as_role, tls_config
 
 CREATE_AGENT = "/voxauth.v1.EnrollmentService/CreateAgent"
 STREAM_ENROLLMENT_AUDIO = "/voxauth.v1.EnrollmentService/StreamEnrollmentAudio"
+SUBSCRIBE = "/voxauth.v1.ShiftService/SubscribeShiftEvents"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 # A field tag with wire type 7, which does not exist: no message parses from this.
@@ -58,6 +59,15 @@ async def unary(
     return failure.value
 
 
+async def events(
+    address: str, credentials: grpc.ChannelCredentials, method: str
+) -> grpc.aio.AioRpcError:
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            [reply async for reply in channel.unary_stream(method, **RAW)(MALFORMED, timeout=10)]
+    return failure.value
+
+
 async def streamed(
     address: str, credentials: grpc.ChannelCredentials, method: str, messages: list[bytes]
 ) -> grpc.aio.AioRpcError:
@@ -93,6 +103,7 @@ def test_malformed_bytes_are_invalid_argument_after_the_access_check(
                 "stream, second message": outcome(
                     await streamed(server.address, hr, STREAM_ENROLLMENT_AUDIO, [b"", MALFORMED])
                 ),
+                "server stream": outcome(await events(server.address, mfa, SUBSCRIBE)),
                 # Public methods take no identity.
                 "health check": outcome(await unary(server.token_address, anonymous, HEALTH_CHECK)),
                 "reflection stream": outcome(
@@ -121,6 +132,10 @@ def test_malformed_bytes_are_invalid_argument_after_the_access_check(
             Code.INVALID_ARGUMENT,
             "the request is not a valid voxauth.v1.EnrollmentAudioChunk message",
         ),
+        "server stream": (
+            Code.INVALID_ARGUMENT,
+            "the request is not a valid voxauth.v1.SubscribeShiftEventsRequest message",
+        ),
         "health check": (
             Code.INVALID_ARGUMENT,
             "the request is not a valid grpc.health.v1.HealthCheckRequest message",
@@ -130,7 +145,7 @@ def test_malformed_bytes_are_invalid_argument_after_the_access_check(
             "the request is not a valid grpc.reflection.v1alpha.ServerReflectionRequest message",
         ),
     }
-    assert count == 4
+    assert count == 5
     assert audited == ["UNAUTHENTICATED", "PERMISSION_DENIED"]
     assert "DecodeError" not in caplog.text
     assert all(record.levelno < logging.ERROR and not record.exc_info for record in caplog.records)
