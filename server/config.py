@@ -258,6 +258,30 @@ class ShiftPolicy(Settings):
 
 
 @dataclass(frozen=True)
+class StreamLimits(Settings):
+    """How long the server waits on a client stream that sends nothing: an idle stream holds
+    a slot (a shift's stream, an upload's buffer) until the client's own deadline, if it set
+    one. Past the limit the call ends with DEADLINE_EXCEEDED: the client broke no rule, the
+    server stopped waiting, and it may call again (a shift stays resumable)."""
+
+    shift_idle_seconds: float = field(
+        default=30.0, metadata=setting("VOXAUTH_SHIFT_STREAM_IDLE_SECONDS", check=positive)
+    )
+    """A shift audio stream with no message for this long is closed and its shift detached,
+    as when the softphone disconnects. A softphone streams 20 ms frames all through a call,
+    silence included, so 30 s without any message means its audio has stopped, far beyond
+    any network jitter or batching of frames; the keepalive pings only catch a peer that is
+    gone, not one that is connected and silent."""
+
+    enrollment_idle_seconds: float = field(
+        default=60.0, metadata=setting("VOXAUTH_ENROLLMENT_STREAM_IDLE_SECONDS", check=positive)
+    )
+    """A StreamEnrollmentAudio upload with no chunk for this long is closed: an upload sends
+    a recorded file as fast as the network carries it, so a minute without a chunk is a
+    stalled or abandoned client holding buffered audio."""
+
+
+@dataclass(frozen=True)
 class InferenceLimits(Settings):
     """The bounded executor that runs decoding and the model off the event loop."""
 
@@ -407,6 +431,7 @@ class ServerConfig(Settings):
     inference: InferenceLimits = field(default_factory=InferenceLimits)
     store: StoreLimits = field(default_factory=StoreLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
+    streams: StreamLimits = field(default_factory=StreamLimits)
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)

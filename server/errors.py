@@ -8,7 +8,8 @@ The whole hierarchy (status code in brackets):
     VoxauthError
     ├── InvalidInputError              the request itself is wrong [INVALID_ARGUMENT]
     │   ├── InvalidAudioError
-    │   └── InvalidRequestError
+    │   ├── InvalidRequestError
+    │   └── MalformedMessageError
     ├── UnauthenticatedError           no usable caller identity [UNAUTHENTICATED]
     ├── NotFoundError                  the thing asked about does not exist [NOT_FOUND]
     │   ├── AgentNotFoundError
@@ -32,6 +33,9 @@ The whole hierarchy (status code in brackets):
     │   └── ThrottledError
     ├── UnavailableError               the service cannot serve right now [UNAVAILABLE]
     │   └── ServiceNotReadyError
+    ├── TimedOutError                  the server stopped waiting for the caller
+    │   │                              [DEADLINE_EXCEEDED]
+    │   └── StreamIdleError
     └── InternalError                  the operator's problem, not the caller's [INTERNAL]
         ├── ConfigurationError
         │   └── CertificateFilesError
@@ -106,6 +110,11 @@ class UnavailableError(VoxauthError):
     back-off."""
 
 
+class TimedOutError(VoxauthError):
+    """The server stopped waiting for the caller (e.g. a stream that sent nothing for too long).
+    Nothing the caller sent was wrong; it may call again when it has something to send."""
+
+
 class InternalError(VoxauthError):
     """A fault of the deployment or of the service itself (configuration, storage): callers
     get no details; the server log has them."""
@@ -120,6 +129,10 @@ class InvalidAudioError(InvalidInputError):
 
 class InvalidRequestError(InvalidInputError):
     """A request field other than audio is missing or malformed."""
+
+
+class MalformedMessageError(InvalidInputError):
+    """The bytes of a request are not the protobuf message the method takes."""
 
 
 # --- not found ----------------------------------------------------------------------------
@@ -203,6 +216,13 @@ class ThrottledError(CapacityError):
 
 class ServiceNotReadyError(UnavailableError):
     """The server is starting (model not loaded yet) or shutting down."""
+
+
+# --- timed out ----------------------------------------------------------------------------
+
+
+class StreamIdleError(TimedOutError):
+    """A client stream sent no message for longer than the server waits."""
 
 
 # --- internal -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Never, Protocol
 
@@ -114,11 +115,19 @@ class IdentityResolver(Protocol):
         """The caller of one RPC. Raises UnauthenticatedError when it has no identity."""
 
 
+class BearerTokens(Protocol):
+    """TokenRegistry, or TokenFile, which reloads one when its file changes."""
+
+    def identify(self, token: str, now: datetime) -> Identity:
+        """The caller `token` names at `now`; UnauthenticatedError if unknown or expired."""
+
+
 class CredentialResolver:
     """Production: the verified client certificate, or else a bearer token over TLS."""
 
-    def __init__(self, tokens: TokenRegistry | None = None) -> None:
+    def __init__(self, tokens: BearerTokens | None = None, clock: Clock | None = None) -> None:
         self._tokens = tokens if tokens is not None else TokenRegistry(())
+        self._clock = clock or SystemClock()
 
     def resolve(self, auth_context: AuthContext, metadata: Metadata) -> Identity:
         certificate = next(iter(auth_context.get("x509_pem_cert", ())), None)
@@ -129,10 +138,7 @@ class CredentialResolver:
             raise UnauthenticatedError("no client certificate and no bearer token")
         if b"ssl" not in auth_context.get("transport_security_type", ()):
             raise UnauthenticatedError("bearer tokens are accepted only over TLS")
-        identity = self._tokens.identify(token)
-        if identity is None:
-            raise UnauthenticatedError("unknown bearer token")
-        return identity
+        return self._tokens.identify(token, self._clock.now())
 
 
 def _bearer_token(metadata: Metadata) -> str | None:

@@ -23,9 +23,11 @@ from server.api.convert import (
     voiceprint_info,
 )
 from server.api.readiness import Readiness
-from server.config import AudioLimits
+from server.api.streams import idle_limited
+from server.config import AudioLimits, StreamLimits
 from server.errors import InvalidAudioError
 from server.pipeline.analysis import AudioInput
+from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 
@@ -39,8 +41,12 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         inference: InferencePool,
         store_pool: StorePool,
         readiness: Readiness,
+        streams: StreamLimits,
+        clock: Clock,
     ) -> None:
         self._limits = limits
+        self._streams = streams
+        self._clock = clock
         self._inference = inference
         self._store_pool = store_pool
         self._readiness = readiness
@@ -79,7 +85,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         first: pb.EnrollmentAudioChunk | None = None
         parts: list[bytes] = []
         size = 0
-        async for chunk in request_iterator:
+        async for chunk in self._idle_limited(request_iterator):
             first = first or chunk
             size += len(chunk.data)
             # Checked as chunks arrive, so an endless stream is cut off, not buffered.
@@ -96,6 +102,18 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             encoding=first.encoding, sample_rate_hz=first.sample_rate_hz, data=b"".join(parts)
         )
         return await self._add(first.agent_id, audio_input(audio))
+
+    def _idle_limited(
+        self, chunks: AsyncIterator[pb.EnrollmentAudioChunk]
+    ) -> AsyncIterator[pb.EnrollmentAudioChunk]:
+        idle = self._streams.enrollment_idle_seconds
+        return idle_limited(
+            chunks,
+            idle,
+            self._clock,
+            closing=f"no audio chunk for {idle:g} s: the server closed this idle upload; "
+            "send the recording again",
+        )
 
     async def _add(self, agent_id: str, audio: AudioInput) -> AudioResponse:
         enrollment = self._enrollment()

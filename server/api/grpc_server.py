@@ -26,6 +26,7 @@ from server.api.admin_servicer import AdminServicer
 from server.api.assurance_servicer import AssuranceServicer
 from server.api.enrollment_servicer import EnrollmentServicer
 from server.api.interceptors import ErrorMappingInterceptor
+from server.api.malformed_requests import MalformedRequestInterceptor, MalformedRequests
 from server.api.readiness import Readiness
 from server.api.shift_servicer import ShiftServicer
 from server.api.tls import server_credentials
@@ -35,7 +36,7 @@ from server.errors import ConfigurationError
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
-from server.security.identity import TokenRegistry
+from server.security.identity import TokenFile
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class GrpcServer:
         self._store_pool = store_pool
         self._clock = clock
         self._health = health.aio.HealthServicer()
+        self.malformed_requests = MalformedRequests(clock)
+        """Requests refused as not the message their method takes (a count to export)."""
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.token_port = 0
@@ -74,10 +77,15 @@ class GrpcServer:
         """Listens and answers; `audit` records the calls that access control refuses."""
         config = self._config
         transport = config.transport
-        access = AccessInterceptor(_resolver(transport), audit, self._clock)
+        access = AccessInterceptor(_resolver(transport, self._clock), audit, self._clock)
         server = grpc.aio.server(
-            # Access first: an unknown or unauthorised caller reaches nothing else.
-            interceptors=[access, ErrorMappingInterceptor()],
+            # Access first: an unknown or unauthorised caller reaches nothing else. Malformed
+            # requests last: refused behind the access check, through the error mapping.
+            interceptors=[
+                access,
+                ErrorMappingInterceptor(),
+                MalformedRequestInterceptor(self.malformed_requests),
+            ],
             options=[
                 ("grpc.max_receive_message_length", config.audio.max_encoded_bytes),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -91,12 +99,17 @@ class GrpcServer:
         )
         readiness, inference, store_pool = self._readiness, self._inference, self._store_pool
         pb_grpc.add_EnrollmentServiceServicer_to_server(
-            EnrollmentServicer(config.audio, inference, store_pool, readiness), server
+            EnrollmentServicer(
+                config.audio, inference, store_pool, readiness, config.streams, self._clock
+            ),
+            server,
         )
         pb_grpc.add_VerificationServiceServicer_to_server(
             VerificationServicer(inference, readiness), server
         )
-        spb_grpc.add_ShiftServiceServicer_to_server(ShiftServicer(readiness), server)
+        spb_grpc.add_ShiftServiceServicer_to_server(
+            ShiftServicer(readiness, config.streams, self._clock), server
+        )
         assurances_pb2_grpc.add_AssuranceServiceServicer_to_server(
             AssuranceServicer(readiness, store_pool), server
         )
@@ -131,17 +144,19 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        await self.malformed_requests.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
 
 
-def _resolver(transport: TransportConfig) -> IdentityResolver:
+def _resolver(transport: TransportConfig, clock: Clock) -> IdentityResolver:
     if transport.insecure_development:
         return DevelopmentResolver()
-    tokens = TokenRegistry.load(transport.tokens_file) if transport.tokens_file else None
-    return CredentialResolver(tokens)
+    # A bad token file stops the start; once started, one reloaded bad keeps the last good.
+    tokens = TokenFile(transport.tokens_file, clock) if transport.tokens_file else None
+    return CredentialResolver(tokens, clock)
 
 
 def _listen(

@@ -1,5 +1,6 @@
-"""Interceptor plumbing: wrapping a gRPC method handler's behaviour, whichever of the four kinds
-it is. Both interceptors (access control, error mapping) need it."""
+"""Interceptor plumbing: wrapping a gRPC method handler's behaviour, or checking its requests,
+whichever of the four kinds it is. Every interceptor of the server (access control, error
+mapping, malformed requests) needs it."""
 
 from __future__ import annotations
 
@@ -49,4 +50,64 @@ def rewrap(
         streaming = stream(cast(StreamBehavior, handler.unary_stream))
         return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
     streaming = stream(cast(StreamBehavior, handler.stream_stream))
+    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+
+
+OneRequest: TypeAlias = "Callable[[Any, Context], Any]"
+"""Checks the one request of a method that takes one, and gives the request to serve."""
+RequestStream: TypeAlias = "Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]"
+"""Wraps the request iterator of a method that takes a stream of requests."""
+
+
+def check_requests(
+    handler: Handler,
+    request_deserializer: Callable[[bytes], Any],
+    one: OneRequest,
+    stream: RequestStream,
+) -> Handler:
+    """`handler` reading its requests with `request_deserializer`, each one passed through `one`
+    (methods taking one request) or the request iterator through `stream` (methods taking a
+    stream) before its behaviour sees them. A request that `one` refuses, or that the iterator
+    refuses while the behaviour reads it, raises out of the behaviour, as its own errors do."""
+
+    def one_unary(behavior: UnaryBehavior) -> UnaryBehavior:
+        async def checked(request: Any, context: Context) -> Any:
+            return await behavior(one(request, context), context)
+
+        return checked
+
+    def one_streaming(behavior: StreamBehavior) -> StreamBehavior:
+        async def checked(request: Any, context: Context) -> AsyncIterator[Any]:
+            async for response in behavior(one(request, context), context):
+                yield response
+
+        return checked
+
+    def many_unary(behavior: UnaryBehavior) -> UnaryBehavior:
+        async def checked(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await behavior(stream(requests, context), context)
+
+        return checked
+
+    def many_streaming(behavior: StreamBehavior) -> StreamBehavior:
+        async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for response in behavior(stream(requests, context), context):
+                yield response
+
+        return checked
+
+    serializers: dict[str, Any] = {
+        "request_deserializer": request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        behavior = one_unary(cast(UnaryBehavior, handler.unary_unary))
+        return grpc.unary_unary_rpc_method_handler(behavior, **serializers)
+    if handler.unary_stream:
+        streaming = one_streaming(cast(StreamBehavior, handler.unary_stream))
+        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+    if handler.stream_unary:
+        behavior = many_unary(cast(UnaryBehavior, handler.stream_unary))
+        return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
+    streaming = many_streaming(cast(StreamBehavior, handler.stream_stream))
     return grpc.stream_stream_rpc_method_handler(streaming, **serializers)

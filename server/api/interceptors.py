@@ -33,6 +33,7 @@ from server.errors import (
     InvalidInputError,
     NotFoundError,
     PreconditionError,
+    TimedOutError,
     UnauthenticatedError,
     UnavailableError,
     VoxauthError,
@@ -49,6 +50,7 @@ STATUS_OF_CATEGORY: dict[type[VoxauthError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    TimedOutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     InternalError: grpc.StatusCode.INTERNAL,
 }
 """The status of each error category (server/errors.py); an error takes its nearest one's."""

@@ -13,16 +13,21 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 
 from server.api.convert import audio_input, login_response, shift_event_message, shift_message
 from server.api.readiness import Readiness
+from server.api.streams import idle_limited
+from server.config import StreamLimits
 from server.errors import InvalidAudioError, StreamOrderError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.decode import AudioEncoding
+from server.runtime.clock import Clock
 from server.shifts.buffer import StreamFormat
 from server.shifts.service import ShiftStream
 
 
 class ShiftServicer(spb_grpc.ShiftServiceServicer):
-    def __init__(self, readiness: Readiness) -> None:
+    def __init__(self, readiness: Readiness, streams: StreamLimits, clock: Clock) -> None:
         self._readiness = readiness
+        self._streams = streams
+        self._clock = clock
 
     async def StartShift(
         self,
@@ -48,7 +53,16 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
         context: ServicerContext[spb.ShiftAudio, spb.ShiftEvent],
     ) -> AsyncIterator[spb.ShiftEvent]:
         shifts = self._readiness.require().shifts
-        first = await anext(aiter(request_iterator), None)
+        idle = self._streams.shift_idle_seconds
+        # Idle, the stream detaches as a disconnected one does: the shift can be resumed.
+        requests = idle_limited(
+            request_iterator,
+            idle,
+            self._clock,
+            closing=f"no audio for {idle:g} s: the server closed this idle shift stream; "
+            "open a new one to resume the shift",
+        )
+        first = await anext(requests, None)
         if first is None:
             return
         if first.WhichOneof("message") != "header":
@@ -63,7 +77,7 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
         stream = await shifts.attach(
             header.shift_id, StreamFormat.declared(encoding, header.sample_rate_hz)
         )
-        reader = asyncio.create_task(_read_frames(request_iterator, stream))
+        reader = asyncio.create_task(_read_frames(requests, stream))
         try:
             while (event := await stream.next_event()) is not None:
                 yield shift_event_message(event)

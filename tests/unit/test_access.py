@@ -418,9 +418,10 @@ def test_the_token_file_holds_hashes_and_says_where_it_is_wrong(tmp_path: Path) 
     token_file = tmp_path / "tokens"
     token_file.write_text(minted.line + "\n")
     assert minted.token not in token_file.read_text()
-    identity = TokenRegistry.load(token_file).identify(minted.token)
-    assert identity is not None and identity.name == "crm-bridge"
-    assert TokenRegistry.load(token_file).identify(minted.token + "x") is None
+    now = datetime.now(UTC)
+    assert TokenRegistry.load(token_file).identify(minted.token, now).name == "crm-bridge"
+    with pytest.raises(UnauthenticatedError, match="unknown bearer token"):
+        TokenRegistry.load(token_file).identify(minted.token + "x", now)
 
     token_file.write_text(f"\n{minted.line}\nsha256:{'0' * 64} root crm\n")
     with pytest.raises(ConfigurationError, match=r"tokens:3: 'root' is not a valid Role"):
@@ -438,8 +439,8 @@ def test_token_command_prints_a_token_once_and_the_line_that_accepts_it(
     token = token_line.rsplit(" ", 1)[1]
     token_file = tmp_path / "tokens"
     token_file.write_text(file_line.removeprefix("line to add to the token file: ") + "\n")
-    identity = TokenRegistry.load(token_file).identify(token)
-    assert identity is not None and identity.roles == {Role.MFA}
+    identity = TokenRegistry.load(token_file).identify(token, datetime.now(UTC))
+    assert identity.roles == {Role.MFA}
 
 
 def test_there_is_no_caller_outside_a_call() -> None:
