@@ -19,7 +19,7 @@ from enrollment.voiceprint import (
 from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
-from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.storage.interface import (
     AgentRecord,
@@ -89,7 +89,7 @@ class EnrollmentService:
         self._audit(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
         return agent
 
-    def add_utterance(self, agent_id: str, audio: AudioInput) -> UtteranceOutcome:
+    def add_utterance(self, agent_id: str, audio: ReceivedAudio) -> UtteranceOutcome:
         """Blocking: runs the model. The audio is analysed and dropped; only the embedding and
         the quality figures are kept."""
         agent = self._store.get_agent(validate_agent_id(agent_id))
