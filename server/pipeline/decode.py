@@ -1,7 +1,9 @@
 """Audio decoding: encoded bytes plus their declared format -> 16 kHz mono float32.
 
 This is the only place that understands audio formats. Every failure is an InvalidAudioError
-naming the request field at fault, so bad bytes can never surface as anything else.
+naming the request field at fault, so bad bytes can never surface as anything else. Audio that
+arrives in pieces is decoded piece by piece where the format allows (AudioStream), and every
+buffer decoding fills can be claimed from the server's audio budget first.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class AudioStream:
         self._file: bytes | io.BytesIO | None = None
 
     @property
-    def is_file(self) -> bool:
+    def _is_file(self) -> bool:
         return self._encoding in _CONTAINERS
 
     def feed(self, data: bytes, *, held_elsewhere: bool = False) -> None:
@@ -186,7 +188,7 @@ class AudioStream:
         file made of this one piece is read from it without a copy."""
         first = self._received == 0
         self._received += len(data)
-        if self.is_file:
+        if self._is_file:
             self._feed_file(data, held_elsewhere)
         elif self._encoding is AudioEncoding.PCM16LE:
             self._feed_pcm16le(data, first)
@@ -197,7 +199,7 @@ class AudioStream:
         """The audio at TARGET_RATE. Blocking (decoding, resampling): call from a worker."""
         if self._received == 0:
             raise InvalidAudioError("audio data is empty", field=_DATA)
-        if self.is_file:
+        if self._is_file:
             samples, rate = self._read_file()
         else:
             if self._odd_byte:
