@@ -5,11 +5,13 @@ rebuild the voiceprint, erase the agent. Every step is audited (never with audio
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from enrollment.duplicates import DUPLICATE_SIMILARITY, Fingerprint, find_duplicate
 from enrollment.voiceprint import (
     RejectedUtterance,
     check_consistency,
@@ -19,7 +21,7 @@ from enrollment.voiceprint import (
 from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
-from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.storage.interface import (
     AgentRecord,
@@ -76,6 +78,9 @@ class EnrollmentService:
         self._analyser = analyser
         self._policy = policy
         self._now = now
+        # Looking for a copy among the pending utterances and adding the new one are one step:
+        # two copies sent at once must not both find none.
+        self._adding = threading.Lock()
 
     def create_agent(self, agent_id: str, display_name: str, consent_reference: str) -> AgentRecord:
         agent = AgentRecord(
@@ -89,7 +94,7 @@ class EnrollmentService:
         self._audit(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
         return agent
 
-    def add_utterance(self, agent_id: str, audio: AudioInput) -> UtteranceOutcome:
+    def add_utterance(self, agent_id: str, audio: ReceivedAudio) -> UtteranceOutcome:
         """Blocking: runs the model. The audio is analysed and dropped; only the embedding and
         the quality figures are kept."""
         agent = self._store.get_agent(validate_agent_id(agent_id))
@@ -104,19 +109,43 @@ class EnrollmentService:
             reason = _quality_rejection(quality, self._policy.min_utterance_net_speech_seconds)
             self._audit(AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason)
             return UtteranceOutcome(quality, received_at, None, reason)
-        record = UtteranceRecord(
-            utterance_id=uuid.uuid4().hex,
-            agent_id=agent.agent_id,
-            model_id=self._analyser.model_id,
-            embedding=sample.embedding,
-            duration_seconds=quality.duration_seconds,
-            net_speech_seconds=quality.net_speech_seconds,
-            speech_level_dbfs=quality.speech_level_dbfs,
-            clipped_fraction=quality.clipped_fraction,
-            received_at=received_at,
-            telephone_embedding=self._analyser.telephone_embedding(quality.speech),
-        )
-        self._store.add_utterance(record, self._policy.max_pending_utterances)
+        model_id = self._analyser.model_id
+        telephone = self._analyser.telephone_embedding(quality.speech)
+        with self._adding:
+            pending = [
+                u for u in self._store.pending_utterances(agent.agent_id) if u.model_id == model_id
+            ]
+            duplicate = find_duplicate(
+                Fingerprint(sample.embedding, telephone), pending, DUPLICATE_SIMILARITY
+            )
+            if duplicate is not None:
+                copied = duplicate.of.utterance_id
+                reason = (
+                    f"the same recording as pending utterance {copied} (similarity "
+                    f"{duplicate.similarity:.3f}, at least {DUPLICATE_SIMILARITY:.2f} is a copy): "
+                    "a recording counts once; record a new utterance"
+                )
+                self._audit(
+                    AuditAction.ENROLLMENT_ADD,
+                    agent.agent_id,
+                    "rejected",
+                    reason=reason,
+                    duplicate_of=copied,
+                )
+                return UtteranceOutcome(quality, received_at, None, reason)
+            record = UtteranceRecord(
+                utterance_id=uuid.uuid4().hex,
+                agent_id=agent.agent_id,
+                model_id=model_id,
+                embedding=sample.embedding,
+                duration_seconds=quality.duration_seconds,
+                net_speech_seconds=quality.net_speech_seconds,
+                speech_level_dbfs=quality.speech_level_dbfs,
+                clipped_fraction=quality.clipped_fraction,
+                received_at=received_at,
+                telephone_embedding=telephone,
+            )
+            self._store.add_utterance(record, self._policy.max_pending_utterances)
         self._audit(
             AuditAction.ENROLLMENT_ADD,
             agent.agent_id,

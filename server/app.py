@@ -25,6 +25,7 @@ from server.pipeline.channel import Channel
 # process, and the pool then sets the count the configuration asks for.
 from server.pipeline.silero import SileroSpeechDetector
 from server.pipeline.speech import QualityThresholds
+from server.runtime.audio_budget import AudioBudget
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
@@ -81,8 +82,15 @@ class VoxauthServer:
         self._readiness = Readiness()
         self._inference = InferencePool(config.inference)
         self._store_pool = StorePool(config.store)
+        self.audio_budget = AudioBudget(config.audio.budget_mib * 2**20)
+        """The audio all calls in progress hold together."""
         self._api = GrpcServer(
-            config, self._readiness, self._inference, self._store_pool, self._clock
+            config,
+            self._readiness,
+            self._inference,
+            self._store_pool,
+            self._clock,
+            self.audio_budget,
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import types
 from collections.abc import Callable, Mapping
@@ -139,11 +140,36 @@ class AudioLimits(Settings):
     )
     """Longest audio in one request or streamed utterance."""
 
+    budget_mib: int = field(
+        default=512, metadata=setting("VOXAUTH_AUDIO_BUDGET_MIB", check=at_least(1))
+    )
+    """Audio, encoded and decoded, that all requests in progress may hold together; a request
+    that would hold more gets RESOURCE_EXHAUSTED at once (server/runtime/audio_budget.py). The
+    default holds about 140 minutes of streamed 16 kHz audio (as float32), or 5 of the largest
+    uploads (`largest_request_bytes`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget_mib * 2**20 < self.largest_request_bytes:
+            raise ConfigurationError(
+                f"VOXAUTH_AUDIO_BUDGET_MIB={self.budget_mib} is less than one upload of "
+                f"{self.max_seconds:g} s can hold ({math.ceil(self.largest_request_bytes / 2**20)}"
+                " MiB): such uploads would always be refused"
+            )
+
     @property
     def max_encoded_bytes(self) -> int:
         """Bytes that `max_seconds` of the bulkiest accepted input can take (48 kHz stereo
         32-bit WAV) plus headroom for headers: larger input is refused before decoding."""
         return int(self.max_seconds * 48_000 * 2 * 4) + 1024 * 1024
+
+    @property
+    def largest_request_bytes(self) -> int:
+        """The most audio one request can hold: an AddEnrollmentAudio message of
+        `max_encoded_bytes` (the message and its bytes), decoded at the highest accepted file
+        rate (192 kHz, mono float32), then resampled to 16 kHz."""
+        decoded = int(self.max_seconds * 192_000) * 4 + int(self.max_seconds * 16_000) * 4
+        return 2 * self.max_encoded_bytes + decoded
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ The whole hierarchy (status code in brackets):
     │   └── AlreadyExistsError         the thing to create is already there [ALREADY_EXISTS]
     │       └── AgentExistsError
     ├── CapacityError                  a bound is reached; retry later [RESOURCE_EXHAUSTED]
-    │   └── ThrottledError
+    │   ├── ThrottledError
+    │   └── AudioBudgetExceededError
     ├── UnavailableError               the service cannot serve right now [UNAVAILABLE]
     │   └── ServiceNotReadyError
     ├── TimedOutError                  the server stopped waiting for the caller
@@ -209,6 +210,11 @@ class ThrottledError(CapacityError):
 
     def __init__(self, message: str, *, retry_after_seconds: float) -> None:
         super().__init__(message, retry_after_seconds=retry_after_seconds)
+
+
+class AudioBudgetExceededError(CapacityError):
+    """The requests in progress already hold as much audio as the server allows
+    (AudioLimits.budget_mib); this one would exceed it."""
 
 
 # --- unavailable --------------------------------------------------------------------------

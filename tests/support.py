@@ -32,6 +32,7 @@ from server.config import (
     StreamLimits,
     TransportConfig,
 )
+from server.runtime.audio_budget import AudioBudget
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.certificates import DevelopmentPki
@@ -214,7 +215,8 @@ async def api_server(config: ServerConfig) -> AsyncIterator[ApiServer]:
     token_listen_address for the second port)."""
     clock = ManualClock()
     inference, store_pool = InferencePool(config.inference), StorePool(config.store)
-    api = GrpcServer(config, Readiness(), inference, store_pool, clock)
+    budget = AudioBudget(config.audio.budget_mib * 2**20)
+    api = GrpcServer(config, Readiness(), inference, store_pool, clock, budget)
     audited: list[AuditEvent] = []
 
     async def audit(event: AuditEvent) -> None:

@@ -78,14 +78,17 @@ def timestamp(at: datetime) -> Timestamp:
 
 
 def audio_input(audio: pb.Audio) -> AudioInput:
-    if audio.encoding not in _ENCODINGS:
+    encoding = audio_encoding(audio.encoding)
+    return AudioInput(data=audio.data, encoding=encoding, sample_rate_hz=audio.sample_rate_hz)
+
+
+def audio_encoding(encoding: pb.AudioEncoding.ValueType) -> AudioEncoding:
+    if encoding not in _ENCODINGS:
         raise InvalidAudioError(
             "audio encoding is not set or not supported; use WAV, FLAC, PCM16LE, MULAW or ALAW",
             field="audio.encoding",
         )
-    return AudioInput(
-        data=audio.data, encoding=_ENCODINGS[audio.encoding], sample_rate_hz=audio.sample_rate_hz
-    )
+    return _ENCODINGS[encoding]
 
 
 def verify_response(result: VerificationResult) -> pb.VerifyResponse:

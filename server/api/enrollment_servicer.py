@@ -3,6 +3,11 @@
 Calls that run the speaker model go to the bounded InferencePool; calls that only read or write
 the store go to the StorePool, so a queue of model work never holds them up. Domain errors
 propagate to the ErrorMappingInterceptor, which picks the status code.
+
+The audio of every call is claimed from the server's AudioBudget before it is held: a stream's
+pieces are decoded as they arrive (server/pipeline/decode.py, AudioStream), so a stream holds
+its decoded samples (or, for WAV and FLAC, its file) and nothing else, and a call the budget
+cannot hold ends RESOURCE_EXHAUSTED at once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 from enrollment.service import EnrollmentService
 from server.api.convert import (
     agent_message,
-    audio_input,
+    audio_encoding,
     enrollment_status,
     utterance_message,
     utterance_outcome_message,
@@ -26,7 +31,8 @@ from server.api.readiness import Readiness
 from server.api.streams import idle_limited
 from server.config import AudioLimits, StreamLimits
 from server.errors import InvalidAudioError
-from server.pipeline.analysis import AudioInput
+from server.pipeline.decode import AudioStream
+from server.runtime.audio_budget import AudioBudget, AudioReservation
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
@@ -41,6 +47,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         inference: InferencePool,
         store_pool: StorePool,
         readiness: Readiness,
+        budget: AudioBudget,
         streams: StreamLimits,
         clock: Clock,
     ) -> None:
@@ -50,6 +57,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         self._inference = inference
         self._store_pool = store_pool
         self._readiness = readiness
+        self._budget = budget
 
     def _enrollment(self) -> EnrollmentService:
         return self._readiness.require().enrollment
@@ -75,33 +83,46 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         self._enrollment()
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
-        return await self._add(request.agent_id, audio_input(request.audio))
+        with self._budget.reserve() as reservation:
+            # The message, and the copy of its bytes that decoding reads, live to the end of
+            # the call.
+            reservation.claim(2 * request.audio.ByteSize())
+            stream = self._stream(request.audio.encoding, request.audio.sample_rate_hz, reservation)
+            stream.feed(request.audio.data, held_elsewhere=True)
+            return await self._add(request.agent_id, stream, reservation)
 
     async def StreamEnrollmentAudio(
         self,
         request_iterator: AsyncIterator[pb.EnrollmentAudioChunk],
         context: ServicerContext[pb.EnrollmentAudioChunk, AudioResponse],
     ) -> AudioResponse:
-        first: pb.EnrollmentAudioChunk | None = None
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self._idle_limited(request_iterator):
-            first = first or chunk
-            size += len(chunk.data)
-            # Checked as chunks arrive, so an endless stream is cut off, not buffered.
-            if size > self._limits.max_encoded_bytes:
-                raise InvalidAudioError(
-                    f"streamed audio exceeds {self._limits.max_encoded_bytes} bytes, more than "
-                    f"{self._limits.max_seconds:.0f} s of audio in any supported format",
-                    field="audio.data",
-                )
-            parts.append(chunk.data)
-        if first is None:
-            raise InvalidAudioError("the stream carried no audio", field="audio.data")
-        audio = pb.Audio(
-            encoding=first.encoding, sample_rate_hz=first.sample_rate_hz, data=b"".join(parts)
+        with self._budget.reserve() as reservation:
+            agent_id = ""
+            stream: AudioStream | None = None
+            async for chunk in self._idle_limited(request_iterator):
+                if stream is None:
+                    agent_id = chunk.agent_id
+                    stream = self._stream(chunk.encoding, chunk.sample_rate_hz, reservation)
+                # Checked and decoded piece by piece, so an endless stream is cut off at the
+                # length limit, and one the budget cannot hold at once, not buffered first.
+                stream.feed(chunk.data)
+            if stream is None:
+                raise InvalidAudioError("the stream carried no audio", field="audio.data")
+            return await self._add(agent_id, stream, reservation)
+
+    def _stream(
+        self,
+        encoding: pb.AudioEncoding.ValueType,
+        sample_rate_hz: int,
+        reservation: AudioReservation,
+    ) -> AudioStream:
+        return AudioStream(
+            audio_encoding(encoding),
+            sample_rate_hz,
+            max_seconds=self._limits.max_seconds,
+            max_encoded_bytes=self._limits.max_encoded_bytes,
+            reservation=reservation,
         )
-        return await self._add(first.agent_id, audio_input(audio))
 
     def _idle_limited(
         self, chunks: AsyncIterator[pb.EnrollmentAudioChunk]
@@ -115,9 +136,13 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             "send the recording again",
         )
 
-    async def _add(self, agent_id: str, audio: AudioInput) -> AudioResponse:
+    async def _add(
+        self, agent_id: str, audio: AudioStream, reservation: AudioReservation
+    ) -> AudioResponse:
         enrollment = self._enrollment()
-        outcome = await self._inference.run(lambda: enrollment.add_utterance(agent_id, audio))
+        outcome = await self._inference.run(
+            reservation.held_by(lambda: enrollment.add_utterance(agent_id, audio))
+        )
         progress = await self._store_pool.run(lambda: enrollment.progress(agent_id))
         return AudioResponse(
             utterance=utterance_outcome_message(outcome), status=enrollment_status(progress)

@@ -33,6 +33,7 @@ from server.api.tls import server_credentials
 from server.api.verification_servicer import VerificationServicer
 from server.config import ServerConfig, TransportConfig
 from server.errors import ConfigurationError
+from server.runtime.audio_budget import AudioBudget
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
@@ -60,11 +61,13 @@ class GrpcServer:
         inference: InferencePool,
         store_pool: StorePool,
         clock: Clock,
+        audio_budget: AudioBudget,
     ) -> None:
         self._config = config
         self._readiness = readiness
         self._inference = inference
         self._store_pool = store_pool
+        self._audio_budget = audio_budget
         self._clock = clock
         self._health = health.aio.HealthServicer()
         self.malformed_requests = MalformedRequests(clock)
@@ -100,7 +103,13 @@ class GrpcServer:
         readiness, inference, store_pool = self._readiness, self._inference, self._store_pool
         pb_grpc.add_EnrollmentServiceServicer_to_server(
             EnrollmentServicer(
-                config.audio, inference, store_pool, readiness, config.streams, self._clock
+                config.audio,
+                inference,
+                store_pool,
+                readiness,
+                self._audio_budget,
+                config.streams,
+                self._clock,
             ),
             server,
         )

@@ -12,7 +12,13 @@ from models.errors import UnusableWaveformError
 from server.config import AudioLimits
 from server.errors import InvalidAudioError
 from server.pipeline.channel import Channel, channel_of
-from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode_audio, telephone_channel
+from server.pipeline.decode import (
+    TARGET_RATE,
+    AudioEncoding,
+    AudioStream,
+    decode_audio,
+    telephone_channel,
+)
 from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
 
 
@@ -23,6 +29,10 @@ class AudioInput:
     data: bytes
     encoding: AudioEncoding
     sample_rate_hz: int
+
+
+ReceivedAudio = AudioInput | AudioStream
+"""Audio as a request brought it: whole, or streamed and partly decoded already."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,17 @@ class VoiceAnalyser:
         self._thresholds = thresholds
         self._limits = limits
 
-    def analyse(self, audio: AudioInput, *, min_net_speech_seconds: float) -> VoiceSample:
+    def analyse(self, audio: ReceivedAudio, *, min_net_speech_seconds: float) -> VoiceSample:
         """Blocking (decoding, VAD and the model): call from a worker thread."""
-        decoded = decode_audio(
-            audio.data, audio.encoding, audio.sample_rate_hz, max_seconds=self._limits.max_seconds
+        decoded = (
+            audio.finish()
+            if isinstance(audio, AudioStream)
+            else decode_audio(
+                audio.data,
+                audio.encoding,
+                audio.sample_rate_hz,
+                max_seconds=self._limits.max_seconds,
+            )
         )
         return self.analyse_waveform(
             decoded.waveform,

@@ -1,7 +1,9 @@
 """Audio decoding: encoded bytes plus their declared format -> 16 kHz mono float32.
 
 This is the only place that understands audio formats. Every failure is an InvalidAudioError
-naming the request field at fault, so bad bytes can never surface as anything else.
+naming the request field at fault, so bad bytes can never surface as anything else. Audio that
+arrives in pieces is decoded piece by piece where the format allows (AudioStream), and every
+buffer decoding fills can be claimed from the server's audio budget first.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +21,7 @@ import soundfile as sf
 
 from models.embedder import Waveform
 from server.errors import InvalidAudioError
+from server.runtime.audio_budget import AudioReservation
 
 TARGET_RATE = 16000
 """The rate every decoded waveform has."""
@@ -37,6 +41,12 @@ FILE_RATES = frozenset(
 # Samples read per block (divided among channels), so a file with many channels never needs
 # more than one block of multichannel samples in memory.
 _BLOCK_SAMPLES = 1 << 20
+
+# A stream's sample buffer starts at this many samples (10 s at 16 kHz), then doubles up to
+# the length limit.
+_INITIAL_SAMPLES = 10 * 16000
+
+_FLOAT_BYTES = 4
 
 # What libsndfile reports as the length of a file whose header does not state it.
 _UNKNOWN_LENGTH = 2**63 - 1
@@ -110,19 +120,178 @@ def decode_audio(
     sample_rate_hz: int,
     *,
     max_seconds: float,
+    reservation: AudioReservation | None = None,
 ) -> DecodedAudio:
-    """`decode`, also telling the rate the audio came at."""
+    """`decode`, also telling the rate the audio came at. The buffers decoding fills are
+    claimed from `reservation` (if given) before they are filled; `data` itself is the
+    caller's to account for."""
     if not data:
         raise InvalidAudioError("audio data is empty", field=_DATA)
-    if encoding in (AudioEncoding.WAV, AudioEncoding.FLAC):
-        samples, rate = _read_file(data, encoding, sample_rate_hz, max_seconds)
-    elif encoding is AudioEncoding.PCM16LE:
-        samples, rate = _read_pcm16le(data, sample_rate_hz, max_seconds)
-    else:
-        samples, rate = _read_g711(data, encoding, sample_rate_hz, max_seconds)
-    if samples.size == 0:
-        raise InvalidAudioError("audio contains no samples", field=_DATA)
-    return DecodedAudio(_to_target_rate(samples, rate), rate)
+    stream = AudioStream(encoding, sample_rate_hz, max_seconds=max_seconds, reservation=reservation)
+    stream.feed(data, held_elsewhere=True)
+    return stream.finish()
+
+
+class AudioStream:
+    """Encoded audio that arrives in pieces (a streamed utterance), decoded as it comes where
+    the format allows.
+
+    PCM16LE and G.711 pieces become float samples as they arrive and their bytes are not kept;
+    the length limit is checked on each piece, so an over-long stream is refused at
+    `max_seconds` instead of being buffered to its end. WAV and FLAC are read by libsndfile,
+    which needs the whole file: their bytes are kept in one buffer, up to `max_encoded_bytes`,
+    and decoded by `finish`. Every buffer is claimed from `reservation` before it is filled, so
+    the audio budget refuses a stream the moment it would exceed it.
+
+    The rate and encoding are checked when the stream is made (its first piece); `feed` runs
+    on the event loop (it only copies and converts), `finish` on a worker (it resamples).
+    """
+
+    def __init__(
+        self,
+        encoding: AudioEncoding,
+        sample_rate_hz: int,
+        *,
+        max_seconds: float,
+        max_encoded_bytes: int | None = None,
+        reservation: AudioReservation | None = None,
+    ) -> None:
+        self._encoding = encoding
+        self._declared_rate = sample_rate_hz
+        self._max_seconds = max_seconds
+        self._max_encoded_bytes = max_encoded_bytes
+        self._reservation = reservation
+        self._received = 0
+        if encoding is AudioEncoding.PCM16LE:
+            self._rate = _pcm16le_rate(sample_rate_hz)
+        elif encoding in (AudioEncoding.MULAW, AudioEncoding.ALAW):
+            self._rate = _g711_rate(encoding, sample_rate_hz)
+        else:
+            self._rate = 0  # a file's header tells it
+        self._max_samples = int(max_seconds * self._rate)
+        # Samples at the source rate, of which the first `_count` are filled. Grown by
+        # doubling, in place (realloc: large blocks are remapped, not copied).
+        self._samples = np.empty(0, dtype=np.float32)
+        self._count = 0
+        self._odd_byte = b""
+        """The first byte of a PCM16 sample split between two pieces."""
+        self._file: bytes | io.BytesIO | None = None
+
+    @property
+    def _is_file(self) -> bool:
+        return self._encoding in _CONTAINERS
+
+    def feed(self, data: bytes, *, held_elsewhere: bool = False) -> None:
+        """Takes the next piece. Raises InvalidAudioError when the audio exceeds the
+        per-request limits, AudioBudgetExceededError when the budget cannot hold it.
+        `held_elsewhere`: the caller keeps `data` alive anyway (and accounts for it), so a
+        file made of this one piece is read from it without a copy."""
+        first = self._received == 0
+        self._received += len(data)
+        if self._is_file:
+            self._feed_file(data, held_elsewhere)
+        elif self._encoding is AudioEncoding.PCM16LE:
+            self._feed_pcm16le(data, first)
+        else:
+            self._feed_g711(data, first)
+
+    def finish(self) -> DecodedAudio:
+        """The audio at TARGET_RATE. Blocking (decoding, resampling): call from a worker."""
+        if self._received == 0:
+            raise InvalidAudioError("audio data is empty", field=_DATA)
+        if self._is_file:
+            samples, rate = self._read_file()
+        else:
+            if self._odd_byte:
+                raise InvalidAudioError(
+                    f"PCM16LE data must be whole 2-byte samples; got {self._received} bytes",
+                    field=_DATA,
+                )
+            samples, rate = self._samples, self._rate
+            # The unused tail of the last doubling goes back to the allocator.
+            samples.resize(self._count, refcheck=False)
+        self._samples = np.empty(0, dtype=np.float32)
+        if samples.size == 0:
+            raise InvalidAudioError("audio contains no samples", field=_DATA)
+        if rate != TARGET_RATE:
+            self._claim(_resampled_length(samples.size, rate) * _FLOAT_BYTES)
+        return DecodedAudio(_to_target_rate(samples, rate), rate)
+
+    def _claim(self, nbytes: int) -> None:
+        if self._reservation is not None:
+            self._reservation.claim(nbytes)
+
+    def _feed_file(self, data: bytes, held_elsewhere: bool) -> None:
+        if self._max_encoded_bytes is not None and self._received > self._max_encoded_bytes:
+            raise InvalidAudioError(
+                f"streamed audio exceeds {self._max_encoded_bytes} bytes, more than "
+                f"{self._max_seconds:.0f} s of audio in any supported format",
+                field=_DATA,
+            )
+        if self._file is None and held_elsewhere:
+            self._file = data
+            return
+        self._claim(len(data))
+        if self._file is None:
+            self._file = io.BytesIO()
+        elif isinstance(self._file, bytes):
+            self._claim(len(self._file))
+            self._file = io.BytesIO(self._file)
+            self._file.seek(0, io.SEEK_END)
+        self._file.write(data)
+
+    def _feed_pcm16le(self, data: bytes, first: bool) -> None:
+        pieces: list[npt.NDArray[np.int16]] = []
+        start = 0
+        if self._odd_byte and data:
+            pieces.append(np.frombuffer(self._odd_byte + data[:1], dtype="<i2"))
+            self._odd_byte, start = b"", 1
+        whole = (len(data) - start) // 2
+        if whole:
+            pieces.append(np.frombuffer(data, dtype="<i2", count=whole, offset=start))
+        if (len(data) - start) % 2:
+            self._odd_byte = data[-1:]
+        for ints in pieces:
+            # int16 / 2**15: exact in float32. The slot is not kept: the next growth may
+            # move the buffer.
+            np.multiply(ints, np.float32(1 / 32768), out=self._room_for(ints.size, first))
+
+    def _feed_g711(self, data: bytes, first: bool) -> None:
+        table = _MULAW_TABLE if self._encoding is AudioEncoding.MULAW else _ALAW_TABLE
+        codes = np.frombuffer(data, dtype=np.uint8)
+        np.take(table, codes, out=self._room_for(codes.size, first))
+
+    def _room_for(self, samples: int, first: bool) -> npt.NDArray[np.float32]:
+        """The next `samples` slots of the sample buffer, grown (and claimed) as needed."""
+        count = self._count + samples
+        if count > self._max_samples:
+            if first:
+                _check_duration(count, self._rate, self._max_seconds)
+            # A stream is refused as soon as it is too long; its true length is never known.
+            received = math.ceil(count / self._rate * 10) / 10
+            raise InvalidAudioError(
+                f"streamed audio is longer than the limit of {self._max_seconds:.1f} s "
+                f"({received:.1f} s received when it was cut off)",
+                field=_DATA,
+            )
+        capacity = self._samples.size
+        if count > capacity:
+            grown = min(max(count, 2 * capacity, _INITIAL_SAMPLES), self._max_samples)
+            self._claim((grown - capacity) * _FLOAT_BYTES)
+            self._samples.resize(grown, refcheck=False)
+        self._count = count
+        return self._samples[count - samples : count]
+
+    def _read_file(self) -> tuple[npt.NDArray[np.float32], int]:
+        source = self._file
+        self._file = None  # the encoded bytes go as soon as they are read
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)  # shares the bytes: no copy
+        assert source is not None
+        source.seek(0)
+        return _read_file(
+            source, self._encoding, self._declared_rate, self._max_seconds, self._claim
+        )
 
 
 def telephone_channel(waveform: Waveform) -> Waveform:
@@ -162,25 +331,27 @@ def encode_alaw(waveform: Waveform) -> bytes:
     return (code ^ mask).astype(np.uint8).tobytes()
 
 
-def _check_duration(frames: int, rate: int, max_seconds: float) -> None:
+def _check_duration(frames: int, rate: int, max_seconds: float, *, at_least: bool = False) -> None:
     seconds = frames / rate
     if seconds > max_seconds:
         # Rounded up, so 60.01 s is not reported as "60.0 s long; the limit is 60.0 s".
         shown = math.ceil(seconds * 10) / 10
         raise InvalidAudioError(
-            f"audio is {shown:.1f} s long; the limit is {max_seconds:.1f} s",
+            f"audio is {'at least ' if at_least else ''}{shown:.1f} s long; the limit is "
+            f"{max_seconds:.1f} s",
             field=_DATA,
         )
 
 
 def _read_file(
-    data: bytes,
+    source: io.BytesIO,
     encoding: AudioEncoding,
     declared_rate: int,
     max_seconds: float,
+    claim: Callable[[int], None],
 ) -> tuple[npt.NDArray[np.float32], int]:
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(source) as f:
             if f.format not in _CONTAINERS[encoding]:
                 raise InvalidAudioError(
                     f"audio encoding is {encoding.name} but the data is in {f.format} format",
@@ -199,7 +370,7 @@ def _read_file(
                     f" {_rate_list(FILE_RATES)} Hz",
                     field=_DATA,
                 )
-            samples = _read_mono(f, encoding, rate, max_seconds)
+            samples = _read_mono(f, encoding, rate, max_seconds, claim)
     except sf.LibsndfileError as e:
         raise InvalidAudioError(
             f"audio data is not a readable {encoding.name} file: {e.error_string}",
@@ -213,9 +384,10 @@ def _read_file(
 
 
 def _read_mono(
-    f: Any, encoding: AudioEncoding, rate: int, max_seconds: float
+    f: Any, encoding: AudioEncoding, rate: int, max_seconds: float, claim: Callable[[int], None]
 ) -> npt.NDArray[np.float32]:
-    """The samples of an open sound file, channels averaged, read block by block."""
+    """The samples of an open sound file, channels averaged, read block by block into one
+    buffer of the length the header states."""
     if f.frames == _UNKNOWN_LENGTH:
         # A FLAC written to a pipe has no length in its header, and libsndfile fails at the
         # end of such a file; nor could the length limit be checked before decoding.
@@ -226,8 +398,11 @@ def _read_mono(
         )
     # Checked from the header before any sample is decoded, so an over-long upload costs
     # nothing; libsndfile never reads past the length the header states.
-    _check_duration(int(f.frames), rate, max_seconds)
-    blocks = []
+    frames = int(f.frames)
+    _check_duration(frames, rate, max_seconds)
+    claim(frames * _FLOAT_BYTES)
+    samples = np.empty(frames, dtype=np.float32)
+    filled = 0
     for block in f.blocks(
         blocksize=max(1, _BLOCK_SAMPLES // int(f.channels)), dtype="float32", always_2d=True
     ):
@@ -237,53 +412,44 @@ def _read_mono(
                 "audio contains non-finite samples (NaN or infinity)", field=_DATA
             )
         # In float64, so float files' huge values cannot overflow while summed.
-        blocks.append(block.mean(axis=1, dtype=np.float64).astype(np.float32))
-    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+        samples[filled : filled + len(block)] = block.mean(axis=1, dtype=np.float64)
+        filled += len(block)
+    # A file cut short holds fewer frames than its header states.
+    samples.resize(filled, refcheck=False)
+    return samples
 
 
-def _read_pcm16le(
-    data: bytes, declared_rate: int, max_seconds: float
-) -> tuple[npt.NDArray[np.float32], int]:
+def _pcm16le_rate(declared_rate: int) -> int:
     if declared_rate not in RAW_PCM_RATES:
         problem = "is required" if declared_rate == 0 else f"{declared_rate} Hz is not supported"
         raise InvalidAudioError(
             f"sample_rate_hz {problem} for PCM16LE; use one of {_rate_list(RAW_PCM_RATES)}",
             field=_RATE,
         )
-    if len(data) % 2:
-        raise InvalidAudioError(
-            f"PCM16LE data must be whole 2-byte samples; got {len(data)} bytes",
-            field=_DATA,
-        )
-    _check_duration(len(data) // 2, declared_rate, max_seconds)
-    samples = np.frombuffer(data, dtype="<i2").astype(np.float32)
-    samples /= 32768
-    return samples, declared_rate
+    return declared_rate
 
 
-def _read_g711(
-    data: bytes,
-    encoding: AudioEncoding,
-    declared_rate: int,
-    max_seconds: float,
-) -> tuple[npt.NDArray[np.float32], int]:
+def _g711_rate(encoding: AudioEncoding, declared_rate: int) -> int:
     if declared_rate != G711_RATE:
         found = "is not set" if declared_rate == 0 else f"is {declared_rate}"
         raise InvalidAudioError(
             f"sample_rate_hz {found}; it must be {G711_RATE} for {encoding.name}",
             field=_RATE,
         )
-    _check_duration(len(data), G711_RATE, max_seconds)
-    table = _MULAW_TABLE if encoding is AudioEncoding.MULAW else _ALAW_TABLE
-    return table[np.frombuffer(data, dtype=np.uint8)], G711_RATE
+    return G711_RATE
+
+
+def _resampled_length(samples: int, rate: int) -> int:
+    return math.ceil(samples * TARGET_RATE / rate)
 
 
 def _to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:
+    """`samples` (which this takes over) at TARGET_RATE."""
     if rate != TARGET_RATE:
         samples = _resample(samples, rate, TARGET_RATE)
     # Float files may exceed full scale, and resampling overshoots near it; the Waveform
-    # contract is [-1, 1], and such samples are clipped in any case.
-    return np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
+    # contract is [-1, 1], and such samples are clipped in any case. In place: no copy.
+    return np.clip(samples, -1.0, 1.0, out=samples)
 
 
 def _resample(samples: npt.NDArray[np.float32], rate: int, to_rate: int) -> Waveform:

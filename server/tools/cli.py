@@ -19,7 +19,7 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.errors import ModelFilesError
-from server.config import ClientSettings
+from server.config import AudioLimits, ClientSettings
 from server.errors import ConfigurationError
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
 
@@ -309,7 +309,12 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def _enroll(args: argparse.Namespace) -> int:
+    # Every file is checked before the first call, so a file the server would refuse cannot
+    # leave a new agent created, with its consent recorded, but no voiceprint.
+    max_seconds = AudioLimits.from_environment().max_seconds
     files = [AudioFile.from_path(path, args.rate) for path in args.files]
+    for audio in files:
+        audio.check(max_seconds)
     with _channel(args) as channel:
         client = EnrollmentClient(channel, args.timeout)
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
@@ -26,6 +27,16 @@ _BY_SUFFIX = {
     ".alaw": pb.AUDIO_ENCODING_ALAW,
     ".pcma": pb.AUDIO_ENCODING_ALAW,
 }
+
+
+# The libsndfile formats the server accepts for each file type (WAVEX: WAVE_FORMAT_EXTENSIBLE).
+_CONTAINERS = {
+    pb.AUDIO_ENCODING_WAV: ("WAV", frozenset({"WAV", "WAVEX"})),
+    pb.AUDIO_ENCODING_FLAC: ("FLAC", frozenset({"FLAC"})),
+}
+
+# What libsndfile reports as the length of a file whose header does not state it.
+_UNKNOWN_LENGTH = 2**63 - 1
 
 
 class AudioFileError(ValueError):
@@ -54,6 +65,39 @@ class AudioFile:
         if encoding == pb.AUDIO_ENCODING_PCM16LE and not sample_rate_hz:
             raise AudioFileError(f"{path}: raw PCM needs its sample rate (--rate)")
         return cls(path, encoding, sample_rate_hz)
+
+    def check(self, max_seconds: float) -> float:
+        """What can be known of the file without the server: that it can be read, that it holds
+        the type of audio its name says, and that it is no longer than `max_seconds` (the
+        server's per-request limit). Its length in seconds; raises AudioFileError."""
+        try:
+            with self.path.open("rb") as stream:
+                stream.read(1)
+        except OSError as error:
+            raise AudioFileError(f"{self.path}: cannot be read ({error.strerror})") from None
+        container = _CONTAINERS.get(self.encoding)
+        if container is None:
+            # Raw PCM16 and G.711: the length follows from the size.
+            bytes_per_second = (
+                2 * self.sample_rate_hz if self.encoding == pb.AUDIO_ENCODING_PCM16LE else 8000
+            )
+            seconds = self.path.stat().st_size / bytes_per_second
+        else:
+            kind, formats = container
+            try:
+                info = sf.info(str(self.path))
+            except (sf.LibsndfileError, RuntimeError):
+                raise AudioFileError(f"{self.path}: not a readable {kind} file") from None
+            if info.format not in formats:
+                raise AudioFileError(f"{self.path}: named {kind} but holds {info.format} audio")
+            # A header without a length (a FLAC written to a pipe): the server says so.
+            seconds = 0.0 if info.frames == _UNKNOWN_LENGTH else info.frames / info.samplerate
+        if seconds > max_seconds:
+            raise AudioFileError(
+                f"{self.path}: {seconds:.1f} s long; the server takes at most {max_seconds:g} s "
+                "per utterance (VOXAUTH_MAX_AUDIO_SECONDS): cut it into shorter utterances"
+            )
+        return seconds
 
     def message(self) -> pb.Audio:
         return pb.Audio(

@@ -1,14 +1,21 @@
-"""The `voxauth` client commands' own checks, made before any server is reached (the commands
-against a running server, and `voxauth eval` with the real model, are in
-tests/e2e/test_cli_e2e.py)."""
+"""The `voxauth` client commands' own checks, made before any server is reached (here against a
+server with the fake model, to see that nothing was done there; the commands with the real
+model, and `voxauth eval`, are in tests/e2e/test_cli_e2e.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
+import soundfile as sf
+from voxauth.v1 import voxauth_pb2 as pb
 
 from server.tools.cli import EXIT_USAGE, main
+from tests.fakes import FakeEmbedder, fake_scoring
+from tests.support import KEY, RunningServer, make_config
 
 
 def test_local_file_problems_are_usage_errors(
@@ -20,3 +27,45 @@ def test_local_file_problems_are_usage_errors(
     raw.write_bytes(b"\0\0" * 100)
     assert main(["verify", "agent", str(raw)]) == EXIT_USAGE
     assert "--rate" in capsys.readouterr().err
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16_000) -> Path:
+    sf.write(path, np.full(int(rate * seconds), 0.1, dtype=np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def test_enroll_checks_every_file_before_creating_the_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = replace(
+        make_config(tmp_path),
+        scoring=fake_scoring(tmp_path / "scoring", FakeEmbedder.model_id, FakeEmbedder.dimension),
+    )
+    server = RunningServer(config, FakeEmbedder, KEY)
+    try:
+        enroll = ["enroll", "--server", f"127.0.0.1:{server.port}", "--insecure", "agent-9"]
+        new_agent = ["--name", "Nine", "--consent", "HR-9"]
+        good = write_wav(tmp_path / "good.wav", 5.0)
+        too_long = write_wav(tmp_path / "long.wav", 70.0, rate=8000)
+        flac_named_wav = tmp_path / "flac.wav"
+        sf.write(flac_named_wav, np.zeros(16000, dtype=np.float32), 16000, format="FLAC")
+        raw = tmp_path / "long.pcm"
+        raw.write_bytes(bytes(2 * 8000 * 61))
+        refusals = [
+            ([str(good), str(too_long)], "70.0 s long; the server takes at most 60 s"),
+            ([str(flac_named_wav), str(good)], "named WAV but holds FLAC audio"),
+            ([str(good), str(raw), "--rate", "8000"], "61.0 s long"),
+        ]
+        for files, reason in refusals:
+            assert main([*enroll, *files, *new_agent]) == EXIT_USAGE
+            assert reason in capsys.readouterr().err
+            with pytest.raises(grpc.RpcError) as missing:
+                server.enrollment.GetEnrollmentStatus(
+                    pb.GetEnrollmentStatusRequest(agent_id="agent-9")
+                )
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+
+        assert main([*enroll, str(good), "--no-finalize", *new_agent]) == 0
+        assert "created agent agent-9" in capsys.readouterr().out
+    finally:
+        server.stop()

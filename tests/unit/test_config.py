@@ -126,6 +126,17 @@ def test_values_are_checked_however_the_configuration_is_built(
         build()
 
 
+def test_an_audio_budget_smaller_than_one_upload_is_refused() -> None:
+    # 60 s of the largest kind of upload can hold 94 MiB; a budget below that refuses them all.
+    with pytest.raises(ConfigurationError) as raised:
+        ServerConfig.from_environment({"VOXAUTH_AUDIO_BUDGET_MIB": "64"})
+    assert "VOXAUTH_AUDIO_BUDGET_MIB=64 is less than one upload of 60 s can hold (94 MiB)" in (
+        raised.value.message
+    )
+    shorter = {"VOXAUTH_AUDIO_BUDGET_MIB": "64", "VOXAUTH_MAX_AUDIO_SECONDS": "30"}
+    assert ServerConfig.from_environment(shorter).audio.budget_mib == 64
+
+
 def test_a_refused_value_names_the_variable_and_the_field() -> None:
     with pytest.raises(ConfigurationError) as raised:
         replace(InferenceLimits(), workers=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from voxauth.v1 import voxauth_pb2 as pb
 
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.identity import Role
@@ -25,6 +26,12 @@ REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 # A field tag with wire type 7, which does not exist: no message parses from this.
 MALFORMED = b"\xff\xff\xff"
 Code = grpc.StatusCode
+
+
+# A well-formed first chunk (the stream decodes as it arrives, so its format must be usable).
+FIRST_CHUNK = pb.EnrollmentAudioChunk(
+    agent_id="agent-a", encoding=pb.AUDIO_ENCODING_PCM16LE, sample_rate_hz=16000
+).SerializeToString()
 
 
 def as_bytes(message: bytes) -> bytes:
@@ -101,7 +108,9 @@ def test_malformed_bytes_are_invalid_argument_after_the_access_check(
                 "wrong role": outcome(await unary(server.address, mfa, CREATE_AGENT)),
                 "allowed caller": outcome(await unary(server.address, hr, CREATE_AGENT)),
                 "stream, second message": outcome(
-                    await streamed(server.address, hr, STREAM_ENROLLMENT_AUDIO, [b"", MALFORMED])
+                    await streamed(
+                        server.address, hr, STREAM_ENROLLMENT_AUDIO, [FIRST_CHUNK, MALFORMED]
+                    )
                 ),
                 "server stream": outcome(await events(server.address, mfa, SUBSCRIBE)),
                 # Public methods take no identity.
