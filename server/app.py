@@ -49,7 +49,7 @@ from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
 from server.shifts.service import ShiftService
 from server.storage.interface import Store
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
@@ -152,7 +152,7 @@ class VoxauthServer:
     async def start(self) -> int:
         # Opening the store (and the signing keys in it) first means a bad key or database
         # stops the start before any port is open.
-        store = SqliteVoiceprintStore.open(
+        store = open_store(
             self.config.database_path,
             VoiceprintCipher(self._key, self._previous_keys),
             audit_key=AuditKey(self._key),

@@ -18,7 +18,6 @@ from server.api.shift_servicer import shift_message
 from server.config import ServerConfig
 from server.runtime.clock import Clock
 from server.security.audit import cef_lines, jsonl_lines, read_chain
-from server.storage.interface import AuditEvent
 from server.validation import validate_agent_id, validate_text
 
 
@@ -58,21 +57,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.EnableVerificationResponse:
         reason = validate_text(request.reason, "reason", 512)
         agent_id = validate_agent_id(request.agent_id)
-        services = self._readiness.require()
-        previous = await asyncio.to_thread(services.throttle.re_enable, agent_id)
-        event = AuditEvent(
-            "throttle.re_enable",
-            agent_id,
-            "ok",
-            self._clock.now(),
-            {
-                "reason": reason,
-                "by": caller_identity().name,
-                "consecutive_failures": previous.consecutive_failures,
-                "was_disabled": previous.disabled_at is not None,
-            },
-        )
-        await asyncio.to_thread(services.store.append_audit, event)
+        throttle = self._readiness.require().throttle
+        by, now = caller_identity().name, self._clock.now()
+        await asyncio.to_thread(throttle.re_enable, agent_id, reason=reason, by=by, now=now)
         return admin_pb2.EnableVerificationResponse()
 
     async def ExportAudit(

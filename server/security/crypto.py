@@ -124,6 +124,14 @@ class VoiceprintCipher:
         )
 
 
+def sealing_key_id(blob: bytes) -> str:
+    """Hex id of the key that sealed `blob`, read from its header without opening it. Signing
+    keys sealed by server/security/assurances.py share the header layout."""
+    if len(blob) < _HEADER_BYTES:
+        raise StorageError(f"sealed value is truncated ({len(blob)} bytes)")
+    return blob[1:_HEADER_BYTES].hex()
+
+
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()[:KEY_ID_BYTES]
 

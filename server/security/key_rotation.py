@@ -1,31 +1,18 @@
 """Rotating the encryption key: re-sealing what the previous keys sealed under the current one.
 
 The procedure (README, "Key rotation"): start the server with the new key as VOXAUTH_KEY and
-the old one in VOXAUTH_PREVIOUS_KEYS, run `voxauth reencrypt` (with the server running or
-not: it works in small transactions), then remove the old key. Until then both keys open the
-data, so there is no downtime.
+the old one in VOXAUTH_PREVIOUS_KEYS, run `voxauth reencrypt` (server/tools/reencrypt_cli.py;
+with the server running or not: it works in small transactions), then remove the old key.
+Until then both keys open the data, so there is no downtime.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 
-from server.config import ServerConfig
-from server.errors import ConfigurationError, StorageError
-from server.runtime.clock import SystemClock
 from server.security.audit import AuditKey
-from server.security.crypto import (
-    VoiceprintCipher,
-    key_from_environment,
-    previous_keys_from_environment,
-)
 from server.storage.interface import AuditEvent, ReencryptionReport, Store
-from server.storage.sqlite.store import SqliteVoiceprintStore
 
 DEFAULT_BATCH_SIZE = 100
 """Rows per transaction: small enough that the server's writes wait only milliseconds."""
@@ -53,52 +40,21 @@ def reencrypt(
     return report
 
 
-def main(argv: Sequence[str]) -> int:
-    """`voxauth reencrypt [--db PATH] [--batch-size N]`. Exit 0 once nothing sealed under a
-    previous key remains, 1 if something does, 2 on a configuration or storage problem."""
-    parser = argparse.ArgumentParser(
-        prog="voxauth reencrypt",
-        description="Re-seal every voiceprint and pending utterance under VOXAUTH_KEY; the "
-        "keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
-    )
-    parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
-    parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per transaction"
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    try:
-        database = args.db or ServerConfig.from_environment().database_path
-        key = key_from_environment(os.environ)
-        previous = previous_keys_from_environment(os.environ)
-        cipher = VoiceprintCipher(key, previous)
-        store = SqliteVoiceprintStore.open(database, cipher, audit_key=AuditKey(key))
-        try:
-            report = reencrypt(store, cipher.key_id, SystemClock().now(), args.batch_size)
-            # The audit chain's seals move to the new key too (only seals that check out).
-            store.reseal_audit([AuditKey(k) for k in previous], args.batch_size)
-            remaining = {
-                key_id: count
-                for key_id, count in store.sealing_key_ids().items()
-                if key_id != cipher.key_id
-            }
-        finally:
-            store.close()
-    except (ConfigurationError, StorageError) as error:
-        print(f"voxauth reencrypt: {error.message}", file=sys.stderr)
-        return 2
-    print(
-        f"re-sealed under key {cipher.key_id}: {report.voiceprints} voiceprints, "
-        f"{report.pending_utterances} pending utterances"
-    )
-    if remaining:
-        listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in remaining.items())
-        # Signing keys are re-sealed by the server when it starts with the new key.
-        print(
-            f"still sealed under a previous key: {listed}; keep the previous keys until a "
-            "server started with the new key has re-sealed them, then run this again"
-        )
-        return 1
-    print("nothing is sealed under a previous key any more: the previous keys can be removed")
-    return 0
+def rotate(
+    store: Store,
+    current_key_id: str,
+    previous_audit_keys: Sequence[AuditKey],
+    now: datetime,
+    batch_size: int,
+) -> tuple[ReencryptionReport, dict[str, int]]:
+    """`reencrypt`, then the audit chain's seals move to the current key too (only seals that
+    check out). Returns the report and how many values are still sealed under each previous
+    key (signing keys are re-sealed by the server when it starts with the new key)."""
+    report = reencrypt(store, current_key_id, now, batch_size)
+    store.reseal_audit(previous_audit_keys, batch_size)
+    remaining = {
+        key_id: count
+        for key_id, count in store.sealing_key_ids().items()
+        if key_id != current_key_id
+    }
+    return report, remaining

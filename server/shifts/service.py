@@ -270,7 +270,12 @@ class ShiftSession:
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
-        await service.save(record)
+            lock = service.audit_event(
+                "shift.lock", record, "LOCKED", consecutive_failures=record.consecutive_failures
+            )
+            await service.save(record, lock)
+        else:
+            await service.save(record)
         self.record = record
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
         self.publish(
@@ -287,9 +292,6 @@ class ShiftSession:
             )
         )
         if locked:
-            await service.audit(
-                "shift.lock", record, "LOCKED", consecutive_failures=record.consecutive_failures
-            )
             self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
 
     async def _insufficient(self, scheduled_at: datetime) -> None:
@@ -299,9 +301,10 @@ class ShiftSession:
             checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
             updated_at=service.clock.now(),
         )
-        await service.save(record)
+        await service.save(
+            record, service.audit_event("shift.checkpoint", record, "INSUFFICIENT_SPEECH")
+        )
         self.record = record
-        await service.audit("shift.checkpoint", record, "INSUFFICIENT_SPEECH")
         self.publish(
             ShiftEvent(
                 ShiftEventKind.INSUFFICIENT_SPEECH,
@@ -366,8 +369,15 @@ class ShiftService:
             started_at=now,
             updated_at=now,
         )
-        await asyncio.to_thread(self._store.create_shift, record)
-        await self.audit("shift.start", record, record.state.value, device_id=device_id)
+        started = self.audit_event("shift.start", record, record.state.value, device_id=device_id)
+
+        def create() -> None:
+            with self._store.unit_of_work(f"start shift {record.shift_id!r}") as unit:
+                unit.create_shift(record)
+                unit.append_audit(started)
+
+        await asyncio.to_thread(create)
+        _log(started)
         self._session(record)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -399,9 +409,11 @@ class ShiftService:
             consecutive_failures=0,
             updated_at=self.clock.now(),
         )
-        await self.save(record)
+        await self.save(
+            record,
+            self.audit_event(action, record, "VERIFIED", previous_state=was.value, **details),
+        )
         session.record = record
-        await self.audit(action, record, "VERIFIED", previous_state=was.value, **details)
         if was is not ShiftState.VERIFIED:
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
         session.ensure_checkpoints()
@@ -430,8 +442,7 @@ class ShiftService:
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
-            await self.save(record)
-            await self.audit("shift.end", record, "ENDED", reason=reason)
+            await self.save(record, self.audit_event("shift.end", record, "ENDED", reason=reason))
         if session is not None:
             session.record = record
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
@@ -483,22 +494,29 @@ class ShiftService:
             return None
         return result, recent
 
-    async def save(self, record: ShiftRecord) -> None:
-        await asyncio.to_thread(self._store.update_shift, record)
+    async def save(self, record: ShiftRecord, *audit: AuditEvent) -> None:
+        """Stores the shift's new state and the audit records of the change in one unit of
+        work: a state change is never left unaudited."""
 
-    async def audit(
+        def write() -> None:
+            with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
+                unit.update_shift(record)
+                for event in audit:
+                    unit.append_audit(event)
+
+        await asyncio.to_thread(write)
+        for event in audit:
+            _log(event)
+
+    def audit_event(
         self, action: str, record: ShiftRecord, outcome: str, **details: object
-    ) -> None:
-        event = AuditEvent(
+    ) -> AuditEvent:
+        return AuditEvent(
             action,
             record.agent_id,
             outcome,
             self.clock.now(),
             {"shift_id": record.shift_id, **details},
-        )
-        await asyncio.to_thread(self._store.append_audit, event)
-        log.info(
-            "%s shift=%s agent=%s outcome=%s", action, record.shift_id, record.agent_id, outcome
         )
 
     def publish(self, event: ShiftEvent) -> None:
@@ -542,6 +560,17 @@ class ShiftService:
                 if session.detached_since is not None and now - session.detached_since >= idle:
                     session.stop()
                     del self._sessions[shift_id]
+
+
+def _log(event: AuditEvent) -> None:
+    """Logs an audited shift change once it has committed."""
+    log.info(
+        "%s shift=%s agent=%s outcome=%s",
+        event.action,
+        event.details["shift_id"],
+        event.agent_id,
+        event.outcome,
+    )
 
 
 def _state_after_login(result: VerificationResult) -> ShiftState:

@@ -20,6 +20,7 @@ from server.config import ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.security.audit import (
     AuditKey,
+    AuditLog,
     AuditRecord,
     cef_lines,
     jsonl_lines,
@@ -31,7 +32,7 @@ from server.security.crypto import (
     key_from_environment,
     previous_keys_from_environment,
 )
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 
 EXIT_INTACT = 0
 EXIT_BROKEN = 1
@@ -49,9 +50,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigurationError(f"no database at {database}")
         key = key_from_environment(os.environ)
         previous = previous_keys_from_environment(os.environ)
-        store = SqliteVoiceprintStore.open(
-            database, VoiceprintCipher(key, previous), audit_key=AuditKey(key)
-        )
+        store = open_store(database, VoiceprintCipher(key, previous), audit_key=AuditKey(key))
         try:
             if args.action == "verify":
                 return _verify(store, [AuditKey(known) for known in (key, *previous)])
@@ -94,8 +93,8 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _verify(store: SqliteVoiceprintStore, keys: list[AuditKey]) -> int:
-    report = verify_log(store, keys)
+def _verify(log: AuditLog, keys: list[AuditKey]) -> int:
+    report = verify_log(log, keys)
     if report.first_break is None:
         print(f"{report.records} records, chain intact")
         return EXIT_INTACT
@@ -107,8 +106,8 @@ def _verify(store: SqliteVoiceprintStore, keys: list[AuditKey]) -> int:
     return EXIT_BROKEN
 
 
-def _export(store: SqliteVoiceprintStore, args: argparse.Namespace) -> int:
-    records: Iterator[AuditRecord] = read_chain(store)
+def _export(log: AuditLog, args: argparse.Namespace) -> int:
+    records: Iterator[AuditRecord] = read_chain(log)
     if args.since is not None:
         since: datetime = args.since
         records = (record for record in records if record.entry.time >= since)

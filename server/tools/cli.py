@@ -220,7 +220,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _reencrypt(argv: list[str]) -> int:
-    from server.security.key_rotation import main as reencrypt_main
+    from server.tools.reencrypt_cli import main as reencrypt_main
 
     return reencrypt_main(argv)
 

@@ -24,7 +24,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 from server.api.access import Role
 from server.security.certificates import DevelopmentPki, channel_credentials, create_pki
 from server.security.crypto import VoiceprintCipher
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     KEY,
@@ -113,7 +113,7 @@ def test_each_role_is_refused_outside_its_rights(
     )
 
     secure.stop()
-    store = SqliteVoiceprintStore.open(secure.config.database_path, VoiceprintCipher(KEY))
+    store = open_store(secure.config.database_path, VoiceprintCipher(KEY))
     refusals = [e for e in store.audit_events() if e.action == "access.denied"]
     store.close()
     assert len(refusals) == 4

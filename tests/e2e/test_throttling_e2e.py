@@ -20,7 +20,8 @@ from server.errors import (
 )
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
 from server.verification.service import Decision, VerificationService
 from server.verification.throttling import VerificationThrottle
 from tests.fake_voice import (
@@ -56,15 +57,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(db_path, CIPHER)
+def store(db_path: Path) -> Iterator[SecureStore]:
+    opened = open_store(db_path, CIPHER)
     opened.create_agent(AgentRecord(AGENT, "Agent Seven", "HR-7", T0))
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def throttle(store: SqliteVoiceprintStore) -> VerificationThrottle:
+def throttle(store: SecureStore) -> VerificationThrottle:
     return VerificationThrottle(store, POLICY)
 
 
@@ -122,7 +123,7 @@ def clock() -> MovableNow:
 
 
 @pytest.fixture
-def service(store: SqliteVoiceprintStore, tmp_path: Path, clock: MovableNow) -> VerificationService:
+def service(store: SecureStore, tmp_path: Path, clock: MovableNow) -> VerificationService:
     store.replace_voiceprint(Voiceprint(AGENT, MODEL_ID, AGENT_VOICE, T0, 3, 20.0), [])
     return fake_verification(store, tmp_path / "scoring", clock)
 

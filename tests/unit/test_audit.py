@@ -46,7 +46,9 @@ from server.storage.interface import (
     UtteranceRecord,
     Voiceprint,
 )
-from server.storage.sqlite.store import _AUDIT_CHAIN_MIGRATION, _MIGRATIONS, SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
+from server.storage.sqlite.schema import AUDIT_CHAIN_MIGRATION, MIGRATIONS
 from server.tools.cli import main
 
 KEY = bytes(range(32))
@@ -62,13 +64,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+def store(db_path: Path) -> Iterator[SecureStore]:
+    opened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     yield opened
     opened.close()
 
 
-def five_records(store: SqliteVoiceprintStore) -> list[AuditEvent]:
+def five_records(store: SecureStore) -> list[AuditEvent]:
     """Records 1-5: an agent's, a refused call's (no agent) and an unknown id's."""
     store.create_agent(AgentRecord("a1", "Ann", "HR-1", NOW))
     events = [
@@ -83,7 +85,7 @@ def five_records(store: SqliteVoiceprintStore) -> list[AuditEvent]:
     return events
 
 
-def verified(store: SqliteVoiceprintStore, *keys: AuditKey) -> ChainReport:
+def verified(store: SecureStore, *keys: AuditKey) -> ChainReport:
     return verify_log(store, keys or (AUDIT_KEY,))
 
 
@@ -94,7 +96,7 @@ def tamper(db_path: Path, *statements: str, parameters: tuple[object, ...] = ())
             conn.execute(statement, parameters)
 
 
-def test_appended_records_form_a_sealed_chain(db_path: Path, store: SqliteVoiceprintStore) -> None:
+def test_appended_records_form_a_sealed_chain(db_path: Path, store: SecureStore) -> None:
     events = five_records(store)
 
     assert verified(store) == ChainReport(5, None)
@@ -122,7 +124,7 @@ def test_appended_records_form_a_sealed_chain(db_path: Path, store: SqliteVoicep
         "UPDATE audit_log SET agent_id = 'a1' WHERE seq = 3",
     ],
 )
-def test_an_edited_record_is_found(db_path: Path, store: SqliteVoiceprintStore, edit: str) -> None:
+def test_an_edited_record_is_found(db_path: Path, store: SecureStore, edit: str) -> None:
     five_records(store)
     tamper(db_path, edit)
 
@@ -134,7 +136,7 @@ def test_an_edited_record_is_found(db_path: Path, store: SqliteVoiceprintStore, 
 
 @pytest.mark.parametrize("removed", [1, 3])
 def test_a_removed_record_is_found(
-    db_path: Path, store: SqliteVoiceprintStore, removed: int
+    db_path: Path, store: SecureStore, removed: int
 ) -> None:
     five_records(store)
     tamper(db_path, f"DELETE FROM audit_log WHERE seq = {removed}")
@@ -158,7 +160,7 @@ def test_a_removed_record_is_found(
     ],
 )
 def test_reordered_records_are_found(
-    db_path: Path, store: SqliteVoiceprintStore, moves: tuple[str, ...]
+    db_path: Path, store: SecureStore, moves: tuple[str, ...]
 ) -> None:
     five_records(store)
     tamper(db_path, *moves)
@@ -169,7 +171,7 @@ def test_reordered_records_are_found(
 
 
 def test_records_cut_off_the_end_are_found_by_the_sealed_head(
-    db_path: Path, store: SqliteVoiceprintStore
+    db_path: Path, store: SecureStore
 ) -> None:
     five_records(store)
     tamper(db_path, "DELETE FROM audit_log WHERE seq >= 4")
@@ -196,7 +198,7 @@ def test_records_cut_off_the_end_are_found_by_the_sealed_head(
 
 
 def test_a_chain_rewritten_without_the_key_fails_its_seals(
-    db_path: Path, store: SqliteVoiceprintStore
+    db_path: Path, store: SecureStore
 ) -> None:
     five_records(store)
     # The attacker knows the algorithm, rewrites record 2 and every hash after it, and seals
@@ -232,12 +234,12 @@ def test_a_chain_rewritten_without_the_key_fails_its_seals(
 def test_records_sealed_before_a_key_rotation_need_the_previous_key_until_resealed(
     db_path: Path,
 ) -> None:
-    before = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    before = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     for n in range(3):
         before.append_audit(AuditEvent("config.change", "", "ok", NOW, {"n": n}))
     before.close()
     new_key = AuditKey(OTHER_KEY)
-    after = SqliteVoiceprintStore.open(
+    after = open_store(
         db_path, VoiceprintCipher(OTHER_KEY, [KEY]), audit_key=new_key
     )
     try:
@@ -262,7 +264,7 @@ def test_records_sealed_before_a_key_rotation_need_the_previous_key_until_reseal
 
 
 def test_records_written_without_the_audit_key_are_unverifiable(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY))
+    store = open_store(db_path, VoiceprintCipher(KEY))
     try:
         store.append_audit(AuditEvent("config.change", "", "ok", NOW))
         report = verified(store)
@@ -273,9 +275,9 @@ def test_records_written_without_the_audit_key_are_unverifiable(db_path: Path) -
 
 
 def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) -> None:
-    chain_version = _MIGRATIONS.index(_AUDIT_CHAIN_MIGRATION)
+    chain_version = MIGRATIONS.index(AUDIT_CHAIN_MIGRATION)
     with closing(sqlite3.connect(db_path)) as conn, conn:
-        for statements in _MIGRATIONS[:chain_version]:
+        for statements in MIGRATIONS[:chain_version]:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {chain_version}")
@@ -291,7 +293,7 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
             ],
         )
 
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:
         assert verified(store) == ChainReport(5, None)
         assert [(e.action, e.agent_id) for e in store.audit_events()] == [
@@ -309,7 +311,7 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
     assert db_path.read_bytes().count(b"gone-4711") == 2
 
 
-def test_jsonl_export_carries_what_rechecks_the_chain(store: SqliteVoiceprintStore) -> None:
+def test_jsonl_export_carries_what_rechecks_the_chain(store: SecureStore) -> None:
     events = five_records(store)
 
     exported = [json.loads(line) for line in jsonl_lines(read_chain(store))]
@@ -382,7 +384,7 @@ def key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_audit_verify_command(
     db_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     five_records(store)
     store.close()
 
@@ -402,7 +404,7 @@ def test_audit_verify_command(
 
 @pytest.mark.usefixtures("key_in_env")
 def test_audit_export_command(db_path: Path, tmp_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     five_records(store)
     store.close()
     out = tmp_path / "export" / "audit.cef"
@@ -433,7 +435,7 @@ def on_disk(db: Path) -> bytes:
 
 
 def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     agent_id = "erin-7781-zq"
     doomed = AgentRecord(agent_id, "Erin Quillfeather-Zorn", "HR-CONSENT-7781-ZQ", NOW)
     store.create_agent(AgentRecord("kept", "Kim", "HR-1", NOW))
@@ -518,7 +520,7 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     # The id itself is left only in the erasure record: its row and its agent_id index entry.
     assert on_disk(db_path).count(agent_id.encode()) == 2
 
-    reopened = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    reopened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:
         assert verified(reopened) == ChainReport(9, None)
         assert [e.action for e in reopened.audit_events(agent_id)] == [ERASURE_ACTION]

@@ -15,11 +15,12 @@ import pytest
 
 from models.embedder import Embedding
 from server.errors import ConfigurationError, StorageError
-from server.security import key_rotation
 from server.security.assurances import SigningKey, SigningKeyCipher
 from server.security.crypto import VoiceprintCipher, associated_data, previous_keys_from_environment
 from server.storage.interface import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
+from server.tools import reencrypt_cli
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(100, 132))
@@ -63,7 +64,7 @@ def utterance(agent_id: str, n: int) -> UtteranceRecord:
 def db_path(tmp_path: Path) -> Path:
     """A store sealed under key A: voiceprints (with companions) and pending utterances."""
     path = tmp_path / "voxauth.db"
-    store = SqliteVoiceprintStore.open(path, VoiceprintCipher(KEY_A))
+    store = open_store(path, VoiceprintCipher(KEY_A))
     for agent_id in AGENTS:
         store.create_agent(AgentRecord(agent_id, agent_id, "HR-1", NOW))
         store.replace_voiceprint(voiceprint(agent_id), [])
@@ -74,23 +75,23 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def opened() -> Iterator[list[SqliteVoiceprintStore]]:
+def opened() -> Iterator[list[SecureStore]]:
     """Stores the test opens, closed at the end."""
-    stores: list[SqliteVoiceprintStore] = []
+    stores: list[SecureStore] = []
     yield stores
     for store in stores:
         store.close()
 
 
-def open_store(
-    db_path: Path, opened: list[SqliteVoiceprintStore], key: bytes, *previous: bytes
-) -> SqliteVoiceprintStore:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(key, previous))
+def open_with(
+    db_path: Path, opened: list[SecureStore], key: bytes, *previous: bytes
+) -> SecureStore:
+    store = open_store(db_path, VoiceprintCipher(key, previous))
     opened.append(store)
     return store
 
 
-def assert_everything_readable(store: SqliteVoiceprintStore) -> None:
+def assert_everything_readable(store: SecureStore) -> None:
     for agent_id in AGENTS:
         stored = store.get_voiceprint(agent_id)
         expected = voiceprint(agent_id)
@@ -115,9 +116,9 @@ SEALED_VALUES = 5 * 2 + 15 + 5
 
 
 def test_rotation_leaves_everything_readable_with_the_new_key_only(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
+    db_path: Path, opened: list[SecureStore]
 ) -> None:
-    rotating = open_store(db_path, opened, KEY_B, KEY_A)
+    rotating = open_with(db_path, opened, KEY_B, KEY_A)
     # Before re-encryption the previous key opens everything, and new writes use the new key.
     assert_everything_readable(rotating)
     rotating.create_agent(AgentRecord("new", "new", "HR-2", NOW))
@@ -132,15 +133,15 @@ def test_rotation_leaves_everything_readable_with_the_new_key_only(
     assert rotating.reencrypt_all(batch_size=2) == ReencryptionReport(0, 0)
     rotating.close()
 
-    assert_everything_readable(open_store(db_path, opened, KEY_B))
+    assert_everything_readable(open_with(db_path, opened, KEY_B))
 
 
 def test_the_old_key_alone_no_longer_opens_the_store(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
+    db_path: Path, opened: list[SecureStore]
 ) -> None:
-    open_store(db_path, opened, KEY_B, KEY_A).reencrypt_all(batch_size=100)
+    open_with(db_path, opened, KEY_B, KEY_A).reencrypt_all(batch_size=100)
     with pytest.raises(ConfigurationError, match=B_ID):
-        open_store(db_path, opened, KEY_A)
+        open_with(db_path, opened, KEY_A)
 
     # Nor does it open any single value any more.
     old = VoiceprintCipher(KEY_A)
@@ -156,10 +157,10 @@ def test_the_old_key_alone_no_longer_opens_the_store(
 
 
 def test_startup_names_the_key_ids_it_cannot_open(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
+    db_path: Path, opened: list[SecureStore]
 ) -> None:
     with pytest.raises(ConfigurationError) as refused:
-        open_store(db_path, opened, KEY_B, KEY_C)
+        open_with(db_path, opened, KEY_B, KEY_C)
     message = refused.value.message
     assert f"{A_ID} ({SEALED_VALUES} values)" in message
     assert B_ID in message
@@ -167,29 +168,29 @@ def test_startup_names_the_key_ids_it_cannot_open(
 
 
 def test_signing_keys_sealed_under_an_unknown_key_stop_the_start(
-    tmp_path: Path, opened: list[SqliteVoiceprintStore]
+    tmp_path: Path, opened: list[SecureStore]
 ) -> None:
     path = tmp_path / "signing.db"
-    store = open_store(path, opened, KEY_A)
+    store = open_with(path, opened, KEY_A)
     store.save_signing_keys([SigningKeyCipher(KEY_A).seal(SigningKey.generate(NOW))])
     assert store.sealing_key_ids() == {A_ID: 1}
     store.close()
     with pytest.raises(ConfigurationError, match=A_ID):
-        open_store(path, opened, KEY_B)
+        open_with(path, opened, KEY_B)
 
 
 def test_reencrypt_command_with_the_server_running(
     db_path: Path,
-    opened: list[SqliteVoiceprintStore],
+    opened: list[SecureStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    server = open_store(db_path, opened, KEY_B, KEY_A)
+    server = open_with(db_path, opened, KEY_B, KEY_A)
     monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY_B).decode())
     monkeypatch.delenv("VOXAUTH_KEY_FILE", raising=False)
     monkeypatch.setenv("VOXAUTH_PREVIOUS_KEYS", base64.b64encode(KEY_A).decode())
 
-    assert key_rotation.main(["--db", str(db_path), "--batch-size", "3"]) == 0
+    assert reencrypt_cli.main(["--db", str(db_path), "--batch-size", "3"]) == 0
 
     output = capsys.readouterr().out
     assert "5 voiceprints, 15 pending utterances" in output
@@ -202,7 +203,7 @@ def test_reencrypt_command_with_the_server_running(
 
 def test_reencrypt_command_without_the_old_key_changes_nothing(
     db_path: Path,
-    opened: list[SqliteVoiceprintStore],
+    opened: list[SecureStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -211,10 +212,10 @@ def test_reencrypt_command_without_the_old_key_changes_nothing(
     monkeypatch.delenv("VOXAUTH_PREVIOUS_KEYS", raising=False)
     monkeypatch.delenv("VOXAUTH_PREVIOUS_KEYS_FILE", raising=False)
 
-    assert key_rotation.main(["--db", str(db_path)]) == 2
+    assert reencrypt_cli.main(["--db", str(db_path)]) == 2
 
     assert A_ID in capsys.readouterr().err
-    assert_everything_readable(open_store(db_path, opened, KEY_A))
+    assert_everything_readable(open_with(db_path, opened, KEY_A))
 
 
 def test_previous_keys_from_the_environment(tmp_path: Path) -> None:

@@ -1,0 +1,71 @@
+"""`voxauth reencrypt`: the key rotation's re-sealing step (server/security/key_rotation.py),
+run against the SQLite file while the server keeps running."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.config import ServerConfig
+from server.errors import ConfigurationError, StorageError
+from server.runtime.clock import SystemClock
+from server.security.audit import AuditKey
+from server.security.crypto import (
+    VoiceprintCipher,
+    key_from_environment,
+    previous_keys_from_environment,
+)
+from server.security.key_rotation import DEFAULT_BATCH_SIZE, rotate
+from server.storage.sqlite import open_store
+
+
+def main(argv: Sequence[str]) -> int:
+    """`voxauth reencrypt [--db PATH] [--batch-size N]`. Exit 0 once nothing sealed under a
+    previous key remains, 1 if something does, 2 on a configuration or storage problem."""
+    parser = argparse.ArgumentParser(
+        prog="voxauth reencrypt",
+        description="Re-seal every voiceprint and pending utterance under VOXAUTH_KEY; the "
+        "keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
+    )
+    parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per transaction"
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        database = args.db or ServerConfig.from_environment().database_path
+        key = key_from_environment(os.environ)
+        previous = previous_keys_from_environment(os.environ)
+        cipher = VoiceprintCipher(key, previous)
+        store = open_store(database, cipher, audit_key=AuditKey(key))
+        try:
+            report, remaining = rotate(
+                store,
+                cipher.key_id,
+                [AuditKey(k) for k in previous],
+                SystemClock().now(),
+                args.batch_size,
+            )
+        finally:
+            store.close()
+    except (ConfigurationError, StorageError) as error:
+        print(f"voxauth reencrypt: {error.message}", file=sys.stderr)
+        return 2
+    print(
+        f"re-sealed under key {cipher.key_id}: {report.voiceprints} voiceprints, "
+        f"{report.pending_utterances} pending utterances"
+    )
+    if remaining:
+        listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in remaining.items())
+        print(
+            f"still sealed under a previous key: {listed}; keep the previous keys until a "
+            "server started with the new key has re-sealed them, then run this again"
+        )
+        return 1
+    print("nothing is sealed under a previous key any more: the previous keys can be removed")
+    return 0
