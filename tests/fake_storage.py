@@ -11,10 +11,10 @@ from typing import Any, cast
 from server.errors import StorageError
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher
-from server.storage import audit_chain
 from server.storage.backend import StorageBackend, Transaction
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite.backend import SqliteBackend
+from server.storage.upgrade import SealingUpgrade
 
 
 class CrashError(StorageError):
@@ -45,6 +45,9 @@ class FailingBackend:
     def discard_erased(self) -> None:
         self._backend.discard_erased()
 
+    def interrupted_commit(self) -> bool:
+        return self._backend.interrupted_commit()
+
     def close(self) -> None:
         self._backend.close()
 
@@ -69,10 +72,5 @@ def failing_sqlite_store(
 ) -> tuple[SecureStore, FailingBackend]:
     """A store on the SQLite file at `path`, through a FailingBackend (not failing yet)."""
     failing = FailingBackend()
-    failing.wrap(
-        SqliteBackend.open(
-            path,
-            chain_carried_over_audit=lambda txn: audit_chain.chain_carried_over(txn, audit_key),
-        )
-    )
+    failing.wrap(SqliteBackend.open(path, upgrade=SealingUpgrade(cipher, audit_key)))
     return SecureStore.open(failing, cipher, audit_key), failing

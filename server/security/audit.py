@@ -13,9 +13,10 @@ the chain alone cannot tell a shorter log from a truncated one.
 What the chain cannot show: an old sealed head put back together with the log truncated to
 match it. Exporting the log regularly to a SIEM anchors it outside the database.
 
-Agents appear under a pseudonym (`agent_ref`), a random value kept in the agent's row: while
-the agent exists the store resolves it, and erasing the agent erases the only link. The
-record of the erasure itself names the agent in clear.
+Agents appear under a pseudonym (`agent_ref`), a random value sealed with the agent's identity
+under the agent's own data key: while the agent exists the store resolves it, and erasing the
+agent destroys the key and with it the only link. The record of the erasure itself names the
+agent in clear.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Rotating the encryption key: re-sealing what the previous keys sealed under the current one.
+"""Rotating the encryption key: re-wrapping under the current key the data keys the previous
+keys wrapped (the data they seal is not touched), and re-sealing the audit chain.
 
 The procedure (README, "Key rotation"): start the server with the new key as VOXAUTH_KEY and
 the old one in VOXAUTH_PREVIOUS_KEYS, run `voxauth reencrypt` (server/tools/reencrypt_cli.py;
@@ -15,14 +16,14 @@ from server.security.audit import AuditKey
 from server.storage.interface import AuditEvent, ReencryptionReport, Store
 
 DEFAULT_BATCH_SIZE = 100
-"""Rows per transaction: small enough that the server's writes wait only milliseconds."""
+"""Keys per transaction: small enough that the server's writes wait only milliseconds."""
 
 
 def reencrypt(
     store: Store, current_key_id: str, now: datetime, batch_size: int
 ) -> ReencryptionReport:
-    """Re-seals every voiceprint and pending utterance under the current key and audits it
-    ("key.reencrypt"). Blocking: call from a worker thread."""
+    """Re-wraps every data key under the current key and audits it ("key.reencrypt").
+    Blocking: call from a worker thread."""
     report = store.reencrypt_all(batch_size)
     store.append_audit(
         AuditEvent(
@@ -30,11 +31,7 @@ def reencrypt(
             "",
             "ok",
             now,
-            {
-                "key_id": current_key_id,
-                "voiceprints": report.voiceprints,
-                "pending_utterances": report.pending_utterances,
-            },
+            {"key_id": current_key_id, "data_keys": report.data_keys},
         )
     )
     return report

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -27,24 +26,22 @@ from server.security.audit import (
 )
 from server.storage.backend import AuditRow, Transaction
 from server.storage.records import AuditEvent
+from server.storage.sealing import to_micros
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 # A longer list of floats in audit details looks like an embedding written out with tolist().
 _MAX_AUDIT_FLOATS = 32
 
 
-def append(txn: Transaction, key: AuditKey | None, event: AuditEvent) -> None:
-    """Chains and seals the record after the sealed head and moves the head on. An existing
-    agent is recorded by its pseudonym; an id that is no agent (any more), as in the record
-    of an erasure, in clear. Raises ValueError for details that are not plain JSON or could
+def append(txn: Transaction, key: AuditKey | None, event: AuditEvent, agent_ref: str) -> None:
+    """Chains and seals the record after the sealed head and moves the head on. `agent_ref`:
+    the pseudonym of the agent the record is about while it exists, which the record carries
+    instead of its id; empty for an id that is no agent (any more), as in the record of an
+    erasure, recorded in clear. Raises ValueError for details that are not plain JSON or could
     hold biometric data."""
     _refuse_biometrics(event.details, "details")
     details = canonical_details(event.details)
-    agent = txn.agent(event.agent_id) if event.agent_id else None
-    agent_ref = "" if agent is None else agent.audit_pseudonym
     entry = AuditEntry(
-        _micros(event),
+        to_micros(event.at),
         event.action,
         "" if agent_ref else event.agent_id,
         agent_ref,
@@ -66,11 +63,10 @@ def append(txn: Transaction, key: AuditKey | None, event: AuditEvent) -> None:
     _seal_head(txn, key, seq, record_hash)
 
 
-def records(txn: Transaction, rows: Sequence[AuditRow]) -> list[AuditRecord]:
+def records(rows: Sequence[AuditRow], agents: Mapping[str, str]) -> list[AuditRecord]:
     """The rows with who each is about as far as is known now: the agent whose pseudonym the
-    row carries while that agent exists, else the id the row names in clear (if any)."""
-    refs = {row.entry.agent_ref for row in rows if row.entry.agent_ref}
-    agents = {agent.audit_pseudonym: agent.agent_id for agent in txn.agents_by_pseudonym(refs)}
+    row carries while that agent exists (`agents`: agent id by pseudonym), else the id the row
+    names in clear (if any)."""
     return [
         AuditRecord(
             seq=row.seq,
@@ -103,6 +99,14 @@ def about(rows: Iterable[AuditRow], agent_id: str, pseudonym: str | None) -> lis
     ]
 
 
+def all_rows(txn: Transaction, page_size: int = 1000) -> list[AuditRow]:
+    """Every row of the chain, by seq."""
+    rows: list[AuditRow] = []
+    while page := txn.audit_rows(rows[-1].seq if rows else 0, page_size):
+        rows += page
+    return rows
+
+
 def reseal_page(
     txn: Transaction, current: AuditKey, known: Mapping[str, AuditKey], batch_size: int
 ) -> int:
@@ -125,13 +129,15 @@ def reseal_page(
     return len(rows)
 
 
-def chain_carried_over(txn: Transaction, key: AuditKey | None) -> None:
+def chain_carried_over(
+    txn: Transaction, key: AuditKey | None, pseudonyms: Mapping[str, str]
+) -> None:
     """Pseudonymises, chains and seals the audit rows a database from before the chain carries
-    over (its migration leaves them unhashed), in the migration's transaction. The rows of an
-    agent erased back then lose its id (a pseudonym nothing resolves) except the record of the
-    erasure, as they would have had the chain existed."""
+    over (its migration leaves them unhashed), in the migration's transaction; `pseudonyms`:
+    each existing agent's, by id. The rows of an agent erased back then lose its id (a
+    pseudonym nothing resolves) except the record of the erasure, as they would have had the
+    chain existed."""
     rows = all_rows(txn)
-    pseudonyms = {agent.agent_id: agent.audit_pseudonym for agent in txn.agents()}
     # An id erased and created again: its rows up to the last erasure are the erased agent's.
     last_erasure = {
         row.entry.agent_id: row.seq for row in rows if row.entry.action == ERASURE_ACTION
@@ -161,21 +167,6 @@ def chain_carried_over(txn: Transaction, key: AuditKey | None) -> None:
         )
         prev_hash = record_hash
     _seal_head(txn, key, seq, prev_hash)
-
-
-def _micros(event: AuditEvent) -> int:
-    """The record's time as hashed: microseconds since the Unix epoch."""
-    if event.at.utcoffset() is None:
-        raise ValueError(f"naive datetime {event.at}: voxauth stores timezone-aware times only")
-    return (event.at - _EPOCH) // _MICROSECOND
-
-
-def all_rows(txn: Transaction, page_size: int = 1000) -> list[AuditRow]:
-    """Every row of the chain, by seq."""
-    rows: list[AuditRow] = []
-    while page := txn.audit_rows(rows[-1].seq if rows else 0, page_size):
-        rows += page
-    return rows
 
 
 def _record_seal(key: AuditKey | None, record_hash: str) -> tuple[str | None, str | None]:

@@ -1,6 +1,7 @@
 """The storage interface the domain uses. One implementation, `SecureStore`
-(server/storage/secure_store.py), holds the security invariants (sealing, the audit chain,
-pseudonyms) over any backend (server/storage/backend.py); SQLite is the embedded backend.
+(server/storage/secure_store.py), holds the security invariants (sealing under per-agent data
+keys, the audit chain, pseudonyms) over any backend (server/storage/backend.py); SQLite is the
+embedded backend.
 
 Every embedding crosses this interface in the clear and is sealed by the store; no raw audio
 is ever stored. Writes that belong together, above all an action and its audit record, go
@@ -65,7 +66,9 @@ class UnitOfWork(Protocol):
 
     def delete_agent(self, agent_id: str) -> None:
         """Erases the agent, its pending utterances, its voiceprint, its shifts, assurances
-        and throttling state. Raises AgentNotFoundError."""
+        and throttling state, and destroys its data key: any copy of them left anywhere
+        (old log frames, backups of the database) no longer opens. Raises
+        AgentNotFoundError."""
 
     def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
         """Adds a pending utterance. Raises AgentNotFoundError, or CapacityError when the
@@ -216,11 +219,13 @@ class KeyRotationStore(Protocol):
     """What rotating the encryption key needs of the store. Thread-safe."""
 
     def sealing_key_ids(self) -> dict[str, int]:
-        """How many sealed values (embeddings, signing keys) each key id has sealed."""
+        """How many values (wrapped data keys, sealed signing keys) each service key id has
+        sealed."""
 
     def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
-        """Re-seals under the current key every voiceprint and pending utterance sealed under
-        a previous one, `batch_size` rows per transaction so the service keeps running."""
+        """Wraps under the current service key every data key wrapped under a previous one,
+        `batch_size` keys per transaction so the service keeps running. The data the keys
+        seal is not touched."""
 
     def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
         """Seals under the current audit key every audit record (and the head) sealed under

@@ -121,7 +121,7 @@ class ThrottleState:
 
 @dataclass(frozen=True)
 class ReencryptionReport:
-    """Rows whose sealed embeddings `reencrypt_all` moved to the current key."""
+    """What `reencrypt_all` moved to the current key."""
 
-    voiceprints: int
-    pending_utterances: int
+    data_keys: int
+    """Data keys (the agents' and the store's own) wrapped anew; what they seal stays."""

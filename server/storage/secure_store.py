@@ -1,22 +1,27 @@
 """The one Store: the domain's storage interface (server/storage/interface.py) over any backend
 (server/storage/backend.py), with the security invariants built in.
 
-- Embeddings are sealed before the backend sees them, bound to their row
-  (server/storage/sealing.py); a database holding values sealed under a key the store was not
-  given does not open.
+- Each agent's data is sealed under a data key of its own, itself wrapped under the service
+  key (server/storage/sealing.py): its id, display name, consent reference and pseudonym, its
+  embeddings, its assurance tokens. No row holds the agent id in clear; rows name the agent by
+  a keyed hash (its own row) or by its audit pseudonym (every other row).
+- Erasing an agent destroys its data key in the transaction that deletes its rows, so any copy
+  left behind (old log frames, free pages, a backup of the database file) holds only
+  ciphertext nothing can open: crypto-shredding.
 - Every audit record is chained and sealed, an existing agent is named by its pseudonym only,
   and details that could hold biometric data are refused (server/storage/audit_chain.py).
-- Erasing an agent erases everything that names it, and the backend's leftover copies.
+- A database holding values sealed under a key the store was not given does not open.
 - Writes that belong together run in one unit of work: one backend transaction.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 
 from server.errors import (
     AgentExistsError,
@@ -24,12 +29,13 @@ from server.errors import (
     CapacityError,
     ConfigurationError,
     ShiftNotFoundError,
+    StorageError,
 )
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
 from server.security.crypto import VoiceprintCipher
 from server.storage import audit_chain
-from server.storage.backend import AgentRow, StorageBackend, Transaction
+from server.storage.backend import AgentKeyRow, AgentRow, AuditRow, StorageBackend, Transaction
 from server.storage.interface import UnitOfWork
 from server.storage.records import (
     AgentRecord,
@@ -41,24 +47,31 @@ from server.storage.records import (
     UtteranceRecord,
     Voiceprint,
 )
-from server.storage.sealing import RowSealer, count_key_ids
+from server.storage.sealing import (
+    HANDLE_KEY,
+    AgentIdentity,
+    AgentSealer,
+    KeyRing,
+    count_key_ids,
+    require_known_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+RECOVERY_ACTION = "storage.recover"
+"""The audit action of removing agents whose creation a crash cut short."""
+_PAGE_SIZE = 500
 
 
 class SecureStore:
     """Store over a StorageBackend. Thread-safe as its backend is."""
 
-    def __init__(
-        self,
-        backend: StorageBackend,
-        cipher: VoiceprintCipher,
-        audit_key: AuditKey | None = None,
-    ) -> None:
-        """`audit_key` seals the audit chain; without it records are chained but unsealed,
-        and `voxauth audit verify` reports them as unverifiable. Use `open`, which checks the
-        keys first."""
+    def __init__(self, backend: StorageBackend, keys: KeyRing, audit_key: AuditKey | None) -> None:
+        """Use `open`, which loads and checks the keys first."""
         self._backend = backend
-        self._sealer = RowSealer(cipher)
+        self._keys = keys
         self._audit_key = audit_key
+        self._agents = _AgentDirectory(keys)
         self._thread = threading.local()
 
     @classmethod
@@ -68,13 +81,19 @@ class SecureStore:
         cipher: VoiceprintCipher,
         audit_key: AuditKey | None = None,
     ) -> SecureStore:
-        """The store over `backend` (closed again if the store refuses it): ConfigurationError
-        if it holds values sealed under a key `cipher` does not have."""
-        store = cls(backend, cipher, audit_key)
+        """The store over `backend` (closed again if the store refuses it). `audit_key` seals
+        the audit chain; without it records are chained but unsealed, and `voxauth audit
+        verify` reports them as unverifiable. Raises ConfigurationError if the backend holds
+        values sealed under a key `cipher` does not have, StorageError if the agents' keys
+        are missing."""
         try:
-            store._sealer.require_known_keys(store._key_id_counts())
+            with backend.transaction("load the store's keys", write=True) as txn:
+                require_known_keys(cipher, _service_key_ids(txn))
+                keys = KeyRing.load(txn, cipher, may_create=not txn.agents())
+            store = cls(backend, keys, audit_key)
+            store._recover()
         except BaseException:
-            store.close()
+            backend.close()
             raise
         return store
 
@@ -87,7 +106,7 @@ class SecureStore:
         if unit.erased:
             self._backend.discard_erased()
 
-    # --- agents, utterances, voiceprints ----------------------------------------------------
+    # --- agents, utterances, voiceprints ------------------------------------------------------
 
     def create_agent(self, agent: AgentRecord) -> None:
         with self.unit_of_work(f"create agent {agent.agent_id!r}") as unit:
@@ -124,8 +143,10 @@ class SecureStore:
     def voiceprints(self, model_id: str) -> list[Voiceprint]:
         with self._transaction("read voiceprints", write=False) as unit:
             rows = unit.txn.voiceprints(model_id)
+            agents = self._agents.by_ref(unit.txn, {row.agent_ref for row in rows})
         # Opened outside the transaction: the slow part needs no database state.
-        return [self._sealer.voiceprint(row) for row in rows]
+        opened = [agents[row.agent_ref].voiceprint(row) for row in rows if row.agent_ref in agents]
+        return sorted(opened, key=lambda voiceprint: voiceprint.agent_id)
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         with self.unit_of_work(f"record the use of agent {agent_id!r}'s voiceprint") as unit:
@@ -155,7 +176,7 @@ class SecureStore:
 
     def get_assurance(self, shift_id: str) -> AssuranceRecord | None:
         with self._transaction(f"read assurance of shift {shift_id!r}", write=False) as unit:
-            return unit.txn.assurance(shift_id)
+            return unit.get_assurance(shift_id)
 
     def load_signing_keys(self) -> list[StoredSigningKey]:
         with self._transaction("read signing keys", write=False) as unit:
@@ -181,17 +202,16 @@ class SecureStore:
         with self._transaction("read audit events", write=False) as unit:
             rows = audit_chain.all_rows(unit.txn)
             if agent_id is not None:
-                agent = unit.txn.agent(agent_id)
-                rows = audit_chain.about(
-                    rows, agent_id, None if agent is None else agent.audit_pseudonym
-                )
-            records = audit_chain.records(unit.txn, rows)
+                agent = unit.find(agent_id)
+                rows = audit_chain.about(rows, agent_id, None if agent is None else agent.agent_ref)
+            records = audit_chain.records(rows, self._agent_ids(unit.txn, rows))
         return [audit_chain.event(record) for record in records]
 
     def latest_audit_event(self, action: str) -> AuditEvent | None:
         with self._transaction("read the latest audit event", write=False) as unit:
             row = unit.txn.latest_audit_row(action)
-            records = audit_chain.records(unit.txn, [] if row is None else [row])
+            rows = [] if row is None else [row]
+            records = audit_chain.records(rows, self._agent_ids(unit.txn, rows))
         return audit_chain.event(records[0]) if records else None
 
     def audit_head(self) -> AuditHead | None:
@@ -200,7 +220,8 @@ class SecureStore:
 
     def audit_records(self, after_seq: int, limit: int) -> list[AuditRecord]:
         with self._transaction("read audit records", write=False) as unit:
-            return audit_chain.records(unit.txn, unit.txn.audit_rows(after_seq, limit))
+            rows = unit.txn.audit_rows(after_seq, limit)
+            return audit_chain.records(rows, self._agent_ids(unit.txn, rows))
 
     def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
         current = self._audit_key
@@ -218,22 +239,27 @@ class SecureStore:
     # --- key rotation --------------------------------------------------------------------------
 
     def sealing_key_ids(self) -> dict[str, int]:
-        return dict(self._key_id_counts())
+        with self._transaction("count sealed values by key", write=False) as unit:
+            return dict(_service_key_ids(unit.txn))
 
     def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
-        report = ReencryptionReport(
-            voiceprints=self._reseal_voiceprints(batch_size),
-            pending_utterances=self._reseal_utterances(batch_size),
-        )
-        if report.voiceprints or report.pending_utterances:
-            # Old copies still hold the blobs sealed under the key about to be retired.
-            self._backend.discard_erased()
-        return report
+        """Wraps every data key anew under the current service key, `batch_size` keys per
+        transaction; the data they seal stays as it is."""
+        with self._transaction("re-wrap the store's keys", write=True) as unit:
+            rewrapped = int(self._keys.rewrap_store_key(unit.txn))
+        after = ""
+        while True:
+            with self._transaction("re-wrap agent keys", write=True) as unit:
+                page = unit.txn.agent_key_page(after, batch_size)
+                rewrapped += sum(self._keys.rewrap_agent_key(unit.txn, row) for row in page)
+            if not page:
+                return ReencryptionReport(data_keys=rewrapped)
+            after = page[-1].agent_handle
 
     def close(self) -> None:
         self._backend.close()
 
-    # --- internals -------------------------------------------------------------------------------
+    # --- internals -----------------------------------------------------------------------------
 
     @contextmanager
     def _transaction(self, what: str, *, write: bool) -> Iterator[_Unit]:
@@ -247,100 +273,187 @@ class SecureStore:
         self._thread.in_unit = True
         try:
             with self._backend.transaction(what, write=write) as txn:
-                yield _Unit(txn, self._sealer, self._audit_key)
+                yield _Unit(txn, self._keys, self._agents, self._audit_key)
         finally:
             self._thread.in_unit = False
 
-    def _key_id_counts(self) -> Counter[str]:
-        """How many sealed values each key id has sealed, read from the values' headers."""
-        with self._transaction("count sealed values by key", write=False) as unit:
+    def _agent_ids(self, txn: Transaction, rows: Sequence[AuditRow]) -> dict[str, str]:
+        """The id of each existing agent whose pseudonym one of the audit rows carries."""
+        refs = {row.entry.agent_ref for row in rows if row.entry.agent_ref}
+        return {ref: agent.agent_id for ref, agent in self._agents.by_ref(txn, refs).items()}
+
+    def _recover(self) -> None:
+        """Finishes what a crash between the commit of the rows and the commit of the keys
+        cut short (the two are written one after the other): the key of an erased agent is
+        destroyed; an agent whose creation lost its key, which nothing can open and which
+        was never reported created, is removed (and that is audited)."""
+        with self._transaction("recover from an interrupted commit", write=True) as unit:
             txn = unit.txn
-            counts = count_key_ids(key.sealed_private_key for key in txn.signing_keys())
-            after = ""
-            while voiceprints := txn.voiceprint_page(after, _PAGE_SIZE):
-                counts += count_key_ids(
-                    blob
-                    for row in voiceprints
-                    for blob in (row.sealed_embedding, row.sealed_telephone_embedding)
+            agents = {row.agent_handle for row in txn.agents()}
+            keyed = {row.agent_handle for row in _agent_keys(txn)}
+            for handle in keyed - agents:
+                txn.delete_agent_key(handle)
+            keyless = agents - keyed
+            if not keyless:
+                return
+            if not self._backend.interrupted_commit():
+                raise StorageError(
+                    f"{len(keyless)} of the database's {len(agents)} agents have no data key in "
+                    "its key file: the key file is not this database's own (restored from "
+                    "another backup?); restore the key file that belongs with the database"
                 )
-                after = voiceprints[-1].agent_id
-            after = ""
-            while utterances := txn.utterance_page(after, _PAGE_SIZE):
-                counts += count_key_ids(
-                    blob
-                    for row in utterances
-                    for blob in (row.sealed_embedding, row.sealed_telephone_embedding)
+            for handle in keyless:
+                # Its rows beyond its own are unreachable without its identity; none of them
+                # can hold more than its creation's unit wrote, sealed under the lost key.
+                txn.delete_agent(handle, "")
+            unit.append_audit(
+                AuditEvent(
+                    RECOVERY_ACTION,
+                    "",
+                    "ok",
+                    datetime.now(UTC),
+                    {"interrupted_agent_creations": len(keyless)},
                 )
-                after = utterances[-1].utterance_id
-        return counts
-
-    def _reseal_voiceprints(self, batch_size: int) -> int:
-        """Re-seals, `batch_size` rows per transaction, the voiceprints with an embedding
-        sealed under another key than the current one; returns how many."""
-        resealed, after = 0, ""
-        while True:
-            with self._transaction("re-encrypt voiceprints", write=True) as unit:
-                page = unit.txn.voiceprint_page(after, batch_size)
-                for row in page:
-                    if not self._sealer.is_current(row):
-                        unit.txn.put_voiceprint(self._sealer.resealed_voiceprint(row))
-                        resealed += 1
-            if not page:
-                return resealed
-            after = page[-1].agent_id
-
-    def _reseal_utterances(self, batch_size: int) -> int:
-        """As `_reseal_voiceprints`, for pending utterances."""
-        resealed, after = 0, ""
-        while True:
-            with self._transaction("re-encrypt pending utterances", write=True) as unit:
-                page = unit.txn.utterance_page(after, batch_size)
-                for row in page:
-                    if not self._sealer.is_current(row):
-                        unit.txn.update_utterance(self._sealer.resealed_utterance(row))
-                        resealed += 1
-            if not page:
-                return resealed
-            after = page[-1].utterance_id
+            )
+        logger.warning(
+            "removed %d agent(s) whose creation a crash interrupted before its key was stored",
+            len(keyless),
+        )
 
 
-_PAGE_SIZE = 500
+class _AgentDirectory:
+    """Open agents (identity and data key) by their sealed identity and by pseudonym, so a
+    lookup costs a row read, not a decryption. Entries are checked against the row before
+    use, and dropped when the agent is erased or no longer found. Thread-safe."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+        self._lock = threading.Lock()
+        self._by_identity: dict[bytes, AgentSealer] = {}
+        self._by_ref: dict[str, bytes] = {}
+
+    def open(self, txn: Transaction, row: AgentRow) -> AgentSealer:
+        with self._lock:
+            known = self._by_identity.get(row.sealed_identity)
+        if known is not None and known.agent_handle == row.agent_handle:
+            return known
+        agent = self.open_fresh(txn, row)
+        with self._lock:
+            self._by_identity[row.sealed_identity] = agent
+            self._by_ref[agent.agent_ref] = row.sealed_identity
+        return agent
+
+    def open_fresh(self, txn: Transaction, row: AgentRow) -> AgentSealer:
+        """The agent of `row` opened from its stored key, whatever is remembered."""
+        wrapped = txn.agent_key(row.agent_handle)
+        if wrapped is None:
+            raise StorageError(f"agent row {row.agent_handle[:12]} has no data key")
+        return AgentSealer.open(row, self._keys.agent_key(row.agent_handle, wrapped))
+
+    def by_ref(self, txn: Transaction, refs: Collection[str]) -> dict[str, AgentSealer]:
+        """The existing agents among those with these pseudonyms."""
+        found: dict[str, AgentSealer] = {}
+        for ref in refs:
+            agent = self._remembered(txn, ref)
+            if agent is None:
+                # One walk over all agents finds every pseudonym not remembered.
+                return {
+                    agent.agent_ref: agent for agent in self._all(txn) if agent.agent_ref in refs
+                }
+            found[ref] = agent
+        return found
+
+    def forget(self, agent: AgentSealer) -> None:
+        with self._lock:
+            sealed = self._by_ref.pop(agent.agent_ref, None)
+            if sealed is not None:
+                self._by_identity.pop(sealed, None)
+
+    def _remembered(self, txn: Transaction, ref: str) -> AgentSealer | None:
+        with self._lock:
+            sealed = self._by_ref.get(ref)
+            agent = None if sealed is None else self._by_identity.get(sealed)
+        if agent is None:
+            return None
+        row = txn.agent(agent.agent_handle)
+        return agent if row is not None and row.sealed_identity == sealed else None
+
+    def _all(self, txn: Transaction) -> list[AgentSealer]:
+        """Every agent that opens. One that does not (altered behind the store's back) is left
+        out, its records reading as nobody's, and logged."""
+        rows = txn.agents()
+        agents = []
+        for row in rows:
+            try:
+                agents.append(self.open(txn, row))
+            except StorageError as error:
+                logger.warning("agent left out: %s", error.message)
+        current = {row.sealed_identity for row in rows}
+        with self._lock:
+            # Agents erased elsewhere leave memory too.
+            self._by_identity = {
+                sealed: agent for sealed, agent in self._by_identity.items() if sealed in current
+            }
+            self._by_ref = {
+                ref: sealed for ref, sealed in self._by_ref.items() if sealed in current
+            }
+        return agents
 
 
 class _Unit:
     """A UnitOfWork on one backend transaction."""
 
-    def __init__(self, txn: Transaction, sealer: RowSealer, audit_key: AuditKey | None) -> None:
+    def __init__(
+        self,
+        txn: Transaction,
+        keys: KeyRing,
+        agents: _AgentDirectory,
+        audit_key: AuditKey | None,
+    ) -> None:
         self.txn = txn
         self.erased = False
         """Whether the unit erased rows: the backend's leftover copies go once it commits."""
-        self._sealer = sealer
+        self._keys = keys
+        self._agents = agents
         self._audit_key = audit_key
 
+    def find(self, agent_id: str) -> AgentSealer | None:
+        row = self.txn.agent(self._keys.handle(agent_id))
+        return None if row is None else self._agents.open(self.txn, row)
+
     def create_agent(self, agent: AgentRecord) -> None:
-        row = AgentRow(
+        handle = self._keys.handle(agent.agent_id)
+        if self.txn.agent(handle) is not None:
+            raise AgentExistsError(f"agent {agent.agent_id!r} already exists")
+        key, key_row = self._keys.new_agent_key(handle)
+        identity = AgentIdentity(
             agent.agent_id,
             agent.display_name,
             agent.consent_reference,
             agent.created_at,
             new_agent_pseudonym(),
         )
-        if not self.txn.insert_agent(row):
-            raise AgentExistsError(f"agent {agent.agent_id!r} already exists")
+        _, row = AgentSealer.new(handle, key, identity)
+        # Replaces, and so destroys, a key an interrupted erasure of the same id left behind.
+        self.txn.put_agent_key(key_row)
+        self.txn.insert_agent(row)
 
     def get_agent(self, agent_id: str) -> AgentRecord:
-        row = self._agent(agent_id)
-        return AgentRecord(row.agent_id, row.display_name, row.consent_reference, row.created_at)
+        return self._agent(agent_id).identity.record()
 
     def delete_agent(self, agent_id: str) -> None:
-        if not self.txn.delete_agent(agent_id):
-            raise _not_found(agent_id)
+        agent = self._agent(agent_id)
+        self.txn.delete_agent(agent.agent_handle, agent.agent_ref)
+        # In the same transaction: whatever copy of the rows survives is sealed under a key
+        # that no longer exists anywhere.
+        self.txn.delete_agent_key(agent.agent_handle)
+        self._agents.forget(agent)
         self.erased = True
 
     def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
-        row = self._sealer.utterance_row(utterance)
-        self._agent(utterance.agent_id)
-        pending = len(self.txn.utterances(utterance.agent_id))
+        agent = self._agent(utterance.agent_id)
+        row = agent.utterance_row(utterance)
+        pending = len(self.txn.utterances(agent.agent_ref))
         if pending >= max_pending:
             raise CapacityError(
                 f"agent {utterance.agent_id!r} already has {pending} pending utterances "
@@ -349,67 +462,103 @@ class _Unit:
         self.txn.insert_utterance(row)
 
     def pending_utterances(self, agent_id: str) -> list[UtteranceRecord]:
-        self._agent(agent_id)
-        return [self._sealer.utterance(row) for row in self.txn.utterances(agent_id)]
+        agent = self._agent(agent_id)
+        return [agent.utterance(row) for row in self.txn.utterances(agent.agent_ref)]
 
     def remove_utterances(self, agent_id: str, utterance_ids: list[str]) -> None:
-        self.txn.delete_utterances(agent_id, utterance_ids)
+        agent = self.find(agent_id)
+        if agent is not None:
+            self.txn.delete_utterances(agent.agent_ref, utterance_ids)
 
     def replace_voiceprint(self, voiceprint: Voiceprint, consumed_utterance_ids: list[str]) -> bool:
+        agent = self._agent(voiceprint.agent_id)
         # Enrollment is the first use: retention counts from it.
-        row = self._sealer.voiceprint_row(voiceprint, last_used_at=voiceprint.created_at)
-        self._agent(voiceprint.agent_id)
-        replaced = self.txn.put_voiceprint(row)
-        self.txn.delete_utterances(voiceprint.agent_id, consumed_utterance_ids)
+        replaced = self.txn.put_voiceprint(
+            agent.voiceprint_row(voiceprint, last_used_at=voiceprint.created_at)
+        )
+        self.txn.delete_utterances(agent.agent_ref, consumed_utterance_ids)
         return replaced
 
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
-        self._agent(agent_id)
-        row = self.txn.voiceprint(agent_id)
-        return None if row is None else self._sealer.voiceprint(row)
+        agent = self._agent(agent_id)
+        row = self.txn.voiceprint(agent.agent_ref)
+        return None if row is None else agent.voiceprint(row)
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
-        self.txn.mark_voiceprint_used(agent_id, at)
+        agent = self.find(agent_id)
+        if agent is not None:
+            self.txn.mark_voiceprint_used(agent.agent_ref, at)
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
-        expired = self.txn.delete_voiceprints_unused_before(unused_before)
-        self.erased = self.erased or bool(expired)
-        return expired
+        refs = self.txn.delete_voiceprints_unused_before(unused_before)
+        self.erased = self.erased or bool(refs)
+        agents = self._agents.by_ref(self.txn, refs)
+        return sorted(agents[ref].agent_id for ref in refs if ref in agents)
 
     def create_shift(self, shift: ShiftRecord) -> None:
-        self._agent(shift.agent_id)
-        self.txn.insert_shift(shift)
+        self.txn.insert_shift(self._agent(shift.agent_id).shift_row(shift))
 
     def get_shift(self, shift_id: str) -> ShiftRecord:
-        shift = self.txn.shift(shift_id)
-        if shift is None:
+        row = self.txn.shift(shift_id)
+        agent = (
+            None
+            if row is None
+            else self._agents.by_ref(self.txn, [row.agent_ref]).get(row.agent_ref)
+        )
+        if row is None or agent is None:
             raise ShiftNotFoundError(f"no shift {shift_id!r}")
-        return shift
+        return agent.shift(row)
 
     def update_shift(self, shift: ShiftRecord) -> None:
-        if not self.txn.update_shift(shift):
+        agent = self.find(shift.agent_id)
+        if agent is None or not self.txn.update_shift(agent.shift_row(shift)):
             raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
-        self._agent(agent_id)
-        before = self.txn.throttle_state(agent_id)
-        self.txn.put_throttle_state(agent_id, update(before))
+        agent_ref = self._agent(agent_id).agent_ref
+        before = self.txn.throttle_state(agent_ref)
+        self.txn.put_throttle_state(agent_ref, update(before))
         return before
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
-        self.txn.put_assurance(assurance)
+        self.txn.put_assurance(self._agent(assurance.agent_id).assurance_row(assurance))
+
+    def get_assurance(self, shift_id: str) -> AssuranceRecord | None:
+        row = self.txn.assurance(shift_id)
+        if row is None:
+            return None
+        agent = self._agents.by_ref(self.txn, [row.agent_ref]).get(row.agent_ref)
+        return None if agent is None else agent.assurance(row)
 
     def append_audit(self, event: AuditEvent) -> None:
-        audit_chain.append(self.txn, self._audit_key, event)
+        agent = self.find(event.agent_id) if event.agent_id else None
+        audit_chain.append(
+            self.txn, self._audit_key, event, "" if agent is None else agent.agent_ref
+        )
 
-    def _agent(self, agent_id: str) -> AgentRow:
-        row = self.txn.agent(agent_id)
-        if row is None:
-            raise _not_found(agent_id)
-        return row
+    def _agent(self, agent_id: str) -> AgentSealer:
+        agent = self.find(agent_id)
+        if agent is None:
+            raise AgentNotFoundError(f"no agent {agent_id!r}")
+        return agent
 
 
-def _not_found(agent_id: str) -> AgentNotFoundError:
-    return AgentNotFoundError(f"no agent {agent_id!r}")
+def _agent_keys(txn: Transaction) -> Iterator[AgentKeyRow]:
+    after = ""
+    while page := txn.agent_key_page(after, _PAGE_SIZE):
+        yield from page
+        after = page[-1].agent_handle
+
+
+def _service_key_ids(txn: Transaction) -> Counter[str]:
+    """How many values each service key id has sealed: the wrapped data keys and the sealed
+    signing keys, read from their headers. What a key rotation must move, and what opening
+    the store needs the keys of."""
+    sealed = [key.sealed_private_key for key in txn.signing_keys()]
+    sealed += [row.wrapped_key for row in _agent_keys(txn)]
+    store_key = txn.store_key(HANDLE_KEY)
+    if store_key is not None:
+        sealed.append(store_key)
+    return count_key_ids(sealed)

@@ -27,12 +27,12 @@ def main(argv: Sequence[str]) -> int:
     previous key remains, 1 if something does, 2 on a configuration or storage problem."""
     parser = argparse.ArgumentParser(
         prog="voxauth reencrypt",
-        description="Re-seal every voiceprint and pending utterance under VOXAUTH_KEY; the "
-        "keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
+        description="Re-wrap every data key (and re-seal the audit chain) under VOXAUTH_KEY; "
+        "the keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
     )
     parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per transaction"
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="keys per transaction"
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -56,10 +56,7 @@ def main(argv: Sequence[str]) -> int:
     except (ConfigurationError, StorageError) as error:
         print(f"voxauth reencrypt: {error.message}", file=sys.stderr)
         return 2
-    print(
-        f"re-sealed under key {cipher.key_id}: {report.voiceprints} voiceprints, "
-        f"{report.pending_utterances} pending utterances"
-    )
+    print(f"re-wrapped under key {cipher.key_id}: {report.data_keys} data keys")
     if remaining:
         listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in remaining.items())
         print(

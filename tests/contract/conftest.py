@@ -13,10 +13,10 @@ import pytest
 
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher
-from server.storage import audit_chain
 from server.storage.backend import StorageBackend
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite.backend import SqliteBackend
+from server.storage.upgrade import SealingUpgrade
 from tests.fake_storage import FailingBackend
 
 KEY = bytes(range(32))
@@ -25,7 +25,9 @@ AUDIT_KEY = AuditKey(KEY)
 
 
 class Storage(Protocol):
-    def backend(self, audit_key: AuditKey | None = AUDIT_KEY) -> StorageBackend:
+    def backend(
+        self, cipher: VoiceprintCipher = CIPHER, audit_key: AuditKey | None = AUDIT_KEY
+    ) -> StorageBackend:
         """A new connection to the data, without the store above it."""
 
     def open(
@@ -43,11 +45,10 @@ class SqliteStorage:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def backend(self, audit_key: AuditKey | None = AUDIT_KEY) -> StorageBackend:
-        return SqliteBackend.open(
-            self.path,
-            chain_carried_over_audit=lambda txn: audit_chain.chain_carried_over(txn, audit_key),
-        )
+    def backend(
+        self, cipher: VoiceprintCipher = CIPHER, audit_key: AuditKey | None = AUDIT_KEY
+    ) -> StorageBackend:
+        return SqliteBackend.open(self.path, upgrade=SealingUpgrade(cipher, audit_key))
 
     def open(
         self,
@@ -56,7 +57,7 @@ class SqliteStorage:
         *,
         failing: FailingBackend | None = None,
     ) -> SecureStore:
-        backend: StorageBackend = self.backend(audit_key)
+        backend: StorageBackend = self.backend(cipher, audit_key)
         if failing is not None:
             failing.wrap(backend)
             backend = failing

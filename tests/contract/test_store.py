@@ -21,7 +21,7 @@ from server.errors import (
     StorageError,
 )
 from server.security.assurances import SigningKey, SigningKeyCipher
-from server.security.crypto import VoiceprintCipher, sealing_key_id
+from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
@@ -31,6 +31,7 @@ from server.storage.records import (
     ThrottleState,
     UtteranceRecord,
 )
+from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
 from tests.contract.conftest import CIPHER, KEY, Storage
 from tests.contract.samples import (
@@ -231,16 +232,23 @@ def test_a_blob_copied_to_another_agent_does_not_decrypt(
     # Written behind the store's back, as someone with write access to the database could.
     backend = storage.backend()
     with backend.transaction("copy a voiceprint", write=True) as txn:
-        victim, attacker = txn.voiceprint("victim"), txn.voiceprint("attacker")
-        assert victim is not None and attacker is not None
-        txn.put_voiceprint(replace(attacker, sealed_embedding=victim.sealed_embedding))
+        source, target = txn.voiceprints(MODEL)
+        txn.put_voiceprint(replace(target, sealed_embedding=source.sealed_embedding))
     backend.close()
 
-    with pytest.raises(StorageError, match="another record"):
-        store.get_voiceprint("attacker")
+    refused = []
+    for agent_id in ("victim", "attacker"):
+        try:
+            store.get_voiceprint(agent_id)
+        except StorageError as error:
+            refused.append(error.message)
+    [reason] = refused
+    assert "another agent" in reason
 
 
-def test_the_backend_holds_embeddings_only_sealed(storage: Storage, store: SecureStore) -> None:
+def test_the_backend_holds_embeddings_only_sealed_under_the_agents_key(
+    storage: Storage, store: SecureStore
+) -> None:
     store.create_agent(agent("a1"))
     store.add_utterance(utterance("a1", 1, telephone=True), max_pending=5)
     store.replace_voiceprint(voiceprint("a1", "v"), [])
@@ -248,23 +256,56 @@ def test_the_backend_holds_embeddings_only_sealed(storage: Storage, store: Secur
 
     backend = storage.backend()
     with backend.transaction("read sealed rows", write=False) as txn:
-        [pending] = txn.utterances("a1")
-        stored = txn.voiceprint("a1")
+        [stored] = txn.voiceprints(MODEL)
+        [pending] = txn.utterances(stored.agent_ref)
     backend.close()
 
-    assert stored is not None
     sealed = [
         pending.sealed_embedding,
         pending.sealed_telephone_embedding,
         stored.sealed_embedding,
         stored.sealed_telephone_embedding,
     ]
+    assert len({sealing_key_id(blob) for blob in sealed if blob is not None}) == 1
     for blob in sealed:
         assert blob is not None
-        assert sealing_key_id(blob) == CIPHER.key_id
+        # Under the agent's data key, not the service key.
+        assert sealing_key_id(blob) not in CIPHER.known_key_ids
         for vector in plain:
             assert vector.tobytes() not in blob
-    assert store.sealing_key_ids() == {CIPHER.key_id: 4}
+    # What the service key seals: the agent's data key and the store's handle key.
+    assert store.sealing_key_ids() == {CIPHER.key_id: 2}
+
+
+def test_no_row_names_the_agent_in_clear(storage: Storage, store: SecureStore) -> None:
+    person = agent("zelda-4711")
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ6ZWxkYS00NzExIn0.c2lnbmF0dXJl"
+    store.create_agent(person)
+    # Ids of its own (as the service makes them), not derived from the agent's.
+    store.add_utterance(replace(utterance(person.agent_id, 1), utterance_id="u-1"), max_pending=5)
+    store.replace_voiceprint(voiceprint(person.agent_id, "v"), [])
+    store.create_shift(
+        ShiftRecord("shift-1", person.agent_id, "desk", ShiftState.VERIFIED, NOW, NOW)
+    )
+    store.save_assurance(AssuranceRecord("shift-1", person.agent_id, "jti-1", token, NOW, NOW))
+    store.update_throttle_state(person.agent_id, lambda _: ThrottleState(2, NOW))
+    store.append_audit(
+        AuditEvent("verify", person.agent_id, "ACCEPT", NOW, {"shift_id": "shift-1"})
+    )
+
+    backend = storage.backend()
+    with backend.transaction("read every row", write=False) as txn:
+        [stored] = txn.voiceprints(MODEL)
+        ref = stored.agent_ref
+        rows: list[object] = [*txn.agents(), stored, *txn.utterances(ref)]
+        rows += [txn.shift("shift-1"), txn.assurance("shift-1"), txn.throttle_state(ref)]
+        rows += [txn.agent_key_page("", 10), txn.audit_rows(0, 10)]
+    backend.close()
+
+    stored_text = repr(rows).encode()
+    assert ref.encode() in stored_text
+    for secret in (person.agent_id, person.display_name, person.consent_reference, token):
+        assert secret.encode() not in stored_text
 
 
 def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: SecureStore) -> None:
@@ -279,6 +320,8 @@ def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: S
     store.save_assurance(AssuranceRecord("shift-1", "doomed", "jti-1", "a.b.c", NOW, NOW))
     store.update_throttle_state("doomed", lambda _: ThrottleState(3, NOW))
     store.append_audit(AuditEvent("agent.create", "doomed", "ok", NOW))
+    [created] = store.audit_records(0, 10)
+    ref = created.entry.agent_ref
 
     store.delete_agent("doomed")
 
@@ -290,14 +333,49 @@ def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: S
     assert [u.utterance_id for u in store.pending_utterances("keep")] == ["keep-u1"]
     backend = storage.backend()
     with backend.transaction("look for the erased agent", write=False) as txn:
-        assert txn.agent("doomed") is None
-        assert txn.utterances("doomed") == []
-        assert txn.voiceprint("doomed") is None
-        assert txn.throttle_state("doomed") == ThrottleState()
+        assert len(txn.agents()) == len(txn.agent_key_page("", 10)) == 1
+        assert txn.utterances(ref) == []
+        assert txn.voiceprint(ref) is None
+        assert txn.shift("shift-1") is None
+        assert txn.assurance("shift-1") is None
+        assert txn.throttle_state(ref) == ThrottleState()
     backend.close()
     # The agent's audit records stay, but nothing links them to it any more.
     assert store.audit_events("doomed") == []
     assert [(e.action, e.agent_id) for e in store.audit_events()] == [("agent.create", "")]
+
+
+def test_erasure_destroys_the_agents_data_key(storage: Storage, store: SecureStore) -> None:
+    store.create_agent(agent("keep"))
+    store.create_agent(agent("doomed"))
+    store.add_utterance(utterance("doomed", 1, telephone=True), max_pending=5)
+    store.replace_voiceprint(voiceprint("doomed", "v"), [])
+    store.create_shift(ShiftRecord("shift-1", "doomed", "desk", ShiftState.VERIFIED, NOW, NOW))
+    store.save_assurance(AssuranceRecord("shift-1", "doomed", "jti-1", "a.b.c", NOW, NOW))
+    backend = storage.backend()
+    with backend.transaction("copy the agent's sealed rows", write=False) as txn:
+        # What a copy of the database taken now (a backup, old log frames) would hold.
+        [stored] = txn.voiceprints(MODEL)
+        assurance = txn.assurance("shift-1")
+        assert assurance is not None
+        sealed = [stored.sealed_embedding, assurance.sealed_token]
+        sealed += [blob.sealed_embedding for blob in txn.utterances(stored.agent_ref)]
+        sealed += [row.sealed_identity for row in txn.agents()]
+        keys_before = {row.wrapped_key for row in txn.agent_key_page("", 10)}
+
+    store.delete_agent("doomed")
+
+    with backend.transaction("look for its key", write=False) as txn:
+        keys = KeyRing.load(txn, CIPHER, may_create=False)
+        remaining = txn.agent_key_page("", 10)
+        open_with = {keys.agent_key(row.agent_handle, row.wrapped_key).key_id for row in remaining}
+    backend.close()
+    assert len(remaining) == 1 and {row.wrapped_key for row in remaining} < keys_before
+    # Of the agents' rows copied before, only the other agent's identity is under a key that
+    # still exists; everything of the erased agent is under a key nothing holds any more.
+    opened = [blob for blob in sealed if sealing_key_id(blob) in open_with | CIPHER.known_key_ids]
+    assert len(opened) == 1
+    assert store.get_agent("keep") == agent("keep")
 
 
 def test_a_failure_inside_a_write_changes_nothing(storage: Storage) -> None:
@@ -341,7 +419,7 @@ def test_failed_encryption_changes_nothing(
     def broken(*_: object, **__: object) -> bytes:
         raise RuntimeError("cipher failed")
 
-    monkeypatch.setattr(CIPHER, "encrypt_embedding", broken)
+    monkeypatch.setattr(DataKey, "encrypt_embedding", broken)
     with pytest.raises(RuntimeError):
         store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0"])
     monkeypatch.undo()
@@ -434,7 +512,8 @@ def test_signing_keys_and_assurances(store: SecureStore) -> None:
     )
     store.save_signing_keys([second])
     assert store.load_signing_keys() == [second]
-    assert store.sealing_key_ids() == {CIPHER.key_id: 1}
+    # The signing key and the store's handle key.
+    assert store.sealing_key_ids() == {CIPHER.key_id: 2}
 
     store.create_agent(agent("a1"))
     store.create_shift(ShiftRecord("shift-1", "a1", "desk", ShiftState.VERIFIED, NOW, NOW))

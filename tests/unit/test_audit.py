@@ -47,7 +47,7 @@ from server.storage.interface import (
     Voiceprint,
 )
 from server.storage.secure_store import SecureStore
-from server.storage.sqlite import open_store
+from server.storage.sqlite import key_file_path, open_store
 from server.storage.sqlite.schema import AUDIT_CHAIN_MIGRATION, MIGRATIONS
 from server.tools.cli import main
 
@@ -107,8 +107,9 @@ def test_appended_records_form_a_sealed_chain(db_path: Path, store: SecureStore)
     assert store.audit_events("a1") == [events[0], events[1], events[3]]
     # The agent is stored under its pseudonym only; ids that are no agent stay as they are.
     with closing(sqlite3.connect(db_path)) as conn:
-        (pseudonym,) = conn.execute("SELECT audit_pseudonym FROM agents").fetchone()
         stored = conn.execute("SELECT agent_id, agent_ref FROM audit_log ORDER BY seq").fetchall()
+    pseudonym = stored[0][1]
+    assert len(pseudonym) == 32
     assert stored == [("", pseudonym), ("", pseudonym), ("", ""), ("", pseudonym), ("nobody", "")]
     assert [r.agent for r in records] == ["a1", "a1", "", "a1", "nobody"]
 
@@ -135,9 +136,7 @@ def test_an_edited_record_is_found(db_path: Path, store: SecureStore, edit: str)
 
 
 @pytest.mark.parametrize("removed", [1, 3])
-def test_a_removed_record_is_found(
-    db_path: Path, store: SecureStore, removed: int
-) -> None:
+def test_a_removed_record_is_found(db_path: Path, store: SecureStore, removed: int) -> None:
     five_records(store)
     tamper(db_path, f"DELETE FROM audit_log WHERE seq = {removed}")
 
@@ -239,9 +238,7 @@ def test_records_sealed_before_a_key_rotation_need_the_previous_key_until_reseal
         before.append_audit(AuditEvent("config.change", "", "ok", NOW, {"n": n}))
     before.close()
     new_key = AuditKey(OTHER_KEY)
-    after = open_store(
-        db_path, VoiceprintCipher(OTHER_KEY, [KEY]), audit_key=new_key
-    )
+    after = open_store(db_path, VoiceprintCipher(OTHER_KEY, [KEY]), audit_key=new_key)
     try:
         after.append_audit(AuditEvent("config.change", "", "ok", NOW))
         assert verified(after, new_key, AUDIT_KEY) == ChainReport(4, None)
@@ -306,9 +303,9 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
         assert store.audit_events()[1].details == {"score": 0.8}
     finally:
         store.close()
-    # The agent erased before the chain existed survives only in the record of its erasure
-    # (its row and its entry in the agent_id index); the old table left nothing behind.
-    assert db_path.read_bytes().count(b"gone-4711") == 2
+    # The agent erased before the chain existed survives only in the record of its erasure;
+    # the old tables left nothing behind.
+    assert db_path.read_bytes().count(b"gone-4711") == 1
 
 
 def test_jsonl_export_carries_what_rechecks_the_chain(store: SecureStore) -> None:
@@ -483,9 +480,7 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     audit("shift.start", "VERIFIED", shift_id=shift_id, device_id="desk-12")
     audit("verify", "ACCEPT", score=0.71, threshold=0.52, model_id=MODEL)
     with closing(sqlite3.connect(db_path)) as conn:
-        (pseudonym,) = conn.execute(
-            "SELECT audit_pseudonym FROM agents WHERE agent_id = ?", (agent_id,)
-        ).fetchone()
+        (pseudonym,) = conn.execute("SELECT agent_ref FROM audit_log WHERE seq = 1").fetchone()
         ciphertexts = [
             blob
             for (blob,) in conn.execute(
@@ -498,27 +493,30 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     secrets = [doomed.display_name.encode(), doomed.consent_reference.encode(), *plain]
     # Any 16-byte run of a ciphertext would be a remnant.
     secrets += [blob[i : i + 16] for blob in ciphertexts for i in range(0, len(blob) - 16, 16)]
-    assert doomed.display_name.encode() in on_disk(db_path)
+    # Sealed from the start: the name is never on disk in clear.
+    assert doomed.display_name.encode() not in on_disk(db_path)
+    assert secrets[-1] in on_disk(db_path)
 
     store.delete_agent(agent_id)
     store.append_audit(AuditEvent(ERASURE_ACTION, agent_id, "ok", NOW))
 
     def assert_no_trace() -> None:
         stored = on_disk(db_path)
-        assert b"HR-1" in stored  # the other agent is still there
         for secret in secrets:
             assert secret not in stored
-        # Nothing maps the pseudonym in the earlier records to the agent any more.
+        # The earlier records keep their pseudonym, but nothing maps it to the agent any more:
+        # the only agent row and data key left are the other agent's.
+        assert pseudonym.encode() in stored
         with closing(sqlite3.connect(db_path)) as conn:
-            assert conn.execute(
-                "SELECT count(*) FROM agents WHERE audit_pseudonym = ?", (pseudonym,)
-            ).fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM agents").fetchone() == (1,)
+        with closing(sqlite3.connect(key_file_path(db_path))) as conn:
+            assert conn.execute("SELECT count(*) FROM agent_keys").fetchone() == (1,)
 
     assert_no_trace()  # while the service runs
     store.close()
     assert_no_trace()  # and at rest
-    # The id itself is left only in the erasure record: its row and its agent_id index entry.
-    assert on_disk(db_path).count(agent_id.encode()) == 2
+    # The id itself is left only in the erasure record.
+    assert on_disk(db_path).count(agent_id.encode()) == 1
 
     reopened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:

@@ -1,12 +1,14 @@
-"""Rotating the encryption key: previous keys still open what they sealed, re-encryption moves
-everything to the new key in small transactions, and a store sealed under a key the server was
-not given refuses to start."""
+"""Rotating the encryption key: previous keys still open what they wrapped, re-encryption wraps
+every data key anew under the new key in small transactions (the data stays as it is), and a
+store sealed under a key the server was not given refuses to start."""
 
 from __future__ import annotations
 
 import base64
+import sqlite3
 import zlib
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -111,26 +113,38 @@ def assert_everything_readable(store: SecureStore) -> None:
                 np.testing.assert_array_equal(got.telephone_embedding, want.telephone_embedding)
 
 
-# 5 voiceprints with companions, 15 utterances of which 5 have companions.
-SEALED_VALUES = 5 * 2 + 15 + 5
+# 5 agents' data keys and the store's handle key: all the service key wraps.
+WRAPPED_KEYS = 5 + 1
+
+
+def sealed_rows(db_path: Path) -> list[tuple[bytes, ...]]:
+    with closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute(
+            "SELECT sealed_identity FROM agents UNION ALL SELECT embedding FROM voiceprints "
+            "UNION ALL SELECT embedding FROM pending_utterances ORDER BY 1"
+        ).fetchall()
 
 
 def test_rotation_leaves_everything_readable_with_the_new_key_only(
     db_path: Path, opened: list[SecureStore]
 ) -> None:
     rotating = open_with(db_path, opened, KEY_B, KEY_A)
-    # Before re-encryption the previous key opens everything, and new writes use the new key.
+    # Before re-encryption the previous key opens everything, and new keys are wrapped with
+    # the new one.
     assert_everything_readable(rotating)
     rotating.create_agent(AgentRecord("new", "new", "HR-2", NOW))
     rotating.replace_voiceprint(voiceprint("new"), [])
-    assert rotating.sealing_key_ids() == {A_ID: SEALED_VALUES, B_ID: 2}
+    assert rotating.sealing_key_ids() == {A_ID: WRAPPED_KEYS, B_ID: 1}
+    rows = sealed_rows(db_path)
 
-    # Batches of 2 rows: many small transactions.
+    # Batches of 2 keys: many small transactions.
     report = rotating.reencrypt_all(batch_size=2)
 
-    assert report == ReencryptionReport(voiceprints=5, pending_utterances=15)
-    assert rotating.sealing_key_ids() == {B_ID: SEALED_VALUES + 2}
-    assert rotating.reencrypt_all(batch_size=2) == ReencryptionReport(0, 0)
+    assert report == ReencryptionReport(data_keys=WRAPPED_KEYS)
+    assert rotating.sealing_key_ids() == {B_ID: WRAPPED_KEYS + 1}
+    # Only the keys are wrapped anew; the data they seal is left as it was.
+    assert sealed_rows(db_path) == rows
+    assert rotating.reencrypt_all(batch_size=2) == ReencryptionReport(0)
     rotating.close()
 
     assert_everything_readable(open_with(db_path, opened, KEY_B))
@@ -156,13 +170,11 @@ def test_the_old_key_alone_no_longer_opens_the_store(
         )
 
 
-def test_startup_names_the_key_ids_it_cannot_open(
-    db_path: Path, opened: list[SecureStore]
-) -> None:
+def test_startup_names_the_key_ids_it_cannot_open(db_path: Path, opened: list[SecureStore]) -> None:
     with pytest.raises(ConfigurationError) as refused:
         open_with(db_path, opened, KEY_B, KEY_C)
     message = refused.value.message
-    assert f"{A_ID} ({SEALED_VALUES} values)" in message
+    assert f"{A_ID} ({WRAPPED_KEYS} values)" in message
     assert B_ID in message
     assert "VOXAUTH_PREVIOUS_KEYS" in message
 
@@ -173,7 +185,8 @@ def test_signing_keys_sealed_under_an_unknown_key_stop_the_start(
     path = tmp_path / "signing.db"
     store = open_with(path, opened, KEY_A)
     store.save_signing_keys([SigningKeyCipher(KEY_A).seal(SigningKey.generate(NOW))])
-    assert store.sealing_key_ids() == {A_ID: 1}
+    # The signing key and the store's handle key.
+    assert store.sealing_key_ids() == {A_ID: 2}
     store.close()
     with pytest.raises(ConfigurationError, match=A_ID):
         open_with(path, opened, KEY_B)
@@ -193,12 +206,12 @@ def test_reencrypt_command_with_the_server_running(
     assert reencrypt_cli.main(["--db", str(db_path), "--batch-size", "3"]) == 0
 
     output = capsys.readouterr().out
-    assert "5 voiceprints, 15 pending utterances" in output
+    assert f"re-wrapped under key {B_ID}: {WRAPPED_KEYS} data keys" in output
     assert "previous keys can be removed" in output
     # The running server's connection reads the re-sealed rows, and the run is audited.
     assert_everything_readable(server)
     [event] = [e for e in server.audit_events() if e.action == "key.reencrypt"]
-    assert event.details == {"key_id": B_ID, "voiceprints": 5, "pending_utterances": 15}
+    assert event.details == {"key_id": B_ID, "data_keys": WRAPPED_KEYS}
 
 
 def test_reencrypt_command_without_the_old_key_changes_nothing(

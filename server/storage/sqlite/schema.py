@@ -45,6 +45,90 @@ AUDIT_CHAIN_MIGRATION = (
     )""",
 )
 
+# Per-agent data keys (server/storage/sealing.py). The old tables are kept, renamed, for the
+# upgrade to read (server/storage/upgrade.py seals every agent anew in the migration's
+# transaction) and dropped after it: LEGACY_TABLES_DROP. Rows other than the agent's own name
+# the agent by its audit pseudonym (agent_ref); the agent's own row by its handle, a keyed hash
+# of its id. No foreign key joins them: only the sealed identity does, which is the point.
+PER_AGENT_KEYS_MIGRATION = (
+    "ALTER TABLE assurances RENAME TO legacy_assurances",
+    "ALTER TABLE verification_throttle RENAME TO legacy_verification_throttle",
+    "ALTER TABLE shifts RENAME TO legacy_shifts",
+    "ALTER TABLE voiceprints RENAME TO legacy_voiceprints",
+    "ALTER TABLE pending_utterances RENAME TO legacy_pending_utterances",
+    "ALTER TABLE agents RENAME TO legacy_agents",
+    "DROP INDEX pending_utterances_by_agent",
+    "DROP INDEX shifts_by_agent",
+    "DROP INDEX voiceprints_by_last_use",
+    "DROP INDEX agents_by_audit_pseudonym",
+    # Only records of an erasure name an agent in clear; an index would be one more copy.
+    "DROP INDEX audit_log_by_agent_id",
+    """CREATE TABLE agents (
+        agent_handle TEXT PRIMARY KEY,
+        sealed_identity BLOB NOT NULL
+    )""",
+    """CREATE TABLE pending_utterances (
+        utterance_id TEXT PRIMARY KEY,
+        agent_ref TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        duration_seconds REAL NOT NULL,
+        net_speech_seconds REAL NOT NULL,
+        speech_level_dbfs REAL NOT NULL,
+        clipped_fraction REAL NOT NULL,
+        received_at INTEGER NOT NULL,
+        telephone_embedding BLOB
+    )""",
+    "CREATE INDEX pending_utterances_by_agent ON pending_utterances (agent_ref, received_at)",
+    """CREATE TABLE voiceprints (
+        agent_ref TEXT PRIMARY KEY,
+        model_id TEXT NOT NULL,
+        embedding BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        utterance_count INTEGER NOT NULL,
+        net_speech_seconds REAL NOT NULL,
+        telephone_embedding BLOB,
+        last_used_at INTEGER NOT NULL
+    )""",
+    "CREATE INDEX voiceprints_by_last_use ON voiceprints (last_used_at)",
+    """CREATE TABLE shifts (
+        shift_id TEXT PRIMARY KEY,
+        agent_ref TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        consecutive_failures INTEGER NOT NULL,
+        checkpoints_passed INTEGER NOT NULL,
+        checkpoints_failed INTEGER NOT NULL,
+        checkpoints_insufficient INTEGER NOT NULL
+    )""",
+    "CREATE INDEX shifts_by_agent ON shifts (agent_ref)",
+    """CREATE TABLE assurances (
+        shift_id TEXT PRIMARY KEY REFERENCES shifts (shift_id) ON DELETE CASCADE,
+        agent_ref TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        sealed_token BLOB NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    )""",
+    """CREATE TABLE verification_throttle (
+        agent_ref TEXT PRIMARY KEY,
+        consecutive_failures INTEGER NOT NULL,
+        last_failure_at INTEGER,
+        disabled_at INTEGER
+    )""",
+)
+LEGACY_TABLES_DROP = (
+    "DROP TABLE legacy_assurances",
+    "DROP TABLE legacy_verification_throttle",
+    "DROP TABLE legacy_shifts",
+    "DROP TABLE legacy_voiceprints",
+    "DROP TABLE legacy_pending_utterances",
+    "DROP TABLE legacy_agents",
+)
+
 # MIGRATIONS[n] takes the schema from user_version n to n + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -147,5 +231,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX voiceprints_by_last_use ON voiceprints (last_used_at)",
     ),
     AUDIT_CHAIN_MIGRATION,
+    PER_AGENT_KEYS_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# The key file's schema, migrated like the database's: KEY_MIGRATIONS[n] takes it from
+# user_version n to n + 1. It holds wrapped keys only, and runs with a rollback journal and
+# secure_delete, so a deleted key leaves no copy behind (no WAL frames outlive the commit).
+KEY_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE keys.agent_keys (
+            agent_handle TEXT PRIMARY KEY,
+            wrapped_key BLOB NOT NULL
+        )""",
+        """CREATE TABLE keys.store_keys (
+            name TEXT PRIMARY KEY,
+            wrapped_key BLOB NOT NULL
+        )""",
+    ),
+)
+KEY_SCHEMA_VERSION = len(KEY_MIGRATIONS)
