@@ -9,7 +9,8 @@
   left behind (old log frames, free pages, a backup of the database file) holds only
   ciphertext nothing can open: crypto-shredding.
 - Every audit record is chained and sealed, an existing agent is named by its pseudonym only,
-  and details that could hold biometric data are refused (server/storage/audit_chain.py).
+  and details that could hold biometric data are refused (server/storage/audit_chain.py). The
+  pseudonym of each agent is sealed with it, so swapping or replacing one is found.
 - A database holding values sealed under a key the store was not given does not open.
 - Writes that belong together run in one unit of work: one backend transaction.
 """
@@ -223,6 +224,27 @@ class SecureStore:
             rows = unit.txn.audit_rows(after_seq, limit)
             return audit_chain.records(rows, self._agent_ids(unit.txn, rows))
 
+    def attribution_faults(self) -> list[str]:
+        """Why records could be attributed to the wrong agent: each agent whose sealed
+        identity, which holds its pseudonym, does not open under its own key and handle
+        (swapped with another agent's, replaced or altered), and pseudonyms shared."""
+        faults = []
+        owners: dict[str, list[str]] = {}
+        with self._transaction("check the agents' pseudonyms", write=False) as unit:
+            for row in unit.txn.agents():
+                try:
+                    agent = self._agents.open_fresh(unit.txn, row)
+                except StorageError as error:
+                    faults.append(error.message)
+                    continue
+                owners.setdefault(agent.agent_ref, []).append(agent.agent_id)
+        faults += [
+            f"agents {', '.join(sorted(agent_ids))} share the audit pseudonym {pseudonym}"
+            for pseudonym, agent_ids in owners.items()
+            if len(agent_ids) > 1
+        ]
+        return faults
+
     def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
         current = self._audit_key
         if current is None:
@@ -379,8 +401,8 @@ class _AgentDirectory:
         return agent if row is not None and row.sealed_identity == sealed else None
 
     def _all(self, txn: Transaction) -> list[AgentSealer]:
-        """Every agent that opens. One that does not (altered behind the store's back) is left
-        out, its records reading as nobody's, and logged."""
+        """Every agent that opens. One that does not is left out (its records read as nobody's)
+        and logged: `SecureStore.attribution_faults` reports it."""
         rows = txn.agents()
         agents = []
         for row in rows:

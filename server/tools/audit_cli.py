@@ -22,6 +22,7 @@ from server.security.audit import (
     AuditKey,
     AuditLog,
     AuditRecord,
+    BreakKind,
     cef_lines,
     jsonl_lines,
     read_chain,
@@ -99,10 +100,16 @@ def _verify(log: AuditLog, keys: list[AuditKey]) -> int:
         print(f"{report.records} records, chain intact")
         return EXIT_INTACT
     fault = report.first_break
-    print(
-        f"audit chain broken at record {fault.seq} ({fault.kind.value}): {fault.reason}; "
-        f"{report.records} records before it are intact"
-    )
+    if fault.kind is BreakKind.REATTRIBUTED:
+        print(
+            f"audit attribution broken ({fault.kind.value}): {fault.reason}; the "
+            f"{report.records} records are intact, but not who they are about"
+        )
+    else:
+        print(
+            f"audit chain broken at record {fault.seq} ({fault.kind.value}): {fault.reason}; "
+            f"{report.records} records before it are intact"
+        )
     return EXIT_BROKEN
 
 

@@ -21,6 +21,7 @@ from server.errors import (
     StorageError,
 )
 from server.security.assurances import SigningKey, SigningKeyCipher
+from server.security.audit import BreakKind, verify_log
 from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
 from server.storage.records import (
     AgentRecord,
@@ -33,7 +34,7 @@ from server.storage.records import (
 )
 from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
-from tests.contract.conftest import CIPHER, KEY, Storage
+from tests.contract.conftest import AUDIT_KEY, CIPHER, KEY, Storage
 from tests.contract.samples import (
     MODEL,
     NOW,
@@ -376,6 +377,33 @@ def test_erasure_destroys_the_agents_data_key(storage: Storage, store: SecureSto
     opened = [blob for blob in sealed if sealing_key_id(blob) in open_with | CIPHER.known_key_ids]
     assert len(opened) == 1
     assert store.get_agent("keep") == agent("keep")
+
+
+def test_swapped_pseudonyms_are_found(storage: Storage, store: SecureStore) -> None:
+    for agent_id in ("ann", "bob"):
+        store.create_agent(agent(agent_id))
+        store.append_audit(AuditEvent("verify", agent_id, "REJECT", NOW))
+    assert store.attribution_faults() == []
+    assert verify_log(store, [AUDIT_KEY]).intact
+    # Each agent's pseudonym is sealed with its identity: moving the identities between the
+    # agents' rows would make each agent's records read as the other's.
+    backend = storage.backend()
+    with backend.transaction("swap the pseudonyms", write=True) as txn:
+        first, second = txn.agents()
+        txn.delete_agent(first.agent_handle, "")
+        txn.delete_agent(second.agent_handle, "")
+        txn.insert_agent(replace(first, sealed_identity=second.sealed_identity))
+        txn.insert_agent(replace(second, sealed_identity=first.sealed_identity))
+    backend.close()
+
+    faults = store.attribution_faults()
+    assert len(faults) == 2 and all("identity" in fault for fault in faults)
+    report = verify_log(store, [AUDIT_KEY])
+    assert report.first_break is not None
+    assert report.first_break.kind is BreakKind.REATTRIBUTED
+    assert report.records == 2
+    with pytest.raises(StorageError, match="identity"):
+        store.audit_events("ann")
 
 
 def test_a_failure_inside_a_write_changes_nothing(storage: Storage) -> None:

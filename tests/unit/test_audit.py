@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import uuid
@@ -397,6 +398,75 @@ def test_audit_verify_command(
     monkeypatch.delenv("VOXAUTH_KEY")
     assert main(["audit", "verify", "--db", str(db_path)]) == 2
     assert "no voiceprint encryption key" in capsys.readouterr().err
+
+
+def swap(db: Path, table: str, key: str, column: str) -> None:
+    """Swaps `column` between the table's two rows, with sqlite3 behind the store's back."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        (first_key, first), (second_key, second) = conn.execute(
+            f"SELECT {key}, {column} FROM {table}"
+        ).fetchall()
+        conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (second, first_key))
+        conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (first, second_key))
+
+
+def two_agents_in_a_copy(db_path: Path, tmp_path: Path) -> Path:
+    """Ann and Bob with a record each, in a copy of the closed database and its key file."""
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    for agent_id in ("ann", "bob"):
+        store.create_agent(AgentRecord(agent_id, agent_id.title(), "HR-1", NOW))
+        store.append_audit(AuditEvent("verify", agent_id, "REJECT", NOW, {"score": 0.2}))
+    store.close()
+    copy = tmp_path / "copy" / "voxauth.db"
+    copy.parent.mkdir()
+    shutil.copyfile(db_path, copy)
+    shutil.copyfile(key_file_path(db_path), key_file_path(copy))
+    return copy
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_two_agents_pseudonyms_swapped_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, item 2: who the records are about, rewritten in a copy of the database."""
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    assert main(["audit", "verify", "--db", str(copy)]) == 0
+    assert capsys.readouterr().out == "2 records, chain intact\n"
+
+    # Each pseudonym is sealed with its agent's identity: swapping them swaps those.
+    swap(copy, "agents", "agent_handle", "sealed_identity")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("audit attribution broken (reattributed): the identity of agent row")
+    assert out.count("belongs to another agent") == 2
+    assert out.endswith("the 2 records are intact, but not who they are about\n")
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_a_pseudonym_replaced_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    # Bob's row given a copy of Ann's identity, to claim her records.
+    tamper(copy, "UPDATE agents SET sealed_identity = (SELECT max(sealed_identity) FROM agents)")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "(reattributed)" in out and out.count("the identity of agent row") == 1
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_identities_moved_with_their_keys_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    swap(copy, "agents", "agent_handle", "sealed_identity")
+    swap(key_file_path(copy), "agent_keys", "agent_handle", "wrapped_key")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "(reattributed)" in out and out.count("wrapped data key failed authentication") == 2
 
 
 @pytest.mark.usefixtures("key_in_env")
