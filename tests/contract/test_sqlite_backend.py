@@ -1,7 +1,7 @@
 """SQLite only: the files on disk (their mode, what their bytes hold after an erasure, also
 while another connection reads), the key file beside the database and what a crash between
 their commits leaves, a constraint failing inside a transaction, the settings the backend
-insists on, and schema versions."""
+insists on, schema versions, and the upgrade of a database from before data keys."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.embedder import Embedding
 from server.errors import AgentNotFoundError, StorageError
 from server.security.assurances import (
     AssuranceIssuer,
@@ -25,7 +26,7 @@ from server.security.assurances import (
     SigningKeyring,
 )
 from server.security.audit import ERASURE_ACTION
-from server.security.crypto import sealing_key_id
+from server.security.crypto import RecordKind, associated_data, sealing_key_id
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
@@ -38,10 +39,17 @@ from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import key_file_path, open_store
 from server.storage.sqlite.backend import SqliteBackend
-from server.storage.sqlite.schema import SCHEMA_VERSION
+from server.storage.sqlite.schema import MIGRATIONS, PER_AGENT_KEYS_MIGRATION, SCHEMA_VERSION
 from server.storage.upgrade import SealingUpgrade
 from tests.contract.conftest import AUDIT_KEY, CIPHER, KEY
-from tests.contract.samples import NOW, agent, assert_same_voiceprint, utterance, voiceprint
+from tests.contract.samples import (
+    MODEL,
+    NOW,
+    agent,
+    assert_same_voiceprint,
+    utterance,
+    voiceprint,
+)
 
 
 @pytest.fixture
@@ -337,3 +345,87 @@ def test_a_database_with_agents_does_not_open_without_its_key_file(db_path: Path
 
     with pytest.raises(StorageError, match=r"key file .* is missing"):
         open_store(db_path, CIPHER, audit_key=AUDIT_KEY)
+
+
+def test_a_database_from_before_data_keys_is_sealed_anew_when_it_opens(db_path: Path) -> None:
+    keyed = MIGRATIONS.index(PER_AGENT_KEYS_MIGRATION)
+    old = voiceprint("ann", "v")
+    pending = utterance("ann", 1, telephone=True)
+    pseudonym = "5f" * 16
+    at = 1_767_225_600_000_000  # 2026-01-01, as the old schema stores times
+
+    def legacy_seal(embedding: Embedding | None, kind: RecordKind) -> bytes:
+        assert embedding is not None
+        return CIPHER.encrypt_embedding(
+            embedding, associated=associated_data(agent_id="ann", record_kind=kind, model_id=MODEL)
+        )
+
+    db_path.parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as conn, conn:
+        for statements in MIGRATIONS[:keyed]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {keyed}")
+        conn.execute("INSERT INTO audit_head VALUES (1, 0, ?, NULL, NULL)", ("0" * 64,))
+        conn.execute(
+            "INSERT INTO agents VALUES ('ann', 'Ann Oldtimer', 'HR-OLD-1', ?, ?)", (at, pseudonym)
+        )
+        conn.execute(
+            "INSERT INTO pending_utterances VALUES ('ann-u1', 'ann', ?, ?, 6.0, 5.0, -24.5, "
+            "0.001, ?, ?)",
+            (
+                MODEL,
+                legacy_seal(pending.embedding, "pending_utterance"),
+                at,
+                legacy_seal(pending.telephone_embedding, "telephone_pending_utterance"),
+            ),
+        )
+        conn.execute(
+            "INSERT INTO voiceprints VALUES ('ann', ?, ?, ?, 3, 14.5, ?, ?)",
+            (
+                MODEL,
+                legacy_seal(old.embedding, "voiceprint"),
+                at,
+                legacy_seal(old.telephone_embedding, "telephone_voiceprint"),
+                at,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO shifts VALUES "
+            "('shift-1', 'ann', 'desk', 'LOCKED', ?, ?, NULL, 3, 4, 5, 6)",
+            (at, at),
+        )
+        conn.execute(
+            "INSERT INTO assurances VALUES "
+            "('shift-1', 'ann', 'jti-1', 'header.OLD-TOKEN.sig', ?, ?)",
+            (at, at),
+        )
+        conn.execute("INSERT INTO verification_throttle VALUES ('ann', 7, ?, ?)", (at, at))
+
+    store = open_store(db_path, CIPHER, audit_key=AUDIT_KEY)
+    try:
+        assert store.get_agent("ann").display_name == "Ann Oldtimer"
+        stored = store.get_voiceprint("ann")
+        assert stored is not None and stored.telephone_embedding is not None
+        np.testing.assert_array_equal(stored.embedding, old.embedding)
+        np.testing.assert_array_equal(stored.telephone_embedding, old.telephone_embedding)
+        [kept] = store.pending_utterances("ann")
+        np.testing.assert_array_equal(kept.embedding, pending.embedding)
+        shift = store.get_shift("shift-1")
+        assert (shift.agent_id, shift.state, shift.checkpoints_insufficient) == (
+            "ann",
+            ShiftState.LOCKED,
+            6,
+        )
+        assurance = store.get_assurance("shift-1")
+        assert assurance is not None and assurance.token == "header.OLD-TOKEN.sig"
+        assert store.update_throttle_state("ann", lambda state: state).consecutive_failures == 7
+        # The agent keeps its pseudonym, so the records the chain already holds stay its own.
+        store.append_audit(AuditEvent("verify", "ann", "ACCEPT", NOW))
+        [record] = store.audit_records(0, 10)
+        assert (record.entry.agent_ref, record.agent) == (pseudonym, "ann")
+    finally:
+        store.close()
+    on_disk = file_bytes(db_path)
+    for clear in (b"Ann Oldtimer", b"HR-OLD-1", b"OLD-TOKEN", b"'ann'"):
+        assert clear not in on_disk
