@@ -16,11 +16,11 @@ from enrollment.voiceprint import (
     companion_embedding,
     mean_embedding,
 )
+from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.security.audit import ERASURE_ACTION
 from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.storage.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
 from server.validation import validate_agent_id, validate_text
@@ -80,7 +80,7 @@ class EnrollmentService:
             consent_reference=validate_text(consent_reference, "consent_reference", 256),
             created_at=self._now(),
         )
-        created = self._event("agent.create", agent.agent_id, "ok")
+        created = self._event(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
         with self._store.unit_of_work(f"create agent {agent.agent_id!r}") as unit:
             unit.create_agent(agent)
             unit.append_audit(created)
@@ -100,7 +100,9 @@ class EnrollmentService:
         # HR can re-record while the agent is there.
         if sample.embedding is None or quality.issues:
             reason = _quality_rejection(quality, self._policy.min_utterance_net_speech_seconds)
-            rejected = self._event("enrollment.add", agent.agent_id, "rejected", reason=reason)
+            rejected = self._event(
+                AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason
+            )
             self._store.append_audit(rejected)
             _log(rejected)
             return UtteranceOutcome(quality, received_at, None, reason)
@@ -117,7 +119,7 @@ class EnrollmentService:
             telephone_embedding=self._analyser.telephone_embedding(quality.speech),
         )
         added = self._event(
-            "enrollment.add",
+            AuditAction.ENROLLMENT_ADD,
             agent.agent_id,
             "ok",
             utterance_id=record.utterance_id,
@@ -174,7 +176,7 @@ class EnrollmentService:
             unit.remove_utterances(agent.agent_id, [r.utterance.utterance_id for r in rejected])
             events += [
                 self._event(
-                    "enrollment.reject_utterance",
+                    AuditAction.ENROLLMENT_REJECT_UTTERANCE,
                     agent.agent_id,
                     "rejected",
                     utterance_id=r.utterance.utterance_id,
@@ -185,7 +187,7 @@ class EnrollmentService:
         collected = sum(u.net_speech_seconds for u in consistency.accepted)
         required = self._policy.required_net_speech_seconds
         if consistency.undecided:
-            events.append(self._event("enrollment.finalize", agent.agent_id, "undecided"))
+            events.append(self._event(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided"))
             return _Finalized(
                 EnrollmentIncompleteError(
                     "the two pending utterances do not sound like the same person; add another "
@@ -196,7 +198,7 @@ class EnrollmentService:
         if not consistency.accepted or collected < required:
             events.append(
                 self._event(
-                    "enrollment.finalize",
+                    AuditAction.ENROLLMENT_FINALIZE,
                     agent.agent_id,
                     "incomplete",
                     net_speech_seconds=collected,
@@ -225,7 +227,7 @@ class EnrollmentService:
         )
         events.append(
             self._event(
-                "enrollment.finalize",
+                AuditAction.ENROLLMENT_FINALIZE,
                 agent.agent_id,
                 "ok",
                 replaced_previous=replaced,
@@ -238,14 +240,16 @@ class EnrollmentService:
 
     def delete(self, agent_id: str) -> None:
         agent_id = validate_agent_id(agent_id)
-        erased = self._event(ERASURE_ACTION, agent_id, "ok")
+        erased = self._event(AuditAction.AGENT_DELETE, agent_id, "ok")
         with self._store.unit_of_work(f"delete agent {agent_id!r}") as unit:
             unit.delete_agent(agent_id)
             # After the erasure: with the agent gone, the store records this one in clear.
             unit.append_audit(erased)
         _log(erased)
 
-    def _event(self, action: str, agent_id: str, outcome: str, **details: object) -> AuditEvent:
+    def _event(
+        self, action: AuditAction, agent_id: str, outcome: str, **details: object
+    ) -> AuditEvent:
         return AuditEvent(action, agent_id, outcome, self._now(), dict(details))
 
 

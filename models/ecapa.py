@@ -27,6 +27,7 @@ from speechbrain.lobes.features import Fbank
 from speechbrain.processing.features import InputNormalization
 
 from models.embedder import Embedding, Waveform
+from models.errors import UnusableWaveformError
 from models.export import (
     DIMENSION,
     EMBEDDING_OUTPUT,
@@ -35,7 +36,6 @@ from models.export import (
     exported_network,
 )
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
-from server.errors import InvalidAudioError
 
 _SAMPLE_RATE = 16_000
 # ECAPA pools statistics over 10 ms frames; below half a second it has too few to be stable.
@@ -103,17 +103,14 @@ class EcapaEmbedder:
         not applied.
         """
         if waveform.ndim != 1:
-            raise InvalidAudioError(
-                f"expected mono audio (1-D), got shape {waveform.shape}", field="audio"
-            )
+            raise UnusableWaveformError(f"expected mono audio (1-D), got shape {waveform.shape}")
         if waveform.shape[0] < self.min_samples:
-            raise InvalidAudioError(
+            raise UnusableWaveformError(
                 f"audio too short for the speaker model: {waveform.shape[0] / _SAMPLE_RATE:.2f} s,"
-                f" need at least {_MIN_SECONDS} s",
-                field="audio",
+                f" need at least {_MIN_SECONDS} s"
             )
         if not np.isfinite(waveform).all():
-            raise InvalidAudioError("audio contains NaN or infinite samples", field="audio")
+            raise UnusableWaveformError("audio contains NaN or infinite samples")
         batch = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).unsqueeze(0)
         with torch.inference_mode():
             features = self._normalization(self._features(batch), torch.ones(1)).numpy()

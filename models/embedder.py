@@ -31,7 +31,7 @@ class SpeakerEmbedder(Protocol):
 
     @property
     def min_samples(self) -> int:
-        """Shortest input `embed` accepts; shorter input raises InvalidAudioError."""
+        """Shortest input `embed` accepts; shorter input raises UnusableWaveformError."""
 
     def embed(self, waveform: Waveform) -> Embedding:
         """Embedding of one utterance. Thread-safe; called from worker threads."""

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
+from models.errors import ModelFilesError
 from models.manifest import ECAPA_MANIFEST, FETCH_COMMAND, ModelManifest, verify_model_dir
-from server.errors import ModelFilesError
 
 N_MELS = 80
 DIMENSION = 192

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
-from models.export import export_network
+from models.errors import ModelFilesError
 from models.manifest import (
     ECAPA_MANIFEST,
     FETCH_COMMAND,
@@ -33,9 +33,7 @@ from models.manifest import (
     file_problem,
     verify_model_dir,
 )
-from server.errors import ModelFilesError
 
-MODEL_DIR_ENV = "VOXAUTH_MODEL_DIR"
 DEFAULT_HUB_URL = "https://huggingface.co"
 _CHUNK_BYTES = 1 << 20
 
@@ -43,10 +41,8 @@ _SourceOpener = Callable[[ModelFile], AbstractContextManager[IO[bytes]]]
 
 
 def default_model_dir() -> Path:
-    """Where the weights live: $VOXAUTH_MODEL_DIR, else models/weights/ in the source tree."""
-    configured = os.environ.get(MODEL_DIR_ENV)
-    if configured:
-        return Path(configured)
+    """Where the weights live when no other folder is configured (the server's is
+    ServerConfig.model_dir, VOXAUTH_MODEL_DIR): models/weights/ in the source tree."""
     return Path(__file__).parent / "weights" / "spkrec-ecapa-voxceleb"
 
 
@@ -102,7 +98,9 @@ def fetch_model(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, configured_dir: Path | None = None) -> int:
+    """`voxauth fetch-model [--dir DIR]`: into DIR, else the caller's `configured_dir`, else
+    default_model_dir()."""
     parser = argparse.ArgumentParser(
         prog=FETCH_COMMAND,
         description="Download the speaker model's weights, verify them against the manifest, "
@@ -112,10 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir",
         type=Path,
         default=None,
-        help=f"target folder (default: ${MODEL_DIR_ENV}, else models/weights/ in the source tree)",
+        help="target folder (default: the configured model folder, VOXAUTH_MODEL_DIR, else "
+        "models/weights/ in the source tree)",
     )
     args = parser.parse_args(argv)
-    target: Path = args.dir if args.dir is not None else default_model_dir()
+    target: Path = args.dir or configured_dir or default_model_dir()
+    # The export needs torch and SpeechBrain: loaded for this command only, so that importing
+    # models.fetch (for default_model_dir) stays light.
+    from models.export import export_network
+
     try:
         fetch_model(target)
         _say(f"exported network: {export_network(target)}")

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import ModelFilesError
+from models.errors import ModelFilesError
 
 FETCH_COMMAND = "voxauth fetch-model"
 

@@ -1,18 +1,37 @@
-"""Service configuration: frozen, documented dataclasses, read from the environment.
+"""Configuration: frozen, documented dataclasses, each setting declared once, read strictly.
 
-Every setting has a default that is safe for a single-node deployment; `VOXAUTH_*` environment
-variables (listed on each field) override them, and `voxauth serve` flags override those.
+Every setting has a default that is safe for a single-node deployment. A setting the environment
+may override names its `VOXAUTH_*` variable where the field is declared, in its metadata
+(`field(default=..., metadata=setting("VOXAUTH_..."))`), and `from_environment` is the one
+reader of those variables: it parses each by its field's type and refuses any `VOXAUTH_*` name
+that no setting declares, so a typo stops the command instead of being ignored. Every value is
+checked when its dataclass is made (`__post_init__`), however it is made: from the
+environment, by `dataclasses.replace()` (`voxauth serve` flags) or directly.
+
+Three groups, read alike:
+- ServerConfig: what `voxauth serve` runs with; recorded in the audit log when it changes, so
+  it holds no secrets;
+- KeySettings: where the voiceprint encryption keys come from (secrets: `voxauth config` shows
+  only whether they are set, and the key ids);
+- ClientSettings: how the `voxauth` client commands and benchmarks reach a server.
+
+Text to value, by field type: numbers as written; a path as given; `bool` as 0 or 1; an empty
+variable counts as unset, except for a plain `str` setting, where it is the value (e.g.
+`VOXAUTH_JWKS_LISTEN=` turns the endpoint off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar, get_args, get_type_hints
 
 from server.errors import ConfigurationError
 
@@ -20,13 +39,105 @@ from server.errors import ConfigurationError
 # cosine threshold whose false-match rate on that set is at most 1 in 1,000.
 DEFAULT_THRESHOLD = 0.46
 
+_S = TypeVar("_S", bound="Settings")
+
+Check = Callable[[Any], str | None]
+"""A rule a setting's value must meet: None when it does, else what is wrong ("must be ...")."""
+
 
 @dataclass(frozen=True)
-class AudioLimits:
+class Variable:
+    """The environment variable that overrides a setting."""
+
+    name: str
+    secret: bool = False
+    """The value is a secret: never shown, never quoted in an error."""
+
+
+_VARIABLE = "voxauth.variable"
+_CHECK = "voxauth.check"
+
+
+def setting(
+    variable: str | None = None, *, check: Check | None = None, secret: bool = False
+) -> dict[str, object]:
+    """The metadata that declares a configuration field as a setting: the `VOXAUTH_*`
+    variable that overrides its default (if the environment may), and the rule its value must
+    meet beyond its type (if any). Use as `field(default=..., metadata=setting(...))`."""
+    metadata: dict[str, object] = {}
+    if variable is not None:
+        metadata[_VARIABLE] = Variable(variable, secret)
+    if check is not None:
+        metadata[_CHECK] = check
+    return metadata
+
+
+def at_least(minimum: float) -> Check:
+    return lambda value: None if value >= minimum else f"must be at least {minimum:g}"
+
+
+def non_negative(value: float) -> str | None:
+    # Written so that NaN fails too.
+    return None if value >= 0 else "must be zero or positive"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be above zero"
+
+
+def cosine(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be a cosine between 0 and 1"
+
+
+def false_match_rate(value: float) -> str | None:
+    return None if 0 < value < 0.5 else "must be a rate between 0 and 0.5 (e.g. 0.0001)"
+
+
+class Settings:
+    """Base of the configuration dataclasses: checks every field whenever one is made, and
+    reads one from the environment."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            expected = hints[spec.name]
+            if not _is_instance(value, expected):
+                raise _refusal(type(self), spec, value, f"must be {_type_name(expected)}")
+            check: Check | None = spec.metadata.get(_CHECK)
+            problem = check(value) if check is not None and value is not None else None
+            if problem is not None:
+                raise _refusal(type(self), spec, value, problem)
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> Self:
+        """These settings from `env` (default: os.environ), defaults where a variable is unset.
+        Raises ConfigurationError naming the variable of a bad value, or listing the
+        `VOXAUTH_*` names no setting declares (with the known ones)."""
+        env = os.environ if env is None else env
+        unknown = sorted({name for name in env if name.startswith("VOXAUTH_")} - known_variables())
+        if unknown:
+            raise ConfigurationError(
+                f"unknown environment variable{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} (a typo?); the known ones are "
+                f"{', '.join(sorted(known_variables()))}"
+            )
+        return _read(cls, env)
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioLimits(Settings):
     """Bounds on one piece of input audio."""
 
-    max_seconds: float = 60.0
-    """Longest audio in one request or streamed utterance (VOXAUTH_MAX_AUDIO_SECONDS)."""
+    max_seconds: float = field(
+        default=60.0, metadata=setting("VOXAUTH_MAX_AUDIO_SECONDS", check=non_negative)
+    )
+    """Longest audio in one request or streamed utterance."""
 
     @property
     def max_encoded_bytes(self) -> int:
@@ -36,162 +147,234 @@ class AudioLimits:
 
 
 @dataclass(frozen=True)
-class EnrollmentPolicy:
+class EnrollmentPolicy(Settings):
     """What enrollment asks for before a voiceprint is built."""
 
-    required_net_speech_seconds: float = 20.0
-    """Net speech (silence excluded) needed to finalize (VOXAUTH_ENROLL_NET_SPEECH_SECONDS)."""
+    required_net_speech_seconds: float = field(
+        default=20.0, metadata=setting("VOXAUTH_ENROLL_NET_SPEECH_SECONDS", check=non_negative)
+    )
+    """Net speech (silence excluded) needed to finalize."""
 
-    min_utterance_net_speech_seconds: float = 2.0
+    min_utterance_net_speech_seconds: float = field(
+        default=2.0, metadata=setting(check=non_negative)
+    )
     """An utterance with less net speech is not kept: too short to embed reliably."""
 
-    max_pending_utterances: int = 32
+    max_pending_utterances: int = field(default=32, metadata=setting(check=at_least(1)))
     """Bound on pending utterances per agent, so a runaway client cannot fill the store."""
 
-    consistency_threshold: float = DEFAULT_THRESHOLD
+    consistency_threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata=setting("VOXAUTH_THRESHOLD", check=cosine)
+    )
     """An utterance whose cosine to the others' mean is below this is rejected as not the same
-    speaker. Defaults to the verification threshold: an utterance that would not verify against
+    speaker. Set with the verification threshold: an utterance that would not verify against
     the rest of the enrollment does not belong in the voiceprint."""
 
 
 @dataclass(frozen=True)
-class VerificationPolicy:
+class VerificationPolicy(Settings):
     """How a score becomes a decision."""
 
-    threshold: float = DEFAULT_THRESHOLD
-    """Cosine below which an enrollment utterance is taken for another speaker's
-    (VOXAUTH_THRESHOLD). Verification decides by ScoringPolicy.target_fmr instead."""
+    threshold: float = field(
+        default=DEFAULT_THRESHOLD, metadata=setting("VOXAUTH_THRESHOLD", check=cosine)
+    )
+    """Cosine below which an enrollment utterance is taken for another speaker's.
+    Verification decides by ScoringPolicy.target_fmr instead."""
 
-    min_net_speech_seconds: float = 3.0
-    """Less net speech than this gives INCONCLUSIVE (VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS)."""
+    min_net_speech_seconds: float = field(
+        default=3.0, metadata=setting("VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS", check=non_negative)
+    )
+    """Less net speech than this gives INCONCLUSIVE."""
 
 
 @dataclass(frozen=True)
-class ScoringPolicy:
+class ScoringPolicy(Settings):
     """How a cosine becomes a decision: AS-norm against a cohort, calibration, and a threshold
     set by the false-match rate the operator accepts (see README, "Accuracy")."""
 
-    target_fmr: float = 1e-4
-    """False-match rate the threshold is set for (VOXAUTH_TARGET_FMR); 1 in 10,000 is NIST
-    SP 800-63B's bar for biometrics."""
+    target_fmr: float = field(
+        default=1e-4, metadata=setting("VOXAUTH_TARGET_FMR", check=false_match_rate)
+    )
+    """False-match rate the threshold is set for; 1 in 10,000 is NIST SP 800-63B's bar for
+    biometrics."""
 
-    scoring_dir: Path | None = None
+    scoring_dir: Path | None = field(default=None, metadata=setting("VOXAUTH_SCORING_DIR"))
     """Cohort and calibration made by `voxauth calibrate`; None means the ones shipped in
-    models/scoring/ (VOXAUTH_SCORING_DIR)."""
+    models/scoring/."""
 
-    cohort_includes_agents: bool = False
+    cohort_includes_agents: bool = field(default=False, metadata=setting("VOXAUTH_COHORT_AGENTS"))
     """Also normalise against the enrolled agents' own voiceprints, the claimed agent's left
-    out (VOXAUTH_COHORT_AGENTS=1). Off by default: the calibration was measured with the
-    shipped cohort alone."""
+    out. Off by default: the calibration was measured with the shipped cohort alone."""
 
-    cohort_refresh_seconds: float = 300.0
+    cohort_refresh_seconds: float = field(default=300.0, metadata=setting(check=non_negative))
     """How old the agents' part of the cohort may grow before it is read again."""
 
 
 @dataclass(frozen=True)
-class ShiftPolicy:
+class ShiftPolicy(Settings):
     """Re-verification during a shift: when checkpoints fall, what they need, what locks."""
 
-    mean_checkpoint_interval_seconds: float = 600.0
-    """Average time between checkpoints (VOXAUTH_CHECKPOINT_MEAN_SECONDS)."""
+    mean_checkpoint_interval_seconds: float = field(
+        default=600.0, metadata=setting("VOXAUTH_CHECKPOINT_MEAN_SECONDS", check=non_negative)
+    )
+    """Average time between checkpoints."""
 
-    checkpoint_jitter_seconds: float = 480.0
+    checkpoint_jitter_seconds: float = field(
+        default=480.0, metadata=setting("VOXAUTH_CHECKPOINT_JITTER_SECONDS", check=non_negative)
+    )
     """Each interval is the mean plus a uniform random offset within +/- this, drawn from the
-    operating system's cryptographic source (VOXAUTH_CHECKPOINT_JITTER_SECONDS)."""
+    operating system's cryptographic source."""
 
-    min_checkpoint_gap_seconds: float = 120.0
-    """No interval is shorter than this (VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS)."""
+    min_checkpoint_gap_seconds: float = field(
+        default=120.0, metadata=setting("VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS", check=non_negative)
+    )
+    """No interval is shorter than this."""
 
-    checkpoint_net_speech_seconds: float = 8.0
+    checkpoint_net_speech_seconds: float = field(default=8.0, metadata=setting(check=non_negative))
     """Net speech a checkpoint verifies: the most recent, silence excluded."""
 
-    max_audio_age_seconds: float = 90.0
+    max_audio_age_seconds: float = field(default=90.0, metadata=setting(check=non_negative))
     """Audio older than this is discarded unused; bounds each shift's buffer (at 16 kHz
     16-bit, 90 s is 2.9 MB)."""
 
-    speech_wait_seconds: float = 120.0
+    speech_wait_seconds: float = field(default=120.0, metadata=setting(check=non_negative))
     """How long a due checkpoint waits for enough speech before INSUFFICIENT_SPEECH."""
 
-    speech_recheck_seconds: float = 5.0
+    speech_recheck_seconds: float = field(default=5.0, metadata=setting(check=non_negative))
     """While waiting, how much new audio arrives between two looks for speech."""
 
-    max_consecutive_failures: int = 2
-    """Failed checkpoints in a row that lock the shift (VOXAUTH_LOCK_AFTER_FAILURES)."""
+    max_consecutive_failures: int = field(
+        default=2, metadata=setting("VOXAUTH_LOCK_AFTER_FAILURES", check=at_least(1))
+    )
+    """Failed checkpoints in a row that lock the shift."""
 
-    idle_stream_seconds: float = 600.0
+    idle_stream_seconds: float = field(default=600.0, metadata=setting(check=non_negative))
     """A shift with no stream attached for this long is dropped from memory (its state stays
     stored; the softphone resumes it by reconnecting)."""
 
-    max_pending_events: int = 64
+    max_pending_events: int = field(default=64, metadata=setting(check=at_least(1)))
     """Events queued for a stream that does not read them; beyond, the oldest are dropped
     (they are all in the audit log and the shift state)."""
 
 
 @dataclass(frozen=True)
-class InferenceLimits:
-    """The bounded executor that runs decoding and the model off the event loop."""
+class StreamLimits(Settings):
+    """How long the server waits on a client stream that sends nothing: an idle stream holds
+    a slot (a shift's stream, an upload's buffer) until the client's own deadline, if it set
+    one. Past the limit the call ends with DEADLINE_EXCEEDED: the client broke no rule, the
+    server stopped waiting, and it may call again (a shift stays resumable)."""
 
-    workers: int = 2
-    """Requests worked on at once, one per core (VOXAUTH_WORKERS)."""
+    shift_idle_seconds: float = field(
+        default=30.0, metadata=setting("VOXAUTH_SHIFT_STREAM_IDLE_SECONDS", check=positive)
+    )
+    """A shift audio stream with no message for this long is closed and its shift detached,
+    as when the softphone disconnects. A softphone streams 20 ms frames all through a call,
+    silence included, so 30 s without any message means its audio has stopped, far beyond
+    any network jitter or batching of frames; the keepalive pings only catch a peer that is
+    gone, not one that is connected and silent."""
 
-    threads: int = 1
-    """Intra-op threads of each worker's inference, for OpenVINO and torch alike
-    (VOXAUTH_THREADS). On the 2-core reference machine one thread per worker with two workers
-    embeds the most audio per second (see README, "Speed"; `voxauth bench --throughput`
-    measures it on yours)."""
-
-    max_queued: int = 32
-    """Requests waiting beyond the workers; more get RESOURCE_EXHAUSTED (VOXAUTH_MAX_QUEUED)."""
+    enrollment_idle_seconds: float = field(
+        default=60.0, metadata=setting("VOXAUTH_ENROLLMENT_STREAM_IDLE_SECONDS", check=positive)
+    )
+    """A StreamEnrollmentAudio upload with no chunk for this long is closed: an upload sends
+    a recorded file as fast as the network carries it, so a minute without a chunk is a
+    stalled or abandoned client holding buffered audio."""
 
 
 @dataclass(frozen=True)
-class ThrottlePolicy:
+class InferenceLimits(Settings):
+    """The bounded executor that runs decoding and the model off the event loop."""
+
+    workers: int = field(default=2, metadata=setting("VOXAUTH_WORKERS", check=at_least(1)))
+    """Requests worked on at once, one per core."""
+
+    threads: int = field(default=1, metadata=setting("VOXAUTH_THREADS", check=at_least(1)))
+    """Intra-op threads of each worker's inference, for OpenVINO and torch alike. On the
+    2-core reference machine one thread per worker with two workers embeds the most audio per
+    second (see README, "Speed"; `voxauth bench --throughput` measures it on yours)."""
+
+    max_queued: int = field(default=32, metadata=setting("VOXAUTH_MAX_QUEUED", check=at_least(1)))
+    """Requests waiting beyond the workers; more get RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class StoreLimits(Settings):
+    """The store's own threads, apart from inference (server/runtime/store_pool.py)."""
+
+    workers: int = field(default=4, metadata=setting("VOXAUTH_STORE_WORKERS", check=at_least(1)))
+    """Store calls worked on at once. The SQLite store runs one statement at a time on its
+    connection; more threads let sealing, done outside its lock, overlap, and a burst of calls
+    waits here."""
+
+
+@dataclass(frozen=True)
+class ThrottlePolicy(Settings):
     """Limits on guessing at a voice, as NIST SP 800-63B-4 asks of biometrics: consecutive
     failed verification attempts of one agent delay its next attempt, then disable it."""
 
-    free_failures: int = 5
-    """Consecutive failures allowed without delay (VOXAUTH_THROTTLE_FREE_FAILURES)."""
+    free_failures: int = field(
+        default=5, metadata=setting("VOXAUTH_THROTTLE_FREE_FAILURES", check=at_least(1))
+    )
+    """Consecutive failures allowed without delay."""
 
-    base_delay_seconds: float = 30.0
-    """Wait after the last free failure; it doubles with each further failure
-    (VOXAUTH_THROTTLE_DELAY_SECONDS)."""
+    base_delay_seconds: float = field(
+        default=30.0, metadata=setting("VOXAUTH_THROTTLE_DELAY_SECONDS", check=positive)
+    )
+    """Wait after the last free failure; it doubles with each further failure."""
 
-    max_delay_seconds: float = 86_400.0
-    """The doubling stops at one day (VOXAUTH_THROTTLE_MAX_DELAY_SECONDS)."""
+    max_delay_seconds: float = field(
+        default=86_400.0, metadata=setting("VOXAUTH_THROTTLE_MAX_DELAY_SECONDS", check=positive)
+    )
+    """The doubling stops at one day."""
 
-    disable_after_failures: int = 50
+    disable_after_failures: int = field(
+        default=50, metadata=setting("VOXAUTH_THROTTLE_DISABLE_AFTER", check=at_least(1))
+    )
     """Consecutive failures that disable the agent's biometric verification until an
-    administrator re-enables it (VOXAUTH_THROTTLE_DISABLE_AFTER)."""
+    administrator re-enables it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base_delay_seconds > self.max_delay_seconds:
+            raise ConfigurationError(
+                "VOXAUTH_THROTTLE_DELAY_SECONDS must be at most VOXAUTH_THROTTLE_MAX_DELAY_SECONDS"
+            )
+        if self.disable_after_failures <= self.free_failures:
+            raise ConfigurationError(
+                "VOXAUTH_THROTTLE_DISABLE_AFTER must be more than VOXAUTH_THROTTLE_FREE_FAILURES"
+            )
 
 
 @dataclass(frozen=True)
-class RetentionPolicy:
+class RetentionPolicy(Settings):
     """How long biometric data is kept."""
 
-    voiceprint_ttl_days: float = 1095.0
-    """A voiceprint no check has scored against for this long is erased: three years
-    (VOXAUTH_VOICEPRINT_TTL_DAYS)."""
+    # Zero would erase every voiceprint at the next expiry run.
+    voiceprint_ttl_days: float = field(
+        default=1095.0, metadata=setting("VOXAUTH_VOICEPRINT_TTL_DAYS", check=positive)
+    )
+    """A voiceprint no check has scored against for this long is erased: three years."""
 
 
 @dataclass(frozen=True)
-class TransportConfig:
+class TransportConfig(Settings):
     """How callers reach the server and prove who they are."""
 
-    tls_certificate: Path | None = None
-    """The server's certificate, PEM (VOXAUTH_TLS_CERT)."""
+    tls_certificate: Path | None = field(default=None, metadata=setting("VOXAUTH_TLS_CERT"))
+    """The server's certificate, PEM."""
 
-    tls_private_key: Path | None = None
-    """Its private key, PEM (VOXAUTH_TLS_KEY)."""
+    tls_private_key: Path | None = field(default=None, metadata=setting("VOXAUTH_TLS_KEY"))
+    """Its private key, PEM."""
 
-    client_ca: Path | None = None
-    """The CA that issues client certificates; callers must present one (VOXAUTH_TLS_CLIENT_CA)."""
+    client_ca: Path | None = field(default=None, metadata=setting("VOXAUTH_TLS_CLIENT_CA"))
+    """The CA that issues client certificates; callers must present one."""
 
-    token_listen_address: str = ""
+    token_listen_address: str = field(default="", metadata=setting("VOXAUTH_TOKEN_LISTEN"))
     """A second TLS port for callers that cannot do mutual TLS and send a bearer token
-    instead; empty for none (VOXAUTH_TOKEN_LISTEN)."""
+    instead; empty for none."""
 
-    tokens_file: Path | None = None
-    """Hashes of the accepted bearer tokens and their roles (VOXAUTH_TOKENS_FILE)."""
+    tokens_file: Path | None = field(default=None, metadata=setting("VOXAUTH_TOKENS_FILE"))
+    """Hashes of the accepted bearer tokens and their roles."""
 
     insecure_development: bool = False
     """Plain text and every caller with every role: for development on one machine only
@@ -199,38 +382,46 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
-class MfaConfig:
+class MfaConfig(Settings):
     """Signed assurances for the MFA provider."""
 
-    audience: str = "mfa"
-    """The `aud` claim: the MFA provider's identifier (VOXAUTH_ASSURANCE_AUDIENCE)."""
+    audience: str = field(default="mfa", metadata=setting("VOXAUTH_ASSURANCE_AUDIENCE"))
+    """The `aud` claim: the MFA provider's identifier."""
 
-    issuer: str = "voxauth"
-    """The `iss` claim (VOXAUTH_ASSURANCE_ISSUER)."""
+    issuer: str = field(default="voxauth", metadata=setting("VOXAUTH_ASSURANCE_ISSUER"))
+    """The `iss` claim."""
 
-    token_lifetime_seconds: float = 8 * 3600.0
-    """How long an assurance is valid: one shift (VOXAUTH_ASSURANCE_LIFETIME_SECONDS)."""
+    token_lifetime_seconds: float = field(
+        default=8 * 3600.0,
+        metadata=setting("VOXAUTH_ASSURANCE_LIFETIME_SECONDS", check=non_negative),
+    )
+    """How long an assurance is valid: one shift."""
 
-    key_rotation_days: float = 30.0
-    """Age at which the signing key is replaced (VOXAUTH_SIGNING_KEY_ROTATION_DAYS)."""
+    key_rotation_days: float = field(
+        default=30.0, metadata=setting("VOXAUTH_SIGNING_KEY_ROTATION_DAYS", check=non_negative)
+    )
+    """Age at which the signing key is replaced."""
 
-    jwks_listen_address: str = "127.0.0.1:8080"
-    """host:port of the HTTP endpoint /.well-known/jwks.json; empty for none
-    (VOXAUTH_JWKS_LISTEN)."""
+    jwks_listen_address: str = field(
+        default="127.0.0.1:8080", metadata=setting("VOXAUTH_JWKS_LISTEN")
+    )
+    """host:port of the HTTP endpoint /.well-known/jwks.json; empty for none."""
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    listen_address: str = "127.0.0.1:50051"
-    """host:port to listen on; port 0 picks a free port (VOXAUTH_LISTEN)."""
+class ServerConfig(Settings):
+    """What `voxauth serve` runs with."""
 
-    database_path: Path = Path("var/voxauth.db")
-    """SQLite file of the embedded store (VOXAUTH_DB)."""
+    listen_address: str = field(default="127.0.0.1:50051", metadata=setting("VOXAUTH_LISTEN"))
+    """host:port to listen on; port 0 picks a free port."""
 
-    model_dir: Path | None = None
-    """Verified model files; None means models.fetch.default_model_dir() (VOXAUTH_MODEL_DIR)."""
+    database_path: Path = field(default=Path("var/voxauth.db"), metadata=setting("VOXAUTH_DB"))
+    """SQLite file of the embedded store."""
 
-    shutdown_grace_seconds: float = 10.0
+    model_dir: Path | None = field(default=None, metadata=setting("VOXAUTH_MODEL_DIR"))
+    """Verified model files; None means models.fetch.default_model_dir()."""
+
+    shutdown_grace_seconds: float = field(default=10.0, metadata=setting(check=non_negative))
     """On SIGTERM, in-flight calls get this long to finish."""
 
     audio: AudioLimits = field(default_factory=AudioLimits)
@@ -238,143 +429,207 @@ class ServerConfig:
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
     scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
+    store: StoreLimits = field(default_factory=StoreLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)
+    streams: StreamLimits = field(default_factory=StreamLimits)
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
     def as_json(self) -> str:
-        """The effective configuration as JSON. It holds no secrets: keys come from the
-        environment and are never part of ServerConfig."""
+        """The effective configuration as JSON. It holds no secrets: keys are KeySettings,
+        never part of ServerConfig."""
         return json.dumps(dataclasses.asdict(self), default=_plain, sort_keys=True, indent=2)
 
-    @classmethod
-    def from_environment(cls, env: Mapping[str, str] | None = None) -> ServerConfig:
-        env = os.environ if env is None else env
-        base = cls()
-        model_dir = env.get("VOXAUTH_MODEL_DIR")
-        threshold = _float(env, "VOXAUTH_THRESHOLD", base.verification.threshold)
-        transport = TransportConfig(
-            tls_certificate=_path(env, "VOXAUTH_TLS_CERT"),
-            tls_private_key=_path(env, "VOXAUTH_TLS_KEY"),
-            client_ca=_path(env, "VOXAUTH_TLS_CLIENT_CA"),
-            token_listen_address=env.get("VOXAUTH_TOKEN_LISTEN", ""),
-            tokens_file=_path(env, "VOXAUTH_TOKENS_FILE"),
-        )
-        mfa = MfaConfig(
-            audience=env.get("VOXAUTH_ASSURANCE_AUDIENCE", base.mfa.audience),
-            issuer=env.get("VOXAUTH_ASSURANCE_ISSUER", base.mfa.issuer),
-            token_lifetime_seconds=_float(
-                env, "VOXAUTH_ASSURANCE_LIFETIME_SECONDS", base.mfa.token_lifetime_seconds
-            ),
-            key_rotation_days=_float(
-                env, "VOXAUTH_SIGNING_KEY_ROTATION_DAYS", base.mfa.key_rotation_days
-            ),
-            jwks_listen_address=env.get("VOXAUTH_JWKS_LISTEN", base.mfa.jwks_listen_address),
-        )
-        return replace(
-            base,
-            transport=transport,
-            mfa=mfa,
-            listen_address=env.get("VOXAUTH_LISTEN", base.listen_address),
-            database_path=Path(env.get("VOXAUTH_DB", str(base.database_path))),
-            model_dir=Path(model_dir) if model_dir else None,
-            audio=AudioLimits(
-                max_seconds=_float(env, "VOXAUTH_MAX_AUDIO_SECONDS", base.audio.max_seconds)
-            ),
-            enrollment=replace(
-                base.enrollment,
-                required_net_speech_seconds=_float(
-                    env,
-                    "VOXAUTH_ENROLL_NET_SPEECH_SECONDS",
-                    base.enrollment.required_net_speech_seconds,
-                ),
-                consistency_threshold=threshold,
-            ),
-            verification=VerificationPolicy(
-                threshold=threshold,
-                min_net_speech_seconds=_float(
-                    env,
-                    "VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS",
-                    base.verification.min_net_speech_seconds,
-                ),
-            ),
-            scoring=_scoring(env, base.scoring),
-            throttle=_throttle(env, base.throttle),
-            retention=_retention(env, base.retention),
-            shifts=replace(
-                base.shifts,
-                mean_checkpoint_interval_seconds=_float(
-                    env,
-                    "VOXAUTH_CHECKPOINT_MEAN_SECONDS",
-                    base.shifts.mean_checkpoint_interval_seconds,
-                ),
-                checkpoint_jitter_seconds=_float(
-                    env, "VOXAUTH_CHECKPOINT_JITTER_SECONDS", base.shifts.checkpoint_jitter_seconds
-                ),
-                min_checkpoint_gap_seconds=_float(
-                    env,
-                    "VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS",
-                    base.shifts.min_checkpoint_gap_seconds,
-                ),
-                max_consecutive_failures=_int(
-                    env, "VOXAUTH_LOCK_AFTER_FAILURES", base.shifts.max_consecutive_failures
-                ),
-            ),
-            inference=InferenceLimits(
-                workers=_int(env, "VOXAUTH_WORKERS", base.inference.workers),
-                threads=_int(env, "VOXAUTH_THREADS", base.inference.threads),
-                max_queued=_int(env, "VOXAUTH_MAX_QUEUED", base.inference.max_queued),
-            ),
-        )
+
+# --- keys and clients ---------------------------------------------------------------------
 
 
-def _scoring(env: Mapping[str, str], base: ScoringPolicy) -> ScoringPolicy:
-    target_fmr = _float(env, "VOXAUTH_TARGET_FMR", base.target_fmr)
-    if not 0 < target_fmr < 0.5:
-        raise ConfigurationError(
-            f"VOXAUTH_TARGET_FMR={target_fmr:g} must be a rate between 0 and 0.5 (e.g. 0.0001)"
-        )
-    scoring_dir = env.get("VOXAUTH_SCORING_DIR")
-    agents = env.get("VOXAUTH_COHORT_AGENTS", "")
-    if agents not in ("", "0", "1"):
-        raise ConfigurationError(f"VOXAUTH_COHORT_AGENTS={agents!r} must be 0 or 1")
-    return replace(
-        base,
-        target_fmr=target_fmr,
-        scoring_dir=Path(scoring_dir) if scoring_dir else base.scoring_dir,
-        cohort_includes_agents=agents == "1" if agents else base.cohort_includes_agents,
+@dataclass(frozen=True)
+class KeySettings(Settings):
+    """Where the voiceprint encryption keys come from (server/security/crypto.py loads them):
+    the current key, and the keys it replaced, which still open what they sealed until it is
+    re-sealed (see README, "Key rotation")."""
+
+    key: str | None = field(default=None, repr=False, metadata=setting("VOXAUTH_KEY", secret=True))
+    """The current key: base64 of 32 random bytes."""
+
+    key_file: Path | None = field(default=None, metadata=setting("VOXAUTH_KEY_FILE"))
+    """A file holding the current key instead (set only one of the two)."""
+
+    previous_keys: str | None = field(
+        default=None, repr=False, metadata=setting("VOXAUTH_PREVIOUS_KEYS", secret=True)
     )
+    """Previous keys, base64, separated by commas."""
 
-
-def _throttle(env: Mapping[str, str], base: ThrottlePolicy) -> ThrottlePolicy:
-    policy = ThrottlePolicy(
-        free_failures=_int(env, "VOXAUTH_THROTTLE_FREE_FAILURES", base.free_failures),
-        base_delay_seconds=_float(env, "VOXAUTH_THROTTLE_DELAY_SECONDS", base.base_delay_seconds),
-        max_delay_seconds=_float(env, "VOXAUTH_THROTTLE_MAX_DELAY_SECONDS", base.max_delay_seconds),
-        disable_after_failures=_int(
-            env, "VOXAUTH_THROTTLE_DISABLE_AFTER", base.disable_after_failures
-        ),
+    previous_keys_file: Path | None = field(
+        default=None, metadata=setting("VOXAUTH_PREVIOUS_KEYS_FILE")
     )
-    if not 0 < policy.base_delay_seconds <= policy.max_delay_seconds:
-        raise ConfigurationError(
-            "VOXAUTH_THROTTLE_DELAY_SECONDS must be above zero and at most "
-            "VOXAUTH_THROTTLE_MAX_DELAY_SECONDS"
-        )
-    if policy.disable_after_failures <= policy.free_failures:
-        raise ConfigurationError(
-            "VOXAUTH_THROTTLE_DISABLE_AFTER must be more than VOXAUTH_THROTTLE_FREE_FAILURES"
-        )
-    return policy
+    """A file holding them instead, separated by commas or line breaks."""
 
 
-def _retention(env: Mapping[str, str], base: RetentionPolicy) -> RetentionPolicy:
-    days = _float(env, "VOXAUTH_VOICEPRINT_TTL_DAYS", base.voiceprint_ttl_days)
-    if days == 0:
-        # Zero would erase every voiceprint at the next expiry run.
-        raise ConfigurationError("VOXAUTH_VOICEPRINT_TTL_DAYS must be above zero")
-    return replace(base, voiceprint_ttl_days=days)
+@dataclass(frozen=True)
+class ClientSettings(Settings):
+    """How the `voxauth` client commands (enroll, verify, status, delete) and `voxauth bench
+    load` reach a server; their flags override these."""
+
+    server: str = field(default="localhost:50051", metadata=setting("VOXAUTH_SERVER"))
+    """host:port of the server."""
+
+    pki_dir: Path = field(default=Path("var/pki"), metadata=setting("VOXAUTH_PKI_DIR"))
+    """Development PKI from `voxauth certs init`: its CA, and a client certificate per role."""
+
+    ca: Path | None = field(default=None, metadata=setting("VOXAUTH_CA"))
+    """CA certificate of the server; None: the PKI folder's."""
+
+    certificate: Path | None = field(default=None, metadata=setting("VOXAUTH_CERT"))
+    """Client certificate; None: the PKI folder's for the command's role."""
+
+    certificate_key: Path | None = field(default=None, metadata=setting("VOXAUTH_CERT_KEY"))
+    """Its private key; None: the PKI folder's for the command's role."""
+
+    token: str | None = field(
+        default=None, repr=False, metadata=setting("VOXAUTH_TOKEN", secret=True)
+    )
+    """Bearer token instead of a client certificate."""
+
+    insecure: bool = field(default=False, metadata=setting("VOXAUTH_INSECURE"))
+    """Plain text, to a server run with --insecure-dev."""
+
+
+SETTINGS_GROUPS: tuple[type[Settings], ...] = (ServerConfig, KeySettings, ClientSettings)
+"""Every group of settings the environment can set; together they declare every known
+`VOXAUTH_*` variable."""
+
+
+@functools.cache
+def known_variables() -> frozenset[str]:
+    """Every `VOXAUTH_*` variable some setting declares."""
+    return frozenset(variable.name for group in SETTINGS_GROUPS for variable in _variables(group))
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """`settings` as JSON-ready values, each secret replaced by "<redacted>" (None if unset)."""
+    shown: dict[str, Any] = {}
+    for spec in fields(settings):
+        value = getattr(settings, spec.name)
+        variable: Variable | None = spec.metadata.get(_VARIABLE)
+        if isinstance(value, Settings):
+            shown[spec.name] = redacted(value)
+        elif variable is not None and variable.secret:
+            shown[spec.name] = None if value is None else "<redacted>"
+        else:
+            shown[spec.name] = str(value) if isinstance(value, Path) else value
+    return shown
+
+
+# --- reading and checking -----------------------------------------------------------------
+
+
+def _read(cls: type[_S], env: Mapping[str, str]) -> _S:
+    hints = _type_hints(cls)
+    values: dict[str, object] = {}
+    for spec in fields(cls):
+        expected = hints[spec.name]
+        if isinstance(expected, type) and issubclass(expected, Settings):
+            values[spec.name] = _read(expected, env)
+            continue
+        variable: Variable | None = spec.metadata.get(_VARIABLE)
+        if variable is None or variable.name not in env:
+            continue
+        value = _parse(env[variable.name], expected, variable)
+        if value is not _UNSET:
+            values[spec.name] = value
+    make: Callable[..., _S] = cls
+    return make(**values)
+
+
+_UNSET = object()
+
+
+def _parse(raw: str, expected: Any, variable: Variable) -> object:
+    """The value of `raw` for a field of type `expected`, or _UNSET for an empty variable."""
+    optional = isinstance(expected, types.UnionType)
+    kind = (
+        next(arg for arg in get_args(expected) if arg is not type(None)) if optional else expected
+    )
+    if raw == "" and (optional or kind is not str):
+        return _UNSET
+    quoted = variable.name if variable.secret else f"{variable.name}={raw!r}"
+    if kind is str:
+        return raw
+    if kind is Path:
+        return Path(raw)
+    if kind is bool:
+        if raw not in ("0", "1"):
+            raise ConfigurationError(f"{quoted} must be 0 or 1")
+        return raw == "1"
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{quoted} is not an integer") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{quoted} is not a number") from None
+    raise TypeError(f"no parser for settings of type {expected}")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls)
+    return hints
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _variables(cls: type[Settings]) -> list[Variable]:
+    found = []
+    for spec in fields(cls):
+        expected = _type_hints(cls)[spec.name]
+        if isinstance(expected, type) and issubclass(expected, Settings):
+            found += _variables(expected)
+        elif _VARIABLE in spec.metadata:
+            found.append(spec.metadata[_VARIABLE])
+    return found
+
+
+def _is_instance(value: object, expected: Any) -> bool:
+    if isinstance(expected, types.UnionType):
+        return any(_is_instance(value, arg) for arg in get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        # An int is a fine float; a bool is not a number here.
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(expected))
+    return "None" if expected is type(None) else f"a {expected.__name__}"
+
+
+def _refusal(
+    cls: type, spec: dataclasses.Field[Any], value: object, problem: str
+) -> ConfigurationError:
+    """The error for a bad value: names the variable (if any) and the field; quotes the value
+    unless it is a secret."""
+    variable: Variable | None = spec.metadata.get(_VARIABLE)
+    where = f"{cls.__name__}.{spec.name}"
+    if variable is None:
+        return ConfigurationError(f"{where}={value!r}: {problem}")
+    if variable.secret:
+        return ConfigurationError(f"{variable.name} ({where}): {problem}")
+    return ConfigurationError(f"{variable.name}={value!r} ({where}): {problem}")
 
 
 def _plain(value: object) -> object:
@@ -383,34 +638,3 @@ def _plain(value: object) -> object:
     if isinstance(value, timedelta):
         return value.total_seconds()
     raise TypeError(f"cannot show {type(value).__name__} in the configuration")
-
-
-def _path(env: Mapping[str, str], name: str) -> Path | None:
-    raw = env.get(name)
-    return Path(raw) if raw else None
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-    if not value >= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be zero or positive")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ConfigurationError(f"{name}={raw!r} must be at least 1")
-    return value

@@ -1,14 +1,56 @@
-"""Domain exceptions. Every error voxauth raises on purpose derives from VoxauthError.
+"""Domain exceptions. Every error voxauth raises on purpose derives from VoxauthError, through
+exactly one category; the category says what the caller can do about it, and the gRPC edge
+(server/api/interceptors.py) maps each category to one status code, so no domain module needs
+to know about grpc and a new error is mapped by the category it joins.
 
-Domain code raises these; the gRPC edge maps them to status codes in one place
-(server/interceptors.py), so no domain module needs to know about grpc.
+The whole hierarchy (status code in brackets):
+
+    VoxauthError
+    ├── InvalidInputError              the request itself is wrong [INVALID_ARGUMENT]
+    │   ├── InvalidAudioError
+    │   ├── InvalidRequestError
+    │   └── MalformedMessageError
+    ├── UnauthenticatedError           no usable caller identity [UNAUTHENTICATED]
+    ├── NotFoundError                  the thing asked about does not exist [NOT_FOUND]
+    │   ├── AgentNotFoundError
+    │   ├── ShiftNotFoundError
+    │   └── AssuranceNotFoundError
+    ├── PreconditionError              not now: some state must change first
+    │   │                              [FAILED_PRECONDITION]
+    │   ├── ShiftEndedError
+    │   ├── ShiftNotLockedError
+    │   ├── AssuranceRevokedError
+    │   ├── StreamOrderError
+    │   ├── NotEnrolledError
+    │   ├── ModelMismatchError
+    │   ├── EnrollmentIncompleteError
+    │   └── VerificationDisabledError
+    ├── ConflictError                  lost to concurrent activity on the same thing [ABORTED]
+    │   ├── ShiftTakenOverError
+    │   └── AlreadyExistsError         the thing to create is already there [ALREADY_EXISTS]
+    │       └── AgentExistsError
+    ├── CapacityError                  a bound is reached; retry later [RESOURCE_EXHAUSTED]
+    │   └── ThrottledError
+    ├── UnavailableError               the service cannot serve right now [UNAVAILABLE]
+    │   └── ServiceNotReadyError
+    ├── TimedOutError                  the server stopped waiting for the caller
+    │   │                              [DEADLINE_EXCEEDED]
+    │   └── StreamIdleError
+    └── InternalError                  the operator's problem, not the caller's [INTERNAL]
+        ├── ConfigurationError
+        │   └── CertificateFilesError
+        └── StorageError
+
+Catch a category where any of its members calls for the same handling; raise the concrete class
+(or the category itself where no finer name helps, as CapacityError for a full queue).
 """
 
 from __future__ import annotations
 
 
 class VoxauthError(Exception):
-    """Base class of all voxauth domain errors."""
+    """Base class of all voxauth domain errors. Raise a category or a concrete class, never
+    this: an error without a category reaches the caller as INTERNAL."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -17,68 +59,12 @@ class VoxauthError(Exception):
         self.field = field
 
 
-class InvalidAudioError(VoxauthError):
-    """The audio cannot be used: unknown format, bad rate, empty, too long, corrupt, NaN..."""
+# --- categories ---------------------------------------------------------------------------
 
 
-class InvalidRequestError(VoxauthError):
-    """A request field other than audio is missing or malformed."""
-
-
-class AgentNotFoundError(VoxauthError):
-    """No agent with the given id."""
-
-
-class ShiftNotFoundError(VoxauthError):
-    """No shift with the given id."""
-
-
-class ShiftEndedError(VoxauthError):
-    """The shift has ended; start a new one."""
-
-
-class ShiftTakenOverError(VoxauthError):
-    """A newer stream for the same shift replaced this one."""
-
-
-class StreamOrderError(VoxauthError):
-    """Messages of a stream came in the wrong order (e.g. audio before the stream header)."""
-
-
-class AgentExistsError(VoxauthError):
-    """An agent with the given id already exists."""
-
-
-class NotEnrolledError(VoxauthError):
-    """The agent exists but has no voiceprint yet."""
-
-
-class ModelMismatchError(VoxauthError):
-    """The stored voiceprint was made by a different speaker model than the one loaded."""
-
-
-class EnrollmentIncompleteError(VoxauthError):
-    """Finalize was asked for before enough consistent net speech was collected."""
-
-
-class CapacityError(VoxauthError):
-    """A bounded resource is full (inference queue, pending utterances); retry later."""
-
-
-class ConfigurationError(VoxauthError):
-    """The service cannot start as configured (missing key, missing model files...)."""
-
-
-class ModelFilesError(ConfigurationError):
-    """Model weights are missing or do not match the manifest."""
-
-
-class StorageError(VoxauthError):
-    """The store could not read or write (including a voiceprint that fails to decrypt)."""
-
-
-class ServiceNotReadyError(VoxauthError):
-    """The server is starting (model not loaded yet) or shutting down."""
+class InvalidInputError(VoxauthError):
+    """The request is wrong whatever the state of the service: fixing the request is the only
+    way through. `field` names the request field at fault."""
 
 
 class UnauthenticatedError(VoxauthError):
@@ -86,27 +72,170 @@ class UnauthenticatedError(VoxauthError):
     unknown or malformed bearer token."""
 
 
+class NotFoundError(VoxauthError):
+    """What the request names does not exist (or no longer does)."""
+
+
+class PreconditionError(VoxauthError):
+    """The request is well formed but cannot be served in the current state of what it names;
+    retrying is useless until that state changes (enroll, finalize, re-enable, new shift...)."""
+
+
+class ConflictError(VoxauthError):
+    """The request lost to concurrent activity on the same thing (e.g. a newer stream for the
+    same shift); the caller decides whether to retry from the top."""
+
+
+class AlreadyExistsError(ConflictError):
+    """The thing the request would create already exists."""
+
+
+class CapacityError(VoxauthError):
+    """A bounded resource is full (inference queue, pending utterances) or a rate limit is
+    reached; retry later. `retry_after_seconds`, when known, is how long to wait."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class UnavailableError(VoxauthError):
+    """The service cannot serve any request right now (starting, stopping); retry with
+    back-off."""
+
+
+class TimedOutError(VoxauthError):
+    """The server stopped waiting for the caller (e.g. a stream that sent nothing for too long).
+    Nothing the caller sent was wrong; it may call again when it has something to send."""
+
+
+class InternalError(VoxauthError):
+    """A fault of the deployment or of the service itself (configuration, storage): callers
+    get no details; the server log has them."""
+
+
+# --- invalid input ------------------------------------------------------------------------
+
+
+class InvalidAudioError(InvalidInputError):
+    """The audio cannot be used: unknown format, bad rate, empty, too long, corrupt, NaN..."""
+
+
+class InvalidRequestError(InvalidInputError):
+    """A request field other than audio is missing or malformed."""
+
+
+class MalformedMessageError(InvalidInputError):
+    """The bytes of a request are not the protobuf message the method takes."""
+
+
+# --- not found ----------------------------------------------------------------------------
+
+
+class AgentNotFoundError(NotFoundError):
+    """No agent with the given id."""
+
+
+class ShiftNotFoundError(NotFoundError):
+    """No shift with the given id."""
+
+
+class AssuranceNotFoundError(NotFoundError):
+    """The shift has no valid assurance (no passed login check, or it expired)."""
+
+
+# --- precondition -------------------------------------------------------------------------
+
+
+class ShiftEndedError(PreconditionError):
+    """The shift has ended; start a new one."""
+
+
+class ShiftNotLockedError(PreconditionError):
+    """An unlock was asked for a shift that is not locked."""
+
+
+class AssuranceRevokedError(PreconditionError):
+    """The shift's latest assurance was revoked (its shift ended or locked); the message ends
+    in the reason. After a lock, a passing login check issues a fresh one."""
+
+
+class StreamOrderError(PreconditionError):
+    """Messages of a stream came in the wrong order (e.g. audio before the stream header)."""
+
+
+class NotEnrolledError(PreconditionError):
+    """The agent exists but has no voiceprint yet."""
+
+
+class ModelMismatchError(PreconditionError):
+    """The stored voiceprint was made by a different speaker model than the one loaded."""
+
+
+class EnrollmentIncompleteError(PreconditionError):
+    """Finalize was asked for before enough consistent net speech was collected."""
+
+
+class VerificationDisabledError(PreconditionError):
+    """The agent's biometric verification is disabled after too many consecutive failures,
+    until an administrator re-enables it. A precondition, not a permission: the caller may be
+    entitled; the agent's state must change first."""
+
+
+# --- conflict -----------------------------------------------------------------------------
+
+
+class ShiftTakenOverError(ConflictError):
+    """A newer stream for the same shift replaced this one."""
+
+
+class AgentExistsError(AlreadyExistsError):
+    """An agent with the given id already exists."""
+
+
+# --- capacity -----------------------------------------------------------------------------
+
+
+class ThrottledError(CapacityError):
+    """Too many consecutive failed verifications of the agent: the next attempt must wait."""
+
+    retry_after_seconds: float
+
+    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
+        super().__init__(message, retry_after_seconds=retry_after_seconds)
+
+
+# --- unavailable --------------------------------------------------------------------------
+
+
+class ServiceNotReadyError(UnavailableError):
+    """The server is starting (model not loaded yet) or shutting down."""
+
+
+# --- timed out ----------------------------------------------------------------------------
+
+
+class StreamIdleError(TimedOutError):
+    """A client stream sent no message for longer than the server waits."""
+
+
+# --- internal -----------------------------------------------------------------------------
+
+
+class ConfigurationError(InternalError):
+    """The service cannot start as configured (missing key, missing model files...)."""
+
+
 class CertificateFilesError(ConfigurationError):
     """TLS certificates or keys are missing, unreadable or invalid, or writing a development
     PKI would overwrite existing files."""
 
 
-class AssuranceNotFoundError(VoxauthError):
-    """The shift has no valid assurance (no passed login check, or it expired)."""
-
-
-class ShiftNotLockedError(VoxauthError):
-    """An unlock was asked for a shift that is not locked."""
-
-
-class ThrottledError(VoxauthError):
-    """Too many consecutive failed verifications of the agent: the next attempt must wait."""
-
-    def __init__(self, message: str, *, retry_after_seconds: float) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
-
-class VerificationDisabledError(VoxauthError):
-    """The agent's biometric verification is disabled after too many consecutive failures,
-    until an administrator re-enables it."""
+class StorageError(InternalError):
+    """The store could not read or write (including a voiceprint that fails to decrypt)."""

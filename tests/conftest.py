@@ -14,13 +14,14 @@ from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_model_dir
 from server.config import ServerConfig
-from tests.support import KEY, ManualClock, RunningServer, make_config
+from tests.clock import ManualClock
+from tests.support import KEY, RunningServer, make_config
 
 
 @pytest.fixture(scope="session")
 def embedder() -> SpeakerEmbedder:
     """The real ECAPA model, loaded once for the whole run."""
-    return EcapaEmbedder.load(default_model_dir())
+    return EcapaEmbedder.load(ServerConfig.from_environment().model_dir or default_model_dir())
 
 
 @pytest.fixture

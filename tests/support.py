@@ -4,11 +4,11 @@ reached through a real gRPC channel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,10 +21,23 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from models.embedder import SpeakerEmbedder
-from server.api.access import Role
+from server.api.grpc_server import GrpcServer
+from server.api.readiness import Readiness
+from server.api.tls import channel_credentials
 from server.app import VoxauthServer
-from server.config import EnrollmentPolicy, MfaConfig, ServerConfig, TransportConfig
-from server.security.certificates import DevelopmentPki, channel_credentials
+from server.config import (
+    EnrollmentPolicy,
+    MfaConfig,
+    ServerConfig,
+    StreamLimits,
+    TransportConfig,
+)
+from server.runtime.inference import InferencePool
+from server.runtime.store_pool import StorePool
+from server.security.certificates import DevelopmentPki
+from server.security.identity import Role
+from server.storage.interface import AuditEvent
+from tests.clock import ManualClock
 
 DATA = Path(__file__).parent / "data"
 RATE = 16_000
@@ -73,11 +86,16 @@ def wav_audio(samples: Samples) -> pb.Audio:
 KEY = bytes(range(32))
 
 
+_A_DAY = 86_400.0
+
+
 def make_config(tmp_path: Path) -> ServerConfig:
     # Each test file holds ~17 s of one speaker, so tests ask for 5 s of enrollment speech
     # instead of the 20 s default.
     # Plain text, every caller with every role: these tests are about speech, not access
     # (tests/test_security.py runs the real server with mutual TLS).
+    # Tests move the clock by minutes at a time while a softphone or upload sends nothing, which
+    # a real client would not do: streams are not closed for idling (tests of that set it).
     return replace(
         ServerConfig(),
         listen_address="127.0.0.1:0",
@@ -85,6 +103,7 @@ def make_config(tmp_path: Path) -> ServerConfig:
         enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
         transport=TransportConfig(insecure_development=True),
         mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
+        streams=StreamLimits(shift_idle_seconds=_A_DAY, enrollment_idle_seconds=_A_DAY),
     )
 
 
@@ -107,43 +126,6 @@ def as_role(pki: DevelopmentPki, role: Role) -> grpc.ChannelCredentials:
         certificate=pki.client_certificate(role.value),
         private_key=pki.client_key(role.value),
     )
-
-
-class ManualClock:
-    """A Clock that moves only when the test says, so a whole shift runs in seconds."""
-
-    def __init__(self, start: datetime = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)) -> None:
-        self._now = 0.0
-        self._start = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def monotonic(self) -> float:
-        return self._now
-
-    def now(self) -> datetime:
-        return self._start + timedelta(seconds=self._now)
-
-    async def sleep_until(self, deadline: float) -> None:
-        if deadline <= self._now:
-            return
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (deadline, wake)
-        self._sleepers.append(entry)
-        try:
-            await wake
-        finally:
-            if entry in self._sleepers:
-                self._sleepers.remove(entry)
-
-    async def advance(self, seconds: float) -> None:
-        """Moves time on (on the server's loop) and wakes whoever's deadline has come."""
-        self._now += seconds
-        for deadline, wake in list(self._sleepers):
-            if deadline <= self._now and not wake.done():
-                wake.set_result(None)
-        # Let the woken tasks run up to their next wait.
-        for _ in range(5):
-            await asyncio.sleep(0)
 
 
 class RunningServer:
@@ -175,8 +157,15 @@ class RunningServer:
         self.shifts = spb_grpc.ShiftServiceStub(self.channel)
 
     def advance(self, seconds: float) -> None:
-        """Moves the server's clock on by `seconds`."""
-        self._call(self.clock.advance(seconds))
+        """Moves the server's clock on by `seconds`, on the server's loop where its sleepers
+        wait, and lets the woken tasks run up to their next wait."""
+
+        async def advance_and_settle() -> None:
+            self.clock.advance(seconds)
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        self._call(advance_and_settle())
 
     def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -203,3 +192,38 @@ class RunningServer:
 
     def verify(self, agent_id: str, audio: pb.Audio) -> pb.VerifyResponse:
         return self.verification.Verify(pb.VerifyRequest(agent_id=agent_id, audio=audio))
+
+
+@dataclass
+class ApiServer:
+    """The gRPC edge alone (GrpcServer: servicers, interceptors, TLS ports), without a domain:
+    every call that gets past the edge is UNAVAILABLE, as while the model loads."""
+
+    api: GrpcServer
+    clock: ManualClock
+    address: str
+    """The mutual-TLS port, as localhost:port."""
+    token_address: str
+    """The TLS port for bearer tokens."""
+    audited: list[AuditEvent] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def api_server(config: ServerConfig) -> AsyncIterator[ApiServer]:
+    """Runs `config`'s gRPC edge on the current event loop (use `tls_config`, with a
+    token_listen_address for the second port)."""
+    clock = ManualClock()
+    inference, store_pool = InferencePool(config.inference), StorePool(config.store)
+    api = GrpcServer(config, Readiness(), inference, store_pool, clock)
+    audited: list[AuditEvent] = []
+
+    async def audit(event: AuditEvent) -> None:
+        audited.append(event)
+
+    await api.start(audit)
+    try:
+        yield ApiServer(api, clock, f"localhost:{api.port}", f"localhost:{api.token_port}", audited)
+    finally:
+        await api.stop(0)
+        inference.shutdown()
+        store_pool.shutdown()

@@ -1,8 +1,9 @@
 """The one place where domain errors become gRPC status codes.
 
-Servicers raise domain exceptions (server/errors.py) and never pick status codes themselves.
-Errors with a request field attached also carry a google.rpc.BadRequest detail naming it, and a
-throttled verification a google.rpc.RetryInfo detail with the time to wait.
+Servicers raise domain exceptions (server/errors.py) and never pick status codes themselves:
+each error takes the status of its category. Invalid input with a request field attached also
+carries a google.rpc.BadRequest detail naming it, and a capacity error that knows how long to
+wait (a throttled verification) a google.rpc.RetryInfo detail with that time.
 """
 
 from __future__ import annotations
@@ -17,69 +18,61 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.api.handlers import rewrap
+from server.api.handler_wrapping import (
+    Continuation,
+    MethodHandler,
+    Request,
+    Response,
+    rewrap,
+)
 from server.errors import (
-    AgentExistsError,
-    AgentNotFoundError,
-    AssuranceNotFoundError,
+    AlreadyExistsError,
     CapacityError,
-    ConfigurationError,
-    EnrollmentIncompleteError,
-    InvalidAudioError,
-    InvalidRequestError,
-    ModelMismatchError,
-    NotEnrolledError,
-    ServiceNotReadyError,
-    ShiftEndedError,
-    ShiftNotFoundError,
-    ShiftNotLockedError,
-    ShiftTakenOverError,
-    StorageError,
-    StreamOrderError,
-    ThrottledError,
+    ConflictError,
+    InternalError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+    TimedOutError,
     UnauthenticatedError,
-    VerificationDisabledError,
+    UnavailableError,
     VoxauthError,
 )
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: dict[type[VoxauthError], grpc.StatusCode] = {
-    InvalidAudioError: grpc.StatusCode.INVALID_ARGUMENT,
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    AgentNotFoundError: grpc.StatusCode.NOT_FOUND,
-    ShiftNotFoundError: grpc.StatusCode.NOT_FOUND,
-    ShiftEndedError: grpc.StatusCode.FAILED_PRECONDITION,
-    StreamOrderError: grpc.StatusCode.FAILED_PRECONDITION,
-    ShiftTakenOverError: grpc.StatusCode.ABORTED,
-    ShiftNotLockedError: grpc.StatusCode.FAILED_PRECONDITION,
-    AssuranceNotFoundError: grpc.StatusCode.NOT_FOUND,
+STATUS_OF_CATEGORY: dict[type[VoxauthError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    AgentExistsError: grpc.StatusCode.ALREADY_EXISTS,
-    NotEnrolledError: grpc.StatusCode.FAILED_PRECONDITION,
-    ModelMismatchError: grpc.StatusCode.FAILED_PRECONDITION,
-    EnrollmentIncompleteError: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    ConflictError: grpc.StatusCode.ABORTED,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ThrottledError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    # Not PERMISSION_DENIED: the caller may be entitled; the agent's state must change first.
-    VerificationDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
-    ServiceNotReadyError: grpc.StatusCode.UNAVAILABLE,
-    ConfigurationError: grpc.StatusCode.INTERNAL,
-    StorageError: grpc.StatusCode.INTERNAL,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    TimedOutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InternalError: grpc.StatusCode.INTERNAL,
 }
+"""The status of each error category (server/errors.py); an error takes its nearest one's."""
 
 
-def status_code_for(error: VoxauthError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
+def category_of(error_type: type[VoxauthError]) -> type[VoxauthError] | None:
+    """The nearest category `error_type` belongs to; None for one outside every category."""
+    return next((cls for cls in error_type.__mro__ if cls in STATUS_OF_CATEGORY), None)
+
+
+def status_code_for(error_type: type[VoxauthError]) -> grpc.StatusCode:
+    category = category_of(error_type)
+    if category is None:
+        # A VoxauthError raised without a category is a bug of ours, not the caller's.
+        return grpc.StatusCode.INTERNAL
+    return STATUS_OF_CATEGORY[category]
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> None:
     """Ends the call with the status for `error` (context.abort raises)."""
     if isinstance(error, VoxauthError):
-        code = status_code_for(error)
+        code = status_code_for(type(error))
         message = error.message
         if code is grpc.StatusCode.INTERNAL:
             # Storage and configuration faults are the operator's business, not the caller's.
@@ -97,7 +90,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
             ]
         )
         status.details.add().Pack(detail)
-    if isinstance(error, ThrottledError):
+    if isinstance(error, CapacityError) and error.retry_after_seconds is not None:
         delay = duration_pb2.Duration(seconds=math.ceil(error.retry_after_seconds))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     await context.abort(
@@ -113,9 +106,9 @@ def _passes_through(error: BaseException) -> bool:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation[Request, Response],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler[Request, Response]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

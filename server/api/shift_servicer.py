@@ -1,63 +1,68 @@
-"""gRPC servicer of ShiftService: protobuf <-> the domain's ShiftService, nothing more."""
+"""gRPC servicer of ShiftService: protobuf <-> the domain's ShiftService, nothing more (the
+domain service runs its model work on the inference pool and its store work on the store's)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
+from grpc.aio import ServicerContext
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 
-from server.api.servicers import Readiness, audio_input, timestamp, verify_response
+from server.api.convert import audio_input, login_response, shift_event_message, shift_message
+from server.api.readiness import Readiness
+from server.api.streams import idle_limited
+from server.config import StreamLimits
 from server.errors import InvalidAudioError, StreamOrderError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.decode import AudioEncoding
+from server.runtime.clock import Clock
 from server.shifts.buffer import StreamFormat
-from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind, ShiftStream
-from server.storage.interface import ShiftRecord, ShiftState
-
-_STATES = {
-    ShiftState.VERIFIED: spb.SHIFT_STATE_VERIFIED,
-    ShiftState.UNVERIFIED: spb.SHIFT_STATE_UNVERIFIED,
-    ShiftState.LOCKED: spb.SHIFT_STATE_LOCKED,
-    ShiftState.ENDED: spb.SHIFT_STATE_ENDED,
-}
-_KINDS = {
-    ShiftEventKind.STREAM_ATTACHED: spb.SHIFT_EVENT_KIND_STREAM_ATTACHED,
-    ShiftEventKind.CHECKPOINT_PASSED: spb.SHIFT_EVENT_KIND_CHECKPOINT_PASSED,
-    ShiftEventKind.CHECKPOINT_FAILED: spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED,
-    ShiftEventKind.INSUFFICIENT_SPEECH: spb.SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH,
-    ShiftEventKind.SHIFT_LOCKED: spb.SHIFT_EVENT_KIND_SHIFT_LOCKED,
-    ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
-    ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
-}
+from server.shifts.service import ShiftStream
 
 
 class ShiftServicer(spb_grpc.ShiftServiceServicer):
-    def __init__(self, readiness: Readiness) -> None:
+    def __init__(self, readiness: Readiness, streams: StreamLimits, clock: Clock) -> None:
         self._readiness = readiness
+        self._streams = streams
+        self._clock = clock
 
     async def StartShift(
-        self, request: spb.StartShiftRequest, context: Any
+        self,
+        request: spb.StartShiftRequest,
+        context: ServicerContext[spb.StartShiftRequest, spb.LoginCheckResponse],
     ) -> spb.LoginCheckResponse:
         shifts = self._readiness.require().shifts
         audio = _login_audio(request)
-        return _login_response(await shifts.start(request.agent_id, request.device_id, audio))
+        return login_response(await shifts.start(request.agent_id, request.device_id, audio))
 
     async def CheckLogin(
-        self, request: spb.CheckLoginRequest, context: Any
+        self,
+        request: spb.CheckLoginRequest,
+        context: ServicerContext[spb.CheckLoginRequest, spb.LoginCheckResponse],
     ) -> spb.LoginCheckResponse:
         shifts = self._readiness.require().shifts
         audio = _login_audio(request)
-        return _login_response(await shifts.check_login(request.shift_id, audio))
+        return login_response(await shifts.check_login(request.shift_id, audio))
 
     async def StreamShiftAudio(
-        self, request_iterator: AsyncIterator[spb.ShiftAudio], context: Any
+        self,
+        request_iterator: AsyncIterator[spb.ShiftAudio],
+        context: ServicerContext[spb.ShiftAudio, spb.ShiftEvent],
     ) -> AsyncIterator[spb.ShiftEvent]:
         shifts = self._readiness.require().shifts
-        first = await anext(aiter(request_iterator), None)
+        idle = self._streams.shift_idle_seconds
+        # Idle, the stream detaches as a disconnected one does: the shift can be resumed.
+        requests = idle_limited(
+            request_iterator,
+            idle,
+            self._clock,
+            closing=f"no audio for {idle:g} s: the server closed this idle shift stream; "
+            "open a new one to resume the shift",
+        )
+        first = await anext(requests, None)
         if first is None:
             return
         if first.WhichOneof("message") != "header":
@@ -72,10 +77,10 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
         stream = await shifts.attach(
             header.shift_id, StreamFormat.declared(encoding, header.sample_rate_hz)
         )
-        reader = asyncio.create_task(_read_frames(request_iterator, stream))
+        reader = asyncio.create_task(_read_frames(requests, stream))
         try:
             while (event := await stream.next_event()) is not None:
-                yield _event(event)
+                yield shift_event_message(event)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -83,20 +88,26 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
             stream.detach()
 
     async def SubscribeShiftEvents(
-        self, request: spb.SubscribeShiftEventsRequest, context: Any
+        self,
+        request: spb.SubscribeShiftEventsRequest,
+        context: ServicerContext[spb.SubscribeShiftEventsRequest, spb.ShiftEvent],
     ) -> AsyncIterator[spb.ShiftEvent]:
         subscription = self._readiness.require().shifts.subscribe(request.agent_id)
         try:
             while True:
-                yield _event(await subscription.next_event())
+                yield shift_event_message(await subscription.next_event())
         finally:
             subscription.close()
 
-    async def EndShift(self, request: spb.EndShiftRequest, context: Any) -> spb.Shift:
+    async def EndShift(
+        self, request: spb.EndShiftRequest, context: ServicerContext[spb.EndShiftRequest, spb.Shift]
+    ) -> spb.Shift:
         record = await self._readiness.require().shifts.end(request.shift_id)
         return shift_message(record)
 
-    async def GetShift(self, request: spb.GetShiftRequest, context: Any) -> spb.Shift:
+    async def GetShift(
+        self, request: spb.GetShiftRequest, context: ServicerContext[spb.GetShiftRequest, spb.Shift]
+    ) -> spb.Shift:
         record = await self._readiness.require().shifts.get(request.shift_id)
         return shift_message(record)
 
@@ -119,49 +130,3 @@ def _login_audio(request: spb.StartShiftRequest | spb.CheckLoginRequest) -> Audi
     if not request.HasField("login_audio"):
         raise InvalidAudioError("login_audio is required", field="login_audio")
     return audio_input(request.login_audio)
-
-
-def _login_response(outcome: LoginOutcome) -> spb.LoginCheckResponse:
-    return spb.LoginCheckResponse(
-        shift=shift_message(outcome.shift),
-        verification=verify_response(outcome.verification),
-        assurance=outcome.assurance.token if outcome.assurance else "",
-    )
-
-
-def shift_message(record: ShiftRecord) -> spb.Shift:
-    message = spb.Shift(
-        shift_id=record.shift_id,
-        agent_id=record.agent_id,
-        device_id=record.device_id,
-        state=_STATES[record.state],
-        started_at=timestamp(record.started_at),
-        updated_at=timestamp(record.updated_at),
-        consecutive_failures=record.consecutive_failures,
-        checkpoints_passed=record.checkpoints_passed,
-        checkpoints_failed=record.checkpoints_failed,
-        checkpoints_insufficient_speech=record.checkpoints_insufficient,
-    )
-    if record.ended_at is not None:
-        message.ended_at.CopyFrom(timestamp(record.ended_at))
-    return message
-
-
-def _event(event: ShiftEvent) -> spb.ShiftEvent:
-    message = spb.ShiftEvent(
-        kind=_KINDS[event.kind],
-        shift_id=event.shift.shift_id,
-        at=timestamp(event.at),
-        score=event.score,
-        threshold=event.threshold,
-        net_speech_seconds=event.net_speech_seconds,
-        shift=shift_message(event.shift),
-    )
-    for field, value in (
-        ("scheduled_at", event.scheduled_at),
-        ("audio_start", event.audio_start),
-        ("audio_end", event.audio_end),
-    ):
-        if value is not None:
-            getattr(message, field).CopyFrom(timestamp(value))
-    return message

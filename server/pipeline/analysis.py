@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import UnusableWaveformError
 from server.config import AudioLimits
+from server.errors import InvalidAudioError
 from server.pipeline.channel import Channel, channel_of
 from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode_audio, telephone_channel
 from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
@@ -90,14 +92,19 @@ class VoiceAnalyser:
         if too_short or quality.net_speech_seconds < min_net_speech_seconds:
             return VoiceSample(quality=quality, embedding=None, channel=channel)
         # Only the detected speech is embedded: pauses carry no voice and dilute the embedding.
-        return VoiceSample(
-            quality=quality, embedding=self.embedder.embed(quality.speech), channel=channel
-        )
+        return VoiceSample(quality=quality, embedding=self._embed(quality.speech), channel=channel)
 
     def telephone_embedding(self, speech: Waveform) -> Embedding:
         """The embedding of `speech` as it would sound over a G.711 call: what a companion
         voiceprint is made of, from the enrollment speech itself (audio is never stored)."""
-        return self.embedder.embed(telephone_channel(speech))
+        return self._embed(telephone_channel(speech))
+
+    def _embed(self, speech: Waveform) -> Embedding:
+        # models/ raises its own errors; to the caller, a waveform it cannot take is bad audio.
+        try:
+            return self.embedder.embed(speech)
+        except UnusableWaveformError as error:
+            raise InvalidAudioError(error.message, field="audio") from error
 
     @property
     def model_id(self) -> str:

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
-import torch
-import torchaudio.functional
 
 from models.embedder import Waveform
 from server.errors import InvalidAudioError
@@ -130,12 +128,7 @@ def decode_audio(
 def telephone_channel(waveform: Waveform) -> Waveform:
     """What a 16 kHz waveform becomes over a G.711 telephone call: band-limited to 8 kHz
     sampling, mu-law coded, and decoded back to 16 kHz by the same path as a client's u-law."""
-    narrowband = torchaudio.functional.resample(
-        torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)),
-        TARGET_RATE,
-        G711_RATE,
-        **_RESAMPLER,
-    ).numpy()
+    narrowband = _resample(np.ascontiguousarray(waveform, dtype=np.float32), TARGET_RATE, G711_RATE)
     return _to_target_rate(
         _MULAW_TABLE[np.frombuffer(encode_mulaw(narrowband), np.uint8)], G711_RATE
     )
@@ -287,13 +280,23 @@ def _read_g711(
 
 def _to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:
     if rate != TARGET_RATE:
-        resampled = torchaudio.functional.resample(
-            torch.from_numpy(samples), rate, TARGET_RATE, **_RESAMPLER
-        )
-        samples = resampled.numpy()
+        samples = _resample(samples, rate, TARGET_RATE)
     # Float files may exceed full scale, and resampling overshoots near it; the Waveform
     # contract is [-1, 1], and such samples are clipped in any case.
     return np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def _resample(samples: npt.NDArray[np.float32], rate: int, to_rate: int) -> Waveform:
+    # torch is imported on first use, not with this module: the domain modules that name audio
+    # types stay importable without it.
+    import torch
+    import torchaudio.functional
+
+    resampled = torchaudio.functional.resample(
+        torch.from_numpy(samples), rate, to_rate, **_RESAMPLER
+    )
+    result: Waveform = resampled.numpy()
+    return result
 
 
 def _to_int16(waveform: Waveform) -> npt.NDArray[np.int32]:

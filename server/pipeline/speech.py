@@ -1,34 +1,20 @@
-"""Speech detection and the quality figures reported for every piece of audio."""
+"""Speech detection and the quality figures reported for every piece of audio. The detector
+itself (Silero VAD, in torch) is in server/pipeline/silero.py, so this module stays light."""
 
 from __future__ import annotations
 
 import enum
 import math
-import threading
-import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import torch
-
-# Importing silero_vad calls torch.set_num_threads(1) for the whole process; the server wants
-# that anyway (server/inference.py), but a tool that wants more threads must set them after.
-from silero_vad import get_speech_timestamps, load_silero_vad
 
 from models.embedder import Waveform
-from server.pipeline.decode import TARGET_RATE, waveform_seconds
+from server.pipeline.decode import waveform_seconds
 
 Segment = tuple[int, int]
 """A sample range [start, end) of a 16 kHz waveform."""
-
-# Silero's speech probability falls with the input level (real speech at -80 dBFS loses 60% of
-# its detected speech), so the detector sees the audio at a fixed peak. The gain is capped:
-# a signal whose peak is below -60 dBFS is within a few 16-bit steps of silence.
-_DETECTION_PEAK = 0.5
-_MAX_DETECTION_GAIN = 1000.0
-
-_LOAD_LOCK = threading.Lock()
 
 # The level reported for digital silence, instead of -inf.
 _FLOOR_DBFS = -120.0
@@ -45,38 +31,6 @@ class QualityIssue(enum.Enum):
 class SpeechDetector(Protocol):
     def segments(self, waveform: Waveform) -> list[Segment]:
         """The speech in a 16 kHz waveform, in order, not overlapping. Thread-safe."""
-
-
-class SileroSpeechDetector:
-    """Silero VAD (the model ships inside the silero-vad package, so it loads offline).
-
-    The model keeps recurrent state between calls, and sharing one instance between threads
-    corrupts the heap; each thread gets its own (about 4 MB, 30 ms to load), which on two
-    cores doubles throughput compared with one model behind a lock.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._model()  # Loaded now so a broken installation fails at startup.
-
-    def segments(self, waveform: Waveform) -> list[Segment]:
-        stamps = get_speech_timestamps(
-            torch.from_numpy(_at_detection_level(waveform)),
-            self._model(),
-            sampling_rate=TARGET_RATE,
-        )
-        return [(int(s["start"]), int(s["end"])) for s in stamps]
-
-    def _model(self) -> Any:
-        model = getattr(self._local, "model", None)
-        if model is None:
-            # catch_warnings swaps process-wide state: threads loading at once must take turns.
-            with _LOAD_LOCK, warnings.catch_warnings():
-                # silero-vad ships a TorchScript model; torch's notice that torch.jit.load is
-                # deprecated is for silero's maintainers, not for our operators' logs.
-                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
-                model = self._local.model = load_silero_vad()
-        return model
 
 
 @dataclass(frozen=True)
@@ -143,12 +97,6 @@ def analyse(
         issues=tuple(issues),
         speech=speech,
     )
-
-
-def _at_detection_level(waveform: Waveform) -> Waveform:
-    peak = float(np.max(np.abs(waveform), initial=0.0))
-    gain = min(_DETECTION_PEAK / peak, _MAX_DETECTION_GAIN) if peak > 0 else 1.0
-    return waveform * np.float32(gain)
 
 
 def _rms_dbfs(samples: Waveform) -> float:

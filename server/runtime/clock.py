@@ -1,5 +1,5 @@
 """The one clock that all shift timing goes through, so tests can run a whole shift in seconds
-(tests/support.py has a manual clock) while the service runs on real time."""
+(tests/clock.py has a manual one) while the service runs on real time."""
 
 from __future__ import annotations
 

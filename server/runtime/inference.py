@@ -9,8 +9,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
-
 from server.config import InferenceLimits
 from server.errors import CapacityError
 
@@ -20,7 +18,10 @@ T = TypeVar("T")
 class InferencePool:
     def __init__(self, limits: InferenceLimits) -> None:
         # Process-wide: torch (features, speech detection) has one intra-op thread pool,
-        # shared by all workers; the speaker network has its own threads per worker.
+        # shared by all workers; the speaker network has its own threads per worker. Imported
+        # here, not at the top: the domain modules that name this pool stay free of torch.
+        import torch
+
         torch.set_num_threads(limits.threads)
         self._executor = ThreadPoolExecutor(
             max_workers=limits.workers, thread_name_prefix="voxauth-inference"

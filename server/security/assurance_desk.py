@@ -1,22 +1,59 @@
 """What the MFA provider gets from voxauth: a signed assurance each time a shift's login check
-passes, the public keys to verify it offline, and (through ShiftService) the shift events."""
+passes, the public keys to verify it offline, whether a token still stands (introspection),
+and (through ShiftService) the shift events."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
-from server.errors import AssuranceNotFoundError
+from server.errors import AssuranceNotFoundError, AssuranceRevokedError
 from server.runtime.clock import Clock
-from server.security.assurances import AssuranceIssuer, JwksDocument, SigningKeyring, jwks_document
-from server.storage.interface import AssuranceRecord, AssuranceStore, ShiftRecord
+from server.security.assurances import (
+    AssuranceClaims,
+    AssuranceIssuer,
+    AssuranceVerifier,
+    InactiveReason,
+    JwksDocument,
+    SigningKeyring,
+    jwks_document,
+)
+from server.storage.interface import (
+    AssuranceRecord,
+    AssuranceRevocation,
+    AssuranceStore,
+    RevocationReason,
+    ShiftRecord,
+)
+from server.validation import validate_shift_id
 
 log = logging.getLogger(__name__)
 
+_REVOKED_BECAUSE = {
+    RevocationReason.SHIFT_ENDED: InactiveReason.REVOKED_SHIFT_ENDED,
+    RevocationReason.SHIFT_LOCKED: InactiveReason.REVOKED_SHIFT_LOCKED,
+}
+
+
+@dataclass(frozen=True)
+class Introspection:
+    """Whether a token stands now (RFC 7662's `active`): its claims when it does, why not
+    when it does not."""
+
+    claims: AssuranceClaims | None
+    inactive_reason: InactiveReason | None = None
+    revocation: AssuranceRevocation | None = None
+    """For a revoked token: when and why."""
+
+    @property
+    def active(self) -> bool:
+        return self.inactive_reason is None
+
 
 class AssuranceDesk:
-    """Issues, keeps and hands out assurances; publishes the keys. Blocking methods touch the
-    store (and may rotate a due key): call them from a worker thread."""
+    """Issues, keeps, revokes and hands out assurances; publishes the keys. Blocking methods
+    touch the store (and may rotate a due key): call them from a worker thread."""
 
     def __init__(
         self, store: AssuranceStore, keyring: SigningKeyring, audience: str, clock: Clock
@@ -24,6 +61,7 @@ class AssuranceDesk:
         self._store = store
         self._keyring = keyring
         self._issuer = AssuranceIssuer(keyring)
+        self._verifier = AssuranceVerifier(keyring)
         self._audience = audience
         self._clock = clock
 
@@ -49,13 +87,40 @@ class AssuranceDesk:
         return record
 
     def latest(self, shift_id: str) -> AssuranceRecord:
+        """Raises InvalidRequestError, AssuranceNotFoundError, AssuranceRevokedError."""
+        shift_id = validate_shift_id(shift_id)
         record = self._store.get_assurance(shift_id)
         if record is None or record.expires_at <= self._clock.now():
             raise AssuranceNotFoundError(
                 f"shift {shift_id} has no valid assurance: its login check has not passed, or "
                 "the assurance expired"
             )
+        revocation = self._store.get_revocation(record.token_id)
+        if revocation is not None:
+            raise AssuranceRevokedError(
+                f"the assurance of shift {shift_id} was revoked: {revocation.reason.value}"
+            )
         return record
+
+    def revoke(self, shift_id: str, reason: RevocationReason) -> AssuranceRevocation | None:
+        """Revokes the shift's latest assurance; None when it has none or it is revoked
+        already."""
+        return self._store.revoke_assurance(shift_id, reason, self._clock.now())
+
+    def introspect(self, token: str) -> Introspection:
+        """Whether `token` is an assurance of this service that stands now: signed with a
+        published key, under this issuer, within its validity period, not revoked, and its
+        shift still on record."""
+        verified = self._verifier.verify(token, self._clock.now())
+        if isinstance(verified, InactiveReason):
+            return Introspection(None, verified)
+        revocation = self._store.get_revocation(verified.token_id)
+        if revocation is not None:
+            return Introspection(None, _REVOKED_BECAUSE[revocation.reason], revocation)
+        if self._store.get_assurance(verified.shift_id) is None:
+            # Signed here, so once kept: only erasing the agent takes its shifts away.
+            return Introspection(None, InactiveReason.SHIFT_ERASED)
+        return Introspection(verified)
 
     def jwks_json(self) -> str:
         return json.dumps(jwks_document(self._keyring, self._clock.now()), sort_keys=True)

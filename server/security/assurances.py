@@ -16,15 +16,21 @@ Signing keys rotate: the new key signs from then on while each retired key stays
 until every token it signed has expired (plus a clock-skew margin), and is then pruned. Keys
 persist through a SigningKeyStore, their private halves sealed with AES-256-GCM under a key
 derived from the service key (VOXAUTH_KEY), never in clear.
+
+AssuranceVerifier checks a token as voxauth's own introspection does (signature, issuer,
+validity period); revocation is the AssuranceDesk's, which keeps the store.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import enum
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Mapping
@@ -32,7 +38,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -415,3 +421,152 @@ def _canonical_json(value: Mapping[str, object]) -> bytes:
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+MAX_TOKEN_CHARS = 8192
+"""Longer strings are not assurances (voxauth's are under 1,000 characters): refused unread."""
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+# Seconds since the epoch that datetime can hold on every platform (years 1970 to 9999).
+_LATEST_SECONDS = 253_402_300_799
+
+
+class InactiveReason(enum.Enum):
+    """Why a token is not an assurance that stands now, in the order they are checked."""
+
+    MALFORMED = "malformed"
+    SIGNATURE_INVALID = "signature invalid"
+    NOT_YET_VALID = "not yet valid"
+    EXPIRED = "expired"
+    REVOKED_SHIFT_ENDED = "revoked: shift ended"
+    REVOKED_SHIFT_LOCKED = "revoked: shift locked"
+    SHIFT_ERASED = "shift erased"
+
+
+@dataclass(frozen=True)
+class AssuranceClaims:
+    """What a verified assurance says, under this service's names (JWT claims in brackets)."""
+
+    issuer: str  # iss
+    agent_id: str  # sub
+    audience: str  # aud
+    token_id: str  # jti
+    shift_id: str  # sid
+    issued_at: datetime  # iat
+    not_before: datetime  # nbf
+    expires_at: datetime  # exp
+
+
+class AssuranceVerifier:
+    """Tells whether a token is an assurance signed with one of the keyring's published keys,
+    under its issuer, and valid at a given time. Any string may be asked about: the answer is
+    a reason, never an exception. Revocation is not its business (see AssuranceDesk)."""
+
+    def __init__(self, keyring: SigningKeyring) -> None:
+        self._keyring = keyring
+
+    def verify(self, token: str, now: datetime) -> AssuranceClaims | InactiveReason:
+        parsed = _parse_compact_jws(token)
+        if parsed is None:
+            return InactiveReason.MALFORMED
+        header, claims, signing_input, signature = parsed
+        kid, alg = header.get("kid"), header.get("alg")
+        if not isinstance(kid, str) or not isinstance(alg, str):
+            return InactiveReason.MALFORMED
+        # The algorithm is ours to choose, never the token's: anything but EdDSA (none, HS256
+        # with a public key as secret, ...) is refused before a key is looked at.
+        if alg != ALGORITHM or not self._signed(kid, signing_input, signature, now):
+            return InactiveReason.SIGNATURE_INVALID
+        verified = _claims(claims)
+        if verified is None:
+            return InactiveReason.MALFORMED
+        if verified.issuer != self._keyring.policy.issuer:
+            return InactiveReason.SIGNATURE_INVALID
+        if now < verified.not_before:
+            return InactiveReason.NOT_YET_VALID
+        if now >= verified.expires_at:
+            return InactiveReason.EXPIRED
+        return verified
+
+    def _signed(self, kid: str, signing_input: bytes, signature: bytes, now: datetime) -> bool:
+        for key in self._keyring.published_keys(now):
+            if key.kid == kid:
+                try:
+                    key.private_key.public_key().verify(signature, signing_input)
+                except InvalidSignature:
+                    return False
+                return True
+        return False
+
+
+def _parse_compact_jws(
+    token: str,
+) -> tuple[dict[str, object], dict[str, object], bytes, bytes] | None:
+    """Header, claims, signing input and signature of a compact JWS; None if it is not one."""
+    if len(token) > MAX_TOKEN_CHARS:
+        return None
+    segments = token.split(".")
+    if len(segments) != 3 or not all(_SEGMENT.fullmatch(segment) for segment in segments):
+        return None
+    try:
+        header = json.loads(_b64url_decode(segments[0]))
+        claims = json.loads(_b64url_decode(segments[1]))
+        signature = _b64url_decode(segments[2])
+    except (ValueError, binascii.Error, RecursionError):
+        # ValueError covers bad JSON, bad UTF-8 and integers too long to read.
+        return None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return None
+    return header, claims, f"{segments[0]}.{segments[1]}".encode("ascii"), signature
+
+
+def _claims(claims: dict[str, object]) -> AssuranceClaims | None:
+    """The registered claims every assurance carries, typed; None if one is missing or of the
+    wrong type."""
+    issuer, agent_id, audience, token_id, shift_id = (
+        _text_claim(claims, name) for name in ("iss", "sub", "aud", "jti", "sid")
+    )
+    issued_at, not_before, expires_at = (
+        _time_claim(claims, name) for name in ("iat", "nbf", "exp")
+    )
+    if (
+        issuer is None
+        or agent_id is None
+        or audience is None
+        or token_id is None
+        or shift_id is None
+        or issued_at is None
+        or not_before is None
+        or expires_at is None
+    ):
+        return None
+    return AssuranceClaims(
+        issuer=issuer,
+        agent_id=agent_id,
+        audience=audience,
+        token_id=token_id,
+        shift_id=shift_id,
+        issued_at=issued_at,
+        not_before=not_before,
+        expires_at=expires_at,
+    )
+
+
+def _text_claim(claims: dict[str, object], name: str) -> str | None:
+    value = claims.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _time_claim(claims: dict[str, object], name: str) -> datetime | None:
+    value = claims.get(name)
+    # bool is an int in Python, but not a NumericDate; voxauth writes whole seconds.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if not 0 <= value <= _LATEST_SECONDS:
+        return None
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _b64url_decode(segment: str) -> bytes:
+    # The segment is already known to hold only the base64url alphabet.
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))

@@ -40,8 +40,6 @@ from server.errors import ConfigurationError
 GENESIS_HASH = "0" * 64
 """What the first record links to."""
 
-ERASURE_ACTION = "agent.delete"
-"""The action of an agent's erasure: the one record that keeps naming the agent."""
 
 _KEY_BYTES = 32
 _KEY_ID_BYTES = 8

@@ -1,32 +1,30 @@
-"""The development PKI, and the gRPC credentials made from certificate files.
+"""The development PKI.
 
 `voxauth certs init` creates, in one folder, a local CA, a server certificate and one client
 certificate per role; `voxauth certs client` adds a client, `voxauth certs server` renews the
 server certificate. For development and tests only: the keys are written unencrypted (mode
 0600) so that a server starts unattended. A production CA needs to put only two things in its
 client certificates: the caller's name as the subject CN and its role as the SAN URI
-`urn:voxauth:role:<role>` (server/access.py reads them).
+`urn:voxauth:role:<role>` (server/security/identity.py reads them). The gRPC credentials
+made from these files are in server/api/tls.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.api.access import Role, check_caller_name, role_uri
-from server.errors import CertificateFilesError, VoxauthError
+from server.errors import CertificateFilesError
+from server.security.identity import Role, check_caller_name, role_uri
 
 CA_NAME = "voxauth development CA"
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
@@ -103,40 +101,8 @@ def issue_client_certificate(
     _issue_client(pki, ca, ca_key, name, role, force=force)
 
 
-def server_credentials(
-    certificate: Path, private_key: Path, client_ca: Path, *, require_client_auth: bool = True
-) -> grpc.ServerCredentials:
-    """TLS for a server port. Without `require_client_auth` grpc does not even ask for client
-    certificates, so callers on such a port can only identify with bearer tokens."""
-    return grpc.ssl_server_credentials(
-        [(_read(private_key), _read(certificate))],
-        root_certificates=_read(client_ca),
-        require_client_auth=require_client_auth,
-    )
-
-
-def channel_credentials(
-    ca_certificate: Path,
-    *,
-    certificate: Path | None = None,
-    private_key: Path | None = None,
-    bearer_token: str | None = None,
-) -> grpc.ChannelCredentials:
-    """TLS for a client: the CA that signed the server, and either a client certificate and
-    key (mutual TLS) or a bearer token, sent as `authorization: Bearer ...` on every call."""
-    if (certificate is None) != (private_key is None):
-        raise CertificateFilesError("a client certificate needs its key, and a key its certificate")
-    tls = grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_certificate),
-        private_key=None if private_key is None else _read(private_key),
-        certificate_chain=None if certificate is None else _read(certificate),
-    )
-    if bearer_token is None:
-        return tls
-    return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(bearer_token))
-
-
-def _read(path: Path) -> bytes:
+def read_pki_file(path: Path) -> bytes:
+    """A certificate or key file, or CertificateFilesError saying why it cannot be read."""
     try:
         return path.read_bytes()
     except OSError as error:
@@ -277,8 +243,8 @@ def _load_ca(pki: DevelopmentPki) -> tuple[x509.Certificate, ec.EllipticCurvePri
         raise CertificateFilesError(
             f"no development CA in {pki.folder}; run `voxauth certs init --dir {pki.folder}`"
         )
-    certificate = x509.load_pem_x509_certificate(_read(pki.ca_certificate))
-    key = serialization.load_pem_private_key(_read(pki.ca_key), password=None)
+    certificate = x509.load_pem_x509_certificate(read_pki_file(pki.ca_certificate))
+    key = serialization.load_pem_private_key(read_pki_file(pki.ca_key), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateFilesError(f"{pki.ca_key} is not an EC private key")
     return certificate, key
@@ -326,50 +292,3 @@ def _write_file(path: Path, content: bytes, mode: int, *, force: bool) -> None:
         ) from None
     with os.fdopen(descriptor, "wb") as file:
         file.write(content)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`voxauth certs init|server|client`: the development PKI."""
-    parser = argparse.ArgumentParser(
-        prog="voxauth certs",
-        description="Create a development PKI: a local CA, a server certificate and client "
-        "certificates carrying the caller's name and role. For development and tests only.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    init = commands.add_parser("init", help="CA, server certificate and one client per role")
-    server = commands.add_parser("server", help="a new server certificate from the existing CA")
-    client = commands.add_parser("client", help="a client certificate from the existing CA")
-    for command in (init, server, client):
-        command.add_argument("--dir", type=Path, default=DEFAULT_FOLDER, help="the PKI folder")
-        command.add_argument("--force", action="store_true", help="replace existing files")
-    for command in (init, server):
-        command.add_argument(
-            "--server-name",
-            action="append",
-            dest="server_names",
-            metavar="NAME",
-            help="a DNS name or IP address of the server (repeatable; default: "
-            f"{', '.join(DEFAULT_SERVER_NAMES)})",
-        )
-    client.add_argument("--name", required=True, help="the caller's name (certificate CN)")
-    client.add_argument("--role", required=True, choices=[role.value for role in Role])
-    args = parser.parse_args(argv)
-    pki = DevelopmentPki(args.dir)
-    server_names = getattr(args, "server_names", None) or DEFAULT_SERVER_NAMES
-    try:
-        if args.command == "init":
-            create_pki(args.dir, server_names, force=args.force)
-            written = [pki.ca_certificate, pki.server_certificate]
-            written += [pki.client_certificate(role.value) for role in Role]
-        elif args.command == "server":
-            issue_server_certificate(pki, server_names, force=args.force)
-            written = [pki.server_certificate]
-        else:
-            issue_client_certificate(pki, args.name, Role(args.role), force=args.force)
-            written = [pki.client_certificate(args.name)]
-    except VoxauthError as error:
-        print(f"voxauth certs: error: {error.message}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(f"wrote {path} (key: {path.with_suffix('.key')})")
-    return 0

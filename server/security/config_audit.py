@@ -8,9 +8,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
+from server.audit_actions import AuditAction
 from server.storage.interface import AuditEvent
-
-CONFIGURATION_ACTION = "configuration"
 
 
 def record_configuration(log: ConfigurationLog, configuration_json: str, now: datetime) -> bool:
@@ -18,14 +17,14 @@ def record_configuration(log: ConfigurationLog, configuration_json: str, now: da
     recorded (settings change by restarting with other values). Returns whether it changed.
     The record names the settings that changed, and their old and new values."""
     current = json.loads(configuration_json)
-    previous_event = log.latest_audit_event(CONFIGURATION_ACTION)
+    previous_event = log.latest_audit_event(AuditAction.CONFIGURATION)
     previous = previous_event.details.get("configuration") if previous_event else None
     if previous == current:
         return False
     changed = sorted(_changed_paths(previous or {}, current)) if previous is not None else []
     log.append_audit(
         AuditEvent(
-            CONFIGURATION_ACTION,
+            AuditAction.CONFIGURATION,
             "",
             "changed" if previous is not None else "initial",
             now,
@@ -36,7 +35,7 @@ def record_configuration(log: ConfigurationLog, configuration_json: str, now: da
 
 
 class ConfigurationLog(Protocol):
-    def latest_audit_event(self, action: str) -> AuditEvent | None: ...
+    def latest_audit_event(self, action: AuditAction) -> AuditEvent | None: ...
 
     def append_audit(self, event: AuditEvent) -> None: ...
 

@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -220,25 +220,17 @@ def load_key(*, key_b64: str | None, key_file: Path | None) -> bytes:
     )
 
 
-def key_from_environment(env: Mapping[str, str]) -> bytes:
-    """load_key from the environment; an empty variable counts as unset."""
-    key_file = env.get(KEY_FILE_ENV)
-    return load_key(key_b64=env.get(KEY_ENV) or None, key_file=Path(key_file) if key_file else None)
-
-
-def previous_keys_from_environment(env: Mapping[str, str]) -> tuple[bytes, ...]:
+def load_previous_keys(*, listed: str | None, key_file: Path | None) -> tuple[bytes, ...]:
     """Keys replaced by the current one, which still open what they sealed until it is
-    re-sealed: base64 keys separated by commas in VOXAUTH_PREVIOUS_KEYS, or by commas or line
-    breaks in the file named by VOXAUTH_PREVIOUS_KEYS_FILE. None set: no previous keys."""
-    listed = env.get(PREVIOUS_KEYS_ENV) or None
-    key_file = env.get(PREVIOUS_KEYS_FILE_ENV) or None
+    re-sealed: base64 keys separated by commas (VOXAUTH_PREVIOUS_KEYS), or by commas or line
+    breaks in a file (VOXAUTH_PREVIOUS_KEYS_FILE). Neither given: no previous keys."""
     if listed is not None and key_file is not None:
         raise ConfigurationError(
             f"both {PREVIOUS_KEYS_ENV} and {PREVIOUS_KEYS_FILE_ENV} are set; set only one"
         )
     if key_file is not None:
         source = f"{PREVIOUS_KEYS_FILE_ENV} file {key_file}"
-        text = _read_key_file(Path(key_file), env_name=PREVIOUS_KEYS_FILE_ENV)
+        text = _read_key_file(key_file, env_name=PREVIOUS_KEYS_FILE_ENV)
     else:
         source, text = PREVIOUS_KEYS_ENV, listed or ""
     entries = [entry for entry in text.replace("\n", ",").split(",") if entry.strip()]

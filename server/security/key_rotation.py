@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from server.audit_actions import AuditAction
 from server.security.audit import AuditKey
 from server.storage.interface import AuditEvent, ReencryptionReport, Store
 
@@ -27,7 +28,7 @@ def reencrypt(
     report = store.reencrypt_all(batch_size)
     store.append_audit(
         AuditEvent(
-            "key.reencrypt",
+            AuditAction.KEY_REENCRYPT,
             "",
             "ok",
             now,

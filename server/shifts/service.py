@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from server.audit_actions import AuditAction
 from server.config import ShiftPolicy
 from server.errors import (
     CapacityError,
@@ -31,18 +32,26 @@ from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
+from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
-from server.storage.interface import AssuranceRecord, AuditEvent, ShiftRecord, ShiftState, Store
-from server.validation import validate_agent_id
-from server.verification.service import Decision, VerificationResult, VerificationService
+from server.storage.interface import (
+    AssuranceRecord,
+    AuditEvent,
+    RevocationReason,
+    ShiftRecord,
+    ShiftState,
+    Store,
+)
+from server.validation import validate_agent_id, validate_shift_id
+from server.verification.decision import Decision
+from server.verification.service import VerificationResult, VerificationService
 
 log = logging.getLogger(__name__)
 
 # Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
 _SUBSCRIBER_EVENTS = 256
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
-_SHIFT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ShiftEventKind(enum.Enum):
@@ -271,9 +280,12 @@ class ShiftSession:
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
             lock = service.audit_event(
-                "shift.lock", record, "LOCKED", consecutive_failures=record.consecutive_failures
+                AuditAction.SHIFT_LOCK,
+                record,
+                "LOCKED",
+                consecutive_failures=record.consecutive_failures,
             )
-            await service.save(record, lock)
+            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED)
         else:
             await service.save(record)
         self.record = record
@@ -302,7 +314,7 @@ class ShiftSession:
             updated_at=service.clock.now(),
         )
         await service.save(
-            record, service.audit_event("shift.checkpoint", record, "INSUFFICIENT_SPEECH")
+            record, service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
         )
         self.record = record
         self.publish(
@@ -331,6 +343,7 @@ class ShiftService:
         analyser: VoiceAnalyser,
         detector: SpeechDetector,
         pool: InferencePool,
+        store_pool: StorePool,
         policy: ShiftPolicy,
         clock: Clock,
         assurances: AssuranceDesk | None = None,
@@ -341,6 +354,7 @@ class ShiftService:
         self._analyser = analyser
         self._detector = detector
         self.pool = pool
+        self._store_pool = store_pool
         self.policy = policy
         self.clock = clock
         self.schedule = CheckpointSchedule(policy)
@@ -358,7 +372,7 @@ class ShiftService:
                 field="device_id",
             )
         result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
         )
         now = self.clock.now()
         record = ShiftRecord(
@@ -369,14 +383,16 @@ class ShiftService:
             started_at=now,
             updated_at=now,
         )
-        started = self.audit_event("shift.start", record, record.state.value, device_id=device_id)
+        started = self.audit_event(
+            AuditAction.SHIFT_START, record, record.state.value, device_id=device_id
+        )
 
         def create() -> None:
             with self._store.unit_of_work(f"start shift {record.shift_id!r}") as unit:
                 unit.create_shift(record)
                 unit.append_audit(started)
 
-        await asyncio.to_thread(create)
+        await self._store_pool.run(create)
         _log(started)
         self._session(record)
         return LoginOutcome(record, result, await self._assure(record, result))
@@ -385,10 +401,10 @@ class ShiftService:
         session = await self._active(shift_id)
         agent_id = session.record.agent_id
         result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action="shift.login")
+            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
         )
         if result.decision is Decision.ACCEPT:
-            await self._verified(session, "shift.relogin")
+            await self._verified(session, AuditAction.SHIFT_RELOGIN)
         return LoginOutcome(session.record, result, await self._assure(session.record, result))
 
     async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
@@ -398,10 +414,12 @@ class ShiftService:
             raise ShiftNotLockedError(
                 f"shift {shift_id} is {session.record.state.value}, not locked"
             )
-        await self._verified(session, "shift.admin_unlock", reason=reason)
+        await self._verified(session, AuditAction.SHIFT_ADMIN_UNLOCK, reason=reason)
         return session.record
 
-    async def _verified(self, session: ShiftSession, action: str, **details: object) -> None:
+    async def _verified(
+        self, session: ShiftSession, action: AuditAction, **details: object
+    ) -> None:
         was = session.record.state
         record = replace(
             session.record,
@@ -424,7 +442,7 @@ class ShiftService:
         if self._assurances is None or result.decision is not Decision.ACCEPT:
             return None
         desk = self._assurances
-        return await asyncio.to_thread(lambda: desk.issue(record))
+        return await self._store_pool.run(lambda: desk.issue(record))
 
     async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
         session = await self._active(shift_id)
@@ -435,14 +453,13 @@ class ShiftService:
         return session.attach(stream_format)
 
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
-        session = self._sessions.pop(_valid_shift_id(shift_id), None)
-        record = (
-            session.record if session else await asyncio.to_thread(self._store.get_shift, shift_id)
-        )
+        session = self._sessions.pop(validate_shift_id(shift_id), None)
+        record = session.record if session else await self._get_shift(shift_id)
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
-            await self.save(record, self.audit_event("shift.end", record, "ENDED", reason=reason))
+            ended = self.audit_event(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
+            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED)
         if session is not None:
             session.record = record
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
@@ -450,10 +467,10 @@ class ShiftService:
         return record
 
     async def get(self, shift_id: str) -> ShiftRecord:
-        session = self._sessions.get(_valid_shift_id(shift_id))
+        session = self._sessions.get(validate_shift_id(shift_id))
         if session is not None:
             return session.record
-        return await asyncio.to_thread(self._store.get_shift, shift_id)
+        return await self._get_shift(shift_id)
 
     def subscribe(self, agent_id: str = "") -> EventSubscription:
         """Every event of every shift from now on (or of one agent's shifts)."""
@@ -489,27 +506,48 @@ class ShiftService:
         sample = self._analyser.analyse_speech(
             recent.speech, source_rate_hz=session.buffer.format.sample_rate_hz
         )
-        result = self._verification.judge(voiceprint, sample, action="shift.checkpoint")
+        result = self._verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
         if result.decision is Decision.INCONCLUSIVE:
             return None
         return result, recent
 
-    async def save(self, record: ShiftRecord, *audit: AuditEvent) -> None:
+    async def save(
+        self,
+        record: ShiftRecord,
+        *audit: AuditEvent,
+        revoking: RevocationReason | None = None,
+    ) -> None:
         """Stores the shift's new state and the audit records of the change in one unit of
-        work: a state change is never left unaudited."""
+        work: a state change is never left unaudited. `revoking` (a shift that ends or locks)
+        revokes the shift's latest assurance in the same unit, audited before the change, so
+        the token is refused the moment the new state is stored and before it is announced:
+        an MFA provider that introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it
+        revoked."""
 
-        def write() -> None:
+        def write() -> list[AuditEvent]:
             with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
+                events = list(audit)
+                if revoking is not None:
+                    revocation = unit.revoke_assurance(record.shift_id, revoking, record.updated_at)
+                    if revocation is not None:
+                        revoked = self.audit_event(
+                            AuditAction.ASSURANCE_REVOKE,
+                            record,
+                            "REVOKED",
+                            token_id=revocation.token_id,
+                            reason=revoking.value,
+                        )
+                        events.insert(0, revoked)
                 unit.update_shift(record)
-                for event in audit:
+                for event in events:
                     unit.append_audit(event)
+            return events
 
-        await asyncio.to_thread(write)
-        for event in audit:
+        for event in await self._store_pool.run(write):
             _log(event)
 
     def audit_event(
-        self, action: str, record: ShiftRecord, outcome: str, **details: object
+        self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
     ) -> AuditEvent:
         return AuditEvent(
             action,
@@ -528,11 +566,14 @@ class ShiftService:
 
     # --- internals ------------------------------------------------------------------------
 
+    async def _get_shift(self, shift_id: str) -> ShiftRecord:
+        return await self._store_pool.run(lambda: self._store.get_shift(shift_id))
+
     async def _active(self, shift_id: str) -> ShiftSession:
         """The shift's session, loaded from the store after a restart or an idle drop."""
-        session = self._sessions.get(_valid_shift_id(shift_id))
+        session = self._sessions.get(validate_shift_id(shift_id))
         if session is None:
-            record = await asyncio.to_thread(self._store.get_shift, shift_id)
+            record = await self._get_shift(shift_id)
             session = self._session(record)
         if session.record.state is ShiftState.ENDED:
             raise ShiftEndedError(f"shift {shift_id} has ended; start a new shift")
@@ -575,9 +616,3 @@ def _log(event: AuditEvent) -> None:
 
 def _state_after_login(result: VerificationResult) -> ShiftState:
     return ShiftState.VERIFIED if result.decision is Decision.ACCEPT else ShiftState.UNVERIFIED
-
-
-def _valid_shift_id(shift_id: str) -> str:
-    if not _SHIFT_ID.fullmatch(shift_id):
-        raise InvalidRequestError("shift_id is missing or malformed", field="shift_id")
-    return shift_id

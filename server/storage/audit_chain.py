@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.security.audit import (
-    ERASURE_ACTION,
     GENESIS_HASH,
     AuditEntry,
     AuditHead,
@@ -140,14 +140,14 @@ def chain_carried_over(
     rows = all_rows(txn)
     # An id erased and created again: its rows up to the last erasure are the erased agent's.
     last_erasure = {
-        row.entry.agent_id: row.seq for row in rows if row.entry.action == ERASURE_ACTION
+        row.entry.agent_id: row.seq for row in rows if row.entry.action == AuditAction.AGENT_DELETE
     }
     erased: dict[str, str] = {}
     seq, prev_hash = 0, GENESIS_HASH
     for row in rows:
         seq, carried = row.seq, row.entry
         agent_id = carried.agent_id
-        if not agent_id or carried.action == ERASURE_ACTION:
+        if not agent_id or carried.action == AuditAction.AGENT_DELETE:
             agent_ref = ""
         elif agent_id in pseudonyms and seq > last_erasure.get(agent_id, 0):
             agent_ref = pseudonyms[agent_id]

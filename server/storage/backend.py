@@ -26,7 +26,7 @@ from typing import Protocol
 
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
-from server.storage.records import ShiftState, ThrottleState
+from server.storage.records import AssuranceRevocation, ShiftState, ThrottleState
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,8 @@ class Transaction(Protocol):
 
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
-        utterances, voiceprint, shifts with their assurances, throttling state. False if there
-        was no such agent."""
+        utterances, voiceprint, shifts with their assurances and revocations, throttling
+        state. False if there was no such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend
@@ -204,6 +204,11 @@ class Transaction(Protocol):
         """Keeps it as its shift's assurance, replacing any."""
 
     def assurance(self, shift_id: str) -> AssuranceRow | None: ...
+
+    def insert_revocation(self, revocation: AssuranceRevocation) -> None:
+        """Keeps the revocation, under its token id, for as long as its shift is kept."""
+
+    def revocation(self, token_id: str) -> AssuranceRevocation | None: ...
 
     # --- the audit chain ---------------------------------------------------------------------
 

@@ -18,13 +18,16 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
+from server.audit_actions import AuditAction
 from server.security.assurances import SigningKeyStore
 from server.security.audit import AuditKey, AuditLog
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
+    AssuranceRevocation,
     AuditEvent,
     ReencryptionReport,
+    RevocationReason,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -35,10 +38,12 @@ from server.storage.records import (
 __all__ = [
     "AgentRecord",
     "AssuranceRecord",
+    "AssuranceRevocation",
     "AssuranceStore",
     "AuditEvent",
     "KeyRotationStore",
     "ReencryptionReport",
+    "RevocationReason",
     "ShiftRecord",
     "ShiftState",
     "ShiftStore",
@@ -65,10 +70,10 @@ class UnitOfWork(Protocol):
         """Raises AgentNotFoundError."""
 
     def delete_agent(self, agent_id: str) -> None:
-        """Erases the agent, its pending utterances, its voiceprint, its shifts, assurances
-        and throttling state, and destroys its data key: any copy of them left anywhere
-        (old log frames, backups of the database) no longer opens. Raises
-        AgentNotFoundError."""
+        """Erases the agent, its pending utterances, its voiceprint, its shifts with their
+        assurances and revocations, and its throttling state, and destroys its data key: any
+        copy of them left anywhere (old log frames, backups of the database) no longer opens.
+        Raises AgentNotFoundError."""
 
     def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
         """Adds a pending utterance. Raises AgentNotFoundError, or CapacityError when the
@@ -115,7 +120,15 @@ class UnitOfWork(Protocol):
         AgentNotFoundError."""
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
-        """Keeps `assurance` as its shift's latest, replacing an earlier one."""
+        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
+        if any, stands). Raises AgentNotFoundError."""
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        """Revokes the shift's latest assurance and returns the revocation; None when the
+        shift has no assurance or its latest is revoked already (the first revocation
+        stands)."""
 
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record to the chain and seals it. While the agent exists the
@@ -177,7 +190,7 @@ class VoiceprintStore(AuditLog, Protocol):
         """Audit records, oldest first, optionally for one agent. Records of an erased agent
         come back with an empty agent_id, except the record of its erasure."""
 
-    def latest_audit_event(self, action: str) -> AuditEvent | None:
+    def latest_audit_event(self, action: AuditAction) -> AuditEvent | None:
         """The newest audit record of `action`, if any."""
 
     def close(self) -> None: ...
@@ -197,12 +210,22 @@ class ShiftStore(Protocol):
 
 
 class AssuranceStore(SigningKeyStore, Protocol):
-    """Signing keys (sealed) and the assurances issued with them. Thread-safe."""
+    """Signing keys (sealed), the assurances issued with them and their revocations.
+    Thread-safe."""
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
-        """Keeps `assurance` as its shift's latest, replacing an earlier one."""
+        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
+        if any, stands)."""
 
     def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        """UnitOfWork.revoke_assurance in one atomic step of its own."""
+
+    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
+        """The revocation of the assurance whose jti is `token_id`; None if it has none."""
 
 
 class ThrottleStore(Protocol):

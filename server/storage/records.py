@@ -106,6 +106,24 @@ class AssuranceRecord:
     expires_at: datetime
 
 
+class RevocationReason(enum.Enum):
+    """Why an assurance no longer stands. The values are stored: they never change."""
+
+    SHIFT_ENDED = "shift ended"
+    SHIFT_LOCKED = "shift locked"
+
+
+@dataclass(frozen=True)
+class AssuranceRevocation:
+    """One revoked assurance, named by its token id (jti). Kept as long as its shift, so the
+    token stays refused after a newer assurance of the shift replaces its record."""
+
+    token_id: str
+    shift_id: str
+    reason: RevocationReason
+    revoked_at: datetime
+
+
 @dataclass(frozen=True)
 class ThrottleState:
     """An agent's run of failed verification attempts: what throttling needs to survive a

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from server.audit_actions import AuditAction
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
@@ -41,8 +42,10 @@ from server.storage.interface import UnitOfWork
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
+    AssuranceRevocation,
     AuditEvent,
     ReencryptionReport,
+    RevocationReason,
     ShiftRecord,
     ThrottleState,
     UtteranceRecord,
@@ -59,8 +62,6 @@ from server.storage.sealing import (
 
 logger = logging.getLogger(__name__)
 
-RECOVERY_ACTION = "storage.recover"
-"""The audit action of removing agents whose creation a crash cut short."""
 _PAGE_SIZE = 500
 
 
@@ -179,6 +180,16 @@ class SecureStore:
         with self._transaction(f"read assurance of shift {shift_id!r}", write=False) as unit:
             return unit.get_assurance(shift_id)
 
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        with self.unit_of_work(f"revoke the assurance of shift {shift_id!r}") as unit:
+            return unit.revoke_assurance(shift_id, reason, at)
+
+    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
+        with self._transaction("read an assurance revocation", write=False) as unit:
+            return unit.txn.revocation(token_id)
+
     def load_signing_keys(self) -> list[StoredSigningKey]:
         with self._transaction("read signing keys", write=False) as unit:
             return unit.txn.signing_keys()
@@ -208,7 +219,7 @@ class SecureStore:
             records = audit_chain.records(rows, self._agent_ids(unit.txn, rows))
         return [audit_chain.event(record) for record in records]
 
-    def latest_audit_event(self, action: str) -> AuditEvent | None:
+    def latest_audit_event(self, action: AuditAction) -> AuditEvent | None:
         with self._transaction("read the latest audit event", write=False) as unit:
             row = unit.txn.latest_audit_row(action)
             rows = [] if row is None else [row]
@@ -330,7 +341,7 @@ class SecureStore:
                 txn.delete_agent(handle, "")
             unit.append_audit(
                 AuditEvent(
-                    RECOVERY_ACTION,
+                    AuditAction.STORAGE_RECOVER,
                     "",
                     "ok",
                     datetime.now(UTC),
@@ -553,6 +564,17 @@ class _Unit:
             return None
         agent = self._agents.by_ref(self.txn, [row.agent_ref]).get(row.agent_ref)
         return None if agent is None else agent.assurance(row)
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        row = self.txn.assurance(shift_id)
+        # Within the write transaction: no other revocation can come between check and write.
+        if row is None or self.txn.revocation(row.token_id) is not None:
+            return None
+        revocation = AssuranceRevocation(row.token_id, shift_id, reason, at)
+        self.txn.insert_revocation(revocation)
+        return revocation
 
     def append_audit(self, event: AuditEvent) -> None:
         agent = self.find(event.agent_id) if event.agent_id else None

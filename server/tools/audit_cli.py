@@ -16,7 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TextIO
 
-from server.config import ServerConfig
+from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.security.audit import (
     AuditKey,
@@ -28,11 +28,7 @@ from server.security.audit import (
     read_chain,
     verify_log,
 )
-from server.security.crypto import (
-    VoiceprintCipher,
-    key_from_environment,
-    previous_keys_from_environment,
-)
+from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
 from server.storage.sqlite import open_store
 
 EXIT_INTACT = 0
@@ -49,8 +45,9 @@ def main(argv: Sequence[str]) -> int:
         if not database.is_file():
             # Opening would create an empty database and report it intact.
             raise ConfigurationError(f"no database at {database}")
-        key = key_from_environment(os.environ)
-        previous = previous_keys_from_environment(os.environ)
+        keys = KeySettings.from_environment()
+        key = load_key(key_b64=keys.key, key_file=keys.key_file)
+        previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
         store = open_store(database, VoiceprintCipher(key, previous), audit_key=AuditKey(key))
         try:
             if args.action == "verify":

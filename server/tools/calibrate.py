@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
-    from server.pipeline.speech import SileroSpeechDetector
+    from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
     files = [r for r in recordings(args.directory) if is_calibration_speaker(r.speaker)]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -19,6 +18,8 @@ import grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from models.errors import ModelFilesError
+from server.config import ClientSettings
 from server.errors import ConfigurationError
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
 
@@ -28,9 +29,6 @@ EXIT_USAGE = 2
 EXIT_INCONCLUSIVE = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
-
-DEFAULT_SERVER = "localhost:50051"
-DEFAULT_PKI_DIR = "var/pki"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AudioFileError as error:
         print(f"voxauth: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except ConfigurationError as error:
+    except (ConfigurationError, ModelFilesError) as error:
+        # Model files that are missing or do not match the manifest stop `serve` here.
         print(f"voxauth: {error.message}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as error:
@@ -71,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(command=_serve)
 
     commands.add_parser("fetch-model", help="download and verify the speaker model")
+
+    config = commands.add_parser(
+        "config", help="print the effective configuration as JSON, secrets redacted"
+    )
+    config.set_defaults(command=_config)
 
     key = commands.add_parser("create-key", help="write a new voiceprint encryption key file")
     key.add_argument("path", type=Path)
@@ -125,14 +129,12 @@ def _parser() -> argparse.ArgumentParser:
 def _client_options(parser: argparse.ArgumentParser, role: str) -> None:
     parser.add_argument(
         "--server",
-        default=os.environ.get("VOXAUTH_SERVER", DEFAULT_SERVER),
-        help=f"server address (default {DEFAULT_SERVER}, VOXAUTH_SERVER)",
+        help=f"server address (default {ClientSettings.server}, VOXAUTH_SERVER)",
     )
     parser.add_argument(
         "--pki-dir",
         type=Path,
-        default=Path(os.environ.get("VOXAUTH_PKI_DIR", DEFAULT_PKI_DIR)),
-        help=f"development PKI from `voxauth certs init` (default {DEFAULT_PKI_DIR}, "
+        help=f"development PKI from `voxauth certs init` (default {ClientSettings.pki_dir}, "
         f"VOXAUTH_PKI_DIR): its CA, and the client certificate named {role!r}",
     )
     parser.add_argument("--ca", type=Path, help="CA certificate of the server (VOXAUTH_CA)")
@@ -154,13 +156,11 @@ def _client_options(parser: argparse.ArgumentParser, role: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import VoxauthServer, serve_until_signalled
-    from server.config import ServerConfig
-    from server.security.crypto import key_from_environment, previous_keys_from_environment
+    from server.config import KeySettings, ServerConfig
+    from server.runtime.log_format import configure_logging
+    from server.security.crypto import load_key, load_previous_keys
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     config = ServerConfig.from_environment()
     if args.listen:
         config = replace(config, listen_address=args.listen)
@@ -170,16 +170,45 @@ def _serve(args: argparse.Namespace) -> int:
         config = replace(config, model_dir=args.model_dir)
     if args.insecure_dev:
         config = replace(config, transport=replace(config.transport, insecure_development=True))
-    key = key_from_environment(os.environ)
-    previous = previous_keys_from_environment(os.environ)
+    keys = KeySettings.from_environment()
+    key = load_key(key_b64=keys.key, key_file=keys.key_file)
+    previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
     asyncio.run(serve_until_signalled(VoxauthServer(config, key, previous_keys=previous)))
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace) -> int:
+    """The settings every command reads from the environment (`voxauth serve` flags aside):
+    keys and tokens only as whether they are set, and the key ids."""
+    from server.config import KeySettings, ServerConfig, redacted
+    from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
+
+    keys = KeySettings.from_environment()
+    shown_keys = redacted(keys) | {"key_id": None, "previous_key_ids": []}
+    if keys.key is not None or keys.key_file is not None:
+        key = load_key(key_b64=keys.key, key_file=keys.key_file)
+        previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
+        shown_keys["key_id"] = VoiceprintCipher(key).key_id
+        shown_keys["previous_key_ids"] = [VoiceprintCipher(k).key_id for k in previous]
+    effective = {
+        "server": redacted(ServerConfig.from_environment()),
+        "keys": shown_keys,
+        "client": redacted(ClientSettings.from_environment()),
+    }
+    print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
 
 
 def _fetch_model(argv: list[str]) -> int:
     from models.fetch import main as fetch_main
+    from server.config import ServerConfig
 
-    return fetch_main(argv)
+    try:
+        configured = ServerConfig.from_environment().model_dir
+    except ConfigurationError as error:
+        print(f"voxauth fetch-model: {error.message}", file=sys.stderr)
+        return EXIT_USAGE
+    return fetch_main(argv, configured_dir=configured)
 
 
 def _create_key(args: argparse.Namespace) -> int:
@@ -226,13 +255,13 @@ def _reencrypt(argv: list[str]) -> int:
 
 
 def _certs(argv: list[str]) -> int:
-    from server.security.certificates import main as certs_main
+    from server.tools.certs_cli import main as certs_main
 
     return certs_main(argv)
 
 
 def _token(argv: list[str]) -> int:
-    from server.api.access import main as token_main
+    from server.tools.token_cli import main as token_main
 
     return token_main(argv)
 
@@ -261,26 +290,22 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     """Mutual TLS with the command's role certificate from the PKI folder unless told
     otherwise; a bearer token instead of a certificate; plain text only when asked."""
-    if args.insecure or os.environ.get("VOXAUTH_INSECURE") == "1":
-        return grpc.insecure_channel(args.server)
-    from server.security.certificates import channel_credentials
+    settings = ClientSettings.from_environment()
+    server: str = args.server or settings.server
+    if args.insecure or settings.insecure:
+        return grpc.insecure_channel(server)
+    from server.api.tls import channel_credentials
 
-    def chosen(flag: Path | None, variable: str, fallback: Path) -> Path:
-        return (
-            flag or Path(os.environ.get(variable, ""))
-            if (flag or os.environ.get(variable))
-            else fallback
-        )
-
-    pki = args.pki_dir
-    ca = chosen(args.ca, "VOXAUTH_CA", pki / "ca.crt")
-    token = args.token or os.environ.get("VOXAUTH_TOKEN")
+    pki: Path = args.pki_dir or settings.pki_dir
+    ca: Path = args.ca or settings.ca or pki / "ca.crt"
+    token: str | None = args.token or settings.token
     if token:
-        return grpc.secure_channel(args.server, channel_credentials(ca, bearer_token=token))
-    certificate = chosen(args.cert, "VOXAUTH_CERT", pki / "clients" / f"{args.role}.crt")
-    private_key = chosen(args.key, "VOXAUTH_CERT_KEY", pki / "clients" / f"{args.role}.key")
+        return grpc.secure_channel(server, channel_credentials(ca, bearer_token=token))
+    clients = pki / "clients"
+    certificate: Path = args.cert or settings.certificate or clients / f"{args.role}.crt"
+    private_key: Path = args.key or settings.certificate_key or clients / f"{args.role}.key"
     credentials = channel_credentials(ca, certificate=certificate, private_key=private_key)
-    return grpc.secure_channel(args.server, credentials)
+    return grpc.secure_channel(server, credentials)
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -345,11 +370,11 @@ def _verify(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
     decision = pb.Decision.Name(response.decision).removeprefix("DECISION_")
-    channel = pb.Channel.Name(response.channel).removeprefix("CHANNEL_").lower()
+    band = pb.Channel.Name(response.channel).removeprefix("CHANNEL_").lower()
     print(
         f"{decision}  score {response.score:.3f}  threshold {response.threshold:.3f}  "
         f"LLR {response.llr:+.2f} (threshold {response.llr_threshold:+.2f})  "
-        f"net speech {response.quality.net_speech_seconds:.1f} s  {channel}  "
+        f"net speech {response.quality.net_speech_seconds:.1f} s  {band}  "
         f"model {response.model_id}"
     )
     if response.decision != pb.DECISION_INCONCLUSIVE:

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
-    from server.pipeline.speech import SileroSpeechDetector
+    from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
     target_fmr = config.scoring.target_fmr if args.target_fmr is None else args.target_fmr

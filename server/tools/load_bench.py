@@ -30,7 +30,9 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from server.security.certificates import channel_credentials
+from server.api.tls import channel_credentials
+from server.config import ClientSettings
+from server.errors import ConfigurationError
 from server.tools.shift_bench import BenchServer, nearest_rank, parse_levels, recordings
 
 _SPEECH_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
@@ -106,7 +108,7 @@ class BenchAgent:
 
 
 async def prepare_agents(
-    enrollment: pb_grpc.EnrollmentServiceStub, count: int, given: Sequence[str]
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, count: int, given: Sequence[str]
 ) -> list[BenchAgent]:
     """The agents the callers verify against: those given (with the first recording's speech:
     the decision does not matter to the load), else one new bench agent per caller."""
@@ -128,7 +130,7 @@ async def prepare_agents(
 
 
 async def enroll(
-    enrollment: pb_grpc.EnrollmentServiceStub,
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub,
     agent_id: str,
     samples: np.ndarray[tuple[int], np.dtype[np.float32]],
 ) -> None:
@@ -154,7 +156,7 @@ async def enroll(
 
 
 async def run_level(
-    verification: pb_grpc.VerificationServiceStub,
+    verification: pb_grpc.VerificationServiceAsyncStub,
     agents: Sequence[BenchAgent],
     concurrency: int,
     *,
@@ -187,7 +189,9 @@ async def run_level(
     return LevelReport(concurrency, loop.time() - start, tuple(outcomes))
 
 
-async def _delete(enrollment: pb_grpc.EnrollmentServiceStub, agents: Sequence[BenchAgent]) -> None:
+async def _delete(
+    enrollment: pb_grpc.EnrollmentServiceAsyncStub, agents: Sequence[BenchAgent]
+) -> None:
     for agent in agents:
         if agent.created:
             await enrollment.DeleteAgent(
@@ -244,13 +248,18 @@ async def _bench(args: argparse.Namespace, address: str, server: BenchServer | N
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        client = ClientSettings.from_environment()
+    except ConfigurationError as error:
+        print(f"voxauth bench load: {error.message}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog="voxauth bench load",
         description="Verify throughput and p50/p95/p99 latency at given concurrencies.",
     )
     parser.add_argument(
         "--server",
-        default=os.environ.get("VOXAUTH_SERVER", "localhost:50051"),
+        default=client.server,
         help="a running server (default localhost:50051, VOXAUTH_SERVER)",
     )
     parser.add_argument(
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pki-dir",
         type=Path,
-        default=Path(os.environ.get("VOXAUTH_PKI_DIR", "var/pki")),
+        default=client.pki_dir,
         help="CA and the `hr` and `softphone` client certificates (default var/pki)",
     )
     parser.add_argument(

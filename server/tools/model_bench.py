@@ -24,6 +24,8 @@ import torch
 
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
 from models.fetch import default_model_dir
+from server.config import ServerConfig
+from server.errors import ConfigurationError
 
 # Real speech shipped with the tests (LibriSpeech, CC BY 4.0).
 _DEFAULT_SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "198-126831-0000.flac"
@@ -278,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.throughput:
         specs.append(PathSpec(Engine.SERVICE, 1, throughput=True))
-    model_dir = args.model_dir or default_model_dir()
+    try:
+        configured = ServerConfig.from_environment().model_dir
+    except ConfigurationError as error:
+        print(f"voxauth bench: {error.message}", file=sys.stderr)
+        return 2
+    model_dir = args.model_dir or configured or default_model_dir()
     print(f"audio: {args.audio} (looped when shorter than {max(args.seconds):g} s)")
     results = []
     for spec in specs:

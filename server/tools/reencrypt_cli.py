@@ -1,23 +1,19 @@
-"""`voxauth reencrypt`: the key rotation's re-sealing step (server/security/key_rotation.py),
-run against the SQLite file while the server keeps running."""
+"""`voxauth reencrypt`: the key rotation's re-wrapping step (the procedure is in
+server/security/key_rotation.py and the README, "Key rotation"), run against the SQLite file
+while the server keeps running."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.config import ServerConfig
+from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.runtime.clock import SystemClock
 from server.security.audit import AuditKey
-from server.security.crypto import (
-    VoiceprintCipher,
-    key_from_environment,
-    previous_keys_from_environment,
-)
+from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
 from server.security.key_rotation import DEFAULT_BATCH_SIZE, rotate
 from server.storage.sqlite import open_store
 
@@ -39,8 +35,9 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--batch-size must be at least 1")
     try:
         database = args.db or ServerConfig.from_environment().database_path
-        key = key_from_environment(os.environ)
-        previous = previous_keys_from_environment(os.environ)
+        keys = KeySettings.from_environment()
+        key = load_key(key_b64=keys.key, key_file=keys.key_file)
+        previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
         cipher = VoiceprintCipher(key, previous)
         store = open_store(database, cipher, audit_key=AuditKey(key))
         try:
@@ -59,6 +56,7 @@ def main(argv: Sequence[str]) -> int:
     print(f"re-wrapped under key {cipher.key_id}: {report.data_keys} data keys")
     if remaining:
         listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in remaining.items())
+        # Signing keys are re-sealed by the server when it starts with the new key.
         print(
             f"still sealed under a previous key: {listed}; keep the previous keys until a "
             "server started with the new key has re-sealed them, then run this again"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from server.audit_actions import AuditAction
 from server.config import RetentionPolicy
 from server.storage.interface import AuditEvent, VoiceprintStore
 
@@ -29,7 +30,7 @@ def expire_unused_voiceprints(
         for agent_id in expired:
             unit.append_audit(
                 AuditEvent(
-                    "voiceprint.expire",
+                    AuditAction.VOICEPRINT_EXPIRE,
                     agent_id,
                     "ok",
                     now,

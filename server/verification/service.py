@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
+from server.audit_actions import AuditAction
 from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
@@ -17,23 +16,14 @@ from server.pipeline.speech import SpeechAnalysis
 from server.scoring.scorer import Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
-
-if TYPE_CHECKING:
-    # Only for the annotation: server.verification.throttling imports Decision from here.
-    from server.verification.throttling import VerificationThrottle
+from server.verification.decision import Decision
+from server.verification.throttling import VerificationThrottle
 
 log = logging.getLogger(__name__)
 
 # Retention counts in years: noting a voiceprint's use once an hour is precise enough and
 # spares most checks a write.
 _LAST_USE_RESOLUTION = timedelta(hours=1)
-
-
-class Decision(enum.Enum):
-    ACCEPT = "ACCEPT"
-    REJECT = "REJECT"
-    INCONCLUSIVE = "INCONCLUSIVE"
-    """Too little speech to decide: not a failure, the caller should ask for more speech."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +61,7 @@ class VerificationService:
         self._throttle = throttle
 
     def verify(
-        self, agent_id: str, audio: AudioInput, *, action: str = "verify"
+        self, agent_id: str, audio: AudioInput, *, action: AuditAction = AuditAction.VERIFY
     ) -> VerificationResult:
         """Blocking: runs the model. Cheap checks on the agent and the throttle come before the
         audio work. `action` names the decision in the audit log (a plain Verify, or a shift's
@@ -106,7 +96,7 @@ class VerificationService:
         return voiceprint
 
     def judge(
-        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: str
+        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: AuditAction
     ) -> VerificationResult:
         """Scores an analysed sample against the voiceprint, decides, and audits the decision
         under `action` ("verify", or a shift checkpoint). Not throttled: a checkpoint is no

@@ -20,11 +20,12 @@ import math
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from server.audit_actions import AuditAction
 from server.config import ThrottlePolicy
 from server.errors import ThrottledError, VerificationDisabledError
 from server.storage.interface import AuditEvent, Store, ThrottleState
 from server.validation import validate_agent_id
-from server.verification.service import Decision
+from server.verification.decision import Decision
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class VerificationThrottle:
                 # In the same unit: a disable is never left unaudited.
                 unit.append_audit(
                     AuditEvent(
-                        "throttle.disable",
+                        AuditAction.THROTTLE_DISABLE,
                         agent_id,
                         "DISABLED",
                         now,
@@ -145,7 +146,7 @@ class VerificationThrottle:
             previous = unit.update_throttle_state(agent_id, lambda _: ThrottleState())
             unit.append_audit(
                 AuditEvent(
-                    "throttle.re_enable",
+                    AuditAction.THROTTLE_RE_ENABLE,
                     agent_id,
                     "ok",
                     now,

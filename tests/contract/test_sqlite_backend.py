@@ -11,12 +11,14 @@ import stat
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from models.embedder import Embedding
+from server.audit_actions import AuditAction
 from server.errors import AgentNotFoundError, StorageError
 from server.security.assurances import (
     AssuranceIssuer,
@@ -25,12 +27,13 @@ from server.security.assurances import (
     SigningKeyCipher,
     SigningKeyring,
 )
-from server.security.audit import ERASURE_ACTION
 from server.security.crypto import RecordKind, associated_data, sealing_key_id
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
+    AssuranceRevocation,
     AuditEvent,
+    RevocationReason,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -248,7 +251,7 @@ def test_erasure_while_another_connection_reads_leaves_nothing_that_opens(
         # DeleteAgent's unit: the erasure and its record.
         with store.unit_of_work() as unit:
             unit.delete_agent(erin.agent_id)
-            unit.append_audit(AuditEvent(ERASURE_ACTION, erin.agent_id, "ok", NOW))
+            unit.append_audit(AuditEvent(AuditAction.AGENT_DELETE, erin.agent_id, "ok", NOW))
         files = database_files(db_path)
     finally:
         reader.close()
@@ -261,7 +264,11 @@ def test_erasure_while_another_connection_reads_leaves_nothing_that_opens(
     # The agent id is left only in the record of the erasure (action and id stored side by
     # side), however many old frames hold that page.
     agent_id = erin.agent_id.encode()
-    assert everything.count(agent_id) == everything.count(ERASURE_ACTION.encode() + agent_id) > 0
+    assert (
+        everything.count(agent_id)
+        == everything.count(AuditAction.AGENT_DELETE.encode() + agent_id)
+        > 0
+    )
     # Its data key is gone from every file, and no key left opens what it sealed.
     with closing(sqlite3.connect(key_file_path(db_path))) as conn:
         wrapped_after = {blob for (blob,) in conn.execute("SELECT wrapped_key FROM agent_keys")}
@@ -353,6 +360,7 @@ def test_a_database_from_before_data_keys_is_sealed_anew_when_it_opens(db_path: 
     pending = utterance("ann", 1, telephone=True)
     pseudonym = "5f" * 16
     at = 1_767_225_600_000_000  # 2026-01-01, as the old schema stores times
+    ended_at = at + 3_600_000_000
 
     def legacy_seal(embedding: Embedding | None, kind: RecordKind) -> bytes:
         assert embedding is not None
@@ -396,9 +404,14 @@ def test_a_database_from_before_data_keys_is_sealed_anew_when_it_opens(db_path: 
             (at, at),
         )
         conn.execute(
-            "INSERT INTO assurances VALUES "
-            "('shift-1', 'ann', 'jti-1', 'header.OLD-TOKEN.sig', ?, ?)",
-            (at, at),
+            "INSERT INTO shifts VALUES "
+            "('shift-2', 'ann', 'desk', 'ENDED', ?, ?, ?, 0, 1, 0, 0), "
+            "('shift-3', 'ann', 'desk', 'VERIFIED', ?, ?, NULL, 0, 2, 0, 0)",
+            (at, at, ended_at, at, at),
+        )
+        conn.executemany(
+            "INSERT INTO assurances VALUES (?, 'ann', ?, 'header.OLD-TOKEN.sig', ?, ?)",
+            [(f"shift-{n}", f"jti-{n}", at, at) for n in (1, 2, 3)],
         )
         conn.execute("INSERT INTO verification_throttle VALUES ('ann', 7, ?, ?)", (at, at))
 
@@ -420,6 +433,15 @@ def test_a_database_from_before_data_keys_is_sealed_anew_when_it_opens(db_path: 
         assurance = store.get_assurance("shift-1")
         assert assurance is not None and assurance.token == "header.OLD-TOKEN.sig"
         assert store.update_throttle_state("ann", lambda state: state).consecutive_failures == 7
+        # Shifts that had locked or ended before revocation existed have their assurance
+        # revoked, as of the lock or the end; a verified shift's still stands.
+        assert store.get_revocation("jti-1") == AssuranceRevocation(
+            "jti-1", "shift-1", RevocationReason.SHIFT_LOCKED, datetime(2026, 1, 1, tzinfo=UTC)
+        )
+        assert store.get_revocation("jti-2") == AssuranceRevocation(
+            "jti-2", "shift-2", RevocationReason.SHIFT_ENDED, datetime(2026, 1, 1, 1, tzinfo=UTC)
+        )
+        assert store.get_revocation("jti-3") is None
         # The agent keeps its pseudonym, so the records the chain already holds stay its own.
         store.append_audit(AuditEvent("verify", "ann", "ACCEPT", NOW))
         [record] = store.audit_records(0, 10)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
+from server.audit_actions import AuditAction
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
@@ -26,7 +27,9 @@ from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
 from server.storage.records import (
     AgentRecord,
     AssuranceRecord,
+    AssuranceRevocation,
     AuditEvent,
+    RevocationReason,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -319,6 +322,7 @@ def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: S
     shift = ShiftRecord("shift-1", "doomed", "desk-12", ShiftState.VERIFIED, NOW, NOW)
     store.create_shift(shift)
     store.save_assurance(AssuranceRecord("shift-1", "doomed", "jti-1", "a.b.c", NOW, NOW))
+    store.revoke_assurance("shift-1", RevocationReason.SHIFT_ENDED, NOW)
     store.update_throttle_state("doomed", lambda _: ThrottleState(3, NOW))
     store.append_audit(AuditEvent("agent.create", "doomed", "ok", NOW))
     [created] = store.audit_records(0, 10)
@@ -331,6 +335,7 @@ def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: S
     with pytest.raises(ShiftNotFoundError):
         store.get_shift("shift-1")
     assert store.get_assurance("shift-1") is None
+    assert store.get_revocation("jti-1") is None
     assert [u.utterance_id for u in store.pending_utterances("keep")] == ["keep-u1"]
     backend = storage.backend()
     with backend.transaction("look for the erased agent", write=False) as txn:
@@ -339,6 +344,7 @@ def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: S
         assert txn.voiceprint(ref) is None
         assert txn.shift("shift-1") is None
         assert txn.assurance("shift-1") is None
+        assert txn.revocation("jti-1") is None
         assert txn.throttle_state(ref) == ThrottleState()
     backend.close()
     # The agent's audit records stay, but nothing links them to it any more.
@@ -553,6 +559,47 @@ def test_signing_keys_and_assurances(store: SecureStore) -> None:
     assert store.get_assurance("shift-1") == renewed
 
 
+def test_revoking_an_assurance(storage: Storage, store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.create_shift(ShiftRecord("shift-1", "a1", "desk", ShiftState.VERIFIED, NOW, NOW))
+    # No assurance yet: nothing to revoke.
+    assert store.revoke_assurance("shift-1", RevocationReason.SHIFT_LOCKED, NOW) is None
+    assert store.revoke_assurance("no-such-shift", RevocationReason.SHIFT_ENDED, NOW) is None
+
+    first = AssuranceRecord("shift-1", "a1", "jti-1", "a.b.c", NOW, NOW + timedelta(hours=8))
+    store.save_assurance(first)
+    locked_at = NOW + timedelta(minutes=5)
+    locked = store.revoke_assurance("shift-1", RevocationReason.SHIFT_LOCKED, locked_at)
+    assert locked == AssuranceRevocation(
+        "jti-1", "shift-1", RevocationReason.SHIFT_LOCKED, locked_at
+    )
+    assert store.get_revocation("jti-1") == locked
+    # The first revocation stands.
+    assert store.revoke_assurance("shift-1", RevocationReason.SHIFT_ENDED, NOW) is None
+    assert store.get_revocation("jti-1") == locked
+
+    # A newer assurance of the shift stands on its own; the earlier one stays revoked.
+    renewed = replace(first, token_id="jti-2", token="d.e.f", issued_at=locked_at)
+    store.save_assurance(renewed)
+    assert store.get_assurance("shift-1") == renewed
+    assert store.get_revocation("jti-2") is None
+    ended = store.revoke_assurance(
+        "shift-1", RevocationReason.SHIFT_ENDED, NOW + timedelta(hours=1)
+    )
+    assert ended is not None and ended.token_id == "jti-2"
+    assert store.get_revocation("jti-1") == locked
+    assert store.get_revocation("unknown-jti") is None
+
+    # Kept as stored, in another connection too.
+    store.close()
+    reopened = storage.open()
+    try:
+        assert reopened.get_revocation("jti-1") == locked
+        assert reopened.get_revocation("jti-2") == ended
+    finally:
+        reopened.close()
+
+
 def test_audit_log(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     events = [
@@ -566,8 +613,8 @@ def test_audit_log(store: SecureStore) -> None:
     assert store.audit_events("a1") == [events[0], events[2]]
     assert store.audit_events("a2") == [events[1]]
     assert store.audit_events("nobody") == []
-    assert store.latest_audit_event("verify") == events[2]
-    assert store.latest_audit_event("shift.start") is None
+    assert store.latest_audit_event(AuditAction.VERIFY) == events[2]
+    assert store.latest_audit_event(AuditAction.SHIFT_START) is None
 
 
 @pytest.mark.parametrize(

@@ -1,35 +1,11 @@
-"""Server lifecycle: health reports NOT_SERVING until the model is loaded, reflection lists the
-API, shutdown drains. A fake embedder stands in for the model, so loading can be held back."""
+"""Server lifecycle with the real model: reflection lists the API (health while the model
+loads is in tests/unit/test_lifecycle.py)."""
 
 from __future__ import annotations
 
-import socket
-
-import numpy as np
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from models.embedder import Embedding, Waveform
 from tests.support import RunningServer
-
-
-class HeldBackEmbedder:
-    """Implements SpeakerEmbedder; its loading waits until the test releases it."""
-
-    model_id = "fake-model"
-    sample_rate = 16_000
-    dimension = 4
-    min_samples = 8_000
-
-    def embed(self, waveform: Waveform) -> Embedding:
-        return np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 
 
 def test_reflection_lists_the_api(voxauth: RunningServer) -> None:

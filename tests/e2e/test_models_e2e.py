@@ -1,13 +1,13 @@
-"""The real ECAPA model on real speech, its weight checks, and the benchmark.
+"""The real ECAPA model on real speech, its export, and the benchmark on it (the weight checks
+are in tests/unit/test_models.py).
 
 Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
-models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+VOXAUTH_MODEL_DIR, else models.fetch.default_model_dir(); run `voxauth fetch-model` first).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +17,13 @@ import soundfile as sf
 
 from models.ecapa import EcapaEmbedder
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import UnusableWaveformError
 from models.export import export_network, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
 from models.reference import SpeechBrainReference
-from server.errors import InvalidAudioError
+from server.config import ServerConfig
 from server.tools.model_bench import (
-    BenchReport,
-    Engine,
-    PathResult,
-    PathSpec,
-    ThroughputReport,
     embedding_benchmark,
 )
 
@@ -45,7 +41,7 @@ def _speech(name: str) -> Waveform:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    directory = default_model_dir()
+    directory = ServerConfig.from_environment().model_dir or default_model_dir()
     verify_model_dir(directory)
     return directory
 
@@ -121,7 +117,7 @@ def test_concurrent_calls_match_sequential_ones(embedder: SpeakerEmbedder) -> No
 def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     audio = _speech(SPEAKERS[0])
     embedder.embed(audio[: embedder.min_samples])
-    with pytest.raises(InvalidAudioError, match="too short"):
+    with pytest.raises(UnusableWaveformError, match="too short"):
         embedder.embed(audio[: embedder.min_samples - 1])
 
 
@@ -133,27 +129,8 @@ def test_too_short_audio_is_rejected(embedder: SpeakerEmbedder) -> None:
     ],
 )
 def test_unusable_audio_is_rejected(embedder: SpeakerEmbedder, bad: Waveform, message: str) -> None:
-    with pytest.raises(InvalidAudioError, match=message):
+    with pytest.raises(UnusableWaveformError, match=message):
         embedder.embed(bad)
-
-
-def _missing(path: Path, real: Path) -> None:
-    """Leaves the file out."""
-
-
-def _truncated(path: Path, real: Path) -> None:
-    with real.open("rb") as f:
-        path.write_bytes(f.read(1000))
-
-
-def _corrupt(path: Path, real: Path) -> None:
-    """Right size, wrong bytes: all zeros (sparse, so the 83 MB file costs no disk)."""
-    with path.open("wb") as f:
-        f.truncate(real.stat().st_size)
-
-
-
-
 
 
 def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
@@ -172,41 +149,6 @@ def test_export_is_made_once_from_the_weights_and_replaces_a_stale_one(
     audio = _speech(SPEAKERS[1])[: 4 * 16_000]
     rebuilt = EcapaEmbedder.load(tmp_path).embed(audio)
     np.testing.assert_allclose(rebuilt, embedder.embed(audio), atol=1e-5)
-
-
-
-
-class _FixedCostEmbedder:
-    model_id = "fake@0"
-    sample_rate = 16_000
-    dimension = 2
-    min_samples = 1
-
-    def embed(self, waveform: Waveform) -> Embedding:
-        time.sleep(0.01)
-        return np.array([1.0, 0.0], dtype=np.float32)
-
-
-
-
-def _result(engine: Engine, threads: int, rtf: float, embedding: list[float]) -> PathResult:
-    return PathResult(
-        spec=PathSpec(engine, threads, throughput=engine is Engine.SERVICE),
-        threads=threads,
-        load_seconds=0.5,
-        reports=tuple(BenchReport(s, 7, rtf * s, rtf * s, rtf * s) for s in (3.0, 8.0)),
-        peak_rss_bytes=600 * 2**20,
-        embedding=np.array(embedding, dtype=np.float32),
-        throughput=(
-            (ThroughputReport(1, 12, 8.0, 2.0), ThroughputReport(2, 12, 8.0, 1.0))
-            if engine is Engine.SERVICE
-            else ()
-        ),
-    )
-
-
-
-
 
 
 def test_benchmark_on_real_speech(embedder: SpeakerEmbedder) -> None:

@@ -21,16 +21,17 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from server.api.access import Role
-from server.security.certificates import DevelopmentPki, channel_credentials, create_pki
+from server.api.tls import channel_credentials
+from server.security.certificates import DevelopmentPki, create_pki
 from server.security.crypto import VoiceprintCipher
+from server.security.identity import Role
 from server.storage.sqlite import open_store
+from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     KEY,
     OTHER_1,
     SPEAKER_A,
-    ManualClock,
     RunningServer,
     as_role,
     first_half,

@@ -30,26 +30,24 @@ from server.api.access import (
     PUBLIC_METHODS,
     AccessInterceptor,
     CredentialResolver,
-    CredentialSource,
     DevelopmentResolver,
-    Identity,
     IdentityResolver,
+)
+from server.api.interceptors import ErrorMappingInterceptor
+from server.api.tls import channel_credentials, server_credentials
+from server.errors import ConfigurationError, StorageError, UnauthenticatedError
+from server.security.certificates import DevelopmentPki, create_pki
+from server.security.identity import (
+    CredentialSource,
+    Identity,
     Role,
     TokenRegistry,
     caller_identity,
     identity_from_certificate,
-    main,
     mint_token,
 )
-from server.api.interceptors import ErrorMappingInterceptor
-from server.errors import ConfigurationError, StorageError, UnauthenticatedError
-from server.security.certificates import (
-    DevelopmentPki,
-    channel_credentials,
-    create_pki,
-    server_credentials,
-)
 from server.storage.interface import AuditEvent
+from server.tools.token_cli import main
 
 OK = grpc.StatusCode.OK
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -82,7 +80,13 @@ def caller_name() -> bytes:
         return b"anonymous"
 
 
-def stub_handler(client_streaming: bool, server_streaming: bool) -> grpc.RpcMethodHandler:
+def as_bytes(message: bytes) -> bytes:
+    return message
+
+
+def stub_handler(
+    client_streaming: bool, server_streaming: bool
+) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def unary_unary(request: bytes, context: Any) -> bytes:
         return caller_name()
 
@@ -114,10 +118,14 @@ async def serving(
     credentials: grpc.ServerCredentials | None,
 ) -> AsyncIterator[str]:
     """A server on 127.0.0.1:0, TLS unless `credentials` is None; yields its address."""
+
+    async def audit(event: AuditEvent) -> None:
+        audited.append(event)
+
     server = grpc.aio.server(
-        interceptors=[AccessInterceptor(resolver, audited.append), ErrorMappingInterceptor()]
+        interceptors=[AccessInterceptor(resolver, audit), ErrorMappingInterceptor()]
     )
-    by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = defaultdict(dict)
+    by_service: dict[str, dict[str, grpc.RpcMethodHandler[bytes, bytes]]] = defaultdict(dict)
     for method, kind in METHODS.items():
         service, name = method.strip("/").split("/")
         by_service[service][name] = stub_handler(*kind)
@@ -142,16 +150,19 @@ async def call(
     """Calls `method` the way its kind requires; the status and what the stub answered."""
     client_streaming, server_streaming = METHODS[method]
     options: dict[str, Any] = {"timeout": 5, "metadata": tuple(metadata)}
+    # The stub handlers take and give raw bytes.
+    raw = {"request_serializer": as_bytes, "response_deserializer": as_bytes}
     try:
         if client_streaming and server_streaming:
-            replies = [r async for r in channel.stream_stream(method)(iter([b""]), **options)]
+            stream_stream = channel.stream_stream(method, **raw)
+            replies = [r async for r in stream_stream(iter([b""]), **options)]
             return OK, b"".join(replies)
         if client_streaming:
-            return OK, await channel.stream_unary(method)(iter([b"", b""]), **options)
+            return OK, await channel.stream_unary(method, **raw)(iter([b"", b""]), **options)
         if server_streaming:
-            replies = [r async for r in channel.unary_stream(method)(b"", **options)]
+            replies = [r async for r in channel.unary_stream(method, **raw)(b"", **options)]
             return OK, b"".join(replies)
-        return OK, await channel.unary_unary(method)(b"", **options)
+        return OK, await channel.unary_unary(method, **raw)(b"", **options)
     except grpc.aio.AioRpcError as error:
         return error.code(), b""
 
@@ -407,9 +418,10 @@ def test_the_token_file_holds_hashes_and_says_where_it_is_wrong(tmp_path: Path) 
     token_file = tmp_path / "tokens"
     token_file.write_text(minted.line + "\n")
     assert minted.token not in token_file.read_text()
-    identity = TokenRegistry.load(token_file).identify(minted.token)
-    assert identity is not None and identity.name == "crm-bridge"
-    assert TokenRegistry.load(token_file).identify(minted.token + "x") is None
+    now = datetime.now(UTC)
+    assert TokenRegistry.load(token_file).identify(minted.token, now).name == "crm-bridge"
+    with pytest.raises(UnauthenticatedError, match="unknown bearer token"):
+        TokenRegistry.load(token_file).identify(minted.token + "x", now)
 
     token_file.write_text(f"\n{minted.line}\nsha256:{'0' * 64} root crm\n")
     with pytest.raises(ConfigurationError, match=r"tokens:3: 'root' is not a valid Role"):
@@ -427,8 +439,8 @@ def test_token_command_prints_a_token_once_and_the_line_that_accepts_it(
     token = token_line.rsplit(" ", 1)[1]
     token_file = tmp_path / "tokens"
     token_file.write_text(file_line.removeprefix("line to add to the token file: ") + "\n")
-    identity = TokenRegistry.load(token_file).identify(token)
-    assert identity is not None and identity.roles == {Role.MFA}
+    identity = TokenRegistry.load(token_file).identify(token, datetime.now(UTC))
+    assert identity.roles == {Role.MFA}
 
 
 def test_there_is_no_caller_outside_a_call() -> None:

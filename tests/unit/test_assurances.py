@@ -25,6 +25,7 @@ from server.security.assurances import (
     SigningKeyring,
     jwks_document,
 )
+from tests.clock import ManualClock
 
 SERVICE_KEY = bytes(range(32))
 AUDIENCE = "mfa.example.com"
@@ -37,19 +38,11 @@ POLICY = AssurancePolicy(
 KEPT_AFTER_ROTATION = POLICY.token_lifetime + POLICY.clock_skew
 
 
-class IssuerClock:
+def issuer_clock(offset: timedelta = timedelta(0)) -> ManualClock:
     """voxauth's wall clock, moved by the test. PyJWT judges `exp` by the real clock (it takes
     no clock), so this one starts at a chosen offset from real time: an assurance issued 9 h
     ago is expired for the provider too."""
-
-    def __init__(self, offset: timedelta = timedelta(0)) -> None:
-        self._now = datetime.now(UTC).replace(microsecond=0) + offset
-
-    def now(self) -> datetime:
-        return self._now
-
-    def advance(self, by: timedelta) -> None:
-        self._now += by
+    return ManualClock(start=datetime.now(UTC).replace(microsecond=0) + offset)
 
 
 class MfaProvider:
@@ -76,7 +69,7 @@ class MfaProvider:
         )
 
 
-def issue(issuer: AssuranceIssuer, clock: IssuerClock, audience: str = AUDIENCE) -> Assurance:
+def issue(issuer: AssuranceIssuer, clock: ManualClock, audience: str = AUDIENCE) -> Assurance:
     return issuer.issue(
         agent_id="agent-042",
         shift_id="shift-7",
@@ -86,7 +79,7 @@ def issue(issuer: AssuranceIssuer, clock: IssuerClock, audience: str = AUDIENCE)
     )
 
 
-def load_keyring(clock: IssuerClock, store: MemorySigningKeyStore | None = None) -> SigningKeyring:
+def load_keyring(clock: ManualClock, store: MemorySigningKeyStore | None = None) -> SigningKeyring:
     return SigningKeyring.load(
         store or MemorySigningKeyStore(), SigningKeyCipher(SERVICE_KEY), POLICY, clock.now()
     )
@@ -97,7 +90,7 @@ def kid_of(token: str) -> str:
     return kid
 
 
-def published_kids(keyring: SigningKeyring, clock: IssuerClock) -> list[str]:
+def published_kids(keyring: SigningKeyring, clock: ManualClock) -> list[str]:
     return [key["kid"] for key in jwks_document(keyring, clock.now())["keys"]]
 
 
@@ -110,7 +103,7 @@ def b64url_encode(data: bytes) -> str:
 
 
 def test_a_valid_assurance_verifies_and_carries_every_claim() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     keyring = load_keyring(clock)
     assurance = issue(AssuranceIssuer(keyring), clock)
     jwks = jwks_document(keyring, clock.now())
@@ -141,7 +134,7 @@ def test_a_valid_assurance_verifies_and_carries_every_claim() -> None:
 
 
 def test_the_jwks_holds_only_public_ed25519_keys() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     keyring = load_keyring(clock)
 
     (key,) = jwks_document(keyring, clock.now())["keys"]
@@ -163,7 +156,7 @@ def test_the_kid_is_the_rfc_7638_thumbprint() -> None:
 
 
 def test_a_forged_assurance_is_rejected() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     keyring = load_keyring(clock)
     token = issue(AssuranceIssuer(keyring), clock).token
     provider = MfaProvider(jwks_document(keyring, clock.now()))
@@ -186,7 +179,7 @@ def test_a_forged_assurance_is_rejected() -> None:
 
 
 def test_an_expired_assurance_is_rejected() -> None:
-    clock = IssuerClock(offset=-(POLICY.token_lifetime + timedelta(seconds=1)))
+    clock = issuer_clock(offset=-(POLICY.token_lifetime + timedelta(seconds=1)))
     keyring = load_keyring(clock)
     assurance = issue(AssuranceIssuer(keyring), clock)
 
@@ -195,7 +188,7 @@ def test_an_expired_assurance_is_rejected() -> None:
 
 
 def test_an_assurance_for_another_audience_is_rejected() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     keyring = load_keyring(clock)
     assurance = issue(AssuranceIssuer(keyring), clock, audience="another-provider")
 
@@ -204,7 +197,7 @@ def test_an_assurance_for_another_audience_is_rejected() -> None:
 
 
 def test_an_assurance_needs_an_audience() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
 
     with pytest.raises(InvalidRequestError) as raised:
         issue(AssuranceIssuer(load_keyring(clock)), clock, audience="")
@@ -214,7 +207,7 @@ def test_an_assurance_needs_an_audience() -> None:
 
 def test_rotation_keeps_earlier_assurances_valid_until_they_expire() -> None:
     # Seven hours ago an assurance was issued; four hours ago the key rotated.
-    clock = IssuerClock(offset=-timedelta(hours=7))
+    clock = issuer_clock(offset=-timedelta(hours=7))
     store = MemorySigningKeyStore()
     keyring = load_keyring(clock, store)
     issuer = AssuranceIssuer(keyring)
@@ -248,7 +241,7 @@ def test_rotation_keeps_earlier_assurances_valid_until_they_expire() -> None:
 
 
 def test_the_active_key_rotates_when_it_reaches_the_rotation_interval() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     keyring = load_keyring(clock)
     issuer = AssuranceIssuer(keyring)
     first_kid = kid_of(issue(issuer, clock).token)
@@ -263,7 +256,7 @@ def test_the_active_key_rotates_when_it_reaches_the_rotation_interval() -> None:
 
 
 def test_keys_survive_a_restart_sealed() -> None:
-    clock = IssuerClock(offset=-timedelta(hours=1))
+    clock = issuer_clock(offset=-timedelta(hours=1))
     store = MemorySigningKeyStore()
     keyring = load_keyring(clock, store)
     before = issue(AssuranceIssuer(keyring), clock)
@@ -285,7 +278,7 @@ def test_keys_survive_a_restart_sealed() -> None:
 
 
 def test_sealed_keys_do_not_open_with_another_service_key_or_under_another_kid() -> None:
-    clock = IssuerClock()
+    clock = issuer_clock()
     store = MemorySigningKeyStore()
     load_keyring(clock, store)
     (stored,) = store.load_signing_keys()

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
+from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.security.audit import (
-    ERASURE_ACTION,
     GENESIS_HASH,
     AuditEntry,
     AuditKey,
@@ -285,7 +285,7 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
             [
                 (1, "agent.create", "gone-4711", "ok", "{}"),
                 (2, "verify", "gone-4711", "ACCEPT", '{"score": 0.8}'),
-                (3, ERASURE_ACTION, "gone-4711", "ok", "{}"),
+                (3, AuditAction.AGENT_DELETE, "gone-4711", "ok", "{}"),
                 (4, "agent.create", "kept", "ok", "{}"),
                 (5, "access.denied", "", "PERMISSION_DENIED", '{"method": "/x"}'),
             ],
@@ -297,7 +297,7 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
         assert [(e.action, e.agent_id) for e in store.audit_events()] == [
             ("agent.create", ""),
             ("verify", ""),
-            (ERASURE_ACTION, "gone-4711"),
+            (AuditAction.AGENT_DELETE, "gone-4711"),
             ("agent.create", "kept"),
             ("access.denied", ""),
         ]
@@ -568,7 +568,7 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     assert secrets[-1] in on_disk(db_path)
 
     store.delete_agent(agent_id)
-    store.append_audit(AuditEvent(ERASURE_ACTION, agent_id, "ok", NOW))
+    store.append_audit(AuditEvent(AuditAction.AGENT_DELETE, agent_id, "ok", NOW))
 
     def assert_no_trace() -> None:
         stored = on_disk(db_path)
@@ -591,7 +591,7 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     reopened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:
         assert verified(reopened) == ChainReport(9, None)
-        assert [e.action for e in reopened.audit_events(agent_id)] == [ERASURE_ACTION]
+        assert [e.action for e in reopened.audit_events(agent_id)] == [AuditAction.AGENT_DELETE]
         assert [e.agent_id for e in reopened.audit_events()][:-1] == [""] * 8
     finally:
         reopened.close()

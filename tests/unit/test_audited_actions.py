@@ -19,11 +19,11 @@ from server.security.audit import AuditKey, verify_log
 from server.security.crypto import VoiceprintCipher
 from server.storage.records import AgentRecord, Voiceprint
 from server.storage.secure_store import SecureStore
+from server.verification.decision import Decision
 from server.verification.retention import expire_unused_voiceprints
-from server.verification.service import Decision
 from server.verification.throttling import VerificationThrottle
 from tests.fake_storage import CrashError, FailingBackend, failing_sqlite_store
-from tests.fake_voice import AGENT_AUDIO, AGENT_VOICE, MODEL_ID, AllSpeech, FakeEmbedder
+from tests.fakes import AGENT_AUDIO, AGENT_VOICE, MODEL_ID, AllSpeech, FakeEmbedder
 
 KEY = bytes(range(32))
 AUDIT_KEY = AuditKey(KEY)
@@ -101,25 +101,31 @@ def test_verification_is_not_disabled_or_re_enabled_without_its_record(
 ) -> None:
     store, failing = opened
     store.create_agent(AgentRecord(AGENT, "Ann", "HR-1", NOW))
-    throttle = VerificationThrottle(store, replace(ThrottlePolicy(), disable_after_failures=1))
-
+    throttle = VerificationThrottle(
+        store, replace(ThrottlePolicy(), free_failures=1, disable_after_failures=2)
+    )
     throttle.check(AGENT, NOW)
+    throttle.record(AGENT, Decision.REJECT, NOW)
+
+    # The second failure disables, after the delay the first one set.
+    later = NOW + timedelta(minutes=1)
+    throttle.check(AGENT, later)
     failing.fail_on = "insert_audit_row"
     with pytest.raises(CrashError):
-        throttle.record(AGENT, Decision.REJECT, NOW)
+        throttle.record(AGENT, Decision.REJECT, later)
     failing.fail_on = None
     # The failure stays counted from its admission, but nothing disabled the agent.
     assert store.update_throttle_state(AGENT, lambda state: state).disabled_at is None
 
-    throttle.record(AGENT, Decision.REJECT, NOW)
+    throttle.record(AGENT, Decision.REJECT, later)
     with pytest.raises(VerificationDisabledError):
-        throttle.check(AGENT, NOW)
+        throttle.check(AGENT, later)
     failing.fail_on = "insert_audit_row"
     with pytest.raises(CrashError):
-        throttle.re_enable(AGENT, reason="helpdesk call 17", by="admin", now=NOW)
+        throttle.re_enable(AGENT, reason="helpdesk call 17", by="admin", now=later)
     failing.fail_on = None
     with pytest.raises(VerificationDisabledError):
-        throttle.check(AGENT, NOW)
+        throttle.check(AGENT, later)
     assert [e.action for e in store.audit_events(AGENT)] == ["throttle.disable"]
     assert_chain_intact(store)
 

@@ -11,9 +11,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from server.api.access import CredentialSource, Identity, Role, identity_from_certificate
 from server.errors import CertificateFilesError
-from server.security.certificates import CA_NAME, DevelopmentPki, create_pki, main
+from server.security.certificates import CA_NAME, DevelopmentPki, create_pki
+from server.security.identity import CredentialSource, Identity, Role, identity_from_certificate
+from server.tools.certs_cli import main
 
 
 def load(path: Path) -> x509.Certificate:

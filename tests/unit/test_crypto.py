@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
+from server.config import KeySettings
 from server.errors import ConfigurationError, StorageError
 from server.security.crypto import (
     VoiceprintCipher,
     associated_data,
     create_key_file,
-    key_from_environment,
     load_key,
 )
 
@@ -107,6 +107,11 @@ def test_refuses_malformed_embeddings(bad: Embedding) -> None:
 def test_cipher_refuses_a_short_key() -> None:
     with pytest.raises(ConfigurationError, match="32"):
         VoiceprintCipher(bytes(16))
+
+
+def key_from_environment(env: dict[str, str]) -> bytes:
+    keys = KeySettings.from_environment(env)
+    return load_key(key_b64=keys.key, key_file=keys.key_file)
 
 
 def test_key_from_environment_variable() -> None:

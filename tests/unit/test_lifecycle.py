@@ -1,5 +1,5 @@
-"""Server lifecycle: health reports NOT_SERVING until the model is loaded, reflection lists the
-API, shutdown drains. A fake embedder stands in for the model, so loading can be held back."""
+"""Server lifecycle: health reports NOT_SERVING until the model is loaded. A fake embedder stands
+in for the model, so loading can be held back."""
 
 from __future__ import annotations
 
@@ -9,27 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from models.embedder import Embedding, Waveform
-from tests.fake_scoring import fake_scoring
+from tests.fakes import FakeEmbedder, fake_scoring
 from tests.support import KEY, RunningServer, make_config
-
-
-class HeldBackEmbedder:
-    """Implements SpeakerEmbedder; its loading waits until the test releases it."""
-
-    model_id = "fake-model"
-    sample_rate = 16_000
-    dimension = 4
-    min_samples = 8_000
-
-    def embed(self, waveform: Waveform) -> Embedding:
-        return np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32)
 
 
 def free_port() -> int:
@@ -41,16 +27,16 @@ def free_port() -> int:
 def test_health_is_not_serving_until_the_model_is_loaded(tmp_path: Path) -> None:
     release = threading.Event()
 
-    def load() -> HeldBackEmbedder:
+    def load() -> FakeEmbedder:
         release.wait(30)
-        return HeldBackEmbedder()
+        return FakeEmbedder()
 
     # A fixed port, so the test can reach the server while start() is still loading the model.
     port = free_port()
     config = replace(
         make_config(tmp_path),
         listen_address=f"127.0.0.1:{port}",
-        scoring=fake_scoring(tmp_path / "scoring", HeldBackEmbedder.model_id, 4),
+        scoring=fake_scoring(tmp_path / "scoring", FakeEmbedder.model_id, FakeEmbedder.dimension),
     )
     servers: list[RunningServer] = []
     starting = threading.Thread(target=lambda: servers.append(RunningServer(config, load, KEY)))
@@ -78,5 +64,3 @@ def test_health_is_not_serving_until_the_model_is_loaded(tmp_path: Path) -> None
         channel.close()
         for server in servers:
             server.stop()
-
-

@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.tools.load_bench import BenchAgent, LevelReport, Outcome, format_level, run_level
-
-
-class _FakeVerification:
-    """Answers after 10 ms; refuses every third call as a full queue would."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.agents: set[str] = set()
-
-    # The generated stub's signature, `timeout` included.
-    async def Verify(self, request: pb.VerifyRequest, timeout: float) -> pb.VerifyResponse:  # noqa: ASYNC109
-        self.calls += 1
-        number = self.calls
-        self.agents.add(request.agent_id)
-        await asyncio.sleep(0.01)
-        if number % 3 == 0:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "busy"
-            )
-        return pb.VerifyResponse(decision=pb.DECISION_ACCEPT)
+from tests.fakes import BusyVerificationStub
 
 
 def test_a_level_sends_exactly_the_requests_asked_and_counts_errors_by_code() -> None:
-    stub = _FakeVerification()
+    stub = BusyVerificationStub()
     agents = [BenchAgent(f"a{i}", pb.Audio(), created=True) for i in range(4)]
     report = asyncio.run(run_level(stub, agents, 4, seconds=None, requests=30))  # type: ignore[arg-type]
     assert stub.calls == len(report.outcomes) == 30
@@ -45,7 +25,7 @@ def test_a_level_sends_exactly_the_requests_asked_and_counts_errors_by_code() ->
 
 
 def test_a_timed_level_stops_by_itself() -> None:
-    stub = _FakeVerification()
+    stub = BusyVerificationStub()
     agents = [BenchAgent("a", pb.Audio(), created=False)]
     report = asyncio.run(run_level(stub, agents, 2, seconds=0.2, requests=None))  # type: ignore[arg-type]
     assert 0.2 <= report.wall_seconds < 1.0

@@ -1,28 +1,26 @@
-"""The real ECAPA model on real speech, its weight checks, and the benchmark.
+"""The speaker model's weight checks and network split, and the benchmark's arithmetic on a fake
+embedder (the real model on real speech is in tests/e2e/test_models_e2e.py).
 
-Uses the session-scoped `embedder` fixture from conftest.py (the model loaded once from
-models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run `voxauth fetch-model` first).
+Reads the model files from models.fetch.default_model_dir(); set VOXAUTH_MODEL_DIR or run
+`voxauth fetch-model` first.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import pytest
-import soundfile as sf
 
 from models.ecapa import EcapaEmbedder, split_network
-from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from models.errors import ModelFilesError
 from models.export import EMBEDDING_OUTPUT, export_path
 from models.fetch import default_model_dir
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
-from models.reference import SpeechBrainReference
-from server.errors import ModelFilesError
+from server.config import ServerConfig
 from server.tools.model_bench import (
     BenchReport,
     Engine,
@@ -33,55 +31,14 @@ from server.tools.model_bench import (
     format_results,
     parse_lengths,
 )
-
-DATA = Path(__file__).parents[1] / "data"
-# The four long utterances, one speaker each (see data/README.md).
-SPEAKERS = ["198-126831-0000", "8770-295462-0000", "229-130880-0000", "3374-298025-0000"]
-
-
-def _speech(name: str) -> Waveform:
-    audio, rate = sf.read(DATA / f"{name}.flac", dtype="float32")
-    assert rate == 16_000
-    waveform: Waveform = audio
-    return waveform
+from tests.fakes import FakeEmbedder
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    directory = default_model_dir()
+    directory = ServerConfig.from_environment().model_dir or default_model_dir()
     verify_model_dir(directory)
     return directory
-
-
-@pytest.fixture(scope="session")
-def halves(embedder: SpeakerEmbedder) -> dict[str, tuple[Embedding, Embedding]]:
-    """Each speaker's utterance cut in two (about 8.5 s each), embedded separately."""
-    result = {}
-    for speaker in SPEAKERS:
-        audio = _speech(speaker)
-        middle = audio.shape[0] // 2
-        result[speaker] = (embedder.embed(audio[:middle]), embedder.embed(audio[middle:]))
-    return result
-
-
-
-
-@pytest.fixture(scope="session")
-def reference(model_dir: Path) -> SpeechBrainReference:
-    """SpeechBrain's own EncoderClassifier on the same weights."""
-    return SpeechBrainReference.load(model_dir)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _missing(path: Path, real: Path) -> None:
@@ -139,8 +96,6 @@ def test_missing_or_stale_export_names_the_fix(model_dir: Path, tmp_path: Path) 
     assert f"voxauth fetch-model --dir {tmp_path}" in raised.value.message
 
 
-
-
 def test_trunk_then_head_is_the_whole_network(model_dir: Path) -> None:
     # The service runs the network in two parts (the trunk in bfloat16 where the CPU has it,
     # the pooling head in float32): in float32 the two chained give the whole network's output.
@@ -156,26 +111,15 @@ def test_trunk_then_head_is_the_whole_network(model_dir: Path) -> None:
     np.testing.assert_allclose(chained, whole, rtol=1e-4, atol=1e-5)
 
 
-class _FixedCostEmbedder:
-    model_id = "fake@0"
-    sample_rate = 16_000
-    dimension = 2
-    min_samples = 1
-
-    def embed(self, waveform: Waveform) -> Embedding:
-        time.sleep(0.01)
-        return np.array([1.0, 0.0], dtype=np.float32)
-
-
 def test_benchmark_reports_real_time_factor() -> None:
     audio = np.zeros(3 * 16_000, dtype=np.float32)
-    report = embedding_benchmark(_FixedCostEmbedder(), audio, seconds=2.0, runs=3)
+    report = embedding_benchmark(FakeEmbedder(seconds_per_call=0.01), audio, seconds=2.0, runs=3)
     assert report.audio_seconds == 2.0
     assert report.runs == 3
     assert report.min_seconds <= report.median_seconds
     assert report.median_rtf == pytest.approx(report.median_seconds / 2.0)
     with pytest.raises(ValueError, match="shorter"):
-        embedding_benchmark(_FixedCostEmbedder(), audio, seconds=4.0)
+        embedding_benchmark(FakeEmbedder(seconds_per_call=0.01), audio, seconds=4.0)
 
 
 def _result(engine: Engine, threads: int, rtf: float, embedding: list[float]) -> PathResult:
@@ -216,5 +160,3 @@ def test_benchmark_lengths_parse() -> None:
     for bad in ("", "0", "x", "90"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_lengths(bad)
-
-

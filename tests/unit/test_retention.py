@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.audit_actions import AuditAction
 from server.config import RetentionPolicy, ServerConfig
 from server.errors import ConfigurationError, NotEnrolledError
 from server.pipeline.analysis import VoiceSample
@@ -21,15 +22,16 @@ from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import open_store
 from server.storage.sqlite.schema import MIGRATIONS
+from server.verification.decision import Decision
 from server.verification.retention import expire_unused_voiceprints
-from server.verification.service import Decision, VerificationService
-from tests.fake_voice import (
+from server.verification.service import VerificationService
+from tests.clock import ManualClock
+from tests.fakes import (
     AGENT_AUDIO,
     AGENT_VOICE,
     IMPOSTOR_AUDIO,
     MODEL_ID,
     TOO_SHORT_AUDIO,
-    MovableNow,
     fake_verification,
 )
 from tests.support import KEY
@@ -112,25 +114,26 @@ def test_the_time_of_use_never_moves_back(store: SecureStore) -> None:
 
 
 @pytest.fixture
-def service(store: SecureStore, tmp_path: Path) -> tuple[VerificationService, MovableNow]:
-    now = MovableNow(T0)
+def service(store: SecureStore, tmp_path: Path) -> tuple[VerificationService, ManualClock]:
+    clock = ManualClock(start=T0)
     enroll(store, "a1", T0)
-    return fake_verification(store, tmp_path / "scoring", now), now
+    return fake_verification(store, tmp_path / "scoring", clock.now), clock
 
 
 def test_verifications_and_checkpoints_keep_the_voiceprint(
-    store: SecureStore, service: tuple[VerificationService, MovableNow]
+    store: SecureStore, service: tuple[VerificationService, ManualClock]
 ) -> None:
     verification, clock = service
-    clock.now = T0 + 2 * YEAR
+    clock.advance(2 * YEAR)
     assert verification.verify("a1", IMPOSTOR_AUDIO).decision is Decision.REJECT
-    assert last_used(store, "a1") == clock.now
+    assert last_used(store, "a1") == clock.now()
 
-    clock.now = T0 + 4 * YEAR
+    clock.advance(2 * YEAR)
     voiceprint = verification.voiceprint_of("a1")
     quality = SpeechAnalysis(8.0, 8.0, -20.0, 0.0, (), np.zeros(8 * 16_000, np.float32))
-    verification.judge(voiceprint, VoiceSample(quality, AGENT_VOICE), action="shift.checkpoint")
-    assert last_used(store, "a1") == clock.now
+    sample = VoiceSample(quality, AGENT_VOICE)
+    verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
+    assert last_used(store, "a1") == clock.now()
 
     # Used a year ago: a 3-year TTL keeps it.
     assert expire_unused_voiceprints(store, POLICY, T0 + 5 * YEAR) == []
@@ -140,19 +143,19 @@ def test_verifications_and_checkpoints_keep_the_voiceprint(
 
 
 def test_uses_are_recorded_at_most_hourly_and_only_when_scored(
-    store: SecureStore, service: tuple[VerificationService, MovableNow]
+    store: SecureStore, service: tuple[VerificationService, ManualClock]
 ) -> None:
     verification, clock = service
-    clock.now = T0 + YEAR
+    clock.advance(YEAR)
     verification.verify("a1", AGENT_AUDIO)
-    clock.now += timedelta(minutes=59)
+    clock.advance(timedelta(minutes=59))
     verification.verify("a1", AGENT_AUDIO)
     assert last_used(store, "a1") == T0 + YEAR
-    clock.now += timedelta(minutes=2)
+    clock.advance(timedelta(minutes=2))
     assert verification.verify("a1", TOO_SHORT_AUDIO).decision is Decision.INCONCLUSIVE
     assert last_used(store, "a1") == T0 + YEAR
     verification.verify("a1", AGENT_AUDIO)
-    assert last_used(store, "a1") == clock.now
+    assert last_used(store, "a1") == clock.now()
 
 
 def test_an_upgraded_store_counts_from_the_latest_audited_check(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from server.scoring.normalization import (
 from server.scoring.scorer import Scorer, ScoringModel, default_scoring_dir
 from server.storage.interface import Voiceprint
 from server.tools.calibrate import is_calibration_speaker
+from tests.clock import ManualClock
 from tests.support import (
     OTHER_1,
     OTHER_2,
@@ -122,8 +123,6 @@ def test_shipped_scoring_files_match_the_model_and_the_split() -> None:
         ScoringModel.load(ScoringPolicy(scoring_dir=default_scoring_dir()), "another-model@1")
 
 
-
-
 def voiceprint(agent_id: str, embedding: Embedding, telephone: Embedding | None) -> Voiceprint:
     return Voiceprint(
         agent_id,
@@ -134,14 +133,6 @@ def voiceprint(agent_id: str, embedding: Embedding, telephone: Embedding | None)
         20.0,
         telephone_embedding=telephone,
     )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def scoring_model() -> ScoringModel:
@@ -202,9 +193,9 @@ def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
     # Another agent who sounds like the test: in the cohort, it raises the test's statistics.
     lookalike = voiceprint("b", test, test)
     stored: list[Voiceprint] = [claimed]
-    clock = Clock()
+    clock = ManualClock()
     policy = ScoringPolicy(cohort_includes_agents=True, cohort_refresh_seconds=60)
-    scorer = Scorer(model, policy, voiceprints=lambda: list(stored), monotonic=clock)
+    scorer = Scorer(model, policy, voiceprints=lambda: list(stored), monotonic=clock.monotonic)
     shipped_only = Scorer(model, ScoringPolicy(), voiceprints=lambda: list(stored))
 
     alone = scorer.score(claimed, test, 8.0, Channel.WIDEBAND)
@@ -213,9 +204,9 @@ def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
         shipped_only.score(claimed, test, 8.0, Channel.WIDEBAND).normalized
     )
     stored.append(lookalike)
-    clock.now = 30.0
+    clock.advance(30.0)
     assert scorer.score(claimed, test, 8.0, Channel.WIDEBAND).normalized == alone.normalized
-    clock.now = 61.0
+    clock.advance(31.0)
     joined = scorer.score(claimed, test, 8.0, Channel.WIDEBAND)
     assert joined.normalized < alone.normalized
 

@@ -8,25 +8,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from models.embedder import Waveform
 from server.config import ShiftPolicy
 from server.errors import InvalidAudioError
 from server.pipeline.decode import AudioEncoding
-from server.pipeline.speech import Segment
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
 from server.shifts.service import CheckpointSchedule
+from tests.fakes import LoudIsSpeech
 
 PCM16 = StreamFormat.declared(AudioEncoding.PCM16LE, 16_000)
 MULAW = StreamFormat.declared(AudioEncoding.MULAW, 8_000)
-
-
-class LoudIsSpeech:
-    """Fake detector: any sample above 0.1 in magnitude is speech."""
-
-    def segments(self, waveform: Waveform) -> list[Segment]:
-        loud = np.abs(waveform) > 0.1
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
-        return [(int(s), int(e)) for s, e in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def second(level: float) -> bytes:
@@ -83,20 +73,14 @@ def test_old_audio_is_dropped_and_memory_stays_bounded() -> None:
 
 
 def test_speech_detection_runs_once_per_block() -> None:
-    calls: list[int] = []
-
-    class Counting(LoudIsSpeech):
-        def segments(self, waveform: Waveform) -> list[Segment]:
-            calls.append(len(waveform))
-            return super().segments(waveform)
-
+    detector = LoudIsSpeech()
     buffer = ShiftAudioBuffer(PCM16, max_age_seconds=60)
     t = feed(buffer, second(0.5) * 2, 0.0)
-    assert buffer.recent_speech(Counting(), 5.0) is None
+    assert buffer.recent_speech(detector, 5.0) is None
     feed(buffer, second(0.5) * 4, t)
-    assert buffer.recent_speech(Counting(), 5.0) is not None
+    assert buffer.recent_speech(detector, 5.0) is not None
     # The second look analysed only the 4 new seconds.
-    assert calls == [2 * 16_000, 4 * 16_000]
+    assert detector.analysed == [2 * 16_000, 4 * 16_000]
 
 
 def test_telephone_frames_are_decoded_to_16_khz() -> None:

@@ -1,4 +1,5 @@
-"""server/speech.py: speech detection on real speech, and the quality gates."""
+"""Speech detection (server/pipeline/silero.py) on real speech, and the quality gates
+(server/pipeline/speech.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ import torchaudio.functional
 
 from models.embedder import Waveform
 from server.pipeline.decode import AudioEncoding, decode, encode_mulaw
+from server.pipeline.silero import SileroSpeechDetector
 from server.pipeline.speech import (
     QualityIssue,
     QualityThresholds,
-    Segment,
-    SileroSpeechDetector,
     SpeechAnalysis,
     SpeechDetector,
     analyse,
 )
+from tests.fakes import FixedSegments
 
 DATA = Path(__file__).parents[1] / "data"
 MIN_SPEECH = 3.0
@@ -129,14 +130,6 @@ def test_thresholds_are_configurable(speech: Waveform, detector: SpeechDetector)
     strict = QualityThresholds(min_speech_level_dbfs=-10.0)
     result = analyse(speech, detector, strict, min_net_speech_seconds=20.0)
     assert result.issues == (QualityIssue.TOO_LITTLE_SPEECH, QualityIssue.TOO_QUIET)
-
-
-class FixedSegments:
-    def __init__(self, segments: list[Segment]) -> None:
-        self._segments = segments
-
-    def segments(self, waveform: Waveform) -> list[Segment]:
-        return self._segments
 
 
 def test_only_the_speech_is_measured_and_kept() -> None:

@@ -1,6 +1,6 @@
 """Throttling of verification attempts (NIST SP 800-63B-4): the timeline on a test clock, what
-counts as a failure, disabling and re-enabling, persistence, concurrent attempts, and what a
-client sees over gRPC."""
+counts as a failure, disabling and re-enabling, persistence and concurrent attempts (what a
+client sees over gRPC is in tests/e2e/test_throttling_e2e.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.audit_actions import AuditAction
 from server.config import ServerConfig, ThrottlePolicy
 from server.errors import (
     AgentNotFoundError,
@@ -27,16 +28,17 @@ from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, ThrottleState, Voiceprint
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import open_store
-from server.verification.service import Decision, VerificationService
+from server.verification.decision import Decision
+from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle, delay_after
-from tests.fake_voice import (
+from tests.clock import ManualClock
+from tests.fakes import (
     AGENT_AUDIO,
     AGENT_VOICE,
     IMPOSTOR_AUDIO,
     IMPOSTOR_VOICE,
     MODEL_ID,
     TOO_SHORT_AUDIO,
-    MovableNow,
     fake_verification,
 )
 from tests.support import (
@@ -287,25 +289,26 @@ def test_inconsistent_policy_is_refused(env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def clock() -> MovableNow:
-    return MovableNow(T0)
+def clock() -> ManualClock:
+    return ManualClock(start=T0)
 
 
 @pytest.fixture
-def service(store: SecureStore, tmp_path: Path, clock: MovableNow) -> VerificationService:
+def service(store: SecureStore, tmp_path: Path, clock: ManualClock) -> VerificationService:
     store.replace_voiceprint(Voiceprint(AGENT, MODEL_ID, AGENT_VOICE, T0, 3, 20.0), [])
-    return fake_verification(store, tmp_path / "scoring", clock)
+    return fake_verification(store, tmp_path / "scoring", clock.now)
 
 
 def test_verify_and_login_checks_count_and_the_sixth_waits(
-    service: VerificationService, clock: MovableNow
+    service: VerificationService, clock: ManualClock
 ) -> None:
-    for action in ("verify", "shift.login", "verify", "shift.login", "verify"):
+    verify, login = AuditAction.VERIFY, AuditAction.SHIFT_LOGIN
+    for action in (verify, login, verify, login, verify):
         result = service.verify(AGENT, IMPOSTOR_AUDIO, action=action)
         assert result.decision is Decision.REJECT
     with pytest.raises(ThrottledError):
-        service.verify(AGENT, AGENT_AUDIO, action="shift.login")
-    clock.now += timedelta(seconds=30)
+        service.verify(AGENT, AGENT_AUDIO, action=login)
+    clock.advance(timedelta(seconds=30))
     assert service.verify(AGENT, AGENT_AUDIO).decision is Decision.ACCEPT
     # The ACCEPT reset the count.
     for _ in range(5):
@@ -329,7 +332,7 @@ def test_shift_checkpoints_do_not_count(service: VerificationService) -> None:
     quality = SpeechAnalysis(8.0, 8.0, -20.0, 0.0, (), np.zeros(8 * 16_000, np.float32))
     for _ in range(20):
         failed = service.judge(
-            voiceprint, VoiceSample(quality, IMPOSTOR_VOICE), action="shift.checkpoint"
+            voiceprint, VoiceSample(quality, IMPOSTOR_VOICE), action=AuditAction.SHIFT_CHECKPOINT
         )
         assert failed.decision is Decision.REJECT
     for _ in range(5):
@@ -345,8 +348,3 @@ def test_a_disabled_agent_is_refused_before_any_audio_work(
     with pytest.raises(VerificationDisabledError):
         # Audio that would fail to decode: the refusal comes first.
         service.verify(AGENT, AudioInput(b"", AGENT_AUDIO.encoding, 16_000))
-
-
-# --- over gRPC ------------------------------------------------------------------------------
-
-

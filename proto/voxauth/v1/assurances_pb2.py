@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxauth/v1/assurances.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetJwksRequest\"\x14\n\x04Jwks\x12\x0c\n\x04json\x18\x01 \x01(\t\"\'\n\x13GetAssuranceRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\"\xaf\x01\n\tAssurance\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08shift_id\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t2\x93\x01\n\x10\x41ssuranceService\x12\x37\n\x07GetJwks\x12\x1a.voxauth.v1.GetJwksRequest\x1a\x10.voxauth.v1.Jwks\x12\x46\n\x0cGetAssurance\x12\x1f.voxauth.v1.GetAssuranceRequest\x1a\x15.voxauth.v1.Assuranceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvoxauth/v1/assurances.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetJwksRequest\"\x14\n\x04Jwks\x12\x0c\n\x04json\x18\x01 \x01(\t\"\'\n\x13GetAssuranceRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\"\xaf\x01\n\tAssurance\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08shift_id\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\"+\n\x1aIntrospectAssuranceRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xb4\x02\n\x16\x41ssuranceIntrospection\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x33\n\x0finactive_reason\x18\x02 \x01(\x0e\x32\x1a.voxauth.v1.InactiveReason\x12.\n\nrevoked_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x10\n\x08shift_id\x18\x05 \x01(\t\x12\x10\n\x08\x61udience\x18\x06 \x01(\t\x12\x10\n\x08token_id\x18\x07 \x01(\t\x12-\n\tissued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xac\x02\n\x0eInactiveReason\x12\x1f\n\x1bINACTIVE_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19INACTIVE_REASON_MALFORMED\x10\x01\x12%\n!INACTIVE_REASON_SIGNATURE_INVALID\x10\x02\x12!\n\x1dINACTIVE_REASON_NOT_YET_VALID\x10\x03\x12\x1b\n\x17INACTIVE_REASON_EXPIRED\x10\x04\x12\'\n#INACTIVE_REASON_REVOKED_SHIFT_ENDED\x10\x05\x12(\n$INACTIVE_REASON_REVOKED_SHIFT_LOCKED\x10\x06\x12 \n\x1cINACTIVE_REASON_SHIFT_ERASED\x10\x07\x32\xf6\x01\n\x10\x41ssuranceService\x12\x37\n\x07GetJwks\x12\x1a.voxauth.v1.GetJwksRequest\x1a\x10.voxauth.v1.Jwks\x12\x46\n\x0cGetAssurance\x12\x1f.voxauth.v1.GetAssuranceRequest\x1a\x15.voxauth.v1.Assurance\x12\x61\n\x13IntrospectAssurance\x12&.voxauth.v1.IntrospectAssuranceRequest\x1a\".voxauth.v1.AssuranceIntrospectionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.assurances_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INACTIVEREASON']._serialized_start=692
+  _globals['_INACTIVEREASON']._serialized_end=992
   _globals['_GETJWKSREQUEST']._serialized_start=76
   _globals['_GETJWKSREQUEST']._serialized_end=92
   _globals['_JWKS']._serialized_start=94
@@ -40,6 +42,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETASSURANCEREQUEST']._serialized_end=155
   _globals['_ASSURANCE']._serialized_start=158
   _globals['_ASSURANCE']._serialized_end=333
-  _globals['_ASSURANCESERVICE']._serialized_start=336
-  _globals['_ASSURANCESERVICE']._serialized_end=483
+  _globals['_INTROSPECTASSURANCEREQUEST']._serialized_start=335
+  _globals['_INTROSPECTASSURANCEREQUEST']._serialized_end=378
+  _globals['_ASSURANCEINTROSPECTION']._serialized_start=381
+  _globals['_ASSURANCEINTROSPECTION']._serialized_end=689
+  _globals['_ASSURANCESERVICE']._serialized_start=995
+  _globals['_ASSURANCESERVICE']._serialized_end=1241
 # @@protoc_insertion_point(module_scope)

@@ -10,11 +10,16 @@ unique id: refuse a token seen before), sid (the shift id), amr ["voice"] (RFC 8
 voxauth_device_id. The MFA provider verifies it offline with the keys published by GetJwks
 or the HTTP endpoint /.well-known/jwks.json. Signing keys rotate; a retired key stays
 published until every token it signed has expired.
+
+A token verified offline can still have been revoked: when its shift ends or locks, voxauth
+revokes the shift's assurance at once (before it sends the SHIFT_ENDED or SHIFT_LOCKED event),
+and IntrospectAssurance says so. A later passing login check issues a fresh assurance.
 """
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -25,6 +30,64 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _InactiveReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InactiveReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InactiveReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INACTIVE_REASON_UNSPECIFIED: _InactiveReason.ValueType  # 0
+    """The token is active."""
+    INACTIVE_REASON_MALFORMED: _InactiveReason.ValueType  # 1
+    """Not a compact JWS with the header and claims voxauth writes (or longer than 8192
+    characters).
+    """
+    INACTIVE_REASON_SIGNATURE_INVALID: _InactiveReason.ValueType  # 2
+    """Not signed by a key voxauth publishes (forged, altered, another issuer's, or signed by a
+    key retired so long ago that every token it signed has expired), or its `iss` is not
+    voxauth's.
+    """
+    INACTIVE_REASON_NOT_YET_VALID: _InactiveReason.ValueType  # 3
+    """Its `nbf` is still to come."""
+    INACTIVE_REASON_EXPIRED: _InactiveReason.ValueType  # 4
+    """Its `exp` has passed."""
+    INACTIVE_REASON_REVOKED_SHIFT_ENDED: _InactiveReason.ValueType  # 5
+    """Revoked: its shift ended."""
+    INACTIVE_REASON_REVOKED_SHIFT_LOCKED: _InactiveReason.ValueType  # 6
+    """Revoked: its shift locked after failed checkpoints. Stays revoked after the shift is
+    unlocked; the passing login check that unlocks it issues a fresh assurance.
+    """
+    INACTIVE_REASON_SHIFT_ERASED: _InactiveReason.ValueType  # 7
+    """Signed by voxauth, but its shift is no longer on record: the agent was erased."""
+
+class InactiveReason(_InactiveReason, metaclass=_InactiveReasonEnumTypeWrapper):
+    """Why a token is not active. Checked in this order; the first that applies is reported."""
+
+INACTIVE_REASON_UNSPECIFIED: InactiveReason.ValueType  # 0
+"""The token is active."""
+INACTIVE_REASON_MALFORMED: InactiveReason.ValueType  # 1
+"""Not a compact JWS with the header and claims voxauth writes (or longer than 8192
+characters).
+"""
+INACTIVE_REASON_SIGNATURE_INVALID: InactiveReason.ValueType  # 2
+"""Not signed by a key voxauth publishes (forged, altered, another issuer's, or signed by a
+key retired so long ago that every token it signed has expired), or its `iss` is not
+voxauth's.
+"""
+INACTIVE_REASON_NOT_YET_VALID: InactiveReason.ValueType  # 3
+"""Its `nbf` is still to come."""
+INACTIVE_REASON_EXPIRED: InactiveReason.ValueType  # 4
+"""Its `exp` has passed."""
+INACTIVE_REASON_REVOKED_SHIFT_ENDED: InactiveReason.ValueType  # 5
+"""Revoked: its shift ended."""
+INACTIVE_REASON_REVOKED_SHIFT_LOCKED: InactiveReason.ValueType  # 6
+"""Revoked: its shift locked after failed checkpoints. Stays revoked after the shift is
+unlocked; the passing login check that unlocks it issues a fresh assurance.
+"""
+INACTIVE_REASON_SHIFT_ERASED: InactiveReason.ValueType  # 7
+"""Signed by voxauth, but its shift is no longer on record: the agent was erased."""
+Global___InactiveReason: _TypeAlias = InactiveReason  # noqa: Y015
 
 @_typing.final
 class GetJwksRequest(_message.Message):
@@ -119,3 +182,84 @@ class Assurance(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assurance: _TypeAlias = Assurance  # noqa: Y015
+
+@_typing.final
+class IntrospectAssuranceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The compact JWS, as GetAssurance or LoginCheckResponse.assurance gave it."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntrospectAssuranceRequest: _TypeAlias = IntrospectAssuranceRequest  # noqa: Y015
+
+@_typing.final
+class AssuranceIntrospection(_message.Message):
+    """RFC 7662's answer: `active`, and for an active token the claims a relying party needs
+    (named as in Assurance; the JWT claim in brackets). An inactive token carries only why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    INACTIVE_REASON_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SHIFT_ID_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    inactive_reason: Global___InactiveReason.ValueType
+    """Unspecified when active."""
+    agent_id: _builtins.str
+    """The agent id (sub)."""
+    shift_id: _builtins.str
+    """The shift id (sid)."""
+    audience: _builtins.str
+    """The MFA provider's audience (aud)."""
+    token_id: _builtins.str
+    """The token's unique id (jti)."""
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked, for the two REVOKED reasons."""
+
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp:
+        """When the login check passed (iat)."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Until when it is valid, unless revoked (exp)."""
+
+    def __init__(
+        self,
+        *,
+        active: _builtins.bool = ...,
+        inactive_reason: Global___InactiveReason.ValueType = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        agent_id: _builtins.str = ...,
+        shift_id: _builtins.str = ...,
+        audience: _builtins.str = ...,
+        token_id: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "issued_at", b"issued_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "agent_id", b"agent_id", "audience", b"audience", "expires_at", b"expires_at", "inactive_reason", b"inactive_reason", "issued_at", b"issued_at", "revoked_at", b"revoked_at", "shift_id", b"shift_id", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssuranceIntrospection: _TypeAlias = AssuranceIntrospection  # noqa: Y015

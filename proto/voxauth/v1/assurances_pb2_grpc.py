@@ -44,6 +44,11 @@ class AssuranceServiceStub:
                 request_serializer=voxauth_dot_v1_dot_assurances__pb2.GetAssuranceRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_assurances__pb2.Assurance.FromString,
                 _registered_method=True)
+        self.IntrospectAssurance = channel.unary_unary(
+                '/voxauth.v1.AssuranceService/IntrospectAssurance',
+                request_serializer=voxauth_dot_v1_dot_assurances__pb2.IntrospectAssuranceRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_assurances__pb2.AssuranceIntrospection.FromString,
+                _registered_method=True)
 
 
 class AssuranceServiceServicer:
@@ -58,7 +63,24 @@ class AssuranceServiceServicer:
 
     def GetAssurance(self, request, context):
         """The latest assurance of a shift (role mfa).
-        NOT_FOUND  no such shift, or its login check has not passed, or the assurance expired.
+        INVALID_ARGUMENT    shift_id missing or malformed (1-64 characters from A-Z, a-z, 0-9,
+        _ and -).
+        NOT_FOUND           no such shift, or its login check has not passed, or the assurance
+        expired.
+        FAILED_PRECONDITION the assurance was revoked: the message ends in "shift ended" or
+        "shift locked". An error rather than the token with a flag, so a
+        provider that reads only `token` cannot honour a revoked one. After
+        a lock, the next passing login check issues a fresh assurance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IntrospectAssurance(self, request, context):
+        """Whether a token stands now, in the spirit of OAuth 2.0 Token Introspection (RFC 7662)
+        (role mfa): its signature, issuer, validity period and revocation, judged by voxauth's
+        clock. Any string may be asked about: one voxauth did not issue is simply inactive, never
+        an error. Call it before honouring a token for a sensitive action, and on each step-up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,6 +98,11 @@ def add_AssuranceServiceServicer_to_server(servicer, server):
                     servicer.GetAssurance,
                     request_deserializer=voxauth_dot_v1_dot_assurances__pb2.GetAssuranceRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_assurances__pb2.Assurance.SerializeToString,
+            ),
+            'IntrospectAssurance': grpc.unary_unary_rpc_method_handler(
+                    servicer.IntrospectAssurance,
+                    request_deserializer=voxauth_dot_v1_dot_assurances__pb2.IntrospectAssuranceRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_assurances__pb2.AssuranceIntrospection.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +159,33 @@ class AssuranceService:
             '/voxauth.v1.AssuranceService/GetAssurance',
             voxauth_dot_v1_dot_assurances__pb2.GetAssuranceRequest.SerializeToString,
             voxauth_dot_v1_dot_assurances__pb2.Assurance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IntrospectAssurance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.AssuranceService/IntrospectAssurance',
+            voxauth_dot_v1_dot_assurances__pb2.IntrospectAssuranceRequest.SerializeToString,
+            voxauth_dot_v1_dot_assurances__pb2.AssuranceIntrospection.FromString,
             options,
             channel_credentials,
             insecure,

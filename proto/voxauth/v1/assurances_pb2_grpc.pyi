@@ -10,6 +10,10 @@ unique id: refuse a token seen before), sid (the shift id), amr ["voice"] (RFC 8
 voxauth_device_id. The MFA provider verifies it offline with the keys published by GetJwks
 or the HTTP endpoint /.well-known/jwks.json. Signing keys rotate; a retired key stays
 published until every token it signed has expired.
+
+A token verified offline can still have been revoked: when its shift ends or locks, voxauth
+revokes the shift's assurance at once (before it sends the SHIFT_ENDED or SHIFT_LOCKED event),
+and IntrospectAssurance says so. A later passing login check issues a fresh assurance.
 """
 
 from collections import abc as _abc
@@ -44,7 +48,20 @@ class AssuranceServiceStub:
     """The public signing keys as a JWKS document (RFC 7517). Needs no identity."""
     GetAssurance: _grpc.UnaryUnaryMultiCallable[_assurances_pb2.GetAssuranceRequest, _assurances_pb2.Assurance]
     """The latest assurance of a shift (role mfa).
-      NOT_FOUND  no such shift, or its login check has not passed, or the assurance expired.
+      INVALID_ARGUMENT    shift_id missing or malformed (1-64 characters from A-Z, a-z, 0-9,
+                          _ and -).
+      NOT_FOUND           no such shift, or its login check has not passed, or the assurance
+                          expired.
+      FAILED_PRECONDITION the assurance was revoked: the message ends in "shift ended" or
+                          "shift locked". An error rather than the token with a flag, so a
+                          provider that reads only `token` cannot honour a revoked one. After
+                          a lock, the next passing login check issues a fresh assurance.
+    """
+    IntrospectAssurance: _grpc.UnaryUnaryMultiCallable[_assurances_pb2.IntrospectAssuranceRequest, _assurances_pb2.AssuranceIntrospection]
+    """Whether a token stands now, in the spirit of OAuth 2.0 Token Introspection (RFC 7662)
+    (role mfa): its signature, issuer, validity period and revocation, judged by voxauth's
+    clock. Any string may be asked about: one voxauth did not issue is simply inactive, never
+    an error. Call it before honouring a token for a sensitive action, and on each step-up.
     """
 
 @_typing.type_check_only
@@ -54,7 +71,20 @@ class AssuranceServiceAsyncStub(AssuranceServiceStub):
     """The public signing keys as a JWKS document (RFC 7517). Needs no identity."""
     GetAssurance: _aio.UnaryUnaryMultiCallable[_assurances_pb2.GetAssuranceRequest, _assurances_pb2.Assurance]  # type: ignore[assignment]
     """The latest assurance of a shift (role mfa).
-      NOT_FOUND  no such shift, or its login check has not passed, or the assurance expired.
+      INVALID_ARGUMENT    shift_id missing or malformed (1-64 characters from A-Z, a-z, 0-9,
+                          _ and -).
+      NOT_FOUND           no such shift, or its login check has not passed, or the assurance
+                          expired.
+      FAILED_PRECONDITION the assurance was revoked: the message ends in "shift ended" or
+                          "shift locked". An error rather than the token with a flag, so a
+                          provider that reads only `token` cannot honour a revoked one. After
+                          a lock, the next passing login check issues a fresh assurance.
+    """
+    IntrospectAssurance: _aio.UnaryUnaryMultiCallable[_assurances_pb2.IntrospectAssuranceRequest, _assurances_pb2.AssuranceIntrospection]  # type: ignore[assignment]
+    """Whether a token stands now, in the spirit of OAuth 2.0 Token Introspection (RFC 7662)
+    (role mfa): its signature, issuer, validity period and revocation, judged by voxauth's
+    clock. Any string may be asked about: one voxauth did not issue is simply inactive, never
+    an error. Call it before honouring a token for a sensitive action, and on each step-up.
     """
 
 class AssuranceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -73,7 +103,26 @@ class AssuranceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_assurances_pb2.Assurance, _abc.Awaitable[_assurances_pb2.Assurance]]:
         """The latest assurance of a shift (role mfa).
-          NOT_FOUND  no such shift, or its login check has not passed, or the assurance expired.
+          INVALID_ARGUMENT    shift_id missing or malformed (1-64 characters from A-Z, a-z, 0-9,
+                              _ and -).
+          NOT_FOUND           no such shift, or its login check has not passed, or the assurance
+                              expired.
+          FAILED_PRECONDITION the assurance was revoked: the message ends in "shift ended" or
+                              "shift locked". An error rather than the token with a flag, so a
+                              provider that reads only `token` cannot honour a revoked one. After
+                              a lock, the next passing login check issues a fresh assurance.
+        """
+
+    @_abc_1.abstractmethod
+    def IntrospectAssurance(
+        self,
+        request: _assurances_pb2.IntrospectAssuranceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assurances_pb2.AssuranceIntrospection, _abc.Awaitable[_assurances_pb2.AssuranceIntrospection]]:
+        """Whether a token stands now, in the spirit of OAuth 2.0 Token Introspection (RFC 7662)
+        (role mfa): its signature, issuer, validity period and revocation, judged by voxauth's
+        clock. Any string may be asked about: one voxauth did not issue is simply inactive, never
+        an error. Call it before honouring a token for a sensitive action, and on each step-up.
         """
 
 def add_AssuranceServiceServicer_to_server(servicer: AssuranceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

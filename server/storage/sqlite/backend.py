@@ -37,7 +37,14 @@ from server.storage.backend import (
     VoiceprintRow,
 )
 from server.storage.legacy import LegacyAgent, Upgrade
-from server.storage.records import AgentRecord, AssuranceRecord, ShiftState, ThrottleState
+from server.storage.records import (
+    AgentRecord,
+    AssuranceRecord,
+    AssuranceRevocation,
+    RevocationReason,
+    ShiftState,
+    ThrottleState,
+)
 from server.storage.sqlite.schema import (
     AUDIT_CHAIN_MIGRATION,
     KEY_MIGRATIONS,
@@ -210,7 +217,7 @@ class SqliteTransaction:
         deleted = self._conn.execute("DELETE FROM agents WHERE agent_handle = ?", (agent_handle,))
         if deleted.rowcount == 0:
             return False
-        # Assurances go with their shifts (ON DELETE CASCADE).
+        # Assurances and their revocations go with their shifts (ON DELETE CASCADE).
         for table in ("pending_utterances", "voiceprints", "shifts", "verification_throttle"):
             self._conn.execute(f"DELETE FROM {table} WHERE agent_ref = ?", (agent_ref,))
         return True
@@ -443,6 +450,27 @@ class SqliteTransaction:
         return AssuranceRow(
             shift_id, row[0], row[1], bytes(row[2]), _from_micros(row[3]), _from_micros(row[4])
         )
+
+    def insert_revocation(self, revocation: AssuranceRevocation) -> None:
+        self._conn.execute(
+            "INSERT INTO assurance_revocations (token_id, shift_id, reason, revoked_at) "
+            "VALUES (?, ?, ?, ?)",
+            (
+                revocation.token_id,
+                revocation.shift_id,
+                revocation.reason.value,
+                _to_micros(revocation.revoked_at),
+            ),
+        )
+
+    def revocation(self, token_id: str) -> AssuranceRevocation | None:
+        row = self._conn.execute(
+            "SELECT shift_id, reason, revoked_at FROM assurance_revocations WHERE token_id = ?",
+            (token_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return AssuranceRevocation(token_id, row[0], RevocationReason(row[1]), _from_micros(row[2]))
 
     # --- the audit chain ---------------------------------------------------------------------
 

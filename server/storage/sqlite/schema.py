@@ -232,6 +232,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     AUDIT_CHAIN_MIGRATION,
     PER_AGENT_KEYS_MIGRATION,
+    (
+        # Revoked assurances, by token id: a shift that ends or locks revokes its latest one,
+        # and the row outlives a newer assurance of the shift. Erasing the shift (with its
+        # agent) erases them. Nothing here names the agent.
+        """CREATE TABLE assurance_revocations (
+            token_id TEXT PRIMARY KEY,
+            shift_id TEXT NOT NULL REFERENCES shifts (shift_id) ON DELETE CASCADE,
+            reason TEXT NOT NULL,
+            revoked_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX assurance_revocations_by_shift ON assurance_revocations (shift_id)",
+        # Shifts that ended or locked before revocation existed revoke their assurance now
+        # (the tables as PER_AGENT_KEYS_MIGRATION left them: state and times are in clear).
+        """INSERT INTO assurance_revocations (token_id, shift_id, reason, revoked_at)
+            SELECT a.token_id, a.shift_id,
+                CASE s.state WHEN 'ENDED' THEN 'shift ended' ELSE 'shift locked' END,
+                coalesce(s.ended_at, s.updated_at)
+            FROM assurances a JOIN shifts s ON s.shift_id = a.shift_id
+            WHERE s.state IN ('ENDED', 'LOCKED')""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,91 @@
+"""gRPC servicer of AdminService, for administrators: protobuf <-> domain calls, nothing more.
+None of these calls runs the model: what touches the store runs on the StorePool."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+
+from grpc.aio import ServicerContext
+from voxauth.v1 import admin_pb2
+from voxauth.v1 import admin_pb2_grpc as admin_grpc
+from voxauth.v1 import shifts_pb2 as spb
+
+from server.api.convert import shift_message
+from server.api.readiness import Readiness
+from server.config import ServerConfig
+from server.runtime.clock import Clock
+from server.runtime.store_pool import StorePool
+from server.security.audit import cef_lines, jsonl_lines, read_chain
+from server.security.identity import caller_identity
+from server.validation import validate_agent_id, validate_text
+
+
+class AdminServicer(admin_grpc.AdminServiceServicer):
+    def __init__(
+        self, readiness: Readiness, config: ServerConfig, clock: Clock, store_pool: StorePool
+    ) -> None:
+        self._readiness = readiness
+        self._config = config
+        self._clock = clock
+        self._store_pool = store_pool
+
+    async def EnableVerification(
+        self,
+        request: admin_pb2.EnableVerificationRequest,
+        context: ServicerContext[
+            admin_pb2.EnableVerificationRequest, admin_pb2.EnableVerificationResponse
+        ],
+    ) -> admin_pb2.EnableVerificationResponse:
+        reason = validate_text(request.reason, "reason", 512)
+        agent_id = validate_agent_id(request.agent_id)
+        throttle = self._readiness.require().throttle
+        by, now = caller_identity().name, self._clock.now()
+        await self._store_pool.run(
+            lambda: throttle.re_enable(agent_id, reason=reason, by=by, now=now)
+        )
+        return admin_pb2.EnableVerificationResponse()
+
+    async def ExportAudit(
+        self,
+        request: admin_pb2.ExportAuditRequest,
+        context: ServicerContext[admin_pb2.ExportAuditRequest, admin_pb2.AuditRecordText],
+    ) -> AsyncIterator[admin_pb2.AuditRecordText]:
+        store = self._readiness.require().store
+        records = read_chain(store)
+        if request.format == admin_pb2.AUDIT_FORMAT_CEF:
+            lines = cef_lines(records, version("voxauth"))
+        else:
+            lines = jsonl_lines(records)
+        # A page at a time off the event loop: the log can be long, memory stays bounded.
+        while page := await self._store_pool.run(lambda: list(itertools.islice(lines, 1000))):
+            for line in page:
+                yield admin_pb2.AuditRecordText(line=line)
+
+    async def UnlockShift(
+        self,
+        request: admin_pb2.UnlockShiftRequest,
+        context: ServicerContext[admin_pb2.UnlockShiftRequest, spb.Shift],
+    ) -> spb.Shift:
+        reason = validate_text(request.reason, "reason", 512)
+        shifts = self._readiness.require().shifts
+        record = await shifts.unlock(request.shift_id, f"{reason} (by {caller_identity().name})")
+        return shift_message(record)
+
+    async def GetConfiguration(
+        self,
+        request: admin_pb2.GetConfigurationRequest,
+        context: ServicerContext[admin_pb2.GetConfigurationRequest, admin_pb2.Configuration],
+    ) -> admin_pb2.Configuration:
+        return admin_pb2.Configuration(json=self._config.as_json())
+
+    async def RotateSigningKey(
+        self,
+        request: admin_pb2.RotateSigningKeyRequest,
+        context: ServicerContext[
+            admin_pb2.RotateSigningKeyRequest, admin_pb2.RotateSigningKeyResponse
+        ],
+    ) -> admin_pb2.RotateSigningKeyResponse:
+        desk = self._readiness.require().assurances
+        return admin_pb2.RotateSigningKeyResponse(key_id=await self._store_pool.run(desk.rotate))

@@ -1,0 +1,229 @@
+"""Protobuf messages <-> domain values, for every servicer: nothing here decides anything."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from voxauth.v1 import shifts_pb2 as spb
+from voxauth.v1 import voxauth_pb2 as pb
+
+from enrollment.service import EnrollmentProgress, UtteranceOutcome
+from server.errors import InvalidAudioError
+from server.pipeline.analysis import AudioInput
+from server.pipeline.channel import Channel
+from server.pipeline.decode import AudioEncoding
+from server.pipeline.speech import QualityIssue, SpeechAnalysis
+from server.scoring.calibration import Condition
+from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind
+from server.storage.interface import (
+    AgentRecord,
+    ShiftRecord,
+    ShiftState,
+    UtteranceRecord,
+    Voiceprint,
+)
+from server.verification.decision import Decision
+from server.verification.service import VerificationResult
+
+_ENCODINGS = {
+    pb.AUDIO_ENCODING_WAV: AudioEncoding.WAV,
+    pb.AUDIO_ENCODING_FLAC: AudioEncoding.FLAC,
+    pb.AUDIO_ENCODING_PCM16LE: AudioEncoding.PCM16LE,
+    pb.AUDIO_ENCODING_MULAW: AudioEncoding.MULAW,
+    pb.AUDIO_ENCODING_ALAW: AudioEncoding.ALAW,
+}
+_ISSUES = {
+    QualityIssue.TOO_LITTLE_SPEECH: pb.QUALITY_ISSUE_TOO_LITTLE_SPEECH,
+    QualityIssue.TOO_QUIET: pb.QUALITY_ISSUE_TOO_QUIET,
+    QualityIssue.CLIPPED: pb.QUALITY_ISSUE_CLIPPED,
+}
+_DECISIONS = {
+    Decision.ACCEPT: pb.DECISION_ACCEPT,
+    Decision.REJECT: pb.DECISION_REJECT,
+    Decision.INCONCLUSIVE: pb.DECISION_INCONCLUSIVE,
+}
+
+_CHANNELS = {Channel.WIDEBAND: pb.CHANNEL_WIDEBAND, Channel.TELEPHONE: pb.CHANNEL_TELEPHONE}
+_COMPARISONS = {
+    Condition.WIDEBAND: pb.COMPARISON_WIDEBAND,
+    Condition.WIDEBAND_TO_TELEPHONE: pb.COMPARISON_WIDEBAND_TO_TELEPHONE,
+    Condition.TELEPHONE: pb.COMPARISON_TELEPHONE,
+}
+
+_STATES = {
+    ShiftState.VERIFIED: spb.SHIFT_STATE_VERIFIED,
+    ShiftState.UNVERIFIED: spb.SHIFT_STATE_UNVERIFIED,
+    ShiftState.LOCKED: spb.SHIFT_STATE_LOCKED,
+    ShiftState.ENDED: spb.SHIFT_STATE_ENDED,
+}
+_KINDS = {
+    ShiftEventKind.STREAM_ATTACHED: spb.SHIFT_EVENT_KIND_STREAM_ATTACHED,
+    ShiftEventKind.CHECKPOINT_PASSED: spb.SHIFT_EVENT_KIND_CHECKPOINT_PASSED,
+    ShiftEventKind.CHECKPOINT_FAILED: spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED,
+    ShiftEventKind.INSUFFICIENT_SPEECH: spb.SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH,
+    ShiftEventKind.SHIFT_LOCKED: spb.SHIFT_EVENT_KIND_SHIFT_LOCKED,
+    ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
+    ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
+}
+
+
+def timestamp(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+# --- audio and verification ---------------------------------------------------------------
+
+
+def audio_input(audio: pb.Audio) -> AudioInput:
+    if audio.encoding not in _ENCODINGS:
+        raise InvalidAudioError(
+            "audio encoding is not set or not supported; use WAV, FLAC, PCM16LE, MULAW or ALAW",
+            field="audio.encoding",
+        )
+    return AudioInput(
+        data=audio.data, encoding=_ENCODINGS[audio.encoding], sample_rate_hz=audio.sample_rate_hz
+    )
+
+
+def verify_response(result: VerificationResult) -> pb.VerifyResponse:
+    response = pb.VerifyResponse(
+        decision=_DECISIONS[result.decision],
+        score=result.score,
+        threshold=result.threshold,
+        model_id=result.model_id,
+        quality=_quality(result.quality),
+        target_false_match_rate=result.target_fmr,
+        channel=_CHANNELS[result.channel],
+    )
+    scoring = result.scoring
+    if scoring is not None:
+        response.llr = scoring.llr
+        response.llr_threshold = scoring.llr_threshold
+        response.expected_false_non_match_rate = scoring.expected_false_non_match_rate
+        response.comparison = _COMPARISONS[scoring.condition]
+        response.normalized_score = scoring.normalized
+        response.normalized_threshold = scoring.normalized_threshold
+    return response
+
+
+def _quality(quality: SpeechAnalysis) -> pb.AudioQuality:
+    return pb.AudioQuality(
+        duration_seconds=quality.duration_seconds,
+        net_speech_seconds=quality.net_speech_seconds,
+        speech_level_dbfs=quality.speech_level_dbfs,
+        clipped_fraction=quality.clipped_fraction,
+        issues=[_ISSUES[i] for i in quality.issues],
+    )
+
+
+# --- enrollment ---------------------------------------------------------------------------
+
+
+def agent_message(agent: AgentRecord, *, enrolled: bool) -> pb.Agent:
+    return pb.Agent(
+        agent_id=agent.agent_id,
+        display_name=agent.display_name,
+        consent_reference=agent.consent_reference,
+        created_at=timestamp(agent.created_at),
+        enrolled=enrolled,
+    )
+
+
+def utterance_message(record: UtteranceRecord, *, accepted: bool, reason: str = "") -> pb.Utterance:
+    return pb.Utterance(
+        utterance_id=record.utterance_id,
+        accepted=accepted,
+        rejection_reason=reason,
+        quality=pb.AudioQuality(
+            duration_seconds=record.duration_seconds,
+            net_speech_seconds=record.net_speech_seconds,
+            speech_level_dbfs=record.speech_level_dbfs,
+            clipped_fraction=record.clipped_fraction,
+        ),
+        received_at=timestamp(record.received_at),
+    )
+
+
+def utterance_outcome_message(outcome: UtteranceOutcome) -> pb.Utterance:
+    return pb.Utterance(
+        utterance_id=outcome.record.utterance_id if outcome.record else "",
+        accepted=outcome.record is not None,
+        rejection_reason=outcome.rejection_reason,
+        quality=_quality(outcome.quality),
+        received_at=timestamp(outcome.received_at),
+    )
+
+
+def voiceprint_info(voiceprint: Voiceprint) -> pb.VoiceprintInfo:
+    return pb.VoiceprintInfo(
+        model_id=voiceprint.model_id,
+        created_at=timestamp(voiceprint.created_at),
+        utterance_count=voiceprint.utterance_count,
+        net_speech_seconds=voiceprint.net_speech_seconds,
+        telephone_companion=voiceprint.telephone_embedding is not None,
+    )
+
+
+def enrollment_status(progress: EnrollmentProgress) -> pb.EnrollmentStatus:
+    status = pb.EnrollmentStatus(
+        agent=agent_message(progress.agent, enrolled=progress.voiceprint is not None),
+        net_speech_seconds=progress.net_speech_seconds,
+        required_net_speech_seconds=progress.required_net_speech_seconds,
+        ready_to_finalize=progress.ready_to_finalize,
+        pending_utterances=[utterance_message(u, accepted=True) for u in progress.pending],
+    )
+    if progress.voiceprint is not None:
+        status.voiceprint.CopyFrom(voiceprint_info(progress.voiceprint))
+    return status
+
+
+# --- shifts -------------------------------------------------------------------------------
+
+
+def login_response(outcome: LoginOutcome) -> spb.LoginCheckResponse:
+    return spb.LoginCheckResponse(
+        shift=shift_message(outcome.shift),
+        verification=verify_response(outcome.verification),
+        assurance=outcome.assurance.token if outcome.assurance else "",
+    )
+
+
+def shift_message(record: ShiftRecord) -> spb.Shift:
+    message = spb.Shift(
+        shift_id=record.shift_id,
+        agent_id=record.agent_id,
+        device_id=record.device_id,
+        state=_STATES[record.state],
+        started_at=timestamp(record.started_at),
+        updated_at=timestamp(record.updated_at),
+        consecutive_failures=record.consecutive_failures,
+        checkpoints_passed=record.checkpoints_passed,
+        checkpoints_failed=record.checkpoints_failed,
+        checkpoints_insufficient_speech=record.checkpoints_insufficient,
+    )
+    if record.ended_at is not None:
+        message.ended_at.CopyFrom(timestamp(record.ended_at))
+    return message
+
+
+def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
+    message = spb.ShiftEvent(
+        kind=_KINDS[event.kind],
+        shift_id=event.shift.shift_id,
+        at=timestamp(event.at),
+        score=event.score,
+        threshold=event.threshold,
+        net_speech_seconds=event.net_speech_seconds,
+        shift=shift_message(event.shift),
+    )
+    for field, value in (
+        ("scheduled_at", event.scheduled_at),
+        ("audio_start", event.audio_start),
+        ("audio_end", event.audio_end),
+    ):
+        if value is not None:
+            getattr(message, field).CopyFrom(timestamp(value))
+    return message

@@ -1,0 +1,41 @@
+"""What the servicers serve: the domain services, once the speaker model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from enrollment.service import EnrollmentService
+from server.errors import ServiceNotReadyError
+from server.security.assurance_desk import AssuranceDesk
+from server.shifts.service import ShiftService
+from server.storage.interface import Store
+from server.verification.service import VerificationService
+from server.verification.throttling import VerificationThrottle
+
+
+@dataclass(frozen=True)
+class Services:
+    enrollment: EnrollmentService
+    verification: VerificationService
+    shifts: ShiftService
+    assurances: AssuranceDesk
+    throttle: VerificationThrottle
+    store: Store
+
+
+class Readiness:
+    """Holds the domain services once the model is loaded; empty while starting or stopping."""
+
+    def __init__(self) -> None:
+        self._services: Services | None = None
+
+    def serve(self, services: Services) -> None:
+        self._services = services
+
+    def withdraw(self) -> None:
+        self._services = None
+
+    def require(self) -> Services:
+        if self._services is None:
+            raise ServiceNotReadyError("the server is starting or stopping; retry shortly")
+        return self._services

@@ -1,0 +1,45 @@
+"""The actions the audit log records, one name each.
+
+The values are stored in every audit record and hashed into its chain, and SIEM exports and
+queries select by them: a value never changes once released. Add a member for a new action.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class AuditAction(StrEnum):
+    # Agents and enrollment.
+    AGENT_CREATE = "agent.create"
+    AGENT_DELETE = "agent.delete"
+    """The agent's erasure: the one record that keeps naming the agent."""
+    ENROLLMENT_ADD = "enrollment.add"
+    ENROLLMENT_REJECT_UTTERANCE = "enrollment.reject_utterance"
+    ENROLLMENT_FINALIZE = "enrollment.finalize"
+
+    # Verification decisions.
+    VERIFY = "verify"
+    SHIFT_LOGIN = "shift.login"
+    SHIFT_CHECKPOINT = "shift.checkpoint"
+
+    # Shift state changes.
+    SHIFT_START = "shift.start"
+    SHIFT_RELOGIN = "shift.relogin"
+    SHIFT_LOCK = "shift.lock"
+    SHIFT_ADMIN_UNLOCK = "shift.admin_unlock"
+    SHIFT_END = "shift.end"
+    ASSURANCE_REVOKE = "assurance.revoke"
+    """A shift's assurance revoked because the shift ended or locked."""
+
+    # Throttling of failed verifications.
+    THROTTLE_DISABLE = "throttle.disable"
+    THROTTLE_RE_ENABLE = "throttle.re_enable"
+
+    # Retention, keys, configuration, access.
+    VOICEPRINT_EXPIRE = "voiceprint.expire"
+    KEY_REENCRYPT = "key.reencrypt"
+    STORAGE_RECOVER = "storage.recover"
+    """Agents whose creation a crash cut short, removed when the store opened."""
+    CONFIGURATION = "configuration"
+    ACCESS_DENIED = "access.denied"
