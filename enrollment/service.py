@@ -21,8 +21,8 @@ from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
+from server.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
 from server.storage.interface import UnitOfWork, VoiceprintStore
-from server.storage.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
 from server.validation import validate_agent_id, validate_text
 
 log = logging.getLogger(__name__)

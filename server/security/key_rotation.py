@@ -11,17 +11,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Protocol
 
 from server.audit_actions import AuditAction
+from server.records import AuditEvent, ReencryptionReport
 from server.security.audit import AuditKey
-from server.storage.interface import AuditEvent, ReencryptionReport, Store
+
+
+class KeyRotationStore(Protocol):
+    """What rotating the encryption key needs of the store (server/storage implements it).
+    Thread-safe."""
+
+    def sealing_key_ids(self) -> dict[str, int]:
+        """How many values (wrapped data keys, sealed signing keys) each service key id has
+        sealed."""
+
+    def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
+        """Wraps under the current service key every data key wrapped under a previous one,
+        `batch_size` keys per transaction so the service keeps running. The data the keys
+        seal is not touched."""
+
+    def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
+        """Seals under the current audit key every audit record (and the head) sealed under
+        one of `keys`, `batch_size` records per transaction; returns how many records. A
+        seal that does not check out stops it with StorageError: re-sealing it would launder
+        tampering. Raises ConfigurationError if the store has no audit key."""
+
+    def append_audit(self, event: AuditEvent) -> None:
+        """Appends one record to the audit log (the rotation's own)."""
+
 
 DEFAULT_BATCH_SIZE = 100
 """Keys per transaction: small enough that the server's writes wait only milliseconds."""
 
 
 def reencrypt(
-    store: Store, current_key_id: str, now: datetime, batch_size: int
+    store: KeyRotationStore, current_key_id: str, now: datetime, batch_size: int
 ) -> ReencryptionReport:
     """Re-wraps every data key under the current key and audits it ("key.reencrypt").
     Blocking: call from a worker thread."""
@@ -39,7 +64,7 @@ def reencrypt(
 
 
 def rotate(
-    store: Store,
+    store: KeyRotationStore,
     current_key_id: str,
     previous_audit_keys: Sequence[AuditKey],
     now: datetime,

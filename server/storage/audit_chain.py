@@ -14,6 +14,7 @@ import numpy as np
 
 from server.audit_actions import AuditAction
 from server.errors import StorageError
+from server.records import AuditEvent
 from server.security.audit import (
     GENESIS_HASH,
     AuditEntry,
@@ -25,7 +26,6 @@ from server.security.audit import (
     new_agent_pseudonym,
 )
 from server.storage.backend import AuditRow, Transaction
-from server.storage.records import AuditEvent
 from server.storage.sealing import to_micros
 
 # A longer list of floats in audit details looks like an embedding written out with tolist().

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from server.records import AssuranceRevocation, ShiftState, ThrottleState
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
-from server.storage.records import AssuranceRevocation, ShiftState, ThrottleState
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,20 @@ Every embedding crosses this interface in the clear and is sealed by the store; 
 is ever stored. Writes that belong together, above all an action and its audit record, go
 through one unit of work: they commit together or not at all.
 
-The records are defined in server/storage/records.py and re-exported here for existing
-imports.
+The records are defined in server/records.py, and the protocols of what security's services
+need of the store (AssuranceStore, KeyRotationStore) in the services' own modules, so
+server.security never imports server.storage; all are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
 
 from server.audit_actions import AuditAction
-from server.security.assurances import SigningKeyStore
-from server.security.audit import AuditKey, AuditLog
-from server.storage.records import (
+from server.records import (
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -34,6 +33,9 @@ from server.storage.records import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.security.assurance_desk import AssuranceStore
+from server.security.audit import AuditLog
+from server.security.key_rotation import KeyRotationStore
 
 __all__ = [
     "AgentRecord",
@@ -209,25 +211,6 @@ class ShiftStore(Protocol):
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
 
 
-class AssuranceStore(SigningKeyStore, Protocol):
-    """Signing keys (sealed), the assurances issued with them and their revocations.
-    Thread-safe."""
-
-    def save_assurance(self, assurance: AssuranceRecord) -> None:
-        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
-        if any, stands)."""
-
-    def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
-
-    def revoke_assurance(
-        self, shift_id: str, reason: RevocationReason, at: datetime
-    ) -> AssuranceRevocation | None:
-        """UnitOfWork.revoke_assurance in one atomic step of its own."""
-
-    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
-        """The revocation of the assurance whose jti is `token_id`; None if it has none."""
-
-
 class ThrottleStore(Protocol):
     """Throttling state per agent. Thread-safe, like VoiceprintStore."""
 
@@ -236,25 +219,6 @@ class ThrottleStore(Protocol):
     ) -> ThrottleState:
         """UnitOfWork.update_throttle_state in one atomic step of its own: an exception from
         `update` changes nothing."""
-
-
-class KeyRotationStore(Protocol):
-    """What rotating the encryption key needs of the store. Thread-safe."""
-
-    def sealing_key_ids(self) -> dict[str, int]:
-        """How many values (wrapped data keys, sealed signing keys) each service key id has
-        sealed."""
-
-    def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
-        """Wraps under the current service key every data key wrapped under a previous one,
-        `batch_size` keys per transaction so the service keeps running. The data the keys
-        seal is not touched."""
-
-    def reseal_audit(self, keys: Sequence[AuditKey], batch_size: int) -> int:
-        """Seals under the current audit key every audit record (and the head) sealed under
-        one of `keys`, `batch_size` records per transaction; returns how many records. A
-        seal that does not check out stops it with StorageError: re-sealing it would launder
-        tampering. Raises ConfigurationError if the store has no audit key."""
 
 
 class Store(VoiceprintStore, ShiftStore, AssuranceStore, ThrottleStore, KeyRotationStore, Protocol):

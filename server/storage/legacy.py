@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.records import AgentRecord, AssuranceRecord, ThrottleState
 from server.storage.backend import ShiftRow, Transaction, UtteranceRow, VoiceprintRow
-from server.storage.records import AgentRecord, AssuranceRecord, ThrottleState
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ from datetime import UTC, datetime, timedelta
 
 from models.embedder import Embedding
 from server.errors import ConfigurationError, StorageError
+from server.records import (
+    AgentRecord,
+    AssuranceRecord,
+    ShiftRecord,
+    UtteranceRecord,
+    Voiceprint,
+)
 from server.security.crypto import (
     DataKey,
     RecordKind,
@@ -37,13 +44,6 @@ from server.storage.backend import (
     Transaction,
     UtteranceRow,
     VoiceprintRow,
-)
-from server.storage.records import (
-    AgentRecord,
-    AssuranceRecord,
-    ShiftRecord,
-    UtteranceRecord,
-    Voiceprint,
 )
 
 HANDLE_KEY = "agent handles"

@@ -33,13 +33,7 @@ from server.errors import (
     ShiftNotFoundError,
     StorageError,
 )
-from server.security.assurances import StoredSigningKey
-from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
-from server.security.crypto import VoiceprintCipher
-from server.storage import audit_chain
-from server.storage.backend import AgentKeyRow, AgentRow, AuditRow, StorageBackend, Transaction
-from server.storage.interface import UnitOfWork
-from server.storage.records import (
+from server.records import (
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -51,6 +45,12 @@ from server.storage.records import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.security.assurances import StoredSigningKey
+from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
+from server.security.crypto import VoiceprintCipher
+from server.storage import audit_chain
+from server.storage.backend import AgentKeyRow, AgentRow, AuditRow, StorageBackend, Transaction
+from server.storage.interface import UnitOfWork
 from server.storage.sealing import (
     HANDLE_KEY,
     AgentIdentity,

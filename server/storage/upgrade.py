@@ -8,12 +8,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from models.embedder import Embedding
 from server.errors import StorageError
+from server.records import UtteranceRecord, Voiceprint
 from server.security.audit import AuditKey
 from server.security.crypto import RecordKind, VoiceprintCipher, associated_data
 from server.storage import audit_chain
 from server.storage.backend import Transaction, UtteranceRow, VoiceprintRow
 from server.storage.legacy import LegacyAgent
-from server.storage.records import UtteranceRecord, Voiceprint
 from server.storage.sealing import AgentIdentity, AgentSealer, KeyRing
 
 

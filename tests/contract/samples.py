@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from models.embedder import Embedding
-from server.storage.records import AgentRecord, UtteranceRecord, Voiceprint
+from server.records import AgentRecord, UtteranceRecord, Voiceprint
 
 MODEL = "ecapa-voxceleb-test"
 NOW = datetime(2025, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)

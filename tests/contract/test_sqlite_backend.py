@@ -20,15 +20,7 @@ import pytest
 from models.embedder import Embedding
 from server.audit_actions import AuditAction
 from server.errors import AgentNotFoundError, StorageError
-from server.security.assurances import (
-    AssuranceIssuer,
-    AssurancePolicy,
-    MemorySigningKeyStore,
-    SigningKeyCipher,
-    SigningKeyring,
-)
-from server.security.crypto import RecordKind, associated_data, sealing_key_id
-from server.storage.records import (
+from server.records import (
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -38,6 +30,14 @@ from server.storage.records import (
     ShiftState,
     ThrottleState,
 )
+from server.security.assurances import (
+    AssuranceIssuer,
+    AssurancePolicy,
+    MemorySigningKeyStore,
+    SigningKeyCipher,
+    SigningKeyring,
+)
+from server.security.crypto import RecordKind, associated_data, sealing_key_id
 from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import key_file_path, open_store

@@ -21,10 +21,7 @@ from server.errors import (
     ShiftNotFoundError,
     StorageError,
 )
-from server.security.assurances import SigningKey, SigningKeyCipher
-from server.security.audit import BreakKind, verify_log
-from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
-from server.storage.records import (
+from server.records import (
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -35,6 +32,9 @@ from server.storage.records import (
     ThrottleState,
     UtteranceRecord,
 )
+from server.security.assurances import SigningKey, SigningKeyCipher
+from server.security.audit import BreakKind, verify_log
+from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
 from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
 from tests.contract.conftest import AUDIT_KEY, CIPHER, KEY, Storage

@@ -9,14 +9,14 @@ import pytest
 
 from server.audit_actions import AuditAction
 from server.errors import AgentNotFoundError
-from server.security.audit import verify_log
-from server.storage.records import (
+from server.records import (
     AssuranceRecord,
     AuditEvent,
     RevocationReason,
     ShiftRecord,
     ShiftState,
 )
+from server.security.audit import verify_log
 from server.storage.secure_store import SecureStore
 from tests.contract.conftest import AUDIT_KEY, Storage
 from tests.contract.samples import NOW, agent, assert_same_voiceprint, utterance, voiceprint

@@ -15,9 +15,9 @@ from server.config import AudioLimits, EnrollmentPolicy, RetentionPolicy, Thrott
 from server.errors import AgentNotFoundError, VerificationDisabledError
 from server.pipeline.analysis import VoiceAnalyser
 from server.pipeline.speech import QualityThresholds
+from server.records import AgentRecord, Voiceprint
 from server.security.audit import AuditKey, verify_log
 from server.security.crypto import VoiceprintCipher
-from server.storage.records import AgentRecord, Voiceprint
 from server.storage.secure_store import SecureStore
 from server.verification.decision import Decision
 from server.verification.retention import expire_unused_voiceprints

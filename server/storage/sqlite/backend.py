@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import StorageError
+from server.records import (
+    AgentRecord,
+    AssuranceRecord,
+    AssuranceRevocation,
+    RevocationReason,
+    ShiftState,
+    ThrottleState,
+)
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
 from server.storage.backend import (
@@ -37,14 +45,6 @@ from server.storage.backend import (
     VoiceprintRow,
 )
 from server.storage.legacy import LegacyAgent, Upgrade
-from server.storage.records import (
-    AgentRecord,
-    AssuranceRecord,
-    AssuranceRevocation,
-    RevocationReason,
-    ShiftState,
-    ThrottleState,
-)
 from server.storage.sqlite.schema import (
     AUDIT_CHAIN_MIGRATION,
     KEY_MIGRATIONS,

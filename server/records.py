@@ -1,6 +1,10 @@
 """What the service keeps, as the domain sees it: frozen records that cross the storage
 interface (server/storage/interface.py). Embeddings appear here in the clear; the store seals
 them before any backend sees them. No raw audio is ever stored.
+
+Below both server.storage and server.security: the store seals and chains these records with
+security's primitives, and security's services (the assurance desk, key rotation, the
+configuration audit) build them, so neither package needs the other's records.
 """
 
 from __future__ import annotations
