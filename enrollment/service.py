@@ -23,13 +23,8 @@ from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.storage.interface import (
-    AgentRecord,
-    AuditEvent,
-    UtteranceRecord,
-    Voiceprint,
-    VoiceprintStore,
-)
+from server.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
 log = logging.getLogger(__name__)
@@ -90,8 +85,11 @@ class EnrollmentService:
             consent_reference=validate_text(consent_reference, "consent_reference", 256),
             created_at=self._now(),
         )
-        self._store.create_agent(agent)
-        self._audit(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
+        created = self._event(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
+        with self._store.unit_of_work(f"create agent {agent.agent_id!r}") as unit:
+            unit.create_agent(agent)
+            unit.append_audit(created)
+        _log(created)
         return agent
 
     def add_utterance(self, agent_id: str, audio: ReceivedAudio) -> UtteranceOutcome:
@@ -107,10 +105,15 @@ class EnrollmentService:
         # HR can re-record while the agent is there.
         if sample.embedding is None or quality.issues:
             reason = _quality_rejection(quality, self._policy.min_utterance_net_speech_seconds)
-            self._audit(AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason)
+            rejected = self._event(
+                AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason
+            )
+            self._store.append_audit(rejected)
+            _log(rejected)
             return UtteranceOutcome(quality, received_at, None, reason)
         model_id = self._analyser.model_id
         telephone = self._analyser.telephone_embedding(quality.speech)
+        # One add at a time, so two copies sent at once cannot both pass the duplicate check.
         with self._adding:
             pending = [
                 u for u in self._store.pending_utterances(agent.agent_id) if u.model_id == model_id
@@ -125,13 +128,15 @@ class EnrollmentService:
                     f"{duplicate.similarity:.3f}, at least {DUPLICATE_SIMILARITY:.2f} is a copy): "
                     "a recording counts once; record a new utterance"
                 )
-                self._audit(
+                rejected = self._event(
                     AuditAction.ENROLLMENT_ADD,
                     agent.agent_id,
                     "rejected",
                     reason=reason,
                     duplicate_of=copied,
                 )
+                self._store.append_audit(rejected)
+                _log(rejected)
                 return UtteranceOutcome(quality, received_at, None, reason)
             record = UtteranceRecord(
                 utterance_id=uuid.uuid4().hex,
@@ -145,14 +150,17 @@ class EnrollmentService:
                 received_at=received_at,
                 telephone_embedding=telephone,
             )
-            self._store.add_utterance(record, self._policy.max_pending_utterances)
-        self._audit(
-            AuditAction.ENROLLMENT_ADD,
-            agent.agent_id,
-            "ok",
-            utterance_id=record.utterance_id,
-            net_speech_seconds=round(quality.net_speech_seconds, 2),
-        )
+            added = self._event(
+                AuditAction.ENROLLMENT_ADD,
+                agent.agent_id,
+                "ok",
+                utterance_id=record.utterance_id,
+                net_speech_seconds=round(quality.net_speech_seconds, 2),
+            )
+            with self._store.unit_of_work(f"add utterance for agent {agent.agent_id!r}") as unit:
+                unit.add_utterance(record, self._policy.max_pending_utterances)
+                unit.append_audit(added)
+        _log(added)
         return UtteranceOutcome(quality, received_at, record)
 
     def progress(self, agent_id: str) -> EnrollmentProgress:
@@ -167,9 +175,24 @@ class EnrollmentService:
         )
 
     def finalize(self, agent_id: str) -> FinalizeOutcome:
-        """Builds the voiceprint from the pending utterances and swaps it in atomically."""
-        agent = self._store.get_agent(validate_agent_id(agent_id))
-        pending = self._store.pending_utterances(agent.agent_id)
+        """Builds the voiceprint from the pending utterances and swaps it in atomically: the
+        utterances it consumes or rejects, the voiceprint and the audit records commit
+        together."""
+        agent_id = validate_agent_id(agent_id)
+        with self._store.unit_of_work(f"finalize the enrollment of agent {agent_id!r}") as unit:
+            result = self._finalize(unit, agent_id)
+            for event in result.events:
+                unit.append_audit(event)
+        for event in result.events:
+            _log(event)
+        if isinstance(result.outcome, EnrollmentIncompleteError):
+            # Raised once the unit has committed: the rejected utterances stay discarded.
+            raise result.outcome
+        return result.outcome
+
+    def _finalize(self, unit: UnitOfWork, agent_id: str) -> _Finalized:
+        agent = unit.get_agent(agent_id)
+        pending = unit.pending_utterances(agent.agent_id)
         model_id = self._analyser.model_id
         # Embeddings of another model live in another space: they cannot join this voiceprint.
         stale = [
@@ -180,37 +203,47 @@ class EnrollmentService:
         current = [u for u in pending if u.model_id == model_id]
         consistency = check_consistency(current, self._policy.consistency_threshold)
         rejected = stale + consistency.rejected
+        events: list[AuditEvent] = []
         if rejected:
-            self._store.remove_utterances(
-                agent.agent_id, [r.utterance.utterance_id for r in rejected]
-            )
-            for r in rejected:
-                self._audit(
+            unit.remove_utterances(agent.agent_id, [r.utterance.utterance_id for r in rejected])
+            events += [
+                self._event(
                     AuditAction.ENROLLMENT_REJECT_UTTERANCE,
                     agent.agent_id,
                     "rejected",
                     utterance_id=r.utterance.utterance_id,
                     reason=r.reason,
                 )
+                for r in rejected
+            ]
         collected = sum(u.net_speech_seconds for u in consistency.accepted)
         required = self._policy.required_net_speech_seconds
         if consistency.undecided:
-            self._audit(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided")
-            raise EnrollmentIncompleteError(
-                "the two pending utterances do not sound like the same person; add another "
-                "utterance of the agent so the odd one out can be identified"
+            events.append(self._event(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided"))
+            return _Finalized(
+                EnrollmentIncompleteError(
+                    "the two pending utterances do not sound like the same person; add another "
+                    "utterance of the agent so the odd one out can be identified"
+                ),
+                events,
             )
         if not consistency.accepted or collected < required:
-            self._audit(
-                AuditAction.ENROLLMENT_FINALIZE,
-                agent.agent_id,
-                "incomplete",
-                net_speech_seconds=collected,
+            events.append(
+                self._event(
+                    AuditAction.ENROLLMENT_FINALIZE,
+                    agent.agent_id,
+                    "incomplete",
+                    net_speech_seconds=collected,
+                )
             )
-            raise EnrollmentIncompleteError(
-                f"{collected:.1f} s of consistent net speech collected, {required:.1f} s needed"
-                + (f"; {len(rejected)} utterance(s) rejected: " if rejected else "")
-                + "; ".join(r.reason for r in rejected)
+            return _Finalized(
+                EnrollmentIncompleteError(
+                    f"{collected:.1f} s of consistent net speech collected, {required:.1f} s "
+                    "needed"
+                    + (f"; {len(rejected)} utterance(s) rejected: " if rejected else "")
+                    + "; ".join(r.reason for r in rejected)
+                ),
+                events,
             )
         voiceprint = Voiceprint(
             agent_id=agent.agent_id,
@@ -221,30 +254,50 @@ class EnrollmentService:
             net_speech_seconds=collected,
             telephone_embedding=companion_embedding(consistency.accepted),
         )
-        replaced = self._store.replace_voiceprint(
+        replaced = unit.replace_voiceprint(
             voiceprint, [u.utterance_id for u in consistency.accepted]
         )
-        self._audit(
-            AuditAction.ENROLLMENT_FINALIZE,
-            agent.agent_id,
-            "ok",
-            replaced_previous=replaced,
-            utterance_count=voiceprint.utterance_count,
-            net_speech_seconds=round(collected, 2),
-            model_id=model_id,
+        events.append(
+            self._event(
+                AuditAction.ENROLLMENT_FINALIZE,
+                agent.agent_id,
+                "ok",
+                replaced_previous=replaced,
+                utterance_count=voiceprint.utterance_count,
+                net_speech_seconds=round(collected, 2),
+                model_id=model_id,
+            )
         )
-        return FinalizeOutcome(voiceprint, replaced, rejected)
+        return _Finalized(FinalizeOutcome(voiceprint, replaced, rejected), events)
 
     def delete(self, agent_id: str) -> None:
         agent_id = validate_agent_id(agent_id)
-        self._store.delete_agent(agent_id)
-        # After the erasure: with the agent gone, the store records this one in clear.
-        self._audit(AuditAction.AGENT_DELETE, agent_id, "ok")
+        erased = self._event(AuditAction.AGENT_DELETE, agent_id, "ok")
+        with self._store.unit_of_work(f"delete agent {agent_id!r}") as unit:
+            unit.delete_agent(agent_id)
+            # After the erasure: with the agent gone, the store records this one in clear.
+            unit.append_audit(erased)
+        _log(erased)
 
-    def _audit(self, action: AuditAction, agent_id: str, outcome: str, **details: object) -> None:
-        self._store.append_audit(AuditEvent(action, agent_id, outcome, self._now(), dict(details)))
-        extra = "".join(f" {name}={value}" for name, value in details.items())
-        log.info("%s agent=%s outcome=%s%s", action, agent_id, outcome, extra)
+    def _event(
+        self, action: AuditAction, agent_id: str, outcome: str, **details: object
+    ) -> AuditEvent:
+        return AuditEvent(action, agent_id, outcome, self._now(), dict(details))
+
+
+@dataclass(frozen=True)
+class _Finalized:
+    """What a finalize attempt comes to: its outcome (or the error to raise once its unit has
+    committed) and the audit records it commits with."""
+
+    outcome: FinalizeOutcome | EnrollmentIncompleteError
+    events: list[AuditEvent]
+
+
+def _log(event: AuditEvent) -> None:
+    """Logs an audited step once it has committed."""
+    extra = "".join(f" {name}={value}" for name, value in event.details.items())
+    log.info("%s agent=%s outcome=%s%s", event.action, event.agent_id, event.outcome, extra)
 
 
 def _quality_rejection(quality: SpeechAnalysis, min_net_speech: float) -> str:

@@ -37,7 +37,7 @@ from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
 from server.shifts.service import ShiftService
 from server.storage.interface import AuditEvent, Store
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
@@ -104,7 +104,7 @@ class VoxauthServer:
         # Opening the store (and the signing keys in it) first means a bad key or database
         # stops the start before any port is open.
         store = await self._store_pool.run(
-            lambda: SqliteVoiceprintStore.open(
+            lambda: open_store(
                 self.config.database_path,
                 VoiceprintCipher(self._key, self._previous_keys),
                 audit_key=AuditKey(self._key),

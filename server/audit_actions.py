@@ -39,5 +39,7 @@ class AuditAction(StrEnum):
     # Retention, keys, configuration, access.
     VOICEPRINT_EXPIRE = "voiceprint.expire"
     KEY_REENCRYPT = "key.reencrypt"
+    STORAGE_RECOVER = "storage.recover"
+    """Agents whose creation a crash cut short, removed when the store opened."""
     CONFIGURATION = "configuration"
     ACCESS_DENIED = "access.denied"

@@ -14,13 +14,11 @@ from voxauth.v1 import shifts_pb2 as spb
 
 from server.api.convert import shift_message
 from server.api.readiness import Readiness
-from server.audit_actions import AuditAction
 from server.config import ServerConfig
 from server.runtime.clock import Clock
 from server.runtime.store_pool import StorePool
 from server.security.audit import cef_lines, jsonl_lines, read_chain
 from server.security.identity import caller_identity
-from server.storage.interface import AuditEvent
 from server.validation import validate_agent_id, validate_text
 
 
@@ -42,21 +40,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> admin_pb2.EnableVerificationResponse:
         reason = validate_text(request.reason, "reason", 512)
         agent_id = validate_agent_id(request.agent_id)
-        services = self._readiness.require()
-        previous = await self._store_pool.run(lambda: services.throttle.re_enable(agent_id))
-        event = AuditEvent(
-            AuditAction.THROTTLE_RE_ENABLE,
-            agent_id,
-            "ok",
-            self._clock.now(),
-            {
-                "reason": reason,
-                "by": caller_identity().name,
-                "consecutive_failures": previous.consecutive_failures,
-                "was_disabled": previous.disabled_at is not None,
-            },
+        throttle = self._readiness.require().throttle
+        by, now = caller_identity().name, self._clock.now()
+        await self._store_pool.run(
+            lambda: throttle.re_enable(agent_id, reason=reason, by=by, now=now)
         )
-        await self._store_pool.run(lambda: services.store.append_audit(event))
         return admin_pb2.EnableVerificationResponse()
 
     async def ExportAudit(

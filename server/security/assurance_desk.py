@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
 
 from server.errors import AssuranceNotFoundError, AssuranceRevokedError
+from server.records import AssuranceRecord, AssuranceRevocation, RevocationReason, ShiftRecord
 from server.runtime.clock import Clock
 from server.security.assurances import (
     AssuranceClaims,
@@ -17,14 +20,8 @@ from server.security.assurances import (
     InactiveReason,
     JwksDocument,
     SigningKeyring,
+    SigningKeyStore,
     jwks_document,
-)
-from server.storage.interface import (
-    AssuranceRecord,
-    AssuranceRevocation,
-    AssuranceStore,
-    RevocationReason,
-    ShiftRecord,
 )
 from server.validation import validate_shift_id
 
@@ -34,6 +31,27 @@ _REVOKED_BECAUSE = {
     RevocationReason.SHIFT_ENDED: InactiveReason.REVOKED_SHIFT_ENDED,
     RevocationReason.SHIFT_LOCKED: InactiveReason.REVOKED_SHIFT_LOCKED,
 }
+
+
+class AssuranceStore(SigningKeyStore, Protocol):
+    """Signing keys (sealed), the assurances issued with them and their revocations: what the
+    desk needs of the store (server/storage implements it). Thread-safe."""
+
+    def save_assurance(self, assurance: AssuranceRecord) -> None:
+        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
+        if any, stands)."""
+
+    def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        """Revokes the shift's latest assurance in one atomic step and returns the revocation;
+        None when the shift has no assurance or its latest is revoked already (the first
+        revocation stands)."""
+
+    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
+        """The revocation of the assurance whose jti is `token_id`; None if it has none."""
 
 
 @dataclass(frozen=True)

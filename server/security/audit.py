@@ -13,9 +13,11 @@ the chain alone cannot tell a shorter log from a truncated one.
 What the chain cannot show: an old sealed head put back together with the log truncated to
 match it. Exporting the log regularly to a SIEM anchors it outside the database.
 
-Agents appear under a pseudonym (`agent_ref`), a random value kept in the agent's row: while
-the agent exists the store resolves it, and erasing the agent erases the only link. The
-record of the erasure itself names the agent in clear.
+Agents appear under a pseudonym (`agent_ref`), a random value sealed with the agent's identity
+under the agent's own data key: while the agent exists the store resolves it, and erasing the
+agent destroys the key and with it the only link. Because the pseudonym is sealed, swapping two
+agents' pseudonyms or replacing one (which would re-attribute their records) breaks the seal,
+and verification reports it. The record of the erasure itself names the agent in clear.
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ from server.errors import ConfigurationError
 GENESIS_HASH = "0" * 64
 """What the first record links to."""
 
-ERASURE_ACTION = "agent.delete"
-"""The action of an agent's erasure: the one record that keeps naming the agent."""
 
 _KEY_BYTES = 32
 _KEY_ID_BYTES = 8
@@ -176,12 +176,16 @@ class BreakKind(enum.Enum):
     """A seal does not match: the chain was rewritten without the audit key."""
     UNVERIFIABLE = "unverifiable"
     """A seal cannot be checked: missing, or made with a key that is not loaded."""
+    REATTRIBUTED = "reattributed"
+    """The records are intact, but who they are about is not: an agent's sealed pseudonym
+    was swapped with another's, replaced or altered."""
 
 
 @dataclass(frozen=True)
 class ChainBreak:
     seq: int
-    """The first record at fault (for the head: the record count it claims)."""
+    """The first record at fault (for the head: the record count it claims; 0 when the
+    records are intact but their attribution is not)."""
     kind: BreakKind
     reason: str
 
@@ -206,6 +210,10 @@ class AuditLog(Protocol):
     def audit_records(self, after_seq: int, limit: int) -> list[AuditRecord]:
         """At most `limit` records with seq > after_seq, in seq order."""
 
+    def attribution_faults(self) -> list[str]:
+        """Why the pseudonyms in the records may not name the agents they seem to: one reason
+        per agent whose sealed pseudonym does not check out. Empty when every one does."""
+
 
 def read_chain(log: AuditLog, *, page_size: int = 1000) -> Iterator[AuditRecord]:
     """Every record, in order, one page per read so a long log never sits in memory."""
@@ -216,10 +224,16 @@ def read_chain(log: AuditLog, *, page_size: int = 1000) -> Iterator[AuditRecord]
 
 
 def verify_log(log: AuditLog, keys: Iterable[AuditKey]) -> ChainReport:
-    """Checks the whole chain. The head is read first: records appended meanwhile come after
-    it and are checked on their own seals."""
+    """Checks the whole chain, then who its records are about. The head is read first:
+    records appended meanwhile come after it and are checked on their own seals."""
     head = log.audit_head()
-    return verify_chain(read_chain(log), head, keys)
+    report = verify_chain(read_chain(log), head, keys)
+    if report.first_break is not None:
+        return report
+    faults = log.attribution_faults()
+    if faults:
+        return ChainReport(report.records, ChainBreak(0, BreakKind.REATTRIBUTED, "; ".join(faults)))
+    return report
 
 
 def verify_chain(

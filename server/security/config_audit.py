@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from server.audit_actions import AuditAction
-from server.storage.interface import AuditEvent
+from server.records import AuditEvent
 
 
 def record_configuration(log: ConfigurationLog, configuration_json: str, now: datetime) -> bool:
@@ -35,7 +35,7 @@ def record_configuration(log: ConfigurationLog, configuration_json: str, now: da
 
 
 class ConfigurationLog(Protocol):
-    def latest_audit_event(self, action: str) -> AuditEvent | None: ...
+    def latest_audit_event(self, action: AuditAction) -> AuditEvent | None: ...
 
     def append_audit(self, event: AuditEvent) -> None: ...
 

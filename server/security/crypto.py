@@ -1,9 +1,12 @@
-"""Encryption at rest of speaker embeddings (voiceprints and pending utterances), and the key.
+"""Encryption at rest: the service key and the agents' data keys it wraps.
 
 A blob is: format version (1 byte) | key id (8 bytes) | nonce (12 bytes) | AES-256-GCM output.
+Everything of an agent that is sealed (embeddings, identity, assurance tokens) is sealed under
+the agent's own data key (format 2), and that key is stored only wrapped under the service key
+(format 1): erasing an agent destroys its wrapped key, after which no copy of its data opens.
 The key id tells which key sealed a blob, so after a key rotation blobs sealed with a previous
-key (VOXAUTH_PREVIOUS_KEYS) still open until they are re-sealed; the associated data binds
-each blob to its row, so a blob copied into another agent's row does not decrypt.
+service key (VOXAUTH_PREVIOUS_KEYS) still open until they are re-wrapped; the associated data
+binds each blob to its row, so a blob copied into another row does not decrypt.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hashlib
 import logging
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -29,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 FORMAT_VERSION = 1
+"""Blobs sealed under the service key: embeddings of databases from before per-agent keys,
+and the wrapped data keys."""
+DATA_KEY_FORMAT_VERSION = 2
+"""Blobs sealed under an agent's data key."""
 KEY_ID_BYTES = 8
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
@@ -44,17 +52,25 @@ RecordKind = Literal[
 ]
 
 
-def associated_data(*, agent_id: str, record_kind: RecordKind, model_id: str) -> bytes:
-    """The row binding of an embedding blob, length-prefixed so no two rows encode alike."""
+def binding(*parts: str) -> bytes:
+    """Associated data binding a blob to what it belongs to, length-prefixed so no two lists
+    of parts encode alike."""
     return b"".join(
-        len(encoded).to_bytes(4, "big") + encoded
-        for encoded in (part.encode() for part in (agent_id, record_kind, model_id))
+        len(encoded).to_bytes(4, "big") + encoded for encoded in (part.encode() for part in parts)
     )
 
 
-class VoiceprintCipher:
-    """Seals embeddings with AES-256-GCM under the current key, and opens blobs sealed with it
-    or with one of the previous keys. Thread-safe (holds no mutable state)."""
+def associated_data(*, agent_id: str, record_kind: RecordKind, model_id: str) -> bytes:
+    """The row binding of an embedding blob."""
+    return binding(agent_id, record_kind, model_id)
+
+
+class _Sealer(ABC):
+    """AES-256-GCM blobs of one format: format version | key id | nonce | ciphertext and tag,
+    the header authenticated with the associated data. Seals under the current key, opens
+    blobs of it or of the previous keys. Thread-safe (holds no mutable state)."""
+
+    _format: int
 
     def __init__(self, key: bytes, previous_keys: Sequence[bytes] = ()) -> None:
         for candidate in (key, *previous_keys):
@@ -76,52 +92,109 @@ class VoiceprintCipher:
         """Hex ids of the keys this cipher opens blobs of: the current and the previous ones."""
         return frozenset(key_id.hex() for key_id in self._openers)
 
+    def seal(self, plain: bytes, *, associated: bytes) -> bytes:
+        header = bytes([self._format]) + self._key_id
+        nonce = os.urandom(_NONCE_BYTES)
+        # The header is authenticated too, so a forged version or key id cannot pass.
+        return header + nonce + self._aead.encrypt(nonce, plain, header + associated)
+
+    def open(self, blob: bytes, *, associated: bytes, what: str = "sealed value") -> bytes:
+        """The plaintext; StorageError naming `what` if the blob does not open here."""
+        if len(blob) < _HEADER_BYTES + _NONCE_BYTES + _TAG_BYTES:
+            raise StorageError(f"{what} is truncated ({len(blob)} bytes)")
+        if blob[0] != self._format:
+            raise StorageError(
+                f"{what} has format version {blob[0]}; this voxauth reads version "
+                f"{self._format} here"
+            )
+        header = blob[:_HEADER_BYTES]
+        opener = self._openers.get(header[1:])
+        if opener is None:
+            raise StorageError(self._unknown_key(what, header[1:].hex()))
+        nonce = blob[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
+        try:
+            return opener.decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + associated)
+        except InvalidTag:
+            raise StorageError(
+                f"{what} failed authentication: it was altered, or it belongs to another record "
+                "(agent, kind or model)"
+            ) from None
+
     def encrypt_embedding(self, embedding: Embedding, *, associated: bytes) -> bytes:
         vector = np.asarray(embedding, dtype="<f4")
         if vector.ndim != 1 or vector.size == 0:
             raise ValueError(f"an embedding is a non-empty 1-D array, not shape {vector.shape}")
         if not np.all(np.isfinite(vector)):
             raise ValueError("refusing to store an embedding with NaN or infinite values")
-        header = bytes([FORMAT_VERSION]) + self._key_id
-        nonce = os.urandom(_NONCE_BYTES)
-        # The header is authenticated too, so a forged version or key id cannot pass.
-        sealed = self._aead.encrypt(nonce, vector.tobytes(), header + associated)
-        return header + nonce + sealed
+        return self.seal(vector.tobytes(), associated=associated)
 
     def decrypt_embedding(self, blob: bytes, *, associated: bytes) -> Embedding:
-        if len(blob) < _HEADER_BYTES + _NONCE_BYTES + _TAG_BYTES:
-            raise StorageError(f"encrypted embedding is truncated ({len(blob)} bytes)")
-        if blob[0] != FORMAT_VERSION:
-            raise StorageError(
-                f"encrypted embedding has format version {blob[0]}; this voxauth reads "
-                f"version {FORMAT_VERSION}"
-            )
-        header = blob[:_HEADER_BYTES]
-        blob_key_id = header[1:]
-        opener = self._openers.get(blob_key_id)
-        if opener is None:
-            raise StorageError(
-                f"encrypted embedding was sealed with key {blob_key_id.hex()}, but the loaded "
-                f"key is {self.key_id}: wrong {KEY_ENV} / {KEY_FILE_ENV}, or a previous key "
-                f"missing from {PREVIOUS_KEYS_ENV}?"
-            )
-        nonce = blob[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
-        try:
-            plain = opener.decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + associated)
-        except InvalidTag:
-            raise StorageError(
-                "encrypted embedding failed authentication: it was altered, or it belongs to "
-                "another record (agent, kind or model)"
-            ) from None
+        plain = self.open(blob, associated=associated, what="encrypted embedding")
         if len(plain) % 4:
             raise StorageError(f"decrypted embedding has {len(plain)} bytes, not whole float32s")
         return np.frombuffer(plain, dtype="<f4").astype(np.float32)
 
+    @abstractmethod
+    def _unknown_key(self, what: str, key_id: str) -> str:
+        """Why a blob sealed under `key_id` does not open here."""
+
+
+class VoiceprintCipher(_Sealer):
+    """The service key (VOXAUTH_KEY) and the previous ones: wraps the agents' data keys, and
+    opens embeddings sealed directly under it before data keys existed."""
+
+    _format = FORMAT_VERSION
+
+    def wrap_key(self, key: DataKey, *, associated: bytes) -> bytes:
+        """`key` sealed under the current service key, bound to `associated`."""
+        return self.seal(key.raw, associated=associated)
+
+    def unwrap_key(self, blob: bytes, *, associated: bytes) -> DataKey:
+        return DataKey(self.open(blob, associated=associated, what="wrapped data key"))
+
     def reseal(self, blob: bytes, *, associated: bytes) -> bytes:
-        """The blob's embedding sealed anew under the current key."""
-        return self.encrypt_embedding(
-            self.decrypt_embedding(blob, associated=associated), associated=associated
+        """The blob's content sealed anew under the current key."""
+        return self.seal(self.open(blob, associated=associated), associated=associated)
+
+    def _unknown_key(self, what: str, key_id: str) -> str:
+        return (
+            f"{what} was sealed with key {key_id}, but the loaded key is {self.key_id}: wrong "
+            f"{KEY_ENV} / {KEY_FILE_ENV}, or a previous key missing from {PREVIOUS_KEYS_ENV}?"
         )
+
+
+class DataKey(_Sealer):
+    """One agent's data key: seals everything of the agent that is sealed. Stored only wrapped
+    under the service key; destroying the wrapped copy makes all of it unreadable for good."""
+
+    _format = DATA_KEY_FORMAT_VERSION
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(raw)
+        self._raw = raw
+
+    @classmethod
+    def generate(cls) -> DataKey:
+        return cls(AESGCM.generate_key(bit_length=8 * KEY_BYTES))
+
+    @property
+    def raw(self) -> bytes:
+        """The key itself, for wrapping only."""
+        return self._raw
+
+    def _unknown_key(self, what: str, key_id: str) -> str:
+        return (
+            f"{what} was sealed with data key {key_id}, not with this agent's {self.key_id}: it "
+            "belongs to another agent"
+        )
+
+
+def sealing_key_id(blob: bytes) -> str:
+    """Hex id of the key that sealed `blob`, read from its header without opening it. Signing
+    keys sealed by server/security/assurances.py share the header layout."""
+    if len(blob) < _HEADER_BYTES:
+        raise StorageError(f"sealed value is truncated ({len(blob)} bytes)")
+    return blob[1:_HEADER_BYTES].hex()
 
 
 def _key_id(key: bytes) -> bytes:

@@ -279,8 +279,15 @@ class ShiftSession:
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
-            await service.revoke_assurance(record, RevocationReason.SHIFT_LOCKED)
-        await service.save(record)
+            lock = service.audit_event(
+                AuditAction.SHIFT_LOCK,
+                record,
+                "LOCKED",
+                consecutive_failures=record.consecutive_failures,
+            )
+            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED)
+        else:
+            await service.save(record)
         self.record = record
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
         self.publish(
@@ -297,12 +304,6 @@ class ShiftSession:
             )
         )
         if locked:
-            await service.audit(
-                AuditAction.SHIFT_LOCK,
-                record,
-                "LOCKED",
-                consecutive_failures=record.consecutive_failures,
-            )
             self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
 
     async def _insufficient(self, scheduled_at: datetime) -> None:
@@ -312,9 +313,10 @@ class ShiftSession:
             checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
             updated_at=service.clock.now(),
         )
-        await service.save(record)
+        await service.save(
+            record, service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
+        )
         self.record = record
-        await service.audit(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
         self.publish(
             ShiftEvent(
                 ShiftEventKind.INSUFFICIENT_SPEECH,
@@ -381,8 +383,17 @@ class ShiftService:
             started_at=now,
             updated_at=now,
         )
-        await self._store_pool.run(lambda: self._store.create_shift(record))
-        await self.audit(AuditAction.SHIFT_START, record, record.state.value, device_id=device_id)
+        started = self.audit_event(
+            AuditAction.SHIFT_START, record, record.state.value, device_id=device_id
+        )
+
+        def create() -> None:
+            with self._store.unit_of_work(f"start shift {record.shift_id!r}") as unit:
+                unit.create_shift(record)
+                unit.append_audit(started)
+
+        await self._store_pool.run(create)
+        _log(started)
         self._session(record)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -416,9 +427,11 @@ class ShiftService:
             consecutive_failures=0,
             updated_at=self.clock.now(),
         )
-        await self.save(record)
+        await self.save(
+            record,
+            self.audit_event(action, record, "VERIFIED", previous_state=was.value, **details),
+        )
         session.record = record
-        await self.audit(action, record, "VERIFIED", previous_state=was.value, **details)
         if was is not ShiftState.VERIFIED:
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
         session.ensure_checkpoints()
@@ -441,15 +454,12 @@ class ShiftService:
 
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
         session = self._sessions.pop(validate_shift_id(shift_id), None)
-        record = (
-            session.record if session else await self._get_shift(shift_id)
-        )
+        record = session.record if session else await self._get_shift(shift_id)
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
-            await self.revoke_assurance(record, RevocationReason.SHIFT_ENDED)
-            await self.save(record)
-            await self.audit(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
+            ended = self.audit_event(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
+            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED)
         if session is not None:
             session.record = record
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
@@ -501,39 +511,50 @@ class ShiftService:
             return None
         return result, recent
 
-    async def revoke_assurance(self, record: ShiftRecord, reason: RevocationReason) -> None:
-        """Revokes the shift's assurance before its new state is saved or announced: should
-        the save fail, the token is refused already (fail closed), and an MFA provider that
-        introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it revoked."""
-        if self._assurances is None:
-            return
-        desk = self._assurances
-        revocation = await self._store_pool.run(lambda: desk.revoke(record.shift_id, reason))
-        if revocation is not None:
-            await self.audit(
-                AuditAction.ASSURANCE_REVOKE,
-                record,
-                "REVOKED",
-                token_id=revocation.token_id,
-                reason=reason.value,
-            )
-
-    async def save(self, record: ShiftRecord) -> None:
-        await self._store_pool.run(lambda: self._store.update_shift(record))
-
-    async def audit(
-        self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
+    async def save(
+        self,
+        record: ShiftRecord,
+        *audit: AuditEvent,
+        revoking: RevocationReason | None = None,
     ) -> None:
-        event = AuditEvent(
+        """Stores the shift's new state and the audit records of the change in one unit of
+        work: a state change is never left unaudited. `revoking` (a shift that ends or locks)
+        revokes the shift's latest assurance in the same unit, audited before the change, so
+        the token is refused the moment the new state is stored and before it is announced:
+        an MFA provider that introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it
+        revoked."""
+
+        def write() -> list[AuditEvent]:
+            with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
+                events = list(audit)
+                if revoking is not None:
+                    revocation = unit.revoke_assurance(record.shift_id, revoking, record.updated_at)
+                    if revocation is not None:
+                        revoked = self.audit_event(
+                            AuditAction.ASSURANCE_REVOKE,
+                            record,
+                            "REVOKED",
+                            token_id=revocation.token_id,
+                            reason=revoking.value,
+                        )
+                        events.insert(0, revoked)
+                unit.update_shift(record)
+                for event in events:
+                    unit.append_audit(event)
+            return events
+
+        for event in await self._store_pool.run(write):
+            _log(event)
+
+    def audit_event(
+        self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
+    ) -> AuditEvent:
+        return AuditEvent(
             action,
             record.agent_id,
             outcome,
             self.clock.now(),
             {"shift_id": record.shift_id, **details},
-        )
-        await self._store_pool.run(lambda: self._store.append_audit(event))
-        log.info(
-            "%s shift=%s agent=%s outcome=%s", action, record.shift_id, record.agent_id, outcome
         )
 
     def publish(self, event: ShiftEvent) -> None:
@@ -580,6 +601,17 @@ class ShiftService:
                 if session.detached_since is not None and now - session.detached_since >= idle:
                     session.stop()
                     del self._sessions[shift_id]
+
+
+def _log(event: AuditEvent) -> None:
+    """Logs an audited shift change once it has committed."""
+    log.info(
+        "%s shift=%s agent=%s outcome=%s",
+        event.action,
+        event.details["shift_id"],
+        event.agent_id,
+        event.outcome,
+    )
 
 
 def _state_after_login(result: VerificationResult) -> ShiftState:

@@ -1,110 +1,69 @@
-"""The storage interface. SQLite (server/sqlite_store.py) is the embedded default; a
-distributed store will implement the same protocol later.
+"""The storage interface the domain uses. One implementation, `SecureStore`
+(server/storage/secure_store.py), holds the security invariants (sealing under per-agent data
+keys, the audit chain, pseudonyms) over any backend (server/storage/backend.py); SQLite is the
+embedded backend.
 
-Every embedding crosses this interface in the clear and is encrypted by the implementation;
-no raw audio is ever stored.
+Every embedding crosses this interface in the clear and is sealed by the store; no raw audio
+is ever stored. Writes that belong together, above all an action and its audit record, go
+through one unit of work: they commit together or not at all.
+
+The records are defined in server/records.py, and the protocols of what security's services
+need of the store (AssuranceStore, KeyRotationStore) in the services' own modules, so
+server.security never imports server.storage; all are re-exported here.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from models.embedder import Embedding
-from server.security.assurances import SigningKeyStore
+from server.audit_actions import AuditAction
+from server.records import (
+    AgentRecord,
+    AssuranceRecord,
+    AssuranceRevocation,
+    AuditEvent,
+    ReencryptionReport,
+    RevocationReason,
+    ShiftRecord,
+    ShiftState,
+    ThrottleState,
+    UtteranceRecord,
+    Voiceprint,
+)
+from server.security.assurance_desk import AssuranceStore
 from server.security.audit import AuditLog
+from server.security.key_rotation import KeyRotationStore
+
+__all__ = [
+    "AgentRecord",
+    "AssuranceRecord",
+    "AssuranceRevocation",
+    "AssuranceStore",
+    "AuditEvent",
+    "KeyRotationStore",
+    "ReencryptionReport",
+    "RevocationReason",
+    "ShiftRecord",
+    "ShiftState",
+    "ShiftStore",
+    "Store",
+    "ThrottleState",
+    "ThrottleStore",
+    "UnitOfWork",
+    "UtteranceRecord",
+    "Voiceprint",
+    "VoiceprintStore",
+]
 
 
-@dataclass(frozen=True)
-class AgentRecord:
-    agent_id: str
-    display_name: str
-    consent_reference: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class UtteranceRecord:
-    """One accepted enrollment utterance: its embedding and quality figures, not its audio."""
-
-    utterance_id: str
-    agent_id: str
-    model_id: str
-    embedding: Embedding
-    duration_seconds: float
-    net_speech_seconds: float
-    speech_level_dbfs: float
-    clipped_fraction: float
-    received_at: datetime
-    telephone_embedding: Embedding | None = None
-    """The utterance's speech as heard over a simulated G.711 call, embedded: what the
-    companion voiceprint is made of (None for utterances stored before it existed)."""
-
-
-@dataclass(frozen=True)
-class Voiceprint:
-    agent_id: str
-    model_id: str
-    embedding: Embedding
-    created_at: datetime
-    utterance_count: int
-    net_speech_seconds: float
-    telephone_embedding: Embedding | None = None
-    """The companion voiceprint that telephone-band checks are compared with, made from the
-    same enrollment speech through a simulated G.711 call; None for voiceprints made before
-    companions existed (their telephone checks are scored across channels)."""
-    last_used_at: datetime | None = None
-    """When a check last scored against it (its enrollment until then), to the hour: what
-    retention counts from. None in a voiceprint not yet stored."""
-
-
-class ShiftState(enum.Enum):
-    VERIFIED = "VERIFIED"
-    """The last login check passed and fewer than the allowed checkpoints failed since."""
-    UNVERIFIED = "UNVERIFIED"
-    """The login check did not pass (rejected or too little speech); a new one may."""
-    LOCKED = "LOCKED"
-    """Too many consecutive checkpoints failed; only a passing login check unlocks it."""
-    ENDED = "ENDED"
-
-
-@dataclass(frozen=True)
-class ShiftRecord:
-    """A shift's state: what survives a restart. Never any audio."""
-
-    shift_id: str
-    agent_id: str
-    device_id: str
-    state: ShiftState
-    started_at: datetime
-    updated_at: datetime
-    consecutive_failures: int = 0
-    checkpoints_passed: int = 0
-    checkpoints_failed: int = 0
-    checkpoints_insufficient: int = 0
-    ended_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """One audited action. Never holds audio, embeddings or keys."""
-
-    action: str  # e.g. "agent.create", "enrollment.finalize", "verify"
-    agent_id: str
-    outcome: str  # e.g. "ok", "ACCEPT", "REJECT", "not_found"
-    at: datetime
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class VoiceprintStore(AuditLog, Protocol):
-    """Agents, their pending enrollment utterances, their voiceprints, and the audit log
-    (read as a hash chain through AuditLog).
-
-    Implementations are thread-safe: methods are called from worker threads.
-    """
+class UnitOfWork(Protocol):
+    """Reads and writes that commit together when the `with` block ends, and are rolled back
+    together if it raises. Open one with `Store.unit_of_work()`; inside it, call only the
+    unit (the store's own methods would wait for the unit to end). Keep it short: it holds
+    the store's write transaction."""
 
     def create_agent(self, agent: AgentRecord) -> None:
         """Raises AgentExistsError if the id is taken."""
@@ -113,7 +72,9 @@ class VoiceprintStore(AuditLog, Protocol):
         """Raises AgentNotFoundError."""
 
     def delete_agent(self, agent_id: str) -> None:
-        """Erases the agent, its pending utterances and its voiceprint in one transaction.
+        """Erases the agent, its pending utterances, its voiceprint, its shifts with their
+        assurances and revocations, and its throttling state, and destroys its data key: any
+        copy of them left anywhere (old log frames, backups of the database) no longer opens.
         Raises AgentNotFoundError."""
 
     def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
@@ -124,19 +85,16 @@ class VoiceprintStore(AuditLog, Protocol):
         """Pending utterances, oldest first. Raises AgentNotFoundError."""
 
     def remove_utterances(self, agent_id: str, utterance_ids: list[str]) -> None:
-        """Discards the given pending utterances."""
+        """Discards the given pending utterances of the agent (another agent's ids are out
+        of reach)."""
 
     def replace_voiceprint(self, voiceprint: Voiceprint, consumed_utterance_ids: list[str]) -> bool:
         """Stores the voiceprint, replacing any previous one, and discards the consumed pending
-        utterances, all in one transaction. Returns True if a previous voiceprint was replaced.
-        Raises AgentNotFoundError."""
+        utterances. Returns True if a previous voiceprint was replaced. Raises
+        AgentNotFoundError."""
 
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
         """The agent's voiceprint, or None if not enrolled. Raises AgentNotFoundError."""
-
-    def voiceprints(self, model_id: str) -> list[Voiceprint]:
-        """Every agent's voiceprint made by `model_id`: the agents' part of the
-        score-normalisation cohort."""
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         """Records that a check scored against the agent's voiceprint at `at` (never moves the
@@ -146,15 +104,95 @@ class VoiceprintStore(AuditLog, Protocol):
         """Erases every voiceprint last used before `unused_before` (the agents stay) and
         returns their agents' ids."""
 
+    def create_shift(self, shift: ShiftRecord) -> None:
+        """Raises AgentNotFoundError if the agent does not exist."""
+
+    def get_shift(self, shift_id: str) -> ShiftRecord:
+        """Raises ShiftNotFoundError."""
+
+    def update_shift(self, shift: ShiftRecord) -> None:
+        """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
+
+    def update_throttle_state(
+        self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
+    ) -> ThrottleState:
+        """Replaces the agent's state (ThrottleState() if it has none) with `update(state)`,
+        and returns the state it replaced. `update` must be quick and must not call the
+        store; an exception from it propagates (and rolls the unit back). Raises
+        AgentNotFoundError."""
+
+    def save_assurance(self, assurance: AssuranceRecord) -> None:
+        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
+        if any, stands). Raises AgentNotFoundError."""
+
+    def revoke_assurance(
+        self, shift_id: str, reason: RevocationReason, at: datetime
+    ) -> AssuranceRevocation | None:
+        """Revokes the shift's latest assurance and returns the revocation; None when the
+        shift has no assurance or its latest is revoked already (the first revocation
+        stands)."""
+
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record to the chain and seals it. While the agent exists the
-        record names it by pseudonym only, so erasing the agent unlinks its records."""
+        record names it by pseudonym only, so erasing the agent unlinks its records; an id
+        that is no agent (any more), as in the record of an erasure, is recorded in clear.
+        Raises ValueError for details that could hold biometric data (binary values, long
+        lists of numbers) or that are not plain JSON."""
+
+
+class VoiceprintStore(AuditLog, Protocol):
+    """Agents, their pending enrollment utterances, their voiceprints, and the audit log
+    (read as a hash chain through AuditLog).
+
+    Implementations are thread-safe: methods are called from worker threads. Each method is
+    one transaction of its own; `unit_of_work` groups several.
+    """
+
+    def unit_of_work(self, what: str = "write to the store") -> AbstractContextManager[UnitOfWork]:
+        """A unit of work (see UnitOfWork); `what` names it in a StorageError."""
+
+    def create_agent(self, agent: AgentRecord) -> None:
+        """UnitOfWork.create_agent on its own."""
+
+    def get_agent(self, agent_id: str) -> AgentRecord:
+        """Raises AgentNotFoundError."""
+
+    def delete_agent(self, agent_id: str) -> None:
+        """UnitOfWork.delete_agent on its own."""
+
+    def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
+        """UnitOfWork.add_utterance on its own."""
+
+    def pending_utterances(self, agent_id: str) -> list[UtteranceRecord]:
+        """Pending utterances, oldest first. Raises AgentNotFoundError."""
+
+    def remove_utterances(self, agent_id: str, utterance_ids: list[str]) -> None:
+        """UnitOfWork.remove_utterances on its own."""
+
+    def replace_voiceprint(self, voiceprint: Voiceprint, consumed_utterance_ids: list[str]) -> bool:
+        """UnitOfWork.replace_voiceprint on its own."""
+
+    def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
+        """The agent's voiceprint, or None if not enrolled. Raises AgentNotFoundError."""
+
+    def voiceprints(self, model_id: str) -> list[Voiceprint]:
+        """Every agent's voiceprint made by `model_id`: the agents' part of the
+        score-normalisation cohort."""
+
+    def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
+        """UnitOfWork.mark_voiceprint_used on its own."""
+
+    def expire_voiceprints(self, unused_before: datetime) -> list[str]:
+        """UnitOfWork.expire_voiceprints on its own."""
+
+    def append_audit(self, event: AuditEvent) -> None:
+        """UnitOfWork.append_audit on its own."""
 
     def audit_events(self, agent_id: str | None = None) -> list[AuditEvent]:
         """Audit records, oldest first, optionally for one agent. Records of an erased agent
         come back with an empty agent_id, except the record of its erasure."""
 
-    def latest_audit_event(self, action: str) -> AuditEvent | None:
+    def latest_audit_event(self, action: AuditAction) -> AuditEvent | None:
         """The newest audit record of `action`, if any."""
 
     def close(self) -> None: ...
@@ -173,100 +211,15 @@ class ShiftStore(Protocol):
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
 
 
-@dataclass(frozen=True)
-class AssuranceRecord:
-    """The latest signed assurance of a shift, kept for the MFA provider to fetch."""
-
-    shift_id: str
-    agent_id: str
-    token_id: str
-    token: str
-    issued_at: datetime
-    expires_at: datetime
-
-
-class RevocationReason(enum.Enum):
-    """Why an assurance no longer stands. The values are stored: they never change."""
-
-    SHIFT_ENDED = "shift ended"
-    SHIFT_LOCKED = "shift locked"
-
-
-@dataclass(frozen=True)
-class AssuranceRevocation:
-    """One revoked assurance, named by its token id (jti). Kept as long as its shift, so the
-    token stays refused after a newer assurance of the shift replaces its record."""
-
-    token_id: str
-    shift_id: str
-    reason: RevocationReason
-    revoked_at: datetime
-
-
-class AssuranceStore(SigningKeyStore, Protocol):
-    """Signing keys (sealed), the assurances issued with them and their revocations.
-    Thread-safe."""
-
-    def save_assurance(self, assurance: AssuranceRecord) -> None:
-        """Keeps `assurance` as its shift's latest, replacing an earlier one (whose revocation,
-        if any, stands)."""
-
-    def get_assurance(self, shift_id: str) -> AssuranceRecord | None: ...
-
-    def revoke_assurance(
-        self, shift_id: str, reason: RevocationReason, at: datetime
-    ) -> AssuranceRevocation | None:
-        """Revokes the shift's latest assurance in one atomic step and returns the revocation;
-        None when the shift has no assurance or its latest is revoked already (the first
-        revocation stands)."""
-
-    def get_revocation(self, token_id: str) -> AssuranceRevocation | None:
-        """The revocation of the assurance whose jti is `token_id`; None if it has none."""
-
-
-@dataclass(frozen=True)
-class ThrottleState:
-    """An agent's run of failed verification attempts: what throttling needs to survive a
-    restart."""
-
-    consecutive_failures: int = 0
-    """Failed attempts since the last ACCEPT, counting attempts still being decided."""
-    last_failure_at: datetime | None = None
-    """When the latest of them failed (or, while being decided, began)."""
-    disabled_at: datetime | None = None
-    """When too many failures disabled the agent's verification; None while enabled."""
-
-
 class ThrottleStore(Protocol):
     """Throttling state per agent. Thread-safe, like VoiceprintStore."""
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
-        """Replaces the agent's state (ThrottleState() if it has none) with `update(state)` in
-        one atomic step, and returns the state it replaced. An exception from `update` changes
-        nothing and propagates; `update` must be quick and must not call the store. Raises
-        AgentNotFoundError."""
-
-
-@dataclass(frozen=True)
-class ReencryptionReport:
-    """Rows whose sealed embeddings `reencrypt_all` moved to the current key."""
-
-    voiceprints: int
-    pending_utterances: int
-
-
-class KeyRotationStore(Protocol):
-    """What rotating the encryption key needs of the store. Thread-safe."""
-
-    def sealing_key_ids(self) -> dict[str, int]:
-        """How many sealed values (embeddings, signing keys) each key id has sealed."""
-
-    def reencrypt_all(self, batch_size: int) -> ReencryptionReport:
-        """Re-seals under the current key every voiceprint and pending utterance sealed under
-        a previous one, `batch_size` rows per transaction so the service keeps running."""
+        """UnitOfWork.update_throttle_state in one atomic step of its own: an exception from
+        `update` changes nothing."""
 
 
 class Store(VoiceprintStore, ShiftStore, AssuranceStore, ThrottleStore, KeyRotationStore, Protocol):
-    """Everything the service keeps: one interface, so a distributed store can replace SQLite."""
+    """Everything the service keeps: one interface over any backend."""

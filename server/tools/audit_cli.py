@@ -20,18 +20,16 @@ from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.security.audit import (
     AuditKey,
+    AuditLog,
     AuditRecord,
+    BreakKind,
     cef_lines,
     jsonl_lines,
     read_chain,
     verify_log,
 )
-from server.security.crypto import (
-    VoiceprintCipher,
-    load_key,
-    load_previous_keys,
-)
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
+from server.storage.sqlite import open_store
 
 EXIT_INTACT = 0
 EXIT_BROKEN = 1
@@ -50,9 +48,7 @@ def main(argv: Sequence[str]) -> int:
         keys = KeySettings.from_environment()
         key = load_key(key_b64=keys.key, key_file=keys.key_file)
         previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
-        store = SqliteVoiceprintStore.open(
-            database, VoiceprintCipher(key, previous), audit_key=AuditKey(key)
-        )
+        store = open_store(database, VoiceprintCipher(key, previous), audit_key=AuditKey(key))
         try:
             if args.action == "verify":
                 return _verify(store, [AuditKey(known) for known in (key, *previous)])
@@ -95,21 +91,27 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _verify(store: SqliteVoiceprintStore, keys: list[AuditKey]) -> int:
-    report = verify_log(store, keys)
+def _verify(log: AuditLog, keys: list[AuditKey]) -> int:
+    report = verify_log(log, keys)
     if report.first_break is None:
         print(f"{report.records} records, chain intact")
         return EXIT_INTACT
     fault = report.first_break
-    print(
-        f"audit chain broken at record {fault.seq} ({fault.kind.value}): {fault.reason}; "
-        f"{report.records} records before it are intact"
-    )
+    if fault.kind is BreakKind.REATTRIBUTED:
+        print(
+            f"audit attribution broken ({fault.kind.value}): {fault.reason}; the "
+            f"{report.records} records are intact, but not who they are about"
+        )
+    else:
+        print(
+            f"audit chain broken at record {fault.seq} ({fault.kind.value}): {fault.reason}; "
+            f"{report.records} records before it are intact"
+        )
     return EXIT_BROKEN
 
 
-def _export(store: SqliteVoiceprintStore, args: argparse.Namespace) -> int:
-    records: Iterator[AuditRecord] = read_chain(store)
+def _export(log: AuditLog, args: argparse.Namespace) -> int:
+    records: Iterator[AuditRecord] = read_chain(log)
     if args.since is not None:
         since: datetime = args.since
         records = (record for record in records if record.entry.time >= since)

@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("certs", help="create a development CA, server and client certificates")
     commands.add_parser(
-        "reencrypt", help="re-seal stored voiceprints under the current key (key rotation)"
+        "reencrypt", help="re-wrap the stored data keys under the current key (key rotation)"
     )
     commands.add_parser("token", help="mint a bearer token for a caller without a certificate")
     commands.add_parser("eval", help="measure accuracy over a folder of speakers")

@@ -1,5 +1,6 @@
-"""`voxauth reencrypt`: re-seals what the previous keys sealed under the current one (the
-procedure is in server/security/key_rotation.py and the README, "Key rotation")."""
+"""`voxauth reencrypt`: the key rotation's re-wrapping step (the procedure is in
+server/security/key_rotation.py and the README, "Key rotation"), run against the SQLite file
+while the server keeps running."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from server.errors import ConfigurationError, StorageError
 from server.runtime.clock import SystemClock
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
-from server.security.key_rotation import DEFAULT_BATCH_SIZE, reencrypt
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.security.key_rotation import DEFAULT_BATCH_SIZE, rotate
+from server.storage.sqlite import open_store
 
 
 def main(argv: Sequence[str]) -> int:
@@ -22,12 +23,12 @@ def main(argv: Sequence[str]) -> int:
     previous key remains, 1 if something does, 2 on a configuration or storage problem."""
     parser = argparse.ArgumentParser(
         prog="voxauth reencrypt",
-        description="Re-seal every voiceprint and pending utterance under VOXAUTH_KEY; the "
-        "keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
+        description="Re-wrap every data key (and re-seal the audit chain) under VOXAUTH_KEY; "
+        "the keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
     )
     parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per transaction"
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="keys per transaction"
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -38,25 +39,21 @@ def main(argv: Sequence[str]) -> int:
         key = load_key(key_b64=keys.key, key_file=keys.key_file)
         previous = load_previous_keys(listed=keys.previous_keys, key_file=keys.previous_keys_file)
         cipher = VoiceprintCipher(key, previous)
-        store = SqliteVoiceprintStore.open(database, cipher, audit_key=AuditKey(key))
+        store = open_store(database, cipher, audit_key=AuditKey(key))
         try:
-            report = reencrypt(store, cipher.key_id, SystemClock().now(), args.batch_size)
-            # The audit chain's seals move to the new key too (only seals that check out).
-            store.reseal_audit([AuditKey(k) for k in previous], args.batch_size)
-            remaining = {
-                key_id: count
-                for key_id, count in store.sealing_key_ids().items()
-                if key_id != cipher.key_id
-            }
+            report, remaining = rotate(
+                store,
+                cipher.key_id,
+                [AuditKey(k) for k in previous],
+                SystemClock().now(),
+                args.batch_size,
+            )
         finally:
             store.close()
     except (ConfigurationError, StorageError) as error:
         print(f"voxauth reencrypt: {error.message}", file=sys.stderr)
         return 2
-    print(
-        f"re-sealed under key {cipher.key_id}: {report.voiceprints} voiceprints, "
-        f"{report.pending_utterances} pending utterances"
-    )
+    print(f"re-wrapped under key {cipher.key_id}: {report.data_keys} data keys")
     if remaining:
         listed = ", ".join(f"{key_id} ({count} values)" for key_id, count in remaining.items())
         # Signing keys are re-sealed by the server when it starts with the new key.

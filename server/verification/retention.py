@@ -22,20 +22,22 @@ def expire_unused_voiceprints(
     store: VoiceprintStore, policy: RetentionPolicy, now: datetime
 ) -> list[str]:
     """Erases the voiceprints unused for longer than the policy allows, audits each erasure as
-    "voiceprint.expire", and returns the ids of the agents whose voiceprint was erased.
-    Blocking (a store transaction): call from a worker thread."""
+    "voiceprint.expire" in the same unit of work, and returns the ids of the agents whose
+    voiceprint was erased. Blocking (a store transaction): call from a worker thread."""
     ttl = timedelta(days=policy.voiceprint_ttl_days)
-    expired = store.expire_voiceprints(unused_before=now - ttl)
-    for agent_id in expired:
-        store.append_audit(
-            AuditEvent(
-                AuditAction.VOICEPRINT_EXPIRE,
-                agent_id,
-                "ok",
-                now,
-                {"unused_for_more_than_days": policy.voiceprint_ttl_days},
+    with store.unit_of_work("expire unused voiceprints") as unit:
+        expired = unit.expire_voiceprints(unused_before=now - ttl)
+        for agent_id in expired:
+            unit.append_audit(
+                AuditEvent(
+                    AuditAction.VOICEPRINT_EXPIRE,
+                    agent_id,
+                    "ok",
+                    now,
+                    {"unused_for_more_than_days": policy.voiceprint_ttl_days},
+                )
             )
-        )
+    for agent_id in expired:
         log.info(
             "voiceprint of agent %s expired: unused for more than %g days",
             agent_id,

@@ -107,18 +107,22 @@ class VerificationThrottle:
                 disabled_at=state.disabled_at or (now if disable else None),
             )
 
-        before = self._store.update_throttle_state(agent_id, failed)
-        after = failed(before)
-        if before.disabled_at is None and after.disabled_at is not None:
-            self._store.append_audit(
-                AuditEvent(
-                    AuditAction.THROTTLE_DISABLE,
-                    agent_id,
-                    "DISABLED",
-                    now,
-                    {"consecutive_failures": after.consecutive_failures},
+        with self._store.unit_of_work(f"count a failed verification of agent {agent_id}") as unit:
+            before = unit.update_throttle_state(agent_id, failed)
+            after = failed(before)
+            disabled = before.disabled_at is None and after.disabled_at is not None
+            if disabled:
+                # In the same unit: a disable is never left unaudited.
+                unit.append_audit(
+                    AuditEvent(
+                        AuditAction.THROTTLE_DISABLE,
+                        agent_id,
+                        "DISABLED",
+                        now,
+                        {"consecutive_failures": after.consecutive_failures},
+                    )
                 )
-            )
+        if disabled:
             log.warning(
                 "biometric verification of agent %s disabled after %d consecutive failures",
                 agent_id,
@@ -133,10 +137,25 @@ class VerificationThrottle:
 
         self._store.update_throttle_state(agent_id, taken_back)
 
-    def re_enable(self, agent_id: str) -> ThrottleState:
-        """For an administrator: clears the agent's count and lifts a disable. Returns the state
-        it had, for the caller's audit record ("throttle.re_enable"). Raises
-        AgentNotFoundError."""
-        return self._store.update_throttle_state(
-            validate_agent_id(agent_id), lambda _: ThrottleState()
-        )
+    def re_enable(self, agent_id: str, *, reason: str, by: str, now: datetime) -> ThrottleState:
+        """For an administrator (`by`): clears the agent's count and lifts a disable, audited
+        as "throttle.re_enable" with the reason, in one unit. Returns the state it had.
+        Raises AgentNotFoundError."""
+        agent_id = validate_agent_id(agent_id)
+        with self._store.unit_of_work(f"re-enable verification of agent {agent_id}") as unit:
+            previous = unit.update_throttle_state(agent_id, lambda _: ThrottleState())
+            unit.append_audit(
+                AuditEvent(
+                    AuditAction.THROTTLE_RE_ENABLE,
+                    agent_id,
+                    "ok",
+                    now,
+                    {
+                        "reason": reason,
+                        "by": by,
+                        "consecutive_failures": previous.consecutive_failures,
+                        "was_disabled": previous.disabled_at is not None,
+                    },
+                )
+            )
+        return previous

@@ -1,119 +1,55 @@
-"""SqliteVoiceprintStore: the VoiceprintStore contract, durability, atomicity and erasure."""
+"""The Store contract, on every backend (tests/contract/conftest.py): records come back as
+stored, embeddings reach the backend sealed and bound to their row, erasure removes everything
+that names the agent, a failed write changes nothing, and concurrent writes all land."""
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import stat
 import threading
-import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.embedder import Embedding
+from server.audit_actions import AuditAction
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
     CapacityError,
     ConfigurationError,
+    ShiftNotFoundError,
     StorageError,
 )
-from server.security.crypto import VoiceprintCipher
-from server.storage.interface import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
-
-MODEL = "ecapa-voxceleb-test"
-NOW = datetime(2025, 3, 1, 9, 30, 15, 123456, tzinfo=UTC)
-CIPHER = VoiceprintCipher(bytes(range(32)))
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "var" / "voxauth.sqlite3"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(db_path, CIPHER)
-    yield opened
-    opened.close()
-
-
-def unit_vector(label: str) -> Embedding:
-    vector = np.random.default_rng(zlib.crc32(label.encode())).standard_normal(192)
-    return (vector / np.linalg.norm(vector)).astype(np.float32)
-
-
-def agent(agent_id: str) -> AgentRecord:
-    return AgentRecord(
-        agent_id=agent_id,
-        display_name=f"Display {agent_id}",
-        consent_reference=f"consent/{agent_id}/2025-03",
-        created_at=NOW,
-    )
+from server.records import (
+    AgentRecord,
+    AssuranceRecord,
+    AssuranceRevocation,
+    AuditEvent,
+    RevocationReason,
+    ShiftRecord,
+    ShiftState,
+    ThrottleState,
+    UtteranceRecord,
+)
+from server.security.assurances import SigningKey, SigningKeyCipher
+from server.security.audit import BreakKind, verify_log
+from server.security.crypto import DataKey, VoiceprintCipher, sealing_key_id
+from server.storage.sealing import KeyRing
+from server.storage.secure_store import SecureStore
+from tests.contract.conftest import AUDIT_KEY, CIPHER, KEY, Storage
+from tests.contract.samples import (
+    MODEL,
+    NOW,
+    agent,
+    assert_same_voiceprint,
+    utterance,
+    voiceprint,
+)
+from tests.fake_storage import CrashError, FailingBackend
 
 
-def utterance(agent_id: str, n: int) -> UtteranceRecord:
-    return UtteranceRecord(
-        utterance_id=f"{agent_id}-u{n}",
-        agent_id=agent_id,
-        model_id=MODEL,
-        embedding=unit_vector(f"{agent_id}-u{n}"),
-        duration_seconds=5.0 + n,
-        net_speech_seconds=4.0 + n,
-        speech_level_dbfs=-24.5,
-        clipped_fraction=0.001,
-        received_at=NOW + timedelta(seconds=n),
-    )
-
-
-def voiceprint(agent_id: str, label: str, utterance_count: int = 3) -> Voiceprint:
-    return Voiceprint(
-        agent_id=agent_id,
-        model_id=MODEL,
-        embedding=unit_vector(label),
-        created_at=NOW + timedelta(minutes=5),
-        utterance_count=utterance_count,
-        net_speech_seconds=14.5,
-    )
-
-
-def file_bytes(db: Path) -> bytes:
-    """Everything SQLite keeps on disk for the database that could hold row data."""
-    wal = db.with_name(db.name + "-wal")
-    return b"".join(part.read_bytes() for part in (db, wal) if part.exists())
-
-
-def stored_blobs(db: Path) -> list[bytes]:
-    with closing(sqlite3.connect(db)) as conn:
-        rows = conn.execute(
-            "SELECT embedding FROM pending_utterances UNION ALL SELECT embedding FROM voiceprints"
-        ).fetchall()
-    return [row[0] for row in rows]
-
-
-def assert_same_voiceprint(actual: Voiceprint | None, expected: Voiceprint) -> None:
-    assert actual is not None
-    assert actual.embedding.dtype == np.float32
-    np.testing.assert_array_equal(actual.embedding, expected.embedding)
-    assert (actual.agent_id, actual.model_id, actual.created_at) == (
-        expected.agent_id,
-        expected.model_id,
-        expected.created_at,
-    )
-    assert (actual.utterance_count, actual.net_speech_seconds) == (
-        expected.utterance_count,
-        expected.net_speech_seconds,
-    )
-
-
-def test_create_and_get_agent(store: SqliteVoiceprintStore) -> None:
+def test_create_and_get_agent(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     got = store.get_agent("a1")
     assert got == agent("a1")
@@ -121,9 +57,7 @@ def test_create_and_get_agent(store: SqliteVoiceprintStore) -> None:
     assert got.created_at.utcoffset() == timedelta(0)
 
 
-def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(
-    store: SqliteVoiceprintStore,
-) -> None:
+def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(store: SecureStore) -> None:
     local = datetime(2025, 3, 1, 11, 30, tzinfo=timezone(timedelta(hours=2)))
     store.create_agent(AgentRecord("a1", "A", "c", local))
     got = store.get_agent("a1").created_at
@@ -131,18 +65,21 @@ def test_times_in_other_zones_come_back_as_the_same_instant_in_utc(
     assert got.tzinfo == UTC
 
 
-def test_naive_times_are_refused(store: SqliteVoiceprintStore) -> None:
+def test_naive_times_are_refused(store: SecureStore) -> None:
     with pytest.raises(ValueError, match="naive"):
         store.create_agent(AgentRecord("a1", "A", "c", datetime(2025, 3, 1)))
+    with pytest.raises(ValueError, match="naive"):
+        store.append_audit(AuditEvent("verify", "", "ok", datetime(2025, 3, 1)))
 
 
-def test_duplicate_agent(store: SqliteVoiceprintStore) -> None:
+def test_duplicate_agent(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     with pytest.raises(AgentExistsError):
-        store.create_agent(agent("a1"))
+        store.create_agent(replace(agent("a1"), display_name="Someone else"))
+    assert store.get_agent("a1") == agent("a1")
 
 
-def test_unknown_agent(store: SqliteVoiceprintStore) -> None:
+def test_unknown_agent(store: SecureStore) -> None:
     with pytest.raises(AgentNotFoundError):
         store.get_agent("ghost")
     with pytest.raises(AgentNotFoundError):
@@ -155,23 +92,36 @@ def test_unknown_agent(store: SqliteVoiceprintStore) -> None:
         store.get_voiceprint("ghost")
     with pytest.raises(AgentNotFoundError):
         store.replace_voiceprint(voiceprint("ghost", "v"), [])
+    with pytest.raises(AgentNotFoundError):
+        store.create_shift(ShiftRecord("s1", "ghost", "desk", ShiftState.VERIFIED, NOW, NOW))
+    with pytest.raises(AgentNotFoundError):
+        store.update_throttle_state("ghost", lambda state: state)
 
 
-def test_add_list_and_remove_utterances(store: SqliteVoiceprintStore) -> None:
+def test_add_list_and_remove_utterances(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     store.create_agent(agent("a2"))
     # Added out of order: listing is by time received.
     for n in (2, 1, 3):
-        store.add_utterance(utterance("a1", n), max_pending=5)
+        store.add_utterance(utterance("a1", n, telephone=n == 1), max_pending=5)
     store.add_utterance(utterance("a2", 1), max_pending=5)
 
     pending = store.pending_utterances("a1")
     assert [u.utterance_id for u in pending] == ["a1-u1", "a1-u2", "a1-u3"]
-    expected = utterance("a1", 1)
+    expected = utterance("a1", 1, telephone=True)
     first = pending[0]
-    np.testing.assert_array_equal(first.embedding, expected.embedding)
     assert first.embedding.dtype == np.float32
-    assert first == UtteranceRecord(**{**vars(expected), "embedding": first.embedding})
+    np.testing.assert_array_equal(first.embedding, expected.embedding)
+    assert first.telephone_embedding is not None and expected.telephone_embedding is not None
+    np.testing.assert_array_equal(first.telephone_embedding, expected.telephone_embedding)
+    assert first == UtteranceRecord(
+        **{
+            **vars(expected),
+            "embedding": first.embedding,
+            "telephone_embedding": first.telephone_embedding,
+        }
+    )
+    assert pending[1].telephone_embedding is None
 
     # Another agent's ids are out of reach.
     store.remove_utterances("a1", ["a1-u2", "a2-u1"])
@@ -179,7 +129,7 @@ def test_add_list_and_remove_utterances(store: SqliteVoiceprintStore) -> None:
     assert [u.utterance_id for u in store.pending_utterances("a2")] == ["a2-u1"]
 
 
-def test_pending_utterances_are_capped(store: SqliteVoiceprintStore) -> None:
+def test_pending_utterances_are_capped(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     for n in range(3):
         store.add_utterance(utterance("a1", n), max_pending=3)
@@ -192,7 +142,7 @@ def test_pending_utterances_are_capped(store: SqliteVoiceprintStore) -> None:
     assert len(store.pending_utterances("a1")) == 3
 
 
-def test_replace_voiceprint(store: SqliteVoiceprintStore) -> None:
+def test_replace_voiceprint(store: SecureStore) -> None:
     store.create_agent(agent("a1"))
     assert store.get_voiceprint("a1") is None
     for n in range(4):
@@ -209,8 +159,42 @@ def test_replace_voiceprint(store: SqliteVoiceprintStore) -> None:
     assert store.pending_utterances("a1") == []
 
 
-def test_data_survives_reopening(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, CIPHER)
+def test_the_voiceprints_of_a_model(store: SecureStore) -> None:
+    for agent_id, model_id in (("b", MODEL), ("a", MODEL), ("c", "another-model")):
+        store.create_agent(agent(agent_id))
+        store.replace_voiceprint(voiceprint(agent_id, agent_id, model_id=model_id), [])
+
+    listed = store.voiceprints(MODEL)
+
+    assert [v.agent_id for v in listed] == ["a", "b"]
+    for stored in listed:
+        assert_same_voiceprint(stored, voiceprint(stored.agent_id, stored.agent_id))
+    assert store.voiceprints("unknown-model") == []
+
+
+def test_retention_counts_from_enrollment_and_the_latest_use(store: SecureStore) -> None:
+    for agent_id in ("used", "idle"):
+        store.create_agent(agent(agent_id))
+        store.replace_voiceprint(voiceprint(agent_id, agent_id), [])
+    enrolled = voiceprint("used", "used").created_at
+    idle = store.get_voiceprint("idle")
+    assert idle is not None and idle.last_used_at == enrolled
+
+    later = enrolled + timedelta(days=30)
+    store.mark_voiceprint_used("used", later)
+    store.mark_voiceprint_used("used", later - timedelta(days=1))  # never moves back
+    store.mark_voiceprint_used("nobody", later)  # nothing to mark
+    used = store.get_voiceprint("used")
+    assert used is not None and used.last_used_at == later
+
+    assert store.expire_voiceprints(unused_before=later) == ["idle"]
+    assert store.get_voiceprint("idle") is None
+    assert store.get_agent("idle") == agent("idle")  # the agent stays
+    assert store.expire_voiceprints(unused_before=later) == []
+
+
+def test_data_survives_reopening(storage: Storage) -> None:
+    store = storage.open()
     store.create_agent(agent("a1"))
     store.add_utterance(utterance("a1", 1), max_pending=5)
     store.add_utterance(utterance("a1", 2), max_pending=5)
@@ -219,7 +203,7 @@ def test_data_survives_reopening(db_path: Path) -> None:
     store.append_audit(AuditEvent("enrollment.finalize", "a1", "ok", NOW, {"utterances": 1}))
     store.close()
 
-    reopened = SqliteVoiceprintStore.open(db_path, CIPHER)
+    reopened = storage.open()
     try:
         assert reopened.get_agent("a1") == agent("a1")
         assert_same_voiceprint(reopened.get_voiceprint("a1"), print_)
@@ -232,141 +216,234 @@ def test_data_survives_reopening(db_path: Path) -> None:
         reopened.close()
 
 
-def test_database_file_is_private(db_path: Path, store: SqliteVoiceprintStore) -> None:
-    store.create_agent(agent("a1"))
-    for path in (db_path, db_path.with_name(db_path.name + "-wal")):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-
-
-def test_another_key_cannot_open_the_voiceprints(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, CIPHER)
+def test_another_key_cannot_open_the_store(storage: Storage) -> None:
+    store = storage.open()
     store.create_agent(agent("a1"))
     store.replace_voiceprint(voiceprint("a1", "v"), [])
     store.close()
 
     # Refused when the store opens (the server's start), naming the key that sealed them.
     with pytest.raises(ConfigurationError, match=CIPHER.key_id):
-        SqliteVoiceprintStore.open(db_path, VoiceprintCipher(bytes(32)))
+        storage.open(VoiceprintCipher(bytes(32)))
 
 
 def test_a_blob_copied_to_another_agent_does_not_decrypt(
-    db_path: Path, store: SqliteVoiceprintStore
+    storage: Storage, store: SecureStore
 ) -> None:
     for agent_id in ("victim", "attacker"):
         store.create_agent(agent(agent_id))
         store.replace_voiceprint(voiceprint(agent_id, agent_id), [])
-    with closing(sqlite3.connect(db_path)) as conn, conn:
-        conn.execute(
-            "UPDATE voiceprints SET embedding = "
-            "(SELECT embedding FROM voiceprints WHERE agent_id = 'victim') "
-            "WHERE agent_id = 'attacker'"
-        )
-    with pytest.raises(StorageError, match="another record"):
-        store.get_voiceprint("attacker")
+    # Written behind the store's back, as someone with write access to the database could.
+    backend = storage.backend()
+    with backend.transaction("copy a voiceprint", write=True) as txn:
+        source, target = txn.voiceprints(MODEL)
+        txn.put_voiceprint(replace(target, sealed_embedding=source.sealed_embedding))
+    backend.close()
+
+    refused = []
+    for agent_id in ("victim", "attacker"):
+        try:
+            store.get_voiceprint(agent_id)
+        except StorageError as error:
+            refused.append(error.message)
+    [reason] = refused
+    assert "another agent" in reason
 
 
-def test_embeddings_are_not_stored_in_the_clear(
-    db_path: Path, store: SqliteVoiceprintStore
+def test_the_backend_holds_embeddings_only_sealed_under_the_agents_key(
+    storage: Storage, store: SecureStore
 ) -> None:
     store.create_agent(agent("a1"))
-    store.add_utterance(utterance("a1", 1), max_pending=5)
+    store.add_utterance(utterance("a1", 1, telephone=True), max_pending=5)
     store.replace_voiceprint(voiceprint("a1", "v"), [])
+    plain = [utterance("a1", 1, telephone=True).embedding, voiceprint("a1", "v").embedding]
 
-    on_disk = file_bytes(db_path)
-    for blob in stored_blobs(db_path):
-        assert blob in on_disk
-    for plain in (utterance("a1", 1).embedding, voiceprint("a1", "v").embedding):
-        assert plain.tobytes() not in on_disk
-        assert plain.astype(np.float64).tobytes() not in on_disk
+    backend = storage.backend()
+    with backend.transaction("read sealed rows", write=False) as txn:
+        [stored] = txn.voiceprints(MODEL)
+        [pending] = txn.utterances(stored.agent_ref)
+    backend.close()
+
+    sealed = [
+        pending.sealed_embedding,
+        pending.sealed_telephone_embedding,
+        stored.sealed_embedding,
+        stored.sealed_telephone_embedding,
+    ]
+    assert len({sealing_key_id(blob) for blob in sealed if blob is not None}) == 1
+    for blob in sealed:
+        assert blob is not None
+        # Under the agent's data key, not the service key.
+        assert sealing_key_id(blob) not in CIPHER.known_key_ids
+        for vector in plain:
+            assert vector.tobytes() not in blob
+    # What the service key seals: the agent's data key and the store's handle key.
+    assert store.sealing_key_ids() == {CIPHER.key_id: 2}
 
 
-def agent_blobs(db: Path, agent_id: str) -> set[bytes]:
-    with closing(sqlite3.connect(db)) as conn:
-        rows = conn.execute(
-            "SELECT embedding FROM pending_utterances WHERE agent_id = ? "
-            "UNION ALL SELECT embedding FROM voiceprints WHERE agent_id = ?",
-            (agent_id, agent_id),
-        ).fetchall()
-    return {row[0] for row in rows}
+def test_no_row_names_the_agent_in_clear(storage: Storage, store: SecureStore) -> None:
+    person = agent("zelda-4711")
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ6ZWxkYS00NzExIn0.c2lnbmF0dXJl"
+    store.create_agent(person)
+    # Ids of its own (as the service makes them), not derived from the agent's.
+    store.add_utterance(replace(utterance(person.agent_id, 1), utterance_id="u-1"), max_pending=5)
+    store.replace_voiceprint(voiceprint(person.agent_id, "v"), [])
+    store.create_shift(
+        ShiftRecord("shift-1", person.agent_id, "desk", ShiftState.VERIFIED, NOW, NOW)
+    )
+    store.save_assurance(AssuranceRecord("shift-1", person.agent_id, "jti-1", token, NOW, NOW))
+    store.update_throttle_state(person.agent_id, lambda _: ThrottleState(2, NOW))
+    store.append_audit(
+        AuditEvent("verify", person.agent_id, "ACCEPT", NOW, {"shift_id": "shift-1"})
+    )
+
+    backend = storage.backend()
+    with backend.transaction("read every row", write=False) as txn:
+        [stored] = txn.voiceprints(MODEL)
+        ref = stored.agent_ref
+        rows: list[object] = [*txn.agents(), stored, *txn.utterances(ref)]
+        rows += [txn.shift("shift-1"), txn.assurance("shift-1"), txn.throttle_state(ref)]
+        rows += [txn.agent_key_page("", 10), txn.audit_rows(0, 10)]
+    backend.close()
+
+    stored_text = repr(rows).encode()
+    assert ref.encode() in stored_text
+    for secret in (person.agent_id, person.display_name, person.consent_reference, token):
+        assert secret.encode() not in stored_text
 
 
-def test_delete_agent_leaves_no_trace_on_disk(db_path: Path, store: SqliteVoiceprintStore) -> None:
+def test_delete_agent_erases_everything_that_names_it(storage: Storage, store: SecureStore) -> None:
     store.create_agent(agent("keep"))
     store.add_utterance(utterance("keep", 1), max_pending=5)
-    doomed = AgentRecord("doomed", "Zelda Quixote-Erasure", "CONSENT-REF-7781-XQ", NOW)
-    store.create_agent(doomed)
+    store.create_agent(agent("doomed"))
     for n in range(3):
         store.add_utterance(utterance("doomed", n), max_pending=5)
-    # Every ciphertext the agent ever had, including consumed utterances and the replaced
-    # voiceprint, whose old copies could linger in free pages or WAL frames.
-    ciphertexts = agent_blobs(db_path, "doomed")
-    store.replace_voiceprint(voiceprint("doomed", "v1"), ["doomed-u0"])
-    ciphertexts |= agent_blobs(db_path, "doomed")
-    store.replace_voiceprint(voiceprint("doomed", "v2"), ["doomed-u1"])
-    ciphertexts |= agent_blobs(db_path, "doomed")
+    store.replace_voiceprint(voiceprint("doomed", "v"), ["doomed-u0"])
+    shift = ShiftRecord("shift-1", "doomed", "desk-12", ShiftState.VERIFIED, NOW, NOW)
+    store.create_shift(shift)
+    store.save_assurance(AssuranceRecord("shift-1", "doomed", "jti-1", "a.b.c", NOW, NOW))
+    store.revoke_assurance("shift-1", RevocationReason.SHIFT_ENDED, NOW)
+    store.update_throttle_state("doomed", lambda _: ThrottleState(3, NOW))
     store.append_audit(AuditEvent("agent.create", "doomed", "ok", NOW))
-    assert len(ciphertexts) == 5
-
-    secrets = [doomed.display_name.encode(), doomed.consent_reference.encode()]
-    secrets += [voiceprint("doomed", label).embedding.tobytes() for label in ("v1", "v2")]
-    secrets += [utterance("doomed", n).embedding.tobytes() for n in range(3)]
-    # Any 16-byte run of a ciphertext would be a remnant.
-    fragments = [blob[i : i + 16] for blob in ciphertexts for i in range(0, len(blob) - 16, 16)]
-    before = file_bytes(db_path)
-    assert doomed.display_name.encode() in before
-    assert any(fragment in before for fragment in fragments)
+    [created] = store.audit_records(0, 10)
+    ref = created.entry.agent_ref
 
     store.delete_agent("doomed")
 
     with pytest.raises(AgentNotFoundError):
         store.get_agent("doomed")
+    with pytest.raises(ShiftNotFoundError):
+        store.get_shift("shift-1")
+    assert store.get_assurance("shift-1") is None
+    assert store.get_revocation("jti-1") is None
     assert [u.utterance_id for u in store.pending_utterances("keep")] == ["keep-u1"]
+    backend = storage.backend()
+    with backend.transaction("look for the erased agent", write=False) as txn:
+        assert len(txn.agents()) == len(txn.agent_key_page("", 10)) == 1
+        assert txn.utterances(ref) == []
+        assert txn.voiceprint(ref) is None
+        assert txn.shift("shift-1") is None
+        assert txn.assurance("shift-1") is None
+        assert txn.revocation("jti-1") is None
+        assert txn.throttle_state(ref) == ThrottleState()
+    backend.close()
     # The agent's audit records stay, but nothing links them to it any more.
     assert store.audit_events("doomed") == []
     assert [(e.action, e.agent_id) for e in store.audit_events()] == [("agent.create", "")]
 
-    def assert_no_trace() -> None:
-        on_disk = file_bytes(db_path)
-        assert agent("keep").consent_reference.encode() in on_disk
-        for needle in secrets + fragments:
-            assert needle not in on_disk
 
-    assert_no_trace()  # while the service runs
-    store.close()
-    assert_no_trace()  # and once the file is at rest
+def test_erasure_destroys_the_agents_data_key(storage: Storage, store: SecureStore) -> None:
+    store.create_agent(agent("keep"))
+    store.create_agent(agent("doomed"))
+    store.add_utterance(utterance("doomed", 1, telephone=True), max_pending=5)
+    store.replace_voiceprint(voiceprint("doomed", "v"), [])
+    store.create_shift(ShiftRecord("shift-1", "doomed", "desk", ShiftState.VERIFIED, NOW, NOW))
+    store.save_assurance(AssuranceRecord("shift-1", "doomed", "jti-1", "a.b.c", NOW, NOW))
+    backend = storage.backend()
+    with backend.transaction("copy the agent's sealed rows", write=False) as txn:
+        # What a copy of the database taken now (a backup, old log frames) would hold.
+        [stored] = txn.voiceprints(MODEL)
+        assurance = txn.assurance("shift-1")
+        assert assurance is not None
+        sealed = [stored.sealed_embedding, assurance.sealed_token]
+        sealed += [blob.sealed_embedding for blob in txn.utterances(stored.agent_ref)]
+        sealed += [row.sealed_identity for row in txn.agents()]
+        keys_before = {row.wrapped_key for row in txn.agent_key_page("", 10)}
+
+    store.delete_agent("doomed")
+
+    with backend.transaction("look for its key", write=False) as txn:
+        keys = KeyRing.load(txn, CIPHER, may_create=False)
+        remaining = txn.agent_key_page("", 10)
+        open_with = {keys.agent_key(row.agent_handle, row.wrapped_key).key_id for row in remaining}
+    backend.close()
+    assert len(remaining) == 1 and {row.wrapped_key for row in remaining} < keys_before
+    # Of the agents' rows copied before, only the other agent's identity is under a key that
+    # still exists; everything of the erased agent is under a key nothing holds any more.
+    opened = [blob for blob in sealed if sealing_key_id(blob) in open_with | CIPHER.known_key_ids]
+    assert len(opened) == 1
+    assert store.get_agent("keep") == agent("keep")
 
 
-def test_failure_inside_replace_voiceprint_changes_nothing(
-    db_path: Path, store: SqliteVoiceprintStore
-) -> None:
-    store.create_agent(agent("a1"))
-    old = voiceprint("a1", "old")
-    store.replace_voiceprint(old, [])
-    for n in range(3):
-        store.add_utterance(utterance("a1", n), max_pending=5)
+def test_swapped_pseudonyms_are_found(storage: Storage, store: SecureStore) -> None:
+    for agent_id in ("ann", "bob"):
+        store.create_agent(agent(agent_id))
+        store.append_audit(AuditEvent("verify", agent_id, "REJECT", NOW))
+    assert store.attribution_faults() == []
+    assert verify_log(store, [AUDIT_KEY]).intact
+    # Each agent's pseudonym is sealed with its identity: moving the identities between the
+    # agents' rows would make each agent's records read as the other's.
+    backend = storage.backend()
+    with backend.transaction("swap the pseudonyms", write=True) as txn:
+        first, second = txn.agents()
+        txn.delete_agent(first.agent_handle, "")
+        txn.delete_agent(second.agent_handle, "")
+        txn.insert_agent(replace(first, sealed_identity=second.sealed_identity))
+        txn.insert_agent(replace(second, sealed_identity=first.sealed_identity))
+    backend.close()
 
-    # The voiceprint row is written first; the failure strikes when the consumed utterances
-    # are being discarded, i.e. after the new voiceprint is already in the transaction.
-    with closing(sqlite3.connect(db_path)) as conn:
-        conn.execute(
-            "CREATE TRIGGER fail_consume BEFORE DELETE ON pending_utterances "
-            "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
-        )
-    with pytest.raises(StorageError, match="simulated failure"):
-        store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0", "a1-u1"])
+    faults = store.attribution_faults()
+    assert len(faults) == 2 and all("identity" in fault for fault in faults)
+    report = verify_log(store, [AUDIT_KEY])
+    assert report.first_break is not None
+    assert report.first_break.kind is BreakKind.REATTRIBUTED
+    assert report.records == 2
+    with pytest.raises(StorageError, match="identity"):
+        store.audit_events("ann")
 
-    assert_same_voiceprint(store.get_voiceprint("a1"), old)
-    assert [u.utterance_id for u in store.pending_utterances("a1")] == ["a1-u0", "a1-u1", "a1-u2"]
 
-    # The store is still usable once the fault is gone.
-    with closing(sqlite3.connect(db_path)) as conn:
-        conn.execute("DROP TRIGGER fail_consume")
-    assert store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0", "a1-u1"]) is True
-    assert_same_voiceprint(store.get_voiceprint("a1"), voiceprint("a1", "new"))
+def test_a_failure_inside_a_write_changes_nothing(storage: Storage) -> None:
+    failing = FailingBackend()
+    store = storage.open(failing=failing)
+    try:
+        store.create_agent(agent("a1"))
+        old = voiceprint("a1", "old")
+        store.replace_voiceprint(old, [])
+        for n in range(3):
+            store.add_utterance(utterance("a1", n), max_pending=5)
+
+        # The new voiceprint is written first; the failure strikes when the consumed
+        # utterances are being discarded.
+        failing.fail_on = "delete_utterances"
+        with pytest.raises(CrashError):
+            store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0", "a1-u1"])
+
+        assert_same_voiceprint(store.get_voiceprint("a1"), old)
+        assert [u.utterance_id for u in store.pending_utterances("a1")] == [
+            "a1-u0",
+            "a1-u1",
+            "a1-u2",
+        ]
+        # The store is still usable once the fault is gone.
+        failing.fail_on = None
+        assert store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0", "a1-u1"]) is True
+        assert_same_voiceprint(store.get_voiceprint("a1"), voiceprint("a1", "new"))
+    finally:
+        store.close()
 
 
 def test_failed_encryption_changes_nothing(
-    store: SqliteVoiceprintStore, monkeypatch: pytest.MonkeyPatch
+    store: SecureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.create_agent(agent("a1"))
     old = voiceprint("a1", "old")
@@ -376,7 +453,7 @@ def test_failed_encryption_changes_nothing(
     def broken(*_: object, **__: object) -> bytes:
         raise RuntimeError("cipher failed")
 
-    monkeypatch.setattr(CIPHER, "encrypt_embedding", broken)
+    monkeypatch.setattr(DataKey, "encrypt_embedding", broken)
     with pytest.raises(RuntimeError):
         store.replace_voiceprint(voiceprint("a1", "new"), ["a1-u0"])
     monkeypatch.undo()
@@ -385,7 +462,7 @@ def test_failed_encryption_changes_nothing(
     assert len(store.pending_utterances("a1")) == 1
 
 
-def test_concurrent_writes_all_land(store: SqliteVoiceprintStore) -> None:
+def test_concurrent_writes_all_land(store: SecureStore) -> None:
     threads = 8
     per_thread = 6
     store.create_agent(agent("shared"))
@@ -419,7 +496,112 @@ def test_concurrent_writes_all_land(store: SqliteVoiceprintStore) -> None:
     assert capped == threads * per_thread - 10
 
 
-def test_audit_log(store: SqliteVoiceprintStore) -> None:
+def test_shifts(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    shift = ShiftRecord("shift-1", "a1", "desk-12", ShiftState.UNVERIFIED, NOW, NOW)
+    store.create_shift(shift)
+    assert store.get_shift("shift-1") == shift
+
+    ended = replace(
+        shift,
+        state=ShiftState.ENDED,
+        updated_at=NOW + timedelta(hours=8),
+        ended_at=NOW + timedelta(hours=8),
+        consecutive_failures=1,
+        checkpoints_passed=30,
+        checkpoints_failed=2,
+        checkpoints_insufficient=4,
+    )
+    store.update_shift(ended)
+    assert store.get_shift("shift-1") == ended
+    with pytest.raises(ShiftNotFoundError):
+        store.get_shift("shift-2")
+    with pytest.raises(ShiftNotFoundError):
+        store.update_shift(replace(ended, shift_id="shift-2"))
+
+
+def test_throttle_state_updates_atomically(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    failed = ThrottleState(2, NOW)
+    assert store.update_throttle_state("a1", lambda _: failed) == ThrottleState()
+    assert store.update_throttle_state("a1", lambda state: state) == failed
+
+    def refuse(state: ThrottleState) -> ThrottleState:
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        store.update_throttle_state("a1", refuse)
+    disabled = ThrottleState(50, NOW, NOW)
+    assert store.update_throttle_state("a1", lambda _: disabled) == failed
+    assert store.update_throttle_state("a1", lambda _: ThrottleState()) == disabled
+    assert store.update_throttle_state("a1", lambda state: state) == ThrottleState()
+
+
+def test_signing_keys_and_assurances(store: SecureStore) -> None:
+    cipher = SigningKeyCipher(KEY)
+    first, second = (cipher.seal(SigningKey.generate(NOW + timedelta(minutes=n))) for n in range(2))
+    store.save_signing_keys([first, second])
+    assert sorted(store.load_signing_keys(), key=lambda k: k.kid) == sorted(
+        [first, second], key=lambda k: k.kid
+    )
+    store.save_signing_keys([second])
+    assert store.load_signing_keys() == [second]
+    # The signing key and the store's handle key.
+    assert store.sealing_key_ids() == {CIPHER.key_id: 2}
+
+    store.create_agent(agent("a1"))
+    store.create_shift(ShiftRecord("shift-1", "a1", "desk", ShiftState.VERIFIED, NOW, NOW))
+    assert store.get_assurance("shift-1") is None
+    issued = AssuranceRecord("shift-1", "a1", "jti-1", "a.b.c", NOW, NOW + timedelta(hours=8))
+    store.save_assurance(issued)
+    renewed = replace(issued, token_id="jti-2", token="d.e.f", issued_at=NOW + timedelta(hours=1))
+    store.save_assurance(renewed)
+    assert store.get_assurance("shift-1") == renewed
+
+
+def test_revoking_an_assurance(storage: Storage, store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.create_shift(ShiftRecord("shift-1", "a1", "desk", ShiftState.VERIFIED, NOW, NOW))
+    # No assurance yet: nothing to revoke.
+    assert store.revoke_assurance("shift-1", RevocationReason.SHIFT_LOCKED, NOW) is None
+    assert store.revoke_assurance("no-such-shift", RevocationReason.SHIFT_ENDED, NOW) is None
+
+    first = AssuranceRecord("shift-1", "a1", "jti-1", "a.b.c", NOW, NOW + timedelta(hours=8))
+    store.save_assurance(first)
+    locked_at = NOW + timedelta(minutes=5)
+    locked = store.revoke_assurance("shift-1", RevocationReason.SHIFT_LOCKED, locked_at)
+    assert locked == AssuranceRevocation(
+        "jti-1", "shift-1", RevocationReason.SHIFT_LOCKED, locked_at
+    )
+    assert store.get_revocation("jti-1") == locked
+    # The first revocation stands.
+    assert store.revoke_assurance("shift-1", RevocationReason.SHIFT_ENDED, NOW) is None
+    assert store.get_revocation("jti-1") == locked
+
+    # A newer assurance of the shift stands on its own; the earlier one stays revoked.
+    renewed = replace(first, token_id="jti-2", token="d.e.f", issued_at=locked_at)
+    store.save_assurance(renewed)
+    assert store.get_assurance("shift-1") == renewed
+    assert store.get_revocation("jti-2") is None
+    ended = store.revoke_assurance(
+        "shift-1", RevocationReason.SHIFT_ENDED, NOW + timedelta(hours=1)
+    )
+    assert ended is not None and ended.token_id == "jti-2"
+    assert store.get_revocation("jti-1") == locked
+    assert store.get_revocation("unknown-jti") is None
+
+    # Kept as stored, in another connection too.
+    store.close()
+    reopened = storage.open()
+    try:
+        assert reopened.get_revocation("jti-1") == locked
+        assert reopened.get_revocation("jti-2") == ended
+    finally:
+        reopened.close()
+
+
+def test_audit_log(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
     events = [
         AuditEvent("agent.create", "a1", "ok", NOW),
         AuditEvent("verify", "a2", "REJECT", NOW, {"score": 0.31, "ids": ["x", "y"]}),
@@ -429,7 +611,10 @@ def test_audit_log(store: SqliteVoiceprintStore) -> None:
         store.append_audit(event)
     assert store.audit_events() == events
     assert store.audit_events("a1") == [events[0], events[2]]
+    assert store.audit_events("a2") == [events[1]]
     assert store.audit_events("nobody") == []
+    assert store.latest_audit_event(AuditAction.VERIFY) == events[2]
+    assert store.latest_audit_event(AuditAction.SHIFT_START) is None
 
 
 @pytest.mark.parametrize(
@@ -444,22 +629,14 @@ def test_audit_log(store: SqliteVoiceprintStore) -> None:
     ],
 )
 def test_audit_refuses_what_could_be_biometric(
-    store: SqliteVoiceprintStore, details: dict[str, object]
+    store: SecureStore, details: dict[str, object]
 ) -> None:
     with pytest.raises(ValueError):
         store.append_audit(AuditEvent("verify", "a1", "ok", NOW, details))
     assert store.audit_events() == []
 
 
-def test_newer_schema_is_refused(db_path: Path) -> None:
-    SqliteVoiceprintStore.open(db_path, CIPHER).close()
-    with closing(sqlite3.connect(db_path)) as conn:
-        conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(StorageError, match="newer"):
-        SqliteVoiceprintStore.open(db_path, CIPHER)
-
-
-def test_closed_store_raises_storage_error(store: SqliteVoiceprintStore) -> None:
+def test_closed_store_raises_storage_error(store: SecureStore) -> None:
     store.close()
     with pytest.raises(StorageError):
         store.get_agent("a1")

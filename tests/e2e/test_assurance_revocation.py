@@ -24,7 +24,7 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.security.identity import Role
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
@@ -138,7 +138,7 @@ def test_an_ended_shifts_assurance_is_revoked_and_stays_so_after_a_restart(
     assert (refused.details() or "").endswith("revoked: shift ended")
 
     server.stop()
-    store = SqliteVoiceprintStore.open(server.config.database_path, VoiceprintCipher(KEY))
+    store = open_store(server.config.database_path, VoiceprintCipher(KEY))
     try:
         (audited,) = [e for e in store.audit_events() if e.action == "assurance.revoke"]
     finally:

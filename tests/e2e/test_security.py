@@ -25,7 +25,7 @@ from server.api.tls import channel_credentials
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.security.identity import Role
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
@@ -114,7 +114,7 @@ def test_each_role_is_refused_outside_its_rights(
     )
 
     secure.stop()
-    store = SqliteVoiceprintStore.open(secure.config.database_path, VoiceprintCipher(KEY))
+    store = open_store(secure.config.database_path, VoiceprintCipher(KEY))
     refusals = [e for e in store.audit_events() if e.action == "access.denied"]
     store.close()
     assert len(refusals) == 4

@@ -18,7 +18,7 @@ from voxauth.v1 import voxauth_pb2 as pb
 from server.pipeline.decode import encode_mulaw, telephone_channel
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from tests.support import (
     KEY,
     OTHER_1,
@@ -206,7 +206,7 @@ def test_voiceprint_of_another_model_is_refused(
     first = start_server()
     enroll_a(first)
     first.stop()
-    store = SqliteVoiceprintStore.open(first.config.database_path, VoiceprintCipher(KEY))
+    store = open_store(first.config.database_path, VoiceprintCipher(KEY))
     current = store.get_voiceprint("agent-a")
     assert current is not None
     store.replace_voiceprint(
@@ -362,7 +362,7 @@ def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) ->
     enroll_a(voxauth)
     voxauth.verify("agent-a", wav_audio(second_half(SPEAKER_A)))
     voxauth.stop()
-    store = SqliteVoiceprintStore.open(voxauth.config.database_path, VoiceprintCipher(KEY))
+    store = open_store(voxauth.config.database_path, VoiceprintCipher(KEY))
     events = store.audit_events("agent-a")
     store.close()
     actions = [e.action for e in events]

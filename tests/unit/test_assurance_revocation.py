@@ -33,7 +33,8 @@ from server.security.assurances import (
 )
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, RevocationReason, ShiftRecord, ShiftState
-from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
+from server.storage.sqlite import open_store
+from server.storage.sqlite.schema import MIGRATIONS
 from tests.clock import ManualClock
 
 KEY = bytes(range(32))
@@ -47,7 +48,7 @@ class Service:
 
     def __init__(self, path: Path, clock: ManualClock) -> None:
         self.clock = clock
-        self.store = SqliteVoiceprintStore.open(path, VoiceprintCipher(KEY))
+        self.store = open_store(path, VoiceprintCipher(KEY))
         self.keyring = SigningKeyring.load(self.store, SigningKeyCipher(KEY), POLICY, clock.now())
         self.desk = AssuranceDesk(self.store, self.keyring, AUDIENCE, clock)
 
@@ -357,7 +358,7 @@ def test_an_upgrade_revokes_the_assurances_of_shifts_already_ended_or_locked(
     tmp_path: Path, clock: ManualClock
 ) -> None:
     path = tmp_path / "old.db"
-    [mine] = [n for n, step in enumerate(_MIGRATIONS) if "assurance_revocations" in step[0]]
+    [mine] = [n for n, step in enumerate(MIGRATIONS) if "assurance_revocations" in step[0]]
     # Written by a voxauth without revocation: three shifts, each with its assurance.
     before = Service(path, clock)
     tokens = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import uuid
@@ -21,9 +22,9 @@ import numpy as np
 import pytest
 
 from models.embedder import Embedding
+from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.security.audit import (
-    ERASURE_ACTION,
     GENESIS_HASH,
     AuditEntry,
     AuditKey,
@@ -46,7 +47,9 @@ from server.storage.interface import (
     UtteranceRecord,
     Voiceprint,
 )
-from server.storage.sqlite.store import _AUDIT_CHAIN_MIGRATION, _MIGRATIONS, SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import key_file_path, open_store
+from server.storage.sqlite.schema import AUDIT_CHAIN_MIGRATION, MIGRATIONS
 from server.tools.cli import main
 
 KEY = bytes(range(32))
@@ -62,13 +65,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+def store(db_path: Path) -> Iterator[SecureStore]:
+    opened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     yield opened
     opened.close()
 
 
-def five_records(store: SqliteVoiceprintStore) -> list[AuditEvent]:
+def five_records(store: SecureStore) -> list[AuditEvent]:
     """Records 1-5: an agent's, a refused call's (no agent) and an unknown id's."""
     store.create_agent(AgentRecord("a1", "Ann", "HR-1", NOW))
     events = [
@@ -83,7 +86,7 @@ def five_records(store: SqliteVoiceprintStore) -> list[AuditEvent]:
     return events
 
 
-def verified(store: SqliteVoiceprintStore, *keys: AuditKey) -> ChainReport:
+def verified(store: SecureStore, *keys: AuditKey) -> ChainReport:
     return verify_log(store, keys or (AUDIT_KEY,))
 
 
@@ -94,7 +97,7 @@ def tamper(db_path: Path, *statements: str, parameters: tuple[object, ...] = ())
             conn.execute(statement, parameters)
 
 
-def test_appended_records_form_a_sealed_chain(db_path: Path, store: SqliteVoiceprintStore) -> None:
+def test_appended_records_form_a_sealed_chain(db_path: Path, store: SecureStore) -> None:
     events = five_records(store)
 
     assert verified(store) == ChainReport(5, None)
@@ -105,8 +108,9 @@ def test_appended_records_form_a_sealed_chain(db_path: Path, store: SqliteVoicep
     assert store.audit_events("a1") == [events[0], events[1], events[3]]
     # The agent is stored under its pseudonym only; ids that are no agent stay as they are.
     with closing(sqlite3.connect(db_path)) as conn:
-        (pseudonym,) = conn.execute("SELECT audit_pseudonym FROM agents").fetchone()
         stored = conn.execute("SELECT agent_id, agent_ref FROM audit_log ORDER BY seq").fetchall()
+    pseudonym = stored[0][1]
+    assert len(pseudonym) == 32
     assert stored == [("", pseudonym), ("", pseudonym), ("", ""), ("", pseudonym), ("nobody", "")]
     assert [r.agent for r in records] == ["a1", "a1", "", "a1", "nobody"]
 
@@ -122,7 +126,7 @@ def test_appended_records_form_a_sealed_chain(db_path: Path, store: SqliteVoicep
         "UPDATE audit_log SET agent_id = 'a1' WHERE seq = 3",
     ],
 )
-def test_an_edited_record_is_found(db_path: Path, store: SqliteVoiceprintStore, edit: str) -> None:
+def test_an_edited_record_is_found(db_path: Path, store: SecureStore, edit: str) -> None:
     five_records(store)
     tamper(db_path, edit)
 
@@ -133,9 +137,7 @@ def test_an_edited_record_is_found(db_path: Path, store: SqliteVoiceprintStore, 
 
 
 @pytest.mark.parametrize("removed", [1, 3])
-def test_a_removed_record_is_found(
-    db_path: Path, store: SqliteVoiceprintStore, removed: int
-) -> None:
+def test_a_removed_record_is_found(db_path: Path, store: SecureStore, removed: int) -> None:
     five_records(store)
     tamper(db_path, f"DELETE FROM audit_log WHERE seq = {removed}")
 
@@ -158,7 +160,7 @@ def test_a_removed_record_is_found(
     ],
 )
 def test_reordered_records_are_found(
-    db_path: Path, store: SqliteVoiceprintStore, moves: tuple[str, ...]
+    db_path: Path, store: SecureStore, moves: tuple[str, ...]
 ) -> None:
     five_records(store)
     tamper(db_path, *moves)
@@ -169,7 +171,7 @@ def test_reordered_records_are_found(
 
 
 def test_records_cut_off_the_end_are_found_by_the_sealed_head(
-    db_path: Path, store: SqliteVoiceprintStore
+    db_path: Path, store: SecureStore
 ) -> None:
     five_records(store)
     tamper(db_path, "DELETE FROM audit_log WHERE seq >= 4")
@@ -196,7 +198,7 @@ def test_records_cut_off_the_end_are_found_by_the_sealed_head(
 
 
 def test_a_chain_rewritten_without_the_key_fails_its_seals(
-    db_path: Path, store: SqliteVoiceprintStore
+    db_path: Path, store: SecureStore
 ) -> None:
     five_records(store)
     # The attacker knows the algorithm, rewrites record 2 and every hash after it, and seals
@@ -232,14 +234,12 @@ def test_a_chain_rewritten_without_the_key_fails_its_seals(
 def test_records_sealed_before_a_key_rotation_need_the_previous_key_until_resealed(
     db_path: Path,
 ) -> None:
-    before = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    before = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     for n in range(3):
         before.append_audit(AuditEvent("config.change", "", "ok", NOW, {"n": n}))
     before.close()
     new_key = AuditKey(OTHER_KEY)
-    after = SqliteVoiceprintStore.open(
-        db_path, VoiceprintCipher(OTHER_KEY, [KEY]), audit_key=new_key
-    )
+    after = open_store(db_path, VoiceprintCipher(OTHER_KEY, [KEY]), audit_key=new_key)
     try:
         after.append_audit(AuditEvent("config.change", "", "ok", NOW))
         assert verified(after, new_key, AUDIT_KEY) == ChainReport(4, None)
@@ -262,7 +262,7 @@ def test_records_sealed_before_a_key_rotation_need_the_previous_key_until_reseal
 
 
 def test_records_written_without_the_audit_key_are_unverifiable(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY))
+    store = open_store(db_path, VoiceprintCipher(KEY))
     try:
         store.append_audit(AuditEvent("config.change", "", "ok", NOW))
         report = verified(store)
@@ -273,9 +273,9 @@ def test_records_written_without_the_audit_key_are_unverifiable(db_path: Path) -
 
 
 def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) -> None:
-    chain_version = _MIGRATIONS.index(_AUDIT_CHAIN_MIGRATION)
+    chain_version = MIGRATIONS.index(AUDIT_CHAIN_MIGRATION)
     with closing(sqlite3.connect(db_path)) as conn, conn:
-        for statements in _MIGRATIONS[:chain_version]:
+        for statements in MIGRATIONS[:chain_version]:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {chain_version}")
@@ -285,31 +285,31 @@ def test_the_migration_chains_the_records_of_an_older_database(db_path: Path) ->
             [
                 (1, "agent.create", "gone-4711", "ok", "{}"),
                 (2, "verify", "gone-4711", "ACCEPT", '{"score": 0.8}'),
-                (3, ERASURE_ACTION, "gone-4711", "ok", "{}"),
+                (3, AuditAction.AGENT_DELETE, "gone-4711", "ok", "{}"),
                 (4, "agent.create", "kept", "ok", "{}"),
                 (5, "access.denied", "", "PERMISSION_DENIED", '{"method": "/x"}'),
             ],
         )
 
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:
         assert verified(store) == ChainReport(5, None)
         assert [(e.action, e.agent_id) for e in store.audit_events()] == [
             ("agent.create", ""),
             ("verify", ""),
-            (ERASURE_ACTION, "gone-4711"),
+            (AuditAction.AGENT_DELETE, "gone-4711"),
             ("agent.create", "kept"),
             ("access.denied", ""),
         ]
         assert store.audit_events()[1].details == {"score": 0.8}
     finally:
         store.close()
-    # The agent erased before the chain existed survives only in the record of its erasure
-    # (its row and its entry in the agent_id index); the old table left nothing behind.
-    assert db_path.read_bytes().count(b"gone-4711") == 2
+    # The agent erased before the chain existed survives only in the record of its erasure;
+    # the old tables left nothing behind.
+    assert db_path.read_bytes().count(b"gone-4711") == 1
 
 
-def test_jsonl_export_carries_what_rechecks_the_chain(store: SqliteVoiceprintStore) -> None:
+def test_jsonl_export_carries_what_rechecks_the_chain(store: SecureStore) -> None:
     events = five_records(store)
 
     exported = [json.loads(line) for line in jsonl_lines(read_chain(store))]
@@ -382,7 +382,7 @@ def key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_audit_verify_command(
     db_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     five_records(store)
     store.close()
 
@@ -400,9 +400,78 @@ def test_audit_verify_command(
     assert "no voiceprint encryption key" in capsys.readouterr().err
 
 
+def swap(db: Path, table: str, key: str, column: str) -> None:
+    """Swaps `column` between the table's two rows, with sqlite3 behind the store's back."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        (first_key, first), (second_key, second) = conn.execute(
+            f"SELECT {key}, {column} FROM {table}"
+        ).fetchall()
+        conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (second, first_key))
+        conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (first, second_key))
+
+
+def two_agents_in_a_copy(db_path: Path, tmp_path: Path) -> Path:
+    """Ann and Bob with a record each, in a copy of the closed database and its key file."""
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    for agent_id in ("ann", "bob"):
+        store.create_agent(AgentRecord(agent_id, agent_id.title(), "HR-1", NOW))
+        store.append_audit(AuditEvent("verify", agent_id, "REJECT", NOW, {"score": 0.2}))
+    store.close()
+    copy = tmp_path / "copy" / "voxauth.db"
+    copy.parent.mkdir()
+    shutil.copyfile(db_path, copy)
+    shutil.copyfile(key_file_path(db_path), key_file_path(copy))
+    return copy
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_two_agents_pseudonyms_swapped_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10, item 2: who the records are about, rewritten in a copy of the database."""
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    assert main(["audit", "verify", "--db", str(copy)]) == 0
+    assert capsys.readouterr().out == "2 records, chain intact\n"
+
+    # Each pseudonym is sealed with its agent's identity: swapping them swaps those.
+    swap(copy, "agents", "agent_handle", "sealed_identity")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("audit attribution broken (reattributed): the identity of agent row")
+    assert out.count("belongs to another agent") == 2
+    assert out.endswith("the 2 records are intact, but not who they are about\n")
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_a_pseudonym_replaced_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    # Bob's row given a copy of Ann's identity, to claim her records.
+    tamper(copy, "UPDATE agents SET sealed_identity = (SELECT max(sealed_identity) FROM agents)")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "(reattributed)" in out and out.count("the identity of agent row") == 1
+
+
+@pytest.mark.usefixtures("key_in_env")
+def test_audit_verify_finds_identities_moved_with_their_keys_in_a_copy(
+    db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = two_agents_in_a_copy(db_path, tmp_path)
+    swap(copy, "agents", "agent_handle", "sealed_identity")
+    swap(key_file_path(copy), "agent_keys", "agent_handle", "wrapped_key")
+
+    assert main(["audit", "verify", "--db", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "(reattributed)" in out and out.count("wrapped data key failed authentication") == 2
+
+
 @pytest.mark.usefixtures("key_in_env")
 def test_audit_export_command(db_path: Path, tmp_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     five_records(store)
     store.close()
     out = tmp_path / "export" / "audit.cef"
@@ -433,7 +502,7 @@ def on_disk(db: Path) -> bytes:
 
 
 def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    store = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     agent_id = "erin-7781-zq"
     doomed = AgentRecord(agent_id, "Erin Quillfeather-Zorn", "HR-CONSENT-7781-ZQ", NOW)
     store.create_agent(AgentRecord("kept", "Kim", "HR-1", NOW))
@@ -481,9 +550,7 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     audit("shift.start", "VERIFIED", shift_id=shift_id, device_id="desk-12")
     audit("verify", "ACCEPT", score=0.71, threshold=0.52, model_id=MODEL)
     with closing(sqlite3.connect(db_path)) as conn:
-        (pseudonym,) = conn.execute(
-            "SELECT audit_pseudonym FROM agents WHERE agent_id = ?", (agent_id,)
-        ).fetchone()
+        (pseudonym,) = conn.execute("SELECT agent_ref FROM audit_log WHERE seq = 1").fetchone()
         ciphertexts = [
             blob
             for (blob,) in conn.execute(
@@ -496,32 +563,35 @@ def test_erasure_leaves_nothing_behind_but_the_record_that_it_happened(db_path: 
     secrets = [doomed.display_name.encode(), doomed.consent_reference.encode(), *plain]
     # Any 16-byte run of a ciphertext would be a remnant.
     secrets += [blob[i : i + 16] for blob in ciphertexts for i in range(0, len(blob) - 16, 16)]
-    assert doomed.display_name.encode() in on_disk(db_path)
+    # Sealed from the start: the name is never on disk in clear.
+    assert doomed.display_name.encode() not in on_disk(db_path)
+    assert secrets[-1] in on_disk(db_path)
 
     store.delete_agent(agent_id)
-    store.append_audit(AuditEvent(ERASURE_ACTION, agent_id, "ok", NOW))
+    store.append_audit(AuditEvent(AuditAction.AGENT_DELETE, agent_id, "ok", NOW))
 
     def assert_no_trace() -> None:
         stored = on_disk(db_path)
-        assert b"HR-1" in stored  # the other agent is still there
         for secret in secrets:
             assert secret not in stored
-        # Nothing maps the pseudonym in the earlier records to the agent any more.
+        # The earlier records keep their pseudonym, but nothing maps it to the agent any more:
+        # the only agent row and data key left are the other agent's.
+        assert pseudonym.encode() in stored
         with closing(sqlite3.connect(db_path)) as conn:
-            assert conn.execute(
-                "SELECT count(*) FROM agents WHERE audit_pseudonym = ?", (pseudonym,)
-            ).fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM agents").fetchone() == (1,)
+        with closing(sqlite3.connect(key_file_path(db_path))) as conn:
+            assert conn.execute("SELECT count(*) FROM agent_keys").fetchone() == (1,)
 
     assert_no_trace()  # while the service runs
     store.close()
     assert_no_trace()  # and at rest
-    # The id itself is left only in the erasure record: its row and its agent_id index entry.
-    assert on_disk(db_path).count(agent_id.encode()) == 2
+    # The id itself is left only in the erasure record.
+    assert on_disk(db_path).count(agent_id.encode()) == 1
 
-    reopened = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
+    reopened = open_store(db_path, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     try:
         assert verified(reopened) == ChainReport(9, None)
-        assert [e.action for e in reopened.audit_events(agent_id)] == [ERASURE_ACTION]
+        assert [e.action for e in reopened.audit_events(agent_id)] == [AuditAction.AGENT_DELETE]
         assert [e.agent_id for e in reopened.audit_events()][:-1] == [""] * 8
     finally:
         reopened.close()

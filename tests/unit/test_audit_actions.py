@@ -1,7 +1,7 @@
 """Audit actions come from one enum, and its stored names never change.
 
-The helpers that take an action (VerificationService.verify/judge, ShiftService.audit,
-EnrollmentService._audit) are typed AuditAction, so mypy refuses a literal passed to them; the
+The helpers that take an action (VerificationService.verify/judge, ShiftService.audit_event,
+EnrollmentService._event) are typed AuditAction, so mypy refuses a literal passed to them; the
 scan below covers what typing cannot: AuditEvent's `action: str` and `action=` keywords."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ STORED_NAMES = {
     "throttle.re_enable",
     "voiceprint.expire",
     "key.reencrypt",
+    "storage.recover",
     "configuration",
     "access.denied",
 }

@@ -30,7 +30,7 @@ from server.config import (
 from server.errors import ConfigurationError
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.sqlite import open_store
 from server.tools.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
 
 
@@ -69,7 +69,7 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_configuration_changes_are_audited(tmp_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(tmp_path / "v.db", VoiceprintCipher(bytes(32)))
+    store = open_store(tmp_path / "v.db", VoiceprintCipher(bytes(32)))
     now = datetime(2026, 11, 1, tzinfo=UTC)
     config = ServerConfig.from_environment({})
     assert record_configuration(store, config.as_json(), now)

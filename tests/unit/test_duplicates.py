@@ -16,8 +16,8 @@ from server.config import AudioLimits, EnrollmentPolicy
 from server.pipeline.analysis import VoiceAnalyser
 from server.pipeline.speech import QualityThresholds
 from server.security.crypto import VoiceprintCipher
-from server.storage.interface import AgentRecord, UtteranceRecord
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.interface import AgentRecord, Store, UtteranceRecord
+from server.storage.sqlite import open_store
 from tests.fakes import AGENT_AUDIO, AGENT_VOICE, IMPOSTOR_AUDIO, AllSpeech, FakeEmbedder
 from tests.support import KEY
 
@@ -72,14 +72,14 @@ def test_a_telephone_copy_matches_by_the_companions() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(tmp_path / "voxauth.db", VoiceprintCipher(KEY))
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = open_store(tmp_path / "voxauth.db", VoiceprintCipher(KEY))
     opened.create_agent(AgentRecord("a1", "Agent", "HR-1", NOW))
     yield opened
     opened.close()
 
 
-def enrollment(store: SqliteVoiceprintStore) -> EnrollmentService:
+def enrollment(store: Store) -> EnrollmentService:
     # The fake model gives every sample of the agent's voice the same embedding: to it, two of
     # them are the same recording.
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
@@ -87,7 +87,7 @@ def enrollment(store: SqliteVoiceprintStore) -> EnrollmentService:
 
 
 def test_a_copy_of_a_pending_utterance_is_refused_and_not_counted(
-    store: SqliteVoiceprintStore,
+    store: Store,
 ) -> None:
     service = enrollment(store)
     first = service.add_utterance("a1", AGENT_AUDIO)
@@ -107,7 +107,7 @@ def test_a_copy_of_a_pending_utterance_is_refused_and_not_counted(
 
 
 def test_pending_utterances_of_another_model_are_not_compared(
-    store: SqliteVoiceprintStore,
+    store: Store,
 ) -> None:
     store.add_utterance(pending("old-model", AGENT_VOICE), max_pending=32)
     assert enrollment(store).add_utterance("a1", AGENT_AUDIO).record is not None

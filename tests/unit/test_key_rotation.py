@@ -1,12 +1,14 @@
-"""Rotating the encryption key: previous keys still open what they sealed, re-encryption moves
-everything to the new key in small transactions, and a store sealed under a key the server was
-not given refuses to start."""
+"""Rotating the encryption key: previous keys still open what they wrapped, re-encryption wraps
+every data key anew under the new key in small transactions (the data stays as it is), and a
+store sealed under a key the server was not given refuses to start."""
 
 from __future__ import annotations
 
 import base64
+import sqlite3
 import zlib
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from server.errors import ConfigurationError, StorageError
 from server.security.assurances import SigningKey, SigningKeyCipher
 from server.security.crypto import VoiceprintCipher, associated_data, load_previous_keys
 from server.storage.interface import AgentRecord, ReencryptionReport, UtteranceRecord, Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
 from server.tools import reencrypt_cli
 
 KEY_A = bytes(range(32))
@@ -64,7 +67,7 @@ def utterance(agent_id: str, n: int) -> UtteranceRecord:
 def db_path(tmp_path: Path) -> Path:
     """A store sealed under key A: voiceprints (with companions) and pending utterances."""
     path = tmp_path / "voxauth.db"
-    store = SqliteVoiceprintStore.open(path, VoiceprintCipher(KEY_A))
+    store = open_store(path, VoiceprintCipher(KEY_A))
     for agent_id in AGENTS:
         store.create_agent(AgentRecord(agent_id, agent_id, "HR-1", NOW))
         store.replace_voiceprint(voiceprint(agent_id), [])
@@ -75,23 +78,23 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def opened() -> Iterator[list[SqliteVoiceprintStore]]:
+def opened() -> Iterator[list[SecureStore]]:
     """Stores the test opens, closed at the end."""
-    stores: list[SqliteVoiceprintStore] = []
+    stores: list[SecureStore] = []
     yield stores
     for store in stores:
         store.close()
 
 
-def open_store(
-    db_path: Path, opened: list[SqliteVoiceprintStore], key: bytes, *previous: bytes
-) -> SqliteVoiceprintStore:
-    store = SqliteVoiceprintStore.open(db_path, VoiceprintCipher(key, previous))
+def open_with(
+    db_path: Path, opened: list[SecureStore], key: bytes, *previous: bytes
+) -> SecureStore:
+    store = open_store(db_path, VoiceprintCipher(key, previous))
     opened.append(store)
     return store
 
 
-def assert_everything_readable(store: SqliteVoiceprintStore) -> None:
+def assert_everything_readable(store: SecureStore) -> None:
     for agent_id in AGENTS:
         stored = store.get_voiceprint(agent_id)
         expected = voiceprint(agent_id)
@@ -111,37 +114,49 @@ def assert_everything_readable(store: SqliteVoiceprintStore) -> None:
                 np.testing.assert_array_equal(got.telephone_embedding, want.telephone_embedding)
 
 
-# 5 voiceprints with companions, 15 utterances of which 5 have companions.
-SEALED_VALUES = 5 * 2 + 15 + 5
+# 5 agents' data keys and the store's handle key: all the service key wraps.
+WRAPPED_KEYS = 5 + 1
+
+
+def sealed_rows(db_path: Path) -> list[tuple[bytes, ...]]:
+    with closing(sqlite3.connect(db_path)) as conn:
+        return conn.execute(
+            "SELECT sealed_identity FROM agents UNION ALL SELECT embedding FROM voiceprints "
+            "UNION ALL SELECT embedding FROM pending_utterances ORDER BY 1"
+        ).fetchall()
 
 
 def test_rotation_leaves_everything_readable_with_the_new_key_only(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
+    db_path: Path, opened: list[SecureStore]
 ) -> None:
-    rotating = open_store(db_path, opened, KEY_B, KEY_A)
-    # Before re-encryption the previous key opens everything, and new writes use the new key.
+    rotating = open_with(db_path, opened, KEY_B, KEY_A)
+    # Before re-encryption the previous key opens everything, and new keys are wrapped with
+    # the new one.
     assert_everything_readable(rotating)
     rotating.create_agent(AgentRecord("new", "new", "HR-2", NOW))
     rotating.replace_voiceprint(voiceprint("new"), [])
-    assert rotating.sealing_key_ids() == {A_ID: SEALED_VALUES, B_ID: 2}
+    assert rotating.sealing_key_ids() == {A_ID: WRAPPED_KEYS, B_ID: 1}
+    rows = sealed_rows(db_path)
 
-    # Batches of 2 rows: many small transactions.
+    # Batches of 2 keys: many small transactions.
     report = rotating.reencrypt_all(batch_size=2)
 
-    assert report == ReencryptionReport(voiceprints=5, pending_utterances=15)
-    assert rotating.sealing_key_ids() == {B_ID: SEALED_VALUES + 2}
-    assert rotating.reencrypt_all(batch_size=2) == ReencryptionReport(0, 0)
+    assert report == ReencryptionReport(data_keys=WRAPPED_KEYS)
+    assert rotating.sealing_key_ids() == {B_ID: WRAPPED_KEYS + 1}
+    # Only the keys are wrapped anew; the data they seal is left as it was.
+    assert sealed_rows(db_path) == rows
+    assert rotating.reencrypt_all(batch_size=2) == ReencryptionReport(0)
     rotating.close()
 
-    assert_everything_readable(open_store(db_path, opened, KEY_B))
+    assert_everything_readable(open_with(db_path, opened, KEY_B))
 
 
 def test_the_old_key_alone_no_longer_opens_the_store(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
+    db_path: Path, opened: list[SecureStore]
 ) -> None:
-    open_store(db_path, opened, KEY_B, KEY_A).reencrypt_all(batch_size=100)
+    open_with(db_path, opened, KEY_B, KEY_A).reencrypt_all(batch_size=100)
     with pytest.raises(ConfigurationError, match=B_ID):
-        open_store(db_path, opened, KEY_A)
+        open_with(db_path, opened, KEY_A)
 
     # Nor does it open any single value any more.
     old = VoiceprintCipher(KEY_A)
@@ -156,36 +171,35 @@ def test_the_old_key_alone_no_longer_opens_the_store(
         )
 
 
-def test_startup_names_the_key_ids_it_cannot_open(
-    db_path: Path, opened: list[SqliteVoiceprintStore]
-) -> None:
+def test_startup_names_the_key_ids_it_cannot_open(db_path: Path, opened: list[SecureStore]) -> None:
     with pytest.raises(ConfigurationError) as refused:
-        open_store(db_path, opened, KEY_B, KEY_C)
+        open_with(db_path, opened, KEY_B, KEY_C)
     message = refused.value.message
-    assert f"{A_ID} ({SEALED_VALUES} values)" in message
+    assert f"{A_ID} ({WRAPPED_KEYS} values)" in message
     assert B_ID in message
     assert "VOXAUTH_PREVIOUS_KEYS" in message
 
 
 def test_signing_keys_sealed_under_an_unknown_key_stop_the_start(
-    tmp_path: Path, opened: list[SqliteVoiceprintStore]
+    tmp_path: Path, opened: list[SecureStore]
 ) -> None:
     path = tmp_path / "signing.db"
-    store = open_store(path, opened, KEY_A)
+    store = open_with(path, opened, KEY_A)
     store.save_signing_keys([SigningKeyCipher(KEY_A).seal(SigningKey.generate(NOW))])
-    assert store.sealing_key_ids() == {A_ID: 1}
+    # The signing key and the store's handle key.
+    assert store.sealing_key_ids() == {A_ID: 2}
     store.close()
     with pytest.raises(ConfigurationError, match=A_ID):
-        open_store(path, opened, KEY_B)
+        open_with(path, opened, KEY_B)
 
 
 def test_reencrypt_command_with_the_server_running(
     db_path: Path,
-    opened: list[SqliteVoiceprintStore],
+    opened: list[SecureStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    server = open_store(db_path, opened, KEY_B, KEY_A)
+    server = open_with(db_path, opened, KEY_B, KEY_A)
     monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY_B).decode())
     monkeypatch.delenv("VOXAUTH_KEY_FILE", raising=False)
     monkeypatch.setenv("VOXAUTH_PREVIOUS_KEYS", base64.b64encode(KEY_A).decode())
@@ -193,17 +207,17 @@ def test_reencrypt_command_with_the_server_running(
     assert reencrypt_cli.main(["--db", str(db_path), "--batch-size", "3"]) == 0
 
     output = capsys.readouterr().out
-    assert "5 voiceprints, 15 pending utterances" in output
+    assert f"re-wrapped under key {B_ID}: {WRAPPED_KEYS} data keys" in output
     assert "previous keys can be removed" in output
     # The running server's connection reads the re-sealed rows, and the run is audited.
     assert_everything_readable(server)
     [event] = [e for e in server.audit_events() if e.action == "key.reencrypt"]
-    assert event.details == {"key_id": B_ID, "voiceprints": 5, "pending_utterances": 15}
+    assert event.details == {"key_id": B_ID, "data_keys": WRAPPED_KEYS}
 
 
 def test_reencrypt_command_without_the_old_key_changes_nothing(
     db_path: Path,
-    opened: list[SqliteVoiceprintStore],
+    opened: list[SecureStore],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -215,7 +229,7 @@ def test_reencrypt_command_without_the_old_key_changes_nothing(
     assert reencrypt_cli.main(["--db", str(db_path)]) == 2
 
     assert A_ID in capsys.readouterr().err
-    assert_everything_readable(open_store(db_path, opened, KEY_A))
+    assert_everything_readable(open_with(db_path, opened, KEY_A))
 
 
 def previous_keys_from_environment(env: dict[str, str]) -> tuple[bytes, ...]:

@@ -19,7 +19,9 @@ from server.pipeline.analysis import VoiceSample
 from server.pipeline.speech import SpeechAnalysis
 from server.security.crypto import VoiceprintCipher, associated_data
 from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
-from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
+from server.storage.sqlite.schema import MIGRATIONS
 from server.verification.decision import Decision
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
@@ -41,30 +43,30 @@ POLICY = RetentionPolicy()
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(tmp_path / "voxauth.db", CIPHER)
+def store(tmp_path: Path) -> Iterator[SecureStore]:
+    opened = open_store(tmp_path / "voxauth.db", CIPHER)
     yield opened
     opened.close()
 
 
-def enroll(store: SqliteVoiceprintStore, agent_id: str, at: datetime) -> None:
+def enroll(store: SecureStore, agent_id: str, at: datetime) -> None:
     store.create_agent(AgentRecord(agent_id, f"Agent {agent_id}", "HR-1", at))
     store.replace_voiceprint(Voiceprint(agent_id, MODEL_ID, AGENT_VOICE, at, 3, 20.0), [])
 
 
-def last_used(store: SqliteVoiceprintStore, agent_id: str) -> datetime | None:
+def last_used(store: SecureStore, agent_id: str) -> datetime | None:
     voiceprint = store.get_voiceprint(agent_id)
     assert voiceprint is not None
     return voiceprint.last_used_at
 
 
-def test_enrollment_is_the_first_use(store: SqliteVoiceprintStore) -> None:
+def test_enrollment_is_the_first_use(store: SecureStore) -> None:
     enroll(store, "a1", T0)
     assert last_used(store, "a1") == T0
 
 
 def test_expiry_erases_unused_voiceprints_only_and_audits_each(
-    store: SqliteVoiceprintStore,
+    store: SecureStore,
 ) -> None:
     enroll(store, "idle", T0)
     enroll(store, "active", T0)
@@ -88,7 +90,7 @@ def test_expiry_erases_unused_voiceprints_only_and_audits_each(
     assert expire_unused_voiceprints(store, POLICY, now) == []
 
 
-def test_the_ttl_is_configurable(store: SqliteVoiceprintStore) -> None:
+def test_the_ttl_is_configurable(store: SecureStore) -> None:
     enroll(store, "a1", T0)
     short = RetentionPolicy(voiceprint_ttl_days=30)
     assert expire_unused_voiceprints(store, short, T0 + timedelta(days=29)) == []
@@ -104,7 +106,7 @@ def test_ttl_from_the_environment() -> None:
             ServerConfig.from_environment({"VOXAUTH_VOICEPRINT_TTL_DAYS": bad})
 
 
-def test_the_time_of_use_never_moves_back(store: SqliteVoiceprintStore) -> None:
+def test_the_time_of_use_never_moves_back(store: SecureStore) -> None:
     enroll(store, "a1", T0)
     store.mark_voiceprint_used("a1", T0 + YEAR)
     store.mark_voiceprint_used("a1", T0 + timedelta(days=1))
@@ -112,16 +114,14 @@ def test_the_time_of_use_never_moves_back(store: SqliteVoiceprintStore) -> None:
 
 
 @pytest.fixture
-def service(
-    store: SqliteVoiceprintStore, tmp_path: Path
-) -> tuple[VerificationService, ManualClock]:
+def service(store: SecureStore, tmp_path: Path) -> tuple[VerificationService, ManualClock]:
     clock = ManualClock(start=T0)
     enroll(store, "a1", T0)
     return fake_verification(store, tmp_path / "scoring", clock.now), clock
 
 
 def test_verifications_and_checkpoints_keep_the_voiceprint(
-    store: SqliteVoiceprintStore, service: tuple[VerificationService, ManualClock]
+    store: SecureStore, service: tuple[VerificationService, ManualClock]
 ) -> None:
     verification, clock = service
     clock.advance(2 * YEAR)
@@ -143,7 +143,7 @@ def test_verifications_and_checkpoints_keep_the_voiceprint(
 
 
 def test_uses_are_recorded_at_most_hourly_and_only_when_scored(
-    store: SqliteVoiceprintStore, service: tuple[VerificationService, ManualClock]
+    store: SecureStore, service: tuple[VerificationService, ManualClock]
 ) -> None:
     verification, clock = service
     clock.advance(YEAR)
@@ -161,14 +161,14 @@ def test_uses_are_recorded_at_most_hourly_and_only_when_scored(
 def test_an_upgraded_store_counts_from_the_latest_audited_check(tmp_path: Path) -> None:
     """Voiceprints stored before last use was recorded must not look unused since enrollment."""
     path = tmp_path / "old.db"
-    [mine] = [n for n, step in enumerate(_MIGRATIONS) if "verification_throttle" in step[0]]
+    [mine] = [n for n, step in enumerate(MIGRATIONS) if "verification_throttle" in step[0]]
     micros = 1_000_000
 
     def at(moment: datetime) -> int:
         return int(moment.timestamp()) * micros
 
     with closing(sqlite3.connect(path)) as conn, conn:
-        for step in _MIGRATIONS[:mine]:
+        for step in MIGRATIONS[:mine]:
             for statement in step:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {mine}")
@@ -192,7 +192,7 @@ def test_an_upgraded_store_counts_from_the_latest_audited_check(tmp_path: Path) 
         conn.execute(audit, (at(T0 + 3 * YEAR), "verify", "verified", "INCONCLUSIVE"))
         conn.execute(audit, (at(T0 + 2 * YEAR), "agent.create", "idle", "ok"))
 
-    upgraded = SqliteVoiceprintStore.open(path, CIPHER)
+    upgraded = open_store(path, CIPHER)
     try:
         assert last_used(upgraded, "verified") == T0 + 2 * YEAR
         assert last_used(upgraded, "idle") == T0

@@ -13,7 +13,8 @@ from server.pipeline.channel import Channel, channel_of, high_band_fraction
 from server.pipeline.decode import AudioEncoding, decode_audio, encode_mulaw, telephone_channel
 from server.security.crypto import VoiceprintCipher, associated_data
 from server.storage.interface import AgentRecord, UtteranceRecord, Voiceprint
-from server.storage.sqlite.store import _MIGRATIONS, SqliteVoiceprintStore
+from server.storage.sqlite import open_store
+from server.storage.sqlite.schema import MIGRATIONS
 from tests.support import KEY, SPEAKER_A, speech, wav_bytes
 
 AT = datetime(2026, 3, 1, tzinfo=UTC)
@@ -42,7 +43,7 @@ def _embedding(seed: int) -> np.ndarray:
 
 
 def test_companion_embeddings_are_stored_encrypted_with_their_records(tmp_path: Path) -> None:
-    store = SqliteVoiceprintStore.open(tmp_path / "v.db", VoiceprintCipher(KEY))
+    store = open_store(tmp_path / "v.db", VoiceprintCipher(KEY))
     store.create_agent(AgentRecord("a", "A", "HR-1", AT))
     store.add_utterance(
         UtteranceRecord("u1", "a", "m", _embedding(1), 9.0, 8.0, -20.0, 0.0, AT, _embedding(2)),
@@ -66,7 +67,7 @@ def test_voiceprints_from_before_companions_load_without_one(tmp_path: Path) -> 
     path = tmp_path / "old.db"
     cipher = VoiceprintCipher(KEY)
     conn = sqlite3.connect(path)
-    for statement in _MIGRATIONS[0]:
+    for statement in MIGRATIONS[0]:
         conn.execute(statement)
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO agents VALUES ('a', 'A', 'HR-1', 0)")
@@ -78,7 +79,7 @@ def test_voiceprints_from_before_companions_load_without_one(tmp_path: Path) -> 
     conn.commit()
     conn.close()
 
-    store = SqliteVoiceprintStore.open(path, cipher)
+    store = open_store(path, cipher)
     old = store.get_voiceprint("a")
     store.close()
     assert old is not None

@@ -26,7 +26,8 @@ from server.pipeline.analysis import AudioInput, VoiceSample
 from server.pipeline.speech import SpeechAnalysis
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import AgentRecord, ThrottleState, Voiceprint
-from server.storage.sqlite.store import SqliteVoiceprintStore
+from server.storage.secure_store import SecureStore
+from server.storage.sqlite import open_store
 from server.verification.decision import Decision
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle, delay_after
@@ -60,15 +61,15 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteVoiceprintStore]:
-    opened = SqliteVoiceprintStore.open(db_path, CIPHER)
+def store(db_path: Path) -> Iterator[SecureStore]:
+    opened = open_store(db_path, CIPHER)
     opened.create_agent(AgentRecord(AGENT, "Agent Seven", "HR-7", T0))
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def throttle(store: SqliteVoiceprintStore) -> VerificationThrottle:
+def throttle(store: SecureStore) -> VerificationThrottle:
     return VerificationThrottle(store, POLICY)
 
 
@@ -152,7 +153,7 @@ def test_inconclusive_counts_neither_way(throttle: VerificationThrottle) -> None
 
 
 def test_fifty_failures_disable_until_an_admin_re_enables(
-    store: SqliteVoiceprintStore, throttle: VerificationThrottle
+    store: SecureStore, throttle: VerificationThrottle
 ) -> None:
     t = 0.0
     for n in range(50):
@@ -170,7 +171,14 @@ def test_fifty_failures_disable_until_an_admin_re_enables(
         {"consecutive_failures": 50},
     )
 
-    assert throttle.re_enable(AGENT) == ThrottleState(50, disabled_at, disabled_at)
+    previous = throttle.re_enable(AGENT, reason="ticket 4711", by="admin", now=at(t + 1))
+    assert previous == ThrottleState(50, disabled_at, disabled_at)
+    [event] = [e for e in store.audit_events(AGENT) if e.action == "throttle.re_enable"]
+    assert (event.outcome, event.at, event.details) == (
+        "ok",
+        at(t + 1),
+        {"reason": "ticket 4711", "by": "admin", "consecutive_failures": 50, "was_disabled": True},
+    )
     # A fresh start: five free failures again.
     for n in range(5):
         fail(throttle, t + 1 + n)
@@ -192,15 +200,15 @@ def test_an_accept_in_flight_does_not_lift_a_disable(throttle: VerificationThrot
 
 def test_re_enabling_an_unknown_agent(throttle: VerificationThrottle) -> None:
     with pytest.raises(AgentNotFoundError):
-        throttle.re_enable("nobody")
+        throttle.re_enable("nobody", reason="r", by="admin", now=at(0))
 
 
-def test_counts_survive_a_restart(db_path: Path, store: SqliteVoiceprintStore) -> None:
+def test_counts_survive_a_restart(db_path: Path, store: SecureStore) -> None:
     throttle = VerificationThrottle(store, POLICY)
     for n in range(5):
         fail(throttle, n)
     store.close()
-    reopened = SqliteVoiceprintStore.open(db_path, CIPHER)
+    reopened = open_store(db_path, CIPHER)
     try:
         assert refused_for(VerificationThrottle(reopened, POLICY), 10) == 24
     finally:
@@ -239,7 +247,7 @@ def test_concurrent_attempts_after_the_limit_let_one_through(
 
 
 def test_erasing_the_agent_erases_its_count(
-    store: SqliteVoiceprintStore, throttle: VerificationThrottle
+    store: SecureStore, throttle: VerificationThrottle
 ) -> None:
     for n in range(5):
         fail(throttle, n)
@@ -286,9 +294,7 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def service(
-    store: SqliteVoiceprintStore, tmp_path: Path, clock: ManualClock
-) -> VerificationService:
+def service(store: SecureStore, tmp_path: Path, clock: ManualClock) -> VerificationService:
     store.replace_voiceprint(Voiceprint(AGENT, MODEL_ID, AGENT_VOICE, T0, 3, 20.0), [])
     return fake_verification(store, tmp_path / "scoring", clock.now)
 
@@ -336,7 +342,7 @@ def test_shift_checkpoints_do_not_count(service: VerificationService) -> None:
 
 
 def test_a_disabled_agent_is_refused_before_any_audio_work(
-    store: SqliteVoiceprintStore, service: VerificationService
+    store: SecureStore, service: VerificationService
 ) -> None:
     store.update_throttle_state(AGENT, lambda _: ThrottleState(50, T0, T0))
     with pytest.raises(VerificationDisabledError):

@@ -1,0 +1,149 @@
+"""What the service keeps, as the domain sees it: frozen records that cross the storage
+interface (server/storage/interface.py). Embeddings appear here in the clear; the store seals
+them before any backend sees them. No raw audio is ever stored.
+
+Below both server.storage and server.security: the store seals and chains these records with
+security's primitives, and security's services (the assurance desk, key rotation, the
+configuration audit) build them, so neither package needs the other's records.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from models.embedder import Embedding
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    agent_id: str
+    display_name: str
+    consent_reference: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class UtteranceRecord:
+    """One accepted enrollment utterance: its embedding and quality figures, not its audio."""
+
+    utterance_id: str
+    agent_id: str
+    model_id: str
+    embedding: Embedding
+    duration_seconds: float
+    net_speech_seconds: float
+    speech_level_dbfs: float
+    clipped_fraction: float
+    received_at: datetime
+    telephone_embedding: Embedding | None = None
+    """The utterance's speech as heard over a simulated G.711 call, embedded: what the
+    companion voiceprint is made of (None for utterances stored before it existed)."""
+
+
+@dataclass(frozen=True)
+class Voiceprint:
+    agent_id: str
+    model_id: str
+    embedding: Embedding
+    created_at: datetime
+    utterance_count: int
+    net_speech_seconds: float
+    telephone_embedding: Embedding | None = None
+    """The companion voiceprint that telephone-band checks are compared with, made from the
+    same enrollment speech through a simulated G.711 call; None for voiceprints made before
+    companions existed (their telephone checks are scored across channels)."""
+    last_used_at: datetime | None = None
+    """When a check last scored against it (its enrollment until then), to the hour: what
+    retention counts from. None in a voiceprint not yet stored."""
+
+
+class ShiftState(enum.Enum):
+    VERIFIED = "VERIFIED"
+    """The last login check passed and fewer than the allowed checkpoints failed since."""
+    UNVERIFIED = "UNVERIFIED"
+    """The login check did not pass (rejected or too little speech); a new one may."""
+    LOCKED = "LOCKED"
+    """Too many consecutive checkpoints failed; only a passing login check unlocks it."""
+    ENDED = "ENDED"
+
+
+@dataclass(frozen=True)
+class ShiftRecord:
+    """A shift's state: what survives a restart. Never any audio."""
+
+    shift_id: str
+    agent_id: str
+    device_id: str
+    state: ShiftState
+    started_at: datetime
+    updated_at: datetime
+    consecutive_failures: int = 0
+    checkpoints_passed: int = 0
+    checkpoints_failed: int = 0
+    checkpoints_insufficient: int = 0
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited action. Never holds audio, embeddings or keys."""
+
+    action: str  # e.g. "agent.create", "enrollment.finalize", "verify"
+    agent_id: str
+    outcome: str  # e.g. "ok", "ACCEPT", "REJECT", "not_found"
+    at: datetime
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssuranceRecord:
+    """The latest signed assurance of a shift, kept for the MFA provider to fetch."""
+
+    shift_id: str
+    agent_id: str
+    token_id: str
+    token: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class RevocationReason(enum.Enum):
+    """Why an assurance no longer stands. The values are stored: they never change."""
+
+    SHIFT_ENDED = "shift ended"
+    SHIFT_LOCKED = "shift locked"
+
+
+@dataclass(frozen=True)
+class AssuranceRevocation:
+    """One revoked assurance, named by its token id (jti). Kept as long as its shift, so the
+    token stays refused after a newer assurance of the shift replaces its record."""
+
+    token_id: str
+    shift_id: str
+    reason: RevocationReason
+    revoked_at: datetime
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    """An agent's run of failed verification attempts: what throttling needs to survive a
+    restart."""
+
+    consecutive_failures: int = 0
+    """Failed attempts since the last ACCEPT, counting attempts still being decided."""
+    last_failure_at: datetime | None = None
+    """When the latest of them failed (or, while being decided, began)."""
+    disabled_at: datetime | None = None
+    """When too many failures disabled the agent's verification; None while enabled."""
+
+
+@dataclass(frozen=True)
+class ReencryptionReport:
+    """What `reencrypt_all` moved to the current key."""
+
+    data_keys: int
+    """Data keys (the agents' and the store's own) wrapped anew; what they seal stays."""
