@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(command=_serve)
 
-    commands.add_parser("fetch-model", help="download and verify the speaker model")
+    commands.add_parser(
+        "fetch-model", help="download and verify the speaker model and the countermeasure"
+    )
 
     key = commands.add_parser("create-key", help="write a new voiceprint encryption key file")
     key.add_argument("path", type=Path)
@@ -119,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="measure embedding speed; `bench load`: Verify load; `bench shifts`: shift load",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
+    commands.add_parser(
+        "attacks", help="build the presentation-attack corpus, or score it with the countermeasure"
+    )
     return parser
 
 
@@ -243,6 +248,12 @@ def _audit(argv: list[str]) -> int:
     return audit_main(argv)
 
 
+def _attacks(argv: list[str]) -> int:
+    from server.tools.attack_corpus import main as attacks_main
+
+    return attacks_main(argv)
+
+
 _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "certs": _certs,
     "reencrypt": _reencrypt,
@@ -252,6 +263,7 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "calibrate": _calibrate,
     "bench": _bench,
     "audit": _audit,
+    "attacks": _attacks,
 }
 
 
