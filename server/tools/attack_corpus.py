@@ -606,7 +606,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--kinds", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     score = commands.add_parser("score", help="score a corpus with the countermeasure")
     score.add_argument("corpus", type=Path)
-    score.add_argument("--split", choices=[s.value for s in Split], default=Split.CALIBRATION.value)
+    score.add_argument(
+        "--split",
+        nargs="+",
+        choices=[s.value for s in Split],
+        default=[Split.CALIBRATION.value],
+        help="splits to score (default: calibration)",
+    )
+    score.add_argument(
+        "--kinds", nargs="+", choices=[BONA_FIDE, *ATTACKS], help="only these kinds (default: all)"
+    )
+    score.add_argument(
+        "--speech-only",
+        action="store_true",
+        help="score only the speech the service's VAD finds in each item (silences cut out)",
+    )
     score.add_argument("--model-dir", type=Path, help="verified countermeasure files")
     score.add_argument("--precision", choices=["f32", "bf16"], help="default: the CPU's native")
     score.add_argument("--scores", type=Path, help="also write each item's window logits (JSON)")
@@ -618,21 +632,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         _say(f"wrote {len(items)} items to {args.out}")
         return 0
-    if args.split == Split.TEST.value:
-        _say("scoring the test split: report its figures only, fit and calibrate on the others")
+    return _score(args)
+
+
+def _score(args: argparse.Namespace) -> int:
     from models.aasist import BONA_FIDE_CLASS
     from models.aasist_countermeasure import AasistCountermeasure
     from models.fetch import default_countermeasure_dir
+    from server.pipeline.speech import QualityThresholds, SileroSpeechDetector, analyse
 
+    if Split.TEST.value in args.split:
+        _say("scoring the test split: report its figures only, fit and calibrate on the others")
     countermeasure = AasistCountermeasure.load(
         args.model_dir or default_countermeasure_dir(), precision=args.precision
     )
-    chosen = [i for i in load_items(args.corpus) if i.split.value == args.split]
+    detector = SileroSpeechDetector() if args.speech_only else None
+    chosen = [
+        i
+        for i in load_items(args.corpus)
+        if i.split.value in args.split and (args.kinds is None or i.kind in args.kinds)
+    ]
     scores: dict[Item, float] = {}
     logits: dict[str, list[list[float]]] = {}
+    skipped = 0
     started = time.perf_counter()
     for number, item in enumerate(chosen, start=1):
         waveform, _ = sf.read(args.corpus / item.path, dtype="float32")
+        if detector is not None:
+            waveform = analyse(
+                waveform, detector, QualityThresholds(), min_net_speech_seconds=0.0
+            ).speech
+        if len(waveform) < countermeasure.min_samples:
+            skipped += 1
+            continue
         windows = countermeasure.window_logits(waveform)
         scores[item] = float(np.mean(windows[:, BONA_FIDE_CLASS]))
         logits[item.path] = windows.tolist()
@@ -640,7 +672,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"{number}/{len(chosen)} items ({time.perf_counter() - started:.0f} s)")
     if args.scores:
         args.scores.write_text(json.dumps(logits))
-    print(f"{countermeasure.model_id}, {args.split} split, score: mean bona-fide logit of windows")
+    audio = "speech only (VAD)" if args.speech_only else "whole items"
+    print(
+        f"{countermeasure.model_id}; split {'+'.join(args.split)}; {audio}; score: mean "
+        f"bona-fide logit of the windows"
+        + (
+            f"; {skipped} item(s) under {countermeasure.min_samples} samples left out"
+            if skipped
+            else ""
+        )
+    )
     print(report(summarise(scores)))
     return 0
 

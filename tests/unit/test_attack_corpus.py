@@ -3,10 +3,14 @@ for, and the same seed gives the same audio."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile as sf
 
 from models.embedder import Waveform
+from server.pipeline.channel import Channel
 from server.tools import attack_corpus as corpus
 from server.tools.attack_corpus import Split, item_rng, split_of
 from server.tools.calibrate import is_calibration_speaker
@@ -142,3 +146,51 @@ def test_phoneme_ids_frame_each_symbol_and_keep_punctuation() -> None:
     ids = corpus.phoneme_ids("ab x, ba.", symbols, lambda clause: clause.strip().replace("x", "?"))
     # "ab x" -> a b (space) and "?" unknown to the voice; "," then a space; "ba"; ".".
     assert ids == [1, 0, 20, 0, 21, 0, 3, 0, 8, 0, 3, 0, 21, 0, 20, 0, 10, 0, 3, 0, 2]
+
+
+def _source(folder: Path) -> Path:
+    folder.mkdir()
+    for speaker, f0 in (("103", 120.0), ("1034", 210.0)):
+        sf.write(folder / f"{speaker}-1-0000.flac", _voiced(1.5, f0), RATE, subtype="PCM_16")
+    return folder
+
+
+def test_build_makes_every_kind_in_both_channels_reproducibly(tmp_path: Path) -> None:
+    source = _source(tmp_path / "source")
+    kinds = ("replay", "world", "griffin-lim", "conversion")
+    first = corpus.build(source, tmp_path / "a", seed=3, max_seconds=1.0, kinds=kinds)
+    corpus.build(source, tmp_path / "b", seed=3, max_seconds=1.0, kinds=kinds)
+    assert len(first) == 2 * (1 + len(kinds)) * 2
+    assert {(i.speaker, i.split) for i in first} == {
+        ("103", Split.CALIBRATION),
+        ("1034", Split.TEST),
+    }
+    assert {(i.kind, i.channel) for i in first} == {
+        (kind, channel) for kind in (corpus.BONA_FIDE, *kinds) for channel in Channel
+    }
+    assert [i.as_json() for i in corpus.load_items(tmp_path / "a")] == [i.as_json() for i in first]
+    for item in first:
+        audio, rate = sf.read(tmp_path / "a" / item.path, dtype="float32")
+        assert rate == RATE
+        assert len(audio) == RATE  # cut to max_seconds
+        assert (tmp_path / "a" / item.path).read_bytes() == (
+            tmp_path / "b" / item.path
+        ).read_bytes()
+    telephone = next(i for i in first if i.channel is Channel.TELEPHONE and i.kind == "world")
+    audio, _ = sf.read(tmp_path / "a" / telephone.path, dtype="float32")
+    assert _band_energy(audio, 4200, 8000) < 1e-4 * _band_energy(audio, 0, 4000)
+
+
+def test_summary_rates_each_attack_against_bona_fide_of_its_channel(tmp_path: Path) -> None:
+    def item(kind: str, channel: Channel, n: int) -> corpus.Item:
+        return corpus.Item(f"{kind}/{n}", str(n), Split.CALIBRATION, channel, kind, "x", {})
+
+    scores = {item(corpus.BONA_FIDE, Channel.WIDEBAND, n): 1.0 + n for n in range(4)}
+    scores |= {item("replay", Channel.WIDEBAND, n): -1.0 - n for n in range(4)}
+    scores |= {item("espeak", Channel.WIDEBAND, n): 2.0 + n for n in range(4)}
+    rows = {row.kind: row for row in corpus.summarise(scores)}
+    assert rows["replay"].eer == 0.0
+    assert rows["espeak"].eer is not None and rows["espeak"].eer > 0.5
+    assert rows[corpus.BONA_FIDE].eer is None
+    assert rows["replay"].below_zero.errors == 4
+    assert "replay" in corpus.report(list(rows.values()))
