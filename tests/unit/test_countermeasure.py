@@ -3,14 +3,16 @@ AASIST adapter's handling of audio it cannot score, and the network's fixed sinc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from models.aasist import SAMPLE_RATE, WINDOW_SAMPLES, Aasist, sinc_filter_bank
+from models.aasist import SAMPLE_RATE, WINDOW_SAMPLES, Aasist, exported_network, sinc_filter_bank
 from models.aasist_countermeasure import AasistCountermeasure
 from models.countermeasure import WindowBatch, window_starts, windows_of
-from server.errors import InvalidAudioError
+from server.errors import InvalidAudioError, ModelFilesError
 
 
 @pytest.mark.parametrize(
@@ -119,3 +121,10 @@ def test_network_maps_a_batch_of_windows_to_two_logits_each() -> None:
         logits = network(torch.randn(2, WINDOW_SAMPLES) * 0.1)
     assert logits.shape == (2, 2)
     assert torch.isfinite(logits).all()
+
+
+def test_missing_export_names_the_command_that_makes_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesError) as raised:
+        exported_network(tmp_path)
+    assert "countermeasure network" in raised.value.message
+    assert f"voxauth fetch-model --countermeasure-dir {tmp_path}" in raised.value.message

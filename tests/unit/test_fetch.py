@@ -286,3 +286,10 @@ def test_default_countermeasure_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert default_countermeasure_dir() == tmp_path
     monkeypatch.delenv(COUNTERMEASURE_DIR_ENV)
     assert default_countermeasure_dir().parts[-3:] == ("models", "weights", "aasist")
+
+
+def test_missing_countermeasure_names_its_own_fetch_option(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesError) as raised:
+        verify_model_dir(tmp_path, AASIST_MANIFEST)
+    assert "AASIST.pth: missing" in raised.value.message
+    assert f"voxauth fetch-model --countermeasure-dir {tmp_path}" in raised.value.message
