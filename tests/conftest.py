@@ -1,4 +1,5 @@
-"""Shared fixtures: the real speaker model (loaded once) and in-process voxauth servers."""
+"""Shared fixtures: the real speaker model and countermeasure (loaded once) and in-process
+voxauth servers."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from models.aasist_countermeasure import AasistCountermeasure
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
-from models.fetch import default_model_dir
+from models.fetch import default_countermeasure_dir, default_model_dir
 from server.config import ServerConfig
 from tests.clock import ManualClock
 from tests.support import KEY, RunningServer, make_config
@@ -22,6 +24,13 @@ from tests.support import KEY, RunningServer, make_config
 def embedder() -> SpeakerEmbedder:
     """The real ECAPA model, loaded once for the whole run."""
     return EcapaEmbedder.load(ServerConfig.from_environment().model_dir or default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def countermeasure() -> AasistCountermeasure:
+    """The real AASIST countermeasure on the service's path, loaded once for the whole run."""
+    configured = ServerConfig.from_environment().countermeasure_dir
+    return AasistCountermeasure.load(configured or default_countermeasure_dir())
 
 
 @pytest.fixture
@@ -62,7 +71,9 @@ def key_env(tmp_path: Path) -> dict[str, str]:
 
 
 # Fixtures that bring the real speaker model: a test using one is end to end, and lives there.
-_REAL_MODEL_FIXTURES = frozenset({"embedder", "voxauth", "start_server", "key_env"})
+_REAL_MODEL_FIXTURES = frozenset(
+    {"embedder", "countermeasure", "voxauth", "start_server", "key_env"}
+)
 _SUITES = ("unit", "contract", "e2e")
 
 

