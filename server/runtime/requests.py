@@ -34,6 +34,7 @@ from server.runtime.clock import Clock
 from server.runtime.store_pool import StorePool
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_PURGE_INTERVAL_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class RequestLedger:
         self._clock = clock
         self._locks: dict[RequestKey, asyncio.Lock] = {}
         self._users: dict[RequestKey, int] = {}
+        self._next_purge = clock.monotonic()
 
     async def run(
         self,
@@ -173,9 +175,15 @@ class RequestLedger:
             if not receipt.recorded:
                 completion = receipt.completion(response.payload, response.agent_id)
                 await self._store_pool.run(lambda: self._store.record_request(completion))
-            return response.payload
+        if self._clock.monotonic() >= self._next_purge:
+            # Expired completions are never answered; removing them now and then keeps the
+            # table as small as the traffic of one retention period.
+            self._next_purge = self._clock.monotonic() + _PURGE_INTERVAL_SECONDS
+            await self.forget_expired()
+        return response.payload
 
     async def forget_expired(self) -> int:
+        """Removes the completions that have expired; how many."""
         now = self._clock.now()
         return await self._store_pool.run(lambda: self._store.forget_expired_requests(now))
 
