@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from enrollment.duplicates import DUPLICATE_SIMILARITY, Fingerprint, find_duplicate
 from enrollment.voiceprint import (
@@ -28,6 +29,11 @@ from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Completion = Callable[[UnitOfWork, T], None]
+"""Runs in a use case's unit of work with its outcome: what it writes commits with it."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,15 @@ class EnrollmentService:
         # two copies sent at once must not both find none.
         self._adding = threading.Lock()
 
-    def create_agent(self, agent_id: str, display_name: str, consent_reference: str) -> AgentRecord:
+    def create_agent(
+        self,
+        agent_id: str,
+        display_name: str,
+        consent_reference: str,
+        record_completion: Completion[AgentRecord] | None = None,
+    ) -> AgentRecord:
+        """`record_completion`, as in every use case that takes it, runs in the unit of work
+        with the outcome, so what it writes (a request id's completion) commits with it."""
         agent = AgentRecord(
             agent_id=validate_agent_id(agent_id),
             display_name=validate_text(display_name, "display_name", 256),
@@ -89,6 +103,8 @@ class EnrollmentService:
         with self._store.unit_of_work(f"create agent {agent.agent_id!r}") as unit:
             unit.create_agent(agent)
             unit.append_audit(created)
+            if record_completion is not None:
+                record_completion(unit, agent)
         _log(created)
         return agent
 
@@ -174,7 +190,9 @@ class EnrollmentService:
             voiceprint=self._store.get_voiceprint(agent.agent_id),
         )
 
-    def finalize(self, agent_id: str) -> FinalizeOutcome:
+    def finalize(
+        self, agent_id: str, record_completion: Completion[FinalizeOutcome] | None = None
+    ) -> FinalizeOutcome:
         """Builds the voiceprint from the pending utterances and swaps it in atomically: the
         utterances it consumes or rejects, the voiceprint and the audit records commit
         together."""
@@ -183,6 +201,8 @@ class EnrollmentService:
             result = self._finalize(unit, agent_id)
             for event in result.events:
                 unit.append_audit(event)
+            if record_completion is not None and isinstance(result.outcome, FinalizeOutcome):
+                record_completion(unit, result.outcome)
         for event in result.events:
             _log(event)
         if isinstance(result.outcome, EnrollmentIncompleteError):
@@ -270,13 +290,15 @@ class EnrollmentService:
         )
         return _Finalized(FinalizeOutcome(voiceprint, replaced, rejected), events)
 
-    def delete(self, agent_id: str) -> None:
+    def delete(self, agent_id: str, record_completion: Completion[None] | None = None) -> None:
         agent_id = validate_agent_id(agent_id)
         erased = self._event(AuditAction.AGENT_DELETE, agent_id, "ok")
         with self._store.unit_of_work(f"delete agent {agent_id!r}") as unit:
             unit.delete_agent(agent_id)
             # After the erasure: with the agent gone, the store records this one in clear.
             unit.append_audit(erased)
+            if record_completion is not None:
+                record_completion(unit, None)
         _log(erased)
 
     def _event(

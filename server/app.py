@@ -28,6 +28,7 @@ from server.pipeline.speech import QualityThresholds
 from server.runtime.audio_budget import AudioBudget
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.inference import InferencePool
+from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
 from server.scoring.scorer import Scorer, ScoringModel
 from server.security.assurance_desk import AssuranceDesk
@@ -193,6 +194,12 @@ class VoxauthServer:
                 assurances=assurances,
                 throttle=throttle,
                 store=store,
+                requests=RequestLedger(
+                    store,
+                    self._store_pool,
+                    timedelta(hours=self.config.retention.request_id_retention_hours),
+                    self._clock,
+                ),
             )
         )
         await self._api.serving()

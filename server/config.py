@@ -373,13 +373,19 @@ class ThrottlePolicy(Settings):
 
 @dataclass(frozen=True)
 class RetentionPolicy(Settings):
-    """How long biometric data is kept."""
+    """How long biometric data, and what answers retries, is kept."""
 
     # Zero would erase every voiceprint at the next expiry run.
     voiceprint_ttl_days: float = field(
         default=1095.0, metadata=setting("VOXAUTH_VOICEPRINT_TTL_DAYS", check=positive)
     )
     """A voiceprint no check has scored against for this long is erased: three years."""
+
+    request_id_retention_hours: float = field(
+        default=24.0, metadata=setting("VOXAUTH_REQUEST_ID_RETENTION_HOURS", check=positive)
+    )
+    """How long a request id's completion is kept, so a retry with the id returns the first
+    response (server/runtime/requests.py); after it, the id acts again."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ The whole hierarchy (status code in brackets):
     │   ├── NotEnrolledError
     │   ├── ModelMismatchError
     │   ├── EnrollmentIncompleteError
-    │   └── VerificationDisabledError
+    │   ├── VerificationDisabledError
+    │   └── RequestIdReusedError
     ├── ConflictError                  lost to concurrent activity on the same thing [ABORTED]
     │   ├── ShiftTakenOverError
     │   └── AlreadyExistsError         the thing to create is already there [ALREADY_EXISTS]
@@ -187,6 +188,11 @@ class VerificationDisabledError(PreconditionError):
     """The agent's biometric verification is disabled after too many consecutive failures,
     until an administrator re-enables it. A precondition, not a permission: the caller may be
     entitled; the agent's state must change first."""
+
+
+class RequestIdReusedError(PreconditionError):
+    """A request id came again with a different request while the first one's completion is
+    kept (server/runtime/requests.py): a retry must repeat its request exactly."""
 
 
 # --- conflict -----------------------------------------------------------------------------

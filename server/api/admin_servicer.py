@@ -1,5 +1,6 @@
 """gRPC servicer of AdminService, for administrators: protobuf <-> domain calls, nothing more.
-None of these calls runs the model: what touches the store runs on the StorePool."""
+None of these calls runs the model: what touches the store runs on the StorePool. A mutating
+call's request id (server/api/retries.py) has its completion recorded right after the call."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from voxauth.v1 import shifts_pb2 as spb
 
 from server.api.convert import shift_message
 from server.api.readiness import Readiness
+from server.api.retries import RequestDigest, once
 from server.config import ServerConfig
 from server.runtime.clock import Clock
+from server.runtime.requests import Receipt
 from server.runtime.store_pool import StorePool
 from server.security.audit import cef_lines, jsonl_lines, read_chain
 from server.security.identity import caller_identity
@@ -40,12 +43,23 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> admin_pb2.EnableVerificationResponse:
         reason = validate_text(request.reason, "reason", 512)
         agent_id = validate_agent_id(request.agent_id)
-        throttle = self._readiness.require().throttle
+        services = self._readiness.require()
         by, now = caller_identity().name, self._clock.now()
-        await self._store_pool.run(
-            lambda: throttle.re_enable(agent_id, reason=reason, by=by, now=now)
+
+        async def act(_: Receipt | None) -> tuple[admin_pb2.EnableVerificationResponse, str]:
+            await self._store_pool.run(
+                lambda: services.throttle.re_enable(agent_id, reason=reason, by=by, now=now)
+            )
+            return admin_pb2.EnableVerificationResponse(), ""
+
+        return await once(
+            services.requests,
+            "EnableVerification",
+            request.request_id,
+            RequestDigest.of(request),
+            admin_pb2.EnableVerificationResponse,
+            act,
         )
-        return admin_pb2.EnableVerificationResponse()
 
     async def ExportAudit(
         self,
@@ -69,9 +83,21 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         context: ServicerContext[admin_pb2.UnlockShiftRequest, spb.Shift],
     ) -> spb.Shift:
         reason = validate_text(request.reason, "reason", 512)
-        shifts = self._readiness.require().shifts
-        record = await shifts.unlock(request.shift_id, f"{reason} (by {caller_identity().name})")
-        return shift_message(record)
+        services = self._readiness.require()
+        by = caller_identity().name
+
+        async def act(_: Receipt | None) -> tuple[spb.Shift, str]:
+            record = await services.shifts.unlock(request.shift_id, f"{reason} (by {by})")
+            return shift_message(record), record.agent_id
+
+        return await once(
+            services.requests,
+            "UnlockShift",
+            request.request_id,
+            RequestDigest.of(request),
+            spb.Shift,
+            act,
+        )
 
     async def GetConfiguration(
         self,
@@ -87,5 +113,17 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             admin_pb2.RotateSigningKeyRequest, admin_pb2.RotateSigningKeyResponse
         ],
     ) -> admin_pb2.RotateSigningKeyResponse:
-        desk = self._readiness.require().assurances
-        return admin_pb2.RotateSigningKeyResponse(key_id=await self._store_pool.run(desk.rotate))
+        services = self._readiness.require()
+
+        async def act(_: Receipt | None) -> tuple[admin_pb2.RotateSigningKeyResponse, str]:
+            key_id = await self._store_pool.run(services.assurances.rotate)
+            return admin_pb2.RotateSigningKeyResponse(key_id=key_id), ""
+
+        return await once(
+            services.requests,
+            "RotateSigningKey",
+            request.request_id,
+            RequestDigest.of(request),
+            admin_pb2.RotateSigningKeyResponse,
+            act,
+        )

@@ -18,7 +18,7 @@ from grpc.aio import ServicerContext
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
-from enrollment.service import EnrollmentService
+from enrollment.service import EnrollmentService, FinalizeOutcome
 from server.api.convert import (
     agent_message,
     audio_encoding,
@@ -28,13 +28,16 @@ from server.api.convert import (
     voiceprint_info,
 )
 from server.api.readiness import Readiness
+from server.api.retries import RequestDigest, in_unit, once
 from server.api.streams import idle_limited
 from server.config import AudioLimits, StreamLimits
 from server.errors import InvalidAudioError
 from server.pipeline.decode import AudioStream
+from server.records import AgentRecord
 from server.runtime.audio_budget import AudioBudget, AudioReservation
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
+from server.runtime.requests import Receipt
 from server.runtime.store_pool import StorePool
 
 AudioResponse = pb.AddEnrollmentAudioResponse
@@ -67,13 +70,30 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         request: pb.CreateAgentRequest,
         context: ServicerContext[pb.CreateAgentRequest, pb.Agent],
     ) -> pb.Agent:
-        enrollment = self._enrollment()
-        agent = await self._store_pool.run(
-            lambda: enrollment.create_agent(
-                request.agent_id, request.display_name, request.consent_reference
+        services = self._readiness.require()
+
+        def message(agent: AgentRecord) -> pb.Agent:
+            return agent_message(agent, enrolled=False)
+
+        async def act(receipt: Receipt | None) -> tuple[pb.Agent, str]:
+            agent = await self._store_pool.run(
+                lambda: services.enrollment.create_agent(
+                    request.agent_id,
+                    request.display_name,
+                    request.consent_reference,
+                    in_unit(receipt, message, lambda agent: agent.agent_id),
+                )
             )
+            return message(agent), agent.agent_id
+
+        return await once(
+            services.requests,
+            "CreateAgent",
+            request.request_id,
+            RequestDigest.of(request),
+            pb.Agent,
+            act,
         )
-        return agent_message(agent, enrolled=False)
 
     async def AddEnrollmentAudio(
         self,
@@ -89,7 +109,9 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             reservation.claim(2 * request.audio.ByteSize())
             stream = self._stream(request.audio.encoding, request.audio.sample_rate_hz, reservation)
             stream.feed(request.audio.data, held_elsewhere=True)
-            return await self._add(request.agent_id, stream, reservation)
+            return await self._add_once(
+                request.agent_id, stream, reservation, request.request_id, RequestDigest.of(request)
+            )
 
     async def StreamEnrollmentAudio(
         self,
@@ -97,18 +119,20 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         context: ServicerContext[pb.EnrollmentAudioChunk, AudioResponse],
     ) -> AudioResponse:
         with self._budget.reserve() as reservation:
-            agent_id = ""
+            agent_id = request_id = ""
             stream: AudioStream | None = None
+            digest = RequestDigest()
             async for chunk in self._idle_limited(request_iterator):
+                digest.add(chunk)
                 if stream is None:
-                    agent_id = chunk.agent_id
+                    agent_id, request_id = chunk.agent_id, chunk.request_id
                     stream = self._stream(chunk.encoding, chunk.sample_rate_hz, reservation)
                 # Checked and decoded piece by piece, so an endless stream is cut off at the
                 # length limit, and one the budget cannot hold at once, not buffered first.
                 stream.feed(chunk.data)
             if stream is None:
                 raise InvalidAudioError("the stream carried no audio", field="audio.data")
-            return await self._add(agent_id, stream, reservation)
+            return await self._add_once(agent_id, stream, reservation, request_id, digest.digest())
 
     def _stream(
         self,
@@ -136,16 +160,36 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             "send the recording again",
         )
 
-    async def _add(
-        self, agent_id: str, audio: AudioStream, reservation: AudioReservation
+    async def _add_once(
+        self,
+        agent_id: str,
+        audio: AudioStream,
+        reservation: AudioReservation,
+        request_id: str,
+        digest: bytes,
     ) -> AudioResponse:
-        enrollment = self._enrollment()
-        outcome = await self._inference.run(
-            reservation.held_by(lambda: enrollment.add_utterance(agent_id, audio))
-        )
-        progress = await self._store_pool.run(lambda: enrollment.progress(agent_id))
-        return AudioResponse(
-            utterance=utterance_outcome_message(outcome), status=enrollment_status(progress)
+        services = self._readiness.require()
+        enrollment = services.enrollment
+
+        # Its completion is recorded just after the utterance's unit of work (the response
+        # holds the progress, read after it).
+        async def act(receipt: Receipt | None) -> tuple[AudioResponse, str]:
+            outcome = await self._inference.run(
+                reservation.held_by(lambda: enrollment.add_utterance(agent_id, audio))
+            )
+            progress = await self._store_pool.run(lambda: enrollment.progress(agent_id))
+            response = AudioResponse(
+                utterance=utterance_outcome_message(outcome), status=enrollment_status(progress)
+            )
+            return response, progress.agent.agent_id
+
+        return await once(
+            services.requests,
+            "AddEnrollmentAudio",
+            request_id,
+            digest,
+            AudioResponse,
+            act,
         )
 
     async def GetEnrollmentStatus(
@@ -162,16 +206,25 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         request: pb.FinalizeEnrollmentRequest,
         context: ServicerContext[pb.FinalizeEnrollmentRequest, pb.FinalizeEnrollmentResponse],
     ) -> pb.FinalizeEnrollmentResponse:
-        enrollment = self._enrollment()
-        # Averaging stored embeddings, no model: store work.
-        outcome = await self._store_pool.run(lambda: enrollment.finalize(request.agent_id))
-        return pb.FinalizeEnrollmentResponse(
-            voiceprint=voiceprint_info(outcome.voiceprint),
-            replaced_previous=outcome.replaced_previous,
-            rejected=[
-                utterance_message(r.utterance, accepted=False, reason=r.reason)
-                for r in outcome.rejected
-            ],
+        services = self._readiness.require()
+
+        async def act(receipt: Receipt | None) -> tuple[pb.FinalizeEnrollmentResponse, str]:
+            # Averaging stored embeddings, no model: store work.
+            outcome = await self._store_pool.run(
+                lambda: services.enrollment.finalize(
+                    request.agent_id,
+                    in_unit(receipt, _finalized, lambda outcome: outcome.voiceprint.agent_id),
+                )
+            )
+            return _finalized(outcome), outcome.voiceprint.agent_id
+
+        return await once(
+            services.requests,
+            "FinalizeEnrollment",
+            request.request_id,
+            RequestDigest.of(request),
+            pb.FinalizeEnrollmentResponse,
+            act,
         )
 
     async def DeleteAgent(
@@ -179,6 +232,37 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         request: pb.DeleteAgentRequest,
         context: ServicerContext[pb.DeleteAgentRequest, pb.DeleteAgentResponse],
     ) -> pb.DeleteAgentResponse:
-        enrollment = self._enrollment()
-        await self._store_pool.run(lambda: enrollment.delete(request.agent_id))
-        return pb.DeleteAgentResponse()
+        services = self._readiness.require()
+
+        async def act(receipt: Receipt | None) -> tuple[pb.DeleteAgentResponse, str]:
+            # The response names nobody: it is kept in clear, and outlives the agent.
+            await self._store_pool.run(
+                lambda: services.enrollment.delete(
+                    request.agent_id, in_unit(receipt, lambda _: pb.DeleteAgentResponse(), _nobody)
+                )
+            )
+            return pb.DeleteAgentResponse(), ""
+
+        return await once(
+            services.requests,
+            "DeleteAgent",
+            request.request_id,
+            RequestDigest.of(request),
+            pb.DeleteAgentResponse,
+            act,
+        )
+
+
+def _finalized(outcome: FinalizeOutcome) -> pb.FinalizeEnrollmentResponse:
+    return pb.FinalizeEnrollmentResponse(
+        voiceprint=voiceprint_info(outcome.voiceprint),
+        replaced_previous=outcome.replaced_previous,
+        rejected=[
+            utterance_message(r.utterance, accepted=False, reason=r.reason)
+            for r in outcome.rejected
+        ],
+    )
+
+
+def _nobody(_: object) -> str:
+    return ""

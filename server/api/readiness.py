@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from enrollment.service import EnrollmentService
 from server.errors import ServiceNotReadyError
+from server.runtime.requests import RequestLedger
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.service import ShiftService
 from server.storage.interface import Store
@@ -21,6 +22,7 @@ class Services:
     assurances: AssuranceDesk
     throttle: VerificationThrottle
     store: Store
+    requests: RequestLedger
 
 
 class Readiness:

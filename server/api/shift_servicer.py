@@ -1,5 +1,7 @@
 """gRPC servicer of ShiftService: protobuf <-> the domain's ShiftService, nothing more (the
-domain service runs its model work on the inference pool and its store work on the store's)."""
+domain service runs its model work on the inference pool and its store work on the store's).
+The shift service writes in several steps, so a request id's completion is recorded right
+after the call (server/api/retries.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 
 from server.api.convert import audio_input, login_response, shift_event_message, shift_message
 from server.api.readiness import Readiness
+from server.api.retries import RequestDigest, once
 from server.api.streams import idle_limited
 from server.config import StreamLimits
 from server.errors import InvalidAudioError, StreamOrderError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.decode import AudioEncoding
 from server.runtime.clock import Clock
+from server.runtime.requests import Receipt
 from server.shifts.buffer import StreamFormat
 from server.shifts.service import ShiftStream
 
@@ -34,18 +38,44 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
         request: spb.StartShiftRequest,
         context: ServicerContext[spb.StartShiftRequest, spb.LoginCheckResponse],
     ) -> spb.LoginCheckResponse:
-        shifts = self._readiness.require().shifts
+        services = self._readiness.require()
         audio = _login_audio(request)
-        return login_response(await shifts.start(request.agent_id, request.device_id, audio))
+
+        async def act(_: Receipt | None) -> tuple[spb.LoginCheckResponse, str]:
+            response = login_response(
+                await services.shifts.start(request.agent_id, request.device_id, audio)
+            )
+            return response, response.shift.agent_id
+
+        return await once(
+            services.requests,
+            "StartShift",
+            request.request_id,
+            RequestDigest.of(request),
+            spb.LoginCheckResponse,
+            act,
+        )
 
     async def CheckLogin(
         self,
         request: spb.CheckLoginRequest,
         context: ServicerContext[spb.CheckLoginRequest, spb.LoginCheckResponse],
     ) -> spb.LoginCheckResponse:
-        shifts = self._readiness.require().shifts
+        services = self._readiness.require()
         audio = _login_audio(request)
-        return login_response(await shifts.check_login(request.shift_id, audio))
+
+        async def act(_: Receipt | None) -> tuple[spb.LoginCheckResponse, str]:
+            response = login_response(await services.shifts.check_login(request.shift_id, audio))
+            return response, response.shift.agent_id
+
+        return await once(
+            services.requests,
+            "CheckLogin",
+            request.request_id,
+            RequestDigest.of(request),
+            spb.LoginCheckResponse,
+            act,
+        )
 
     async def StreamShiftAudio(
         self,
@@ -102,8 +132,20 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
     async def EndShift(
         self, request: spb.EndShiftRequest, context: ServicerContext[spb.EndShiftRequest, spb.Shift]
     ) -> spb.Shift:
-        record = await self._readiness.require().shifts.end(request.shift_id)
-        return shift_message(record)
+        services = self._readiness.require()
+
+        async def act(_: Receipt | None) -> tuple[spb.Shift, str]:
+            record = await services.shifts.end(request.shift_id)
+            return shift_message(record), record.agent_id
+
+        return await once(
+            services.requests,
+            "EndShift",
+            request.request_id,
+            RequestDigest.of(request),
+            spb.Shift,
+            act,
+        )
 
     async def GetShift(
         self, request: spb.GetShiftRequest, context: ServicerContext[spb.GetShiftRequest, spb.Shift]

@@ -9,8 +9,10 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from server.api.convert import audio_input, verify_response
 from server.api.readiness import Readiness
+from server.api.retries import RequestDigest, once
 from server.errors import InvalidAudioError
 from server.runtime.inference import InferencePool
+from server.runtime.requests import Receipt
 
 
 class VerificationServicer(pb_grpc.VerificationServiceServicer):
@@ -23,9 +25,24 @@ class VerificationServicer(pb_grpc.VerificationServiceServicer):
         request: pb.VerifyRequest,
         context: ServicerContext[pb.VerifyRequest, pb.VerifyResponse],
     ) -> pb.VerifyResponse:
-        verification = self._readiness.require().verification
+        services = self._readiness.require()
         if not request.HasField("audio"):
             raise InvalidAudioError("audio is required", field="audio")
         audio = audio_input(request.audio)
-        result = await self._inference.run(lambda: verification.verify(request.agent_id, audio))
-        return verify_response(result)
+
+        # A retry must not count as a second attempt (throttling): its completion is
+        # recorded right after the check.
+        async def act(_: Receipt | None) -> tuple[pb.VerifyResponse, str]:
+            result = await self._inference.run(
+                lambda: services.verification.verify(request.agent_id, audio)
+            )
+            return verify_response(result), request.agent_id
+
+        return await once(
+            services.requests,
+            "Verify",
+            request.request_id,
+            RequestDigest.of(request),
+            pb.VerifyResponse,
+            act,
+        )

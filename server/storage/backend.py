@@ -103,6 +103,22 @@ class AssuranceRow:
 
 
 @dataclass(frozen=True)
+class CompletedRequestRow:
+    """A request id's completion (server/runtime/requests.py), found by a keyed hash of its
+    key, its response sealed under the data key of the agent it names."""
+
+    request_handle: str
+    """A keyed hash of (caller, method, request id)."""
+    request_digest: str
+    """A keyed hash of the request's digest."""
+    agent_ref: str | None
+    """The pseudonym of the agent the response names, None for a response naming nobody
+    (kept in clear); erasing the agent deletes the row."""
+    response: bytes
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class AuditRow:
     """One stored record of the audit chain, exactly as written (see server/security/audit.py)."""
 
@@ -130,7 +146,7 @@ class Transaction(Protocol):
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
         utterances, voiceprint, shifts with their assurances and revocations, throttling
-        state. False if there was no such agent."""
+        state, completed requests. False if there was no such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend
@@ -209,6 +225,16 @@ class Transaction(Protocol):
         """Keeps the revocation, under its token id, for as long as its shift is kept."""
 
     def revocation(self, token_id: str) -> AssuranceRevocation | None: ...
+
+    # --- completed requests ------------------------------------------------------------------
+
+    def completed_request(self, request_handle: str) -> CompletedRequestRow | None: ...
+
+    def put_completed_request(self, row: CompletedRequestRow) -> None:
+        """Keeps it, replacing any row with the handle."""
+
+    def delete_completed_requests_expired(self, at: datetime) -> int:
+        """Deletes the rows expired at `at` (expires_at <= at); how many."""
 
     # --- the audit chain ---------------------------------------------------------------------
 

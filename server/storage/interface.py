@@ -9,7 +9,8 @@ through one unit of work: they commit together or not at all.
 
 The records are defined in server/records.py, and the protocols of what security's services
 need of the store (AssuranceStore, KeyRotationStore) in the services' own modules, so
-server.security never imports server.storage; all are re-exported here.
+server.security never imports server.storage; so is what the request ledger needs
+(CompletedRequestStore, in server/runtime/requests.py). All are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from server.records import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.runtime.requests import CompletedRequest, CompletedRequestStore
 from server.security.assurance_desk import AssuranceStore
 from server.security.audit import AuditLog
 from server.security.key_rotation import KeyRotationStore
@@ -43,6 +45,8 @@ __all__ = [
     "AssuranceRevocation",
     "AssuranceStore",
     "AuditEvent",
+    "CompletedRequest",
+    "CompletedRequestStore",
     "KeyRotationStore",
     "ReencryptionReport",
     "RevocationReason",
@@ -131,6 +135,12 @@ class UnitOfWork(Protocol):
         """Revokes the shift's latest assurance and returns the revocation; None when the
         shift has no assurance or its latest is revoked already (the first revocation
         stands)."""
+
+    def record_request(self, completed: CompletedRequest) -> None:
+        """Keeps a request id's completion, so a retry returns its response
+        (server/runtime/requests.py): in this unit, it commits with the action it answers.
+        A response naming an agent is sealed under the agent's data key and erased with it;
+        if that agent does not exist, nothing is kept."""
 
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record to the chain and seals it. While the agent exists the
@@ -221,5 +231,13 @@ class ThrottleStore(Protocol):
         `update` changes nothing."""
 
 
-class Store(VoiceprintStore, ShiftStore, AssuranceStore, ThrottleStore, KeyRotationStore, Protocol):
+class Store(
+    VoiceprintStore,
+    ShiftStore,
+    AssuranceStore,
+    ThrottleStore,
+    KeyRotationStore,
+    CompletedRequestStore,
+    Protocol,
+):
     """Everything the service keeps: one interface over any backend."""

@@ -303,6 +303,20 @@ class AgentSealer:
             row.shift_id, self.agent_id, row.token_id, token.decode(), row.issued_at, row.expires_at
         )
 
+    def seal_response(self, request_handle: str, response: bytes) -> bytes:
+        """A completed request's response, which names the agent, bound to its request."""
+        return self._key.seal(response, associated=self._response_binding(request_handle))
+
+    def open_response(self, request_handle: str, sealed: bytes) -> bytes:
+        return self._key.open(
+            sealed,
+            associated=self._response_binding(request_handle),
+            what="the response of a completed request",
+        )
+
+    def _response_binding(self, request_handle: str) -> bytes:
+        return binding(self.agent_ref, "request_response", request_handle)
+
     def _token_binding(self, shift_id: str) -> bytes:
         return binding(self.agent_ref, "assurance_token", shift_id)
 

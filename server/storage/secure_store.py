@@ -13,6 +13,8 @@
   pseudonym of each agent is sealed with it, so swapping or replacing one is found.
 - A database holding values sealed under a key the store was not given does not open.
 - Writes that belong together run in one unit of work: one backend transaction.
+- A completed request (a retry's answer) is found by a keyed hash of its key; a response that
+  names an agent is sealed under the agent's data key and erased with it.
 """
 
 from __future__ import annotations
@@ -45,11 +47,19 @@ from server.records import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.runtime.requests import CompletedRequest, RecordedResponse, RequestKey
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
 from server.security.crypto import VoiceprintCipher
 from server.storage import audit_chain
-from server.storage.backend import AgentKeyRow, AgentRow, AuditRow, StorageBackend, Transaction
+from server.storage.backend import (
+    AgentKeyRow,
+    AgentRow,
+    AuditRow,
+    CompletedRequestRow,
+    StorageBackend,
+    Transaction,
+)
 from server.storage.interface import UnitOfWork
 from server.storage.sealing import (
     HANDLE_KEY,
@@ -203,6 +213,22 @@ class SecureStore:
     ) -> ThrottleState:
         with self.unit_of_work(f"update the throttling of agent {agent_id!r}") as unit:
             return unit.update_throttle_state(agent_id, update)
+
+    # --- completed requests --------------------------------------------------------------------
+
+    def recorded_response(
+        self, key: RequestKey, request_digest: bytes, at: datetime
+    ) -> RecordedResponse | None:
+        with self._transaction("read a completed request", write=False) as unit:
+            return unit.recorded_response(key, request_digest, at)
+
+    def record_request(self, completed: CompletedRequest) -> None:
+        with self.unit_of_work(f"record a completed {completed.key.method} request") as unit:
+            unit.record_request(completed)
+
+    def forget_expired_requests(self, at: datetime) -> int:
+        with self._transaction("forget expired request ids", write=True) as unit:
+            return unit.txn.delete_completed_requests_expired(at)
 
     # --- the audit log -------------------------------------------------------------------------
 
@@ -575,6 +601,46 @@ class _Unit:
         revocation = AssuranceRevocation(row.token_id, shift_id, reason, at)
         self.txn.insert_revocation(revocation)
         return revocation
+
+    def record_request(self, completed: CompletedRequest) -> None:
+        handle = self._request_handle(completed.key)
+        agent = self.find(completed.agent_id) if completed.agent_id else None
+        if completed.agent_id and agent is None:
+            # Nothing to seal it under, and nobody's to keep: a retry acts again.
+            return
+        self.txn.put_completed_request(
+            CompletedRequestRow(
+                handle,
+                self._keys.handle(f"request digest {completed.request_digest.hex()}"),
+                None if agent is None else agent.agent_ref,
+                completed.response
+                if agent is None
+                else agent.seal_response(handle, completed.response),
+                completed.expires_at,
+            )
+        )
+
+    def recorded_response(
+        self, key: RequestKey, request_digest: bytes, at: datetime
+    ) -> RecordedResponse | None:
+        handle = self._request_handle(key)
+        row = self.txn.completed_request(handle)
+        if row is None or row.expires_at <= at:
+            return None
+        response = row.response
+        if row.agent_ref is not None:
+            agent = self._agents.by_ref(self.txn, [row.agent_ref]).get(row.agent_ref)
+            if agent is None:
+                return None
+            response = agent.open_response(handle, row.response)
+        same = row.request_digest == self._keys.handle(f"request digest {request_digest.hex()}")
+        return RecordedResponse(same, response)
+
+    def _request_handle(self, key: RequestKey) -> str:
+        # Length-prefixed parts: no two keys hash alike; keyed, so the row says nothing of
+        # who asked what.
+        parts = (key.caller, key.method, key.request_id)
+        return self._keys.handle("request " + "".join(f"{len(p)}:{p}" for p in parts))
 
     def append_audit(self, event: AuditEvent) -> None:
         agent = self.find(event.agent_id) if event.agent_id else None

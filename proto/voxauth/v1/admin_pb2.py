@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from voxauth.v1 import shifts_pb2 as voxauth_dot_v1_dot_shifts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16voxauth/v1/admin.proto\x12\nvoxauth.v1\x1a\x17voxauth/v1/shifts.proto\"6\n\x12UnlockShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x19\x45nableVerificationRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1c\n\x1a\x45nableVerificationResponse\"=\n\x12\x45xportAuditRequest\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.voxauth.v1.AuditFormat\"\x1f\n\x0f\x41uditRecordText\x12\x0c\n\x04line\x18\x01 \x01(\t\"\x19\n\x17GetConfigurationRequest\"\x1d\n\rConfiguration\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x19\n\x17RotateSigningKeyRequest\"*\n\x18RotateSigningKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t*^\n\x0b\x41uditFormat\x12\x1c\n\x18\x41UDIT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIT_FORMAT_JSON_LINES\x10\x01\x12\x14\n\x10\x41UDIT_FORMAT_CEF\x10\x02\x32\xb6\x03\n\x0c\x41\x64minService\x12@\n\x0bUnlockShift\x12\x1e.voxauth.v1.UnlockShiftRequest\x1a\x11.voxauth.v1.Shift\x12\x63\n\x12\x45nableVerification\x12%.voxauth.v1.EnableVerificationRequest\x1a&.voxauth.v1.EnableVerificationResponse\x12L\n\x0b\x45xportAudit\x12\x1e.voxauth.v1.ExportAuditRequest\x1a\x1b.voxauth.v1.AuditRecordText0\x01\x12R\n\x10GetConfiguration\x12#.voxauth.v1.GetConfigurationRequest\x1a\x19.voxauth.v1.Configuration\x12]\n\x10RotateSigningKey\x12#.voxauth.v1.RotateSigningKeyRequest\x1a$.voxauth.v1.RotateSigningKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16voxauth/v1/admin.proto\x12\nvoxauth.v1\x1a\x17voxauth/v1/shifts.proto\"J\n\x12UnlockShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"Q\n\x19\x45nableVerificationRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x1c\n\x1a\x45nableVerificationResponse\"=\n\x12\x45xportAuditRequest\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.voxauth.v1.AuditFormat\"\x1f\n\x0f\x41uditRecordText\x12\x0c\n\x04line\x18\x01 \x01(\t\"\x19\n\x17GetConfigurationRequest\"\x1d\n\rConfiguration\x12\x0c\n\x04json\x18\x01 \x01(\t\"-\n\x17RotateSigningKeyRequest\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"*\n\x18RotateSigningKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t*^\n\x0b\x41uditFormat\x12\x1c\n\x18\x41UDIT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIT_FORMAT_JSON_LINES\x10\x01\x12\x14\n\x10\x41UDIT_FORMAT_CEF\x10\x02\x32\xb6\x03\n\x0c\x41\x64minService\x12@\n\x0bUnlockShift\x12\x1e.voxauth.v1.UnlockShiftRequest\x1a\x11.voxauth.v1.Shift\x12\x63\n\x12\x45nableVerification\x12%.voxauth.v1.EnableVerificationRequest\x1a&.voxauth.v1.EnableVerificationResponse\x12L\n\x0b\x45xportAudit\x12\x1e.voxauth.v1.ExportAuditRequest\x1a\x1b.voxauth.v1.AuditRecordText0\x01\x12R\n\x10GetConfiguration\x12#.voxauth.v1.GetConfigurationRequest\x1a\x19.voxauth.v1.Configuration\x12]\n\x10RotateSigningKey\x12#.voxauth.v1.RotateSigningKeyRequest\x1a$.voxauth.v1.RotateSigningKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDITFORMAT']._serialized_start=437
-  _globals['_AUDITFORMAT']._serialized_end=531
+  _globals['_AUDITFORMAT']._serialized_start=497
+  _globals['_AUDITFORMAT']._serialized_end=591
   _globals['_UNLOCKSHIFTREQUEST']._serialized_start=63
-  _globals['_UNLOCKSHIFTREQUEST']._serialized_end=117
-  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_start=119
-  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_end=180
-  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_start=182
-  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_end=210
-  _globals['_EXPORTAUDITREQUEST']._serialized_start=212
-  _globals['_EXPORTAUDITREQUEST']._serialized_end=273
-  _globals['_AUDITRECORDTEXT']._serialized_start=275
-  _globals['_AUDITRECORDTEXT']._serialized_end=306
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=308
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=333
-  _globals['_CONFIGURATION']._serialized_start=335
-  _globals['_CONFIGURATION']._serialized_end=364
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=366
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=391
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=393
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=435
-  _globals['_ADMINSERVICE']._serialized_start=534
-  _globals['_ADMINSERVICE']._serialized_end=972
+  _globals['_UNLOCKSHIFTREQUEST']._serialized_end=137
+  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_start=139
+  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_end=220
+  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_start=222
+  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_end=250
+  _globals['_EXPORTAUDITREQUEST']._serialized_start=252
+  _globals['_EXPORTAUDITREQUEST']._serialized_end=313
+  _globals['_AUDITRECORDTEXT']._serialized_start=315
+  _globals['_AUDITRECORDTEXT']._serialized_end=346
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=348
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=373
+  _globals['_CONFIGURATION']._serialized_start=375
+  _globals['_CONFIGURATION']._serialized_end=404
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=406
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=451
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=453
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=495
+  _globals['_ADMINSERVICE']._serialized_start=594
+  _globals['_ADMINSERVICE']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

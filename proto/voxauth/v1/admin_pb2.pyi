@@ -42,18 +42,25 @@ class UnlockShiftRequest(_message.Message):
 
     SHIFT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     shift_id: _builtins.str
     reason: _builtins.str
     """Why (e.g. a helpdesk ticket); recorded in the audit log. Required."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
         *,
         shift_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "shift_id", b"shift_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "shift_id", b"shift_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -65,18 +72,25 @@ class EnableVerificationRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     reason: _builtins.str
     """Why; recorded in the audit log. Required."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,12 +188,20 @@ Global___Configuration: _TypeAlias = Configuration  # noqa: Y015
 class RotateSigningKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
+        *,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

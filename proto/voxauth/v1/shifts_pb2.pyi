@@ -183,10 +183,16 @@ class StartShiftRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     LOGIN_AUDIO_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The enrolled agent starting the shift."""
     device_id: _builtins.str
     """Identifies the softphone/device (1-128 characters from [A-Za-z0-9._@:-])."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     @_builtins.property
     def login_audio(self) -> _voxauth_pb2.Audio:
         """The login utterance; 3 s or more of net speech. Errors about it name the fields as in an
@@ -199,10 +205,11 @@ class StartShiftRequest(_message.Message):
         agent_id: _builtins.str = ...,
         device_id: _builtins.str = ...,
         login_audio: _voxauth_pb2.Audio | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["login_audio", b"login_audio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "device_id", b"device_id", "login_audio", b"login_audio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "device_id", b"device_id", "login_audio", b"login_audio", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,7 +221,13 @@ class CheckLoginRequest(_message.Message):
 
     SHIFT_ID_FIELD_NUMBER: _builtins.int
     LOGIN_AUDIO_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     shift_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     @_builtins.property
     def login_audio(self) -> _voxauth_pb2.Audio: ...
     def __init__(
@@ -222,10 +235,11 @@ class CheckLoginRequest(_message.Message):
         *,
         shift_id: _builtins.str = ...,
         login_audio: _voxauth_pb2.Audio | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["login_audio", b"login_audio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["login_audio", b"login_audio", "shift_id", b"shift_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["login_audio", b"login_audio", "request_id", b"request_id", "shift_id", b"shift_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,15 +403,22 @@ class EndShiftRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHIFT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     shift_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
         *,
         shift_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["shift_id", b"shift_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "shift_id", b"shift_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -276,6 +276,7 @@ class CreateAgentRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     CONSENT_REFERENCE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Identifier of the agent in the contact centre's systems. 1-128 characters from
     [A-Za-z0-9._@-].
@@ -284,16 +285,25 @@ class CreateAgentRequest(_message.Message):
     """Human-readable name, for operators. 1-256 characters."""
     consent_reference: _builtins.str
     """Reference to the agent's recorded biometric consent (e.g. an HR document id). Required."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe (see "Retries" in the README). 1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID, new for each new request. A call with an id this caller
+    already used for this method returns the first call's response instead of acting again,
+    for as long as the id is kept (VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default); the
+    same id with a different request is refused (FAILED_PRECONDITION). Only successful calls
+    are kept: one that failed acts again when retried. Numbered 15 in every request.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
         consent_reference: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "display_name", b"display_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "display_name", b"display_name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,7 +348,13 @@ class AddEnrollmentAudioRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     AUDIO_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     @_builtins.property
     def audio(self) -> Global___Audio: ...
     def __init__(
@@ -346,10 +362,11 @@ class AddEnrollmentAudioRequest(_message.Message):
         *,
         agent_id: _builtins.str = ...,
         audio: Global___Audio | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audio", b"audio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audio", b"audio", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,6 +380,7 @@ class EnrollmentAudioChunk(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required in the first message; ignored afterwards."""
     encoding: Global___AudioEncoding.ValueType
@@ -370,6 +388,13 @@ class EnrollmentAudioChunk(_message.Message):
     sample_rate_hz: _builtins.int
     data: _builtins.bytes
     """The next bytes of the utterance."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    Read from the first message only; the digest a retry is compared by covers the
+    whole stream.
+    """
     def __init__(
         self,
         *,
@@ -377,10 +402,11 @@ class EnrollmentAudioChunk(_message.Message):
         encoding: Global___AudioEncoding.ValueType = ...,
         sample_rate_hz: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "data", b"data", "encoding", b"encoding", "sample_rate_hz", b"sample_rate_hz"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "data", b"data", "encoding", b"encoding", "request_id", b"request_id", "sample_rate_hz", b"sample_rate_hz"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,15 +582,22 @@ class FinalizeEnrollmentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,15 +638,22 @@ class DeleteAgentRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -640,7 +680,13 @@ class VerifyRequest(_message.Message):
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     AUDIO_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id (1-128 characters of
+    [A-Za-z0-9._:-], e.g. a UUID; kept per caller and method for
+    VOXAUTH_REQUEST_ID_RETENTION_HOURS, 24 h by default).
+    """
     @_builtins.property
     def audio(self) -> Global___Audio: ...
     def __init__(
@@ -648,10 +694,11 @@ class VerifyRequest(_message.Message):
         *,
         agent_id: _builtins.str = ...,
         audio: Global___Audio | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audio", b"audio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "audio", b"audio", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

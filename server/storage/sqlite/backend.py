@@ -39,6 +39,7 @@ from server.storage.backend import (
     AgentRow,
     AssuranceRow,
     AuditRow,
+    CompletedRequestRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
@@ -218,7 +219,13 @@ class SqliteTransaction:
         if deleted.rowcount == 0:
             return False
         # Assurances and their revocations go with their shifts (ON DELETE CASCADE).
-        for table in ("pending_utterances", "voiceprints", "shifts", "verification_throttle"):
+        for table in (
+            "pending_utterances",
+            "voiceprints",
+            "shifts",
+            "verification_throttle",
+            "completed_requests",
+        ):
             self._conn.execute(f"DELETE FROM {table} WHERE agent_ref = ?", (agent_ref,))
         return True
 
@@ -471,6 +478,39 @@ class SqliteTransaction:
         if row is None:
             return None
         return AssuranceRevocation(token_id, row[0], RevocationReason(row[1]), _from_micros(row[2]))
+
+    # --- completed requests ------------------------------------------------------------------
+
+    def completed_request(self, request_handle: str) -> CompletedRequestRow | None:
+        row = self._conn.execute(
+            "SELECT request_digest, agent_ref, response, expires_at FROM completed_requests "
+            "WHERE request_handle = ?",
+            (request_handle,),
+        ).fetchone()
+        if row is None:
+            return None
+        return CompletedRequestRow(
+            request_handle, row[0], row[1], bytes(row[2]), _from_micros(row[3])
+        )
+
+    def put_completed_request(self, row: CompletedRequestRow) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO completed_requests (request_handle, request_digest, "
+            "agent_ref, response, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (
+                row.request_handle,
+                row.request_digest,
+                row.agent_ref,
+                row.response,
+                _to_micros(row.expires_at),
+            ),
+        )
+
+    def delete_completed_requests_expired(self, at: datetime) -> int:
+        deleted = self._conn.execute(
+            "DELETE FROM completed_requests WHERE expires_at <= ?", (_to_micros(at),)
+        )
+        return deleted.rowcount
 
     # --- the audit chain ---------------------------------------------------------------------
 

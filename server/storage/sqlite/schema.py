@@ -252,6 +252,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FROM assurances a JOIN shifts s ON s.shift_id = a.shift_id
             WHERE s.state IN ('ENDED', 'LOCKED')""",
     ),
+    (
+        # Completed requests, for retries with a request id (server/runtime/requests.py).
+        # Found by a keyed hash of (caller, method, id); a response naming an agent is sealed
+        # under its data key and carries its pseudonym, so erasing the agent deletes it.
+        """CREATE TABLE completed_requests (
+            request_handle TEXT PRIMARY KEY,
+            request_digest TEXT NOT NULL,
+            agent_ref TEXT,
+            response BLOB NOT NULL,
+            expires_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX completed_requests_by_agent_ref ON completed_requests (agent_ref)",
+        "CREATE INDEX completed_requests_by_expiry ON completed_requests (expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
