@@ -4,9 +4,12 @@ on a running voxauth server. Used by `voxauth enroll|status|delete` and importab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import soundfile as sf
@@ -105,28 +108,57 @@ class AudioFile:
         )
 
 
+# A lost answer (the server restarted, the network dropped) is retried this many times, after
+# these pauses, with the same request id: the server answers a retry with the first call's
+# result instead of acting twice.
+_RETRY_PAUSES_SECONDS = (0.5, 1.0, 2.0)
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+T = TypeVar("T")
+
+
+def _with_retries(call: Callable[[str], T], pauses: Sequence[float] = _RETRY_PAUSES_SECONDS) -> T:
+    """Runs `call(request_id)`, again with the same id when its answer was lost."""
+    request_id = uuid.uuid4().hex
+    for pause in (*pauses, None):
+        try:
+            return call(request_id)
+        except grpc.RpcError as error:
+            if pause is None or error.code() not in _RETRYABLE:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 class EnrollmentClient:
     def __init__(self, channel: grpc.Channel, timeout_seconds: float = 60.0) -> None:
         self._stub = pb_grpc.EnrollmentServiceStub(channel)
         self._timeout = timeout_seconds
 
     def create_agent(self, agent_id: str, display_name: str, consent_reference: str) -> pb.Agent:
-        agent: pb.Agent = self._stub.CreateAgent(
-            pb.CreateAgentRequest(
-                agent_id=agent_id,
-                display_name=display_name,
-                consent_reference=consent_reference,
-            ),
-            timeout=self._timeout,
-        )
-        return agent
+        def create(request_id: str) -> pb.Agent:
+            agent: pb.Agent = self._stub.CreateAgent(
+                pb.CreateAgentRequest(
+                    agent_id=agent_id,
+                    display_name=display_name,
+                    consent_reference=consent_reference,
+                    request_id=request_id,
+                ),
+                timeout=self._timeout,
+            )
+            return agent
+
+        return _with_retries(create)
 
     def add_utterance(self, agent_id: str, audio: AudioFile) -> pb.AddEnrollmentAudioResponse:
         """Streams the file in chunks, so long recordings need no large messages."""
-        response: pb.AddEnrollmentAudioResponse = self._stub.StreamEnrollmentAudio(
-            _chunks(agent_id, audio), timeout=self._timeout
-        )
-        return response
+
+        def add(request_id: str) -> pb.AddEnrollmentAudioResponse:
+            response: pb.AddEnrollmentAudioResponse = self._stub.StreamEnrollmentAudio(
+                _chunks(agent_id, audio, request_id), timeout=self._timeout
+            )
+            return response
+
+        return _with_retries(add)
 
     def status(self, agent_id: str) -> pb.EnrollmentStatus:
         status: pb.EnrollmentStatus = self._stub.GetEnrollmentStatus(
@@ -135,19 +167,32 @@ class EnrollmentClient:
         return status
 
     def finalize(self, agent_id: str) -> pb.FinalizeEnrollmentResponse:
-        response: pb.FinalizeEnrollmentResponse = self._stub.FinalizeEnrollment(
-            pb.FinalizeEnrollmentRequest(agent_id=agent_id), timeout=self._timeout
-        )
-        return response
+        def finalize(request_id: str) -> pb.FinalizeEnrollmentResponse:
+            response: pb.FinalizeEnrollmentResponse = self._stub.FinalizeEnrollment(
+                pb.FinalizeEnrollmentRequest(agent_id=agent_id, request_id=request_id),
+                timeout=self._timeout,
+            )
+            return response
+
+        return _with_retries(finalize)
 
     def delete(self, agent_id: str) -> None:
-        self._stub.DeleteAgent(pb.DeleteAgentRequest(agent_id=agent_id), timeout=self._timeout)
+        def delete(request_id: str) -> None:
+            self._stub.DeleteAgent(
+                pb.DeleteAgentRequest(agent_id=agent_id, request_id=request_id),
+                timeout=self._timeout,
+            )
+
+        _with_retries(delete)
 
 
-def _chunks(agent_id: str, audio: AudioFile) -> Iterator[pb.EnrollmentAudioChunk]:
+def _chunks(
+    agent_id: str, audio: AudioFile, request_id: str
+) -> Iterator[pb.EnrollmentAudioChunk]:
     with audio.path.open("rb") as stream:
         yield pb.EnrollmentAudioChunk(
             agent_id=agent_id,
+            request_id=request_id,
             encoding=audio.encoding,
             sample_rate_hz=audio.sample_rate_hz,
             data=stream.read(STREAM_CHUNK_BYTES),
