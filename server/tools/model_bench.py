@@ -28,7 +28,8 @@ from server.config import ServerConfig
 from server.errors import ConfigurationError
 
 # Real speech shipped with the tests (LibriSpeech, CC BY 4.0).
-_DEFAULT_SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "198-126831-0000.flac"
+# server/tools/ -> the source tree's tests/data/ (the bench runs from a checkout).
+_DEFAULT_SPEECH = Path(__file__).resolve().parents[2] / "tests" / "data" / "198-126831-0000.flac"
 _RATE = 16_000
 
 

@@ -160,3 +160,9 @@ def test_benchmark_lengths_parse() -> None:
     for bad in ("", "0", "x", "90"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_lengths(bad)
+
+
+def test_the_bench_default_speech_file_exists() -> None:
+    from server.tools.model_bench import _DEFAULT_SPEECH
+
+    assert _DEFAULT_SPEECH.is_file(), _DEFAULT_SPEECH
