@@ -228,6 +228,16 @@ class ScoringPolicy(Settings):
     """Cohort and calibration made by `voxauth calibrate`; None means the ones shipped in
     models/scoring/."""
 
+    min_llr: float = field(default=0.0, metadata=setting("VOXAUTH_MIN_LLR", check=non_negative))
+    """The least calibrated LLR (natural log) an ACCEPT needs, whatever the false-match
+    threshold: at 0 no check is accepted on evidence that favours someone else (README,
+    "Accuracy")."""
+
+    evidence_from_seconds: float = field(default=3.0, metadata=setting(check=non_negative))
+    """A check longer than this needs at least the LLR that a check of this length needs at
+    the false-match threshold, so a longer check never passes on weaker evidence than a
+    shorter one; the verification minimum by default."""
+
     cohort_includes_agents: bool = field(default=False, metadata=setting("VOXAUTH_COHORT_AGENTS"))
     """Also normalise against the enrolled agents' own voiceprints, the claimed agent's left
     out. Off by default: the calibration was measured with the shipped cohort alone."""

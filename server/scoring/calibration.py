@@ -119,6 +119,13 @@ class ConditionCalibration:
         w0, w1, w2, w3 = self.llr_weights
         return w0 + w1 * score + w2 * q + w3 * score * q
 
+    def score_for_llr(self, llr: float, net_speech_seconds: float) -> float:
+        """The normalised score whose calibrated LLR is `llr` at this length (the LLR rises
+        with the score at every calibrated length: `load` refuses a calibration where not)."""
+        q = self.quality(net_speech_seconds)
+        w0, w1, w2, w3 = self.llr_weights
+        return (llr - w0 - w2 * q) / (w1 + w3 * q)
+
     def threshold(self, target_fmr: float) -> float:
         """The normalised score that impostors reach with probability `target_fmr`."""
         return self.impostor.score_at(target_fmr)
@@ -178,6 +185,11 @@ class Calibration:
                 condition: _condition_from(document["conditions"][condition.value])
                 for condition in Condition
             }
+            for condition, calibrated in conditions.items():
+                w1, w3 = calibrated.llr_weights[1], calibrated.llr_weights[3]
+                # A higher score must always mean more evidence, or no LLR floor is a score.
+                if min(w1 + w3 * q for q in calibrated.quality_range) <= 0:
+                    raise ValueError(f"{condition.value}: the LLR falls with the score")
             return cls(
                 model_id=model_id,
                 cohort_top_n=int(document["cohort_top_n"]),

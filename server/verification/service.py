@@ -137,6 +137,7 @@ class VerificationService:
                 "normalized_score": round(scoring.normalized, 3),
                 "llr": round(scoring.llr, 3),
                 "llr_threshold": round(scoring.llr_threshold, 3),
+                "decided_by": scoring.decided_by.value,
             }
         now = self._now()
         self._store.append_audit(

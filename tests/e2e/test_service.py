@@ -51,6 +51,7 @@ def test_same_speaker_is_accepted(voxauth: RunningServer) -> None:
     assert result.llr >= result.llr_threshold
     assert result.normalized_score >= result.normalized_threshold
     assert result.llr > 0  # the evidence favours the agent
+    assert result.decided_by != pb.DECIDED_BY_UNSPECIFIED
     assert result.target_false_match_rate == 1e-4
     assert 0 < result.expected_false_non_match_rate < 0.5
     assert result.channel == pb.CHANNEL_WIDEBAND
@@ -382,4 +383,5 @@ def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) ->
         "normalized_score",
         "llr",
         "llr_threshold",
+        "decided_by",
     }

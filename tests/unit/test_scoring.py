@@ -16,14 +16,22 @@ from models.manifest import ECAPA_MANIFEST
 from server.config import ScoringPolicy, ServerConfig
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition, fit_condition
+from server.scoring.calibration import (
+    Calibration,
+    Condition,
+    ConditionCalibration,
+    LinearInQuality,
+    ScoreModel,
+    TailModel,
+    fit_condition,
+)
 from server.scoring.normalization import (
     CohortStatistics,
     as_norm,
     cosine_for,
     top_n_statistics,
 )
-from server.scoring.scorer import Scorer, ScoringModel, default_scoring_dir
+from server.scoring.scorer import DecidedBy, Scorer, ScoringModel, default_scoring_dir
 from server.storage.interface import Voiceprint
 from server.tools.calibrate import is_calibration_speaker
 from tests.clock import ManualClock
@@ -183,6 +191,70 @@ def test_decision_agrees_on_every_scale_and_follows_the_target_fmr() -> None:
         looser = lenient.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
         assert stricter.threshold > looser.threshold
         assert stricter.expected_false_non_match_rate > looser.expected_false_non_match_rate
+
+
+def weak_evidence_calibration(llr_weights: tuple[float, float, float, float]) -> Calibration:
+    """Impostors N(0, 1), so 1 in 10,000 is a normalised score of 3.72, and an LLR that the
+    test chooses: one under which that threshold is weak evidence."""
+    condition = ConditionCalibration(
+        llr_weights=llr_weights,
+        impostor=TailModel(0.0, 1.0, 0.01),
+        target=ScoreModel(LinearInQuality(8.0, 0.0), LinearInQuality(1.0, 0.0)),
+        quality_range=(float(np.log(2.0)), float(np.log(20.0))),
+        target_trials=100,
+        impostor_trials=10000,
+    )
+    return Calibration("test-model", 10, True, dict.fromkeys(Condition, condition), {})
+
+
+def test_a_score_over_the_fmr_threshold_with_a_negative_llr_is_not_accepted() -> None:
+    # llr = s - 8: the false-match threshold (3.72) is evidence of 100 to 1 for an impostor.
+    model = ScoringModel(
+        {c: random_voices(40) for c in Channel}, weak_evidence_calibration((-8.0, 1.0, 0.0, 0.0))
+    )
+    scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
+    enrolled = unit(RNG.normal(size=DIMENSION))
+    fmr_threshold = model.calibration[Condition.WIDEBAND].threshold(1e-4)
+    between = []
+    for noise in np.linspace(0.5, 3.0, 26):
+        test = unit(enrolled + noise * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+        score = scorer.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+        if fmr_threshold <= score.normalized and score.llr < 0:
+            between.append(score)
+    assert between, "no test scored between the false-match threshold and an LLR of 0"
+    for score in between:
+        assert not score.accepted
+        assert score.decided_by is DecidedBy.LLR_FLOOR
+        assert score.llr_threshold == pytest.approx(0.0)
+        assert score.cosine < score.threshold
+    # An operator who asks for evidence of 20 to 1 gets it.
+    demanding = Scorer(model, ScoringPolicy(min_llr=3.0), voiceprints=list)
+    test = unit(enrolled + 0.5 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    score = demanding.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+    assert score.accepted == (score.llr >= 3.0)
+    assert score.normalized_threshold == pytest.approx(11.0)
+
+
+def test_a_longer_check_never_needs_weaker_evidence_than_a_shorter_one() -> None:
+    # llr = s - 2 q: at the false-match threshold the LLR falls with the length, from
+    # +1.5 at 3 s to -2.3 at 20 s.
+    model = ScoringModel(
+        {c: random_voices(40) for c in Channel}, weak_evidence_calibration((0.0, 1.0, -2.0, 0.0))
+    )
+    scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
+    enrolled = unit(RNG.normal(size=DIMENSION))
+    test = unit(enrolled + RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    scores = [
+        scorer.score(voiceprint("a", enrolled, None), test, seconds, Channel.WIDEBAND)
+        for seconds in (3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+    ]
+    assert scores[0].decided_by is DecidedBy.FMR_THRESHOLD
+    assert all(s.decided_by is DecidedBy.DURATION_FLOOR for s in scores[1:])
+    needed = [s.llr_threshold for s in scores]
+    assert needed == pytest.approx([needed[0]] * len(needed))
+    assert needed[0] == pytest.approx(3.719 - 2 * np.log(3.0), abs=1e-3)
+    for score in scores:
+        assert score.accepted == (score.llr >= score.llr_threshold - 1e-9)
 
 
 def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
