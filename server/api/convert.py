@@ -14,8 +14,7 @@ from server.pipeline.analysis import AudioInput
 from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.scoring.calibration import Condition
-from server.scoring.scorer import DecidedBy
+from server.scoring.calibration import Condition, DecidedBy
 from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind
 from server.storage.interface import (
     AgentRecord,

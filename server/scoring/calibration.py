@@ -99,6 +99,28 @@ class TailModel:
         return self.intercept + self.slope * _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
 
 
+class DecidedBy(enum.Enum):
+    """Which of the bounds an ACCEPT must clear was the highest, and so decided."""
+
+    FMR_THRESHOLD = "FMR_THRESHOLD"
+    """The score that impostors reach at the target false-match rate."""
+    LLR_FLOOR = "LLR_FLOOR"
+    """The policy's least LLR (ScoringPolicy.min_llr): no ACCEPT against the evidence."""
+    DURATION_FLOOR = "DURATION_FLOOR"
+    """The LLR a check of ScoringPolicy.evidence_from_seconds needs at the false-match
+    threshold: a longer check never needs weaker evidence."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What an ACCEPT of one length needs: `normalized` on the AS-norm scale, `llr` on the
+    calibrated one (the same point), and which bound set them."""
+
+    normalized: float
+    llr: float
+    decided_by: DecidedBy
+
+
 @dataclass(frozen=True)
 class ConditionCalibration:
     llr_weights: tuple[float, float, float, float]
@@ -129,6 +151,33 @@ class ConditionCalibration:
     def threshold(self, target_fmr: float) -> float:
         """The normalised score that impostors reach with probability `target_fmr`."""
         return self.impostor.score_at(target_fmr)
+
+    def bound(
+        self,
+        target_fmr: float,
+        net_speech_seconds: float,
+        *,
+        min_llr: float,
+        evidence_from_seconds: float,
+    ) -> Bound:
+        """The highest of the false-match threshold, the LLR floor, and the LLR a check of
+        `evidence_from_seconds` needs at the false-match threshold. The LLR at a fixed score
+        is linear in q, so the most any length between `evidence_from_seconds` and this one
+        needs there is at one of the two ends."""
+        fmr_threshold = self.threshold(target_fmr)
+        floors = [
+            (self.llr(fmr_threshold, net_speech_seconds), DecidedBy.FMR_THRESHOLD),
+            (min_llr, DecidedBy.LLR_FLOOR),
+        ]
+        if net_speech_seconds > evidence_from_seconds:
+            floors.append(
+                (self.llr(fmr_threshold, evidence_from_seconds), DecidedBy.DURATION_FLOOR)
+            )
+        # Ties go to the false-match threshold: a floor decides only where it asks for more.
+        llr, decided_by = max(floors, key=lambda floor: floor[0])
+        if decided_by is DecidedBy.FMR_THRESHOLD:
+            return Bound(fmr_threshold, llr, decided_by)
+        return Bound(self.score_for_llr(llr, net_speech_seconds), llr, decided_by)
 
     def false_non_match_rate(self, threshold: float, net_speech_seconds: float) -> float:
         """Expected share of genuine checks of this length scoring below `threshold`."""

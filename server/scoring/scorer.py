@@ -8,7 +8,6 @@ population (ScoringPolicy.cohort_includes_agents).
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from models.embedder import Embedding
 from server.config import ScoringPolicy
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition, ConditionCalibration
+from server.scoring.calibration import Calibration, Condition, DecidedBy
 from server.scoring.normalization import (
     Cohort,
     CohortStatistics,
@@ -38,18 +37,6 @@ from server.storage.interface import Voiceprint
 
 COHORT_FILE = "cohort.npz"
 CALIBRATION_FILE = "calibration.json"
-
-
-class DecidedBy(enum.Enum):
-    """Which of the bounds an ACCEPT must clear was the highest, and so decided."""
-
-    FMR_THRESHOLD = "FMR_THRESHOLD"
-    """The score that impostors reach at the target false-match rate."""
-    LLR_FLOOR = "LLR_FLOOR"
-    """The policy's least LLR (ScoringPolicy.min_llr): no ACCEPT against the evidence."""
-    DURATION_FLOOR = "DURATION_FLOOR"
-    """The LLR a check of ScoringPolicy.evidence_from_seconds needs at the false-match
-    threshold: a longer check never needs weaker evidence."""
 
 
 @dataclass(frozen=True)
@@ -210,45 +197,25 @@ class Scorer:
         calibration = self._model.calibration[condition]
         # The shorter side limits how much the comparison can tell.
         seconds = min(voiceprint.net_speech_seconds, test_net_speech_seconds)
-        normalized_threshold, llr_threshold, decided_by = self._bound(calibration, seconds)
+        bound = calibration.bound(
+            self._policy.target_fmr,
+            seconds,
+            min_llr=self._policy.min_llr,
+            evidence_from_seconds=self._policy.evidence_from_seconds,
+        )
         return Score(
             condition=condition,
             cosine=cosine,
             normalized=normalized,
             llr=calibration.llr(normalized, seconds),
-            normalized_threshold=normalized_threshold,
-            decided_by=decided_by,
-            threshold=cosine_for(normalized_threshold, enrollment, test_statistics),
-            llr_threshold=llr_threshold,
+            normalized_threshold=bound.normalized,
+            decided_by=bound.decided_by,
+            threshold=cosine_for(bound.normalized, enrollment, test_statistics),
+            llr_threshold=bound.llr,
             expected_false_non_match_rate=calibration.false_non_match_rate(
-                normalized_threshold, seconds
+                bound.normalized, seconds
             ),
         )
-
-    def _bound(
-        self, calibration: ConditionCalibration, seconds: float
-    ) -> tuple[float, float, DecidedBy]:
-        """The normalised score and the LLR an ACCEPT of this length needs, and which bound
-        set them. The LLR is linear in the log length at a fixed score, so the most any
-        length between `evidence_from_seconds` and this one needs at the false-match
-        threshold is at one of the two ends."""
-        fmr_threshold = calibration.threshold(self._policy.target_fmr)
-        llr_floors = [
-            (calibration.llr(fmr_threshold, seconds), DecidedBy.FMR_THRESHOLD),
-            (self._policy.min_llr, DecidedBy.LLR_FLOOR),
-        ]
-        if seconds > self._policy.evidence_from_seconds:
-            llr_floors.append(
-                (
-                    calibration.llr(fmr_threshold, self._policy.evidence_from_seconds),
-                    DecidedBy.DURATION_FLOOR,
-                )
-            )
-        # Ties go to the false-match threshold: a floor decides only where it asks for more.
-        llr_threshold, decided_by = max(llr_floors, key=lambda floor: floor[0])
-        if decided_by is DecidedBy.FMR_THRESHOLD:
-            return fmr_threshold, llr_threshold, decided_by
-        return calibration.score_for_llr(llr_threshold, seconds), llr_threshold, decided_by
 
     def _cohort_for(self, condition: Condition, agent_id: str) -> tuple[Cohort, Cohort, int]:
         """The enrollment-side and test-side cohorts, and a number that changes whenever they

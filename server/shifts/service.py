@@ -33,7 +33,7 @@ from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
-from server.scoring.scorer import DecidedBy
+from server.scoring.calibration import DecidedBy
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.storage.interface import (

@@ -21,15 +21,16 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
 
+from server.config import ScoringPolicy
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Condition
+from server.scoring.calibration import Condition, ConditionCalibration
 from server.scoring.normalization import as_norm_matrix, top_n_statistics
 from server.scoring.scorer import ScoringModel
 from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
@@ -218,7 +219,10 @@ class ConditionResult:
     llr_target: Vector
     llr_impostor: Vector
     at_policy: tuple[Rate, Rate]
-    """(FMR, FNMR) at the service's own threshold for the target false-match rate."""
+    """(FMR, FNMR) at the service's own bound (the threshold for the target false-match rate
+    and its LLR floors)."""
+    accepted_against_evidence: int
+    """Trials the service would accept with a negative LLR; 0 unless the floors fail."""
 
 
 def evaluate(
@@ -228,7 +232,7 @@ def evaluate(
     condition: Condition,
     duration: str,
     *,
-    target_fmr: float,
+    policy: ScoringPolicy,
     min_enrollment_seconds: float,
     min_test_seconds: float,
 ) -> ConditionResult:
@@ -256,21 +260,47 @@ def evaluate(
     normalized = score_trials(enrollment, test, normalize=normalize)
     calibration = scoring.calibration[condition]
     llr = np.vectorize(calibration.llr, otypes=[np.float64])
-    threshold = calibration.threshold(target_fmr)
-    false_matches = int((normalized.impostor >= threshold).sum())
-    false_non_matches = int((normalized.target < threshold).sum())
+    llr_target = llr(normalized.target, normalized.target_seconds)
+    llr_impostor = llr(normalized.impostor, normalized.impostor_seconds)
+    accepted_target = accepted_by(calibration, policy, normalized.target, normalized.target_seconds)
+    accepted_impostor = accepted_by(
+        calibration, policy, normalized.impostor, normalized.impostor_seconds
+    )
     return ConditionResult(
         condition,
         duration,
         raw,
         normalized,
-        llr(normalized.target, normalized.target_seconds),
-        llr(normalized.impostor, normalized.impostor_seconds),
+        llr_target,
+        llr_impostor,
         (
-            Rate(false_matches, len(normalized.impostor)),
-            Rate(false_non_matches, len(normalized.target)),
+            Rate(int(accepted_impostor.sum()), len(normalized.impostor)),
+            Rate(int((~accepted_target).sum()), len(normalized.target)),
+        ),
+        int(
+            (accepted_target & (llr_target < 0)).sum()
+            + (accepted_impostor & (llr_impostor < 0)).sum()
         ),
     )
+
+
+def accepted_by(
+    calibration: ConditionCalibration, policy: ScoringPolicy, scores: Vector, seconds: Vector
+) -> npt.NDArray[np.bool_]:
+    """Which trials the service would accept: its own bound for each trial's length."""
+    needed = np.array(
+        [
+            calibration.bound(
+                policy.target_fmr,
+                float(length),
+                min_llr=policy.min_llr,
+                evidence_from_seconds=policy.evidence_from_seconds,
+            ).normalized
+            for length in seconds
+        ]
+    )
+    accepted: npt.NDArray[np.bool_] = scores >= needed
+    return accepted
 
 
 def _report(result: ConditionResult, target_fmr: float) -> list[str]:
@@ -287,7 +317,8 @@ def _report(result: ConditionResult, target_fmr: float) -> list[str]:
     fmr, fnmr = result.at_policy
     lines.append(
         f"  service  at its threshold for FMR {target_fmr:g}: FMR {fmr}, FNMR {fnmr}; "
-        f"Cllr {cllr(result.llr_target, result.llr_impostor):.3f}"
+        f"Cllr {cllr(result.llr_target, result.llr_impostor):.3f}; "
+        f"ACCEPT with a negative LLR: {result.accepted_against_evidence}"
     )
     return lines
 
@@ -374,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = ServerConfig.from_environment()
     target_fmr = config.scoring.target_fmr if args.target_fmr is None else args.target_fmr
+    policy = replace(config.scoring, target_fmr=target_fmr)
     conditions = [Condition(c) for c in args.condition or [c.value for c in Condition]]
     durations = args.duration or ["full"]
     all_files = recordings(args.directory)
@@ -412,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 scoring,
                 condition,
                 duration,
-                target_fmr=target_fmr,
+                policy=policy,
                 min_enrollment_seconds=min_enrollment,
                 min_test_seconds=min_test,
             )

@@ -20,6 +20,7 @@ from server.scoring.calibration import (
     Calibration,
     Condition,
     ConditionCalibration,
+    DecidedBy,
     LinearInQuality,
     ScoreModel,
     TailModel,
@@ -31,7 +32,7 @@ from server.scoring.normalization import (
     cosine_for,
     top_n_statistics,
 )
-from server.scoring.scorer import DecidedBy, Scorer, ScoringModel, default_scoring_dir
+from server.scoring.scorer import Scorer, ScoringModel, default_scoring_dir
 from server.storage.interface import Voiceprint
 from server.tools.calibrate import is_calibration_speaker
 from tests.clock import ManualClock
