@@ -88,15 +88,29 @@ class ScoreModel:
 
 @dataclass(frozen=True)
 class TailModel:
-    """score = intercept + slope * z at the false-match rate p with z = Phi^-1(1 - p)."""
+    """score = intercept + slope * z at the false-match rate p with z = Phi^-1(1 - p), and
+    the same line refitted on bootstrap samples of the speakers: the threshold is the upper
+    confidence bound over those, so it is conservative where the tail rests on few voices."""
 
     intercept: float
     slope: float
     fitted_below: float
     """The largest p of the impostor trials it was fitted on."""
+    replicates: tuple[tuple[float, float], ...] = ()
+    """(intercept, slope) of each bootstrap sample; none: the point fit alone."""
+    confidence: float = 0.95
+    """The share of the bootstrap thresholds that the threshold is at least."""
+
+    def point_at(self, false_match_rate: float) -> float:
+        return self.intercept + self.slope * _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
 
     def score_at(self, false_match_rate: float) -> float:
-        return self.intercept + self.slope * _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
+        point = self.point_at(false_match_rate)
+        if not self.replicates:
+            return point
+        z = _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
+        sampled = [intercept + slope * z for intercept, slope in self.replicates]
+        return max(point, float(np.quantile(sampled, self.confidence)))
 
 
 class DecidedBy(enum.Enum):
@@ -260,11 +274,21 @@ def _condition_from(fields: dict[str, Any]) -> ConditionCalibration:
     low, high = (float(q) for q in fields["quality_range"])
     return ConditionCalibration(
         llr_weights=(w0, w1, w2, w3),
-        impostor=TailModel(**fields["impostor"]),
+        impostor=_tail_from(fields["impostor"]),
         target=target,
         quality_range=(low, high),
         target_trials=int(fields["target_trials"]),
         impostor_trials=int(fields["impostor_trials"]),
+    )
+
+
+def _tail_from(fields: dict[str, Any]) -> TailModel:
+    return TailModel(
+        intercept=float(fields["intercept"]),
+        slope=float(fields["slope"]),
+        fitted_below=float(fields["fitted_below"]),
+        replicates=tuple((float(a), float(b)) for a, b in fields.get("replicates", ())),
+        confidence=float(fields.get("confidence", 0.95)),
     )
 
 
@@ -327,6 +351,36 @@ def _tail_model(impostor: Vector, fitted_below: float = TAIL_FRACTION) -> TailMo
     deviates = np.array([_STANDARD_NORMAL.inv_cdf(1.0 - p) for p in survival[tail]])
     slope, intercept = np.polyfit(deviates, ranked[tail], 1)
     return TailModel(float(intercept), float(slope), fitted_below)
+
+
+def fit_tail(
+    impostor: Vector,
+    enrolled: npt.NDArray[np.str_],
+    tested: npt.NDArray[np.str_],
+    *,
+    replicates: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> TailModel:
+    """The tail line of `impostor` (each trial's enrolled and tested speaker given) with its
+    bootstrap over speakers: each sample draws the speakers with replacement, and a trial
+    counts as often as both its speakers were drawn. Trials of one pair of speakers are not
+    independent, so resampling trials would claim more certainty than the voices give."""
+    point = _tail_model(impostor)
+    speakers = np.unique(np.concatenate([enrolled, tested]))
+    e_index = np.searchsorted(speakers, enrolled)
+    t_index = np.searchsorted(speakers, tested)
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in range(replicates):
+        drawn = rng.multinomial(len(speakers), np.full(len(speakers), 1.0 / len(speakers)))
+        weights = drawn[e_index] * drawn[t_index]
+        sample = np.repeat(impostor, weights)
+        if len(sample) * TAIL_FRACTION < 2:
+            continue
+        fitted = _tail_model(sample)
+        fits.append((fitted.intercept, fitted.slope))
+    return TailModel(point.intercept, point.slope, point.fitted_below, tuple(fits), confidence)
 
 
 def _score_model(scores: Vector, quality: Vector) -> ScoreModel:

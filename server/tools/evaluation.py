@@ -72,9 +72,19 @@ class Trials:
     impostor: Vector
     target_seconds: Vector
     impostor_seconds: Vector
+    impostor_enrolled: npt.NDArray[np.str_] | None = None
+    """The enrolled speaker of each impostor trial, where the bootstrap over speakers needs it."""
+    impostor_tested: npt.NDArray[np.str_] | None = None
 
     def with_scores(self, target: Vector, impostor: Vector) -> Trials:
-        return Trials(target, impostor, self.target_seconds, self.impostor_seconds)
+        return Trials(
+            target,
+            impostor,
+            self.target_seconds,
+            self.impostor_seconds,
+            self.impostor_enrolled,
+            self.impostor_tested,
+        )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from server.scoring.calibration import (
     ScoreModel,
     TailModel,
     fit_condition,
+    fit_tail,
 )
 from server.scoring.normalization import (
     CohortStatistics,
@@ -98,11 +99,57 @@ def test_calibrated_llr_and_threshold_follow_the_score_distributions() -> None:
     assert calibration.threshold(1e-5) > threshold
 
 
+def impostor_trials(
+    speakers: int, trials_per_pair: int, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """Impostor scores N(0, 1) plus an offset N(0, 1) per pair of speakers (some pairs sound
+    alike), with each trial's two speakers: N(0, 2) in all."""
+    names = np.array([f"s{i}" for i in range(speakers)])
+    enrolled, tested = (a.ravel() for a in np.meshgrid(names, names, indexing="ij"))
+    other = enrolled != tested
+    enrolled, tested = enrolled[other], tested[other]
+    offsets = rng.normal(0.0, 1.0, len(enrolled))
+    scores = np.repeat(offsets, trials_per_pair) + rng.normal(
+        0.0, 1.0, len(enrolled) * trials_per_pair
+    )
+    return (
+        scores,
+        np.repeat(enrolled, trials_per_pair),
+        np.repeat(tested, trials_per_pair),
+    )
+
+
+def test_the_threshold_is_an_upper_bound_that_widens_where_there_are_few_voices() -> None:
+    rng = np.random.default_rng(5)
+    true_threshold = np.sqrt(2.0) * NormalDist().inv_cdf(1 - 1e-4)
+    margins = []
+    for speakers, per_pair in ((100, 2), (40, 12)):
+        scores, enrolled, tested = impostor_trials(speakers, per_pair, rng)
+        tail = fit_tail(scores, enrolled, tested, replicates=100)
+        assert len(tail.replicates) == 100
+        # The bound holds the true rate where the point fit need not.
+        assert tail.score_at(1e-4) >= true_threshold
+        margins.append(tail.score_at(1e-4) - tail.point_at(1e-4))
+    # About as many trials either way; the bound is further above the point fit when they
+    # come from fewer voices.
+    assert 0 < margins[0] < margins[1]
+
+
 def test_calibration_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
     calibration = synthetic_calibration()
+    bootstrapped = replace(
+        calibration[Condition.WIDEBAND].impostor, replicates=((0.1, 1.0), (0.2, 1.1))
+    )
+    calibration = replace(
+        calibration,
+        conditions={
+            c: replace(k, impostor=bootstrapped) for c, k in calibration.conditions.items()
+        },
+    )
     path = tmp_path / "calibration.json"
     path.write_text(calibration.to_json())
     loaded = Calibration.load(path, "test-model")
+    assert loaded == calibration
     assert loaded.cohort_top_n == 10
     assert loaded[Condition.TELEPHONE].llr(2.0, 5.0) == calibration[Condition.TELEPHONE].llr(
         2.0, 5.0
@@ -214,11 +261,12 @@ def test_a_score_over_the_fmr_threshold_with_a_negative_llr_is_not_accepted() ->
         {c: random_voices(40) for c in Channel}, weak_evidence_calibration((-8.0, 1.0, 0.0, 0.0))
     )
     scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
-    enrolled = unit(RNG.normal(size=DIMENSION))
+    rng = np.random.default_rng(11)
+    enrolled = unit(rng.normal(size=DIMENSION))
     fmr_threshold = model.calibration[Condition.WIDEBAND].threshold(1e-4)
     between = []
-    for noise in np.linspace(0.5, 3.0, 26):
-        test = unit(enrolled + noise * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    for noise in np.linspace(3.5, 9.0, 40):
+        test = unit(enrolled + noise * rng.normal(size=DIMENSION) / np.sqrt(DIMENSION))
         score = scorer.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
         if fmr_threshold <= score.normalized and score.llr < 0:
             between.append(score)
