@@ -34,6 +34,7 @@ from server.scoring.calibration import Condition, ConditionCalibration
 from server.scoring.normalization import as_norm_matrix, top_n_statistics
 from server.scoring.scorer import ScoringModel
 from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
+from server.tools.distortions import Distortion
 
 Vector = npt.NDArray[np.float64]
 
@@ -165,13 +166,18 @@ def cllr(target_llr: Vector, impostor_llr: Vector) -> float:
 
 
 def embed_side(
-    corpus: SpeechCorpus, files: Sequence[Recording], side: Side, segment: Segment, minimum: float
+    corpus: SpeechCorpus,
+    files: Sequence[Recording],
+    side: Side,
+    segment: Segment,
+    minimum: float,
+    distortion: Distortion | None = None,
 ) -> TrialSide:
     """Embeddings of `segment` of each file; files with less net speech than `minimum` (or
     than the segment asks for) are left out, as the service would refuse them."""
     speakers, rows, seconds = [], [], []
     for recording in files:
-        embedded = corpus.embed(recording, side, segment)
+        embedded = corpus.embed(recording, side, segment, distortion)
         if embedded.embedding is None or embedded.net_speech_seconds < minimum:
             continue
         speakers.append(recording.speaker)
@@ -224,6 +230,7 @@ def score_trials(
 class ConditionResult:
     condition: Condition
     duration: str
+    distortion: Distortion | None
     raw: Trials
     normalized: Trials
     llr_target: Vector
@@ -233,6 +240,16 @@ class ConditionResult:
     and its LLR floors)."""
     accepted_against_evidence: int
     """Trials the service would accept with a negative LLR; 0 unless the floors fail."""
+    files: int
+    tests: int
+    """Test segments with the net speech the service needs, of `files`."""
+    median_test_seconds: float
+
+    @property
+    def name(self) -> str:
+        duration = "full" if self.duration == "full" else f"{self.duration} s"
+        through = "" if self.distortion is None else f" through {self.distortion.value}"
+        return f"{self.condition.value}, {duration} test{through}"
 
 
 def evaluate(
@@ -245,7 +262,10 @@ def evaluate(
     policy: ScoringPolicy,
     min_enrollment_seconds: float,
     min_test_seconds: float,
+    distortion: Distortion | None = None,
 ) -> ConditionResult:
+    """`distortion`: what the tests go through (a domain shift); the condition must be the
+    one the service scores its channel on."""
     enrollment = embed_side(
         corpus, files, ENROLLMENT_SIDE[condition], Segment(Part.FIRST_HALF), min_enrollment_seconds
     )
@@ -255,6 +275,7 @@ def evaluate(
         TEST_SIDE[condition],
         Segment(Part.SECOND_HALF, 0.0, DURATIONS[duration]),
         min_test_seconds,
+        distortion,
     )
     enrollment_cohort = scoring.cohort(condition.enrollment_channel)
     test_cohort = scoring.cohort(condition.test_channel)
@@ -279,6 +300,7 @@ def evaluate(
     return ConditionResult(
         condition,
         duration,
+        distortion,
         raw,
         normalized,
         llr_target,
@@ -291,7 +313,16 @@ def evaluate(
             (accepted_target & (llr_target < 0)).sum()
             + (accepted_impostor & (llr_impostor < 0)).sum()
         ),
+        len(files),
+        len(test.speakers),
+        float(np.median(test.net_speech_seconds)) if len(test.speakers) else 0.0,
     )
+
+
+def shift_condition(distortion: Distortion) -> Condition:
+    """How the service scores a distorted test: wideband against the wideband voiceprint,
+    telephone against the telephone companion."""
+    return Condition.WIDEBAND if distortion.channel is Channel.WIDEBAND else Condition.TELEPHONE
 
 
 def accepted_by(
@@ -358,8 +389,7 @@ def write_det_plot(results: Sequence[ConditionResult], path: Path) -> None:
                 probit(fnmr[keep]),
                 style,
                 color=colours[index % len(colours)],
-                label=f"{result.condition.value}, {result.duration} s test, {name} "
-                f"(EER {eer:.2%})".replace("full s", "full"),
+                label=f"{result.name}, {name} (EER {eer:.2%})",
             )
     axes.set_xticks(probit(ticks), labels)
     axes.set_yticks(probit(ticks), labels)
@@ -392,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         help="net speech of each test; repeat for several (default: full)",
     )
     parser.add_argument(
+        "--shift",
+        action="append",
+        choices=[d.value for d in Distortion] + ["all"],
+        help="also test through a domain shift (noise, room, codec, speed, word strings); "
+        "repeat for several, or 'all'",
+    )
+    parser.add_argument(
         "--target-fmr",
         type=float,
         help="false-match rate the threshold is set for (default: config)",
@@ -418,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     policy = replace(config.scoring, target_fmr=target_fmr)
     conditions = [Condition(c) for c in args.condition or [c.value for c in Condition]]
     durations = args.duration or ["full"]
+    shifts = (
+        list(Distortion)
+        if "all" in (args.shift or [])
+        else [Distortion(d) for d in args.shift or []]
+    )
     all_files = recordings(args.directory)
     if not all_files:
         print(f"voxauth eval: no .flac or .wav files under {args.directory}", file=sys.stderr)
@@ -445,30 +487,35 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(all_files) - len(files)} files left out: their speakers made the cohort or the "
         "calibration)"
     )
+    runs: list[tuple[Condition, str, Distortion | None]] = [
+        (condition, duration, None) for duration in durations for condition in conditions
+    ]
+    runs += [(shift_condition(d), duration, d) for duration in durations for d in shifts]
     results = []
-    for duration in durations:
-        for condition in conditions:
-            result = evaluate(
-                corpus,
-                files,
-                scoring,
-                condition,
-                duration,
-                policy=policy,
-                min_enrollment_seconds=min_enrollment,
-                min_test_seconds=min_test,
-            )
-            name = f"{condition.value}, {duration}{'' if duration == 'full' else ' s'} test"
-            if len(result.raw.target) == 0 or len(result.raw.impostor) == 0:
-                print(f"{name}: no trials (no test half holds that much net speech)")
-                continue
-            print(
-                f"{name}: {len(result.raw.target)} target, {len(result.raw.impostor)} impostor "
-                "trials"
-            )
-            for line in _report(result, target_fmr):
-                print(line)
-            results.append(result)
+    for condition, duration, distortion in runs:
+        result = evaluate(
+            corpus,
+            files,
+            scoring,
+            condition,
+            duration,
+            policy=policy,
+            min_enrollment_seconds=min_enrollment,
+            min_test_seconds=min_test,
+            distortion=distortion,
+        )
+        name = result.name
+        if len(result.raw.target) == 0 or len(result.raw.impostor) == 0:
+            print(f"{name}: no trials (no test half holds that much net speech)")
+            continue
+        print(
+            f"{name}: {len(result.raw.target)} target, {len(result.raw.impostor)} impostor "
+            f"trials; tests with enough speech: {result.tests} of {result.files} files, "
+            f"median net speech {result.median_test_seconds:.1f} s"
+        )
+        for line in _report(result, target_fmr):
+            print(line)
+        results.append(result)
     if not results:
         print("voxauth eval: need at least two speakers with enough speech", file=sys.stderr)
         return 2
