@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
+    from server.pipeline import silero
     from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
@@ -305,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     embedder = EcapaEmbedder.load(args.model_dir or config.model_dir or default_model_dir())
     corpus = SpeechCorpus(
-        embedder, SileroSpeechDetector(), max_seconds=config.audio.max_seconds, cache_dir=args.cache
+        embedder,
+        SileroSpeechDetector(),
+        max_seconds=config.audio.max_seconds,
+        cache_dir=args.cache,
+        detector_version=silero.VERSION,
     )
     started = time.perf_counter()
     cohort = cohort_voices(corpus, files)

@@ -90,12 +90,17 @@ class SpeechCorpus:
         *,
         max_seconds: float,
         cache_dir: Path | None,
+        detector_version: str,
     ) -> None:
+        """`detector_version` names what the detector finds: segments found by another
+        detector, and so their embeddings, are cached apart."""
         self._embedder = embedder
         self._detector = detector
         self._max_seconds = max_seconds
         self._cache_dir = (
-            cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", embedder.model_id) if cache_dir else None
+            cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", f"{embedder.model_id}+{detector_version}")
+            if cache_dir
+            else None
         )
         self._entries: dict[Path, dict[str, Embedded]] = {}
         self._speech: dict[tuple[Path, Side, Part, Distortion | None], Waveform] = {}

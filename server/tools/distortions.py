@@ -44,7 +44,7 @@ class Distortion(enum.Enum):
     """A u-law call whose speech lies at -44 dBFS: a quiet line."""
     WORDS = "words-8k"
     """Isolated short words over a u-law call: 0.3-0.6 s pieces of the speech, 0.5 s of
-    silence between, as a caller reads digits or a passphrase word by word."""
+    silence after each, as a caller reads digits or a passphrase word by word."""
 
     @property
     def channel(self) -> Channel:
@@ -181,23 +181,22 @@ def _quiet_telephone(waveform: Waveform, speech: Segments, seed: int) -> Wavefor
 
 
 def word_string(waveform: Waveform, speech: Segments, seed: int) -> Waveform:
-    """Pieces of 0.3 to 0.6 s cut from the speech segments, each followed by 0.5 s of
-    silence, in order: isolated words."""
+    """Pieces of 0.3 to 0.6 s cut from the speech (its segments joined), 0.2 to 0.5 s of it
+    skipped between two, each piece followed by 0.5 s of silence: isolated words."""
+    if not speech:
+        return np.zeros(0, dtype=np.float32)
+    voiced = np.concatenate([waveform[start:end] for start, end in speech])
     rng = np.random.default_rng(seed)
     gap = np.zeros(int(_WORD_GAP_SECONDS * TARGET_RATE), dtype=np.float32)
     pieces: list[Waveform] = []
-    for start, end in speech:
-        position = start
-        while True:
-            length = int(rng.uniform(0.3, 0.6) * TARGET_RATE)
-            if position + length > end:
-                break
-            pieces += [waveform[position : position + length], gap]
-            # What lies between two words is left out, as a caller pauses between them.
-            position += length + int(rng.uniform(0.2, 0.5) * TARGET_RATE)
-    if not pieces:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate(pieces)
+    position = 0
+    while True:
+        length = int(rng.uniform(0.3, 0.6) * TARGET_RATE)
+        if position + length > len(voiced):
+            break
+        pieces += [voiced[position : position + length], gap]
+        position += length + int(rng.uniform(0.2, 0.5) * TARGET_RATE)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
 
 def _words(waveform: Waveform, speech: Segments, seed: int) -> Waveform:

@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
+    from server.pipeline import silero
     from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
@@ -469,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     fitted_on = set(scoring.calibration.provenance.get("speakers", []))
     files = [r for r in all_files if r.speaker not in fitted_on]
     corpus = SpeechCorpus(
-        embedder, SileroSpeechDetector(), max_seconds=config.audio.max_seconds, cache_dir=args.cache
+        embedder,
+        SileroSpeechDetector(),
+        max_seconds=config.audio.max_seconds,
+        cache_dir=args.cache,
+        detector_version=silero.VERSION,
     )
     min_enrollment, min_test = (
         (0.0, 0.0)
