@@ -233,6 +233,14 @@ class ScoringPolicy(Settings):
     threshold: at 0 no check is accepted on evidence that favours someone else (README,
     "Accuracy")."""
 
+    local_threshold_min_agents: int = field(
+        default=32, metadata=setting("VOXAUTH_LOCAL_THRESHOLD_MIN_AGENTS", check=non_negative)
+    )
+    """From this many enrolled agents on, their cross-comparisons (N (N - 1) per condition)
+    set a local false-match threshold, and the stricter of it and the shipped one applies.
+    32 agents give 992 comparisons, so the fitted top 1% of the tail rests on about 10
+    scores; fewer cannot place a tail. 0 turns the local threshold off."""
+
     evidence_from_seconds: float = field(default=3.0, metadata=setting(check=non_negative))
     """A check longer than this needs at least the LLR that a check of this length needs at
     the false-match threshold, so a longer check never passes on weaker evidence than a

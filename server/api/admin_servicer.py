@@ -4,6 +4,7 @@ None of these calls runs the model: what touches the store runs on the StorePool
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
@@ -78,7 +79,22 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         request: admin_pb2.GetConfigurationRequest,
         context: ServicerContext[admin_pb2.GetConfigurationRequest, admin_pb2.Configuration],
     ) -> admin_pb2.Configuration:
-        return admin_pb2.Configuration(json=self._config.as_json())
+        document = json.loads(self._config.as_json())
+        services = self._readiness.current()
+        if services is not None:
+            # Reads the voiceprints when the local thresholds are due: off the event loop.
+            thresholds = await self._store_pool.run(services.verification.scoring_thresholds)
+            document["scoring_thresholds"] = {
+                t.condition.value: {
+                    "shipped_normalized_threshold": round(t.shipped, 4),
+                    "local_normalized_threshold": None if t.local is None else round(t.local, 4),
+                    "applied_normalized_threshold": round(t.applied, 4),
+                    "agents": t.agents,
+                    "local_comparisons": t.comparisons,
+                }
+                for t in thresholds
+            }
+        return admin_pb2.Configuration(json=json.dumps(document, sort_keys=True, indent=2))
 
     async def RotateSigningKey(
         self,

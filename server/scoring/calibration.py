@@ -118,6 +118,9 @@ class DecidedBy(enum.Enum):
 
     FMR_THRESHOLD = "FMR_THRESHOLD"
     """The score that impostors reach at the target false-match rate."""
+    LOCAL_FMR_THRESHOLD = "LOCAL_FMR_THRESHOLD"
+    """The score the enrolled agents reach against each other at the target rate, where it
+    is above the shipped one (ScoringPolicy.local_threshold_min_agents)."""
     LLR_FLOOR = "LLR_FLOOR"
     """The policy's least LLR (ScoringPolicy.min_llr): no ACCEPT against the evidence."""
     DURATION_FLOOR = "DURATION_FLOOR"
@@ -173,14 +176,19 @@ class ConditionCalibration:
         *,
         min_llr: float,
         evidence_from_seconds: float,
+        local_fmr_threshold: float | None = None,
     ) -> Bound:
         """The highest of the false-match threshold, the LLR floor, and the LLR a check of
         `evidence_from_seconds` needs at the false-match threshold. The LLR at a fixed score
         is linear in q, so the most any length between `evidence_from_seconds` and this one
         needs there is at one of the two ends."""
         fmr_threshold = self.threshold(target_fmr)
+        by = DecidedBy.FMR_THRESHOLD
+        # The deployment's own impostors, where they are stricter than the shipped tail.
+        if local_fmr_threshold is not None and local_fmr_threshold > fmr_threshold:
+            fmr_threshold, by = local_fmr_threshold, DecidedBy.LOCAL_FMR_THRESHOLD
         floors = [
-            (self.llr(fmr_threshold, net_speech_seconds), DecidedBy.FMR_THRESHOLD),
+            (self.llr(fmr_threshold, net_speech_seconds), by),
             (min_llr, DecidedBy.LLR_FLOOR),
         ]
         if net_speech_seconds > evidence_from_seconds:
@@ -189,7 +197,7 @@ class ConditionCalibration:
             )
         # Ties go to the false-match threshold: a floor decides only where it asks for more.
         llr, decided_by = max(floors, key=lambda floor: floor[0])
-        if decided_by is DecidedBy.FMR_THRESHOLD:
+        if decided_by is by:
             return Bound(fmr_threshold, llr, decided_by)
         return Bound(self.score_for_llr(llr, net_speech_seconds), llr, decided_by)
 

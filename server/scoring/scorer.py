@@ -24,18 +24,22 @@ from models.embedder import Embedding
 from server.config import ScoringPolicy
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition, DecidedBy
+from server.scoring.calibration import Calibration, Condition, DecidedBy, fit_tail
 from server.scoring.normalization import (
     Cohort,
     CohortStatistics,
     Matrix,
     as_norm,
+    as_norm_matrix,
     centre,
     cosine_for,
+    top_n_statistics,
 )
 from server.storage.interface import Voiceprint
 
 COHORT_FILE = "cohort.npz"
+LOCAL_BOOTSTRAP_REPLICATES = 100
+"""Fewer than calibrate's 200: the local fit reruns in the service as agents come and go."""
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -142,6 +146,30 @@ class _AgentCohort:
     """Changes with every reload, so statistics against an older cohort are not reused."""
 
 
+@dataclass(frozen=True)
+class LocalThreshold:
+    """The false-match threshold that the enrolled agents' own cross-comparisons set."""
+
+    condition: Condition
+    agents: int
+    comparisons: int
+    """Ordered pairs of different agents: N (N - 1)."""
+    shipped: float
+    """The shipped calibration's normalised threshold for the target false-match rate."""
+    local: float | None
+    """The upper bound from the agents' tail; None with fewer agents than the policy asks."""
+
+    @property
+    def applied(self) -> float:
+        return self.shipped if self.local is None else max(self.shipped, self.local)
+
+
+@dataclass(frozen=True, eq=False)
+class _LocalThresholds:
+    by_condition: dict[Condition, LocalThreshold]
+    loaded_at: float
+
+
 class Scorer:
     """Scores tests against voiceprints by the policy. Thread-safe.
 
@@ -162,6 +190,7 @@ class Scorer:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._agent_cohort: _AgentCohort | None = None
+        self._local: _LocalThresholds | None = None
         self.target_fmr = policy.target_fmr
         self._enrollment_statistics: dict[
             tuple[str, Condition], tuple[tuple[datetime, int], CohortStatistics]
@@ -197,11 +226,13 @@ class Scorer:
         calibration = self._model.calibration[condition]
         # The shorter side limits how much the comparison can tell.
         seconds = min(voiceprint.net_speech_seconds, test_net_speech_seconds)
+        local = self.local_thresholds()[condition]
         bound = calibration.bound(
             self._policy.target_fmr,
             seconds,
             min_llr=self._policy.min_llr,
             evidence_from_seconds=self._policy.evidence_from_seconds,
+            local_fmr_threshold=local.local,
         )
         return Score(
             condition=condition,
@@ -215,6 +246,75 @@ class Scorer:
             expected_false_non_match_rate=calibration.false_non_match_rate(
                 bound.normalized, seconds
             ),
+        )
+
+    def local_thresholds(self) -> dict[Condition, LocalThreshold]:
+        """Per condition, the shipped threshold and the one from the enrolled agents' own
+        voices (the contact centre's language, headsets and codecs): every agent's
+        voiceprint scored as a test against every other agent's, AS-norm as a check is
+        scored, the tail fitted and bounded as `voxauth calibrate` does. Recomputed from the
+        current voiceprints at most every `cohort_refresh_seconds`; the scores themselves
+        are dropped once fitted, so only the fitted lines stay in memory."""
+        now = self._monotonic()
+        with self._lock:
+            current = self._local
+        if current is not None and now - current.loaded_at < self._policy.cohort_refresh_seconds:
+            return current.by_condition
+        voiceprints = self._voiceprints() if self._policy.local_threshold_min_agents else []
+        computed = _LocalThresholds(
+            {c: self._local_threshold(c, voiceprints) for c in Condition}, now
+        )
+        with self._lock:
+            self._local = computed
+        return computed.by_condition
+
+    def _local_threshold(
+        self, condition: Condition, voiceprints: list[Voiceprint]
+    ) -> LocalThreshold:
+        calibration = self._model.calibration[condition]
+        shipped = calibration.threshold(self._policy.target_fmr)
+
+        def side(telephone: bool) -> list[tuple[str, Embedding]]:
+            if telephone:
+                return [
+                    (v.agent_id, v.telephone_embedding)
+                    for v in voiceprints
+                    if v.telephone_embedding is not None
+                ]
+            return [(v.agent_id, v.embedding) for v in voiceprints]
+
+        enrolled = dict(side(condition is Condition.TELEPHONE))
+        tested = dict(side(condition is not Condition.WIDEBAND))
+        agents = sorted(enrolled.keys() & tested.keys())
+        comparisons = len(agents) * (len(agents) - 1)
+        if not agents or len(agents) < self._policy.local_threshold_min_agents:
+            return LocalThreshold(condition, len(agents), comparisons, shipped, None)
+        dimension = self._model.cohort(Channel.WIDEBAND).embeddings.shape[1]
+
+        def prepared(voices: dict[str, Embedding], channel: Channel) -> Matrix:
+            matrix = np.array([voices[a] for a in agents], dtype=np.float64)
+            return self._model.prepare(matrix.reshape(len(agents), dimension), channel)
+
+        e = prepared(enrolled, condition.enrollment_channel)
+        t = prepared(tested, condition.test_channel)
+        top_n = self._model.calibration.cohort_top_n
+        e_stats = top_n_statistics(
+            e @ self._model.cohort(condition.enrollment_channel).embeddings.T, top_n
+        )
+        t_stats = top_n_statistics(
+            t @ self._model.cohort(condition.test_channel).embeddings.T, top_n
+        )
+        scores = as_norm_matrix(e @ t.T, e_stats, t_stats)
+        names = np.array(agents, dtype=np.str_)
+        others = ~np.eye(len(agents), dtype=bool)
+        tail = fit_tail(
+            scores[others],
+            np.broadcast_to(names[:, None], scores.shape)[others],
+            np.broadcast_to(names[None, :], scores.shape)[others],
+            replicates=LOCAL_BOOTSTRAP_REPLICATES,
+        )
+        return LocalThreshold(
+            condition, len(agents), comparisons, shipped, tail.score_at(self._policy.target_fmr)
         )
 
     def _cohort_for(self, condition: Condition, agent_id: str) -> tuple[Cohort, Cohort, int]:

@@ -306,6 +306,45 @@ def test_a_longer_check_never_needs_weaker_evidence_than_a_shorter_one() -> None
         assert score.accepted == (score.llr >= score.llr_threshold - 1e-9)
 
 
+def test_lookalike_agents_raise_the_threshold_once_there_are_enough_of_them() -> None:
+    model = scoring_model()
+    shipped = model.calibration[Condition.WIDEBAND].threshold(1e-4)
+    # A contact centre whose agents sound more alike than the shipped impostors do: one
+    # accent, one headset.
+    accent = unit(RNG.normal(size=DIMENSION))
+    stored = [
+        voiceprint(f"a{i}", voice, voice)
+        for i, voice in enumerate(
+            unit(accent + 1.2 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+            for _ in range(40)
+        )
+    ]
+    clock = ManualClock()
+    policy = ScoringPolicy(cohort_refresh_seconds=60)
+    scorer = Scorer(model, policy, voiceprints=lambda: list(stored), monotonic=clock.monotonic)
+    local = scorer.local_thresholds()[Condition.WIDEBAND]
+    assert (local.agents, local.comparisons) == (40, 40 * 39)
+    assert local.shipped == pytest.approx(shipped)
+    assert local.local is not None and local.local > shipped
+    assert local.applied == local.local
+    # A check the shipped threshold would pass but the agents' own impostors would not.
+    claimed = stored[0]
+    lookalike = stored[1].embedding
+    score = scorer.score(claimed, lookalike, 3.0, Channel.WIDEBAND)
+    assert shipped <= score.normalized < local.local
+    assert not score.accepted
+    assert score.decided_by is DecidedBy.LOCAL_FMR_THRESHOLD
+
+    # Erasures that leave too few agents: the local threshold is gone at the next refresh.
+    del stored[20:]
+    assert scorer.local_thresholds()[Condition.WIDEBAND].agents == 40
+    clock.advance(61.0)
+    after = scorer.local_thresholds()[Condition.WIDEBAND]
+    assert (after.agents, after.local) == (20, None)
+    assert after.applied == pytest.approx(shipped)
+    assert scorer.score(claimed, lookalike, 3.0, Channel.WIDEBAND).accepted
+
+
 def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
     model = scoring_model()
     enrolled = unit(RNG.normal(size=DIMENSION))

@@ -211,6 +211,10 @@ class _DecidedByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecidedBy.V
     """The LLR a check of the minimum length needs at the false-match threshold: a longer
     check never passes on weaker evidence than a shorter one.
     """
+    DECIDED_BY_LOCAL_FMR_THRESHOLD: _DecidedBy.ValueType  # 4
+    """The score the enrolled agents reach against each other at the target false-match rate,
+    where it is stricter than the shipped one (GetConfiguration shows both).
+    """
 
 class DecidedBy(_DecidedBy, metaclass=_DecidedByEnumTypeWrapper):
     """The bounds an ACCEPT must clear; the highest decides."""
@@ -225,6 +229,10 @@ on evidence that favours someone else.
 DECIDED_BY_DURATION_FLOOR: DecidedBy.ValueType  # 3
 """The LLR a check of the minimum length needs at the false-match threshold: a longer
 check never passes on weaker evidence than a shorter one.
+"""
+DECIDED_BY_LOCAL_FMR_THRESHOLD: DecidedBy.ValueType  # 4
+"""The score the enrolled agents reach against each other at the target false-match rate,
+where it is stricter than the shipped one (GetConfiguration shows both).
 """
 Global___DecidedBy: _TypeAlias = DecidedBy  # noqa: Y015
 
