@@ -379,6 +379,8 @@ def test_scoring_policy_from_the_environment() -> None:
             "VOXAUTH_TARGET_FMR": "0.001",
             "VOXAUTH_COHORT_AGENTS": "1",
             "VOXAUTH_SCORING_DIR": "/opt/scoring",
+            "VOXAUTH_MIN_LLR": "2.3",
+            "VOXAUTH_LOCAL_THRESHOLD_MIN_AGENTS": "0",
         }
     )
     assert config.scoring == replace(
@@ -386,12 +388,16 @@ def test_scoring_policy_from_the_environment() -> None:
         target_fmr=0.001,
         cohort_includes_agents=True,
         scoring_dir=Path("/opt/scoring"),
+        min_llr=2.3,
+        local_threshold_min_agents=0,
     )
     for name, value in (
         ("VOXAUTH_TARGET_FMR", "0"),
         ("VOXAUTH_TARGET_FMR", "1e-4x"),
         ("VOXAUTH_TARGET_FMR", "0.7"),
         ("VOXAUTH_COHORT_AGENTS", "yes"),
+        # Accepting on evidence for an impostor is no policy.
+        ("VOXAUTH_MIN_LLR", "-1"),
     ):
         with pytest.raises(ConfigurationError, match=name):
             ServerConfig.from_environment({name: value})
