@@ -8,6 +8,7 @@ population (ScoringPolicy.cohort_includes_agents).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from server.scoring.normalization import (
 from server.storage.interface import Voiceprint
 
 COHORT_FILE = "cohort.npz"
+MAX_LOCAL_AGENTS = 400
+"""400 agents give 159,600 comparisons, enough for a tail at 1 in 10,000."""
 LOCAL_BOOTSTRAP_REPLICATES = 100
 """Fewer than calibrate's 200: the local fit reruns in the service as agents come and go."""
 CALIBRATION_FILE = "calibration.json"
@@ -285,7 +288,12 @@ class Scorer:
 
         enrolled = dict(side(condition is Condition.TELEPHONE))
         tested = dict(side(condition is not Condition.WIDEBAND))
-        agents = sorted(enrolled.keys() & tested.keys())
+        # A fixed sample past MAX_LOCAL_AGENTS bounds the work (the bootstrap refits the tail
+        # a hundred times); chosen by a hash so that it does not follow enrollment order.
+        agents = sorted(
+            enrolled.keys() & tested.keys(),
+            key=lambda a: hashlib.sha256(a.encode()).digest(),
+        )[:MAX_LOCAL_AGENTS]
         comparisons = len(agents) * (len(agents) - 1)
         if not agents or len(agents) < self._policy.local_threshold_min_agents:
             return LocalThreshold(condition, len(agents), comparisons, shipped, None)
