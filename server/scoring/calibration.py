@@ -125,7 +125,7 @@ class DecidedBy(enum.Enum):
     """The policy's least LLR (ScoringPolicy.min_llr): no ACCEPT against the evidence."""
     DURATION_FLOOR = "DURATION_FLOOR"
     """The LLR a check of ScoringPolicy.evidence_from_seconds needs at the false-match
-    threshold: a longer check never needs weaker evidence."""
+    threshold, where that ordering is on: a longer check never needs a lower LLR."""
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,9 @@ class ConditionCalibration:
         evidence_from_seconds: float,
         local_fmr_threshold: float | None = None,
     ) -> Bound:
-        """The highest of the false-match threshold, the LLR floor, and the LLR a check of
-        `evidence_from_seconds` needs at the false-match threshold. The LLR at a fixed score
+        """The highest of the false-match threshold, the LLR floor, and (unless
+        `evidence_from_seconds` is 0) the LLR a check of `evidence_from_seconds` needs at the
+        false-match threshold. The LLR at a fixed score
         is linear in q, so the most any length between `evidence_from_seconds` and this one
         needs there is at one of the two ends."""
         fmr_threshold = self.threshold(target_fmr)
@@ -191,7 +192,7 @@ class ConditionCalibration:
             (self.llr(fmr_threshold, net_speech_seconds), by),
             (min_llr, DecidedBy.LLR_FLOOR),
         ]
-        if net_speech_seconds > evidence_from_seconds:
+        if 0 < evidence_from_seconds < net_speech_seconds:
             floors.append(
                 (self.llr(fmr_threshold, evidence_from_seconds), DecidedBy.DURATION_FLOOR)
             )

@@ -274,7 +274,7 @@ def test_a_score_over_the_fmr_threshold_with_a_negative_llr_is_not_accepted() ->
     for score in between:
         assert not score.accepted
         assert score.decided_by is DecidedBy.LLR_FLOOR
-        assert score.llr_threshold == pytest.approx(0.0)
+        assert score.llr_threshold == pytest.approx(ScoringPolicy().min_llr)
         assert score.cosine < score.threshold
     # An operator who asks for evidence of 20 to 1 gets it.
     demanding = Scorer(model, ScoringPolicy(min_llr=3.0), voiceprints=list)
@@ -290,7 +290,8 @@ def test_a_longer_check_never_needs_weaker_evidence_than_a_shorter_one() -> None
     model = ScoringModel(
         {c: random_voices(40) for c in Channel}, weak_evidence_calibration((0.0, 1.0, -2.0, 0.0))
     )
-    scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
+    policy = ScoringPolicy(min_llr=0.0, evidence_from_seconds=3.0)
+    scorer = Scorer(model, policy, voiceprints=list)
     enrolled = unit(RNG.normal(size=DIMENSION))
     test = unit(enrolled + RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
     scores = [
@@ -304,6 +305,16 @@ def test_a_longer_check_never_needs_weaker_evidence_than_a_shorter_one() -> None
     assert needed[0] == pytest.approx(3.719 - 2 * np.log(3.0), abs=1e-3)
     for score in scores:
         assert score.accepted == (score.llr >= score.llr_threshold - 1e-9)
+    # By default the ordering is on the score: a longer check never needs a lower one, and
+    # never less evidence than the LLR floor.
+    default = Scorer(model, ScoringPolicy(), voiceprints=list)
+    bounds = [
+        default.score(voiceprint("a", enrolled, None), test, seconds, Channel.WIDEBAND)
+        for seconds in (3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+    ]
+    needed_scores = [b.normalized_threshold for b in bounds]
+    assert needed_scores == sorted(needed_scores)
+    assert min(b.llr_threshold for b in bounds) == pytest.approx(ScoringPolicy().min_llr)
 
 
 def test_lookalike_agents_raise_the_threshold_once_there_are_enough_of_them() -> None:
@@ -315,8 +326,7 @@ def test_lookalike_agents_raise_the_threshold_once_there_are_enough_of_them() ->
     stored = [
         voiceprint(f"a{i}", voice, voice)
         for i, voice in enumerate(
-            unit(accent + 1.2 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
-            for _ in range(40)
+            unit(accent + 1.2 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION)) for _ in range(40)
         )
     ]
     clock = ManualClock()

@@ -204,12 +204,12 @@ class _DecidedByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecidedBy.V
     DECIDED_BY_FMR_THRESHOLD: _DecidedBy.ValueType  # 1
     """The score impostors reach at the target false-match rate."""
     DECIDED_BY_LLR_FLOOR: _DecidedBy.ValueType  # 2
-    """The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 0): no ACCEPT
-    on evidence that favours someone else.
+    """The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 2.3, never
+    below 0): no ACCEPT on evidence that favours someone else.
     """
     DECIDED_BY_DURATION_FLOOR: _DecidedBy.ValueType  # 3
-    """The LLR a check of the minimum length needs at the false-match threshold: a longer
-    check never passes on weaker evidence than a shorter one.
+    """Where VOXAUTH_EVIDENCE_FROM_SECONDS is set: the LLR a check of that length needs at the
+    false-match threshold, so a longer check never needs a lower LLR.
     """
     DECIDED_BY_LOCAL_FMR_THRESHOLD: _DecidedBy.ValueType  # 4
     """The score the enrolled agents reach against each other at the target false-match rate,
@@ -223,12 +223,12 @@ DECIDED_BY_UNSPECIFIED: DecidedBy.ValueType  # 0
 DECIDED_BY_FMR_THRESHOLD: DecidedBy.ValueType  # 1
 """The score impostors reach at the target false-match rate."""
 DECIDED_BY_LLR_FLOOR: DecidedBy.ValueType  # 2
-"""The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 0): no ACCEPT
-on evidence that favours someone else.
+"""The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 2.3, never
+below 0): no ACCEPT on evidence that favours someone else.
 """
 DECIDED_BY_DURATION_FLOOR: DecidedBy.ValueType  # 3
-"""The LLR a check of the minimum length needs at the false-match threshold: a longer
-check never passes on weaker evidence than a shorter one.
+"""Where VOXAUTH_EVIDENCE_FROM_SECONDS is set: the LLR a check of that length needs at the
+false-match threshold, so a longer check never needs a lower LLR.
 """
 DECIDED_BY_LOCAL_FMR_THRESHOLD: DecidedBy.ValueType  # 4
 """The score the enrolled agents reach against each other at the target false-match rate,
