@@ -228,6 +228,29 @@ class ScoringPolicy(Settings):
     """Cohort and calibration made by `voxauth calibrate`; None means the ones shipped in
     models/scoring/."""
 
+    min_llr: float = field(default=2.3, metadata=setting("VOXAUTH_MIN_LLR", check=non_negative))
+    """The least calibrated LLR (natural log) an ACCEPT needs, whatever the false-match
+    threshold: never below 0, so no check is accepted on evidence that favours someone else.
+    2.3 (odds of 10 to 1) costs no false non-match on the held-out trials and removes the one
+    wideband false match that 0 lets through (README, "Accuracy")."""
+
+    evidence_from_seconds: float = field(
+        default=0.0, metadata=setting("VOXAUTH_EVIDENCE_FROM_SECONDS", check=non_negative)
+    )
+    """0: off. Otherwise a check longer than this needs at least the LLR that a check of this
+    length needs at the false-match threshold, so that the LLR a check needs never falls with
+    its length. Off by default: the score a check needs already never falls with its length
+    (the threshold is one score, the LLR floor asks more score of longer speech), and the
+    stricter ordering costs 7 of 111 genuine wideband checks at 3 s (README, "Accuracy")."""
+
+    local_threshold_min_agents: int = field(
+        default=32, metadata=setting("VOXAUTH_LOCAL_THRESHOLD_MIN_AGENTS", check=non_negative)
+    )
+    """From this many enrolled agents on, their cross-comparisons (N (N - 1) per condition)
+    set a local false-match threshold, and the stricter of it and the shipped one applies.
+    32 agents give 992 comparisons, so the fitted top 1% of the tail rests on about 10
+    scores; fewer cannot place a tail. 0 turns the local threshold off."""
+
     cohort_includes_agents: bool = field(default=False, metadata=setting("VOXAUTH_COHORT_AGENTS"))
     """Also normalise against the enrolled agents' own voiceprints, the claimed agent's left
     out. Off by default: the calibration was measured with the shipped cohort alone."""

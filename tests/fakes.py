@@ -120,7 +120,9 @@ def fake_scoring(directory: Path, model_id: str, dimension: int) -> ScoringPolic
     reads them."""
     directory.mkdir(parents=True, exist_ok=True)
     condition = ConditionCalibration(
-        llr_weights=(-4.0, 1.0, 0.0, 0.0),
+        # The fake agent (normalised score 1) is evidence for the agent: LLR +3, over the
+        # default LLR floor.
+        llr_weights=(2.0, 1.0, 0.0, 0.0),
         impostor=TailModel(0.0, 1.0, 0.01),
         target=ScoreModel(LinearInQuality(8.0, 0.0), LinearInQuality(1.0, 0.0)),
         quality_range=(1.0, 3.0),

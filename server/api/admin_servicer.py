@@ -5,6 +5,7 @@ call's request id (server/api/retries.py) has its completion recorded right afte
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
@@ -104,7 +105,22 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         request: admin_pb2.GetConfigurationRequest,
         context: ServicerContext[admin_pb2.GetConfigurationRequest, admin_pb2.Configuration],
     ) -> admin_pb2.Configuration:
-        return admin_pb2.Configuration(json=self._config.as_json())
+        document = json.loads(self._config.as_json())
+        services = self._readiness.current()
+        if services is not None:
+            # Reads the voiceprints when the local thresholds are due: off the event loop.
+            thresholds = await self._store_pool.run(services.verification.scoring_thresholds)
+            document["scoring_thresholds"] = {
+                t.condition.value: {
+                    "shipped_normalized_threshold": round(t.shipped, 4),
+                    "local_normalized_threshold": None if t.local is None else round(t.local, 4),
+                    "applied_normalized_threshold": round(t.applied, 4),
+                    "agents": t.agents,
+                    "local_comparisons": t.comparisons,
+                }
+                for t in thresholds
+            }
+        return admin_pb2.Configuration(json=json.dumps(document, sort_keys=True, indent=2))
 
     async def RotateSigningKey(
         self,

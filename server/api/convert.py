@@ -14,7 +14,7 @@ from server.pipeline.analysis import AudioInput
 from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.scoring.calibration import Condition
+from server.scoring.calibration import Condition, DecidedBy
 from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind
 from server.storage.interface import (
     AgentRecord,
@@ -49,6 +49,13 @@ _COMPARISONS = {
     Condition.WIDEBAND: pb.COMPARISON_WIDEBAND,
     Condition.WIDEBAND_TO_TELEPHONE: pb.COMPARISON_WIDEBAND_TO_TELEPHONE,
     Condition.TELEPHONE: pb.COMPARISON_TELEPHONE,
+}
+
+_DECIDED_BY = {
+    DecidedBy.FMR_THRESHOLD: pb.DECIDED_BY_FMR_THRESHOLD,
+    DecidedBy.LLR_FLOOR: pb.DECIDED_BY_LLR_FLOOR,
+    DecidedBy.DURATION_FLOOR: pb.DECIDED_BY_DURATION_FLOOR,
+    DecidedBy.LOCAL_FMR_THRESHOLD: pb.DECIDED_BY_LOCAL_FMR_THRESHOLD,
 }
 
 _STATES = {
@@ -109,6 +116,7 @@ def verify_response(result: VerificationResult) -> pb.VerifyResponse:
         response.comparison = _COMPARISONS[scoring.condition]
         response.normalized_score = scoring.normalized
         response.normalized_threshold = scoring.normalized_threshold
+        response.decided_by = _DECIDED_BY[scoring.decided_by]
     return response
 
 
@@ -222,6 +230,8 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
         net_speech_seconds=event.net_speech_seconds,
         shift=shift_message(event.shift),
     )
+    if event.decided_by is not None:
+        message.decided_by = _DECIDED_BY[event.decided_by]
     for field, value in (
         ("scheduled_at", event.scheduled_at),
         ("audio_start", event.audio_start),

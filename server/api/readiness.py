@@ -37,6 +37,10 @@ class Readiness:
     def withdraw(self) -> None:
         self._services = None
 
+    def current(self) -> Services | None:
+        """The services, or None while starting or stopping."""
+        return self._services
+
     def require(self) -> Services:
         if self._services is None:
             raise ServiceNotReadyError("the server is starting or stopping; retry shortly")

@@ -88,15 +88,54 @@ class ScoreModel:
 
 @dataclass(frozen=True)
 class TailModel:
-    """score = intercept + slope * z at the false-match rate p with z = Phi^-1(1 - p)."""
+    """score = intercept + slope * z at the false-match rate p with z = Phi^-1(1 - p), and
+    the same line refitted on bootstrap samples of the speakers: the threshold is the upper
+    confidence bound over those, so it is conservative where the tail rests on few voices."""
 
     intercept: float
     slope: float
     fitted_below: float
     """The largest p of the impostor trials it was fitted on."""
+    replicates: tuple[tuple[float, float], ...] = ()
+    """(intercept, slope) of each bootstrap sample; none: the point fit alone."""
+    confidence: float = 0.95
+    """The share of the bootstrap thresholds that the threshold is at least."""
+
+    def point_at(self, false_match_rate: float) -> float:
+        return self.intercept + self.slope * _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
 
     def score_at(self, false_match_rate: float) -> float:
-        return self.intercept + self.slope * _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
+        point = self.point_at(false_match_rate)
+        if not self.replicates:
+            return point
+        z = _STANDARD_NORMAL.inv_cdf(1.0 - false_match_rate)
+        sampled = [intercept + slope * z for intercept, slope in self.replicates]
+        return max(point, float(np.quantile(sampled, self.confidence)))
+
+
+class DecidedBy(enum.Enum):
+    """Which of the bounds an ACCEPT must clear was the highest, and so decided."""
+
+    FMR_THRESHOLD = "FMR_THRESHOLD"
+    """The score that impostors reach at the target false-match rate."""
+    LOCAL_FMR_THRESHOLD = "LOCAL_FMR_THRESHOLD"
+    """The score the enrolled agents reach against each other at the target rate, where it
+    is above the shipped one (ScoringPolicy.local_threshold_min_agents)."""
+    LLR_FLOOR = "LLR_FLOOR"
+    """The policy's least LLR (ScoringPolicy.min_llr): no ACCEPT against the evidence."""
+    DURATION_FLOOR = "DURATION_FLOOR"
+    """The LLR a check of ScoringPolicy.evidence_from_seconds needs at the false-match
+    threshold, where that ordering is on: a longer check never needs a lower LLR."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What an ACCEPT of one length needs: `normalized` on the AS-norm scale, `llr` on the
+    calibrated one (the same point), and which bound set them."""
+
+    normalized: float
+    llr: float
+    decided_by: DecidedBy
 
 
 @dataclass(frozen=True)
@@ -119,9 +158,49 @@ class ConditionCalibration:
         w0, w1, w2, w3 = self.llr_weights
         return w0 + w1 * score + w2 * q + w3 * score * q
 
+    def score_for_llr(self, llr: float, net_speech_seconds: float) -> float:
+        """The normalised score whose calibrated LLR is `llr` at this length (the LLR rises
+        with the score at every calibrated length: `load` refuses a calibration where not)."""
+        q = self.quality(net_speech_seconds)
+        w0, w1, w2, w3 = self.llr_weights
+        return (llr - w0 - w2 * q) / (w1 + w3 * q)
+
     def threshold(self, target_fmr: float) -> float:
         """The normalised score that impostors reach with probability `target_fmr`."""
         return self.impostor.score_at(target_fmr)
+
+    def bound(
+        self,
+        target_fmr: float,
+        net_speech_seconds: float,
+        *,
+        min_llr: float,
+        evidence_from_seconds: float,
+        local_fmr_threshold: float | None = None,
+    ) -> Bound:
+        """The highest of the false-match threshold, the LLR floor, and (unless
+        `evidence_from_seconds` is 0) the LLR a check of `evidence_from_seconds` needs at the
+        false-match threshold. The LLR at a fixed score
+        is linear in q, so the most any length between `evidence_from_seconds` and this one
+        needs there is at one of the two ends."""
+        fmr_threshold = self.threshold(target_fmr)
+        by = DecidedBy.FMR_THRESHOLD
+        # The deployment's own impostors, where they are stricter than the shipped tail.
+        if local_fmr_threshold is not None and local_fmr_threshold > fmr_threshold:
+            fmr_threshold, by = local_fmr_threshold, DecidedBy.LOCAL_FMR_THRESHOLD
+        floors = [
+            (self.llr(fmr_threshold, net_speech_seconds), by),
+            (min_llr, DecidedBy.LLR_FLOOR),
+        ]
+        if 0 < evidence_from_seconds < net_speech_seconds:
+            floors.append(
+                (self.llr(fmr_threshold, evidence_from_seconds), DecidedBy.DURATION_FLOOR)
+            )
+        # Ties go to the false-match threshold: a floor decides only where it asks for more.
+        llr, decided_by = max(floors, key=lambda floor: floor[0])
+        if decided_by is by:
+            return Bound(fmr_threshold, llr, decided_by)
+        return Bound(self.score_for_llr(llr, net_speech_seconds), llr, decided_by)
 
     def false_non_match_rate(self, threshold: float, net_speech_seconds: float) -> float:
         """Expected share of genuine checks of this length scoring below `threshold`."""
@@ -178,6 +257,11 @@ class Calibration:
                 condition: _condition_from(document["conditions"][condition.value])
                 for condition in Condition
             }
+            for condition, calibrated in conditions.items():
+                w1, w3 = calibrated.llr_weights[1], calibrated.llr_weights[3]
+                # A higher score must always mean more evidence, or no LLR floor is a score.
+                if min(w1 + w3 * q for q in calibrated.quality_range) <= 0:
+                    raise ValueError(f"{condition.value}: the LLR falls with the score")
             return cls(
                 model_id=model_id,
                 cohort_top_n=int(document["cohort_top_n"]),
@@ -199,11 +283,21 @@ def _condition_from(fields: dict[str, Any]) -> ConditionCalibration:
     low, high = (float(q) for q in fields["quality_range"])
     return ConditionCalibration(
         llr_weights=(w0, w1, w2, w3),
-        impostor=TailModel(**fields["impostor"]),
+        impostor=_tail_from(fields["impostor"]),
         target=target,
         quality_range=(low, high),
         target_trials=int(fields["target_trials"]),
         impostor_trials=int(fields["impostor_trials"]),
+    )
+
+
+def _tail_from(fields: dict[str, Any]) -> TailModel:
+    return TailModel(
+        intercept=float(fields["intercept"]),
+        slope=float(fields["slope"]),
+        fitted_below=float(fields["fitted_below"]),
+        replicates=tuple((float(a), float(b)) for a, b in fields.get("replicates", ())),
+        confidence=float(fields.get("confidence", 0.95)),
     )
 
 
@@ -266,6 +360,36 @@ def _tail_model(impostor: Vector, fitted_below: float = TAIL_FRACTION) -> TailMo
     deviates = np.array([_STANDARD_NORMAL.inv_cdf(1.0 - p) for p in survival[tail]])
     slope, intercept = np.polyfit(deviates, ranked[tail], 1)
     return TailModel(float(intercept), float(slope), fitted_below)
+
+
+def fit_tail(
+    impostor: Vector,
+    enrolled: npt.NDArray[np.str_],
+    tested: npt.NDArray[np.str_],
+    *,
+    replicates: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> TailModel:
+    """The tail line of `impostor` (each trial's enrolled and tested speaker given) with its
+    bootstrap over speakers: each sample draws the speakers with replacement, and a trial
+    counts as often as both its speakers were drawn. Trials of one pair of speakers are not
+    independent, so resampling trials would claim more certainty than the voices give."""
+    point = _tail_model(impostor)
+    speakers = np.unique(np.concatenate([enrolled, tested]))
+    e_index = np.searchsorted(speakers, enrolled)
+    t_index = np.searchsorted(speakers, tested)
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in range(replicates):
+        drawn = rng.multinomial(len(speakers), np.full(len(speakers), 1.0 / len(speakers)))
+        weights = drawn[e_index] * drawn[t_index]
+        sample = np.repeat(impostor, weights)
+        if len(sample) * TAIL_FRACTION < 2:
+            continue
+        fitted = _tail_model(sample)
+        fits.append((fitted.intercept, fitted.slope))
+    return TailModel(point.intercept, point.slope, point.fitted_below, tuple(fits), confidence)
 
 
 def _score_model(scores: Vector, quality: Vector) -> ScoreModel:

@@ -8,6 +8,7 @@ population (ScoringPolicy.cohort_includes_agents).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -24,18 +25,24 @@ from models.embedder import Embedding
 from server.config import ScoringPolicy
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition
+from server.scoring.calibration import Calibration, Condition, DecidedBy, fit_tail
 from server.scoring.normalization import (
     Cohort,
     CohortStatistics,
     Matrix,
     as_norm,
+    as_norm_matrix,
     centre,
     cosine_for,
+    top_n_statistics,
 )
 from server.storage.interface import Voiceprint
 
 COHORT_FILE = "cohort.npz"
+MAX_LOCAL_AGENTS = 400
+"""400 agents give 159,600 comparisons, enough for a tail at 1 in 10,000."""
+LOCAL_BOOTSTRAP_REPLICATES = 100
+"""Fewer than calibrate's 200: the local fit reruns in the service as agents come and go."""
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -48,12 +55,15 @@ class Score:
     llr: float
     """Calibrated log-likelihood ratio (natural log): > 0 favours the agent's voice."""
     normalized_threshold: float
-    """The AS-norm score that the target false-match rate sets."""
+    """The AS-norm score this check needed: the one the target false-match rate sets, or
+    higher where an LLR floor asks for more (`decided_by`)."""
+    decided_by: DecidedBy
     threshold: float
     """The cosine that reaches `normalized_threshold` for this voiceprint and this test: the
     decision is `cosine >= threshold`."""
     llr_threshold: float
-    """The calibrated LLR at the threshold: the decision is also `llr >= llr_threshold`."""
+    """The calibrated LLR at the threshold, at least the floors: the decision is also
+    `llr >= llr_threshold`."""
     expected_false_non_match_rate: float
     """Share of the agent's own checks of this length expected to fall below the threshold."""
 
@@ -139,6 +149,30 @@ class _AgentCohort:
     """Changes with every reload, so statistics against an older cohort are not reused."""
 
 
+@dataclass(frozen=True)
+class LocalThreshold:
+    """The false-match threshold that the enrolled agents' own cross-comparisons set."""
+
+    condition: Condition
+    agents: int
+    comparisons: int
+    """Ordered pairs of different agents: N (N - 1)."""
+    shipped: float
+    """The shipped calibration's normalised threshold for the target false-match rate."""
+    local: float | None
+    """The upper bound from the agents' tail; None with fewer agents than the policy asks."""
+
+    @property
+    def applied(self) -> float:
+        return self.shipped if self.local is None else max(self.shipped, self.local)
+
+
+@dataclass(frozen=True, eq=False)
+class _LocalThresholds:
+    by_condition: dict[Condition, LocalThreshold]
+    loaded_at: float
+
+
 class Scorer:
     """Scores tests against voiceprints by the policy. Thread-safe.
 
@@ -159,6 +193,7 @@ class Scorer:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._agent_cohort: _AgentCohort | None = None
+        self._local: _LocalThresholds | None = None
         self.target_fmr = policy.target_fmr
         self._enrollment_statistics: dict[
             tuple[str, Condition], tuple[tuple[datetime, int], CohortStatistics]
@@ -194,18 +229,100 @@ class Scorer:
         calibration = self._model.calibration[condition]
         # The shorter side limits how much the comparison can tell.
         seconds = min(voiceprint.net_speech_seconds, test_net_speech_seconds)
-        normalized_threshold = calibration.threshold(self._policy.target_fmr)
+        local = self.local_thresholds()[condition]
+        bound = calibration.bound(
+            self._policy.target_fmr,
+            seconds,
+            min_llr=self._policy.min_llr,
+            evidence_from_seconds=self._policy.evidence_from_seconds,
+            local_fmr_threshold=local.local,
+        )
         return Score(
             condition=condition,
             cosine=cosine,
             normalized=normalized,
             llr=calibration.llr(normalized, seconds),
-            normalized_threshold=normalized_threshold,
-            threshold=cosine_for(normalized_threshold, enrollment, test_statistics),
-            llr_threshold=calibration.llr(normalized_threshold, seconds),
+            normalized_threshold=bound.normalized,
+            decided_by=bound.decided_by,
+            threshold=cosine_for(bound.normalized, enrollment, test_statistics),
+            llr_threshold=bound.llr,
             expected_false_non_match_rate=calibration.false_non_match_rate(
-                normalized_threshold, seconds
+                bound.normalized, seconds
             ),
+        )
+
+    def local_thresholds(self) -> dict[Condition, LocalThreshold]:
+        """Per condition, the shipped threshold and the one from the enrolled agents' own
+        voices (the contact centre's language, headsets and codecs): every agent's
+        voiceprint scored as a test against every other agent's, AS-norm as a check is
+        scored, the tail fitted and bounded as `voxauth calibrate` does. Recomputed from the
+        current voiceprints at most every `cohort_refresh_seconds`; the scores themselves
+        are dropped once fitted, so only the fitted lines stay in memory."""
+        now = self._monotonic()
+        with self._lock:
+            current = self._local
+        if current is not None and now - current.loaded_at < self._policy.cohort_refresh_seconds:
+            return current.by_condition
+        voiceprints = self._voiceprints() if self._policy.local_threshold_min_agents else []
+        computed = _LocalThresholds(
+            {c: self._local_threshold(c, voiceprints) for c in Condition}, now
+        )
+        with self._lock:
+            self._local = computed
+        return computed.by_condition
+
+    def _local_threshold(
+        self, condition: Condition, voiceprints: list[Voiceprint]
+    ) -> LocalThreshold:
+        calibration = self._model.calibration[condition]
+        shipped = calibration.threshold(self._policy.target_fmr)
+
+        def side(telephone: bool) -> list[tuple[str, Embedding]]:
+            if telephone:
+                return [
+                    (v.agent_id, v.telephone_embedding)
+                    for v in voiceprints
+                    if v.telephone_embedding is not None
+                ]
+            return [(v.agent_id, v.embedding) for v in voiceprints]
+
+        enrolled = dict(side(condition is Condition.TELEPHONE))
+        tested = dict(side(condition is not Condition.WIDEBAND))
+        # A fixed sample past MAX_LOCAL_AGENTS bounds the work (the bootstrap refits the tail
+        # a hundred times); chosen by a hash so that it does not follow enrollment order.
+        agents = sorted(
+            enrolled.keys() & tested.keys(),
+            key=lambda a: hashlib.sha256(a.encode()).digest(),
+        )[:MAX_LOCAL_AGENTS]
+        comparisons = len(agents) * (len(agents) - 1)
+        if not agents or len(agents) < self._policy.local_threshold_min_agents:
+            return LocalThreshold(condition, len(agents), comparisons, shipped, None)
+        dimension = self._model.cohort(Channel.WIDEBAND).embeddings.shape[1]
+
+        def prepared(voices: dict[str, Embedding], channel: Channel) -> Matrix:
+            matrix = np.array([voices[a] for a in agents], dtype=np.float64)
+            return self._model.prepare(matrix.reshape(len(agents), dimension), channel)
+
+        e = prepared(enrolled, condition.enrollment_channel)
+        t = prepared(tested, condition.test_channel)
+        top_n = self._model.calibration.cohort_top_n
+        e_stats = top_n_statistics(
+            e @ self._model.cohort(condition.enrollment_channel).embeddings.T, top_n
+        )
+        t_stats = top_n_statistics(
+            t @ self._model.cohort(condition.test_channel).embeddings.T, top_n
+        )
+        scores = as_norm_matrix(e @ t.T, e_stats, t_stats)
+        names = np.array(agents, dtype=np.str_)
+        others = ~np.eye(len(agents), dtype=bool)
+        tail = fit_tail(
+            scores[others],
+            np.broadcast_to(names[:, None], scores.shape)[others],
+            np.broadcast_to(names[None, :], scores.shape)[others],
+            replicates=LOCAL_BOOTSTRAP_REPLICATES,
+        )
+        return LocalThreshold(
+            condition, len(agents), comparisons, shipped, tail.score_at(self._policy.target_fmr)
         )
 
     def _cohort_for(self, condition: Condition, agent_id: str) -> tuple[Cohort, Cohort, int]:

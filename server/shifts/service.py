@@ -33,6 +33,7 @@ from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
+from server.scoring.calibration import DecidedBy
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.storage.interface import (
@@ -75,6 +76,8 @@ class ShiftEvent:
     net_speech_seconds: float = 0.0
     audio_start: datetime | None = None
     audio_end: datetime | None = None
+    decided_by: DecidedBy | None = None
+    """Which bound set the checkpoint's threshold; None for other kinds."""
 
 
 class CheckpointSchedule:
@@ -301,6 +304,7 @@ class ShiftSession:
                 net_speech_seconds=recent.net_seconds,
                 audio_start=service.wall_time(recent.start),
                 audio_end=service.wall_time(recent.end),
+                decided_by=result.scoring.decided_by if result.scoring else None,
             )
         )
         if locked:

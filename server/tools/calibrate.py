@@ -13,23 +13,34 @@ Trial scores are normalised leaving out of the cohort both speakers of the trial
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition, ConditionCalibration, fit_condition
+from server.scoring.calibration import (
+    Calibration,
+    Condition,
+    ConditionCalibration,
+    TailModel,
+    fit_condition,
+    fit_tail,
+)
 from server.scoring.normalization import centre, top_n_statistics
 from server.scoring.scorer import CALIBRATION_FILE, COHORT_FILE
 from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
 from server.tools.evaluation import (
     ENROLLMENT_SIDE,
     TEST_SIDE,
+    Rate,
     Trials,
     TrialSide,
     Vector,
@@ -58,6 +69,9 @@ class Setting:
     def __str__(self) -> str:
         return f"{'centred' if self.centring else 'not centred'}, top {self.top_n}"
 
+
+Plan = tuple[tuple[Part, tuple[Segment, ...]], ...]
+"""(enrolled part, test segments) pairs that make trials."""
 
 SETTINGS = tuple(Setting(c, n) for c in (False, True) for n in (10, 25, 50, 100))
 
@@ -123,7 +137,11 @@ def calibration_trials(
     *,
     min_enrollment_seconds: float,
     min_test_seconds: float,
+    plan: Plan | None = None,
 ) -> Trials:
+    """Scored trials of `plan` (default: the halves) with their speakers, normalised with
+    both speakers of each trial left out of the cohort."""
+    plan = HALVES_PLAN if plan is None else plan
     top_n = setting.top_n
     index = {speaker: j for j, speaker in enumerate(cohort.speakers)}
     means = {channel: voices.mean(axis=0) for channel, voices in cohort.embeddings.items()}
@@ -141,23 +159,14 @@ def calibration_trials(
     enrollment_cohort = cohort_of(condition.enrollment_channel)
     test_cohort = cohort_of(condition.test_channel)
     blocks: list[Trials] = []
-    for enrolled, tested in (
-        (Part.FIRST_HALF, Part.SECOND_HALF),
-        (Part.SECOND_HALF, Part.FIRST_HALF),
-    ):
+    for enrolled, tested_segments in plan:
         enrollment = embed_side(
             corpus, files, ENROLLMENT_SIDE[condition], Segment(enrolled), min_enrollment_seconds
         )
         enrollment = prepared(enrollment, condition.enrollment_channel)
         e_mean, e_std = _leave_out_statistics(enrollment, enrollment_cohort, cohort.speakers, top_n)
-        for start, seconds in TEST_SEGMENTS:
-            test = embed_side(
-                corpus,
-                files,
-                TEST_SIDE[condition],
-                Segment(tested, start, seconds),
-                min_test_seconds,
-            )
+        for segment in tested_segments:
+            test = embed_side(corpus, files, TEST_SIDE[condition], segment, min_test_seconds)
             test = prepared(test, condition.test_channel)
             t_mean, t_std = _leave_out_statistics(test, test_cohort, cohort.speakers, top_n)
             # Each side's statistics leave out the other side's speaker too.
@@ -167,28 +176,106 @@ def calibration_trials(
             mean_t, std_t = t_mean[:, of_enrollment].T, t_std[:, of_enrollment].T
             cosines = enrollment.embeddings @ test.embeddings.T
             normalized = 0.5 * ((cosines - mean_e) / std_e + (cosines - mean_t) / std_t)
-            same = np.array(
-                [[a == b for b in test.speakers] for a in enrollment.speakers], dtype=bool
-            ).reshape(cosines.shape)
+            enrolled_speakers = np.array(enrollment.speakers, dtype=np.str_)
+            tested_speakers = np.array(test.speakers, dtype=np.str_)
+            same = (enrolled_speakers[:, None] == tested_speakers[None, :]).reshape(cosines.shape)
             shorter = np.minimum(
                 enrollment.net_speech_seconds[:, None], test.net_speech_seconds[None, :]
             )
+            pairs_e = np.broadcast_to(enrolled_speakers[:, None], cosines.shape)
+            pairs_t = np.broadcast_to(tested_speakers[None, :], cosines.shape)
             blocks.append(
-                Trials(normalized[same], normalized[~same], shorter[same], shorter[~same])
+                Trials(
+                    normalized[same],
+                    normalized[~same],
+                    shorter[same],
+                    shorter[~same],
+                    pairs_e[~same],
+                    pairs_t[~same],
+                )
             )
+    return _joined(blocks)
+
+
+def _joined(blocks: Sequence[Trials]) -> Trials:
+    def joined(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([getattr(b, name) for b in blocks])
+
     return Trials(
-        *(
-            np.concatenate([getattr(b, name) for b in blocks])
-            for name in ("target", "impostor", "target_seconds", "impostor_seconds")
-        )
+        joined("target"),
+        joined("impostor"),
+        joined("target_seconds"),
+        joined("impostor_seconds"),
+        joined("impostor_enrolled"),
+        joined("impostor_tested"),
     )
+
+
+HALVES_PLAN: Plan = tuple(
+    (enrolled, tuple(Segment(tested, start, seconds) for start, seconds in TEST_SEGMENTS))
+    for enrolled, tested in (
+        (Part.FIRST_HALF, Part.SECOND_HALF),
+        (Part.SECOND_HALF, Part.FIRST_HALF),
+    )
+)
+"""Each half enrolls and the other half's segments test: the target and impostor trials."""
+WHOLE_PLAN: Plan = ((Part.WHOLE, (Segment(Part.WHOLE),)),)
+"""Whole files (both halves, up to 17 s) against whole files: impostor trials only (one file
+a speaker), longer than any half, so the tail is also measured where checks are long."""
 
 
 def _check(calibration: ConditionCalibration, trials: Trials, fmr: float) -> str:
     """How the impostor tail model's threshold for `fmr` fares on the trials it was fitted
     on: false matches counted against expected."""
     false_matches = int((trials.impostor >= calibration.threshold(fmr)).sum())
-    return f"FMR {fmr:g}: {false_matches} false matches, {fmr * len(trials.impostor):.1f} expected"
+    return (
+        f"FMR {fmr:g}: {false_matches} false matches of {len(trials.impostor)}, "
+        f"{fmr * len(trials.impostor):.1f} expected"
+    )
+
+
+def _tail_of(trials: Trials) -> TailModel:
+    assert trials.impostor_enrolled is not None and trials.impostor_tested is not None
+    return fit_tail(trials.impostor, trials.impostor_enrolled, trials.impostor_tested)
+
+
+TAIL_CHECK_SALT = "voxauth-tail-check:"
+
+
+def held_apart_check(trials: Trials) -> list[str]:
+    """The tail fitted on the trials among one half of the speakers (split by a hash of
+    their ids), its thresholds tried on the trials among the other half, both ways round:
+    false matches counted against expected, with the 95% interval of the observed rate."""
+    assert trials.impostor_enrolled is not None and trials.impostor_tested is not None
+
+    def part_of(speakers: npt.NDArray[np.str_]) -> npt.NDArray[np.int_]:
+        return np.array(
+            [
+                int(hashlib.sha256((TAIL_CHECK_SALT + s).encode()).hexdigest()[:8], 16) % 2
+                for s in speakers
+            ]
+        )
+
+    enrolled, tested = part_of(trials.impostor_enrolled), part_of(trials.impostor_tested)
+    lines = []
+    for fitted_part in (0, 1):
+        fit_on = (enrolled == fitted_part) & (tested == fitted_part)
+        check_on = (enrolled != fitted_part) & (tested != fitted_part)
+        tail = fit_tail(
+            trials.impostor[fit_on],
+            trials.impostor_enrolled[fit_on],
+            trials.impostor_tested[fit_on],
+        )
+        held = trials.impostor[check_on]
+        for fmr in (1e-3, 1e-4):
+            passed = Rate(int((held >= tail.score_at(fmr)).sum()), len(held))
+            low, high = passed.interval()
+            lines.append(
+                f"part {fitted_part} -> {1 - fitted_part}, FMR {fmr:g}: {passed.errors} of "
+                f"{passed.trials} ({fmr * passed.trials:.1f} expected; rate 95% interval "
+                f"{low:.2e}-{high:.2e})"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
+    from server.pipeline import silero
     from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
@@ -218,43 +306,68 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     embedder = EcapaEmbedder.load(args.model_dir or config.model_dir or default_model_dir())
     corpus = SpeechCorpus(
-        embedder, SileroSpeechDetector(), max_seconds=config.audio.max_seconds, cache_dir=args.cache
+        embedder,
+        SileroSpeechDetector(),
+        max_seconds=config.audio.max_seconds,
+        cache_dir=args.cache,
+        detector_version=silero.VERSION,
     )
     started = time.perf_counter()
     cohort = cohort_voices(corpus, files)
-    minimums = {
-        "min_enrollment_seconds": config.enrollment.min_utterance_net_speech_seconds,
-        "min_test_seconds": config.verification.min_net_speech_seconds,
-    }
+    trials_of = functools.partial(
+        calibration_trials,
+        min_enrollment_seconds=config.enrollment.min_utterance_net_speech_seconds,
+        min_test_seconds=config.verification.min_net_speech_seconds,
+    )
     # Centring and the cohort size N are chosen on these speakers' own trials, by the summed
     # minimum detection cost of the three conditions.
     costs = {}
     for setting in SETTINGS:
         costs[setting] = sum(
-            min_dcf(calibration_trials(corpus, files, cohort, c, setting, **minimums))
-            for c in Condition
+            min_dcf(trials_of(corpus, files, cohort, c, setting)) for c in Condition
         )
         print(f"{setting}: summed minDCF(0.01) {costs[setting]:.3f}")
     chosen = min(SETTINGS, key=lambda s: costs[s])
     conditions = {}
     counts = {}
     for condition in Condition:
-        trials = calibration_trials(corpus, files, cohort, condition, chosen, **minimums)
-        fitted = fit_condition(
-            trials.target, trials.target_seconds, trials.impostor, trials.impostor_seconds
+        trials = trials_of(corpus, files, cohort, condition, chosen)
+        whole = trials_of(corpus, files, cohort, condition, chosen, plan=WHOLE_PLAN)
+        impostors = _joined([trials, whole])
+        # The LLR and the target model need targets, which only the halves have; the tail is
+        # fitted on every impostor trial, long ones included.
+        fitted = replace(
+            fit_condition(
+                trials.target, trials.target_seconds, trials.impostor, trials.impostor_seconds
+            ),
+            impostor=_tail_of(impostors),
         )
         conditions[condition] = fitted
         eer, _ = equal_error_rate(trials)
-        checks = [_check(fitted, trials, fmr) for fmr in (1e-3, 1e-4)]
+        checks = [_check(fitted, impostors, fmr) for fmr in (1e-3, 1e-4)]
+        long_checks = [_check(fitted, whole, fmr) for fmr in (1e-3, 1e-4)]
+        held_apart = held_apart_check(impostors)
         counts[condition.value] = {
             "target_trials": len(trials.target),
             "impostor_trials": len(trials.impostor),
+            "whole_file_impostor_trials": len(whole.impostor),
+            "whole_file_net_speech_seconds": [
+                round(float(whole.impostor_seconds.min()), 1),
+                round(float(whole.impostor_seconds.max()), 1),
+            ],
             "eer": round(eer, 5),
             "tail_threshold_check": checks,
+            "tail_threshold_check_whole_files": long_checks,
+            "tail_held_apart_check": held_apart,
         }
         print(
             f"{condition.value}: {len(trials.target)} target, {len(trials.impostor)} impostor "
-            f"trials, EER {eer:.2%}; " + "; ".join(checks)
+            f"trials (+{len(whole.impostor)} of whole files), EER {eer:.2%}; "
+            + "; ".join(checks)
+            + "; whole files: "
+            + "; ".join(long_checks)
+            + "; held apart: "
+            + "; ".join(held_apart)
         )
     calibration = Calibration(
         model_id=embedder.model_id,

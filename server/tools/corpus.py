@@ -24,6 +24,7 @@ import numpy as np
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
 from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode, telephone_channel
 from server.pipeline.speech import QualityThresholds, SpeechDetector, analyse
+from server.tools.distortions import Distortion
 
 AUDIO_SUFFIXES = {".flac": AudioEncoding.FLAC, ".wav": AudioEncoding.WAV}
 
@@ -89,15 +90,20 @@ class SpeechCorpus:
         *,
         max_seconds: float,
         cache_dir: Path | None,
+        detector_version: str,
     ) -> None:
+        """`detector_version` names what the detector finds: segments found by another
+        detector, and so their embeddings, are cached apart."""
         self._embedder = embedder
         self._detector = detector
         self._max_seconds = max_seconds
         self._cache_dir = (
-            cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", embedder.model_id) if cache_dir else None
+            cache_dir / re.sub(r"[^A-Za-z0-9._-]", "_", f"{embedder.model_id}+{detector_version}")
+            if cache_dir
+            else None
         )
         self._entries: dict[Path, dict[str, Embedded]] = {}
-        self._speech: dict[tuple[Path, Side, Part], Waveform] = {}
+        self._speech: dict[tuple[Path, Side, Part, Distortion | None], Waveform] = {}
         self.computed = 0
         """Segments embedded in this run (not found in the cache)."""
 
@@ -105,17 +111,27 @@ class SpeechCorpus:
     def dimension(self) -> int:
         return self._embedder.dimension
 
-    def embed(self, recording: Recording, side: Side, segment: Segment) -> Embedded:
+    def embed(
+        self,
+        recording: Recording,
+        side: Side,
+        segment: Segment,
+        distortion: Distortion | None = None,
+    ) -> Embedded:
+        """`distortion`: what the audio goes through first (a test of `voxauth eval`'s
+        domain shifts); its channel, not `side`, then says whether a call follows."""
         entries = self._load(recording.path)
-        key = _key(side, segment)
+        key = _key(side, segment, distortion)
         if key not in entries:
-            entries[key] = self._compute(recording.path, side, segment)
+            entries[key] = self._compute(recording.path, side, segment, distortion)
             self.computed += 1
             self._save(recording.path, entries)
         return entries[key]
 
-    def _compute(self, path: Path, side: Side, segment: Segment) -> Embedded:
-        speech = self._speech_of(path, side, segment.part)
+    def _compute(
+        self, path: Path, side: Side, segment: Segment, distortion: Distortion | None
+    ) -> Embedded:
+        speech = self._speech_of(path, side, segment.part, distortion)
         first = int(segment.start * TARGET_RATE)
         taken = (
             speech[first:]
@@ -129,8 +145,10 @@ class SpeechCorpus:
             return Embedded(None, net)
         return Embedded(self._embedder.embed(taken), net)
 
-    def _speech_of(self, path: Path, side: Side, part: Part) -> Waveform:
-        cached = self._speech.get((path, side, part))
+    def _speech_of(
+        self, path: Path, side: Side, part: Part, distortion: Distortion | None = None
+    ) -> Waveform:
+        cached = self._speech.get((path, side, part, distortion))
         if cached is not None:
             return cached
         waveform = decode(
@@ -142,16 +160,23 @@ class SpeechCorpus:
             Part.SECOND_HALF: waveform[half:],
             Part.WHOLE: waveform,
         }[part]
-        if side is Side.TELEPHONE:
+        if distortion is not None:
+            seed = int(
+                hashlib.sha256(f"{path.name}:{distortion.value}".encode()).hexdigest()[:8], 16
+            )
+            audio = distortion.apply(audio, self._detector.segments(audio), seed)
+        elif side is Side.TELEPHONE:
             audio = telephone_channel(audio)
-        speech = analyse(
-            audio, self._detector, QualityThresholds(), min_net_speech_seconds=0.0
-        ).speech
+        speech = (
+            analyse(audio, self._detector, QualityThresholds(), min_net_speech_seconds=0.0).speech
+            if len(audio)
+            else audio
+        )
         if side is Side.COMPANION:
             speech = telephone_channel(speech) if len(speech) else speech
         # Only the last recording's speech is kept: files are visited one after another.
         self._speech = {k: v for k, v in self._speech.items() if k[0] == path}
-        self._speech[(path, side, part)] = speech
+        self._speech[(path, side, part, distortion)] = speech
         return speech
 
     def _cache_file(self, path: Path) -> Path | None:
@@ -196,6 +221,7 @@ class SpeechCorpus:
         partial.replace(cache_file)
 
 
-def _key(side: Side, segment: Segment) -> str:
+def _key(side: Side, segment: Segment, distortion: Distortion | None = None) -> str:
     seconds = "all" if segment.seconds is None else f"{segment.seconds:g}"
-    return f"{side.value}/{segment.part.name}/{segment.start:g}/{seconds}"
+    key = f"{side.value}/{segment.part.name}/{segment.start:g}/{seconds}"
+    return key if distortion is None else f"{distortion.value}+{key}"

@@ -21,18 +21,20 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
 
+from server.config import ScoringPolicy
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Condition
+from server.scoring.calibration import Condition, ConditionCalibration
 from server.scoring.normalization import as_norm_matrix, top_n_statistics
 from server.scoring.scorer import ScoringModel
 from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
+from server.tools.distortions import Distortion
 
 Vector = npt.NDArray[np.float64]
 
@@ -71,9 +73,19 @@ class Trials:
     impostor: Vector
     target_seconds: Vector
     impostor_seconds: Vector
+    impostor_enrolled: npt.NDArray[np.str_] | None = None
+    """The enrolled speaker of each impostor trial, where the bootstrap over speakers needs it."""
+    impostor_tested: npt.NDArray[np.str_] | None = None
 
     def with_scores(self, target: Vector, impostor: Vector) -> Trials:
-        return Trials(target, impostor, self.target_seconds, self.impostor_seconds)
+        return Trials(
+            target,
+            impostor,
+            self.target_seconds,
+            self.impostor_seconds,
+            self.impostor_enrolled,
+            self.impostor_tested,
+        )
 
 
 @dataclass(frozen=True)
@@ -154,13 +166,18 @@ def cllr(target_llr: Vector, impostor_llr: Vector) -> float:
 
 
 def embed_side(
-    corpus: SpeechCorpus, files: Sequence[Recording], side: Side, segment: Segment, minimum: float
+    corpus: SpeechCorpus,
+    files: Sequence[Recording],
+    side: Side,
+    segment: Segment,
+    minimum: float,
+    distortion: Distortion | None = None,
 ) -> TrialSide:
     """Embeddings of `segment` of each file; files with less net speech than `minimum` (or
     than the segment asks for) are left out, as the service would refuse them."""
     speakers, rows, seconds = [], [], []
     for recording in files:
-        embedded = corpus.embed(recording, side, segment)
+        embedded = corpus.embed(recording, side, segment, distortion)
         if embedded.embedding is None or embedded.net_speech_seconds < minimum:
             continue
         speakers.append(recording.speaker)
@@ -213,12 +230,26 @@ def score_trials(
 class ConditionResult:
     condition: Condition
     duration: str
+    distortion: Distortion | None
     raw: Trials
     normalized: Trials
     llr_target: Vector
     llr_impostor: Vector
     at_policy: tuple[Rate, Rate]
-    """(FMR, FNMR) at the service's own threshold for the target false-match rate."""
+    """(FMR, FNMR) at the service's own bound (the threshold for the target false-match rate
+    and its LLR floors)."""
+    accepted_against_evidence: int
+    """Trials the service would accept with a negative LLR; 0 unless the floors fail."""
+    files: int
+    tests: int
+    """Test segments with the net speech the service needs, of `files`."""
+    median_test_seconds: float
+
+    @property
+    def name(self) -> str:
+        duration = "full" if self.duration == "full" else f"{self.duration} s"
+        through = "" if self.distortion is None else f" through {self.distortion.value}"
+        return f"{self.condition.value}, {duration} test{through}"
 
 
 def evaluate(
@@ -228,10 +259,13 @@ def evaluate(
     condition: Condition,
     duration: str,
     *,
-    target_fmr: float,
+    policy: ScoringPolicy,
     min_enrollment_seconds: float,
     min_test_seconds: float,
+    distortion: Distortion | None = None,
 ) -> ConditionResult:
+    """`distortion`: what the tests go through (a domain shift); the condition must be the
+    one the service scores its channel on."""
     enrollment = embed_side(
         corpus, files, ENROLLMENT_SIDE[condition], Segment(Part.FIRST_HALF), min_enrollment_seconds
     )
@@ -241,6 +275,7 @@ def evaluate(
         TEST_SIDE[condition],
         Segment(Part.SECOND_HALF, 0.0, DURATIONS[duration]),
         min_test_seconds,
+        distortion,
     )
     enrollment_cohort = scoring.cohort(condition.enrollment_channel)
     test_cohort = scoring.cohort(condition.test_channel)
@@ -256,21 +291,57 @@ def evaluate(
     normalized = score_trials(enrollment, test, normalize=normalize)
     calibration = scoring.calibration[condition]
     llr = np.vectorize(calibration.llr, otypes=[np.float64])
-    threshold = calibration.threshold(target_fmr)
-    false_matches = int((normalized.impostor >= threshold).sum())
-    false_non_matches = int((normalized.target < threshold).sum())
+    llr_target = llr(normalized.target, normalized.target_seconds)
+    llr_impostor = llr(normalized.impostor, normalized.impostor_seconds)
+    accepted_target = accepted_by(calibration, policy, normalized.target, normalized.target_seconds)
+    accepted_impostor = accepted_by(
+        calibration, policy, normalized.impostor, normalized.impostor_seconds
+    )
     return ConditionResult(
         condition,
         duration,
+        distortion,
         raw,
         normalized,
-        llr(normalized.target, normalized.target_seconds),
-        llr(normalized.impostor, normalized.impostor_seconds),
+        llr_target,
+        llr_impostor,
         (
-            Rate(false_matches, len(normalized.impostor)),
-            Rate(false_non_matches, len(normalized.target)),
+            Rate(int(accepted_impostor.sum()), len(normalized.impostor)),
+            Rate(int((~accepted_target).sum()), len(normalized.target)),
         ),
+        int(
+            (accepted_target & (llr_target < 0)).sum()
+            + (accepted_impostor & (llr_impostor < 0)).sum()
+        ),
+        len(files),
+        len(test.speakers),
+        float(np.median(test.net_speech_seconds)) if len(test.speakers) else 0.0,
     )
+
+
+def shift_condition(distortion: Distortion) -> Condition:
+    """How the service scores a distorted test: wideband against the wideband voiceprint,
+    telephone against the telephone companion."""
+    return Condition.WIDEBAND if distortion.channel is Channel.WIDEBAND else Condition.TELEPHONE
+
+
+def accepted_by(
+    calibration: ConditionCalibration, policy: ScoringPolicy, scores: Vector, seconds: Vector
+) -> npt.NDArray[np.bool_]:
+    """Which trials the service would accept: its own bound for each trial's length."""
+    needed = np.array(
+        [
+            calibration.bound(
+                policy.target_fmr,
+                float(length),
+                min_llr=policy.min_llr,
+                evidence_from_seconds=policy.evidence_from_seconds,
+            ).normalized
+            for length in seconds
+        ]
+    )
+    accepted: npt.NDArray[np.bool_] = scores >= needed
+    return accepted
 
 
 def _report(result: ConditionResult, target_fmr: float) -> list[str]:
@@ -287,7 +358,8 @@ def _report(result: ConditionResult, target_fmr: float) -> list[str]:
     fmr, fnmr = result.at_policy
     lines.append(
         f"  service  at its threshold for FMR {target_fmr:g}: FMR {fmr}, FNMR {fnmr}; "
-        f"Cllr {cllr(result.llr_target, result.llr_impostor):.3f}"
+        f"Cllr {cllr(result.llr_target, result.llr_impostor):.3f}; "
+        f"ACCEPT with a negative LLR: {result.accepted_against_evidence}"
     )
     return lines
 
@@ -317,8 +389,7 @@ def write_det_plot(results: Sequence[ConditionResult], path: Path) -> None:
                 probit(fnmr[keep]),
                 style,
                 color=colours[index % len(colours)],
-                label=f"{result.condition.value}, {result.duration} s test, {name} "
-                f"(EER {eer:.2%})".replace("full s", "full"),
+                label=f"{result.name}, {name} (EER {eer:.2%})",
             )
     axes.set_xticks(probit(ticks), labels)
     axes.set_yticks(probit(ticks), labels)
@@ -351,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         help="net speech of each test; repeat for several (default: full)",
     )
     parser.add_argument(
+        "--shift",
+        action="append",
+        choices=[d.value for d in Distortion] + ["all"],
+        help="also test through a domain shift (noise, room, codec, speed, word strings); "
+        "repeat for several, or 'all'",
+    )
+    parser.add_argument(
         "--target-fmr",
         type=float,
         help="false-match rate the threshold is set for (default: config)",
@@ -370,12 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     from models.ecapa import EcapaEmbedder
     from models.fetch import default_model_dir
     from server.config import ServerConfig
+    from server.pipeline import silero
     from server.pipeline.silero import SileroSpeechDetector
 
     config = ServerConfig.from_environment()
     target_fmr = config.scoring.target_fmr if args.target_fmr is None else args.target_fmr
+    policy = replace(config.scoring, target_fmr=target_fmr)
     conditions = [Condition(c) for c in args.condition or [c.value for c in Condition]]
     durations = args.duration or ["full"]
+    shifts = (
+        list(Distortion)
+        if "all" in (args.shift or [])
+        else [Distortion(d) for d in args.shift or []]
+    )
     all_files = recordings(args.directory)
     if not all_files:
         print(f"voxauth eval: no .flac or .wav files under {args.directory}", file=sys.stderr)
@@ -385,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     fitted_on = set(scoring.calibration.provenance.get("speakers", []))
     files = [r for r in all_files if r.speaker not in fitted_on]
     corpus = SpeechCorpus(
-        embedder, SileroSpeechDetector(), max_seconds=config.audio.max_seconds, cache_dir=args.cache
+        embedder,
+        SileroSpeechDetector(),
+        max_seconds=config.audio.max_seconds,
+        cache_dir=args.cache,
+        detector_version=silero.VERSION,
     )
     min_enrollment, min_test = (
         (0.0, 0.0)
@@ -403,30 +492,35 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(all_files) - len(files)} files left out: their speakers made the cohort or the "
         "calibration)"
     )
+    runs: list[tuple[Condition, str, Distortion | None]] = [
+        (condition, duration, None) for duration in durations for condition in conditions
+    ]
+    runs += [(shift_condition(d), duration, d) for duration in durations for d in shifts]
     results = []
-    for duration in durations:
-        for condition in conditions:
-            result = evaluate(
-                corpus,
-                files,
-                scoring,
-                condition,
-                duration,
-                target_fmr=target_fmr,
-                min_enrollment_seconds=min_enrollment,
-                min_test_seconds=min_test,
-            )
-            name = f"{condition.value}, {duration}{'' if duration == 'full' else ' s'} test"
-            if len(result.raw.target) == 0 or len(result.raw.impostor) == 0:
-                print(f"{name}: no trials (no test half holds that much net speech)")
-                continue
-            print(
-                f"{name}: {len(result.raw.target)} target, {len(result.raw.impostor)} impostor "
-                "trials"
-            )
-            for line in _report(result, target_fmr):
-                print(line)
-            results.append(result)
+    for condition, duration, distortion in runs:
+        result = evaluate(
+            corpus,
+            files,
+            scoring,
+            condition,
+            duration,
+            policy=policy,
+            min_enrollment_seconds=min_enrollment,
+            min_test_seconds=min_test,
+            distortion=distortion,
+        )
+        name = result.name
+        if len(result.raw.target) == 0 or len(result.raw.impostor) == 0:
+            print(f"{name}: no trials (no test half holds that much net speech)")
+            continue
+        print(
+            f"{name}: {len(result.raw.target)} target, {len(result.raw.impostor)} impostor "
+            f"trials; tests with enough speech: {result.tests} of {result.files} files, "
+            f"median net speech {result.median_test_seconds:.1f} s"
+        )
+        for line in _report(result, target_fmr):
+            print(line)
+        results.append(result)
     if not results:
         print("voxauth eval: need at least two speakers with enough speech", file=sys.stderr)
         return 2

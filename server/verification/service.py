@@ -13,7 +13,7 @@ from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
 from server.pipeline.speech import SpeechAnalysis
-from server.scoring.scorer import Score, Scorer
+from server.scoring.scorer import LocalThreshold, Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
 from server.verification.decision import Decision
@@ -80,6 +80,11 @@ class VerificationService:
         self._throttle.record(agent_id, result.decision, self._now())
         return result
 
+    def scoring_thresholds(self) -> list[LocalThreshold]:
+        """Blocking (may read the voiceprints): per condition, the shipped and the local
+        false-match threshold and how many comparisons stand behind the local one."""
+        return list(self._scorer.local_thresholds().values())
+
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """The agent's voiceprint, if it can be compared with this server's model."""
         agent = self._store.get_agent(validate_agent_id(agent_id))
@@ -137,6 +142,7 @@ class VerificationService:
                 "normalized_score": round(scoring.normalized, 3),
                 "llr": round(scoring.llr, 3),
                 "llr_threshold": round(scoring.llr_threshold, 3),
+                "decided_by": scoring.decided_by.value,
             }
         now = self._now()
         self._store.append_audit(

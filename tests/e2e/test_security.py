@@ -103,7 +103,13 @@ def test_each_role_is_refused_outside_its_rights(
     config = admin_pb2.GetConfigurationRequest()
     assert code_of(lambda: admin_pb2_grpc.AdminServiceStub(mfa).GetConfiguration(config)) is denied
     admin = admin_pb2_grpc.AdminServiceStub(channel(secure, pki, Role.ADMIN))
-    assert json.loads(admin.GetConfiguration(config).json)["transport"]["client_ca"]
+    shown = json.loads(admin.GetConfiguration(config).json)
+    assert shown["transport"]["client_ca"]
+    # One enrolled agent: the shipped thresholds apply, and it says why.
+    wideband = shown["scoring_thresholds"]["wideband"]
+    assert wideband["local_normalized_threshold"] is None
+    assert wideband["applied_normalized_threshold"] == wideband["shipped_normalized_threshold"]
+    assert wideband["local_comparisons"] == wideband["agents"] * (wideband["agents"] - 1)
 
     # No client certificate: refused at the handshake.
     anonymous = grpc.secure_channel(

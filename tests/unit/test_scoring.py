@@ -16,7 +16,17 @@ from models.manifest import ECAPA_MANIFEST
 from server.config import ScoringPolicy, ServerConfig
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
-from server.scoring.calibration import Calibration, Condition, fit_condition
+from server.scoring.calibration import (
+    Calibration,
+    Condition,
+    ConditionCalibration,
+    DecidedBy,
+    LinearInQuality,
+    ScoreModel,
+    TailModel,
+    fit_condition,
+    fit_tail,
+)
 from server.scoring.normalization import (
     CohortStatistics,
     as_norm,
@@ -89,11 +99,57 @@ def test_calibrated_llr_and_threshold_follow_the_score_distributions() -> None:
     assert calibration.threshold(1e-5) > threshold
 
 
+def impostor_trials(
+    speakers: int, trials_per_pair: int, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """Impostor scores N(0, 1) plus an offset N(0, 1) per pair of speakers (some pairs sound
+    alike), with each trial's two speakers: N(0, 2) in all."""
+    names = np.array([f"s{i}" for i in range(speakers)])
+    enrolled, tested = (a.ravel() for a in np.meshgrid(names, names, indexing="ij"))
+    other = enrolled != tested
+    enrolled, tested = enrolled[other], tested[other]
+    offsets = rng.normal(0.0, 1.0, len(enrolled))
+    scores = np.repeat(offsets, trials_per_pair) + rng.normal(
+        0.0, 1.0, len(enrolled) * trials_per_pair
+    )
+    return (
+        scores,
+        np.repeat(enrolled, trials_per_pair),
+        np.repeat(tested, trials_per_pair),
+    )
+
+
+def test_the_threshold_is_an_upper_bound_that_widens_where_there_are_few_voices() -> None:
+    rng = np.random.default_rng(5)
+    true_threshold = np.sqrt(2.0) * NormalDist().inv_cdf(1 - 1e-4)
+    margins = []
+    for speakers, per_pair in ((100, 2), (40, 12)):
+        scores, enrolled, tested = impostor_trials(speakers, per_pair, rng)
+        tail = fit_tail(scores, enrolled, tested, replicates=100)
+        assert len(tail.replicates) == 100
+        # The bound holds the true rate where the point fit need not.
+        assert tail.score_at(1e-4) >= true_threshold
+        margins.append(tail.score_at(1e-4) - tail.point_at(1e-4))
+    # About as many trials either way; the bound is further above the point fit when they
+    # come from fewer voices.
+    assert 0 < margins[0] < margins[1]
+
+
 def test_calibration_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
     calibration = synthetic_calibration()
+    bootstrapped = replace(
+        calibration[Condition.WIDEBAND].impostor, replicates=((0.1, 1.0), (0.2, 1.1))
+    )
+    calibration = replace(
+        calibration,
+        conditions={
+            c: replace(k, impostor=bootstrapped) for c, k in calibration.conditions.items()
+        },
+    )
     path = tmp_path / "calibration.json"
     path.write_text(calibration.to_json())
     loaded = Calibration.load(path, "test-model")
+    assert loaded == calibration
     assert loaded.cohort_top_n == 10
     assert loaded[Condition.TELEPHONE].llr(2.0, 5.0) == calibration[Condition.TELEPHONE].llr(
         2.0, 5.0
@@ -185,6 +241,120 @@ def test_decision_agrees_on_every_scale_and_follows_the_target_fmr() -> None:
         assert stricter.expected_false_non_match_rate > looser.expected_false_non_match_rate
 
 
+def weak_evidence_calibration(llr_weights: tuple[float, float, float, float]) -> Calibration:
+    """Impostors N(0, 1), so 1 in 10,000 is a normalised score of 3.72, and an LLR that the
+    test chooses: one under which that threshold is weak evidence."""
+    condition = ConditionCalibration(
+        llr_weights=llr_weights,
+        impostor=TailModel(0.0, 1.0, 0.01),
+        target=ScoreModel(LinearInQuality(8.0, 0.0), LinearInQuality(1.0, 0.0)),
+        quality_range=(float(np.log(2.0)), float(np.log(20.0))),
+        target_trials=100,
+        impostor_trials=10000,
+    )
+    return Calibration("test-model", 10, True, dict.fromkeys(Condition, condition), {})
+
+
+def test_a_score_over_the_fmr_threshold_with_a_negative_llr_is_not_accepted() -> None:
+    # llr = s - 8: the false-match threshold (3.72) is evidence of 100 to 1 for an impostor.
+    model = ScoringModel(
+        {c: random_voices(40) for c in Channel}, weak_evidence_calibration((-8.0, 1.0, 0.0, 0.0))
+    )
+    scorer = Scorer(model, ScoringPolicy(), voiceprints=list)
+    rng = np.random.default_rng(11)
+    enrolled = unit(rng.normal(size=DIMENSION))
+    fmr_threshold = model.calibration[Condition.WIDEBAND].threshold(1e-4)
+    between = []
+    for noise in np.linspace(3.5, 9.0, 40):
+        test = unit(enrolled + noise * rng.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+        score = scorer.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+        if fmr_threshold <= score.normalized and score.llr < 0:
+            between.append(score)
+    assert between, "no test scored between the false-match threshold and an LLR of 0"
+    for score in between:
+        assert not score.accepted
+        assert score.decided_by is DecidedBy.LLR_FLOOR
+        assert score.llr_threshold == pytest.approx(ScoringPolicy().min_llr)
+        assert score.cosine < score.threshold
+    # An operator who asks for evidence of 20 to 1 gets it.
+    demanding = Scorer(model, ScoringPolicy(min_llr=3.0), voiceprints=list)
+    test = unit(enrolled + 0.5 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    score = demanding.score(voiceprint("a", enrolled, None), test, 5.0, Channel.WIDEBAND)
+    assert score.accepted == (score.llr >= 3.0)
+    assert score.normalized_threshold == pytest.approx(11.0)
+
+
+def test_a_longer_check_never_needs_weaker_evidence_than_a_shorter_one() -> None:
+    # llr = s - 2 q: at the false-match threshold the LLR falls with the length, from
+    # +1.5 at 3 s to -2.3 at 20 s.
+    model = ScoringModel(
+        {c: random_voices(40) for c in Channel}, weak_evidence_calibration((0.0, 1.0, -2.0, 0.0))
+    )
+    policy = ScoringPolicy(min_llr=0.0, evidence_from_seconds=3.0)
+    scorer = Scorer(model, policy, voiceprints=list)
+    enrolled = unit(RNG.normal(size=DIMENSION))
+    test = unit(enrolled + RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION))
+    scores = [
+        scorer.score(voiceprint("a", enrolled, None), test, seconds, Channel.WIDEBAND)
+        for seconds in (3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+    ]
+    assert scores[0].decided_by is DecidedBy.FMR_THRESHOLD
+    assert all(s.decided_by is DecidedBy.DURATION_FLOOR for s in scores[1:])
+    needed = [s.llr_threshold for s in scores]
+    assert needed == pytest.approx([needed[0]] * len(needed))
+    assert needed[0] == pytest.approx(3.719 - 2 * np.log(3.0), abs=1e-3)
+    for score in scores:
+        assert score.accepted == (score.llr >= score.llr_threshold - 1e-9)
+    # By default the ordering is on the score: a longer check never needs a lower one, and
+    # never less evidence than the LLR floor.
+    default = Scorer(model, ScoringPolicy(), voiceprints=list)
+    bounds = [
+        default.score(voiceprint("a", enrolled, None), test, seconds, Channel.WIDEBAND)
+        for seconds in (3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+    ]
+    needed_scores = [b.normalized_threshold for b in bounds]
+    assert needed_scores == sorted(needed_scores)
+    assert min(b.llr_threshold for b in bounds) == pytest.approx(ScoringPolicy().min_llr)
+
+
+def test_lookalike_agents_raise_the_threshold_once_there_are_enough_of_them() -> None:
+    model = scoring_model()
+    shipped = model.calibration[Condition.WIDEBAND].threshold(1e-4)
+    # A contact centre whose agents sound more alike than the shipped impostors do: one
+    # accent, one headset.
+    accent = unit(RNG.normal(size=DIMENSION))
+    stored = [
+        voiceprint(f"a{i}", voice, voice)
+        for i, voice in enumerate(
+            unit(accent + 1.2 * RNG.normal(size=DIMENSION) / np.sqrt(DIMENSION)) for _ in range(40)
+        )
+    ]
+    clock = ManualClock()
+    policy = ScoringPolicy(cohort_refresh_seconds=60)
+    scorer = Scorer(model, policy, voiceprints=lambda: list(stored), monotonic=clock.monotonic)
+    local = scorer.local_thresholds()[Condition.WIDEBAND]
+    assert (local.agents, local.comparisons) == (40, 40 * 39)
+    assert local.shipped == pytest.approx(shipped)
+    assert local.local is not None and local.local > shipped
+    assert local.applied == local.local
+    # A check the shipped threshold would pass but the agents' own impostors would not.
+    claimed = stored[0]
+    lookalike = stored[1].embedding
+    score = scorer.score(claimed, lookalike, 3.0, Channel.WIDEBAND)
+    assert shipped <= score.normalized < local.local
+    assert not score.accepted
+    assert score.decided_by is DecidedBy.LOCAL_FMR_THRESHOLD
+
+    # Erasures that leave too few agents: the local threshold is gone at the next refresh.
+    del stored[20:]
+    assert scorer.local_thresholds()[Condition.WIDEBAND].agents == 40
+    clock.advance(61.0)
+    after = scorer.local_thresholds()[Condition.WIDEBAND]
+    assert (after.agents, after.local) == (20, None)
+    assert after.applied == pytest.approx(shipped)
+    assert scorer.score(claimed, lookalike, 3.0, Channel.WIDEBAND).accepted
+
+
 def test_agents_join_the_cohort_except_the_claimed_one_and_are_reread() -> None:
     model = scoring_model()
     enrolled = unit(RNG.normal(size=DIMENSION))
@@ -219,6 +389,8 @@ def test_scoring_policy_from_the_environment() -> None:
             "VOXAUTH_TARGET_FMR": "0.001",
             "VOXAUTH_COHORT_AGENTS": "1",
             "VOXAUTH_SCORING_DIR": "/opt/scoring",
+            "VOXAUTH_MIN_LLR": "2.3",
+            "VOXAUTH_LOCAL_THRESHOLD_MIN_AGENTS": "0",
         }
     )
     assert config.scoring == replace(
@@ -226,12 +398,16 @@ def test_scoring_policy_from_the_environment() -> None:
         target_fmr=0.001,
         cohort_includes_agents=True,
         scoring_dir=Path("/opt/scoring"),
+        min_llr=2.3,
+        local_threshold_min_agents=0,
     )
     for name, value in (
         ("VOXAUTH_TARGET_FMR", "0"),
         ("VOXAUTH_TARGET_FMR", "1e-4x"),
         ("VOXAUTH_TARGET_FMR", "0.7"),
         ("VOXAUTH_COHORT_AGENTS", "yes"),
+        # Accepting on evidence for an impostor is no policy.
+        ("VOXAUTH_MIN_LLR", "-1"),
     ):
         with pytest.raises(ConfigurationError, match=name):
             ServerConfig.from_environment({name: value})

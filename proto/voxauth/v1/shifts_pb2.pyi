@@ -351,6 +351,7 @@ class ShiftEvent(_message.Message):
     AUDIO_START_FIELD_NUMBER: _builtins.int
     AUDIO_END_FIELD_NUMBER: _builtins.int
     SHIFT_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
     kind: Global___ShiftEventKind.ValueType
     shift_id: _builtins.str
     score: _builtins.float
@@ -360,6 +361,8 @@ class ShiftEvent(_message.Message):
     """
     threshold: _builtins.float
     net_speech_seconds: _builtins.float
+    decided_by: _voxauth_pb2.DecidedBy.ValueType
+    """CHECKPOINT_PASSED/FAILED: which bound set the threshold (as in VerifyResponse)."""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When the event happened."""
@@ -389,10 +392,11 @@ class ShiftEvent(_message.Message):
         audio_start: _timestamp_pb2.Timestamp | None = ...,
         audio_end: _timestamp_pb2.Timestamp | None = ...,
         shift: Global___Shift | None = ...,
+        decided_by: _voxauth_pb2.DecidedBy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "scheduled_at", b"scheduled_at", "shift", b"shift"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -194,6 +194,48 @@ COMPARISON_TELEPHONE: Comparison.ValueType  # 3
 """Telephone-band speech against the voiceprint's telephone companion."""
 Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
 
+class _DecidedBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecidedByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecidedBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECIDED_BY_UNSPECIFIED: _DecidedBy.ValueType  # 0
+    DECIDED_BY_FMR_THRESHOLD: _DecidedBy.ValueType  # 1
+    """The score impostors reach at the target false-match rate."""
+    DECIDED_BY_LLR_FLOOR: _DecidedBy.ValueType  # 2
+    """The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 2.3, never
+    below 0): no ACCEPT on evidence that favours someone else.
+    """
+    DECIDED_BY_DURATION_FLOOR: _DecidedBy.ValueType  # 3
+    """Where VOXAUTH_EVIDENCE_FROM_SECONDS is set: the LLR a check of that length needs at the
+    false-match threshold, so a longer check never needs a lower LLR.
+    """
+    DECIDED_BY_LOCAL_FMR_THRESHOLD: _DecidedBy.ValueType  # 4
+    """The score the enrolled agents reach against each other at the target false-match rate,
+    where it is stricter than the shipped one (GetConfiguration shows both).
+    """
+
+class DecidedBy(_DecidedBy, metaclass=_DecidedByEnumTypeWrapper):
+    """The bounds an ACCEPT must clear; the highest decides."""
+
+DECIDED_BY_UNSPECIFIED: DecidedBy.ValueType  # 0
+DECIDED_BY_FMR_THRESHOLD: DecidedBy.ValueType  # 1
+"""The score impostors reach at the target false-match rate."""
+DECIDED_BY_LLR_FLOOR: DecidedBy.ValueType  # 2
+"""The least calibrated LLR the server accepts on (VOXAUTH_MIN_LLR, default 2.3, never
+below 0): no ACCEPT on evidence that favours someone else.
+"""
+DECIDED_BY_DURATION_FLOOR: DecidedBy.ValueType  # 3
+"""Where VOXAUTH_EVIDENCE_FROM_SECONDS is set: the LLR a check of that length needs at the
+false-match threshold, so a longer check never needs a lower LLR.
+"""
+DECIDED_BY_LOCAL_FMR_THRESHOLD: DecidedBy.ValueType  # 4
+"""The score the enrolled agents reach against each other at the target false-match rate,
+where it is stricter than the shipped one (GetConfiguration shows both).
+"""
+Global___DecidedBy: _TypeAlias = DecidedBy  # noqa: Y015
+
 @_typing.final
 class Audio(_message.Message):
     """A piece of audio with its declared format. Every input is converted to 16 kHz mono before
@@ -721,6 +763,7 @@ class VerifyResponse(_message.Message):
     COMPARISON_FIELD_NUMBER: _builtins.int
     NORMALIZED_SCORE_FIELD_NUMBER: _builtins.int
     NORMALIZED_THRESHOLD_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     score: _builtins.float
     """Raw cosine similarity between the audio's embedding and the voiceprint it was compared
@@ -759,6 +802,10 @@ class VerifyResponse(_message.Message):
     channel, and the threshold on that scale that the target false-match rate sets.
     """
     normalized_threshold: _builtins.float
+    decided_by: Global___DecidedBy.ValueType
+    """Which bound set `threshold` (and `llr_threshold`, `normalized_threshold`): the highest of
+    the false-match threshold and the LLR floors. UNSPECIFIED when INCONCLUSIVE.
+    """
     @_builtins.property
     def quality(self) -> Global___AudioQuality: ...
     def __init__(
@@ -777,10 +824,11 @@ class VerifyResponse(_message.Message):
         comparison: Global___Comparison.ValueType = ...,
         normalized_score: _builtins.float = ...,
         normalized_threshold: _builtins.float = ...,
+        decided_by: Global___DecidedBy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
