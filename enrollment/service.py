@@ -22,6 +22,7 @@ from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
+from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
 from server.storage.interface import UnitOfWork, VoiceprintStore
@@ -39,6 +40,9 @@ class UtteranceOutcome:
     record: UtteranceRecord | None
     """The kept utterance; None when it failed the quality gates."""
     rejection_reason: str = ""
+    presentation: PresentationAssessment | None = None
+    """The presentation-attack check; None when the server runs no PAD or the utterance
+    failed the quality gates first."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,33 @@ class EnrollmentService:
             )
             self._store.append_audit(rejected)
             _log(rejected)
-            return UtteranceOutcome(quality, received_at, None, reason)
+            return UtteranceOutcome(quality, received_at, None, reason, sample.presentation)
+        presentation = sample.presentation
+        if presentation is not None and presentation.decision.suspected:
+            reason = (
+                f"taken for a presentation attack (synthetic, converted or replayed speech): "
+                f"countermeasure score {presentation.score:.2f}, below the "
+                f"{presentation.threshold:.2f} a live voice on the {sample.channel.value} channel "
+                "needs; record the agent speaking live"
+            )
+            suspected = self._event(
+                AuditAction.PRESENTATION_ATTACK,
+                agent.agent_id,
+                presentation.decision.value,
+                check=AuditAction.ENROLLMENT_ADD.value,
+                channel=sample.channel.value,
+                **presentation.audit_details(),
+            )
+            if presentation.enforced:
+                rejected = self._event(
+                    AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason
+                )
+                with self._store.unit_of_work(f"refuse an utterance of {agent.agent_id!r}") as unit:
+                    unit.append_audit(suspected)
+                    unit.append_audit(rejected)
+                _log(rejected)
+                return UtteranceOutcome(quality, received_at, None, reason, presentation)
+            self._store.append_audit(suspected)
         model_id = self._analyser.model_id
         telephone = self._analyser.telephone_embedding(quality.speech)
         # One add at a time, so two copies sent at once cannot both pass the duplicate check.
@@ -137,7 +167,7 @@ class EnrollmentService:
                 )
                 self._store.append_audit(rejected)
                 _log(rejected)
-                return UtteranceOutcome(quality, received_at, None, reason)
+                return UtteranceOutcome(quality, received_at, None, reason, presentation)
             record = UtteranceRecord(
                 utterance_id=uuid.uuid4().hex,
                 agent_id=agent.agent_id,
@@ -161,7 +191,7 @@ class EnrollmentService:
                 unit.add_utterance(record, self._policy.max_pending_utterances)
                 unit.append_audit(added)
         _log(added)
-        return UtteranceOutcome(quality, received_at, record)
+        return UtteranceOutcome(quality, received_at, record, presentation=presentation)
 
     def progress(self, agent_id: str) -> EnrollmentProgress:
         agent = self._store.get_agent(validate_agent_id(agent_id))

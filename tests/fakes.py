@@ -20,6 +20,7 @@ import numpy as np
 from voxauth.v1 import voxauth_pb2 as pb
 
 from models.embedder import Embedding, Waveform
+from models.manifest import AASIST_MANIFEST
 from server.config import AudioLimits, ScoringPolicy, ThrottlePolicy, VerificationPolicy
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.decode import AudioEncoding
@@ -61,6 +62,29 @@ class FakeEmbedder:
         if self._seconds_per_call:
             time.sleep(self._seconds_per_call)
         return AGENT_VOICE if float(np.mean(waveform)) > 0 else IMPOSTOR_VOICE
+
+
+GENUINE_PAD_SCORE = 3.0
+"""What FakeCountermeasure gives by default: above both shipped PAD thresholds."""
+
+
+class FakeCountermeasure:
+    """Implements Countermeasure without a network: every waveform scores `score_of(waveform)`
+    (by default GENUINE_PAD_SCORE). It stands in for AASIST, whose shipped calibration it
+    therefore loads (same model id)."""
+
+    model_id = AASIST_MANIFEST.model_id
+    sample_rate = 16_000
+    min_samples = 16_000
+
+    def __init__(self, score_of: Callable[[Waveform], float] | None = None) -> None:
+        self._score_of = score_of or (lambda waveform: GENUINE_PAD_SCORE)
+        self.scored: list[int] = []
+        """Lengths of the waveforms scored, in order."""
+
+    def score(self, waveform: Waveform) -> float:
+        self.scored.append(len(waveform))
+        return self._score_of(waveform)
 
 
 class AllSpeech:

@@ -12,6 +12,7 @@ from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
+from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import SpeechAnalysis
 from server.scoring.scorer import Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
@@ -41,6 +42,13 @@ class VerificationResult:
     """The false-match rate the threshold was set for."""
     scoring: Score | None
     """AS-norm score, calibrated LLR and their thresholds; None when INCONCLUSIVE."""
+    presentation: PresentationAssessment | None = None
+    """The presentation-attack check; None when the server runs no PAD. A check it refuses is
+    a REJECT whatever the voice scored."""
+
+    @property
+    def refused_as_attack(self) -> bool:
+        return self.presentation is not None and self.presentation.refuses
 
 
 class VerificationService:
@@ -109,8 +117,13 @@ class VerificationService:
                 voiceprint, sample.embedding, sample.quality.net_speech_seconds, sample.channel
             )
         )
+        presentation = sample.presentation
         if scoring is None:
             decision = Decision.INCONCLUSIVE
+        elif presentation is not None and presentation.refuses:
+            # REJECT, not INCONCLUSIVE: an INCONCLUSIVE costs nothing, so an attacker could
+            # retry a spoof without end; a REJECT counts toward throttling and shift locks.
+            decision = Decision.REJECT
         else:
             decision = Decision.ACCEPT if scoring.accepted else Decision.REJECT
         result = VerificationResult(
@@ -122,6 +135,7 @@ class VerificationService:
             channel=sample.channel,
             target_fmr=self._scorer.target_fmr,
             scoring=scoring,
+            presentation=presentation,
         )
         details: dict[str, object] = {
             "score": round(result.score, 4),
@@ -138,10 +152,24 @@ class VerificationService:
                 "llr": round(scoring.llr, 3),
                 "llr_threshold": round(scoring.llr_threshold, 3),
             }
+        if presentation is not None:
+            details |= presentation.audit_details()
         now = self._now()
         self._store.append_audit(
             AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
         )
+        if presentation is not None and presentation.decision.suspected:
+            # Its own record, so that a SIEM can select suspected spoofs by action.
+            self._store.append_audit(
+                AuditEvent(
+                    AuditAction.PRESENTATION_ATTACK,
+                    voiceprint.agent_id,
+                    presentation.decision.value,
+                    now,
+                    {"check": action.value, "channel": sample.channel.value}
+                    | presentation.audit_details(),
+                )
+            )
         last_used_at = voiceprint.last_used_at
         if scoring is not None and (
             last_used_at is None or now - last_used_at >= _LAST_USE_RESOLUTION
@@ -149,7 +177,7 @@ class VerificationService:
             self._store.mark_voiceprint_used(voiceprint.agent_id, now)
         log.info(
             "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
-            "net_speech=%.1fs",
+            "net_speech=%.1fs pad=%s",
             action,
             voiceprint.agent_id,
             result.decision.value,
@@ -159,5 +187,6 @@ class VerificationService:
             result.threshold,
             scoring.llr if scoring else 0.0,
             sample.quality.net_speech_seconds,
+            presentation.decision.value if presentation else "-",
         )
         return result
