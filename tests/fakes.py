@@ -21,9 +21,21 @@ from voxauth.v1 import voxauth_pb2 as pb
 
 from models.embedder import Embedding, Waveform
 from models.manifest import AASIST_MANIFEST
-from server.config import AudioLimits, ScoringPolicy, ThrottlePolicy, VerificationPolicy
+from server.config import (
+    AudioLimits,
+    PresentationAttackPolicy,
+    ScoringPolicy,
+    ThrottlePolicy,
+    VerificationPolicy,
+)
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
+from server.pipeline.presentation import (
+    ChannelCalibration,
+    PadCalibration,
+    PresentationAttackDetector,
+)
 from server.pipeline.speech import QualityThresholds, Segment
 from server.scoring.calibration import (
     Calibration,
@@ -178,15 +190,37 @@ IMPOSTOR_AUDIO = audio(-0.1)
 TOO_SHORT_AUDIO = audio(0.1, seconds=1.0)
 
 
+FAKE_PAD_CALIBRATION = PadCalibration(
+    AASIST_MANIFEST.model_id,
+    {
+        Channel.WIDEBAND: ChannelCalibration(mean=1.0, sd=1.0, count=50),
+        Channel.TELEPHONE: ChannelCalibration(mean=0.0, sd=1.0, count=50),
+    },
+)
+"""Thresholds at BPCER 0.05: -0.64 wideband, -1.64 telephone."""
+
+
+def fake_presentation(
+    countermeasure: FakeCountermeasure, policy: PresentationAttackPolicy | None = None
+) -> PresentationAttackDetector:
+    return PresentationAttackDetector(
+        countermeasure, FAKE_PAD_CALIBRATION, policy or PresentationAttackPolicy()
+    )
+
+
 def fake_verification(
     store: Store,
     scoring_dir: Path,
     now: Callable[[], datetime],
     throttle_policy: ThrottlePolicy | None = None,
+    presentation: PresentationAttackDetector | None = None,
 ) -> VerificationService:
-    """A VerificationService on the fake voice, the given store and throttle policy."""
+    """A VerificationService on the fake voice, the given store and throttle policy (and PAD
+    detector, if any)."""
     policy = replace(fake_scoring(scoring_dir, MODEL_ID, 4), target_fmr=TARGET_FMR)
     scorer = Scorer(ScoringModel.load(policy, MODEL_ID), policy, voiceprints=list)
-    analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
+    analyser = VoiceAnalyser(
+        FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits(), presentation
+    )
     throttle = VerificationThrottle(store, throttle_policy or ThrottlePolicy())
     return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle)
