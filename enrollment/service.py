@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from enrollment.duplicates import DUPLICATE_SIMILARITY, Fingerprint, find_duplicate
 from enrollment.voiceprint import (
@@ -24,11 +24,22 @@ from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
 from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from server.records import (
+    AgentRecord,
+    AuditEvent,
+    RecordingOrigin,
+    ReplayFingerprint,
+    UtteranceRecord,
+    Voiceprint,
+)
 from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
 log = logging.getLogger(__name__)
+
+# The enrollment fingerprints kept per agent (the newest): two full enrollments' worth at the
+# limit of pending utterances.
+_ENROLLMENT_FINGERPRINTS = 64
 
 
 @dataclass(frozen=True)
@@ -287,6 +298,20 @@ class EnrollmentService:
         replaced = unit.replace_voiceprint(
             voiceprint, [u.utterance_id for u in consistency.accepted]
         )
+        # The utterances go, their fingerprints stay: a check that plays one back is a replay.
+        for utterance in consistency.accepted:
+            unit.add_fingerprint(
+                ReplayFingerprint(
+                    agent.agent_id,
+                    utterance.model_id,
+                    RecordingOrigin.ENROLLMENT,
+                    utterance.received_at,
+                    utterance.embedding,
+                    utterance.telephone_embedding,
+                ),
+                keep_after=datetime.min.replace(tzinfo=UTC),
+                keep=_ENROLLMENT_FINGERPRINTS,
+            )
         events.append(
             self._event(
                 AuditAction.ENROLLMENT_FINALIZE,

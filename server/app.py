@@ -45,6 +45,7 @@ from server.security.crypto import VoiceprintCipher
 from server.shifts.service import ShiftService
 from server.storage.interface import AuditEvent, Store
 from server.storage.sqlite import open_store
+from server.verification.replay import ReplayGuard
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
@@ -203,7 +204,13 @@ class VoxauthServer:
         now = self._clock.now
         throttle = VerificationThrottle(store, self.config.throttle)
         verification = VerificationService(
-            store, analyser, self.config.verification, scorer, now, throttle
+            store,
+            analyser,
+            self.config.verification,
+            scorer,
+            now,
+            throttle,
+            ReplayGuard(store, policy),
         )
         self._shifts = ShiftService(
             store,

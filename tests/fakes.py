@@ -47,6 +47,7 @@ from server.scoring.calibration import (
 )
 from server.scoring.scorer import CALIBRATION_FILE, COHORT_FILE, Scorer, ScoringModel
 from server.storage.interface import Store
+from server.verification.replay import ReplayGuard
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
 
@@ -214,13 +215,15 @@ def fake_verification(
     now: Callable[[], datetime],
     throttle_policy: ThrottlePolicy | None = None,
     presentation: PresentationAttackDetector | None = None,
+    replay: PresentationAttackPolicy | None = None,
 ) -> VerificationService:
     """A VerificationService on the fake voice, the given store and throttle policy (and PAD
-    detector, if any)."""
+    detector and replay detection under the given policy, if any)."""
     policy = replace(fake_scoring(scoring_dir, MODEL_ID, 4), target_fmr=TARGET_FMR)
     scorer = Scorer(ScoringModel.load(policy, MODEL_ID), policy, voiceprints=list)
     analyser = VoiceAnalyser(
         FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits(), presentation
     )
     throttle = VerificationThrottle(store, throttle_policy or ThrottlePolicy())
-    return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle)
+    guard = None if replay is None else ReplayGuard(store, replay)
+    return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle, guard)

@@ -12,12 +12,13 @@ from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
-from server.pipeline.presentation import PresentationAssessment
+from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import SpeechAnalysis
 from server.scoring.scorer import Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
 from server.verification.decision import Decision
+from server.verification.replay import ReplayGuard, ReplayMatch
 from server.verification.throttling import VerificationThrottle
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,9 @@ class VerificationService:
         scorer: Scorer,
         now: Callable[[], datetime],
         throttle: VerificationThrottle,
+        replay: ReplayGuard | None = None,
     ) -> None:
+        self._replay = replay
         self._store = store
         self._analyser = analyser
         self._policy = policy
@@ -118,6 +121,18 @@ class VerificationService:
             )
         )
         presentation = sample.presentation
+        replayed: ReplayMatch | None = None
+        if self._replay is not None and sample.embedding is not None:
+            replayed = self._replay.match(
+                voiceprint.agent_id, model_id, sample.embedding, self._now()
+            )
+            if replayed is not None:
+                presentation = (
+                    presentation
+                    or PresentationAssessment(
+                        0.0, 0.0, PresentationDecision.NOT_ASSESSED, self._replay.enforced
+                    )
+                ).as_replay()
         if scoring is None:
             decision = Decision.INCONCLUSIVE
         elif presentation is not None and presentation.refuses:
@@ -154,6 +169,11 @@ class VerificationService:
             }
         if presentation is not None:
             details |= presentation.audit_details()
+        if replayed is not None:
+            details |= {
+                "replay_of": replayed.origin.value,
+                "replay_similarity": round(replayed.similarity, 4),
+            }
         now = self._now()
         self._store.append_audit(
             AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
@@ -167,9 +187,12 @@ class VerificationService:
                     presentation.decision.value,
                     now,
                     {"check": action.value, "channel": sample.channel.value}
-                    | presentation.audit_details(),
+                    | presentation.audit_details()
+                    | ({"replay_of": replayed.origin.value} if replayed is not None else {}),
                 )
             )
+        if self._replay is not None and sample.embedding is not None:
+            self._replay.remember(voiceprint.agent_id, model_id, sample.embedding, now)
         last_used_at = voiceprint.last_used_at
         if scoring is not None and (
             last_used_at is None or now - last_used_at >= _LAST_USE_RESOLUTION

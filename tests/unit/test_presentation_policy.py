@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,12 @@ from server.pipeline.presentation import (
 from server.pipeline.speech import QualityThresholds
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
-from server.storage.interface import AgentRecord, Voiceprint
+from server.storage.interface import (
+    AgentRecord,
+    RecordingOrigin,
+    ReplayFingerprint,
+    Voiceprint,
+)
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite import open_store
 from server.verification.decision import Decision
@@ -227,3 +232,51 @@ def test_the_countermeasure_runs_beside_the_embedding_not_on_the_callers_thread(
     )
     analyser.analyse_waveform(np.full(32_000, 0.1, np.float32), min_net_speech_seconds=0)
     assert seen and seen[0].startswith("pad")
+
+
+def test_the_same_recording_played_again_is_refused_as_replay(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    clock = ManualClock(T0)
+    service = fake_verification(
+        store, tmp_path / "scoring", clock.now, replay=PresentationAttackPolicy()
+    )
+    # The fake embeds every agent recording alike: the second is the first played back.
+    assert service.verify(AGENT, AGENT_AUDIO).decision is Decision.ACCEPT
+    clock.advance(timedelta(minutes=5))
+    replayed = service.verify(AGENT, AGENT_AUDIO)
+    assert replayed.decision is Decision.REJECT
+    assert replayed.presentation is not None
+    assert replayed.presentation.decision is PresentationDecision.REPLAY
+    [suspected] = [
+        e for e in store.audit_events(AGENT) if e.action == AuditAction.PRESENTATION_ATTACK
+    ]
+    assert suspected.details["replay_of"] == "check"
+    # Past the replay window the earlier check is forgotten.
+    clock.advance(timedelta(days=31))
+    store_checks = [f for f in store.fingerprints(AGENT) if f.origin.value == "check"]
+    assert len(store_checks) == 2
+    assert service.verify(AGENT, AGENT_AUDIO).decision is Decision.ACCEPT
+
+
+def test_a_check_repeating_an_enrollment_utterance_is_a_replay(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    clock = ManualClock(T0)
+    store.add_fingerprint(
+        ReplayFingerprint(AGENT, MODEL_ID, RecordingOrigin.ENROLLMENT, T0, AGENT_VOICE),
+        keep_after=T0,
+        keep=10,
+    )
+    monitor = PresentationAttackPolicy(mode="monitor")
+    service = fake_verification(store, tmp_path / "scoring", clock.now, replay=monitor)
+    result = service.verify(AGENT, AGENT_AUDIO)
+    # Monitor mode: reported, not refused.
+    assert result.decision is Decision.ACCEPT
+    assert result.presentation is not None
+    assert result.presentation.decision is PresentationDecision.REPLAY
+    assert not result.presentation.enforced
+    enforcing = fake_verification(
+        store, tmp_path / "scoring", clock.now, replay=PresentationAttackPolicy()
+    )
+    assert enforcing.verify(AGENT, AGENT_AUDIO).decision is Decision.REJECT

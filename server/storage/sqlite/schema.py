@@ -252,6 +252,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FROM assurances a JOIN shifts s ON s.shift_id = a.shift_id
             WHERE s.state IN ('ENDED', 'LOCKED')""",
     ),
+    (
+        # Replay fingerprints (server/verification/replay.py): the sealed embeddings of the
+        # agent's enrollment utterances and of its recent checks, to recognise a recording
+        # played again. Bounded per agent; erased with the agent.
+        """CREATE TABLE replay_fingerprints (
+            agent_ref TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            embedding BLOB NOT NULL,
+            telephone_embedding BLOB
+        )""",
+        "CREATE INDEX replay_fingerprints_by_agent ON replay_fingerprints (agent_ref, recorded_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
