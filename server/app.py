@@ -210,7 +210,7 @@ class VoxauthServer:
             scorer,
             now,
             throttle,
-            ReplayGuard(store, policy),
+            ReplayGuard(store, policy) if policy.replay_detection else None,
         )
         self._shifts = ShiftService(
             store,

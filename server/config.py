@@ -267,6 +267,10 @@ class PresentationAttackPolicy(Settings):
     calibration_path: Path | None = field(default=None, metadata=setting("VOXAUTH_PAD_CALIBRATION"))
     """Made by `voxauth attacks calibrate`; None means models/scoring/pad_calibration.json."""
 
+    replay_detection: bool = field(default=True, metadata=setting("VOXAUTH_REPLAY_DETECTION"))
+    """Compare every check with the agent's enrollment utterances and recent checks, and
+    refuse one that repeats a recording (server/verification/replay.py)."""
+
     replay_similarity: float = field(
         default=0.93, metadata=setting("VOXAUTH_REPLAY_SIMILARITY", check=cosine)
     )

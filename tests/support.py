@@ -29,6 +29,7 @@ from server.app import VoxauthServer
 from server.config import (
     EnrollmentPolicy,
     MfaConfig,
+    PresentationAttackPolicy,
     ServerConfig,
     StreamLimits,
     TransportConfig,
@@ -107,6 +108,9 @@ def make_config(tmp_path: Path) -> ServerConfig:
         transport=TransportConfig(insecure_development=True),
         mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
         streams=StreamLimits(shift_idle_seconds=_A_DAY, enrollment_idle_seconds=_A_DAY),
+        # The tests send the same few recordings again and again, which replay detection
+        # would refuse; tests/e2e/test_presentation_e2e.py turns it on.
+        presentation=PresentationAttackPolicy(replay_detection=False),
     )
 
 

@@ -382,4 +382,8 @@ def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) ->
         "normalized_score",
         "llr",
         "llr_threshold",
+        "pad_score",
+        "pad_threshold",
+        "pad_decision",
+        "pad_enforced",
     }
