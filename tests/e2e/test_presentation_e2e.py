@@ -36,6 +36,7 @@ from tests.support import (
 # Speaker B: its Griffin-Lim resyntheses score -5.1 to -6.5, far below the wideband threshold
 # (-1.15 at the default BPCER 0.05); its genuine halves +1.7 and +3.1.
 AGENT = "agent-b"
+SUSPECTED = (pb.PRESENTATION_DECISION_ATTACK, pb.PRESENTATION_DECISION_REPLAY)
 
 
 def resynthesised(samples: Samples) -> Samples:
@@ -138,7 +139,11 @@ def test_refused_checkpoints_lock_the_shift_and_the_subscriber_sees_them(
         server.advance(100)
         failed = stream.next_event()
         assert failed.kind == spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED
-        assert failed.presentation_attack.decision == pb.PRESENTATION_DECISION_ATTACK
+        # The countermeasure refuses it; made from the login recording, it also embeds like
+        # it, so replay detection names it first.
+        pad = failed.presentation_attack
+        assert pad.score < pad.threshold
+        assert pad.decision in SUSPECTED
     locked = stream.next_event()
     assert locked.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED
     assert locked.shift.state == spb.SHIFT_STATE_LOCKED
