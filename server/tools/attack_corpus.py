@@ -638,32 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="window logits of an earlier `score --scores` run of the calibration split, "
         "instead of scoring again",
     )
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="ISO/IEC 30107-3 figures on the test split: APCER, BPCER, IAPAR, DET plot",
-    )
-    evaluate.add_argument("corpus", type=Path)
-    evaluate.add_argument(
-        "--scores",
-        type=Path,
-        required=True,
-        help="window logits of `voxauth attacks score CORPUS --split test --scores FILE`",
-    )
-    evaluate.add_argument("--target-bpcer", type=float, default=0.05)
-    evaluate.add_argument("--calibration", type=Path, help="default: the shipped one")
-    evaluate.add_argument("--det", type=Path, help="write the DET plot here (PNG)")
-    evaluate.add_argument(
-        "--iapar",
-        action="store_true",
-        help="also run every item through the speaker model against its speaker's voiceprint "
-        "(enrolled from the rest of the speaker's recording) for the combined system's IAPAR",
-    )
     args = parser.parse_args(argv)
 
-    if args.command == "evaluate":
-        from server.tools.pad_evaluation import evaluate_command
-
-        return evaluate_command(args)
     if args.command == "calibrate":
         return _calibrate(args)
     if args.command == "build":

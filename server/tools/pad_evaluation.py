@@ -276,5 +276,29 @@ def _print_iapar(scores: Scores, thresholds: dict[Channel, float], checks: Speak
     )
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="voxauth attacks evaluate",
+        description="ISO/IEC 30107-3 figures on the test split: APCER, BPCER, IAPAR, DET plot",
+    )
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument(
+        "--scores",
+        type=Path,
+        required=True,
+        help="window logits of `voxauth attacks score CORPUS --split test --scores FILE`",
+    )
+    parser.add_argument("--target-bpcer", type=float, default=0.05)
+    parser.add_argument("--calibration", type=Path, help="default: the shipped one")
+    parser.add_argument("--det", type=Path, help="write the DET plot here (PNG)")
+    parser.add_argument(
+        "--iapar",
+        action="store_true",
+        help="also run every item through the speaker model against its speaker's voiceprint "
+        "(enrolled from the rest of the speaker's recording) for the combined system's IAPAR",
+    )
+    return evaluate_command(parser.parse_args(argv))
+
+
 def _say(message: str) -> None:
     print(f"voxauth attacks: {message}", file=sys.stderr, flush=True)
