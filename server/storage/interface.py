@@ -115,8 +115,8 @@ class UnitOfWork(Protocol):
         time back). Does nothing if the agent has no voiceprint (any more)."""
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
-        """Erases every voiceprint last used before `unused_before` (the agents stay) and
-        returns their agents' ids."""
+        """Erases every voiceprint last used before `unused_before`, with the agent's replay
+        fingerprints (the agents stay), and returns their agents' ids."""
 
     def create_shift(self, shift: ShiftRecord) -> None:
         """Raises AgentNotFoundError if the agent does not exist."""

@@ -38,6 +38,7 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    RecordingOrigin,
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
@@ -64,6 +65,7 @@ from server.storage.sealing import (
 logger = logging.getLogger(__name__)
 
 _PAGE_SIZE = 500
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
 
 
 class SecureStore:
@@ -546,6 +548,10 @@ class _Unit:
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
         refs = self.txn.delete_voiceprints_unused_before(unused_before)
+        # The fingerprints are of the same voice: they go with the voiceprint.
+        for ref in refs:
+            for origin in RecordingOrigin:
+                self.txn.prune_fingerprints(ref, origin.value, _END_OF_TIME, keep=0)
         self.erased = self.erased or bool(refs)
         agents = self._agents.by_ref(self.txn, refs)
         return sorted(agents[ref].agent_id for ref in refs if ref in agents)

@@ -697,3 +697,15 @@ def test_replay_fingerprints_are_sealed_bounded_and_erased_with_the_agent(
     with pytest.raises(AgentNotFoundError):
         store.fingerprints("doomed")
     assert len(store.fingerprints("keep")) == 1
+
+
+def test_expiring_a_voiceprint_erases_the_agents_fingerprints(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.replace_voiceprint(voiceprint("a1", "v"), [])
+    for origin in RecordingOrigin:
+        store.add_fingerprint(
+            fingerprint("a1", NOW, origin), keep_after=NOW - timedelta(days=1), keep=5
+        )
+    assert len(store.fingerprints("a1")) == 2
+    assert store.expire_voiceprints(NOW + timedelta(days=1)) == ["a1"]
+    assert store.fingerprints("a1") == []
