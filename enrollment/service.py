@@ -9,7 +9,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from enrollment.duplicates import DUPLICATE_SIMILARITY, Fingerprint, find_duplicate
@@ -23,8 +23,16 @@ from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
 from server.errors import EnrollmentIncompleteError
 from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
+from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
-from server.records import AgentRecord, AuditEvent, UtteranceRecord, Voiceprint
+from server.records import (
+    AgentRecord,
+    AuditEvent,
+    RecordingOrigin,
+    ReplayFingerprint,
+    UtteranceRecord,
+    Voiceprint,
+)
 from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
@@ -34,6 +42,10 @@ T = TypeVar("T")
 
 Completion = Callable[[UnitOfWork, T], None]
 """Runs in a use case's unit of work with its outcome: what it writes commits with it."""
+
+# The enrollment fingerprints kept per agent (the newest): two full enrollments' worth at the
+# limit of pending utterances.
+_ENROLLMENT_FINGERPRINTS = 64
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,9 @@ class UtteranceOutcome:
     record: UtteranceRecord | None
     """The kept utterance; None when it failed the quality gates."""
     rejection_reason: str = ""
+    presentation: PresentationAssessment | None = None
+    """The presentation-attack check; None when the server runs no PAD or the utterance
+    failed the quality gates first."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,33 @@ class EnrollmentService:
             )
             self._store.append_audit(rejected)
             _log(rejected)
-            return UtteranceOutcome(quality, received_at, None, reason)
+            return UtteranceOutcome(quality, received_at, None, reason, sample.presentation)
+        presentation = sample.presentation
+        if presentation is not None and presentation.decision.suspected:
+            reason = (
+                f"taken for a presentation attack (synthetic, converted or replayed speech): "
+                f"countermeasure score {presentation.score:.2f}, below the "
+                f"{presentation.threshold:.2f} a live voice on the {sample.channel.value} channel "
+                "needs; record the agent speaking live"
+            )
+            suspected = self._event(
+                AuditAction.PRESENTATION_ATTACK,
+                agent.agent_id,
+                presentation.decision.value,
+                check=AuditAction.ENROLLMENT_ADD.value,
+                channel=sample.channel.value,
+                **presentation.audit_details(),
+            )
+            if presentation.enforced:
+                rejected = self._event(
+                    AuditAction.ENROLLMENT_ADD, agent.agent_id, "rejected", reason=reason
+                )
+                with self._store.unit_of_work(f"refuse an utterance of {agent.agent_id!r}") as unit:
+                    unit.append_audit(suspected)
+                    unit.append_audit(rejected)
+                _log(rejected)
+                return UtteranceOutcome(quality, received_at, None, reason, presentation)
+            self._store.append_audit(suspected)
         model_id = self._analyser.model_id
         telephone = self._analyser.telephone_embedding(quality.speech)
         # One add at a time, so two copies sent at once cannot both pass the duplicate check.
@@ -153,7 +194,7 @@ class EnrollmentService:
                 )
                 self._store.append_audit(rejected)
                 _log(rejected)
-                return UtteranceOutcome(quality, received_at, None, reason)
+                return UtteranceOutcome(quality, received_at, None, reason, presentation)
             record = UtteranceRecord(
                 utterance_id=uuid.uuid4().hex,
                 agent_id=agent.agent_id,
@@ -177,7 +218,7 @@ class EnrollmentService:
                 unit.add_utterance(record, self._policy.max_pending_utterances)
                 unit.append_audit(added)
         _log(added)
-        return UtteranceOutcome(quality, received_at, record)
+        return UtteranceOutcome(quality, received_at, record, presentation=presentation)
 
     def progress(self, agent_id: str) -> EnrollmentProgress:
         agent = self._store.get_agent(validate_agent_id(agent_id))
@@ -277,6 +318,20 @@ class EnrollmentService:
         replaced = unit.replace_voiceprint(
             voiceprint, [u.utterance_id for u in consistency.accepted]
         )
+        # The utterances go, their fingerprints stay: a check that plays one back is a replay.
+        for utterance in consistency.accepted:
+            unit.add_fingerprint(
+                ReplayFingerprint(
+                    agent.agent_id,
+                    utterance.model_id,
+                    RecordingOrigin.ENROLLMENT,
+                    utterance.received_at,
+                    utterance.embedding,
+                    utterance.telephone_embedding,
+                ),
+                keep_after=datetime.min.replace(tzinfo=UTC),
+                keep=_ENROLLMENT_FINGERPRINTS,
+            )
         events.append(
             self._event(
                 AuditAction.ENROLLMENT_FINALIZE,

@@ -34,6 +34,7 @@ from models.manifest import AASIST_MANIFEST, verify_model_dir
 WindowLogits = npt.NDArray[np.float32]
 """(windows, 2): spoof and bona-fide logits of each window."""
 
+_MAX_BATCH_WINDOWS = 2
 # Below a second, the window would be the same few syllables repeated four times or more.
 _MIN_SECONDS = 1.0
 
@@ -112,7 +113,15 @@ class AasistCountermeasure:
             )
         if not np.isfinite(waveform).all():
             raise UnusableWaveformError("audio contains NaN or infinite samples")
-        return self._infer(windows_of(waveform, WINDOW_SAMPLES))
+        windows = windows_of(waveform, WINDOW_SAMPLES)
+        # A few windows at a time: the network's activations grow with the batch, and a
+        # minute of audio is 15 windows (tests/e2e/test_upload_memory.py bounds the RSS).
+        return np.concatenate(
+            [
+                self._infer(windows[start : start + _MAX_BATCH_WINDOWS])
+                for start in range(0, len(windows), _MAX_BATCH_WINDOWS)
+            ]
+        )
 
 
 class _OpenVinoWindows:

@@ -1,11 +1,12 @@
-"""Builds the speaker embedder, so that whoever needs one depends on the SpeakerEmbedder
-protocol alone: torch, SpeechBrain and OpenVINO load here, when a model is loaded, and never
-when models/ is merely imported."""
+"""Builds the speaker embedder and the countermeasure, so that whoever needs one depends on the
+SpeakerEmbedder or Countermeasure protocol alone: torch, SpeechBrain and OpenVINO load here,
+when a model is loaded, and never when models/ is merely imported."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 
 
@@ -18,3 +19,12 @@ def load_speaker_embedder(
     from models.ecapa import EcapaEmbedder
 
     return EcapaEmbedder.load(model_dir, workers=workers, threads=threads)
+
+
+def load_countermeasure(model_dir: Path, *, workers: int = 1, threads: int = 1) -> Countermeasure:
+    """The AASIST countermeasure from the verified checkpoint in `model_dir`, in OpenVINO at
+    the CPU's native precision (the one its calibration was measured at), for `workers`
+    concurrent callers. Raises ModelFilesError when the files do not match the manifest."""
+    from models.aasist_countermeasure import AasistCountermeasure
+
+    return AasistCountermeasure.load(model_dir, workers=workers, threads=threads)

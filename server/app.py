@@ -10,9 +10,11 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from enrollment.service import EnrollmentService
+from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
+from models.factory import load_countermeasure as load_countermeasure_model
 from models.factory import load_speaker_embedder
-from models.fetch import default_model_dir
+from models.fetch import default_countermeasure_dir, default_model_dir
 from server.api.grpc_server import GrpcServer
 from server.api.jwks_http import JwksHttpServer
 from server.api.readiness import Readiness, Services
@@ -20,6 +22,11 @@ from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
 from server.pipeline.analysis import VoiceAnalyser
 from server.pipeline.channel import Channel
+from server.pipeline.presentation import (
+    PadCalibration,
+    PresentationAttackDetector,
+    default_pad_calibration_path,
+)
 
 # Before the inference pool is built: importing silero_vad sets torch's threads for the whole
 # process, and the pool then sets the count the configuration asks for.
@@ -39,6 +46,7 @@ from server.security.crypto import VoiceprintCipher
 from server.shifts.service import ShiftService
 from server.storage.interface import AuditEvent, Store
 from server.storage.sqlite import open_store
+from server.verification.replay import ReplayGuard
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
@@ -67,6 +75,7 @@ class VoxauthServer:
         *,
         previous_keys: tuple[bytes, ...] = (),
         load_embedder: Callable[[], SpeakerEmbedder] | None = None,
+        load_countermeasure: Callable[[], Countermeasure] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.config = config
@@ -79,6 +88,16 @@ class VoxauthServer:
                 threads=config.inference.threads,
             )
         )
+        # PAD runs on its own thread beside the embedding (server/pipeline/presentation.py),
+        # one stream per inference worker.
+        self._load_countermeasure = load_countermeasure or (
+            lambda: load_countermeasure_model(
+                config.countermeasure_dir or default_countermeasure_dir(),
+                workers=config.inference.workers,
+                threads=config.inference.threads,
+            )
+        )
+        self._presentation: PresentationAttackDetector | None = None
         self._clock = clock or SystemClock()
         self._readiness = Readiness()
         self._inference = InferencePool(config.inference)
@@ -162,7 +181,20 @@ class VoxauthServer:
         started = asyncio.get_running_loop().time()
         embedder = await self._inference.run(self._load_embedder)
         detector = await self._inference.run(SileroSpeechDetector)
-        analyser = VoiceAnalyser(embedder, detector, QualityThresholds(), self.config.audio)
+        countermeasure = await self._inference.run(self._load_countermeasure)
+        policy = self.config.presentation
+        # A calibration of another countermeasure stops the start here, clearly.
+        calibration = await self._inference.run(
+            lambda: PadCalibration.load(
+                policy.calibration_path or default_pad_calibration_path(), countermeasure.model_id
+            )
+        )
+        self._presentation = PresentationAttackDetector(
+            countermeasure, calibration, policy, workers=self.config.inference.workers
+        )
+        analyser = VoiceAnalyser(
+            embedder, detector, QualityThresholds(), self.config.audio, self._presentation
+        )
         # Missing or mismatched cohort and calibration files stop the start here, clearly.
         scoring = await self._inference.run(
             lambda: ScoringModel.load(self.config.scoring, embedder.model_id)
@@ -173,7 +205,13 @@ class VoxauthServer:
         now = self._clock.now
         throttle = VerificationThrottle(store, self.config.throttle)
         verification = VerificationService(
-            store, analyser, self.config.verification, scorer, now, throttle
+            store,
+            analyser,
+            self.config.verification,
+            scorer,
+            now,
+            throttle,
+            ReplayGuard(store, policy) if policy.replay_detection else None,
         )
         self._shifts = ShiftService(
             store,
@@ -206,12 +244,18 @@ class VoxauthServer:
         elapsed = asyncio.get_running_loop().time() - started
         log.info(
             "speaker model %s loaded in %.1f s; serving (target false-match rate %g, "
-            "cohort of %d voices%s)",
+            "cohort of %d voices%s; countermeasure %s, %s, target BPCER %g: thresholds "
+            "wideband %+.2f, telephone %+.2f)",
             embedder.model_id,
             elapsed,
             self.config.scoring.target_fmr,
             len(scoring.cohort(Channel.WIDEBAND)),
             " and the enrolled agents" if self.config.scoring.cohort_includes_agents else "",
+            countermeasure.model_id,
+            policy.mode,
+            policy.target_bpcer,
+            self._presentation.threshold(Channel.WIDEBAND),
+            self._presentation.threshold(Channel.TELEPHONE),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -225,6 +269,8 @@ class VoxauthServer:
         if self._shifts is not None:
             await self._shifts.close()
         self._inference.shutdown()
+        if self._presentation is not None:
+            self._presentation.close()
         if self._store is not None:
             await self._store_pool.run(self._store.close)
             self._store = None

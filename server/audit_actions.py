@@ -22,6 +22,9 @@ class AuditAction(StrEnum):
     VERIFY = "verify"
     SHIFT_LOGIN = "shift.login"
     SHIFT_CHECKPOINT = "shift.checkpoint"
+    PRESENTATION_ATTACK = "presentation_attack"
+    """A check or enrollment utterance taken for a presentation attack or a replay (details:
+    the check's action, the PAD score, threshold, decision and whether it was enforced)."""
 
     # Shift state changes.
     SHIFT_START = "shift.start"

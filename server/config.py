@@ -259,6 +259,60 @@ class ScoringPolicy(Settings):
     """How old the agents' part of the cohort may grow before it is read again."""
 
 
+def bona_fide_rejection_rate(value: float) -> str | None:
+    return None if 0 < value < 0.5 else "must be a rate between 0 and 0.5 (e.g. 0.05)"
+
+
+def pad_mode(value: str) -> str | None:
+    return None if value in PAD_MODES else f"must be one of {', '.join(PAD_MODES)}"
+
+
+PAD_MODES = ("enforce", "monitor")
+
+
+@dataclass(frozen=True)
+class PresentationAttackPolicy(Settings):
+    """Presentation-attack detection (PAD): the countermeasure's operating point and whether
+    its decision refuses checks."""
+
+    target_bpcer: float = field(
+        default=0.05, metadata=setting("VOXAUTH_PAD_TARGET_BPCER", check=bona_fide_rejection_rate)
+    )
+    """Share of genuine checks, per channel, that the countermeasure may refuse: the threshold
+    of each channel is set from the genuine speech of the calibration split. 0.05 keeps the
+    telephone target of the issue (<= 5%); the raw checkpoint separates the corpus so roughly
+    that a lower rate lets most replays and resyntheses through (server/tools/ATTACKS.md)."""
+
+    mode: str = field(default="enforce", metadata=setting("VOXAUTH_PAD_MODE", check=pad_mode))
+    """"enforce": a suspected attack or replay is refused (REJECT). "monitor": scored, reported
+    and audited, but refuses nothing (to measure a deployment's genuine speech first)."""
+
+    calibration_path: Path | None = field(default=None, metadata=setting("VOXAUTH_PAD_CALIBRATION"))
+    """Made by `voxauth attacks calibrate`; None means models/scoring/pad_calibration.json."""
+
+    replay_detection: bool = field(default=True, metadata=setting("VOXAUTH_REPLAY_DETECTION"))
+    """Compare every check with the agent's enrollment utterances and recent checks, and
+    refuse one that repeats a recording (server/verification/replay.py)."""
+
+    replay_similarity: float = field(
+        default=0.93, metadata=setting("VOXAUTH_REPLAY_SIMILARITY", check=cosine)
+    )
+    """Cosine between the embeddings of two recordings at or above which the later one is the
+    same recording played again (enrollment's duplicate threshold, measured there)."""
+
+    replay_window_seconds: float = field(
+        default=30 * 86_400.0, metadata=setting("VOXAUTH_REPLAY_WINDOW_SECONDS", check=positive)
+    )
+    """How long a check's fingerprint is kept to recognise it played back."""
+
+    max_recent_checks: int = field(default=200, metadata=setting(check=at_least(1)))
+    """Fingerprints kept per agent at most (the oldest go first)."""
+
+    @property
+    def enforced(self) -> bool:
+        return self.mode == "enforce"
+
+
 @dataclass(frozen=True)
 class ShiftPolicy(Settings):
     """Re-verification during a shift: when checkpoints fall, what they need, what locks."""
@@ -489,6 +543,7 @@ class ServerConfig(Settings):
     enrollment: EnrollmentPolicy = field(default_factory=EnrollmentPolicy)
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
     scoring: ScoringPolicy = field(default_factory=ScoringPolicy)
+    presentation: PresentationAttackPolicy = field(default_factory=PresentationAttackPolicy)
     inference: InferenceLimits = field(default_factory=InferenceLimits)
     store: StoreLimits = field(default_factory=StoreLimits)
     shifts: ShiftPolicy = field(default_factory=ShiftPolicy)

@@ -43,6 +43,29 @@ class UtteranceRecord:
     companion voiceprint is made of (None for utterances stored before it existed)."""
 
 
+class RecordingOrigin(enum.Enum):
+    """Where a replay fingerprint comes from."""
+
+    ENROLLMENT = "enrollment"
+    """An utterance the voiceprint was made of: kept as long as the voiceprint."""
+    CHECK = "check"
+    """A verification, login check or checkpoint: kept for the replay window."""
+
+
+@dataclass(frozen=True)
+class ReplayFingerprint:
+    """What a recording of the agent is recognised by when it is played again: the embedding
+    of its speech (and, for enrollment utterances, their telephone companion), which says
+    nothing recoverable about the audio."""
+
+    agent_id: str
+    model_id: str
+    origin: RecordingOrigin
+    recorded_at: datetime
+    embedding: Embedding
+    telephone_embedding: Embedding | None = None
+
+
 @dataclass(frozen=True)
 class Voiceprint:
     agent_id: str

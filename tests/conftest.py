@@ -35,9 +35,10 @@ def countermeasure() -> AasistCountermeasure:
 
 @pytest.fixture
 def start_server(
-    tmp_path: Path, embedder: SpeakerEmbedder
+    tmp_path: Path, embedder: SpeakerEmbedder, countermeasure: AasistCountermeasure
 ) -> Iterator[Callable[..., RunningServer]]:
-    """Starts servers on demand (several in a row share the same database: restarts)."""
+    """Starts servers on demand (several in a row share the same database: restarts), with
+    the real speaker model and countermeasure."""
     running: list[RunningServer] = []
 
     def start(
@@ -46,7 +47,12 @@ def start_server(
         credentials: grpc.ChannelCredentials | None = None,
     ) -> RunningServer:
         server = RunningServer(
-            config or make_config(tmp_path), lambda: embedder, KEY, clock, credentials
+            config or make_config(tmp_path),
+            lambda: embedder,
+            KEY,
+            clock,
+            credentials,
+            load_countermeasure=lambda: countermeasure,
         )
         running.append(server)
         return server

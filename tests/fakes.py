@@ -20,9 +20,22 @@ import numpy as np
 from voxauth.v1 import voxauth_pb2 as pb
 
 from models.embedder import Embedding, Waveform
-from server.config import AudioLimits, ScoringPolicy, ThrottlePolicy, VerificationPolicy
+from models.manifest import AASIST_MANIFEST
+from server.config import (
+    AudioLimits,
+    PresentationAttackPolicy,
+    ScoringPolicy,
+    ThrottlePolicy,
+    VerificationPolicy,
+)
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
+from server.pipeline.presentation import (
+    ChannelCalibration,
+    PadCalibration,
+    PresentationAttackDetector,
+)
 from server.pipeline.speech import QualityThresholds, Segment
 from server.scoring.calibration import (
     Calibration,
@@ -34,6 +47,7 @@ from server.scoring.calibration import (
 )
 from server.scoring.scorer import CALIBRATION_FILE, COHORT_FILE, Scorer, ScoringModel
 from server.storage.interface import Store
+from server.verification.replay import ReplayGuard
 from server.verification.service import VerificationService
 from server.verification.throttling import VerificationThrottle
 
@@ -61,6 +75,29 @@ class FakeEmbedder:
         if self._seconds_per_call:
             time.sleep(self._seconds_per_call)
         return AGENT_VOICE if float(np.mean(waveform)) > 0 else IMPOSTOR_VOICE
+
+
+GENUINE_PAD_SCORE = 3.0
+"""What FakeCountermeasure gives by default: above both shipped PAD thresholds."""
+
+
+class FakeCountermeasure:
+    """Implements Countermeasure without a network: every waveform scores `score_of(waveform)`
+    (by default GENUINE_PAD_SCORE). It stands in for AASIST, whose shipped calibration it
+    therefore loads (same model id)."""
+
+    model_id = AASIST_MANIFEST.model_id
+    sample_rate = 16_000
+    min_samples = 16_000
+
+    def __init__(self, score_of: Callable[[Waveform], float] | None = None) -> None:
+        self._score_of = score_of or (lambda waveform: GENUINE_PAD_SCORE)
+        self.scored: list[int] = []
+        """Lengths of the waveforms scored, in order."""
+
+    def score(self, waveform: Waveform) -> float:
+        self.scored.append(len(waveform))
+        return self._score_of(waveform)
 
 
 class AllSpeech:
@@ -156,15 +193,39 @@ IMPOSTOR_AUDIO = audio(-0.1)
 TOO_SHORT_AUDIO = audio(0.1, seconds=1.0)
 
 
+FAKE_PAD_CALIBRATION = PadCalibration(
+    AASIST_MANIFEST.model_id,
+    {
+        Channel.WIDEBAND: ChannelCalibration(mean=1.0, sd=1.0, count=50),
+        Channel.TELEPHONE: ChannelCalibration(mean=0.0, sd=1.0, count=50),
+    },
+)
+"""Thresholds at BPCER 0.05: -0.64 wideband, -1.64 telephone."""
+
+
+def fake_presentation(
+    countermeasure: FakeCountermeasure, policy: PresentationAttackPolicy | None = None
+) -> PresentationAttackDetector:
+    return PresentationAttackDetector(
+        countermeasure, FAKE_PAD_CALIBRATION, policy or PresentationAttackPolicy()
+    )
+
+
 def fake_verification(
     store: Store,
     scoring_dir: Path,
     now: Callable[[], datetime],
     throttle_policy: ThrottlePolicy | None = None,
+    presentation: PresentationAttackDetector | None = None,
+    replay: PresentationAttackPolicy | None = None,
 ) -> VerificationService:
-    """A VerificationService on the fake voice, the given store and throttle policy."""
+    """A VerificationService on the fake voice, the given store and throttle policy (and PAD
+    detector and replay detection under the given policy, if any)."""
     policy = replace(fake_scoring(scoring_dir, MODEL_ID, 4), target_fmr=TARGET_FMR)
     scorer = Scorer(ScoringModel.load(policy, MODEL_ID), policy, voiceprints=list)
-    analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
+    analyser = VoiceAnalyser(
+        FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits(), presentation
+    )
     throttle = VerificationThrottle(store, throttle_policy or ThrottlePolicy())
-    return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle)
+    guard = None if replay is None else ReplayGuard(store, replay)
+    return VerificationService(store, analyser, VerificationPolicy(), scorer, now, throttle, guard)

@@ -20,6 +20,7 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 from server.api.grpc_server import GrpcServer
 from server.api.readiness import Readiness
@@ -28,6 +29,7 @@ from server.app import VoxauthServer
 from server.config import (
     EnrollmentPolicy,
     MfaConfig,
+    PresentationAttackPolicy,
     ServerConfig,
     StreamLimits,
     TransportConfig,
@@ -39,6 +41,7 @@ from server.security.certificates import DevelopmentPki
 from server.security.identity import Role
 from server.storage.interface import AuditEvent
 from tests.clock import ManualClock
+from tests.fakes import FakeCountermeasure
 
 DATA = Path(__file__).parent / "data"
 RATE = 16_000
@@ -105,6 +108,9 @@ def make_config(tmp_path: Path) -> ServerConfig:
         transport=TransportConfig(insecure_development=True),
         mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
         streams=StreamLimits(shift_idle_seconds=_A_DAY, enrollment_idle_seconds=_A_DAY),
+        # The tests send the same few recordings again and again, which replay detection
+        # would refuse; tests/e2e/test_presentation_e2e.py turns it on.
+        presentation=PresentationAttackPolicy(replay_detection=False),
     )
 
 
@@ -139,13 +145,21 @@ class RunningServer:
         key: bytes,
         clock: ManualClock | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        load_countermeasure: Callable[[], Countermeasure] | None = None,
     ) -> None:
         self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.clock = clock or ManualClock()
-        self.server = VoxauthServer(config, key, load_embedder=load_embedder, clock=self.clock)
+        # Without a countermeasure given, a fake one that takes every voice for a live one.
+        self.server = VoxauthServer(
+            config,
+            key,
+            load_embedder=load_embedder,
+            load_countermeasure=load_countermeasure or FakeCountermeasure,
+            clock=self.clock,
+        )
         self.port = self._call(self.server.start())
         target = f"127.0.0.1:{self.port}"
         self.channel = (

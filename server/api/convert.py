@@ -13,6 +13,7 @@ from server.errors import InvalidAudioError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
+from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.scoring.calibration import Condition, DecidedBy
 from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind
@@ -72,7 +73,25 @@ _KINDS = {
     ShiftEventKind.SHIFT_LOCKED: spb.SHIFT_EVENT_KIND_SHIFT_LOCKED,
     ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
     ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
+    ShiftEventKind.PRESENTATION_ATTACK: spb.SHIFT_EVENT_KIND_PRESENTATION_ATTACK,
 }
+
+
+_PRESENTATION_DECISIONS = {
+    PresentationDecision.NOT_ASSESSED: pb.PRESENTATION_DECISION_NOT_ASSESSED,
+    PresentationDecision.BONA_FIDE: pb.PRESENTATION_DECISION_BONA_FIDE,
+    PresentationDecision.ATTACK: pb.PRESENTATION_DECISION_ATTACK,
+    PresentationDecision.REPLAY: pb.PRESENTATION_DECISION_REPLAY,
+}
+
+
+def presentation_message(assessment: PresentationAssessment) -> pb.PresentationAttack:
+    return pb.PresentationAttack(
+        score=assessment.score,
+        threshold=assessment.threshold,
+        decision=_PRESENTATION_DECISIONS[assessment.decision],
+        enforced=assessment.enforced,
+    )
 
 
 def timestamp(at: datetime) -> Timestamp:
@@ -117,6 +136,8 @@ def verify_response(result: VerificationResult) -> pb.VerifyResponse:
         response.normalized_score = scoring.normalized
         response.normalized_threshold = scoring.normalized_threshold
         response.decided_by = _DECIDED_BY[scoring.decided_by]
+    if result.presentation is not None:
+        response.presentation_attack.CopyFrom(presentation_message(result.presentation))
     return response
 
 
@@ -159,13 +180,16 @@ def utterance_message(record: UtteranceRecord, *, accepted: bool, reason: str = 
 
 
 def utterance_outcome_message(outcome: UtteranceOutcome) -> pb.Utterance:
-    return pb.Utterance(
+    message = pb.Utterance(
         utterance_id=outcome.record.utterance_id if outcome.record else "",
         accepted=outcome.record is not None,
         rejection_reason=outcome.rejection_reason,
         quality=_quality(outcome.quality),
         received_at=timestamp(outcome.received_at),
     )
+    if outcome.presentation is not None:
+        message.presentation_attack.CopyFrom(presentation_message(outcome.presentation))
+    return message
 
 
 def voiceprint_info(voiceprint: Voiceprint) -> pb.VoiceprintInfo:
@@ -232,6 +256,8 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
     )
     if event.decided_by is not None:
         message.decided_by = _DECIDED_BY[event.decided_by]
+    if event.presentation is not None:
+        message.presentation_attack.CopyFrom(presentation_message(event.presentation))
     for field, value in (
         ("scheduled_at", event.scheduled_at),
         ("audio_start", event.audio_start),

@@ -5,6 +5,8 @@ they see exactly the same speech the same way.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 from dataclasses import dataclass
 
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
@@ -19,6 +21,7 @@ from server.pipeline.decode import (
     decode_audio,
     telephone_channel,
 )
+from server.pipeline.presentation import PresentationAssessment, PresentationAttackDetector
 from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
 
 
@@ -42,6 +45,8 @@ class VoiceSample:
     """None when there was too little speech to embed: such a sample decides nothing."""
     channel: Channel = Channel.WIDEBAND
     """The band the speech came in: telephone checks are scored against the companion."""
+    presentation: PresentationAssessment | None = None
+    """The presentation-attack check of the audio; None when the server runs no PAD."""
 
 
 class VoiceAnalyser:
@@ -51,8 +56,10 @@ class VoiceAnalyser:
         detector: SpeechDetector,
         thresholds: QualityThresholds,
         limits: AudioLimits,
+        presentation: PresentationAttackDetector | None = None,
     ) -> None:
         self.embedder = embedder
+        self.presentation = presentation
         self._detector = detector
         self._thresholds = thresholds
         self._limits = limits
@@ -86,12 +93,56 @@ class VoiceAnalyser:
         is the rate it came at (the speech's bandwidth tells telephone audio in any case)."""
         return self._sample(waveform, self._detector, min_net_speech_seconds, source_rate_hz)
 
-    def analyse_speech(self, speech: Waveform, *, source_rate_hz: int) -> VoiceSample:
+    def analyse_speech(
+        self, speech: Waveform, *, source_rate_hz: int, stretch: Waveform | None = None
+    ) -> VoiceSample:
         """For speech the detector has already cut out (a shift's checkpoint): measured and
-        embedded as it is, without detecting speech in it a second time."""
-        return self._sample(speech, _ALL_SPEECH, 0.0, source_rate_hz)
+        embedded as it is, without detecting speech in it a second time. `stretch` is the
+        audio as it arrived that holds the speech, pauses included: what the countermeasure
+        judges (it was calibrated on such audio); without it, the speech itself."""
+        return self._sample(
+            speech,
+            _ALL_SPEECH,
+            0.0,
+            source_rate_hz,
+            as_arrived=speech if stretch is None else stretch,
+        )
 
     def _sample(
+        self,
+        waveform: Waveform,
+        detector: SpeechDetector,
+        min_net_speech_seconds: float,
+        source_rate_hz: int,
+        *,
+        as_arrived: Waveform | None = None,
+    ) -> VoiceSample:
+        # The countermeasure runs on its own thread meanwhile: a check costs the longer of
+        # the two models, not their sum.
+        pending = (
+            None
+            if self.presentation is None
+            else self.presentation.submit(waveform if as_arrived is None else as_arrived)
+        )
+        try:
+            sample = self._speaker_sample(
+                waveform, detector, min_net_speech_seconds, source_rate_hz
+            )
+        except BaseException:
+            if pending is not None:
+                concurrent.futures.wait([pending])
+            raise
+        if self.presentation is None or pending is None:
+            return sample
+        try:
+            score = pending.result()
+        except UnusableWaveformError as error:
+            raise InvalidAudioError(error.message, field="audio") from error
+        return dataclasses.replace(
+            sample, presentation=self.presentation.assess(score, sample.channel)
+        )
+
+    def _speaker_sample(
         self,
         waveform: Waveform,
         detector: SpeechDetector,

@@ -48,7 +48,12 @@ PREVIOUS_KEYS_ENV = "VOXAUTH_PREVIOUS_KEYS"
 PREVIOUS_KEYS_FILE_ENV = "VOXAUTH_PREVIOUS_KEYS_FILE"
 
 RecordKind = Literal[
-    "voiceprint", "pending_utterance", "telephone_voiceprint", "telephone_pending_utterance"
+    "voiceprint",
+    "pending_utterance",
+    "telephone_voiceprint",
+    "telephone_pending_utterance",
+    "replay_fingerprint",
+    "telephone_replay_fingerprint",
 ]
 
 

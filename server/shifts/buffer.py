@@ -88,6 +88,9 @@ class RecentSpeech:
     start: float
     end: float
     """Clock times of the blocks the speech came from."""
+    stretch: Waveform | None = None
+    """The audio of those blocks as it arrived, pauses included: what the countermeasure
+    judges (it reads silence, and was calibrated on audio with its pauses)."""
 
     @property
     def net_seconds(self) -> float:
@@ -219,4 +222,6 @@ def _latest_speech(blocks: list[_Block], needed: int) -> RecentSpeech:
         if collected >= needed:
             break
     assert first is not None and last is not None
-    return RecentSpeech(np.concatenate(pieces[::-1]), first.start, last.end)
+    covering = blocks[blocks.index(first) : blocks.index(last) + 1]
+    stretch = np.concatenate([b.waveform for b in covering if b.waveform is not None])
+    return RecentSpeech(np.concatenate(pieces[::-1]), first.start, last.end, stretch)

@@ -29,6 +29,7 @@ from server.errors import (
     VoxauthError,
 )
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
@@ -63,6 +64,8 @@ class ShiftEventKind(enum.Enum):
     SHIFT_LOCKED = "SHIFT_LOCKED"
     SHIFT_VERIFIED = "SHIFT_VERIFIED"
     SHIFT_ENDED = "SHIFT_ENDED"
+    PRESENTATION_ATTACK = "PRESENTATION_ATTACK"
+    """A login check was taken for a presentation attack or a replay."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class ShiftEvent:
     audio_end: datetime | None = None
     decided_by: DecidedBy | None = None
     """Which bound set the checkpoint's threshold; None for other kinds."""
+    presentation: PresentationAssessment | None = None
+    """CHECKPOINT_PASSED/FAILED and PRESENTATION_ATTACK: the presentation-attack check."""
 
 
 class CheckpointSchedule:
@@ -305,6 +310,7 @@ class ShiftSession:
                 audio_start=service.wall_time(recent.start),
                 audio_end=service.wall_time(recent.end),
                 decided_by=result.scoring.decided_by if result.scoring else None,
+                presentation=result.presentation,
             )
         )
         if locked:
@@ -398,7 +404,8 @@ class ShiftService:
 
         await self._store_pool.run(create)
         _log(started)
-        self._session(record)
+        session = self._session(record)
+        self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
 
     async def check_login(self, shift_id: str, audio: AudioInput) -> LoginOutcome:
@@ -409,7 +416,24 @@ class ShiftService:
         )
         if result.decision is Decision.ACCEPT:
             await self._verified(session, AuditAction.SHIFT_RELOGIN)
+        self._announce_suspected(session, result)
         return LoginOutcome(session.record, result, await self._assure(session.record, result))
+
+    def _announce_suspected(self, session: ShiftSession, result: VerificationResult) -> None:
+        """A login check taken for a spoof is announced to the MFA provider at once: the
+        shift stays unverified either way, but someone is presenting the agent's voice."""
+        if result.presentation is not None and result.presentation.decision.suspected:
+            session.publish(
+                ShiftEvent(
+                    ShiftEventKind.PRESENTATION_ATTACK,
+                    session.record,
+                    self.clock.now(),
+                    score=result.score,
+                    threshold=result.threshold,
+                    net_speech_seconds=result.quality.net_speech_seconds,
+                    presentation=result.presentation,
+                )
+            )
 
     async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
         """An admin's unlock, without a login check (e.g. the helpdesk verified the agent)."""
@@ -508,7 +532,9 @@ class ShiftService:
             return None
         voiceprint = self._verification.voiceprint_of(session.record.agent_id)
         sample = self._analyser.analyse_speech(
-            recent.speech, source_rate_hz=session.buffer.format.sample_rate_hz
+            recent.speech,
+            source_rate_hz=session.buffer.format.sample_rate_hz,
+            stretch=recent.stretch,
         )
         result = self._verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
         if result.decision is Decision.INCONCLUSIVE:

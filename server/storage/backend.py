@@ -62,6 +62,18 @@ class UtteranceRow:
 
 
 @dataclass(frozen=True)
+class FingerprintRow:
+    """A replay fingerprint with its embeddings sealed."""
+
+    agent_ref: str
+    model_id: str
+    origin: str
+    recorded_at: datetime
+    sealed_embedding: bytes
+    sealed_telephone_embedding: bytes | None
+
+
+@dataclass(frozen=True)
 class VoiceprintRow:
     """A voiceprint with its embeddings sealed."""
 
@@ -145,8 +157,8 @@ class Transaction(Protocol):
 
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
-        utterances, voiceprint, shifts with their assurances and revocations, throttling
-        state, completed requests. False if there was no such agent."""
+        utterances, voiceprint, replay fingerprints, shifts with their assurances and
+        revocations, throttling state, completed requests. False if there was no such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend
@@ -179,6 +191,19 @@ class Transaction(Protocol):
 
     def delete_utterances(self, agent_ref: str, utterance_ids: Sequence[str]) -> None:
         """Deletes those of the ids that are the agent's pending utterances."""
+
+    # --- replay fingerprints ------------------------------------------------------------------
+
+    def insert_fingerprint(self, row: FingerprintRow) -> None: ...
+
+    def fingerprints(self, agent_ref: str) -> list[FingerprintRow]:
+        """The agent's replay fingerprints, oldest first."""
+
+    def prune_fingerprints(
+        self, agent_ref: str, origin: str, recorded_before: datetime, keep: int
+    ) -> None:
+        """Deletes the agent's fingerprints of `origin` recorded before `recorded_before`, and
+        all but the newest `keep` of the rest."""
 
     # --- voiceprints -------------------------------------------------------------------------
 

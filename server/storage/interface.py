@@ -26,7 +26,9 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    RecordingOrigin,
     ReencryptionReport,
+    ReplayFingerprint,
     RevocationReason,
     ShiftRecord,
     ShiftState,
@@ -48,7 +50,9 @@ __all__ = [
     "CompletedRequest",
     "CompletedRequestStore",
     "KeyRotationStore",
+    "RecordingOrigin",
     "ReencryptionReport",
+    "ReplayFingerprint",
     "RevocationReason",
     "ShiftRecord",
     "ShiftState",
@@ -76,10 +80,10 @@ class UnitOfWork(Protocol):
         """Raises AgentNotFoundError."""
 
     def delete_agent(self, agent_id: str) -> None:
-        """Erases the agent, its pending utterances, its voiceprint, its shifts with their
-        assurances and revocations, and its throttling state, and destroys its data key: any
-        copy of them left anywhere (old log frames, backups of the database) no longer opens.
-        Raises AgentNotFoundError."""
+        """Erases the agent, its pending utterances, its voiceprint, its replay fingerprints,
+        its shifts with their assurances and revocations, and its throttling state, and
+        destroys its data key: any copy of them left anywhere (old log frames, backups of the
+        database) no longer opens. Raises AgentNotFoundError."""
 
     def add_utterance(self, utterance: UtteranceRecord, max_pending: int) -> None:
         """Adds a pending utterance. Raises AgentNotFoundError, or CapacityError when the
@@ -100,13 +104,23 @@ class UnitOfWork(Protocol):
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
         """The agent's voiceprint, or None if not enrolled. Raises AgentNotFoundError."""
 
+    def add_fingerprint(
+        self, fingerprint: ReplayFingerprint, *, keep_after: datetime, keep: int
+    ) -> None:
+        """Stores a replay fingerprint of the agent, then drops its fingerprints of the same
+        origin recorded before `keep_after` and all but the newest `keep`. Raises
+        AgentNotFoundError."""
+
+    def fingerprints(self, agent_id: str) -> list[ReplayFingerprint]:
+        """The agent's replay fingerprints, oldest first. Raises AgentNotFoundError."""
+
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         """Records that a check scored against the agent's voiceprint at `at` (never moves the
         time back). Does nothing if the agent has no voiceprint (any more)."""
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
-        """Erases every voiceprint last used before `unused_before` (the agents stay) and
-        returns their agents' ids."""
+        """Erases every voiceprint last used before `unused_before`, with the agent's replay
+        fingerprints (the agents stay), and returns their agents' ids."""
 
     def create_shift(self, shift: ShiftRecord) -> None:
         """Raises AgentNotFoundError if the agent does not exist."""
@@ -184,6 +198,14 @@ class VoiceprintStore(AuditLog, Protocol):
 
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
         """The agent's voiceprint, or None if not enrolled. Raises AgentNotFoundError."""
+
+    def add_fingerprint(
+        self, fingerprint: ReplayFingerprint, *, keep_after: datetime, keep: int
+    ) -> None:
+        """See UnitOfWork.add_fingerprint."""
+
+    def fingerprints(self, agent_id: str) -> list[ReplayFingerprint]:
+        """See UnitOfWork.fingerprints."""
 
     def voiceprints(self, model_id: str) -> list[Voiceprint]:
         """Every agent's voiceprint made by `model_id`: the agents' part of the

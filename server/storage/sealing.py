@@ -24,6 +24,8 @@ from server.errors import ConfigurationError, StorageError
 from server.records import (
     AgentRecord,
     AssuranceRecord,
+    RecordingOrigin,
+    ReplayFingerprint,
     ShiftRecord,
     UtteranceRecord,
     Voiceprint,
@@ -40,6 +42,7 @@ from server.storage.backend import (
     AgentKeyRow,
     AgentRow,
     AssuranceRow,
+    FingerprintRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
@@ -222,6 +225,32 @@ class AgentSealer:
             row.received_at,
             self._open_optional(
                 row.sealed_telephone_embedding, "telephone_pending_utterance", model_id
+            ),
+        )
+
+    def fingerprint_row(self, fingerprint: ReplayFingerprint) -> FingerprintRow:
+        model_id = fingerprint.model_id
+        return FingerprintRow(
+            self.agent_ref,
+            model_id,
+            fingerprint.origin.value,
+            fingerprint.recorded_at,
+            self._seal(fingerprint.embedding, "replay_fingerprint", model_id),
+            self._seal_optional(
+                fingerprint.telephone_embedding, "telephone_replay_fingerprint", model_id
+            ),
+        )
+
+    def fingerprint(self, row: FingerprintRow) -> ReplayFingerprint:
+        model_id = row.model_id
+        return ReplayFingerprint(
+            self.agent_id,
+            model_id,
+            RecordingOrigin(row.origin),
+            row.recorded_at,
+            self._open(row.sealed_embedding, "replay_fingerprint", model_id),
+            self._open_optional(
+                row.sealed_telephone_embedding, "telephone_replay_fingerprint", model_id
             ),
         )
 

@@ -40,7 +40,9 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    RecordingOrigin,
     ReencryptionReport,
+    ReplayFingerprint,
     RevocationReason,
     ShiftRecord,
     ThrottleState,
@@ -73,6 +75,7 @@ from server.storage.sealing import (
 logger = logging.getLogger(__name__)
 
 _PAGE_SIZE = 500
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
 
 
 class SecureStore:
@@ -151,6 +154,16 @@ class SecureStore:
     def get_voiceprint(self, agent_id: str) -> Voiceprint | None:
         with self._transaction(f"read voiceprint of agent {agent_id!r}", write=False) as unit:
             return unit.get_voiceprint(agent_id)
+
+    def add_fingerprint(
+        self, fingerprint: ReplayFingerprint, *, keep_after: datetime, keep: int
+    ) -> None:
+        with self.unit_of_work(f"store a fingerprint of agent {fingerprint.agent_id!r}") as unit:
+            unit.add_fingerprint(fingerprint, keep_after=keep_after, keep=keep)
+
+    def fingerprints(self, agent_id: str) -> list[ReplayFingerprint]:
+        with self._transaction(f"read fingerprints of agent {agent_id!r}", write=False) as unit:
+            return unit.fingerprints(agent_id)
 
     def voiceprints(self, model_id: str) -> list[Voiceprint]:
         with self._transaction("read voiceprints", write=False) as unit:
@@ -543,6 +556,17 @@ class _Unit:
         row = self.txn.voiceprint(agent.agent_ref)
         return None if row is None else agent.voiceprint(row)
 
+    def add_fingerprint(
+        self, fingerprint: ReplayFingerprint, *, keep_after: datetime, keep: int
+    ) -> None:
+        agent = self._agent(fingerprint.agent_id)
+        self.txn.insert_fingerprint(agent.fingerprint_row(fingerprint))
+        self.txn.prune_fingerprints(agent.agent_ref, fingerprint.origin.value, keep_after, keep)
+
+    def fingerprints(self, agent_id: str) -> list[ReplayFingerprint]:
+        agent = self._agent(agent_id)
+        return [agent.fingerprint(row) for row in self.txn.fingerprints(agent.agent_ref)]
+
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         agent = self.find(agent_id)
         if agent is not None:
@@ -550,6 +574,10 @@ class _Unit:
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
         refs = self.txn.delete_voiceprints_unused_before(unused_before)
+        # The fingerprints are of the same voice: they go with the voiceprint.
+        for ref in refs:
+            for origin in RecordingOrigin:
+                self.txn.prune_fingerprints(ref, origin.value, _END_OF_TIME, keep=0)
         self.erased = self.erased or bool(refs)
         agents = self._agents.by_ref(self.txn, refs)
         return sorted(agents[ref].agent_id for ref in refs if ref in agents)

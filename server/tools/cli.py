@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     commands.add_parser(
-        "attacks", help="build the presentation-attack corpus, or score it with the countermeasure"
+        "attacks",
+        help="build the presentation-attack corpus, score it, calibrate or evaluate the PAD",
     )
     return parser
 
@@ -282,6 +283,10 @@ def _audit(argv: list[str]) -> int:
 
 
 def _attacks(argv: list[str]) -> int:
+    if argv[:1] == ["evaluate"]:
+        from server.tools.pad_evaluation import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     from server.tools.attack_corpus import main as attacks_main
 
     return attacks_main(argv)

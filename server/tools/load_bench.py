@@ -35,7 +35,7 @@ from server.config import ClientSettings
 from server.errors import ConfigurationError
 from server.tools.shift_bench import BenchServer, nearest_rank, parse_levels, recordings
 
-_SPEECH_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+_SPEECH_DIR = Path(__file__).resolve().parents[2] / "tests" / "data"
 _RATE = 16_000
 VERIFY_SECONDS = 8.0
 _CALL_TIMEOUT = 60.0

@@ -45,7 +45,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from server.config import ShiftPolicy
 
-_SPEECH_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
+_SPEECH_DIR = Path(__file__).resolve().parents[2] / "tests" / "data"
 # Long enough for an enrollment half and a login half of at least 3 s of speech each.
 _MIN_RECORDING_SECONDS = 12.0
 RATE = 16_000

@@ -12,11 +12,13 @@ from server.config import VerificationPolicy
 from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
+from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import SpeechAnalysis
 from server.scoring.scorer import LocalThreshold, Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
 from server.verification.decision import Decision
+from server.verification.replay import ReplayGuard, ReplayMatch
 from server.verification.throttling import VerificationThrottle
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,13 @@ class VerificationResult:
     """The false-match rate the threshold was set for."""
     scoring: Score | None
     """AS-norm score, calibrated LLR and their thresholds; None when INCONCLUSIVE."""
+    presentation: PresentationAssessment | None = None
+    """The presentation-attack check; None when the server runs no PAD. A check it refuses is
+    a REJECT whatever the voice scored."""
+
+    @property
+    def refused_as_attack(self) -> bool:
+        return self.presentation is not None and self.presentation.refuses
 
 
 class VerificationService:
@@ -52,7 +61,9 @@ class VerificationService:
         scorer: Scorer,
         now: Callable[[], datetime],
         throttle: VerificationThrottle,
+        replay: ReplayGuard | None = None,
     ) -> None:
+        self._replay = replay
         self._store = store
         self._analyser = analyser
         self._policy = policy
@@ -114,8 +125,25 @@ class VerificationService:
                 voiceprint, sample.embedding, sample.quality.net_speech_seconds, sample.channel
             )
         )
+        presentation = sample.presentation
+        replayed: ReplayMatch | None = None
+        if self._replay is not None and sample.embedding is not None:
+            replayed = self._replay.match(
+                voiceprint.agent_id, model_id, sample.embedding, self._now()
+            )
+            if replayed is not None:
+                presentation = (
+                    presentation
+                    or PresentationAssessment(
+                        0.0, 0.0, PresentationDecision.NOT_ASSESSED, self._replay.enforced
+                    )
+                ).as_replay()
         if scoring is None:
             decision = Decision.INCONCLUSIVE
+        elif presentation is not None and presentation.refuses:
+            # REJECT, not INCONCLUSIVE: an INCONCLUSIVE costs nothing, so an attacker could
+            # retry a spoof without end; a REJECT counts toward throttling and shift locks.
+            decision = Decision.REJECT
         else:
             decision = Decision.ACCEPT if scoring.accepted else Decision.REJECT
         result = VerificationResult(
@@ -127,6 +155,7 @@ class VerificationService:
             channel=sample.channel,
             target_fmr=self._scorer.target_fmr,
             scoring=scoring,
+            presentation=presentation,
         )
         details: dict[str, object] = {
             "score": round(result.score, 4),
@@ -144,10 +173,32 @@ class VerificationService:
                 "llr_threshold": round(scoring.llr_threshold, 3),
                 "decided_by": scoring.decided_by.value,
             }
+        if presentation is not None:
+            details |= presentation.audit_details()
+        if replayed is not None:
+            details |= {
+                "replay_of": replayed.origin.value,
+                "replay_similarity": round(replayed.similarity, 4),
+            }
         now = self._now()
         self._store.append_audit(
             AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
         )
+        if presentation is not None and presentation.decision.suspected:
+            # Its own record, so that a SIEM can select suspected spoofs by action.
+            self._store.append_audit(
+                AuditEvent(
+                    AuditAction.PRESENTATION_ATTACK,
+                    voiceprint.agent_id,
+                    presentation.decision.value,
+                    now,
+                    {"check": action.value, "channel": sample.channel.value}
+                    | presentation.audit_details()
+                    | ({"replay_of": replayed.origin.value} if replayed is not None else {}),
+                )
+            )
+        if self._replay is not None and sample.embedding is not None:
+            self._replay.remember(voiceprint.agent_id, model_id, sample.embedding, now)
         last_used_at = voiceprint.last_used_at
         if scoring is not None and (
             last_used_at is None or now - last_used_at >= _LAST_USE_RESOLUTION
@@ -155,7 +206,7 @@ class VerificationService:
             self._store.mark_voiceprint_used(voiceprint.agent_id, now)
         log.info(
             "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
-            "net_speech=%.1fs",
+            "net_speech=%.1fs pad=%s",
             action,
             voiceprint.agent_id,
             result.decision.value,
@@ -165,5 +216,6 @@ class VerificationService:
             result.threshold,
             scoring.llr if scoring else 0.0,
             sample.quality.net_speech_seconds,
+            presentation.decision.value if presentation else "-",
         )
         return result

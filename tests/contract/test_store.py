@@ -26,6 +26,8 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    RecordingOrigin,
+    ReplayFingerprint,
     RevocationReason,
     ShiftRecord,
     ShiftState,
@@ -640,3 +642,70 @@ def test_closed_store_raises_storage_error(store: SecureStore) -> None:
     store.close()
     with pytest.raises(StorageError):
         store.get_agent("a1")
+
+
+def fingerprint(
+    agent_id: str, at: datetime, origin: RecordingOrigin = RecordingOrigin.CHECK
+) -> ReplayFingerprint:
+    vector = np.random.default_rng(int(at.timestamp())).normal(size=4).astype(np.float32)
+    return ReplayFingerprint(agent_id, MODEL, origin, at, vector / np.linalg.norm(vector))
+
+
+def test_replay_fingerprints_are_sealed_bounded_and_erased_with_the_agent(
+    storage: Storage, store: SecureStore
+) -> None:
+    store.create_agent(agent("keep"))
+    store.create_agent(agent("doomed"))
+    companion = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+    enrolled = replace(
+        fingerprint("doomed", NOW, RecordingOrigin.ENROLLMENT), telephone_embedding=companion
+    )
+    store.add_fingerprint(enrolled, keep_after=NOW - timedelta(days=999), keep=10)
+    window = timedelta(days=30)
+    for day in range(5):
+        at = NOW + timedelta(days=day * 10)
+        # Checks older than the window and beyond the newest 3 go as new ones come.
+        store.add_fingerprint(fingerprint("doomed", at), keep_after=at - window, keep=3)
+    store.add_fingerprint(fingerprint("keep", NOW), keep_after=NOW - window, keep=3)
+
+    kept = store.fingerprints("doomed")
+    assert [(f.origin, f.recorded_at) for f in kept] == [
+        (RecordingOrigin.ENROLLMENT, NOW),
+        (RecordingOrigin.CHECK, NOW + timedelta(days=20)),
+        (RecordingOrigin.CHECK, NOW + timedelta(days=30)),
+        (RecordingOrigin.CHECK, NOW + timedelta(days=40)),
+    ]
+    assert np.array_equal(kept[0].embedding, enrolled.embedding)
+    assert kept[0].telephone_embedding is not None
+    assert np.array_equal(kept[0].telephone_embedding, companion)
+    store.replace_voiceprint(voiceprint("doomed", "v"), [])
+    backend = storage.backend()
+    with backend.transaction("read sealed rows", write=False) as txn:
+        [stored] = txn.voiceprints(MODEL)
+        rows = txn.fingerprints(stored.agent_ref)
+    assert len(rows) == 4
+    for row in rows:
+        # Sealed under the agent's data key, the vectors nowhere in clear.
+        assert sealing_key_id(row.sealed_embedding) not in CIPHER.known_key_ids
+        assert all(f.embedding.tobytes() not in row.sealed_embedding for f in kept)
+
+    store.delete_agent("doomed")
+
+    with backend.transaction("look for its rows", write=False) as txn:
+        assert txn.fingerprints(stored.agent_ref) == []
+    backend.close()
+    with pytest.raises(AgentNotFoundError):
+        store.fingerprints("doomed")
+    assert len(store.fingerprints("keep")) == 1
+
+
+def test_expiring_a_voiceprint_erases_the_agents_fingerprints(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.replace_voiceprint(voiceprint("a1", "v"), [])
+    for origin in RecordingOrigin:
+        store.add_fingerprint(
+            fingerprint("a1", NOW, origin), keep_after=NOW - timedelta(days=1), keep=5
+        )
+    assert len(store.fingerprints("a1")) == 2
+    assert store.expire_voiceprints(NOW + timedelta(days=1)) == ["a1"]
+    assert store.fingerprints("a1") == []

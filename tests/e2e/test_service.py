@@ -390,4 +390,8 @@ def test_every_decision_is_audited_without_biometrics(voxauth: RunningServer) ->
         "llr",
         "llr_threshold",
         "decided_by",
+        "pad_score",
+        "pad_threshold",
+        "pad_decision",
+        "pad_enforced",
     }

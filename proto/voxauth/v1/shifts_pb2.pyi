@@ -67,7 +67,9 @@ class _ShiftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftE
     SHIFT_EVENT_KIND_CHECKPOINT_PASSED: _ShiftEventKind.ValueType  # 1
     """The recent speech matched the agent's voiceprint."""
     SHIFT_EVENT_KIND_CHECKPOINT_FAILED: _ShiftEventKind.ValueType  # 2
-    """The recent speech did not match (score below the threshold)."""
+    """The recent speech did not match (score below the threshold), or was taken for a
+    presentation attack (see presentation_attack).
+    """
     SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH: _ShiftEventKind.ValueType  # 3
     """Not enough speech arrived before the checkpoint's deadline. Not a failure."""
     SHIFT_EVENT_KIND_SHIFT_LOCKED: _ShiftEventKind.ValueType  # 4
@@ -76,6 +78,11 @@ class _ShiftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftE
     """A login check passed (or an admin unlocked it): the shift is VERIFIED again."""
     SHIFT_EVENT_KIND_SHIFT_ENDED: _ShiftEventKind.ValueType  # 7
     """The shift ended."""
+    SHIFT_EVENT_KIND_PRESENTATION_ATTACK: _ShiftEventKind.ValueType  # 8
+    """A login check (StartShift, CheckLogin) was taken for a presentation attack or a replay
+    of the agent's voice; carries presentation_attack. (A checkpoint taken for one is a
+    CHECKPOINT_FAILED with presentation_attack.decision ATTACK or REPLAY.)
+    """
 
 class ShiftEventKind(_ShiftEventKind, metaclass=_ShiftEventKindEnumTypeWrapper): ...
 
@@ -85,7 +92,9 @@ SHIFT_EVENT_KIND_STREAM_ATTACHED: ShiftEventKind.ValueType  # 5
 SHIFT_EVENT_KIND_CHECKPOINT_PASSED: ShiftEventKind.ValueType  # 1
 """The recent speech matched the agent's voiceprint."""
 SHIFT_EVENT_KIND_CHECKPOINT_FAILED: ShiftEventKind.ValueType  # 2
-"""The recent speech did not match (score below the threshold)."""
+"""The recent speech did not match (score below the threshold), or was taken for a
+presentation attack (see presentation_attack).
+"""
 SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH: ShiftEventKind.ValueType  # 3
 """Not enough speech arrived before the checkpoint's deadline. Not a failure."""
 SHIFT_EVENT_KIND_SHIFT_LOCKED: ShiftEventKind.ValueType  # 4
@@ -94,6 +103,11 @@ SHIFT_EVENT_KIND_SHIFT_VERIFIED: ShiftEventKind.ValueType  # 6
 """A login check passed (or an admin unlocked it): the shift is VERIFIED again."""
 SHIFT_EVENT_KIND_SHIFT_ENDED: ShiftEventKind.ValueType  # 7
 """The shift ended."""
+SHIFT_EVENT_KIND_PRESENTATION_ATTACK: ShiftEventKind.ValueType  # 8
+"""A login check (StartShift, CheckLogin) was taken for a presentation attack or a replay
+of the agent's voice; carries presentation_attack. (A checkpoint taken for one is a
+CHECKPOINT_FAILED with presentation_attack.decision ATTACK or REPLAY.)
+"""
 Global___ShiftEventKind: _TypeAlias = ShiftEventKind  # noqa: Y015
 
 @_typing.final
@@ -352,6 +366,7 @@ class ShiftEvent(_message.Message):
     AUDIO_END_FIELD_NUMBER: _builtins.int
     SHIFT_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
+    PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
     kind: Global___ShiftEventKind.ValueType
     shift_id: _builtins.str
     score: _builtins.float
@@ -379,6 +394,12 @@ class ShiftEvent(_message.Message):
     def shift(self) -> Global___Shift:
         """The shift after the event."""
 
+    @_builtins.property
+    def presentation_attack(self) -> _voxauth_pb2.PresentationAttack:
+        """CHECKPOINT_PASSED/FAILED: the presentation-attack check of the checkpoint's audio. A
+        CHECKPOINT_FAILED with decision ATTACK or REPLAY is a suspected spoof of the agent's voice.
+        """
+
     def __init__(
         self,
         *,
@@ -393,10 +414,11 @@ class ShiftEvent(_message.Message):
         audio_end: _timestamp_pb2.Timestamp | None = ...,
         shift: Global___Shift | None = ...,
         decided_by: _voxauth_pb2.DecidedBy.ValueType = ...,
+        presentation_attack: _voxauth_pb2.PresentationAttack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "scheduled_at", b"scheduled_at", "shift", b"shift"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "shift", b"shift"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

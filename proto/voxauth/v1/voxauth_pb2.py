@@ -25,25 +25,27 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18voxauth/v1/voxauth.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x05\x41udio\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa3\x01\n\x0c\x41udioQuality\x12\x18\n\x10\x64uration_seconds\x18\x01 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x02 \x01(\x01\x12\x19\n\x11speech_level_dbfs\x18\x03 \x01(\x01\x12\x18\n\x10\x63lipped_fraction\x18\x04 \x01(\x01\x12(\n\x06issues\x18\x05 \x03(\x0e\x32\x18.voxauth.v1.QualityIssue\"k\n\x12\x43reateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x19\n\x11\x63onsent_reference\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x8c\x01\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x19\n\x11\x63onsent_reference\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nrolled\x18\x05 \x01(\x08\"c\n\x19\x41\x64\x64\x45nrollmentAudioRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x8f\x01\n\x14\x45nrollmentAudioChunk\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"t\n\x1a\x41\x64\x64\x45nrollmentAudioResponse\x12(\n\tutterance\x18\x01 \x01(\x0b\x32\x15.voxauth.v1.Utterance\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.voxauth.v1.EnrollmentStatus\"\xa9\x01\n\tUtterance\x12\x14\n\x0cutterance_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12)\n\x07quality\x18\x04 \x01(\x0b\x32\x18.voxauth.v1.AudioQuality\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\".\n\x1aGetEnrollmentStatusRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xf3\x01\n\x10\x45nrollmentStatus\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Agent\x12\x1a\n\x12net_speech_seconds\x18\x02 \x01(\x01\x12#\n\x1brequired_net_speech_seconds\x18\x03 \x01(\x01\x12\x19\n\x11ready_to_finalize\x18\x04 \x01(\x08\x12\x31\n\x12pending_utterances\x18\x05 \x03(\x0b\x32\x15.voxauth.v1.Utterance\x12.\n\nvoiceprint\x18\x06 \x01(\x0b\x32\x1a.voxauth.v1.VoiceprintInfo\"\xa4\x01\n\x0eVoiceprintInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0futterance_count\x18\x03 \x01(\r\x12\x1a\n\x12net_speech_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13telephone_companion\x18\x05 \x01(\x08\"A\n\x19\x46inalizeEnrollmentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x90\x01\n\x1a\x46inalizeEnrollmentResponse\x12.\n\nvoiceprint\x18\x01 \x01(\x0b\x32\x1a.voxauth.v1.VoiceprintInfo\x12\x19\n\x11replaced_previous\x18\x02 \x01(\x08\x12\'\n\x08rejected\x18\x03 \x03(\x0b\x32\x15.voxauth.v1.Utterance\":\n\x12\x44\x65leteAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse\"W\n\rVerifyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\xb8\x03\n\x0eVerifyResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.voxauth.v1.Decision\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12)\n\x07quality\x18\x05 \x01(\x0b\x32\x18.voxauth.v1.AudioQuality\x12\x0b\n\x03llr\x18\x06 \x01(\x01\x12\x15\n\rllr_threshold\x18\x07 \x01(\x01\x12\x1f\n\x17target_false_match_rate\x18\x08 \x01(\x01\x12%\n\x1d\x65xpected_false_non_match_rate\x18\t \x01(\x01\x12$\n\x07\x63hannel\x18\n \x01(\x0e\x32\x13.voxauth.v1.Channel\x12*\n\ncomparison\x18\x0b \x01(\x0e\x32\x16.voxauth.v1.Comparison\x12\x18\n\x10normalized_score\x18\x0c \x01(\x01\x12\x1c\n\x14normalized_threshold\x18\r \x01(\x01\x12)\n\ndecided_by\x18\x0f \x01(\x0e\x32\x15.voxauth.v1.DecidedBy*\xaf\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x01\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x02\x12\x1a\n\x16\x41UDIO_ENCODING_PCM16LE\x10\x03\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x04\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x05*\x8a\x01\n\x0cQualityIssue\x12\x1d\n\x19QUALITY_ISSUE_UNSPECIFIED\x10\x00\x12#\n\x1fQUALITY_ISSUE_TOO_LITTLE_SPEECH\x10\x01\x12\x1b\n\x17QUALITY_ISSUE_TOO_QUIET\x10\x02\x12\x19\n\x15QUALITY_ISSUE_CLIPPED\x10\x03*i\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_ACCEPT\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x12\x19\n\x15\x44\x45\x43ISION_INCONCLUSIVE\x10\x03*O\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HANNEL_WIDEBAND\x10\x01\x12\x15\n\x11\x43HANNEL_TELEPHONE\x10\x02*\x81\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OMPARISON_WIDEBAND\x10\x01\x12$\n COMPARISON_WIDEBAND_TO_TELEPHONE\x10\x02\x12\x18\n\x14\x43OMPARISON_TELEPHONE\x10\x03*\xa2\x01\n\tDecidedBy\x12\x1a\n\x16\x44\x45\x43IDED_BY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43IDED_BY_FMR_THRESHOLD\x10\x01\x12\x18\n\x14\x44\x45\x43IDED_BY_LLR_FLOOR\x10\x02\x12\x1d\n\x19\x44\x45\x43IDED_BY_DURATION_FLOOR\x10\x03\x12\"\n\x1e\x44\x45\x43IDED_BY_LOCAL_FMR_THRESHOLD\x10\x04\x32\xb1\x04\n\x11\x45nrollmentService\x12@\n\x0b\x43reateAgent\x12\x1e.voxauth.v1.CreateAgentRequest\x1a\x11.voxauth.v1.Agent\x12\x63\n\x12\x41\x64\x64\x45nrollmentAudio\x12%.voxauth.v1.AddEnrollmentAudioRequest\x1a&.voxauth.v1.AddEnrollmentAudioResponse\x12\x63\n\x15StreamEnrollmentAudio\x12 .voxauth.v1.EnrollmentAudioChunk\x1a&.voxauth.v1.AddEnrollmentAudioResponse(\x01\x12[\n\x13GetEnrollmentStatus\x12&.voxauth.v1.GetEnrollmentStatusRequest\x1a\x1c.voxauth.v1.EnrollmentStatus\x12\x63\n\x12\x46inalizeEnrollment\x12%.voxauth.v1.FinalizeEnrollmentRequest\x1a&.voxauth.v1.FinalizeEnrollmentResponse\x12N\n\x0b\x44\x65leteAgent\x12\x1e.voxauth.v1.DeleteAgentRequest\x1a\x1f.voxauth.v1.DeleteAgentResponse2V\n\x13VerificationService\x12?\n\x06Verify\x12\x19.voxauth.v1.VerifyRequest\x1a\x1a.voxauth.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18voxauth/v1/voxauth.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Z\n\x05\x41udio\x12+\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa3\x01\n\x0c\x41udioQuality\x12\x18\n\x10\x64uration_seconds\x18\x01 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x02 \x01(\x01\x12\x19\n\x11speech_level_dbfs\x18\x03 \x01(\x01\x12\x18\n\x10\x63lipped_fraction\x18\x04 \x01(\x01\x12(\n\x06issues\x18\x05 \x03(\x0e\x32\x18.voxauth.v1.QualityIssue\"k\n\x12\x43reateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x19\n\x11\x63onsent_reference\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x8c\x01\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x19\n\x11\x63onsent_reference\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65nrolled\x18\x05 \x01(\x08\"c\n\x19\x41\x64\x64\x45nrollmentAudioRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x8f\x01\n\x14\x45nrollmentAudioChunk\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"t\n\x1a\x41\x64\x64\x45nrollmentAudioResponse\x12(\n\tutterance\x18\x01 \x01(\x0b\x32\x15.voxauth.v1.Utterance\x12,\n\x06status\x18\x02 \x01(\x0b\x32\x1c.voxauth.v1.EnrollmentStatus\"\xe6\x01\n\tUtterance\x12\x14\n\x0cutterance_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12)\n\x07quality\x18\x04 \x01(\x0b\x32\x18.voxauth.v1.AudioQuality\x12/\n\x0breceived_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x13presentation_attack\x18\x06 \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\".\n\x1aGetEnrollmentStatusRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xf3\x01\n\x10\x45nrollmentStatus\x12 \n\x05\x61gent\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Agent\x12\x1a\n\x12net_speech_seconds\x18\x02 \x01(\x01\x12#\n\x1brequired_net_speech_seconds\x18\x03 \x01(\x01\x12\x19\n\x11ready_to_finalize\x18\x04 \x01(\x08\x12\x31\n\x12pending_utterances\x18\x05 \x03(\x0b\x32\x15.voxauth.v1.Utterance\x12.\n\nvoiceprint\x18\x06 \x01(\x0b\x32\x1a.voxauth.v1.VoiceprintInfo\"\xa4\x01\n\x0eVoiceprintInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0futterance_count\x18\x03 \x01(\r\x12\x1a\n\x12net_speech_seconds\x18\x04 \x01(\x01\x12\x1b\n\x13telephone_companion\x18\x05 \x01(\x08\"A\n\x19\x46inalizeEnrollmentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x90\x01\n\x1a\x46inalizeEnrollmentResponse\x12.\n\nvoiceprint\x18\x01 \x01(\x0b\x32\x1a.voxauth.v1.VoiceprintInfo\x12\x19\n\x11replaced_previous\x18\x02 \x01(\x08\x12\'\n\x08rejected\x18\x03 \x03(\x0b\x32\x15.voxauth.v1.Utterance\":\n\x12\x44\x65leteAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse\"W\n\rVerifyRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12 \n\x05\x61udio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\xf5\x03\n\x0eVerifyResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x14.voxauth.v1.Decision\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12)\n\x07quality\x18\x05 \x01(\x0b\x32\x18.voxauth.v1.AudioQuality\x12\x0b\n\x03llr\x18\x06 \x01(\x01\x12\x15\n\rllr_threshold\x18\x07 \x01(\x01\x12\x1f\n\x17target_false_match_rate\x18\x08 \x01(\x01\x12%\n\x1d\x65xpected_false_non_match_rate\x18\t \x01(\x01\x12$\n\x07\x63hannel\x18\n \x01(\x0e\x32\x13.voxauth.v1.Channel\x12*\n\ncomparison\x18\x0b \x01(\x0e\x32\x16.voxauth.v1.Comparison\x12\x18\n\x10normalized_score\x18\x0c \x01(\x01\x12\x1c\n\x14normalized_threshold\x18\r \x01(\x01\x12)\n\ndecided_by\x18\x0f \x01(\x0e\x32\x15.voxauth.v1.DecidedBy\x12;\n\x13presentation_attack\x18\x14 \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\"|\n\x12PresentationAttack\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x32\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32 .voxauth.v1.PresentationDecision\x12\x10\n\x08\x65nforced\x18\x04 \x01(\x08*\xaf\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x01\x12\x17\n\x13\x41UDIO_ENCODING_FLAC\x10\x02\x12\x1a\n\x16\x41UDIO_ENCODING_PCM16LE\x10\x03\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x04\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x05*\x8a\x01\n\x0cQualityIssue\x12\x1d\n\x19QUALITY_ISSUE_UNSPECIFIED\x10\x00\x12#\n\x1fQUALITY_ISSUE_TOO_LITTLE_SPEECH\x10\x01\x12\x1b\n\x17QUALITY_ISSUE_TOO_QUIET\x10\x02\x12\x19\n\x15QUALITY_ISSUE_CLIPPED\x10\x03*i\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_ACCEPT\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REJECT\x10\x02\x12\x19\n\x15\x44\x45\x43ISION_INCONCLUSIVE\x10\x03*O\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HANNEL_WIDEBAND\x10\x01\x12\x15\n\x11\x43HANNEL_TELEPHONE\x10\x02*\x81\x01\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OMPARISON_WIDEBAND\x10\x01\x12$\n COMPARISON_WIDEBAND_TO_TELEPHONE\x10\x02\x12\x18\n\x14\x43OMPARISON_TELEPHONE\x10\x03*\xce\x01\n\x14PresentationDecision\x12%\n!PRESENTATION_DECISION_UNSPECIFIED\x10\x00\x12&\n\"PRESENTATION_DECISION_NOT_ASSESSED\x10\x01\x12#\n\x1fPRESENTATION_DECISION_BONA_FIDE\x10\x02\x12 \n\x1cPRESENTATION_DECISION_ATTACK\x10\x03\x12 \n\x1cPRESENTATION_DECISION_REPLAY\x10\x04*\xa2\x01\n\tDecidedBy\x12\x1a\n\x16\x44\x45\x43IDED_BY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43IDED_BY_FMR_THRESHOLD\x10\x01\x12\x18\n\x14\x44\x45\x43IDED_BY_LLR_FLOOR\x10\x02\x12\x1d\n\x19\x44\x45\x43IDED_BY_DURATION_FLOOR\x10\x03\x12\"\n\x1e\x44\x45\x43IDED_BY_LOCAL_FMR_THRESHOLD\x10\x04\x32\xb1\x04\n\x11\x45nrollmentService\x12@\n\x0b\x43reateAgent\x12\x1e.voxauth.v1.CreateAgentRequest\x1a\x11.voxauth.v1.Agent\x12\x63\n\x12\x41\x64\x64\x45nrollmentAudio\x12%.voxauth.v1.AddEnrollmentAudioRequest\x1a&.voxauth.v1.AddEnrollmentAudioResponse\x12\x63\n\x15StreamEnrollmentAudio\x12 .voxauth.v1.EnrollmentAudioChunk\x1a&.voxauth.v1.AddEnrollmentAudioResponse(\x01\x12[\n\x13GetEnrollmentStatus\x12&.voxauth.v1.GetEnrollmentStatusRequest\x1a\x1c.voxauth.v1.EnrollmentStatus\x12\x63\n\x12\x46inalizeEnrollment\x12%.voxauth.v1.FinalizeEnrollmentRequest\x1a&.voxauth.v1.FinalizeEnrollmentResponse\x12N\n\x0b\x44\x65leteAgent\x12\x1e.voxauth.v1.DeleteAgentRequest\x1a\x1f.voxauth.v1.DeleteAgentResponse2V\n\x13VerificationService\x12?\n\x06Verify\x12\x19.voxauth.v1.VerifyRequest\x1a\x1a.voxauth.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.voxauth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=2411
-  _globals['_AUDIOENCODING']._serialized_end=2586
-  _globals['_QUALITYISSUE']._serialized_start=2589
-  _globals['_QUALITYISSUE']._serialized_end=2727
-  _globals['_DECISION']._serialized_start=2729
-  _globals['_DECISION']._serialized_end=2834
-  _globals['_CHANNEL']._serialized_start=2836
-  _globals['_CHANNEL']._serialized_end=2915
-  _globals['_COMPARISON']._serialized_start=2918
-  _globals['_COMPARISON']._serialized_end=3047
-  _globals['_DECIDEDBY']._serialized_start=3050
-  _globals['_DECIDEDBY']._serialized_end=3212
+  _globals['_AUDIOENCODING']._serialized_start=2659
+  _globals['_AUDIOENCODING']._serialized_end=2834
+  _globals['_QUALITYISSUE']._serialized_start=2837
+  _globals['_QUALITYISSUE']._serialized_end=2975
+  _globals['_DECISION']._serialized_start=2977
+  _globals['_DECISION']._serialized_end=3082
+  _globals['_CHANNEL']._serialized_start=3084
+  _globals['_CHANNEL']._serialized_end=3163
+  _globals['_COMPARISON']._serialized_start=3166
+  _globals['_COMPARISON']._serialized_end=3295
+  _globals['_PRESENTATIONDECISION']._serialized_start=3298
+  _globals['_PRESENTATIONDECISION']._serialized_end=3504
+  _globals['_DECIDEDBY']._serialized_start=3507
+  _globals['_DECIDEDBY']._serialized_end=3669
   _globals['_AUDIO']._serialized_start=73
   _globals['_AUDIO']._serialized_end=163
   _globals['_AUDIOQUALITY']._serialized_start=166
@@ -59,27 +61,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDENROLLMENTAUDIORESPONSE']._serialized_start=830
   _globals['_ADDENROLLMENTAUDIORESPONSE']._serialized_end=946
   _globals['_UTTERANCE']._serialized_start=949
-  _globals['_UTTERANCE']._serialized_end=1118
-  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_start=1120
-  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_end=1166
-  _globals['_ENROLLMENTSTATUS']._serialized_start=1169
-  _globals['_ENROLLMENTSTATUS']._serialized_end=1412
-  _globals['_VOICEPRINTINFO']._serialized_start=1415
-  _globals['_VOICEPRINTINFO']._serialized_end=1579
-  _globals['_FINALIZEENROLLMENTREQUEST']._serialized_start=1581
-  _globals['_FINALIZEENROLLMENTREQUEST']._serialized_end=1646
-  _globals['_FINALIZEENROLLMENTRESPONSE']._serialized_start=1649
-  _globals['_FINALIZEENROLLMENTRESPONSE']._serialized_end=1793
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1795
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1853
-  _globals['_DELETEAGENTRESPONSE']._serialized_start=1855
-  _globals['_DELETEAGENTRESPONSE']._serialized_end=1876
-  _globals['_VERIFYREQUEST']._serialized_start=1878
-  _globals['_VERIFYREQUEST']._serialized_end=1965
-  _globals['_VERIFYRESPONSE']._serialized_start=1968
-  _globals['_VERIFYRESPONSE']._serialized_end=2408
-  _globals['_ENROLLMENTSERVICE']._serialized_start=3215
-  _globals['_ENROLLMENTSERVICE']._serialized_end=3776
-  _globals['_VERIFICATIONSERVICE']._serialized_start=3778
-  _globals['_VERIFICATIONSERVICE']._serialized_end=3864
+  _globals['_UTTERANCE']._serialized_end=1179
+  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_start=1181
+  _globals['_GETENROLLMENTSTATUSREQUEST']._serialized_end=1227
+  _globals['_ENROLLMENTSTATUS']._serialized_start=1230
+  _globals['_ENROLLMENTSTATUS']._serialized_end=1473
+  _globals['_VOICEPRINTINFO']._serialized_start=1476
+  _globals['_VOICEPRINTINFO']._serialized_end=1640
+  _globals['_FINALIZEENROLLMENTREQUEST']._serialized_start=1642
+  _globals['_FINALIZEENROLLMENTREQUEST']._serialized_end=1707
+  _globals['_FINALIZEENROLLMENTRESPONSE']._serialized_start=1710
+  _globals['_FINALIZEENROLLMENTRESPONSE']._serialized_end=1854
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1856
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1914
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1916
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1937
+  _globals['_VERIFYREQUEST']._serialized_start=1939
+  _globals['_VERIFYREQUEST']._serialized_end=2026
+  _globals['_VERIFYRESPONSE']._serialized_start=2029
+  _globals['_VERIFYRESPONSE']._serialized_end=2530
+  _globals['_PRESENTATIONATTACK']._serialized_start=2532
+  _globals['_PRESENTATIONATTACK']._serialized_end=2656
+  _globals['_ENROLLMENTSERVICE']._serialized_start=3672
+  _globals['_ENROLLMENTSERVICE']._serialized_end=4233
+  _globals['_VERIFICATIONSERVICE']._serialized_start=4235
+  _globals['_VERIFICATIONSERVICE']._serialized_end=4321
 # @@protoc_insertion_point(module_scope)

@@ -194,6 +194,44 @@ COMPARISON_TELEPHONE: Comparison.ValueType  # 3
 """Telephone-band speech against the voiceprint's telephone companion."""
 Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
 
+class _PresentationDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresentationDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PresentationDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESENTATION_DECISION_UNSPECIFIED: _PresentationDecision.ValueType  # 0
+    PRESENTATION_DECISION_NOT_ASSESSED: _PresentationDecision.ValueType  # 1
+    """Not assessed: too little audio for the countermeasure (the check decides nothing)."""
+    PRESENTATION_DECISION_BONA_FIDE: _PresentationDecision.ValueType  # 2
+    """score >= threshold: taken for a live voice."""
+    PRESENTATION_DECISION_ATTACK: _PresentationDecision.ValueType  # 3
+    """score < threshold: taken for a presentation attack (synthetic or converted speech, or a
+    recording played back). Refused unless the server runs PAD in monitor mode.
+    """
+    PRESENTATION_DECISION_REPLAY: _PresentationDecision.ValueType  # 4
+    """The audio repeats one of the agent's enrollment utterances or a recent check: a
+    recording played back. Refused unless the server runs PAD in monitor mode.
+    """
+
+class PresentationDecision(_PresentationDecision, metaclass=_PresentationDecisionEnumTypeWrapper):
+    """The outcome of the presentation-attack check."""
+
+PRESENTATION_DECISION_UNSPECIFIED: PresentationDecision.ValueType  # 0
+PRESENTATION_DECISION_NOT_ASSESSED: PresentationDecision.ValueType  # 1
+"""Not assessed: too little audio for the countermeasure (the check decides nothing)."""
+PRESENTATION_DECISION_BONA_FIDE: PresentationDecision.ValueType  # 2
+"""score >= threshold: taken for a live voice."""
+PRESENTATION_DECISION_ATTACK: PresentationDecision.ValueType  # 3
+"""score < threshold: taken for a presentation attack (synthetic or converted speech, or a
+recording played back). Refused unless the server runs PAD in monitor mode.
+"""
+PRESENTATION_DECISION_REPLAY: PresentationDecision.ValueType  # 4
+"""The audio repeats one of the agent's enrollment utterances or a recent check: a
+recording played back. Refused unless the server runs PAD in monitor mode.
+"""
+Global___PresentationDecision: _TypeAlias = PresentationDecision  # noqa: Y015
+
 class _DecidedBy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -491,6 +529,7 @@ class Utterance(_message.Message):
     REJECTION_REASON_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
     utterance_id: _builtins.str
     """Server-assigned id; empty when the utterance was not accepted."""
     accepted: _builtins.bool
@@ -500,6 +539,12 @@ class Utterance(_message.Message):
     def quality(self) -> Global___AudioQuality: ...
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def presentation_attack(self) -> Global___PresentationAttack:
+        """The presentation-attack check of the utterance: an utterance the countermeasure takes
+        for an attack, or that repeats a recording, is not accepted (see rejection_reason).
+        """
+
     def __init__(
         self,
         *,
@@ -508,10 +553,11 @@ class Utterance(_message.Message):
         rejection_reason: _builtins.str = ...,
         quality: Global___AudioQuality | None = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
+        presentation_attack: Global___PresentationAttack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["presentation_attack", b"presentation_attack", "quality", b"quality", "received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "quality", b"quality", "received_at", b"received_at", "rejection_reason", b"rejection_reason", "utterance_id", b"utterance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "presentation_attack", b"presentation_attack", "quality", b"quality", "received_at", b"received_at", "rejection_reason", b"rejection_reason", "utterance_id", b"utterance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -764,6 +810,7 @@ class VerifyResponse(_message.Message):
     NORMALIZED_SCORE_FIELD_NUMBER: _builtins.int
     NORMALIZED_THRESHOLD_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
+    PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     score: _builtins.float
     """Raw cosine similarity between the audio's embedding and the voiceprint it was compared
@@ -808,6 +855,12 @@ class VerifyResponse(_message.Message):
     """
     @_builtins.property
     def quality(self) -> Global___AudioQuality: ...
+    @_builtins.property
+    def presentation_attack(self) -> Global___PresentationAttack:
+        """The presentation-attack check of the same audio (synthetic, converted or replayed
+        speech). A check it refuses is a REJECT, whatever the voice scored.
+        """
+
     def __init__(
         self,
         *,
@@ -825,11 +878,49 @@ class VerifyResponse(_message.Message):
         normalized_score: _builtins.float = ...,
         normalized_threshold: _builtins.float = ...,
         decided_by: Global___DecidedBy.ValueType = ...,
+        presentation_attack: Global___PresentationAttack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["presentation_attack", b"presentation_attack", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "presentation_attack", b"presentation_attack", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class PresentationAttack(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    ENFORCED_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """The countermeasure's bona-fide score (the mean bona-fide logit of its 4 s windows over the
+    audio as it arrived): higher is more likely a live voice. 0 when NOT_ASSESSED.
+    """
+    threshold: _builtins.float
+    """The score this channel needs: set from the genuine speech of the calibration split for the
+    server's target bona-fide rejection rate (VOXAUTH_PAD_TARGET_BPCER).
+    """
+    decision: Global___PresentationDecision.ValueType
+    enforced: _builtins.bool
+    """False when the server runs PAD in monitor mode: the decision is reported and audited but
+    refuses nothing.
+    """
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        decision: Global___PresentationDecision.ValueType = ...,
+        enforced: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "enforced", b"enforced", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresentationAttack: _TypeAlias = PresentationAttack  # noqa: Y015

@@ -40,6 +40,7 @@ from server.storage.backend import (
     AssuranceRow,
     AuditRow,
     CompletedRequestRow,
+    FingerprintRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
@@ -63,6 +64,7 @@ _BUSY_TIMEOUT_MS = 5000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
+_FINGERPRINT_COLUMNS = "agent_ref, model_id, origin, recorded_at, embedding, telephone_embedding"
 _UTTERANCE_COLUMNS = (
     "utterance_id, agent_ref, model_id, embedding, duration_seconds, net_speech_seconds, "
     "speech_level_dbfs, clipped_fraction, received_at, telephone_embedding"
@@ -222,6 +224,7 @@ class SqliteTransaction:
         for table in (
             "pending_utterances",
             "voiceprints",
+            "replay_fingerprints",
             "shifts",
             "verification_throttle",
             "completed_requests",
@@ -298,6 +301,49 @@ class SqliteTransaction:
         self._conn.executemany(
             "DELETE FROM pending_utterances WHERE agent_ref = ? AND utterance_id = ?",
             [(agent_ref, utterance_id) for utterance_id in utterance_ids],
+        )
+
+    # --- replay fingerprints ------------------------------------------------------------------
+
+    def insert_fingerprint(self, row: FingerprintRow) -> None:
+        self._conn.execute(
+            f"INSERT INTO replay_fingerprints ({_FINGERPRINT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                row.agent_ref,
+                row.model_id,
+                row.origin,
+                _to_micros(row.recorded_at),
+                row.sealed_embedding,
+                row.sealed_telephone_embedding,
+            ),
+        )
+
+    def fingerprints(self, agent_ref: str) -> list[FingerprintRow]:
+        rows = self._conn.execute(
+            f"SELECT {_FINGERPRINT_COLUMNS} FROM replay_fingerprints WHERE agent_ref = ? "
+            "ORDER BY recorded_at, rowid",
+            (agent_ref,),
+        )
+        return [
+            FingerprintRow(
+                ref,
+                model_id,
+                origin,
+                _from_micros(at),
+                bytes(blob),
+                None if phone is None else bytes(phone),
+            )
+            for ref, model_id, origin, at, blob, phone in rows
+        ]
+
+    def prune_fingerprints(
+        self, agent_ref: str, origin: str, recorded_before: datetime, keep: int
+    ) -> None:
+        self._conn.execute(
+            "DELETE FROM replay_fingerprints WHERE agent_ref = ? AND origin = ? AND ("
+            "recorded_at < ? OR rowid NOT IN (SELECT rowid FROM replay_fingerprints "
+            "WHERE agent_ref = ? AND origin = ? ORDER BY recorded_at DESC, rowid DESC LIMIT ?))",
+            (agent_ref, origin, _to_micros(recorded_before), agent_ref, origin, keep),
         )
 
     # --- voiceprints -------------------------------------------------------------------------

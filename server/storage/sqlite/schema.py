@@ -266,6 +266,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX completed_requests_by_agent_ref ON completed_requests (agent_ref)",
         "CREATE INDEX completed_requests_by_expiry ON completed_requests (expires_at)",
     ),
+    (
+        # Replay fingerprints (server/verification/replay.py): the sealed embeddings of the
+        # agent's enrollment utterances and of its recent checks, to recognise a recording
+        # played again. Bounded per agent; erased with the agent.
+        """CREATE TABLE replay_fingerprints (
+            agent_ref TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            embedding BLOB NOT NULL,
+            telephone_embedding BLOB
+        )""",
+        "CREATE INDEX replay_fingerprints_by_agent ON replay_fingerprints (agent_ref, recorded_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
