@@ -16,7 +16,8 @@ from server.pipeline.decode import AudioEncoding
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.scoring.calibration import Condition, DecidedBy
-from server.shifts.service import LoginOutcome, ShiftEvent, ShiftEventKind
+from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.service import LoginOutcome
 from server.storage.interface import (
     AgentRecord,
     ShiftRecord,

@@ -9,7 +9,6 @@ bounded in-memory buffer. All timing goes through one Clock.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import re
 import secrets
@@ -29,14 +28,14 @@ from server.errors import (
     VoxauthError,
 )
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
-from server.pipeline.presentation import PresentationAssessment
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
-from server.scoring.calibration import DecidedBy
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.schedule import CheckpointSchedule
 from server.storage.interface import (
     AssuranceRecord,
     AuditEvent,
@@ -54,54 +53,6 @@ log = logging.getLogger(__name__)
 # Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
 _SUBSCRIBER_EVENTS = 256
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
-
-
-class ShiftEventKind(enum.Enum):
-    STREAM_ATTACHED = "STREAM_ATTACHED"
-    CHECKPOINT_PASSED = "CHECKPOINT_PASSED"
-    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
-    INSUFFICIENT_SPEECH = "INSUFFICIENT_SPEECH"
-    SHIFT_LOCKED = "SHIFT_LOCKED"
-    SHIFT_VERIFIED = "SHIFT_VERIFIED"
-    SHIFT_ENDED = "SHIFT_ENDED"
-    PRESENTATION_ATTACK = "PRESENTATION_ATTACK"
-    """A login check was taken for a presentation attack or a replay."""
-
-
-@dataclass(frozen=True)
-class ShiftEvent:
-    kind: ShiftEventKind
-    shift: ShiftRecord
-    at: datetime
-    scheduled_at: datetime | None = None
-    score: float = 0.0
-    threshold: float = 0.0
-    net_speech_seconds: float = 0.0
-    audio_start: datetime | None = None
-    audio_end: datetime | None = None
-    decided_by: DecidedBy | None = None
-    """Which bound set the checkpoint's threshold; None for other kinds."""
-    presentation: PresentationAssessment | None = None
-    """CHECKPOINT_PASSED/FAILED and PRESENTATION_ATTACK: the presentation-attack check."""
-
-
-class CheckpointSchedule:
-    """Draws checkpoint intervals the client cannot predict: the mean interval plus a uniform
-    offset within +/- jitter, from the operating system's cryptographic source, never shorter
-    than the minimum gap."""
-
-    _RESOLUTION = 1_000_000
-
-    def __init__(self, policy: ShiftPolicy) -> None:
-        self._policy = policy
-
-    def next_interval(self) -> float:
-        p = self._policy
-        fraction = secrets.randbelow(self._RESOLUTION + 1) / self._RESOLUTION
-        interval = (
-            p.mean_checkpoint_interval_seconds + (2 * fraction - 1) * p.checkpoint_jitter_seconds
-        )
-        return max(p.min_checkpoint_gap_seconds, interval)
 
 
 class ShiftStream:

@@ -12,7 +12,7 @@ from server.config import ShiftPolicy
 from server.errors import InvalidAudioError
 from server.pipeline.decode import AudioEncoding
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
-from server.shifts.service import CheckpointSchedule
+from server.shifts.schedule import CheckpointSchedule
 from tests.fakes import LoudIsSpeech
 
 PCM16 = StreamFormat.declared(AudioEncoding.PCM16LE, 16_000)

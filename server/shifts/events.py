@@ -1,0 +1,41 @@
+"""What a shift reports as it goes: the events its softphone stream and the MFA provider's
+subscription receive (SubscribeShiftEvents), each also audited."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.pipeline.presentation import PresentationAssessment
+from server.records import ShiftRecord
+from server.scoring.calibration import DecidedBy
+
+
+class ShiftEventKind(enum.Enum):
+    STREAM_ATTACHED = "STREAM_ATTACHED"
+    CHECKPOINT_PASSED = "CHECKPOINT_PASSED"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
+    INSUFFICIENT_SPEECH = "INSUFFICIENT_SPEECH"
+    SHIFT_LOCKED = "SHIFT_LOCKED"
+    SHIFT_VERIFIED = "SHIFT_VERIFIED"
+    SHIFT_ENDED = "SHIFT_ENDED"
+    PRESENTATION_ATTACK = "PRESENTATION_ATTACK"
+    """A login check was taken for a presentation attack or a replay."""
+
+
+@dataclass(frozen=True)
+class ShiftEvent:
+    kind: ShiftEventKind
+    shift: ShiftRecord
+    at: datetime
+    scheduled_at: datetime | None = None
+    score: float = 0.0
+    threshold: float = 0.0
+    net_speech_seconds: float = 0.0
+    audio_start: datetime | None = None
+    audio_end: datetime | None = None
+    decided_by: DecidedBy | None = None
+    """Which bound set the checkpoint's threshold; None for other kinds."""
+    presentation: PresentationAssessment | None = None
+    """CHECKPOINT_PASSED/FAILED and PRESENTATION_ATTACK: the presentation-attack check."""
