@@ -31,8 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import ModelFilesError
-from models.manifest import AASIST_MANIFEST, FETCH_COMMAND, ModelManifest, verify_model_dir
+from models.manifest import (
+    AASIST_MANIFEST,
+    ModelManifest,
+    export_file,
+    require_export,
+    verify_model_dir,
+)
 
 SAMPLE_RATE = 16_000
 WINDOW_SAMPLES = 64_600
@@ -318,21 +323,14 @@ def build_network(model_dir: Path) -> Aasist:
 
 def export_path(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -> Path:
     """Where the export of these weights in this format lives."""
-    weights = next(spec for spec in manifest.files if spec.name == WEIGHTS_FILE)
-    return model_dir / f"aasist-network-{weights.sha256[:16]}-v{EXPORT_FORMAT}.onnx"
+    return export_file(model_dir, manifest, WEIGHTS_FILE, "aasist-network", EXPORT_FORMAT)
 
 
 def exported_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -> Path:
     """The current export, or ModelFilesError naming the command that makes it."""
-    path = export_path(model_dir, manifest)
-    if not path.is_file():
-        raise ModelFilesError(
-            f"the exported countermeasure network {path.name} is missing from {model_dir} (not "
-            f"made yet, or made from other weights or by an older version). Run "
-            f"`{FETCH_COMMAND} {manifest.fetch_option} {model_dir}` to make it from the verified "
-            "weights."
-        )
-    return path
+    return require_export(
+        export_path(model_dir, manifest), model_dir, manifest, "countermeasure network"
+    )
 
 
 def export_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -> Path:

@@ -21,8 +21,13 @@ from pathlib import Path
 import torch
 from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 
-from models.errors import ModelFilesError
-from models.manifest import ECAPA_MANIFEST, FETCH_COMMAND, ModelManifest, verify_model_dir
+from models.manifest import (
+    ECAPA_MANIFEST,
+    ModelManifest,
+    export_file,
+    require_export,
+    verify_model_dir,
+)
 
 N_MELS = 80
 DIMENSION = 192
@@ -76,20 +81,12 @@ class _WithFrames(torch.nn.Module):
 
 def export_path(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:
     """Where the export of these weights in this format lives."""
-    weights = next(spec for spec in manifest.files if spec.name == WEIGHTS_FILE)
-    return model_dir / f"ecapa-network-{weights.sha256[:16]}-v{EXPORT_FORMAT}.onnx"
+    return export_file(model_dir, manifest, WEIGHTS_FILE, "ecapa-network", EXPORT_FORMAT)
 
 
 def exported_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:
     """The current export, or ModelFilesError naming the command that makes it."""
-    path = export_path(model_dir, manifest)
-    if not path.is_file():
-        raise ModelFilesError(
-            f"the exported speaker network {path.name} is missing from {model_dir} (not made "
-            f"yet, or made from other weights or by an older version). Run `{FETCH_COMMAND} "
-            f"--dir {model_dir}` to make it from the verified weights."
-        )
-    return path
+    return require_export(export_path(model_dir, manifest), model_dir, manifest, "speaker network")
 
 
 def export_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) -> Path:

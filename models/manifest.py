@@ -135,3 +135,24 @@ def verify_model_dir(directory: Path, manifest: ModelManifest = ECAPA_MANIFEST) 
             + f". Run `{FETCH_COMMAND} {manifest.fetch_option} {directory}` to fetch verified "
             "copies."
         )
+
+
+def export_file(
+    model_dir: Path, manifest: ModelManifest, weights_file: str, stem: str, export_format: int
+) -> Path:
+    """Where the export of `manifest`'s `weights_file` in `export_format` lives: named by the
+    weights' hash, so an export made from other weights, or by an older exporter, is never
+    taken for this one."""
+    weights = next(spec for spec in manifest.files if spec.name == weights_file)
+    return model_dir / f"{stem}-{weights.sha256[:16]}-v{export_format}.onnx"
+
+
+def require_export(path: Path, model_dir: Path, manifest: ModelManifest, what: str) -> Path:
+    """`path` if the export is there, else ModelFilesError naming the command that makes it."""
+    if not path.is_file():
+        raise ModelFilesError(
+            f"the exported {what} {path.name} is missing from {model_dir} (not made yet, or "
+            f"made from other weights or by an older version). Run `{FETCH_COMMAND} "
+            f"{manifest.fetch_option} {model_dir}` to make it from the verified weights."
+        )
+    return path
