@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "bench",
-        help="measure embedding speed; `bench load`: Verify load; `bench shifts`: shift load",
+        help="measure embedding speed (`--check`: each stage of a whole check); `bench load`: "
+        "Verify load; `bench shifts`: shift load",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     commands.add_parser(

@@ -1,5 +1,7 @@
 """`voxauth bench`: how fast the speaker model embeds audio on this host, as a real-time factor,
-for plain SpeechBrain and for the service's path side by side in one run.
+for plain SpeechBrain and for the service's path side by side in one run; with `--check`, also
+what each stage of one whole check costs on the service's path (decode, speech detection,
+embedding, PAD, scoring).
 
 Each path runs in a process of its own, so that its thread setting, load time and peak memory
 are its own and not the sum of everything measured before it.
@@ -8,6 +10,7 @@ are its own and not the sum of everything measured before it.
 from __future__ import annotations
 
 import argparse
+import io
 import multiprocessing
 import resource
 import statistics
@@ -16,21 +19,31 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.countermeasure import Countermeasure
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
-from models.fetch import default_model_dir
-from server.config import ServerConfig
+from models.errors import ModelFilesError
+from models.fetch import default_countermeasure_dir, default_model_dir
+from server.config import AudioLimits, ScoringPolicy, ServerConfig, VerificationPolicy
 from server.errors import ConfigurationError
+from server.pipeline.channel import channel_of
+from server.pipeline.decode import AudioEncoding, decode_audio
+from server.pipeline.speech import QualityThresholds, SpeechDetector, analyse
+from server.records import Voiceprint
+from server.scoring.scorer import Scorer, ScoringModel
 
 # Real speech shipped with the tests (LibriSpeech, CC BY 4.0).
 # server/tools/ -> the source tree's tests/data/ (the bench runs from a checkout).
 _DEFAULT_SPEECH = Path(__file__).resolve().parents[2] / "tests" / "data" / "198-126831-0000.flac"
 _RATE = 16_000
+CHECK_SECONDS = 8.0
+"""The length of the check the stage breakdown times: the issue's Verify budget is for 8 s."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,183 @@ def format_results(results: Sequence[PathResult], runs: int) -> str:
     return "\n".join(lines)
 
 
+class Stage(Enum):
+    DECODE = "decode (WAV bytes -> 16 kHz float)"
+    SPEECH = "speech detection (Silero)"
+    EMBEDDING = "embedding (OpenVINO ECAPA)"
+    PAD = "PAD (AASIST countermeasure)"
+    SCORING = "scoring (AS-norm, calibration)"
+
+
+@dataclass(frozen=True)
+class CheckBreakdown:
+    audio_seconds: float
+    net_speech_seconds: float
+    runs: int
+    medians: dict[Stage, float]
+    """Median seconds of each stage, every stage on the caller's thread one after another."""
+
+    @property
+    def total_seconds(self) -> float:
+        """The stages' sum: the service runs PAD beside speech detection and the embedding,
+        so a check's wall time is less on a host with a core to spare."""
+        return sum(self.medians.values())
+
+    @property
+    def pad_per_embedding(self) -> float:
+        """PAD's cost as a share of the embedding's; the issue's target is at most 0.5."""
+        return self.medians[Stage.PAD] / self.medians[Stage.EMBEDDING]
+
+
+def check_breakdown(
+    embedder: SpeakerEmbedder,
+    countermeasure: Countermeasure,
+    detector: SpeechDetector,
+    scoring: ScoringPolicy,
+    check: bytes,
+    enrollment: Waveform,
+    *,
+    runs: int,
+) -> CheckBreakdown:
+    """Times each stage of a check of `check` (a 16 kHz WAV) as the service runs it, `runs`
+    times after a warm-up, against a voiceprint made from `enrollment` (other speech of the
+    same voice, so the scoring takes the path of a genuine check)."""
+    if runs < 1:
+        raise ValueError("runs must be positive")
+    thresholds = QualityThresholds()
+    limits = AudioLimits()
+    min_speech = VerificationPolicy().min_net_speech_seconds
+    enrolled = analyse(enrollment, detector, thresholds, min_net_speech_seconds=0.0)
+    voiceprint = Voiceprint(
+        agent_id="bench",
+        model_id=embedder.model_id,
+        embedding=embedder.embed(enrolled.speech),
+        created_at=datetime.now(UTC),
+        utterance_count=1,
+        net_speech_seconds=enrolled.net_speech_seconds,
+    )
+    scorer = Scorer(ScoringModel.load(scoring, embedder.model_id), scoring, voiceprints=list)
+    audio_seconds = (
+        len(decode_audio(check, AudioEncoding.WAV, _RATE, max_seconds=limits.max_seconds).waveform)
+        / _RATE
+    )
+    durations: dict[Stage, list[float]] = {stage: [] for stage in Stage}
+    net_speech = 0.0
+    for run in range(runs + 1):
+        timings, net_speech = _timed_check(
+            embedder, countermeasure, detector, scorer, voiceprint, check, limits, min_speech
+        )
+        if run:  # the first is the warm-up
+            for stage, seconds in timings.items():
+                durations[stage].append(seconds)
+    return CheckBreakdown(
+        audio_seconds=audio_seconds,
+        net_speech_seconds=net_speech,
+        runs=runs,
+        medians={stage: statistics.median(seconds) for stage, seconds in durations.items()},
+    )
+
+
+def _timed_check(
+    embedder: SpeakerEmbedder,
+    countermeasure: Countermeasure,
+    detector: SpeechDetector,
+    scorer: Scorer,
+    voiceprint: Voiceprint,
+    check: bytes,
+    limits: AudioLimits,
+    min_speech: float,
+) -> tuple[dict[Stage, float], float]:
+    """One check, stage by stage: the seconds of each and the check's net speech."""
+    clock = time.perf_counter
+    start = clock()
+    decoded = decode_audio(check, AudioEncoding.WAV, _RATE, max_seconds=limits.max_seconds)
+    decoded_at = clock()
+    quality = analyse(
+        decoded.waveform, detector, QualityThresholds(), min_net_speech_seconds=min_speech
+    )
+    detected_at = clock()
+    embedding = embedder.embed(quality.speech)
+    embedded_at = clock()
+    # As the service does: the countermeasure judges the audio as it arrived, pauses included.
+    countermeasure.score(decoded.waveform)
+    judged_at = clock()
+    channel = channel_of(decoded.source_rate_hz, quality.speech)
+    scorer.score(voiceprint, embedding, quality.net_speech_seconds, channel)
+    scored_at = clock()
+    timings = {
+        Stage.DECODE: decoded_at - start,
+        Stage.SPEECH: detected_at - decoded_at,
+        Stage.EMBEDDING: embedded_at - detected_at,
+        Stage.PAD: judged_at - embedded_at,
+        Stage.SCORING: scored_at - judged_at,
+    }
+    return timings, quality.net_speech_seconds
+
+
+def wav_bytes(waveform: Waveform) -> bytes:
+    """`waveform` as a 16-bit 16 kHz WAV file, as a client would send it."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, waveform, _RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def measure_check(
+    waveform: Waveform, runs: int, model_dir: Path, countermeasure_dir: Path
+) -> CheckBreakdown:
+    """The stage breakdown on the service's models with one thread each, as the server loads
+    them; meant for a process of its own. The check is the first CHECK_SECONDS of `waveform`,
+    the voiceprint is made of what follows."""
+    torch.set_num_threads(1)
+    from models.factory import load_countermeasure, load_speaker_embedder
+    from server.pipeline.silero import SileroSpeechDetector
+
+    check = int(CHECK_SECONDS * _RATE)
+    if len(waveform) < check + 3 * _RATE:
+        raise ValueError(f"--check needs at least {CHECK_SECONDS + 3:g} s of audio")
+    return check_breakdown(
+        load_speaker_embedder(model_dir, threads=1),
+        load_countermeasure(countermeasure_dir, threads=1),
+        SileroSpeechDetector(),
+        ScoringPolicy(),
+        wav_bytes(waveform[:check]),
+        waveform[check:],
+        runs=runs,
+    )
+
+
+def format_breakdown(breakdown: CheckBreakdown, speechbrain_seconds: float | None) -> str:
+    """The stages of one check beside plain SpeechBrain's embedding of the same audio."""
+    lines = [
+        f"one {breakdown.audio_seconds:g} s check ({breakdown.net_speech_seconds:.1f} s of "
+        f"speech) on the service's path, 1 thread, median of {breakdown.runs} runs "
+        "after a warm-up",
+        "",
+        f"{'stage':44s} {'ms':>8s}",
+    ]
+    lines.extend(
+        f"{stage.value:44s} {seconds * 1000:8.1f}" for stage, seconds in breakdown.medians.items()
+    )
+    lines.append(f"{'whole check (sum of the stages)':44s} {breakdown.total_seconds * 1000:8.1f}")
+    if speechbrain_seconds is not None:
+        label = "plain SpeechBrain embedding (torch, 1 thread)"
+        lines.append(f"{label:44s} {speechbrain_seconds * 1000:8.1f}")
+    lines.extend(
+        [
+            "",
+            f"PAD / embedding: {breakdown.pad_per_embedding:.2f} (target: at most 0.50)",
+        ]
+    )
+    if speechbrain_seconds is not None:
+        lines.append(
+            f"whole check / plain SpeechBrain embedding: "
+            f"{breakdown.total_seconds / speechbrain_seconds:.2f}"
+        )
+    return "\n".join(lines)
+
+
 def parse_lengths(text: str) -> list[float]:
     """'3,8,20' -> [3.0, 8.0, 20.0]"""
     try:
@@ -261,9 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument(
+        "--countermeasure-dir", type=Path, default=None, help="AASIST's files (for --check)"
+    )
+    parser.add_argument(
         "--throughput",
         action="store_true",
         help="also measure the service's throughput with 1 and 2 concurrent callers",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"also time each stage of one whole {CHECK_SECONDS:g} s check (decode, speech "
+        "detection, embedding, PAD, scoring), the voiceprint made from the rest of the file",
     )
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -282,11 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput:
         specs.append(PathSpec(Engine.SERVICE, 1, throughput=True))
     try:
-        configured = ServerConfig.from_environment().model_dir
+        configured = ServerConfig.from_environment()
     except ConfigurationError as error:
         print(f"voxauth bench: {error.message}", file=sys.stderr)
         return 2
-    model_dir = args.model_dir or configured or default_model_dir()
+    model_dir = args.model_dir or configured.model_dir or default_model_dir()
+    countermeasure_dir = (
+        args.countermeasure_dir or configured.countermeasure_dir or default_countermeasure_dir()
+    )
     print(f"audio: {args.audio} (looped when shorter than {max(args.seconds):g} s)")
     results = []
     for spec in specs:
@@ -297,4 +499,33 @@ def main(argv: list[str] | None = None) -> int:
             ).result()
         results.append(result)
     print(format_results(results, args.runs))
+    if args.check:
+        try:
+            # The file as it is, not looped: the voiceprint must not hear the check again.
+            recording = _speech(args.audio, CHECK_SECONDS)
+        except (OSError, RuntimeError, ValueError) as error:
+            print(f"voxauth bench: {error}", file=sys.stderr)
+            return 2
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            pending = child.submit(
+                measure_check, recording, args.runs, model_dir, countermeasure_dir
+            )
+            try:
+                breakdown = pending.result()
+            except (ModelFilesError, ValueError) as error:
+                print(f"voxauth bench: {error}", file=sys.stderr)
+                return 2
+        print()
+        print(format_breakdown(breakdown, _speechbrain_check_seconds(results)))
     return 0
+
+
+def _speechbrain_check_seconds(results: Sequence[PathResult]) -> float | None:
+    """Plain SpeechBrain's median embedding of the check's audio with 1 thread, when the
+    lengths measured include the check's."""
+    for result in results:
+        if result.spec.engine is Engine.SPEECHBRAIN and result.threads == 1:
+            for report in result.reports:
+                if abs(report.audio_seconds - CHECK_SECONDS) < 1e-6:
+                    return report.median_seconds
+    return None
