@@ -186,9 +186,7 @@ class EnrollmentClient:
         _with_retries(delete)
 
 
-def _chunks(
-    agent_id: str, audio: AudioFile, request_id: str
-) -> Iterator[pb.EnrollmentAudioChunk]:
+def _chunks(agent_id: str, audio: AudioFile, request_id: str) -> Iterator[pb.EnrollmentAudioChunk]:
     with audio.path.open("rb") as stream:
         yield pb.EnrollmentAudioChunk(
             agent_id=agent_id,
