@@ -21,8 +21,6 @@ weights under a name that carries their SHA-256 and the export format, as for th
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from models.manifest import (
     AASIST_MANIFEST,
     ModelManifest,
     export_file,
+    install_export,
     require_export,
     verify_model_dir,
 )
@@ -342,10 +341,8 @@ def export_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -
     if target.is_file():
         return target
     network = build_network(model_dir)
-    fd, name = tempfile.mkstemp(dir=model_dir, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    temp = Path(name)
-    try:
+
+    def write(temp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             # The tracer warns that node counts become constants: they are, for a fixed
             # window length; the export is checked against the torch network by the tests.
@@ -360,11 +357,5 @@ def export_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -
                 opset_version=_OPSET,
                 dynamo=False,
             )
-        temp.chmod(0o644)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    for stale in model_dir.glob("aasist-network-*.onnx"):
-        if stale != target:
-            stale.unlink()
-    return target
+
+    return install_export(target, "aasist-network", write)

@@ -13,8 +13,6 @@ or a changed export step give a new name, so a stale export is never loaded.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from models.manifest import (
     ECAPA_MANIFEST,
     ModelManifest,
     export_file,
+    install_export,
     require_export,
     verify_model_dir,
 )
@@ -98,10 +97,8 @@ def export_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) ->
     if target.is_file():
         return target
     network = build_network(model_dir)
-    fd, name = tempfile.mkstemp(dir=model_dir, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    temp = Path(name)
-    try:
+
+    def write(temp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             # The exporter's notes on constant folding of slices concern its own graph
             # passes; the export is checked against SpeechBrain's embedding by the tests.
@@ -116,11 +113,5 @@ def export_network(model_dir: Path, manifest: ModelManifest = ECAPA_MANIFEST) ->
                 opset_version=_OPSET,
                 dynamo=False,
             )
-        temp.chmod(0o644)
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    for stale in model_dir.glob("ecapa-network-*.onnx"):
-        if stale != target:
-            stale.unlink()
-    return target
+
+    return install_export(target, "ecapa-network", write)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +159,22 @@ def require_export(path: Path, model_dir: Path, manifest: ModelManifest, what: s
             f"{manifest.fetch_option} {model_dir}` to make it from the verified weights."
         )
     return path
+
+
+def install_export(target: Path, stem: str, write: Callable[[Path], None]) -> Path:
+    """Makes the export at `target` with `write(temporary path)`: written beside it and moved
+    into place, so a crash never leaves half an export under the real name; then removes the
+    exports of other weights or formats (`stem-*.onnx`). Returns `target`."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    temp = Path(name)
+    try:
+        write(temp)
+        temp.chmod(0o644)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    for stale in target.parent.glob(f"{stem}-*.onnx"):
+        if stale != target:
+            stale.unlink()
+    return target
