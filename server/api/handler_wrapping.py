@@ -34,22 +34,43 @@ def rewrap(
     stream: Callable[[StreamBehavior], StreamBehavior],
 ) -> Handler:
     """`handler` with its behaviour passed through `unary` or `stream`, as its kind needs."""
+    return _rebuilt(
+        handler,
+        handler.request_deserializer,
+        unary_unary=unary,
+        stream_unary=unary,
+        unary_stream=stream,
+        stream_stream=stream,
+    )
+
+
+def _rebuilt(
+    handler: Handler,
+    request_deserializer: Callable[[bytes], Any] | None,
+    *,
+    unary_unary: Callable[[UnaryBehavior], UnaryBehavior],
+    stream_unary: Callable[[UnaryBehavior], UnaryBehavior],
+    unary_stream: Callable[[StreamBehavior], StreamBehavior],
+    stream_stream: Callable[[StreamBehavior], StreamBehavior],
+) -> Handler:
+    """A handler of `handler`'s kind, reading requests with `request_deserializer`, whose
+    behaviour is its own passed through the wrapper for that kind."""
     # grpc.aio keeps coroutine functions in these fields; the stubs type them as the
     # synchronous server's callables, hence the casts.
     serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
-        behavior = unary(cast(UnaryBehavior, handler.unary_unary))
+        behavior = unary_unary(cast(UnaryBehavior, handler.unary_unary))
         return grpc.unary_unary_rpc_method_handler(behavior, **serializers)
     if handler.stream_unary:
-        behavior = unary(cast(UnaryBehavior, handler.stream_unary))
+        behavior = stream_unary(cast(UnaryBehavior, handler.stream_unary))
         return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
     if handler.unary_stream:
-        streaming = stream(cast(StreamBehavior, handler.unary_stream))
+        streaming = unary_stream(cast(StreamBehavior, handler.unary_stream))
         return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-    streaming = stream(cast(StreamBehavior, handler.stream_stream))
+    streaming = stream_stream(cast(StreamBehavior, handler.stream_stream))
     return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
 
 
@@ -96,18 +117,11 @@ def check_requests(
 
         return checked
 
-    serializers: dict[str, Any] = {
-        "request_deserializer": request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        behavior = one_unary(cast(UnaryBehavior, handler.unary_unary))
-        return grpc.unary_unary_rpc_method_handler(behavior, **serializers)
-    if handler.unary_stream:
-        streaming = one_streaming(cast(StreamBehavior, handler.unary_stream))
-        return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
-    if handler.stream_unary:
-        behavior = many_unary(cast(UnaryBehavior, handler.stream_unary))
-        return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
-    streaming = many_streaming(cast(StreamBehavior, handler.stream_stream))
-    return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+    return _rebuilt(
+        handler,
+        request_deserializer,
+        unary_unary=one_unary,
+        stream_unary=many_unary,
+        unary_stream=one_streaming,
+        stream_stream=many_streaming,
+    )
