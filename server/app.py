@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from datetime import timedelta
 
+from enrollment.listing import AgentDirectory
 from enrollment.service import EnrollmentService
 from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
@@ -238,6 +239,7 @@ class VoxauthServer:
                     timedelta(hours=self.config.retention.request_id_retention_hours),
                     self._clock,
                 ),
+                agents=AgentDirectory(store, self.config.enrollment, self.config.retention),
             )
         )
         await self._api.serving()

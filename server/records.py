@@ -83,6 +83,16 @@ class Voiceprint:
     retention counts from. None in a voiceprint not yet stored."""
 
 
+@dataclass(frozen=True)
+class AgentOverview:
+    """One agent as HR lists it: its record, its pending enrollment and its voiceprint."""
+
+    agent: AgentRecord
+    pending_utterances: int
+    pending_net_speech_seconds: float
+    voiceprint: Voiceprint | None
+
+
 class ShiftState(enum.Enum):
     VERIFIED = "VERIFIED"
     """The last login check passed and fewer than the allowed checkpoints failed since."""

@@ -68,6 +68,7 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _ENROLLMENT + "GetEnrollmentStatus": _HR,
         _ENROLLMENT + "FinalizeEnrollment": _HR,
         _ENROLLMENT + "DeleteAgent": _HR,
+        _ENROLLMENT + "ListAgents": frozenset({Role.HR, Role.ADMIN}),
         _VERIFICATION + "Verify": _SOFTPHONE,
         _SHIFTS + "StartShift": _SOFTPHONE,
         _SHIFTS + "CheckLogin": _SOFTPHONE,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
+from enrollment.listing import AgentListing, EnrollmentState
 from enrollment.service import EnrollmentProgress, UtteranceOutcome
-from server.errors import InvalidAudioError
+from server.errors import InvalidAudioError, InvalidRequestError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding
@@ -34,6 +36,9 @@ _ENCODINGS = {
     pb.AUDIO_ENCODING_PCM16LE: AudioEncoding.PCM16LE,
     pb.AUDIO_ENCODING_MULAW: AudioEncoding.MULAW,
     pb.AUDIO_ENCODING_ALAW: AudioEncoding.ALAW,
+    pb.AUDIO_ENCODING_MP3: AudioEncoding.MP3,
+    pb.AUDIO_ENCODING_OGG: AudioEncoding.OGG,
+    pb.AUDIO_ENCODING_OPUS: AudioEncoding.OPUS,
 }
 _ISSUES = {
     QualityIssue.TOO_LITTLE_SPEECH: pb.QUALITY_ISSUE_TOO_LITTLE_SPEECH,
@@ -112,7 +117,8 @@ def audio_input(audio: pb.Audio) -> AudioInput:
 def audio_encoding(encoding: pb.AudioEncoding.ValueType) -> AudioEncoding:
     if encoding not in _ENCODINGS:
         raise InvalidAudioError(
-            "audio encoding is not set or not supported; use WAV, FLAC, PCM16LE, MULAW or ALAW",
+            "audio encoding is not set or not supported; use WAV, FLAC, MP3, OGG, PCM16LE, "
+            "MULAW or ALAW",
             field="audio.encoding",
         )
     return _ENCODINGS[encoding]
@@ -267,3 +273,44 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
         if value is not None:
             getattr(message, field).CopyFrom(timestamp(value))
     return message
+
+
+_ENROLLMENT_STATES = {
+    EnrollmentState.NOT_STARTED: pb.ENROLLMENT_STATE_NOT_STARTED,
+    EnrollmentState.COLLECTING: pb.ENROLLMENT_STATE_COLLECTING,
+    EnrollmentState.READY_TO_FINALIZE: pb.ENROLLMENT_STATE_READY_TO_FINALIZE,
+    EnrollmentState.ENROLLED: pb.ENROLLMENT_STATE_ENROLLED,
+}
+_ENROLLMENT_STATES_IN = {number: state for state, number in _ENROLLMENT_STATES.items()}
+
+
+def enrollment_states(states: Iterable[pb.EnrollmentState.ValueType]) -> set[EnrollmentState]:
+    """A ListAgents filter's states; UNSPECIFIED or an unknown number is refused."""
+    found = set()
+    for number in states:
+        if number not in _ENROLLMENT_STATES_IN:
+            raise InvalidRequestError(
+                f"states holds {number}, which is not an enrollment state", field="states"
+            )
+        found.add(_ENROLLMENT_STATES_IN[number])
+    return found
+
+
+def agent_summary(listing: AgentListing) -> pb.AgentSummary:
+    overview = listing.overview
+    voiceprint = overview.voiceprint
+    summary = pb.AgentSummary(
+        agent=agent_message(overview.agent, enrolled=voiceprint is not None),
+        enrollment_state=_ENROLLMENT_STATES[listing.state],
+        net_speech_seconds=overview.pending_net_speech_seconds,
+        required_net_speech_seconds=listing.required_net_speech_seconds,
+        pending_utterance_count=overview.pending_utterances,
+    )
+    if voiceprint is not None:
+        summary.voiceprint.CopyFrom(voiceprint_info(voiceprint))
+        summary.voiceprint_last_used_at.CopyFrom(
+            timestamp(voiceprint.last_used_at or voiceprint.created_at)
+        )
+    if listing.voiceprint_expires_at is not None:
+        summary.voiceprint_expires_at.CopyFrom(timestamp(listing.voiceprint_expires_at))
+    return summary

@@ -18,15 +18,19 @@ from grpc.aio import ServicerContext
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from enrollment.listing import DEFAULT_PAGE_SIZE, AgentFilter
 from enrollment.service import EnrollmentService, FinalizeOutcome
 from server.api.convert import (
     agent_message,
+    agent_summary,
     audio_encoding,
+    enrollment_states,
     enrollment_status,
     utterance_message,
     utterance_outcome_message,
     voiceprint_info,
 )
+from server.api.page_tokens import PageTokens
 from server.api.readiness import Readiness
 from server.api.retries import RequestDigest, in_unit, once
 from server.api.streams import idle_limited
@@ -39,6 +43,7 @@ from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.requests import Receipt
 from server.runtime.store_pool import StorePool
+from server.security.identity import caller_identity
 
 AudioResponse = pb.AddEnrollmentAudioResponse
 
@@ -61,6 +66,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         self._store_pool = store_pool
         self._readiness = readiness
         self._budget = budget
+        self._page_tokens = PageTokens()
 
     def _enrollment(self) -> EnrollmentService:
         return self._readiness.require().enrollment
@@ -250,6 +256,42 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             RequestDigest.of(request),
             pb.DeleteAgentResponse,
             act,
+        )
+
+    async def ListAgents(
+        self,
+        request: pb.ListAgentsRequest,
+        context: ServicerContext[pb.ListAgentsRequest, pb.ListAgentsResponse],
+    ) -> pb.ListAgentsResponse:
+        services = self._readiness.require()
+        states = enrollment_states(request.states)
+        wanted = AgentFilter.of(
+            states, request.voiceprint_older_than_days, request.voiceprint_expires_within_days
+        )
+        # The filters as the token is bound to them: a token is good for the listing it
+        # came from only.
+        scope = repr(
+            (
+                sorted(state.name for state in states),
+                request.voiceprint_older_than_days,
+                request.voiceprint_expires_within_days,
+            )
+        )
+        caller, now = caller_identity().name, self._clock.now()
+        after = (
+            self._page_tokens.open(request.page_token, caller=caller, scope=scope, now=now)
+            if request.page_token
+            else None
+        )
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        page = await self._store_pool.run(
+            lambda: services.agents.page(wanted, after=after, size=size, now=now)
+        )
+        return pb.ListAgentsResponse(
+            agents=[agent_summary(listing) for listing in page.agents],
+            next_page_token=""
+            if page.last_agent_id is None
+            else self._page_tokens.issue(page.last_agent_id, caller=caller, scope=scope, now=now),
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from enrollment.listing import AgentDirectory
 from enrollment.service import EnrollmentService
 from server.errors import ServiceNotReadyError
 from server.runtime.requests import RequestLedger
@@ -23,6 +24,7 @@ class Services:
     throttle: VerificationThrottle
     store: Store
     requests: RequestLedger
+    agents: AgentDirectory
 
 
 class Readiness:

@@ -21,6 +21,7 @@ import soundfile as sf
 
 from models.embedder import Waveform
 from server.errors import InvalidAudioError
+from server.pipeline.containers import SNIFF_BYTES, Container, sniff
 from server.runtime.audio_budget import AudioReservation
 
 TARGET_RATE = 16000
@@ -71,6 +72,12 @@ class AudioEncoding(enum.Enum):
     PCM16LE = 3
     MULAW = 4
     ALAW = 5
+    MP3 = 40
+    OGG = 41
+    """An Ogg file holding Vorbis or Opus."""
+    OPUS = 42
+    """Opus packets as a softphone sends them (one per message): shift streams only, see
+    server/pipeline/opus.py. A file of Opus audio is OGG."""
 
 
 # The Audio message's fields, named in errors.
@@ -83,6 +90,17 @@ _RATE = "audio.sample_rate_hz"
 _CONTAINERS = {
     AudioEncoding.WAV: frozenset({"WAV", "WAVEX"}),
     AudioEncoding.FLAC: frozenset({"FLAC"}),
+    AudioEncoding.MP3: frozenset({"MP3"}),
+    AudioEncoding.OGG: frozenset({"OGG"}),
+}
+
+# The file encoding each container (as its first bytes tell it) is declared as.
+FILE_ENCODINGS = {
+    Container.WAV: AudioEncoding.WAV,
+    Container.FLAC: AudioEncoding.FLAC,
+    Container.MP3: AudioEncoding.MP3,
+    Container.OGG_VORBIS: AudioEncoding.OGG,
+    Container.OGG_OPUS: AudioEncoding.OGG,
 }
 
 
@@ -166,6 +184,14 @@ class AudioStream:
             self._rate = _pcm16le_rate(sample_rate_hz)
         elif encoding in (AudioEncoding.MULAW, AudioEncoding.ALAW):
             self._rate = _g711_rate(encoding, sample_rate_hz)
+        elif encoding is AudioEncoding.OPUS:
+            # Bare Opus packets have no framing of their own: only a shift stream, whose
+            # messages frame them, carries them.
+            raise InvalidAudioError(
+                "OPUS is for shift streams (one packet per message); send a recording in Opus "
+                "as an OGG file",
+                field=_ENCODING,
+            )
         else:
             self._rate = 0  # a file's header tells it
         self._max_samples = int(max_seconds * self._rate)
@@ -350,6 +376,7 @@ def _read_file(
     max_seconds: float,
     claim: Callable[[int], None],
 ) -> tuple[npt.NDArray[np.float32], int]:
+    _check_container(source, encoding)
     try:
         with sf.SoundFile(source) as f:
             if f.format not in _CONTAINERS[encoding]:
@@ -383,6 +410,26 @@ def _read_file(
     return samples, rate
 
 
+def _check_container(source: io.BytesIO, encoding: AudioEncoding) -> None:
+    """Refuses a file whose first bytes are not of the declared kind before libsndfile, which
+    guesses formats by its own rules, reads anything of it."""
+    head = source.read(SNIFF_BYTES)
+    source.seek(0)
+    found = sniff(head)
+    if found.container is not None and FILE_ENCODINGS[found.container] is not encoding:
+        raise InvalidAudioError(
+            f"audio encoding is {encoding.name} but the data is {found.description}; declare "
+            f"it as {FILE_ENCODINGS[found.container].name}",
+            field=_ENCODING,
+        )
+    if found.container is None:
+        raise InvalidAudioError(
+            f"audio data is {found.description}; send WAV, FLAC, MP3 or Ogg (Vorbis or Opus) "
+            "files, or raw PCM16LE, MULAW or ALAW",
+            field=_DATA,
+        )
+
+
 def _read_mono(
     f: Any, encoding: AudioEncoding, rate: int, max_seconds: float, claim: Callable[[int], None]
 ) -> npt.NDArray[np.float32]:
@@ -393,7 +440,7 @@ def _read_mono(
         # end of such a file; nor could the length limit be checked before decoding.
         raise InvalidAudioError(
             f"the {encoding.name} header does not state the audio's length (the file was"
-            " written to a stream); write it to a file, or send PCM16LE",
+            " written to a stream, or cut short); write it to a file, or send PCM16LE",
             field=_DATA,
         )
     # Checked from the header before any sample is decoded, so an over-long upload costs
@@ -410,6 +457,14 @@ def _read_mono(
         if not np.isfinite(block).all():
             raise InvalidAudioError(
                 "audio contains non-finite samples (NaN or infinity)", field=_DATA
+            )
+        if filled + len(block) > frames:
+            # Never seen (libsndfile stops at the stated length), but a compressed format's
+            # length is the decoder's estimate: more samples than claimed are refused, not
+            # written past the buffer.
+            raise InvalidAudioError(
+                f"the {encoding.name} file holds more audio than its header states",
+                field=_DATA,
             )
         # In float64, so float files' huge values cannot overflow while summed.
         samples[filled : filled + len(block)] = block.mean(axis=1, dtype=np.float64)
@@ -441,6 +496,12 @@ def _g711_rate(encoding: AudioEncoding, declared_rate: int) -> int:
 
 def _resampled_length(samples: int, rate: int) -> int:
     return math.ceil(samples * TARGET_RATE / rate)
+
+
+def to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:
+    """Samples at `rate` (which this takes over) at TARGET_RATE, by the pipeline's resampler:
+    for decoders outside this module (server/pipeline/opus.py)."""
+    return _to_target_rate(samples, rate)
 
 
 def _to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:

@@ -17,7 +17,14 @@ import numpy as np
 
 from models.embedder import Waveform
 from server.errors import InvalidAudioError
-from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode
+from server.pipeline.decode import TARGET_RATE, AudioEncoding, decode, to_target_rate
+from server.pipeline.opus import (
+    OPUS_RATE,
+    decode_packets,
+    frame_packets,
+    packet_bandwidth,
+    packet_samples,
+)
 from server.pipeline.speech import Segment, SpeechDetector
 
 FRAME_SECONDS = 0.02
@@ -26,6 +33,16 @@ _BLOCK_FRAMES = 50  # one second
 # Speech detection looks at up to this many blocks at once, newest first: in conversation,
 # 8 s of the agent's speech usually lies within the newest 10-20 s.
 _ANALYSIS_RUN_BLOCKS = 10
+
+
+_SUPPORTED = {
+    (AudioEncoding.PCM16LE, 16_000),
+    (AudioEncoding.PCM16LE, 8_000),
+    (AudioEncoding.MULAW, 8_000),
+    (AudioEncoding.ALAW, 8_000),
+    (AudioEncoding.OPUS, OPUS_RATE),
+}
+_OPUS_FRAME_SAMPLES = round(OPUS_RATE * FRAME_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -37,26 +54,34 @@ class StreamFormat:
 
     @classmethod
     def declared(cls, encoding: AudioEncoding, sample_rate_hz: int) -> StreamFormat:
-        supported = {
-            (AudioEncoding.PCM16LE, 16_000),
-            (AudioEncoding.MULAW, 8_000),
-            (AudioEncoding.ALAW, 8_000),
-        }
-        if (encoding, sample_rate_hz) not in supported:
+        if encoding is AudioEncoding.OPUS and sample_rate_hz == 0:
+            sample_rate_hz = OPUS_RATE  # Opus has one clock rate (RFC 7587)
+        if (encoding, sample_rate_hz) not in _SUPPORTED:
             raise InvalidAudioError(
-                f"shift audio must be PCM16LE at 16000 Hz, or MULAW or ALAW at 8000 Hz; got "
-                f"{encoding.name} at {sample_rate_hz} Hz",
+                f"shift audio must be PCM16LE at 16000 or 8000 Hz, MULAW or ALAW at 8000 Hz, "
+                f"or OPUS at 48000 Hz; got {encoding.name} at {sample_rate_hz} Hz",
                 field="header.encoding",
             )
         return cls(encoding, sample_rate_hz)
 
     @property
     def frame_bytes(self) -> int:
+        """Bytes per 20 ms frame of the fixed-size encodings (Opus packets vary)."""
         bytes_per_sample = 2 if self.encoding is AudioEncoding.PCM16LE else 1
         return round(self.sample_rate_hz * FRAME_SECONDS) * bytes_per_sample
 
     def frame_count(self, data: bytes) -> int:
         """Whole frames in one message; anything else is refused."""
+        if self.encoding is AudioEncoding.OPUS:
+            frames, remainder = divmod(packet_samples(data), _OPUS_FRAME_SAMPLES)
+            if remainder:
+                raise InvalidAudioError(
+                    "each message must carry one Opus packet of 20 to 120 ms in whole 20 ms "
+                    f"(WebRTC's default ptime is 20); got one of {frames * 20 + remainder / 48:g}"
+                    " ms",
+                    field="frames",
+                )
+            return frames
         frames, remainder = divmod(len(data), self.frame_bytes)
         if remainder or not 1 <= frames <= MAX_FRAMES_PER_MESSAGE:
             raise InvalidAudioError(
@@ -67,6 +92,24 @@ class StreamFormat:
             )
         return frames
 
+    def stored(self, data: bytes) -> bytes:
+        """A message's audio as a block keeps it: Opus packets with their lengths, so a run of
+        them can be split again; other audio as it came."""
+        return frame_packets(data) if self.encoding is AudioEncoding.OPUS else data
+
+    def bandwidth_hz(self, data: bytes) -> int:
+        """The rate that carries the message's audio band: for Opus the bandwidth its encoder
+        chose (narrowband Opus is telephone band), else the declared rate."""
+        if self.encoding is AudioEncoding.OPUS:
+            return int(packet_bandwidth(data))
+        return self.sample_rate_hz
+
+    def decode(self, stored: bytes, max_seconds: float) -> Waveform:
+        """Blocks' audio, as `stored` kept it, at TARGET_RATE."""
+        if self.encoding is AudioEncoding.OPUS:
+            return to_target_rate(decode_packets(stored), OPUS_RATE)
+        return decode(stored, self.encoding, self.sample_rate_hz, max_seconds=max_seconds)
+
 
 @dataclass
 class _Block:
@@ -76,6 +119,8 @@ class _Block:
     end: float
     sealed: bool = False
     """Taken for analysis: new frames go to a new block."""
+    bandwidth_hz: int = 0
+    """The widest audio band among the block's frames (see StreamFormat.bandwidth_hz)."""
     waveform: Waveform | None = None
     speech: list[Segment] | None = None
     """Speech within `waveform`; None until analysed."""
@@ -91,6 +136,8 @@ class RecentSpeech:
     stretch: Waveform | None = None
     """The audio of those blocks as it arrived, pauses included: what the countermeasure
     judges (it reads silence, and was calibrated on audio with its pauses)."""
+    source_rate_hz: int = TARGET_RATE
+    """The rate that carried the widest band of those blocks: 8000 means telephone band."""
 
     @property
     def net_seconds(self) -> float:
@@ -122,7 +169,8 @@ class ShiftAudioBuffer:
                 start = max(at - frames * FRAME_SECONDS, last.end if last else at - 1e9)
                 last = _Block(bytearray(), 0, start, at)
                 self._blocks.append(last)
-            last.data += data
+            last.data += self.format.stored(data)
+            last.bandwidth_hz = max(last.bandwidth_hz, self.format.bandwidth_hz(data))
             last.frames += frames
             last.end = at
             self._frames_since_mark += frames
@@ -186,9 +234,7 @@ class ShiftAudioBuffer:
             return
         data = b"".join(bytes(b.data) for b in blocks)
         seconds = sum(b.frames for b in blocks) * FRAME_SECONDS
-        waveform = decode(
-            data, self.format.encoding, self.format.sample_rate_hz, max_seconds=seconds + 1
-        )
+        waveform = self.format.decode(data, max_seconds=seconds + 1)
         segments = detector.segments(waveform)
         offset = 0
         for block in blocks:
@@ -224,4 +270,10 @@ def _latest_speech(blocks: list[_Block], needed: int) -> RecentSpeech:
     assert first is not None and last is not None
     covering = blocks[blocks.index(first) : blocks.index(last) + 1]
     stretch = np.concatenate([b.waveform for b in covering if b.waveform is not None])
-    return RecentSpeech(np.concatenate(pieces[::-1]), first.start, last.end, stretch)
+    return RecentSpeech(
+        np.concatenate(pieces[::-1]),
+        first.start,
+        last.end,
+        stretch,
+        source_rate_hz=max(b.bandwidth_hz for b in covering),
+    )

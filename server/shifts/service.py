@@ -484,7 +484,7 @@ class ShiftService:
         voiceprint = self._verification.voiceprint_of(session.record.agent_id)
         sample = self._analyser.analyse_speech(
             recent.speech,
-            source_rate_hz=session.buffer.format.sample_rate_hz,
+            source_rate_hz=recent.source_rate_hz,
             stretch=recent.stretch,
         )
         result = self._verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from server.audit_actions import AuditAction
 from server.records import (
+    AgentOverview,
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -42,6 +43,7 @@ from server.security.audit import AuditLog
 from server.security.key_rotation import KeyRotationStore
 
 __all__ = [
+    "AgentOverview",
     "AgentRecord",
     "AssuranceRecord",
     "AssuranceRevocation",
@@ -210,6 +212,9 @@ class VoiceprintStore(AuditLog, Protocol):
     def voiceprints(self, model_id: str) -> list[Voiceprint]:
         """Every agent's voiceprint made by `model_id`: the agents' part of the
         score-normalisation cohort."""
+
+    def agent_overviews(self) -> list[AgentOverview]:
+        """Every agent with its pending enrollment and voiceprint, in agent id order."""
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         """UnitOfWork.mark_voiceprint_used on its own."""

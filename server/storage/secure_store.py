@@ -36,6 +36,7 @@ from server.errors import (
     StorageError,
 )
 from server.records import (
+    AgentOverview,
     AgentRecord,
     AssuranceRecord,
     AssuranceRevocation,
@@ -172,6 +173,24 @@ class SecureStore:
         # Opened outside the transaction: the slow part needs no database state.
         opened = [agents[row.agent_ref].voiceprint(row) for row in rows if row.agent_ref in agents]
         return sorted(opened, key=lambda voiceprint: voiceprint.agent_id)
+
+    def agent_overviews(self) -> list[AgentOverview]:
+        with self._transaction("list the agents", write=False) as unit:
+            found = [
+                (agent, unit.txn.utterances(agent.agent_ref), unit.txn.voiceprint(agent.agent_ref))
+                for agent in self._agents.all(unit.txn)
+            ]
+        # Opened outside the transaction, as `voiceprints`: the slow part needs no database.
+        overviews = [
+            AgentOverview(
+                agent.identity.record(),
+                pending_utterances=len(pending),
+                pending_net_speech_seconds=sum(row.net_speech_seconds for row in pending),
+                voiceprint=None if row is None else agent.voiceprint(row),
+            )
+            for agent, pending, row in found
+        ]
+        return sorted(overviews, key=lambda overview: overview.agent.agent_id)
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         with self.unit_of_work(f"record the use of agent {agent_id!r}'s voiceprint") as unit:
@@ -430,7 +449,7 @@ class _AgentDirectory:
             if agent is None:
                 # One walk over all agents finds every pseudonym not remembered.
                 return {
-                    agent.agent_ref: agent for agent in self._all(txn) if agent.agent_ref in refs
+                    agent.agent_ref: agent for agent in self.all(txn) if agent.agent_ref in refs
                 }
             found[ref] = agent
         return found
@@ -450,7 +469,7 @@ class _AgentDirectory:
         row = txn.agent(agent.agent_handle)
         return agent if row is not None and row.sealed_identity == sealed else None
 
-    def _all(self, txn: Transaction) -> list[AgentSealer]:
+    def all(self, txn: Transaction) -> list[AgentSealer]:
         """Every agent that opens. One that does not is left out (its records read as nobody's)
         and logged: `SecureStore.attribution_faults` reports it."""
         rows = txn.agents()

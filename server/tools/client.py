@@ -16,12 +16,13 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
+from server.pipeline.containers import SNIFF_BYTES, Container, sniff
+
 # Chunk size for streamed utterances: well under gRPC's default 4 MiB message limit.
 STREAM_CHUNK_BYTES = 256 * 1024
 
-_BY_SUFFIX = {
-    ".wav": pb.AUDIO_ENCODING_WAV,
-    ".flac": pb.AUDIO_ENCODING_FLAC,
+# Raw audio has no header to recognise it by: only its name says what it is.
+_RAW_BY_SUFFIX = {
     ".pcm": pb.AUDIO_ENCODING_PCM16LE,
     ".raw": pb.AUDIO_ENCODING_PCM16LE,
     ".ulaw": pb.AUDIO_ENCODING_MULAW,
@@ -31,11 +32,21 @@ _BY_SUFFIX = {
     ".pcma": pb.AUDIO_ENCODING_ALAW,
 }
 
+# Files are recognised by their content, whatever their name.
+_BY_CONTAINER = {
+    Container.WAV: pb.AUDIO_ENCODING_WAV,
+    Container.FLAC: pb.AUDIO_ENCODING_FLAC,
+    Container.MP3: pb.AUDIO_ENCODING_MP3,
+    Container.OGG_VORBIS: pb.AUDIO_ENCODING_OGG,
+    Container.OGG_OPUS: pb.AUDIO_ENCODING_OGG,
+}
 
 # The libsndfile formats the server accepts for each file type (WAVEX: WAVE_FORMAT_EXTENSIBLE).
 _CONTAINERS = {
     pb.AUDIO_ENCODING_WAV: ("WAV", frozenset({"WAV", "WAVEX"})),
     pb.AUDIO_ENCODING_FLAC: ("FLAC", frozenset({"FLAC"})),
+    pb.AUDIO_ENCODING_MP3: ("MP3", frozenset({"MP3"})),
+    pb.AUDIO_ENCODING_OGG: ("Ogg", frozenset({"OGG"})),
 }
 
 # What libsndfile reports as the length of a file whose header does not state it.
@@ -54,25 +65,40 @@ class AudioFile:
 
     @classmethod
     def from_path(cls, path: Path, sample_rate_hz: int = 0) -> AudioFile:
-        """Format from the file name: .wav .flac carry their rate; .ulaw/.alaw are 8 kHz G.711;
-        .pcm/.raw are 16-bit little-endian PCM and need the rate given."""
-        encoding = _BY_SUFFIX.get(path.suffix.lower())
-        if encoding is None:
-            raise AudioFileError(
-                f"{path}: unknown audio type {path.suffix!r}; use one of {sorted(_BY_SUFFIX)}"
-            )
+        """Format from the file's content: WAV, FLAC, MP3 and Ogg (Vorbis, Opus) are known by
+        their first bytes and carry their rate, whatever the file is named. Raw audio has no
+        header, so only its name tells it: .ulaw/.alaw are 8 kHz G.711; .pcm/.raw are 16-bit
+        little-endian PCM and need the rate given."""
         if not path.is_file():
             raise AudioFileError(f"{path}: no such file")
-        if encoding in (pb.AUDIO_ENCODING_MULAW, pb.AUDIO_ENCODING_ALAW) and not sample_rate_hz:
+        try:
+            with path.open("rb") as stream:
+                head = stream.read(SNIFF_BYTES)
+        except OSError as error:
+            raise AudioFileError(f"{path}: cannot be read ({error.strerror})") from None
+        found = sniff(head)
+        raw = _RAW_BY_SUFFIX.get(path.suffix.lower())
+        # Raw PCM may begin with what looks like an MPEG frame sync; only a signature that
+        # cannot occur by chance (RIFF, fLaC, OggS, ID3) overrides a raw file's name.
+        weak = found.container is Container.MP3 and not head.startswith(b"ID3")
+        if found.container is not None and not (raw is not None and weak):
+            return cls(path, _BY_CONTAINER[found.container], 0)
+        if raw is None:
+            raise AudioFileError(
+                f"{path}: {found.description}; send WAV, FLAC, MP3 or Ogg (Vorbis, Opus) files, "
+                f"or raw audio named {', '.join(sorted(_RAW_BY_SUFFIX))}"
+            )
+        if raw in (pb.AUDIO_ENCODING_MULAW, pb.AUDIO_ENCODING_ALAW) and not sample_rate_hz:
             sample_rate_hz = 8000
-        if encoding == pb.AUDIO_ENCODING_PCM16LE and not sample_rate_hz:
+        if raw == pb.AUDIO_ENCODING_PCM16LE and not sample_rate_hz:
             raise AudioFileError(f"{path}: raw PCM needs its sample rate (--rate)")
-        return cls(path, encoding, sample_rate_hz)
+        return cls(path, raw, sample_rate_hz)
 
     def check(self, max_seconds: float) -> float:
-        """What can be known of the file without the server: that it can be read, that it holds
-        the type of audio its name says, and that it is no longer than `max_seconds` (the
-        server's per-request limit). Its length in seconds; raises AudioFileError."""
+        """What can be known of the file without the server: that it can be read, that
+        libsndfile reads it as the type its first bytes say, and that it is no longer than
+        `max_seconds` (the server's per-request limit). Its length in seconds; raises
+        AudioFileError."""
         try:
             with self.path.open("rb") as stream:
                 stream.read(1)
@@ -92,7 +118,7 @@ class AudioFile:
             except (sf.LibsndfileError, RuntimeError):
                 raise AudioFileError(f"{self.path}: not a readable {kind} file") from None
             if info.format not in formats:
-                raise AudioFileError(f"{self.path}: named {kind} but holds {info.format} audio")
+                raise AudioFileError(f"{self.path}: starts as {kind} but holds {info.format} audio")
             # A header without a length (a FLAC written to a pipe): the server says so.
             seconds = 0.0 if info.frames == _UNKNOWN_LENGTH else info.frames / info.samplerate
         if seconds > max_seconds:

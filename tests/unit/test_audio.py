@@ -222,14 +222,14 @@ DATA, ENCODING, RATE = "audio.data", "audio.encoding", "audio.sample_rate_hz"
             AudioEncoding.WAV,
             0,
             ENCODING,
-            "audio encoding is WAV but the data is in FLAC format",
+            "audio encoding is WAV but the data is a FLAC file; declare it as FLAC",
         ),
         (
             lambda: file_bytes(SILENCE, 16000),
             AudioEncoding.FLAC,
             0,
             ENCODING,
-            "audio encoding is FLAC but the data is in WAV format",
+            "audio encoding is FLAC but the data is a WAV file; declare it as WAV",
         ),
         (
             lambda: file_bytes(SILENCE[:4000], 5000),
@@ -238,7 +238,13 @@ DATA, ENCODING, RATE = "audio.data", "audio.encoding", "audio.sample_rate_hz"
             DATA,
             "the WAV sample rate 5000 Hz is not supported",
         ),
-        (lambda: b"not audio at all" * 10, AudioEncoding.WAV, 0, DATA, "not a readable WAV file"),
+        (
+            lambda: b"not audio at all" * 10,
+            AudioEncoding.WAV,
+            0,
+            DATA,
+            "audio data is not a recognised audio file",
+        ),
         (
             lambda: SPEECH_FILE.read_bytes()[:2000],
             AudioEncoding.FLAC,

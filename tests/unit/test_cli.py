@@ -47,13 +47,13 @@ def test_enroll_checks_every_file_before_creating_the_agent(
         new_agent = ["--name", "Nine", "--consent", "HR-9"]
         good = write_wav(tmp_path / "good.wav", 5.0)
         too_long = write_wav(tmp_path / "long.wav", 70.0, rate=8000)
-        flac_named_wav = tmp_path / "flac.wav"
-        sf.write(flac_named_wav, np.zeros(16000, dtype=np.float32), 16000, format="FLAC")
+        m4a_named_wav = tmp_path / "m4a.wav"
+        m4a_named_wav.write_bytes(b"\0\0\0\x20ftypM4A \0\0\0\0" + bytes(100))
         raw = tmp_path / "long.pcm"
         raw.write_bytes(bytes(2 * 8000 * 61))
         refusals = [
             ([str(good), str(too_long)], "70.0 s long; the server takes at most 60 s"),
-            ([str(flac_named_wav), str(good)], "named WAV but holds FLAC audio"),
+            ([str(m4a_named_wav), str(good)], "an MP4/M4A (AAC or ALAC) file, which is not"),
             ([str(good), str(raw), "--rate", "8000"], "61.0 s long"),
         ]
         for files, reason in refusals:

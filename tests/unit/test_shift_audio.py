@@ -38,8 +38,11 @@ def test_formats_and_frame_sizes() -> None:
     for size in (0, 639, 641, 640 * 51):
         with pytest.raises(InvalidAudioError, match="whole 20 ms frames"):
             PCM16.frame_count(b"\0" * size)
-    with pytest.raises(InvalidAudioError, match="PCM16LE at 16000"):
-        StreamFormat.declared(AudioEncoding.PCM16LE, 8_000)
+    assert StreamFormat.declared(AudioEncoding.PCM16LE, 8_000).frame_bytes == 320
+    assert StreamFormat.declared(AudioEncoding.OPUS, 0).sample_rate_hz == 48_000
+    for encoding, rate in ((AudioEncoding.PCM16LE, 22_050), (AudioEncoding.OPUS, 16_000)):
+        with pytest.raises(InvalidAudioError, match="PCM16LE at 16000 or 8000"):
+            StreamFormat.declared(encoding, rate)
     with pytest.raises(InvalidAudioError):
         StreamFormat.declared(AudioEncoding.WAV, 16_000)
 

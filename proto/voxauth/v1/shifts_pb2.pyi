@@ -301,7 +301,9 @@ class ShiftAudio(_message.Message):
     FRAMES_FIELD_NUMBER: _builtins.int
     frames: _builtins.bytes
     """Every later message: whole 20 ms frames of the declared format (320 samples of PCM16LE
-    at 16 kHz = 640 bytes; 160 bytes of G.711 at 8 kHz), 1 to 50 frames per message.
+    at 16 kHz = 640 bytes, 160 samples = 320 bytes at 8 kHz; 160 bytes of G.711 at 8 kHz),
+    1 to 50 frames per message. OPUS: exactly one Opus packet (RFC 6716, as an RTP payload
+    carries it) of 20 to 120 ms in whole 20 ms, per message.
     """
     @_builtins.property
     def header(self) -> Global___ShiftAudioHeader:
@@ -332,8 +334,12 @@ class ShiftAudioHeader(_message.Message):
     SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
     shift_id: _builtins.str
     encoding: _voxauth_pb2.AudioEncoding.ValueType
-    """AUDIO_ENCODING_PCM16LE with sample_rate_hz 16000, or AUDIO_ENCODING_MULAW /
-    AUDIO_ENCODING_ALAW with sample_rate_hz 8000.
+    """AUDIO_ENCODING_PCM16LE with sample_rate_hz 16000 or 8000 (8000: telephone band),
+    AUDIO_ENCODING_MULAW / AUDIO_ENCODING_ALAW with sample_rate_hz 8000, or
+    AUDIO_ENCODING_OPUS with sample_rate_hz 48000 (Opus's RTP clock rate, RFC 7587; 0 means
+    48000): decoded at 48 kHz and resampled to 16 kHz. Opus audio with nothing above the
+    telephone band (a narrowband encoder, a call relayed from the telephone network) is
+    scored as telephone band.
     """
     sample_rate_hz: _builtins.int
     def __init__(

@@ -53,6 +53,19 @@ class _AudioEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioEn
     """Raw G.711 mu-law (PCMU), mono, one byte per sample. sample_rate_hz must be 8000."""
     AUDIO_ENCODING_ALAW: _AudioEncoding.ValueType  # 5
     """Raw G.711 A-law (PCMA), mono, one byte per sample. sample_rate_hz must be 8000."""
+    AUDIO_ENCODING_MP3: _AudioEncoding.ValueType  # 40
+    """An MPEG audio file (MP3; layers I and II too), with or without an ID3 tag. The rate is
+    read from the header; channels are averaged to mono.
+    """
+    AUDIO_ENCODING_OGG: _AudioEncoding.ValueType  # 41
+    """An Ogg file of Vorbis or Opus audio (.ogg, .oga, .opus). The rate is read from the header
+    (Opus: the input rate it states, or 48000).
+    """
+    AUDIO_ENCODING_OPUS: _AudioEncoding.ValueType  # 42
+    """Opus packets (RFC 6716) as a WebRTC softphone sends them: shift streams only (see
+    ShiftAudioHeader), one packet per message. Refused in an Audio message: send an Opus
+    recording as OGG.
+    """
 
 class AudioEncoding(_AudioEncoding, metaclass=_AudioEncodingEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -78,6 +91,19 @@ AUDIO_ENCODING_MULAW: AudioEncoding.ValueType  # 4
 """Raw G.711 mu-law (PCMU), mono, one byte per sample. sample_rate_hz must be 8000."""
 AUDIO_ENCODING_ALAW: AudioEncoding.ValueType  # 5
 """Raw G.711 A-law (PCMA), mono, one byte per sample. sample_rate_hz must be 8000."""
+AUDIO_ENCODING_MP3: AudioEncoding.ValueType  # 40
+"""An MPEG audio file (MP3; layers I and II too), with or without an ID3 tag. The rate is
+read from the header; channels are averaged to mono.
+"""
+AUDIO_ENCODING_OGG: AudioEncoding.ValueType  # 41
+"""An Ogg file of Vorbis or Opus audio (.ogg, .oga, .opus). The rate is read from the header
+(Opus: the input rate it states, or 48000).
+"""
+AUDIO_ENCODING_OPUS: AudioEncoding.ValueType  # 42
+"""Opus packets (RFC 6716) as a WebRTC softphone sends them: shift streams only (see
+ShiftAudioHeader), one packet per message. Refused in an Audio message: send an Opus
+recording as OGG.
+"""
 Global___AudioEncoding: _TypeAlias = AudioEncoding  # noqa: Y015
 
 class _QualityIssue:
@@ -104,6 +130,36 @@ QUALITY_ISSUE_TOO_QUIET: QualityIssue.ValueType  # 2
 QUALITY_ISSUE_CLIPPED: QualityIssue.ValueType  # 3
 """More clipped samples than allowed (0.1% by default): input gain too high."""
 Global___QualityIssue: _TypeAlias = QualityIssue  # noqa: Y015
+
+class _EnrollmentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EnrollmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EnrollmentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENROLLMENT_STATE_UNSPECIFIED: _EnrollmentState.ValueType  # 0
+    ENROLLMENT_STATE_NOT_STARTED: _EnrollmentState.ValueType  # 40
+    """Created (with consent), no enrollment speech yet."""
+    ENROLLMENT_STATE_COLLECTING: _EnrollmentState.ValueType  # 41
+    """Enrollment speech pending, less than FinalizeEnrollment needs."""
+    ENROLLMENT_STATE_READY_TO_FINALIZE: _EnrollmentState.ValueType  # 42
+    """Enough pending speech: FinalizeEnrollment can be called."""
+    ENROLLMENT_STATE_ENROLLED: _EnrollmentState.ValueType  # 43
+    """A voiceprint exists (pending speech, if any, is a re-enrollment under way)."""
+
+class EnrollmentState(_EnrollmentState, metaclass=_EnrollmentStateEnumTypeWrapper):
+    """Where an agent's enrollment stands."""
+
+ENROLLMENT_STATE_UNSPECIFIED: EnrollmentState.ValueType  # 0
+ENROLLMENT_STATE_NOT_STARTED: EnrollmentState.ValueType  # 40
+"""Created (with consent), no enrollment speech yet."""
+ENROLLMENT_STATE_COLLECTING: EnrollmentState.ValueType  # 41
+"""Enrollment speech pending, less than FinalizeEnrollment needs."""
+ENROLLMENT_STATE_READY_TO_FINALIZE: EnrollmentState.ValueType  # 42
+"""Enough pending speech: FinalizeEnrollment can be called."""
+ENROLLMENT_STATE_ENROLLED: EnrollmentState.ValueType  # 43
+"""A voiceprint exists (pending speech, if any, is a re-enrollment under way)."""
+Global___EnrollmentState: _TypeAlias = EnrollmentState  # noqa: Y015
 
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -277,7 +333,10 @@ Global___DecidedBy: _TypeAlias = DecidedBy  # noqa: Y015
 @_typing.final
 class Audio(_message.Message):
     """A piece of audio with its declared format. Every input is converted to 16 kHz mono before
-    it is analysed. Audio longer than the server's limit (60 s per message by default; the error
+    it is analysed. A file (WAV, FLAC, MP3, OGG) must be of the declared kind by its content
+    (its first bytes): one of another kind, of a format the service does not read (MP4/M4A,
+    AAC, WebM, AMR, ...) or no audio file at all is refused with INVALID_ARGUMENT naming what
+    it is. Audio longer than the server's limit (60 s per message by default; the error
     message states the limit) is rejected.
     """
 
@@ -289,8 +348,8 @@ class Audio(_message.Message):
     encoding: Global___AudioEncoding.ValueType
     """The encoding of `data`. Required."""
     sample_rate_hz: _builtins.int
-    """Sample rate of raw encodings (PCM16LE, MULAW, ALAW). For WAV and FLAC leave it 0 or set it
-    to the rate in the header; a different value is rejected.
+    """Sample rate of raw encodings (PCM16LE, MULAW, ALAW). For files (WAV, FLAC, MP3, OGG) leave
+    it 0 or set it to the rate in the header; a different value is rejected.
     """
     data: _builtins.bytes
     """The encoded audio. Must not be empty."""
@@ -348,6 +407,121 @@ class AudioQuality(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AudioQuality: _TypeAlias = AudioQuality  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_EXPIRES_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Agents per page: 1-500; 0 means 100."""
+    page_token: _builtins.str
+    """Empty for the first page; then the previous response's next_page_token, with the same
+    filters. Opaque: sealed by the server and bound to the caller and the filters.
+    """
+    voiceprint_older_than_days: _builtins.float
+    """Only agents whose voiceprint was made more than this many days ago (0: no filter)."""
+    voiceprint_expires_within_days: _builtins.float
+    """Only agents whose voiceprint expires (is erased for lack of use, see
+    VOXAUTH_VOICEPRINT_TTL_DAYS) within this many days (0: no filter).
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___EnrollmentState.ValueType]:
+        """Only agents in one of these states; empty for every state."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        states: _abc.Iterable[Global___EnrollmentState.ValueType] | None = ...,
+        voiceprint_older_than_days: _builtins.float = ...,
+        voiceprint_expires_within_days: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states", "voiceprint_expires_within_days", b"voiceprint_expires_within_days", "voiceprint_older_than_days", b"voiceprint_older_than_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentSummary]: ...
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___AgentSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class AgentSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_STATE_FIELD_NUMBER: _builtins.int
+    NET_SPEECH_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUIRED_NET_SPEECH_SECONDS_FIELD_NUMBER: _builtins.int
+    PENDING_UTTERANCE_COUNT_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    enrollment_state: Global___EnrollmentState.ValueType
+    net_speech_seconds: _builtins.float
+    """Net speech in the pending (not yet finalized) utterances, against what finalizing needs."""
+    required_net_speech_seconds: _builtins.float
+    pending_utterance_count: _builtins.int
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    @_builtins.property
+    def voiceprint(self) -> Global___VoiceprintInfo:
+        """The current voiceprint, if any."""
+
+    @_builtins.property
+    def voiceprint_last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """When a check last scored against the voiceprint, and when it is erased unless one does."""
+
+    @_builtins.property
+    def voiceprint_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+        enrollment_state: Global___EnrollmentState.ValueType = ...,
+        net_speech_seconds: _builtins.float = ...,
+        required_net_speech_seconds: _builtins.float = ...,
+        pending_utterance_count: _builtins.int = ...,
+        voiceprint: Global___VoiceprintInfo | None = ...,
+        voiceprint_last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        voiceprint_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "voiceprint", b"voiceprint", "voiceprint_expires_at", b"voiceprint_expires_at", "voiceprint_last_used_at", b"voiceprint_last_used_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "enrollment_state", b"enrollment_state", "net_speech_seconds", b"net_speech_seconds", "pending_utterance_count", b"pending_utterance_count", "required_net_speech_seconds", b"required_net_speech_seconds", "voiceprint", b"voiceprint", "voiceprint_expires_at", b"voiceprint_expires_at", "voiceprint_last_used_at", b"voiceprint_last_used_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentSummary: _TypeAlias = AgentSummary  # noqa: Y015
 
 @_typing.final
 class CreateAgentRequest(_message.Message):

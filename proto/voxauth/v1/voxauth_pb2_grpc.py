@@ -68,6 +68,11 @@ class EnrollmentServiceStub:
                 request_serializer=voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/voxauth.v1.EnrollmentService/ListAgents',
+                request_serializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServiceServicer:
@@ -141,6 +146,17 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """The agents, in agent id order, a page at a time, with their enrollment state and
+        voiceprint age: what HR reviews. For the hr and admin roles.
+        INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
+        filters (or that has expired), or a bad filter.
+        PERMISSION_DENIED any other role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +189,11 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.DeleteAgent,
                     request_deserializer=voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -341,6 +362,33 @@ class EnrollmentService:
             '/voxauth.v1.EnrollmentService/DeleteAgent',
             voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentRequest.SerializeToString,
             voxauth_dot_v1_dot_voxauth__pb2.DeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.EnrollmentService/ListAgents',
+            voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.SerializeToString,
+            voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,13 @@ class EnrollmentServiceStub:
     audit record that the erasure happened remains.
       NOT_FOUND         no agent with this id.
     """
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_voxauth_pb2.ListAgentsRequest, _voxauth_pb2.ListAgentsResponse]
+    """The agents, in agent id order, a page at a time, with their enrollment state and
+    voiceprint age: what HR reviews. For the hr and admin roles.
+      INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
+                        filters (or that has expired), or a bad filter.
+      PERMISSION_DENIED any other role.
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -135,6 +142,13 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Erases the agent: voiceprint, pending enrollment data and consent reference. Only the
     audit record that the erasure happened remains.
       NOT_FOUND         no agent with this id.
+    """
+    ListAgents: _aio.UnaryUnaryMultiCallable[_voxauth_pb2.ListAgentsRequest, _voxauth_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """The agents, in agent id order, a page at a time, with their enrollment state and
+    voiceprint age: what HR reviews. For the hr and admin roles.
+      INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
+                        filters (or that has expired), or a bad filter.
+      PERMISSION_DENIED any other role.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -217,6 +231,19 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Erases the agent: voiceprint, pending enrollment data and consent reference. Only the
         audit record that the erasure happened remains.
           NOT_FOUND         no agent with this id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _voxauth_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voxauth_pb2.ListAgentsResponse, _abc.Awaitable[_voxauth_pb2.ListAgentsResponse]]:
+        """The agents, in agent id order, a page at a time, with their enrollment state and
+        voiceprint age: what HR reviews. For the hr and admin roles.
+          INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
+                            filters (or that has expired), or a bad filter.
+          PERMISSION_DENIED any other role.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
