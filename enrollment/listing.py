@@ -18,6 +18,7 @@ from server.config import EnrollmentPolicy, RetentionPolicy
 from server.errors import InvalidRequestError
 from server.records import AgentOverview
 from server.storage.interface import VoiceprintStore
+from server.validation import validate_agent_id
 
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 100
@@ -47,6 +48,7 @@ class AgentFilter:
     """Only voiceprints made longer ago than this."""
     voiceprint_expires_within: timedelta | None = None
     """Only voiceprints that retention erases within this long unless used."""
+    agent_id_prefix: str = ""
 
     @classmethod
     def of(
@@ -54,6 +56,7 @@ class AgentFilter:
         states: Collection[EnrollmentState],
         older_than_days: float,
         expires_within_days: float,
+        agent_id_prefix: str = "",
     ) -> AgentFilter:
         """From the API's numbers: 0 days means no condition; a negative one is refused."""
         for name, days in (
@@ -64,10 +67,13 @@ class AgentFilter:
                 raise InvalidRequestError(
                     f"{name} must be 0 (no filter) to 36500 days; got {days}", field=name
                 )
+        if agent_id_prefix:
+            validate_agent_id(agent_id_prefix)
         return cls(
             frozenset(states),
             timedelta(days=older_than_days) if older_than_days else None,
             timedelta(days=expires_within_days) if expires_within_days else None,
+            agent_id_prefix,
         )
 
 
@@ -145,6 +151,8 @@ class AgentDirectory:
 
 
 def _passes(listing: AgentListing, wanted: AgentFilter, now: datetime) -> bool:
+    if not listing.overview.agent.agent_id.startswith(wanted.agent_id_prefix):
+        return False
     if wanted.states and listing.state not in wanted.states:
         return False
     voiceprint = listing.overview.voiceprint

@@ -266,7 +266,10 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         services = self._readiness.require()
         states = enrollment_states(request.states)
         wanted = AgentFilter.of(
-            states, request.voiceprint_older_than_days, request.voiceprint_expires_within_days
+            states,
+            request.voiceprint_older_than_days,
+            request.voiceprint_expires_within_days,
+            request.agent_id_prefix,
         )
         # The filters as the token is bound to them: a token is good for the listing it
         # came from only.
@@ -275,6 +278,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
                 sorted(state.name for state in states),
                 request.voiceprint_older_than_days,
                 request.voiceprint_expires_within_days,
+                request.agent_id_prefix,
             )
         )
         caller, now = caller_identity().name, self._clock.now()

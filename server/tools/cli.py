@@ -1,7 +1,8 @@
 """The `voxauth` command: run the server, and talk to a running one.
 
 Exit codes: 0 success (verify: ACCEPT); 1 verify REJECT; 3 verify INCONCLUSIVE; 2 usage or
-local input error; 4 the server refused the request; 5 the server could not be reached.
+local input error; 4 the server refused the request; 5 the server could not be reached; 6 some
+agents of a bulk enrollment failed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 from models.errors import ModelFilesError
 from server.config import AudioLimits, ClientSettings
 from server.errors import ConfigurationError
+from server.tools.agents_cli import add_commands as add_agents_commands
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
 
 EXIT_OK = 0
@@ -110,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(delete, "hr")
     delete.add_argument("agent_id")
     delete.set_defaults(command=_delete)
+
+    add_agents_commands(commands, _client_options, _channel)
 
     commands.add_parser("certs", help="create a development CA, server and client certificates")
     commands.add_parser(

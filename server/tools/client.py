@@ -202,6 +202,34 @@ class EnrollmentClient:
 
         return _with_retries(finalize)
 
+    def list_agents(
+        self,
+        *,
+        states: Sequence[pb.EnrollmentState.ValueType] = (),
+        older_than_days: float = 0.0,
+        expires_within_days: float = 0.0,
+        agent_id_prefix: str = "",
+        page_size: int = 0,
+    ) -> Iterator[pb.AgentSummary]:
+        """Every agent that passes the filters, a page at a time (one call per page)."""
+        token = ""
+        while True:
+            page: pb.ListAgentsResponse = self._stub.ListAgents(
+                pb.ListAgentsRequest(
+                    page_size=page_size,
+                    page_token=token,
+                    states=states,
+                    voiceprint_older_than_days=older_than_days,
+                    voiceprint_expires_within_days=expires_within_days,
+                    agent_id_prefix=agent_id_prefix,
+                ),
+                timeout=self._timeout,
+            )
+            yield from page.agents
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
     def delete(self, agent_id: str) -> None:
         def delete(request_id: str) -> None:
             self._stub.DeleteAgent(

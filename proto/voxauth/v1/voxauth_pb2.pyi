@@ -417,6 +417,7 @@ class ListAgentsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     VOICEPRINT_OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
     VOICEPRINT_EXPIRES_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
+    AGENT_ID_PREFIX_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Agents per page: 1-500; 0 means 100."""
     page_token: _builtins.str
@@ -428,6 +429,10 @@ class ListAgentsRequest(_message.Message):
     voiceprint_expires_within_days: _builtins.float
     """Only agents whose voiceprint expires (is erased for lack of use, see
     VOXAUTH_VOICEPRINT_TTL_DAYS) within this many days (0: no filter).
+    """
+    agent_id_prefix: _builtins.str
+    """Only agents whose id starts with this (e.g. a team's prefix, or one agent's whole id);
+    empty for every agent. Characters as in an agent id.
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___EnrollmentState.ValueType]:
@@ -441,10 +446,11 @@ class ListAgentsRequest(_message.Message):
         states: _abc.Iterable[Global___EnrollmentState.ValueType] | None = ...,
         voiceprint_older_than_days: _builtins.float = ...,
         voiceprint_expires_within_days: _builtins.float = ...,
+        agent_id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states", "voiceprint_expires_within_days", b"voiceprint_expires_within_days", "voiceprint_older_than_days", b"voiceprint_older_than_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id_prefix", b"agent_id_prefix", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "voiceprint_expires_within_days", b"voiceprint_expires_within_days", "voiceprint_older_than_days", b"voiceprint_older_than_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
