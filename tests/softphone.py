@@ -40,12 +40,19 @@ def pcm16_frames(samples: Samples, frames_per_message: int = 50) -> list[bytes]:
 class ShiftStream:
     """A softphone's bidirectional stream, driven from the test thread."""
 
-    def __init__(self, shifts: spb_grpc.ShiftServiceStub, shift_id: str) -> None:
+    def __init__(
+        self,
+        shifts: spb_grpc.ShiftServiceStub,
+        shift_id: str,
+        encoding: pb.AudioEncoding.ValueType = pb.AUDIO_ENCODING_PCM16LE,
+        sample_rate_hz: int = 16000,
+    ) -> None:
+        """`send` streams PCM16LE at 16 kHz; other formats go by `send_raw`."""
         self._outbox: queue.Queue[spb.ShiftAudio | None] = queue.Queue()
         self._outbox.put(
             spb.ShiftAudio(
                 header=spb.ShiftAudioHeader(
-                    shift_id=shift_id, encoding=pb.AUDIO_ENCODING_PCM16LE, sample_rate_hz=16000
+                    shift_id=shift_id, encoding=encoding, sample_rate_hz=sample_rate_hz
                 )
             )
         )
