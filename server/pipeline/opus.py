@@ -15,6 +15,7 @@ resampled to 16 kHz by the pipeline's resampler. Narrowband Opus then carries no
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,6 +28,11 @@ OPUS_RATE = 48000
 
 MAX_PACKET_BYTES = 1275 * 6
 """The largest packet RFC 6716 allows: six frames (120 ms) of at most 1275 bytes."""
+
+_MAX_BYTES_PER_20MS = 1276
+"""Opus at its highest rate (510 kbit/s) fills 1275 bytes per 20 ms, plus the TOC byte.
+Padding could make a packet larger than its audio warrants; refusing that keeps a shift's
+buffer within twice what 16 kHz PCM of the same length takes."""
 
 _MAX_PACKET_SAMPLES = 120 * OPUS_RATE // 1000
 
@@ -85,6 +91,13 @@ def packet_samples(packet: bytes) -> int:
         raise InvalidAudioError(
             f"an Opus packet holds {count} frames of {frame / 48:g} ms; RFC 6716 allows 1 to "
             "120 ms",
+            field="frames",
+        )
+    allowed = _MAX_BYTES_PER_20MS * max(1, math.ceil(samples / 960))
+    if len(packet) > allowed:
+        raise InvalidAudioError(
+            f"an Opus packet of {samples / 48:g} ms is {len(packet)} bytes; Opus at its highest "
+            f"rate takes at most {allowed}",
             field="frames",
         )
     return samples

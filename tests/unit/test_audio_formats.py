@@ -193,6 +193,8 @@ def test_packet_lengths_follow_the_toc() -> None:
         (bytes([11 << 3 | 3, 0]), "RFC 6716 allows 1 to 120 ms"),
         (bytes([11 << 3 | 3]), "no frame count"),
         (bytes(MAX_PACKET_BYTES + 1), "at most"),
+        # 20 ms padded to 5 kB: more than any Opus rate makes of 20 ms.
+        (bytes([1 << 3 | 3, 0x41]) + bytes(5000), "takes at most 1276"),
     ]:
         with pytest.raises(InvalidAudioError, match=message):
             packet_samples(bad)
