@@ -276,25 +276,34 @@ class BulkEnrollment:
         outcomes = list(plan.problems)
         for done, job in enumerate(plan.jobs, start=1):
             progress.show(done - 1, job.agent_id)
-            outcome = self._enroll(job)
+            outcome, unreachable = self._enroll(job)
             outcomes.append(outcome)
             progress.show(done, f"{job.agent_id}: {outcome.result.value}")
+            if unreachable:
+                # Every other agent would wait for the same server: they are left for a re-run.
+                outcomes += [
+                    Outcome(later.agent_id, Result.FAILED, "not tried: the server is unreachable")
+                    for later in plan.jobs[done:]
+                ]
+                break
         progress.close()
         return outcomes
 
-    def _enroll(self, job: AgentJob) -> Outcome:
+    def _enroll(self, job: AgentJob) -> tuple[Outcome, bool]:
+        """The agent's outcome, and whether the server was unreachable."""
         try:
             files = [AudioFile.from_path(path, self._raw_rate) for path in job.files]
             for audio in files:
                 audio.check(self._max_seconds)
         except AudioFileError as error:
-            return Outcome(job.agent_id, Result.FAILED, str(error))
+            return Outcome(job.agent_id, Result.FAILED, str(error)), False
         try:
-            return self._enroll_checked(job, files)
+            return self._enroll_checked(job, files), False
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
             details = error.details() if isinstance(error, grpc.Call) else str(error)
-            return Outcome(job.agent_id, Result.FAILED, f"{code.name}: {details}")
+            outcome = Outcome(job.agent_id, Result.FAILED, f"{code.name}: {details}")
+            return outcome, code is grpc.StatusCode.UNAVAILABLE
 
     def _enroll_checked(self, job: AgentJob, files: list[AudioFile]) -> Outcome:
         try:

@@ -709,3 +709,27 @@ def test_expiring_a_voiceprint_erases_the_agents_fingerprints(store: SecureStore
     assert len(store.fingerprints("a1")) == 2
     assert store.expire_voiceprints(NOW + timedelta(days=1)) == ["a1"]
     assert store.fingerprints("a1") == []
+
+
+def test_agent_overviews_list_every_agent_in_id_order_with_its_enrollment(
+    store: SecureStore,
+) -> None:
+    for agent_id in ("b2", "a1", "c3"):
+        store.create_agent(agent(agent_id))
+    store.add_utterance(utterance("a1", 1), max_pending=10)
+    store.add_utterance(utterance("a1", 2), max_pending=10)
+    store.replace_voiceprint(voiceprint("c3", "c3-vp"), [])
+    overviews = store.agent_overviews()
+    assert [o.agent for o in overviews] == [agent("a1"), agent("b2"), agent("c3")]
+    a1, b2, c3 = overviews
+    assert (a1.pending_utterances, a1.pending_net_speech_seconds, a1.voiceprint) == (
+        2,
+        pytest.approx(11.0),
+        None,
+    )
+    assert (b2.pending_utterances, b2.voiceprint) == (0, None)
+    assert_same_voiceprint(c3.voiceprint, voiceprint("c3", "c3-vp"))
+    assert c3.voiceprint is not None and c3.voiceprint.last_used_at is not None
+    # An erased agent leaves the listing with everything it had.
+    store.delete_agent("a1")
+    assert [o.agent.agent_id for o in store.agent_overviews()] == ["b2", "c3"]

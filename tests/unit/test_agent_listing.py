@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from server.errors import InvalidRequestError
 from server.records import AgentRecord, UtteranceRecord, Voiceprint
 from server.security.crypto import VoiceprintCipher
 from server.storage.sqlite import open_store
+from server.tools.agents_cli import EXIT_INCOMPLETE
 from server.tools.bulk_enroll import (
     Outcome,
     PlanError,
@@ -31,6 +33,8 @@ from server.tools.bulk_enroll import (
     spreadsheet_safe,
     write_report,
 )
+from server.tools.cli import main
+from tests.audio_files import encoded_file
 from tests.fakes import FakeEmbedder, fake_scoring
 from tests.support import KEY, RunningServer, make_config
 
@@ -274,3 +278,25 @@ def test_reports_neutralise_formulas() -> None:
     out = io.StringIO()
     write_report([Outcome("@SUM(A1)", Result.FAILED, "-2+3")], out)
     assert out.getvalue().splitlines()[1] == "'@SUM(A1),failed,'-2+3"
+
+
+def test_bulk_enrollment_stops_at_an_unreachable_server_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    team = tmp_path / "team"
+    for agent_id in ("agent-1", "agent-2", "agent-3"):
+        (team / agent_id).mkdir(parents=True)
+        (team / agent_id / "a.wav").write_bytes(
+            encoded_file(np.zeros(16_000, np.float32), 16_000, "WAV", "PCM_16")
+        )
+    (team / "stray.wav").write_bytes(b"x")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    bulk = ["agents", "enroll-bulk", "--server", f"127.0.0.1:{port}", "--insecure", str(team)]
+    assert main([*bulk, "--consent", "HR-1"]) == EXIT_INCOMPLETE
+    out = capsys.readouterr().out
+    assert "enrolled 0, skipped 0, failed 4" in out
+    assert "failed agent-1: UNAVAILABLE" in out
+    assert "failed agent-3: not tried: the server is unreachable" in out
+    assert "failed stray.wav: a file at the top" in out

@@ -14,6 +14,8 @@ import soundfile as sf
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.tools.cli import EXIT_USAGE, main
+from server.tools.client import AudioFile, AudioFileError
+from tests.audio_files import encoded_file
 from tests.fakes import FakeEmbedder, fake_scoring
 from tests.support import KEY, RunningServer, make_config
 
@@ -69,3 +71,32 @@ def test_enroll_checks_every_file_before_creating_the_agent(
         assert "created agent agent-9" in capsys.readouterr().out
     finally:
         server.stop()
+
+
+def test_files_are_sent_as_their_content_says_raw_audio_as_its_name(tmp_path: Path) -> None:
+    tone = (0.1 * np.sin(np.arange(16_000) / 5)).astype(np.float32)
+    files = {
+        "call.wav": encoded_file(tone, 16_000, "MP3", "MPEG_LAYER_III"),
+        "call.mp3": encoded_file(tone, 16_000, "OGG", "OPUS"),
+        "recording": encoded_file(tone, 16_000, "OGG", "VORBIS"),
+        "memo.flac": encoded_file(tone, 16_000, "WAV", "PCM_16"),
+        # Raw PCM whose first sample looks like an MPEG frame sync: still raw by its name.
+        "desk.pcm": b"\xff\xfb\x90\x00" + bytes(3196),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    sent = {name: AudioFile.from_path(tmp_path / name, 16_000).encoding for name in files}
+    assert sent == {
+        "call.wav": pb.AUDIO_ENCODING_MP3,
+        "call.mp3": pb.AUDIO_ENCODING_OGG,
+        "recording": pb.AUDIO_ENCODING_OGG,
+        "memo.flac": pb.AUDIO_ENCODING_WAV,
+        "desk.pcm": pb.AUDIO_ENCODING_PCM16LE,
+    }
+    assert AudioFile.from_path(tmp_path / "call.wav").check(60.0) == pytest.approx(1.0, abs=0.1)
+    # A WAV named .pcm is a WAV: a signature that cannot occur by chance wins over the name.
+    (tmp_path / "mislabelled.pcm").write_bytes(files["memo.flac"])
+    assert AudioFile.from_path(tmp_path / "mislabelled.pcm").encoding == pb.AUDIO_ENCODING_WAV
+    (tmp_path / "notes.txt").write_text("minutes of the meeting")
+    with pytest.raises(AudioFileError, match="not a recognised audio file"):
+        AudioFile.from_path(tmp_path / "notes.txt")
