@@ -97,7 +97,8 @@ class ShiftServiceServicer:
         sends an event for every checkpoint. Reconnecting with the same shift id resumes the
         shift (a new stream replaces an older one still open for that shift).
         INVALID_ARGUMENT    an unsupported format, or audio that is not whole 20 ms frames of
-        the declared format (1 to 50 frames per message).
+        the declared format (1 to 50 frames per message; OPUS: one packet
+        of 20 to 120 ms per message, its TOC valid).
         FAILED_PRECONDITION audio before the header; a shift that has ended, or whose login
         check has not passed.
         NOT_FOUND           no shift with this id.
