@@ -211,7 +211,7 @@ def test_bad_streams_get_clear_errors_and_leave_other_shifts_alone(
             [header(other_id), spb.ShiftAudio(frames=b"\0" * 641)],
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
-        "unsupported format": ([header(other_id, rate=8000)], grpc.StatusCode.INVALID_ARGUMENT),
+        "unsupported format": ([header(other_id, rate=22050)], grpc.StatusCode.INVALID_ARGUMENT),
         "audio before the header": (
             [spb.ShiftAudio(frames=b"\0" * 640)],
             grpc.StatusCode.FAILED_PRECONDITION,
