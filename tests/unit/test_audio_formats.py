@@ -219,6 +219,13 @@ def test_a_damaged_packet_becomes_silence_of_its_length(speech: Waveform) -> Non
     decoded = decode_packets(b"".join(frame_packets(p) for p in damaged))
     assert decoded.size == 960 * len(damaged)
     assert np.all(np.isfinite(decoded)) and np.all(np.abs(decoded) <= 1.0)
+    # A valid TOC (20 ms, code 3, padding) whose padding runs past the end: libopus refuses
+    # it, and it becomes 20 ms of silence.
+    refused = bytes([1 << 3 | 3, 0x41, 0xFF])
+    assert packet_samples(refused) == 960
+    concealed = decode_packets(b"".join(frame_packets(p) for p in [packets[0], refused]))
+    assert concealed.size == 2 * 960
+    assert not concealed[960:].any()
 
 
 def test_a_shift_stream_of_opus_takes_whole_20ms_packets(speech: Waveform) -> None:
