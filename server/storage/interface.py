@@ -15,7 +15,7 @@ server.security never imports server.storage; so is what the request ledger need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -30,6 +30,7 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -54,6 +55,7 @@ __all__ = [
     "ReencryptionReport",
     "ReplayFingerprint",
     "RevocationReason",
+    "ShiftCursor",
     "ShiftRecord",
     "ShiftState",
     "ShiftStore",
@@ -241,6 +243,15 @@ class ShiftStore(Protocol):
 
     def update_shift(self, shift: ShiftRecord) -> None:
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
+
+    def list_shifts(
+        self,
+        states: Collection[ShiftState] = (),
+        limit: int = 100,
+        before: ShiftCursor | None = None,
+    ) -> list[ShiftRecord]:
+        """Up to `limit` shifts in `states` (any state when empty), the latest started first,
+        after the shift `before` names (ShiftCursor.after(the last shift of a page))."""
 
 
 class ThrottleStore(Protocol):

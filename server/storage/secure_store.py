@@ -44,7 +44,9 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
+    ShiftState,
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
@@ -194,6 +196,15 @@ class SecureStore:
     def update_shift(self, shift: ShiftRecord) -> None:
         with self.unit_of_work(f"update shift {shift.shift_id!r}") as unit:
             unit.update_shift(shift)
+
+    def list_shifts(
+        self,
+        states: Collection[ShiftState] = (),
+        limit: int = 100,
+        before: ShiftCursor | None = None,
+    ) -> list[ShiftRecord]:
+        with self._transaction("list shifts", write=False) as unit:
+            return unit.list_shifts(states, limit, before)
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
         with self.unit_of_work(f"save assurance of shift {assurance.shift_id!r}") as unit:
@@ -595,6 +606,14 @@ class _Unit:
         if row is None or agent is None:
             raise ShiftNotFoundError(f"no shift {shift_id!r}")
         return agent.shift(row)
+
+    def list_shifts(
+        self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
+    ) -> list[ShiftRecord]:
+        # Erasing an agent deletes its shifts in the same transaction: every row has its agent.
+        rows = self.txn.shifts_page(states, limit, before)
+        agents = self._agents.by_ref(self.txn, {row.agent_ref for row in rows})
+        return [agents[row.agent_ref].shift(row) for row in rows if row.agent_ref in agents]
 
     def update_shift(self, shift: ShiftRecord) -> None:
         agent = self.find(shift.agent_id)

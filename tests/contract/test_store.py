@@ -29,6 +29,7 @@ from server.records import (
     RecordingOrigin,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -709,3 +710,32 @@ def test_expiring_a_voiceprint_erases_the_agents_fingerprints(store: SecureStore
     assert len(store.fingerprints("a1")) == 2
     assert store.expire_voiceprints(NOW + timedelta(days=1)) == ["a1"]
     assert store.fingerprints("a1") == []
+
+
+def test_list_shifts_pages_latest_first_and_filters_by_state(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.create_agent(agent("a2"))
+    states = [ShiftState.VERIFIED, ShiftState.LOCKED, ShiftState.ENDED, ShiftState.LOCKED]
+    made = []
+    for n, state in enumerate(states * 3):
+        # Two shifts share each start time: ties go by shift id, so no page repeats or skips.
+        started = NOW + timedelta(minutes=n // 2)
+        made.append(ShiftRecord(f"s{n:02d}", f"a{n % 2 + 1}", "desk", state, started, started))
+        store.create_shift(made[-1])
+    newest_first = sorted(made, key=lambda s: (s.started_at, s.shift_id), reverse=True)
+
+    pages, before = [], None
+    while page := store.list_shifts(limit=5, before=before):
+        pages.append(page)
+        before = ShiftCursor.after(page[-1])
+    assert [len(p) for p in pages] == [5, 5, 2]
+    assert [s for p in pages for s in p] == newest_first
+
+    locked = store.list_shifts({ShiftState.LOCKED}, limit=100)
+    assert locked == [s for s in newest_first if s.state is ShiftState.LOCKED]
+    both = store.list_shifts({ShiftState.LOCKED, ShiftState.ENDED}, limit=100)
+    assert {s.state for s in both} == {ShiftState.LOCKED, ShiftState.ENDED} and len(both) == 9
+
+    # An erased agent's shifts are gone from the list with it.
+    store.delete_agent("a1")
+    assert {s.agent_id for s in store.list_shifts(limit=100)} == {"a2"}
