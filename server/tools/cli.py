@@ -22,6 +22,12 @@ from models.errors import ModelFilesError
 from server.config import AudioLimits, ClientSettings
 from server.errors import ConfigurationError
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
+from server.tools.ops_cli import (
+    add_agent_commands,
+    add_key_commands,
+    add_shift_commands,
+    remote_configuration,
+)
 
 EXIT_OK = 0
 EXIT_REJECT = 1
@@ -76,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config", help="print the effective configuration as JSON, secrets redacted"
     )
+    _client_options(config, "admin")
+    config.add_argument(
+        "--remote",
+        action="store_true",
+        help="the running server's configuration (GetConfiguration, admin), not this shell's",
+    )
     config.set_defaults(command=_config)
 
     key = commands.add_parser("create-key", help="write a new voiceprint encryption key file")
@@ -110,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(delete, "hr")
     delete.add_argument("agent_id")
     delete.set_defaults(command=_delete)
+
+    add_shift_commands(commands, _client_options, _channel)
+    agents = commands.add_parser("agents", help="agents (admin)")
+    add_agent_commands(
+        agents.add_subparsers(required=True, metavar="ACTION"), _client_options, _channel
+    )
+    add_key_commands(commands, _client_options, _channel)
 
     commands.add_parser("certs", help="create a development CA, server and client certificates")
     commands.add_parser(
@@ -187,6 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     """The settings every command reads from the environment (`voxauth serve` flags aside):
     keys and tokens only as whether they are set, and the key ids."""
+    if args.remote:
+        return remote_configuration(_channel, args)
     from server.config import KeySettings, ServerConfig, redacted
     from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
 
