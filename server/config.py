@@ -539,6 +539,12 @@ class ServerConfig(Settings):
     shutdown_grace_seconds: float = field(default=10.0, metadata=setting(check=non_negative))
     """On SIGTERM, in-flight calls get this long to finish."""
 
+    eval_results_path: Path = field(
+        default=Path("var/eval.json"), metadata=setting("VOXAUTH_EVAL_RESULTS")
+    )
+    """Where `voxauth eval` writes its figures and DET plot's path, for the compliance report
+    and the console's compliance page."""
+
     audio: AudioLimits = field(default_factory=AudioLimits)
     enrollment: EnrollmentPolicy = field(default_factory=EnrollmentPolicy)
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)

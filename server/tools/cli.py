@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "Verify load; `bench shifts`: shift load",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
+    commands.add_parser("report", help="write the compliance report for a period (HTML)")
     commands.add_parser(
         "attacks",
         help="build the presentation-attack corpus, score it, calibrate or evaluate the PAD",
@@ -304,6 +305,12 @@ def _audit(argv: list[str]) -> int:
     return audit_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from server.tools.report_cli import main as report_main
+
+    return report_main(argv)
+
+
 def _attacks(argv: list[str]) -> int:
     if argv[:1] == ["evaluate"]:
         from server.tools.pad_evaluation import main as evaluate_main
@@ -324,6 +331,7 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "bench": _bench,
     "audit": _audit,
     "attacks": _attacks,
+    "report": _report,
 }
 
 
