@@ -16,7 +16,10 @@ from models.factory import load_countermeasure as load_countermeasure_model
 from models.factory import load_speaker_embedder
 from models.fetch import default_countermeasure_dir, default_model_dir
 from server.api.grpc_server import GrpcServer
-from server.api.jwks_http import JwksHttpServer
+from server.api.http.app import RouteProvider, build_app
+from server.api.http.health import HealthRoutes
+from server.api.http.jwks import JwksRoutes
+from server.api.http.server import HttpServer, http_tls
 from server.api.readiness import Readiness, Services
 from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
@@ -114,11 +117,11 @@ class VoxauthServer:
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
-        self._jwks_http: JwksHttpServer | None = None
+        self._http: HttpServer | None = None
         self._retention: asyncio.Task[None] | None = None
         self.port = 0
         self.token_port = 0
-        self.jwks_port = 0
+        self.http_port = 0
 
     async def start(self) -> int:
         # Opening the store (and the signing keys in it) first means a bad key or database
@@ -150,10 +153,13 @@ class VoxauthServer:
 
         await self._api.start(audit)
         self.port, self.token_port = self._api.port, self._api.token_port
-        if self.config.mfa.jwks_listen_address:
-            host, port = self.config.mfa.jwks_listen_address.rsplit(":", 1)
-            self._jwks_http = JwksHttpServer(assurances.jwks)
-            self.jwks_port = await self._jwks_http.start(host, int(port))
+        if self.config.http.listen_address:
+            self._http = HttpServer(
+                build_app(self._http_routes(assurances)),
+                self.config.http,
+                http_tls(self.config.transport),
+            )
+            self.http_port = await self._http.start()
         host = self.config.listen_address.rsplit(":", 1)[0]
         log.info("voxauth listening on %s:%d (loading the speaker model)", host, self.port)
         try:
@@ -163,6 +169,10 @@ class VoxauthServer:
             raise
         self._retention = asyncio.create_task(self._expire_voiceprints(store), name="retention")
         return self.port
+
+    def _http_routes(self, assurances: AssuranceDesk) -> list[RouteProvider]:
+        """What the HTTP side serves (server/api/http/app.py says how to add to it)."""
+        return [JwksRoutes(assurances.jwks), HealthRoutes(self._readiness)]
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -263,8 +273,8 @@ class VoxauthServer:
         if self._retention is not None:
             self._retention.cancel()
         await self._api.stop(self.config.shutdown_grace_seconds if grace is None else grace)
-        if self._jwks_http is not None:
-            await self._jwks_http.stop()
+        if self._http is not None:
+            await self._http.stop()
         self._readiness.withdraw()
         if self._shifts is not None:
             await self._shifts.close()
