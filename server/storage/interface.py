@@ -263,6 +263,10 @@ class ThrottleStore(Protocol):
         """UnitOfWork.update_throttle_state in one atomic step of its own: an exception from
         `update` changes nothing."""
 
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        """The agent's state (ThrottleState() if it has none), read only. Raises
+        AgentNotFoundError."""
+
 
 class Store(
     VoiceprintStore,

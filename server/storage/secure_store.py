@@ -238,6 +238,10 @@ class SecureStore:
         with self.unit_of_work(f"update the throttling of agent {agent_id!r}") as unit:
             return unit.update_throttle_state(agent_id, update)
 
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        with self._transaction(f"read the throttling of agent {agent_id!r}", write=False) as unit:
+            return unit.throttle_state(agent_id)
+
     # --- completed requests --------------------------------------------------------------------
 
     def recorded_response(
@@ -619,6 +623,9 @@ class _Unit:
         agent = self.find(shift.agent_id)
         if agent is None or not self.txn.update_shift(agent.shift_row(shift)):
             raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
+
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        return self.txn.throttle_state(self._agent(agent_id).agent_ref)
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]

@@ -739,3 +739,13 @@ def test_list_shifts_pages_latest_first_and_filters_by_state(store: SecureStore)
     # An erased agent's shifts are gone from the list with it.
     store.delete_agent("a1")
     assert {s.agent_id for s in store.list_shifts(limit=100)} == {"a2"}
+
+
+def test_throttle_state_reads_without_writing(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    assert store.throttle_state("a1") == ThrottleState()
+    disabled = ThrottleState(50, NOW, NOW)
+    store.update_throttle_state("a1", lambda _: disabled)
+    assert store.throttle_state("a1") == disabled
+    with pytest.raises(AgentNotFoundError):
+        store.throttle_state("ghost")

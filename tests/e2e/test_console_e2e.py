@@ -5,9 +5,10 @@ supervisor's name; a softphone token is refused, and a POST without the CSRF tok
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
-import shutil
+import re
 import ssl
 import urllib.error
 import urllib.parse
@@ -116,7 +117,10 @@ def test_a_supervisor_watches_a_lock_appear_live_and_unlocks_it(
 
     # A softphone's token does not open the console.
     sign_in(browser, base, softphone.token)
-    assert "not" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+    alert = WebDriverWait(browser, 10).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "[role=alert]"), message=browser.page_source
+    )
+    assert "not" in alert[0].text
     assert browser.get_cookie(COOKIE) is None
 
     sign_in(browser, base, supervisor.token)
@@ -193,4 +197,108 @@ def test_a_supervisor_watches_a_lock_appear_live_and_unlocks_it(
     denials = [r["details"]["reason"] for r in records if r["action"] == AuditAction.ACCESS_DENIED]
     assert "the console is for supervisors" in denials
     assert denials.count("no or wrong CSRF token") == 2
-    shutil.copy(artifacts / "console-board.png", tmp_path / "board-copy.png")
+
+
+class Client:
+    """One browser-less console client over https: redirects not followed, one cookie."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        self.port, self.context, self.cookie = port, context, ""
+
+    def request(
+        self, method: str, path: str, fields: dict[str, str] | None = None, **headers: str
+    ) -> tuple[int, dict[str, str], str]:
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context)
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        body = None
+        if fields is not None:
+            body = urllib.parse.urlencode(fields)
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        if self.cookie:
+            sent["Cookie"] = f"{COOKIE}={self.cookie}"
+        try:
+            connection.request(method, path, body=body, headers=sent)
+            answer = connection.getresponse()
+            got = {k.lower(): v for k, v in answer.getheaders()}
+            text = answer.read().decode()
+        finally:
+            connection.close()
+        if "set-cookie" in got and got["set-cookie"].startswith(f"{COOKIE}="):
+            self.cookie = got["set-cookie"].split(";")[0].split("=", 1)[1].strip('"')
+        return answer.status, got, text
+
+    def csrf(self) -> str:
+        status, _, page = self.request("GET", "/console/board")
+        assert status == 200, page
+        found = re.search(r'name="csrf-token" content="([^"]+)"', page)
+        assert found is not None
+        return found.group(1)
+
+
+def test_the_console_refuses_what_a_supervisor_may_not_do_and_forged_requests(
+    start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    pki = create_pki(tmp_path / "pki")
+    supervisor = mint_token("sam.supervisor", Role.SUPERVISOR)
+    admin = mint_token("ada.admin", Role.ADMIN)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{supervisor.line}\n{admin.line}\n")
+    config = tls_config(tmp_path, pki)
+    config = replace(config, transport=replace(config.transport, tokens_file=tokens))
+    voxauth = start_server(config, credentials=as_role(pki, Role.HR))
+    voxauth.enroll("agent-a", split(first_half(SPEAKER_A), 2))
+    context = https_context(pki)
+
+    anonymous = Client(voxauth.server.http_port, context)
+    assert anonymous.request("GET", "/console/board")[:2][0] == 303
+    assert anonymous.request("GET", "/console/board.json")[0] == 401
+    assert anonymous.request("POST", "/console/sign-in", {"token": "x" * 43})[0] == 401
+    # Signing in from another site's page (login CSRF) is refused even with a good token.
+    evil = {"Origin": "https://evil.example"}
+    for origin in (evil, {"Origin": "null"}):
+        status, _, _ = anonymous.request(
+            "POST", "/console/sign-in", {"token": supervisor.token}, **origin
+        )
+        assert status == 403 and anonymous.cookie == ""
+
+    sam = Client(voxauth.server.http_port, context)
+    status, headers, _ = sam.request("POST", "/console/sign-in", {"token": supervisor.token})
+    assert status == 303 and headers["location"] == "/console/board"
+    flags = {f.strip().lower() for f in headers["set-cookie"].split(";")[1:]}
+    assert {"httponly", "secure", "samesite=strict", "path=/"} <= flags
+    csrf = sam.csrf()
+    status, headers, page = sam.request("GET", "/console/agents/agent-a")
+    assert status == 200 and "enrolled: 2 utterance(s)" in page
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert "Re-enable" not in page  # admins only
+    enable = "/console/agents/agent-a/enable-verification"
+    assert sam.request("POST", enable, {"csrf": csrf, "reason": "x"})[0] == 403
+    # A valid token from another origin, and hostile ids, are refused; nothing is echoed.
+    assert (
+        sam.request("POST", "/console/shifts/s1/unlock", {"csrf": csrf, "reason": "x"}, **evil)[0]
+        == 403
+    )
+    status, _, page = sam.request("GET", "/console/agents/%3Cscript%3E")
+    assert status == 400 and "<script>" not in page
+    status, _, page = sam.request(
+        "POST", "/console/shifts/no-such/unlock", {"csrf": csrf, "reason": "r"}
+    )
+    assert status == 404
+    status, _, page = sam.request("GET", "/console/board?unlocked=%3Cb%3Ecall+555%3C%2Fb%3E")
+    assert status == 200 and "call 555" not in page
+    assert sam.request("POST", "/console/sign-out", {"csrf": "wrong"})[0] == 403
+    status, _, page = sam.request("GET", "/console/compliance")
+    assert status == 200 and "Intact:" in page and "Consents recorded (1)" in page
+
+    ada = Client(voxauth.server.http_port, context)
+    assert ada.request("POST", "/console/sign-in", {"token": admin.token})[0] == 303
+    status, _, page = ada.request("GET", "/console/agents/agent-a")
+    assert status == 200 and "Re-enable" in page
+    assert ada.request("POST", enable, {"csrf": ada.csrf(), "reason": "HD-12"})[0] == 303
+
+    # Signing out ends the session at once; an idle session expires after 30 minutes.
+    assert sam.request("POST", "/console/sign-out", {"csrf": csrf})[0] == 303
+    assert sam.request("GET", "/console/board.json")[0] == 401
+    assert ada.request("GET", "/console/board.json")[0] == 200
+    voxauth.advance(31 * 60)
+    assert ada.request("GET", "/console/board.json")[0] == 401

@@ -27,16 +27,26 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from server.api.access import BearerTokens
-from server.api.console.compliance import Period, build_report, environment, load_evaluation
+from server.api.console.compliance import (
+    TEMPLATES,
+    Period,
+    build_report,
+    environment,
+    load_evaluation,
+)
 from server.api.console.sessions import COOKIE, SESSION_LIFETIME, Session, Sessions
 from server.api.readiness import Readiness, Services
 from server.audit_actions import AuditAction
 from server.config import ServerConfig
 from server.errors import (
+    CapacityError,
+    ConflictError,
+    InternalError,
     InvalidInputError,
     NotFoundError,
     PreconditionError,
     UnauthenticatedError,
+    UnavailableError,
     VoxauthError,
 )
 from server.records import AuditEvent, ShiftRecord, ShiftState
@@ -45,7 +55,7 @@ from server.runtime.store_pool import StorePool
 from server.security.audit import AuditKey
 from server.security.identity import Identity, Role
 from server.shifts.events import ShiftEvent, ShiftEventKind
-from server.validation import validate_agent_id, validate_text
+from server.validation import validate_agent_id, validate_shift_id, validate_text
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,7 @@ class ConsoleRoutes:
         self._store_pool = store_pool
         self._sessions = Sessions()
         self._templates = environment()
+        self._board_script = (TEMPLATES / "board.js").read_text(encoding="utf-8")
         self._recent: dict[str, _Recent] = {}
         self._follower: asyncio.Task[None] | None = None
 
@@ -121,6 +132,10 @@ class ConsoleRoutes:
         return self._page("sign_in.html", None, status=200)
 
     async def _sign_in(self, request: Request) -> Response:
+        if not _same_origin(request):
+            # Else another site could sign a visitor in under the other site's own token.
+            await self._record_denial(request, None, "cross-origin sign-in")
+            return JSONResponse({"error": "cross-origin request"}, status_code=403)
         form = await self._form(request)
         token = (form or {}).get("token", "").strip()
         try:
@@ -171,17 +186,23 @@ class ConsoleRoutes:
         session = self._session(request)
         if session is None:
             return RedirectResponse("/console", status_code=303)
-        rows = await self._board_rows()
-        return self._page("board.html", session, rows=rows, flash=request.query_params.get("done"))
+        try:
+            rows = await self._board_rows()
+        except VoxauthError as error:
+            return self._error(session, error)
+        return self._page("board.html", session, rows=rows, flash=_unlocked_flash(request))
 
     async def _board_json(self, request: Request) -> Response:
         if self._session(request) is None:
             return JSONResponse({"error": "sign in first"}, status_code=401)
-        return JSONResponse({"shifts": await self._board_rows()})
+        try:
+            rows = await self._board_rows()
+        except VoxauthError as error:
+            return JSONResponse({"error": error.message}, status_code=_status(error))
+        return JSONResponse({"shifts": rows})
 
     async def _script(self, request: Request) -> Response:
-        script = self._templates.loader.get_source(self._templates, "board.js")[0]  # type: ignore[union-attr]
-        return Response(script, media_type="text/javascript")
+        return Response(self._board_script, media_type="text/javascript")
 
     async def _board_rows(self) -> list[dict[str, Any]]:
         services = self._readiness.require()
@@ -264,14 +285,14 @@ class ConsoleRoutes:
             )
         except VoxauthError as error:
             return self._error(session, error)
-        return RedirectResponse(f"/console/board?done=unlocked+{shift.shift_id}", status_code=303)
+        return RedirectResponse(f"/console/board?unlocked={shift.shift_id}", status_code=303)
 
     async def _agent(self, request: Request) -> Response:
         session = self._session(request)
         if session is None:
             return RedirectResponse("/console", status_code=303)
-        services = self._readiness.require()
         try:
+            services = self._readiness.require()
             agent_id = validate_agent_id(request.path_params["agent_id"])
             facts = await self._store_pool.run(
                 lambda: _agent_facts(services, agent_id, self._config)
@@ -295,8 +316,8 @@ class ConsoleRoutes:
                 error="Only administrators may re-enable verification.",
             )
         form = await self._form(request) or {}
-        services = self._readiness.require()
         try:
+            services = self._readiness.require()
             agent_id = validate_agent_id(request.path_params["agent_id"])
             reason = validate_text(form.get("reason", ""), "reason", 512)
             by, now = session.identity.name, self._clock.now()
@@ -311,13 +332,16 @@ class ConsoleRoutes:
         session = self._session(request)
         if session is None:
             return RedirectResponse("/console", status_code=303)
-        store = self._readiness.require().store
         now = self._clock.now()
         period = Period(now - timedelta(days=30), now + timedelta(seconds=1))
-        evaluation = load_evaluation(self._config.eval_results_path)
-        report = await self._store_pool.run(
-            lambda: build_report(store, self._audit_keys, self._config, period, now, evaluation)
-        )
+        try:
+            store = self._readiness.require().store
+            evaluation = load_evaluation(self._config.eval_results_path)
+            report = await self._store_pool.run(
+                lambda: build_report(store, self._audit_keys, self._config, period, now, evaluation)
+            )
+        except VoxauthError as error:
+            return self._error(session, error)
         return self._page("compliance.html", session, report=report)
 
     # --- plumbing -----------------------------------------------------------------------
@@ -332,7 +356,7 @@ class ConsoleRoutes:
             return None, JSONResponse({"error": "sign in first"}, status_code=401)
         form = await self._form(request)
         offered = request.headers.get("x-csrf-token") or (form or {}).get("csrf")
-        if not session.csrf_matches(offered):
+        if not session.csrf_matches(offered) or not _same_origin(request):
             await self._record_denial(request, session.identity, "no or wrong CSRF token")
             return None, JSONResponse({"error": "missing or wrong CSRF token"}, status_code=403)
         return session, None
@@ -392,20 +416,56 @@ class ConsoleRoutes:
             log.exception("could not audit a refused console request")
 
     def _error(self, session: Session, error: VoxauthError) -> Response:
-        status = 500
-        if isinstance(error, InvalidInputError):
-            status = 400
-        elif isinstance(error, NotFoundError):
-            status = 404
-        elif isinstance(error, PreconditionError):
-            status = 409
-        return self._page("error.html", session, status=status, error=error.message)
+        return self._page("error.html", session, status=_status(error), error=error.message)
 
     def _page(
         self, name: str, session: Session | None, status: int = 200, **values: Any
     ) -> Response:
         html = self._templates.get_template(name).render(session=session, **values)
-        return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": _CSP})
+        # same-origin, not the HTTP side's no-referrer: with no-referrer a browser sends
+        # `Origin: null` on the console's own forms, which _same_origin must refuse.
+        headers = {"Content-Security-Policy": _CSP, "Referrer-Policy": "same-origin"}
+        return HTMLResponse(html, status_code=status, headers=headers)
+
+
+def _unlocked_flash(request: Request) -> str | None:
+    """The note after an unlock: built here from a valid shift id, never echoed from the URL,
+    so a link cannot make the console say something it did not."""
+    shift_id = request.query_params.get("unlocked")
+    if shift_id is None:
+        return None
+    try:
+        return f"Shift {validate_shift_id(shift_id)} unlocked; the audit log records it."
+    except InvalidInputError:
+        return None
+
+
+def _status(error: VoxauthError) -> int:
+    """The HTTP status of an error category (as interceptors.py maps them to gRPC codes)."""
+    if isinstance(error, InvalidInputError):
+        return 400
+    if isinstance(error, NotFoundError):
+        return 404
+    if isinstance(error, PreconditionError | ConflictError):
+        return 409
+    if isinstance(error, CapacityError):
+        return 429
+    if isinstance(error, UnavailableError):
+        return 503
+    if isinstance(error, InternalError):
+        log.error("console: %s", error.message)
+    return 500
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser names the page a POST comes from; one from another origin is refused even
+    with a valid token (defence in depth beside SameSite=Strict and the CSRF token). Clients
+    that send no Origin (not browsers) rely on those two."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    # "null": an opaque origin (a sandboxed frame, a no-referrer page): not provably ours.
+    return urllib.parse.urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def _agent_facts(services: Services, agent_id: str, config: ServerConfig) -> dict[str, Any]:
@@ -413,8 +473,7 @@ def _agent_facts(services: Services, agent_id: str, config: ServerConfig) -> dic
     agent = store.get_agent(agent_id)
     voiceprint = store.get_voiceprint(agent_id)
     pending = len(store.pending_utterances(agent_id))
-    # Reads the throttle state by replacing it with itself: the store has no plain read.
-    throttle = store.update_throttle_state(agent_id, lambda state: state)
+    throttle = store.throttle_state(agent_id)
     ttl = timedelta(days=config.retention.voiceprint_ttl_days)
     facts: dict[str, Any] = {
         "agent_id": agent.agent_id,
