@@ -103,6 +103,19 @@ def test_supervisor_lists_and_unlocks_a_locked_shift_and_admin_commands_work(
     remote = json.loads(capsys.readouterr().out)
     assert remote["shifts"]["max_consecutive_failures"] == 2
 
+    with grpc.secure_channel(target, as_role(pki, Role.SUPERVISOR)) as supervisor:
+        listing = spb_grpc.ShiftServiceStub(supervisor).ListShifts
+        page = listing(spb.ListShiftsRequest(page_size=1))
+        assert [s.shift_id for s in page.shifts] == [shift_id] and page.next_page_token == ""
+        for bad in (
+            spb.ListShiftsRequest(page_size=501),
+            spb.ListShiftsRequest(page_token="not-a-token"),
+            spb.ListShiftsRequest(states=[spb.ShiftState.ValueType(77)]),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                listing(bad)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
     with grpc.secure_channel(target, as_role(pki, Role.ADMIN)) as admin:
         records = [
             json.loads(r.line)
