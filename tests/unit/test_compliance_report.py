@@ -170,3 +170,17 @@ def test_an_unreadable_evaluation_is_reported_not_fatal(tmp_path: Path) -> None:
     evaluation = load_evaluation(results)
     assert evaluation is not None and evaluation.det_png_base64 is None
     assert evaluation.problem is not None and "not a PNG" in evaluation.problem
+
+
+def test_the_report_prints_to_pdf_with_chromium(
+    store: SecureStore, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(store)
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
+    out, pdf = tmp_path / "report.html", tmp_path / "report.pdf"
+    arguments = ["--from", "2026-11-03", "--to", "2026-11-03", "--db", str(db), "--out", str(out)]
+    arguments += ["--eval", str(tmp_path / "none.json")]
+    assert report_main([*arguments, "--pdf", str(pdf)]) == 0
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_mode & 0o077 == 0
+    missing = ["--pdf", str(tmp_path / "x.pdf"), "--browser", str(tmp_path / "no-chromium")]
+    assert report_main([*arguments, *missing]) == 2
