@@ -20,6 +20,16 @@ if [[ -z "$python" ]]; then
   exit 1
 fi
 
+# The console's browser test (tests/e2e/test_console_e2e.py) drives Debian's Chromium through
+# chromedriver; nothing is downloaded at test time.
+if [[ -n "$extras" && ( ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ) ]]; then
+  echo "voxauth setup: installing chromium and chromium-driver (apt-get)"
+  sudo=""
+  if [[ "$(id -u)" -ne 0 ]]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
   echo "voxauth setup: creating .venv with $($python --version)"
   "$python" -m venv .venv
@@ -39,7 +49,7 @@ fi
 mkdir -p var
 .venv/bin/voxauth create-key var/dev.key
 # A development CA with a server certificate and one client certificate per role (softphone,
-# hr, mfa, admin): the server speaks mutual TLS only. Not for production: bring your own PKI.
+# hr, mfa, admin, supervisor): the server speaks mutual TLS only. Not for production: bring your own PKI.
 if [[ ! -f var/pki/ca.crt ]]; then
   .venv/bin/voxauth certs init --dir var/pki
 fi

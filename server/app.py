@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from enrollment.listing import AgentDirectory
@@ -16,8 +16,12 @@ from models.embedder import SpeakerEmbedder
 from models.factory import load_countermeasure as load_countermeasure_model
 from models.factory import load_speaker_embedder
 from models.fetch import default_countermeasure_dir, default_model_dir
+from server.api.console.routes import ConsoleRoutes
 from server.api.grpc_server import GrpcServer
-from server.api.jwks_http import JwksHttpServer
+from server.api.http.app import RouteProvider, build_app
+from server.api.http.health import HealthRoutes
+from server.api.http.jwks import JwksRoutes
+from server.api.http.server import HttpServer, http_tls
 from server.api.readiness import Readiness, Services
 from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
@@ -44,6 +48,7 @@ from server.security.assurances import AssurancePolicy, SigningKeyCipher, Signin
 from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
+from server.security.identity import TokenFile
 from server.shifts.service import ShiftService
 from server.storage.interface import AuditEvent, Store
 from server.storage.sqlite import open_store
@@ -115,11 +120,12 @@ class VoxauthServer:
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
-        self._jwks_http: JwksHttpServer | None = None
+        self._http: HttpServer | None = None
+        self._console: ConsoleRoutes | None = None
         self._retention: asyncio.Task[None] | None = None
         self.port = 0
         self.token_port = 0
-        self.jwks_port = 0
+        self.http_port = 0
 
     async def start(self) -> int:
         # Opening the store (and the signing keys in it) first means a bad key or database
@@ -151,10 +157,13 @@ class VoxauthServer:
 
         await self._api.start(audit)
         self.port, self.token_port = self._api.port, self._api.token_port
-        if self.config.mfa.jwks_listen_address:
-            host, port = self.config.mfa.jwks_listen_address.rsplit(":", 1)
-            self._jwks_http = JwksHttpServer(assurances.jwks)
-            self.jwks_port = await self._jwks_http.start(host, int(port))
+        if self.config.http.listen_address:
+            self._http = HttpServer(
+                build_app(self._http_routes(assurances, audit)),
+                self.config.http,
+                http_tls(self.config.transport),
+            )
+            self.http_port = await self._http.start()
         host = self.config.listen_address.rsplit(":", 1)[0]
         log.info("voxauth listening on %s:%d (loading the speaker model)", host, self.port)
         try:
@@ -164,6 +173,22 @@ class VoxauthServer:
             raise
         self._retention = asyncio.create_task(self._expire_voiceprints(store), name="retention")
         return self.port
+
+    def _http_routes(
+        self, assurances: AssuranceDesk, audit: Callable[[AuditEvent], Awaitable[None]]
+    ) -> list[RouteProvider]:
+        """What the HTTP side serves (server/api/http/app.py says how to add to it)."""
+        tokens = self.config.transport.tokens_file
+        self._console = ConsoleRoutes(
+            self._readiness,
+            TokenFile(tokens, self._clock) if tokens else None,
+            audit,
+            self._clock,
+            self.config,
+            [AuditKey(known) for known in (self._key, *self._previous_keys)],
+            self._store_pool,
+        )
+        return [JwksRoutes(assurances.jwks), HealthRoutes(self._readiness), self._console]
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -265,8 +290,10 @@ class VoxauthServer:
         if self._retention is not None:
             self._retention.cancel()
         await self._api.stop(self.config.shutdown_grace_seconds if grace is None else grace)
-        if self._jwks_http is not None:
-            await self._jwks_http.stop()
+        if self._http is not None:
+            await self._http.stop()
+        if self._console is not None:
+            await self._console.close()
         self._readiness.withdraw()
         if self._shifts is not None:
             await self._shifts.close()

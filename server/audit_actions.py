@@ -46,3 +46,6 @@ class AuditAction(StrEnum):
     """Agents whose creation a crash cut short, removed when the store opened."""
     CONFIGURATION = "configuration"
     ACCESS_DENIED = "access.denied"
+    CONSOLE_SIGN_IN = "console.sign_in"
+    """A supervisor or admin signed in to the console (details: who, and how)."""
+    CONSOLE_SIGN_OUT = "console.sign_out"

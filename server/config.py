@@ -17,7 +17,7 @@ Three groups, read alike:
 
 Text to value, by field type: numbers as written; a path as given; `bool` as 0 or 1; an empty
 variable counts as unset, except for a plain `str` setting, where it is the value (e.g.
-`VOXAUTH_JWKS_LISTEN=` turns the endpoint off).
+`VOXAUTH_HTTP_LISTEN=` turns the HTTP side off).
 """
 
 from __future__ import annotations
@@ -94,6 +94,11 @@ def false_match_rate(value: float) -> str | None:
     return None if 0 < value < 0.5 else "must be a rate between 0 and 0.5 (e.g. 0.0001)"
 
 
+RENAMED = {"VOXAUTH_JWKS_LISTEN": "VOXAUTH_HTTP_LISTEN"}
+"""Settings that were renamed: the old name is refused with the new one, not as a typo (the
+JWKS moved to the HTTP side, which serves more than the JWKS, over TLS)."""
+
+
 class Settings:
     """Base of the configuration dataclasses: checks every field whenever one is made, and
     reads one from the environment."""
@@ -119,6 +124,9 @@ class Settings:
         `VOXAUTH_*` names no setting declares (with the known ones)."""
         env = os.environ if env is None else env
         unknown = sorted({name for name in env if name.startswith("VOXAUTH_")} - known_variables())
+        renamed = [f"{old} is now {RENAMED[old]}" for old in unknown if old in RENAMED]
+        if renamed:
+            raise ConfigurationError(f"renamed setting: {'; '.join(renamed)}")
         if unknown:
             raise ConfigurationError(
                 f"unknown environment variable{'s' if len(unknown) > 1 else ''} "
@@ -511,10 +519,20 @@ class MfaConfig(Settings):
     )
     """Age at which the signing key is replaced."""
 
-    jwks_listen_address: str = field(
-        default="127.0.0.1:8080", metadata=setting("VOXAUTH_JWKS_LISTEN")
+
+@dataclass(frozen=True)
+class HttpConfig(Settings):
+    """The HTTP side (server/api/http): the JWKS, /metrics, /healthz and /readyz, and the
+    console, over TLS with the gRPC port's server certificate."""
+
+    listen_address: str = field(default="127.0.0.1:8443", metadata=setting("VOXAUTH_HTTP_LISTEN"))
+    """host:port of the HTTP side (port 0 picks a free port); empty for none."""
+
+    request_timeout_seconds: float = field(
+        default=10.0, metadata=setting("VOXAUTH_HTTP_REQUEST_TIMEOUT_SECONDS", check=positive)
     )
-    """host:port of the HTTP endpoint /.well-known/jwks.json; empty for none."""
+    """A client must send a whole request (head and body) within this long of its first byte,
+    or of connecting, or is dropped unanswered: a slow client holds a connection no longer."""
 
 
 @dataclass(frozen=True)
@@ -539,6 +557,12 @@ class ServerConfig(Settings):
     shutdown_grace_seconds: float = field(default=10.0, metadata=setting(check=non_negative))
     """On SIGTERM, in-flight calls get this long to finish."""
 
+    eval_results_path: Path = field(
+        default=Path("var/eval.json"), metadata=setting("VOXAUTH_EVAL_RESULTS")
+    )
+    """Where `voxauth eval` writes its figures and DET plot's path, for the compliance report
+    and the console's compliance page."""
+
     audio: AudioLimits = field(default_factory=AudioLimits)
     enrollment: EnrollmentPolicy = field(default_factory=EnrollmentPolicy)
     verification: VerificationPolicy = field(default_factory=VerificationPolicy)
@@ -550,6 +574,7 @@ class ServerConfig(Settings):
     streams: StreamLimits = field(default_factory=StreamLimits)
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 

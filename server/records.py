@@ -121,6 +121,18 @@ class ShiftRecord:
 
 
 @dataclass(frozen=True)
+class ShiftCursor:
+    """Where a page of shifts (latest started first) ended: the last shift it held."""
+
+    started_at: datetime
+    shift_id: str
+
+    @classmethod
+    def after(cls, shift: ShiftRecord) -> ShiftCursor:
+        return cls(shift.started_at, shift.shift_id)
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     """One audited action. Never holds audio, embeddings or keys."""
 

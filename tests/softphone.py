@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import grpc
@@ -100,3 +100,18 @@ class ShiftStream:
     def close(self) -> None:
         self._outbox.put(None)
         self.call.cancel()
+
+
+def fail_until_locked(
+    stream: ShiftStream, advance: Callable[[float], None], impostors: Sequence[Samples]
+) -> spb.ShiftEvent:
+    """Another speaker on the headset: one failed checkpoint per recording (the real model
+    decides), until the shift locks (POLICY: two consecutive failures). The lock event."""
+    for samples in impostors:
+        stream.send(samples)
+        advance(POLICY.mean_checkpoint_interval_seconds)
+        failed = stream.next_event()
+        assert failed.kind == spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED, failed
+    locked = stream.next_event()
+    assert locked.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED, locked
+    return locked

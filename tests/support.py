@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ssl
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +31,7 @@ from server.api.tls import channel_credentials
 from server.app import VoxauthServer
 from server.config import (
     EnrollmentPolicy,
-    MfaConfig,
+    HttpConfig,
     PresentationAttackPolicy,
     ServerConfig,
     StreamLimits,
@@ -106,7 +109,7 @@ def make_config(tmp_path: Path) -> ServerConfig:
         database_path=tmp_path / "voxauth.db",
         enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
         transport=TransportConfig(insecure_development=True),
-        mfa=replace(MfaConfig(), jwks_listen_address="127.0.0.1:0"),
+        http=replace(HttpConfig(), listen_address="127.0.0.1:0"),
         streams=StreamLimits(shift_idle_seconds=_A_DAY, enrollment_idle_seconds=_A_DAY),
         # The tests send the same few recordings again and again, which replay detection
         # would refuse; tests/e2e/test_presentation_e2e.py turns it on.
@@ -133,6 +136,30 @@ def as_role(pki: DevelopmentPki, role: Role) -> grpc.ChannelCredentials:
         certificate=pki.client_certificate(role.value),
         private_key=pki.client_key(role.value),
     )
+
+
+def https_context(pki: DevelopmentPki) -> ssl.SSLContext:
+    """A client's TLS context trusting the development PKI's CA (the HTTP side's server
+    certificate is the gRPC port's)."""
+    return ssl.create_default_context(cafile=str(pki.ca_certificate))
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def http_get(url: str, context: ssl.SSLContext | None = None, method: str = "GET") -> HttpAnswer:
+    """One request with urllib, as an MFA provider or Prometheus would make it; error statuses
+    are answers too."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as got:
+            return HttpAnswer(got.status, dict(got.headers.items()), got.read())
+    except urllib.error.HTTPError as refused:
+        return HttpAnswer(refused.code, dict(refused.headers.items()), refused.read())
 
 
 class RunningServer:
@@ -170,6 +197,11 @@ class RunningServer:
         self.enrollment = pb_grpc.EnrollmentServiceStub(self.channel)
         self.verification = pb_grpc.VerificationServiceStub(self.channel)
         self.shifts = spb_grpc.ShiftServiceStub(self.channel)
+
+    def http_url(self, path: str) -> str:
+        """`path` on the HTTP side: https, or http in insecure development mode."""
+        scheme = "http" if self.config.transport.insecure_development else "https"
+        return f"{scheme}://127.0.0.1:{self.server.http_port}{path}"
 
     def advance(self, seconds: float) -> None:
         """Moves the server's clock on by `seconds`, on the server's loop where its sleepers

@@ -59,6 +59,8 @@ _HR = frozenset({Role.HR})
 _SOFTPHONE = frozenset({Role.SOFTPHONE})
 _MFA = frozenset({Role.MFA})
 _ADMIN = frozenset({Role.ADMIN})
+# Supervisors see shifts and unlock them, nothing else: no voiceprints, no enrollment.
+_SHIFT_WATCHERS = frozenset({Role.SUPERVISOR, Role.ADMIN})
 
 ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
     {
@@ -74,11 +76,12 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _SHIFTS + "CheckLogin": _SOFTPHONE,
         _SHIFTS + "StreamShiftAudio": _SOFTPHONE,
         _SHIFTS + "EndShift": _SOFTPHONE,
-        _SHIFTS + "GetShift": frozenset({Role.SOFTPHONE, Role.MFA, Role.ADMIN}),
-        _SHIFTS + "SubscribeShiftEvents": _MFA,
+        _SHIFTS + "GetShift": frozenset({Role.SOFTPHONE, Role.MFA, Role.ADMIN, Role.SUPERVISOR}),
+        _SHIFTS + "SubscribeShiftEvents": frozenset({Role.MFA, Role.SUPERVISOR}),
+        _SHIFTS + "ListShifts": _SHIFT_WATCHERS,
         _ASSURANCES + "GetAssurance": _MFA,
         _ASSURANCES + "IntrospectAssurance": _MFA,
-        _ADMIN_SERVICE + "UnlockShift": _ADMIN,
+        _ADMIN_SERVICE + "UnlockShift": _SHIFT_WATCHERS,
         _ADMIN_SERVICE + "EnableVerification": _ADMIN,
         _ADMIN_SERVICE + "ExportAudit": _ADMIN,
         _ADMIN_SERVICE + "GetConfiguration": _ADMIN,

@@ -85,10 +85,11 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
     ) -> spb.Shift:
         reason = validate_text(request.reason, "reason", 512)
         services = self._readiness.require()
-        by = caller_identity().name
+        caller = caller_identity()
+        by, role = caller.name, ",".join(sorted(role.value for role in caller.roles))
 
         async def act(_: Receipt | None) -> tuple[spb.Shift, str]:
-            record = await services.shifts.unlock(request.shift_id, f"{reason} (by {by})")
+            record = await services.shifts.unlock(request.shift_id, reason, by=by, role=role)
             return shift_message(record), record.agent_id
 
         return await once(

@@ -150,6 +150,7 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Graceful: NOT_SERVING first so balancers drain, then in-flight calls get `grace`
         seconds to finish."""
+        self._readiness.drain()
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)

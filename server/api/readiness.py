@@ -28,16 +28,29 @@ class Services:
 
 
 class Readiness:
-    """Holds the domain services once the model is loaded; empty while starting or stopping."""
+    """Holds the domain services once the model is loaded; empty while starting or stopping.
+
+    The one source of readiness: the gRPC health service and the HTTP side's /readyz both
+    say "ready" exactly while `is_ready()`, so a balancer sees the same on either."""
 
     def __init__(self) -> None:
         self._services: Services | None = None
+        self._draining = False
 
     def serve(self, services: Services) -> None:
         self._services = services
+        self._draining = False
+
+    def drain(self) -> None:
+        """Not ready from now on, while the calls in progress still reach the services."""
+        self._draining = True
 
     def withdraw(self) -> None:
         self._services = None
+
+    def is_ready(self) -> bool:
+        """Whether new calls should come here: loaded, and not stopping."""
+        return self._services is not None and not self._draining
 
     def current(self) -> Services | None:
         """The services, or None while starting or stopping."""

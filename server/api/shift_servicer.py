@@ -16,6 +16,7 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from server.api.convert import audio_input, login_response, shift_event_message, shift_message
 from server.api.readiness import Readiness
 from server.api.retries import RequestDigest, once
+from server.api.shift_listing import list_shifts
 from server.api.streams import idle_limited
 from server.config import StreamLimits
 from server.errors import InvalidAudioError, StreamOrderError
@@ -152,6 +153,13 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
     ) -> spb.Shift:
         record = await self._readiness.require().shifts.get(request.shift_id)
         return shift_message(record)
+
+    async def ListShifts(
+        self,
+        request: spb.ListShiftsRequest,
+        context: ServicerContext[spb.ListShiftsRequest, spb.ListShiftsResponse],
+    ) -> spb.ListShiftsResponse:
+        return await list_shifts(self._readiness.require().shifts, request)
 
 
 async def _read_frames(requests: AsyncIterator[spb.ShiftAudio], stream: ShiftStream) -> None:

@@ -19,12 +19,15 @@ derived from the service key (VOXAUTH_KEY), never in clear.
 
 AssuranceVerifier checks a token as voxauth's own introspection does (signature, issuer,
 validity period); revocation is the AssuranceDesk's, which keeps the store.
+
+The JWS itself (encoding, signing, parsing, verifying; the public JWK of a key) is PyJWT's, a
+maintained library that relying parties use too; this module decides the claims, the keys and
+their lives, and what it accepts before PyJWT sees a token.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import hashlib
 import json
@@ -36,9 +39,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+import jwt
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -116,9 +120,7 @@ class SigningKey:
 
     def public_jwk(self) -> Jwk:
         return {
-            "kty": "OKP",
-            "crv": "Ed25519",
-            "x": _public_x(self.private_key),
+            **_public_members(self.private_key),
             "kid": self.kid,
             "use": "sig",
             "alg": ALGORITHM,
@@ -378,8 +380,7 @@ class AssuranceIssuer:
         issued_at = int(now.timestamp())
         expires_at = issued_at + int(policy.token_lifetime.total_seconds())
         jti = _b64url(secrets.token_bytes(16))
-        header = {"alg": ALGORITHM, "typ": "JWT", "kid": key.kid}
-        claims: dict[str, object] = {
+        claims: dict[str, Any] = {
             "iss": policy.issuer,
             "sub": agent_id,
             "aud": audience,
@@ -391,10 +392,11 @@ class AssuranceIssuer:
             "amr": [VOICE_METHOD],
             "voxauth_device_id": device_id,
         }
-        signing_input = f"{_b64url(_canonical_json(header))}.{_b64url(_canonical_json(claims))}"
-        signature = key.private_key.sign(signing_input.encode("ascii"))
+        token = jwt.encode(
+            claims, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"}
+        )
         return Assurance(
-            token=f"{signing_input}.{_b64url(signature)}",
+            token=token,
             jti=jti,
             expires_at=datetime.fromtimestamp(expires_at, UTC),
         )
@@ -405,14 +407,17 @@ def jwks_document(keyring: SigningKeyring, now: datetime) -> JwksDocument:
     return {"keys": [key.public_jwk() for key in keyring.published_keys(now)]}
 
 
+def _public_members(private_key: Ed25519PrivateKey) -> Jwk:
+    """The public key's JWK members (RFC 8037 §2: kty, crv, x), as PyJWT writes them."""
+    members: dict[str, str] = jwt.algorithms.OKPAlgorithm.to_jwk(
+        private_key.public_key(), as_dict=True
+    )
+    return {name: members[name] for name in ("kty", "crv", "x")}
+
+
 def _thumbprint(private_key: Ed25519PrivateKey) -> str:
-    # RFC 7638: the required members only (RFC 8037 §2: crv, kty, x), sorted, no whitespace.
-    members = {"crv": "Ed25519", "kty": "OKP", "x": _public_x(private_key)}
-    return _b64url(hashlib.sha256(_canonical_json(members)).digest())
-
-
-def _public_x(private_key: Ed25519PrivateKey) -> str:
-    return _b64url(private_key.public_key().public_bytes_raw())
+    # RFC 7638: the required members only, sorted, no whitespace (PyJWT has no thumbprint).
+    return _b64url(hashlib.sha256(_canonical_json(_public_members(private_key))).digest())
 
 
 def _canonical_json(value: Mapping[str, object]) -> bytes:
@@ -466,17 +471,37 @@ class AssuranceVerifier:
         self._keyring = keyring
 
     def verify(self, token: str, now: datetime) -> AssuranceClaims | InactiveReason:
-        parsed = _parse_compact_jws(token)
-        if parsed is None:
+        header = _header(token)
+        if header is None:
             return InactiveReason.MALFORMED
-        header, claims, signing_input, signature = parsed
         kid, alg = header.get("kid"), header.get("alg")
         if not isinstance(kid, str) or not isinstance(alg, str):
             return InactiveReason.MALFORMED
         # The algorithm is ours to choose, never the token's: anything but EdDSA (none, HS256
         # with a public key as secret, ...) is refused before a key is looked at.
-        if alg != ALGORITHM or not self._signed(kid, signing_input, signature, now):
+        key = self._key(kid, now)
+        if alg != ALGORITHM or key is None:
             return InactiveReason.SIGNATURE_INVALID
+        try:
+            claims = jwt.decode(
+                token,
+                key.private_key.public_key(),
+                algorithms=[ALGORITHM],
+                # Presence here; types, issuer and times below, against the service's clock
+                # rather than PyJWT's reading of the system's.
+                options={
+                    "require": list(_REQUIRED_CLAIMS),
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            return InactiveReason.SIGNATURE_INVALID
+        except (jwt.InvalidTokenError, RecursionError):
+            return InactiveReason.MALFORMED
         verified = _claims(claims)
         if verified is None:
             return InactiveReason.MALFORMED
@@ -488,39 +513,30 @@ class AssuranceVerifier:
             return InactiveReason.EXPIRED
         return verified
 
-    def _signed(self, kid: str, signing_input: bytes, signature: bytes, now: datetime) -> bool:
-        for key in self._keyring.published_keys(now):
-            if key.kid == kid:
-                try:
-                    key.private_key.public_key().verify(signature, signing_input)
-                except InvalidSignature:
-                    return False
-                return True
-        return False
+    def _key(self, kid: str, now: datetime) -> SigningKey | None:
+        return next((k for k in self._keyring.published_keys(now) if k.kid == kid), None)
 
 
-def _parse_compact_jws(
-    token: str,
-) -> tuple[dict[str, object], dict[str, object], bytes, bytes] | None:
-    """Header, claims, signing input and signature of a compact JWS; None if it is not one."""
+_REQUIRED_CLAIMS = ("iss", "sub", "aud", "jti", "sid", "iat", "nbf", "exp")
+
+
+def _header(token: str) -> dict[str, Any] | None:
+    """The header of what looks like a compact JWS; None if it is not one. Stricter than
+    PyJWT, whose base64 decoding skips characters outside the alphabet: a token must be
+    three segments of base64url and of bounded length before PyJWT reads it."""
     if len(token) > MAX_TOKEN_CHARS:
         return None
     segments = token.split(".")
     if len(segments) != 3 or not all(_SEGMENT.fullmatch(segment) for segment in segments):
         return None
     try:
-        header = json.loads(_b64url_decode(segments[0]))
-        claims = json.loads(_b64url_decode(segments[1]))
-        signature = _b64url_decode(segments[2])
-    except (ValueError, binascii.Error, RecursionError):
-        # ValueError covers bad JSON, bad UTF-8 and integers too long to read.
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except (jwt.InvalidTokenError, RecursionError):
         return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        return None
-    return header, claims, f"{segments[0]}.{segments[1]}".encode("ascii"), signature
+    return header
 
 
-def _claims(claims: dict[str, object]) -> AssuranceClaims | None:
+def _claims(claims: dict[str, Any]) -> AssuranceClaims | None:
     """The registered claims every assurance carries, typed; None if one is missing or of the
     wrong type."""
     issuer, agent_id, audience, token_id, shift_id = (
@@ -552,12 +568,12 @@ def _claims(claims: dict[str, object]) -> AssuranceClaims | None:
     )
 
 
-def _text_claim(claims: dict[str, object], name: str) -> str | None:
+def _text_claim(claims: dict[str, Any], name: str) -> str | None:
     value = claims.get(name)
     return value if isinstance(value, str) and value else None
 
 
-def _time_claim(claims: dict[str, object], name: str) -> datetime | None:
+def _time_claim(claims: dict[str, Any], name: str) -> datetime | None:
     value = claims.get(name)
     # bool is an int in Python, but not a NumericDate; voxauth writes whole seconds.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -565,8 +581,3 @@ def _time_claim(claims: dict[str, object], name: str) -> datetime | None:
     if not 0 <= value <= _LATEST_SECONDS:
         return None
     return datetime.fromtimestamp(value, UTC)
-
-
-def _b64url_decode(segment: str) -> bytes:
-    # The segment is already known to hold only the base64url alphabet.
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))

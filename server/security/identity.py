@@ -42,6 +42,9 @@ class Role(enum.Enum):
     """Reads assurances and subscribes to shift events."""
     ADMIN = "admin"
     """Configuration, audit export, unlocking."""
+    SUPERVISOR = "supervisor"
+    """Sees shifts and unlocks a locked one after talking to the agent (the console); never
+    voiceprints, enrollment or configuration."""
 
 
 class CredentialSource(enum.Enum):

@@ -13,6 +13,7 @@ import logging
 import re
 import secrets
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -40,6 +41,7 @@ from server.storage.interface import (
     AssuranceRecord,
     AuditEvent,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
     ShiftState,
     Store,
@@ -386,14 +388,17 @@ class ShiftService:
                 )
             )
 
-    async def unlock(self, shift_id: str, reason: str) -> ShiftRecord:
-        """An admin's unlock, without a login check (e.g. the helpdesk verified the agent)."""
+    async def unlock(self, shift_id: str, reason: str, *, by: str, role: str) -> ShiftRecord:
+        """An admin's or supervisor's unlock, without a login check (e.g. the supervisor
+        talked to the agent); the audit record names who (`by`, in `role`) and why."""
         session = await self._active(shift_id)
         if session.record.state is not ShiftState.LOCKED:
             raise ShiftNotLockedError(
                 f"shift {shift_id} is {session.record.state.value}, not locked"
             )
-        await self._verified(session, AuditAction.SHIFT_ADMIN_UNLOCK, reason=reason)
+        await self._verified(
+            session, AuditAction.SHIFT_ADMIN_UNLOCK, reason=reason, unlocked_by=by, role=role
+        )
         return session.record
 
     async def _verified(
@@ -450,6 +455,14 @@ class ShiftService:
         if session is not None:
             return session.record
         return await self._get_shift(shift_id)
+
+    async def page(
+        self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
+    ) -> list[ShiftRecord]:
+        """A page of shifts, the latest started first. The store is current: every change of
+        a shift's state is stored before it is announced."""
+        store = self._store
+        return await self._store_pool.run(lambda: store.list_shifts(states, limit, before))
 
     def subscribe(self, agent_id: str = "") -> EventSubscription:
         """Every event of every shift from now on (or of one agent's shifts)."""

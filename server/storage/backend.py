@@ -18,13 +18,13 @@ times back in UTC. Every id is a string.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from server.records import AssuranceRevocation, ShiftState, ThrottleState
+from server.records import AssuranceRevocation, ShiftCursor, ShiftState, ThrottleState
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
 
@@ -230,6 +230,12 @@ class Transaction(Protocol):
 
     def update_shift(self, row: ShiftRow) -> bool:
         """False if there is no shift with the id."""
+
+    def shifts_page(
+        self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
+    ) -> list[ShiftRow]:
+        """Up to `limit` shifts in `states` (any state when empty), the latest started first
+        (ties by shift id, descending), starting after `before`."""
 
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         """ThrottleState() for an agent without one."""

@@ -15,7 +15,7 @@ server.security never imports server.storage; so is what the request ledger need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -31,6 +31,7 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -56,6 +57,7 @@ __all__ = [
     "ReencryptionReport",
     "ReplayFingerprint",
     "RevocationReason",
+    "ShiftCursor",
     "ShiftRecord",
     "ShiftState",
     "ShiftStore",
@@ -247,6 +249,15 @@ class ShiftStore(Protocol):
     def update_shift(self, shift: ShiftRecord) -> None:
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
 
+    def list_shifts(
+        self,
+        states: Collection[ShiftState] = (),
+        limit: int = 100,
+        before: ShiftCursor | None = None,
+    ) -> list[ShiftRecord]:
+        """Up to `limit` shifts in `states` (any state when empty), the latest started first,
+        after the shift `before` names (ShiftCursor.after(the last shift of a page))."""
+
 
 class ThrottleStore(Protocol):
     """Throttling state per agent. Thread-safe, like VoiceprintStore."""
@@ -256,6 +267,10 @@ class ThrottleStore(Protocol):
     ) -> ThrottleState:
         """UnitOfWork.update_throttle_state in one atomic step of its own: an exception from
         `update` changes nothing."""
+
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        """The agent's state (ThrottleState() if it has none), read only. Raises
+        AgentNotFoundError."""
 
 
 class Store(

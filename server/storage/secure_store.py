@@ -45,7 +45,9 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
+    ShiftState,
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
@@ -214,6 +216,15 @@ class SecureStore:
         with self.unit_of_work(f"update shift {shift.shift_id!r}") as unit:
             unit.update_shift(shift)
 
+    def list_shifts(
+        self,
+        states: Collection[ShiftState] = (),
+        limit: int = 100,
+        before: ShiftCursor | None = None,
+    ) -> list[ShiftRecord]:
+        with self._transaction("list shifts", write=False) as unit:
+            return unit.list_shifts(states, limit, before)
+
     def save_assurance(self, assurance: AssuranceRecord) -> None:
         with self.unit_of_work(f"save assurance of shift {assurance.shift_id!r}") as unit:
             unit.save_assurance(assurance)
@@ -245,6 +256,10 @@ class SecureStore:
     ) -> ThrottleState:
         with self.unit_of_work(f"update the throttling of agent {agent_id!r}") as unit:
             return unit.update_throttle_state(agent_id, update)
+
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        with self._transaction(f"read the throttling of agent {agent_id!r}", write=False) as unit:
+            return unit.throttle_state(agent_id)
 
     # --- completed requests --------------------------------------------------------------------
 
@@ -615,10 +630,21 @@ class _Unit:
             raise ShiftNotFoundError(f"no shift {shift_id!r}")
         return agent.shift(row)
 
+    def list_shifts(
+        self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
+    ) -> list[ShiftRecord]:
+        # Erasing an agent deletes its shifts in the same transaction: every row has its agent.
+        rows = self.txn.shifts_page(states, limit, before)
+        agents = self._agents.by_ref(self.txn, {row.agent_ref for row in rows})
+        return [agents[row.agent_ref].shift(row) for row in rows if row.agent_ref in agents]
+
     def update_shift(self, shift: ShiftRecord) -> None:
         agent = self.find(shift.agent_id)
         if agent is None or not self.txn.update_shift(agent.shift_row(shift)):
             raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
+
+    def throttle_state(self, agent_id: str) -> ThrottleState:
+        return self.txn.throttle_state(self._agent(agent_id).agent_ref)
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]

@@ -53,10 +53,11 @@ _STATES = {
 _STATE_NAMES = {number: name for name, number in _STATES.items()}
 
 
-def add_commands(commands: Any, client_options: ClientOptions, open_channel: OpenChannel) -> None:
+def add_commands(commands: Any, client_options: ClientOptions, open_channel: OpenChannel) -> Any:
     """Adds `agents` and its sub-commands to `voxauth`'s parser (`commands`: its
-    sub-parsers). Each sub-command is one function here taking the parsed arguments and an
-    open channel."""
+    sub-parsers) and returns the group's sub-parsers, for the commands other modules add
+    to it. Each sub-command is one function here taking the parsed arguments and an open
+    channel."""
     agents = commands.add_parser("agents", help="list and show agents; enroll a team at once")
     sub = agents.add_subparsers(required=True, metavar="SUBCOMMAND")
 
@@ -93,6 +94,7 @@ def add_commands(commands: Any, client_options: ClientOptions, open_channel: Ope
 
     # HR's approval of a voiceprint held for review (issue 14, point 2) goes here as
     # `sub.add_parser("approve", ...)`, with its function below.
+    return sub
 
 
 def _with_channel(

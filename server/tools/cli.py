@@ -24,6 +24,12 @@ from server.config import AudioLimits, ClientSettings
 from server.errors import ConfigurationError
 from server.tools.agents_cli import add_commands as add_agents_commands
 from server.tools.client import AudioFile, AudioFileError, EnrollmentClient
+from server.tools.ops_cli import (
+    add_agent_commands,
+    add_key_commands,
+    add_shift_commands,
+    remote_configuration,
+)
 
 EXIT_OK = 0
 EXIT_REJECT = 1
@@ -78,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config", help="print the effective configuration as JSON, secrets redacted"
     )
+    _client_options(config, "admin")
+    config.add_argument(
+        "--remote",
+        action="store_true",
+        help="the running server's configuration (GetConfiguration, admin), not this shell's",
+    )
     config.set_defaults(command=_config)
 
     key = commands.add_parser("create-key", help="write a new voiceprint encryption key file")
@@ -113,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("agent_id")
     delete.set_defaults(command=_delete)
 
-    add_agents_commands(commands, _client_options, _channel)
+    add_shift_commands(commands, _client_options, _channel)
+    agents = add_agents_commands(commands, _client_options, _channel)
+    add_agent_commands(agents, _client_options, _channel)
+    add_key_commands(commands, _client_options, _channel)
 
     commands.add_parser("certs", help="create a development CA, server and client certificates")
     commands.add_parser(
@@ -130,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         "Verify load; `bench shifts`: shift load",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
+    commands.add_parser("report", help="write the compliance report for a period (HTML)")
     commands.add_parser(
         "attacks",
         help="build the presentation-attack corpus, score it, calibrate or evaluate the PAD",
@@ -191,6 +207,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     """The settings every command reads from the environment (`voxauth serve` flags aside):
     keys and tokens only as whether they are set, and the key ids."""
+    if args.remote:
+        return remote_configuration(_channel, args)
     from server.config import KeySettings, ServerConfig, redacted
     from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
 
@@ -287,6 +305,12 @@ def _audit(argv: list[str]) -> int:
     return audit_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from server.tools.report_cli import main as report_main
+
+    return report_main(argv)
+
+
 def _attacks(argv: list[str]) -> int:
     if argv[:1] == ["evaluate"]:
         from server.tools.pad_evaluation import main as evaluate_main
@@ -307,6 +331,7 @@ _DELEGATED: dict[str, Callable[[list[str]], int]] = {
     "bench": _bench,
     "audit": _audit,
     "attacks": _attacks,
+    "report": _report,
 }
 
 

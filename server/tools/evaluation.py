@@ -28,6 +28,7 @@ from statistics import NormalDist
 import numpy as np
 import numpy.typing as npt
 
+from server.api.console.compliance import write_evaluation
 from server.config import ScoringPolicy
 from server.pipeline.channel import Channel
 from server.scoring.calibration import Condition, ConditionCalibration
@@ -364,6 +365,21 @@ def _report(result: ConditionResult, target_fmr: float) -> list[str]:
     return lines
 
 
+def _figures(result: ConditionResult, target_fmr: float) -> dict[str, object]:
+    """One condition's figures as `voxauth report` shows them."""
+    fmr, fnmr = result.at_policy
+    return {
+        "name": result.name,
+        "target_trials": len(result.raw.target),
+        "impostor_trials": len(result.raw.impostor),
+        "eer_cosine": equal_error_rate(result.raw)[0],
+        "eer_normalized": equal_error_rate(result.normalized)[0],
+        "fmr_at_policy": str(fmr),
+        "fnmr_at_policy": str(fnmr),
+        "report": _report(result, target_fmr),
+    }
+
+
 def write_det_plot(results: Sequence[ConditionResult], path: Path) -> None:
     """DET curves (probit axes) of every condition, AS-norm solid and plain cosine dashed."""
     import matplotlib
@@ -434,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         help="false-match rate the threshold is set for (default: config)",
     )
     parser.add_argument("--det", type=Path, default=Path("var/det.png"), help="DET plot (PNG)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="the figures as JSON, for `voxauth report` and the console (default "
+        "VOXAUTH_EVAL_RESULTS, var/eval.json)",
+    )
     parser.add_argument(
         "--cache", type=Path, default=Path("var/eval-cache"), help="embedding cache folder"
     )
@@ -525,6 +547,14 @@ def main(argv: list[str] | None = None) -> int:
         print("voxauth eval: need at least two speakers with enough speech", file=sys.stderr)
         return 2
     write_det_plot(results, args.det)
+    write_evaluation(
+        args.results or config.eval_results_path,
+        model=embedder.model_id,
+        target_fmr=target_fmr,
+        speakers=held_out,
+        conditions=[_figures(result, target_fmr) for result in results],
+        det_plot=args.det,
+    )
     print(
         f"DET curves: {args.det}  ({time.perf_counter() - started:.0f} s, "
         f"{corpus.computed} segments embedded, the rest from {args.cache})"

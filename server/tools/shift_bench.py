@@ -255,7 +255,7 @@ class BenchServer:
             if k not in ("VOXAUTH_KEY_FILE", "VOXAUTH_LISTEN", "VOXAUTH_DB")
         }
         env["VOXAUTH_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
-        env["VOXAUTH_JWKS_LISTEN"] = ""
+        env["VOXAUTH_HTTP_LISTEN"] = ""
         env.update(environment)
         self.settings = sorted(
             f"{k}={v}" for k, v in env.items() if k.startswith("VOXAUTH_") and k != "VOXAUTH_KEY"

@@ -29,6 +29,7 @@ from server.records import (
     RecordingOrigin,
     ReplayFingerprint,
     RevocationReason,
+    ShiftCursor,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -730,3 +731,42 @@ def test_agent_overviews_list_every_agent_in_id_order_with_its_enrollment(
     # An erased agent leaves the listing with everything it had.
     store.delete_agent("a1")
     assert [o.agent.agent_id for o in store.agent_overviews()] == ["b2", "c3"]
+
+
+def test_list_shifts_pages_latest_first_and_filters_by_state(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    store.create_agent(agent("a2"))
+    states = [ShiftState.VERIFIED, ShiftState.LOCKED, ShiftState.ENDED, ShiftState.LOCKED]
+    made = []
+    for n, state in enumerate(states * 3):
+        # Two shifts share each start time: ties go by shift id, so no page repeats or skips.
+        started = NOW + timedelta(minutes=n // 2)
+        made.append(ShiftRecord(f"s{n:02d}", f"a{n % 2 + 1}", "desk", state, started, started))
+        store.create_shift(made[-1])
+    newest_first = sorted(made, key=lambda s: (s.started_at, s.shift_id), reverse=True)
+
+    pages, before = [], None
+    while page := store.list_shifts(limit=5, before=before):
+        pages.append(page)
+        before = ShiftCursor.after(page[-1])
+    assert [len(p) for p in pages] == [5, 5, 2]
+    assert [s for p in pages for s in p] == newest_first
+
+    locked = store.list_shifts({ShiftState.LOCKED}, limit=100)
+    assert locked == [s for s in newest_first if s.state is ShiftState.LOCKED]
+    both = store.list_shifts({ShiftState.LOCKED, ShiftState.ENDED}, limit=100)
+    assert {s.state for s in both} == {ShiftState.LOCKED, ShiftState.ENDED} and len(both) == 9
+
+    # An erased agent's shifts are gone from the list with it.
+    store.delete_agent("a1")
+    assert {s.agent_id for s in store.list_shifts(limit=100)} == {"a2"}
+
+
+def test_throttle_state_reads_without_writing(store: SecureStore) -> None:
+    store.create_agent(agent("a1"))
+    assert store.throttle_state("a1") == ThrottleState()
+    disabled = ThrottleState(50, NOW, NOW)
+    store.update_throttle_state("a1", lambda _: disabled)
+    assert store.throttle_state("a1") == disabled
+    with pytest.raises(AgentNotFoundError):
+        store.throttle_state("ghost")

@@ -5,10 +5,8 @@ PyJWT as in tests/e2e/test_security.py."""
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
-import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,6 +32,8 @@ from tests.support import (
     RunningServer,
     as_role,
     first_half,
+    http_get,
+    https_context,
     second_half,
     speech,
     split,
@@ -64,14 +64,14 @@ class Provider:
     """The MFA provider's two views: offline with the JWKS, online with introspection."""
 
     def __init__(self, server: RunningServer, pki: DevelopmentPki) -> None:
-        self._jwks_url = f"http://127.0.0.1:{server.server.jwks_port}/.well-known/jwks.json"
+        self._jwks_url = server.http_url("/.well-known/jwks.json")
+        self._tls = https_context(pki)
         channel = grpc.secure_channel(f"127.0.0.1:{server.port}", as_role(pki, Role.MFA))
         self.assurances = apb_grpc.AssuranceServiceStub(channel)
         self.shifts = spb_grpc.ShiftServiceStub(channel)
 
     def verifies_offline(self, token: str) -> bool:
-        with urllib.request.urlopen(self._jwks_url, timeout=10) as response:
-            keys = jwt.PyJWKSet.from_dict(json.load(response))
+        keys = jwt.PyJWKSet.from_json(http_get(self._jwks_url, self._tls).body.decode())
         key = keys[jwt.get_unverified_header(token)["kid"]]
         jwt.decode(token, key.key, algorithms=["EdDSA"], audience="mfa", issuer="voxauth")
         return True

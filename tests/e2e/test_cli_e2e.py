@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from server.api.console.compliance import load_evaluation
 from server.security.certificates import create_pki
 from server.tools.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
 from tests.support import (
@@ -80,7 +82,9 @@ def test_eval_prints_error_rates_with_trial_counts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     det = tmp_path / "det.png"
+    results = tmp_path / "eval.json"
     arguments = ["eval", str(DATA), "--det", str(det), "--cache", str(tmp_path / "cache")]
+    arguments += ["--results", str(results)]
     assert main([*arguments, "--duration", "full", "--duration", "3"]) == EXIT_OK
     out = capsys.readouterr().out
     # 4 of the 5 files have two halves with enough speech: 4 target, 12 impostor trials, in
@@ -92,6 +96,15 @@ def test_eval_prints_error_rates_with_trial_counts(
     assert "AS-norm  EER 0.00%" in out
     assert "FMR 0.00% (0/12" in out
     assert det.read_bytes().startswith(b"\x89PNG")
+    # The figures for `voxauth report`, as printed, and the plot they go with.
+    evaluation = load_evaluation(results)
+    assert evaluation is not None and evaluation.problem is None, evaluation
+    assert (evaluation.speakers, len(evaluation.conditions)) == (5, 6)
+    figures = evaluation.conditions[0]
+    assert (figures["target_trials"], figures["impostor_trials"]) == (4, 12)
+    assert figures["fmr_at_policy"].startswith("0.00% (0/12")
+    assert all(line in out for line in figures["report"])
+    assert base64.b64decode(evaluation.det_png_base64 or "") == det.read_bytes()
     # A second run embeds nothing: every segment comes from the cache.
     assert main([*arguments, "--condition", "wideband"]) == EXIT_OK
     assert "0 segments embedded" in capsys.readouterr().out

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -35,6 +34,8 @@ from tests.support import (
     RunningServer,
     as_role,
     first_half,
+    http_get,
+    https_context,
     second_half,
     speech,
     split,
@@ -136,9 +137,8 @@ def test_the_mfa_provider_verifies_assurances_offline_from_the_jwks(
     token = started.assurance
 
     # The relying party knows nothing but the published keys.
-    url = f"http://127.0.0.1:{secure.server.jwks_port}/.well-known/jwks.json"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        jwks = jwt.PyJWKSet.from_dict(json.load(response))
+    url, tls = secure.http_url("/.well-known/jwks.json"), https_context(pki)
+    jwks = jwt.PyJWKSet.from_json(http_get(url, tls).body.decode())
     key = jwks[jwt.get_unverified_header(token)["kid"]]
     claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="mfa", issuer="voxauth")
     assert claims["sub"] == "agent-a"
@@ -161,8 +161,7 @@ def test_the_mfa_provider_verifies_assurances_offline_from_the_jwks(
     # A rotation keeps the earlier token valid: its key stays published.
     admin = admin_pb2_grpc.AdminServiceStub(channel(secure, pki, Role.ADMIN))
     new_kid = admin.RotateSigningKey(admin_pb2.RotateSigningKeyRequest()).key_id
-    with urllib.request.urlopen(url, timeout=10) as response:
-        rotated = jwt.PyJWKSet.from_dict(json.load(response))
+    rotated = jwt.PyJWKSet.from_json(http_get(url, tls).body.decode())
     assert {k.key_id for k in rotated.keys} == {key.key_id, new_kid}
     jwt.decode(token, rotated[str(key.key_id)].key, algorithms=["EdDSA"], audience="mfa")
 

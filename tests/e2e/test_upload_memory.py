@@ -47,7 +47,7 @@ class ServeProcess:
         command = [sys.executable, "-m", "server.tools.cli", "serve", "--insecure-dev"]
         self.process = subprocess.Popen(
             [*command, "--listen", self.target, "--db", str(tmp_path / "voxauth.db")],
-            env={**env, "VOXAUTH_JWKS_LISTEN": ""},
+            env={**env, "VOXAUTH_HTTP_LISTEN": ""},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

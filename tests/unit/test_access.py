@@ -446,3 +446,16 @@ def test_token_command_prints_a_token_once_and_the_line_that_accepts_it(
 def test_there_is_no_caller_outside_a_call() -> None:
     with pytest.raises(UnauthenticatedError):
         caller_identity()
+
+
+def test_a_supervisor_sees_and_unlocks_shifts_and_reaches_nothing_else() -> None:
+    # Supervisors are the people closest to the agents, not the biometric system's operators:
+    # no enrollment, no voiceprints, no verification, no configuration or audit export.
+    reach = {method for method, roles in ALLOWED_ROLES.items() if Role.SUPERVISOR in roles}
+    assert reach == {
+        "/voxauth.v1.ShiftService/GetShift",
+        "/voxauth.v1.ShiftService/ListShifts",
+        "/voxauth.v1.ShiftService/SubscribeShiftEvents",
+        "/voxauth.v1.AdminService/UnlockShift",
+    }
+    assert Role.SUPERVISOR not in ALLOWED_ROLES["/voxauth.v1.AdminService/EnableVerification"]

@@ -100,6 +100,14 @@ def test_an_unknown_variable_is_refused_with_the_known_ones() -> None:
     assert ServerConfig.from_environment({"HOME": "/root"}) == ServerConfig()
 
 
+def test_a_renamed_variable_is_refused_with_its_new_name() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        ServerConfig.from_environment({"VOXAUTH_JWKS_LISTEN": "127.0.0.1:8080"})
+    assert raised.value.message == (
+        "renamed setting: VOXAUTH_JWKS_LISTEN is now VOXAUTH_HTTP_LISTEN"
+    )
+
+
 def test_one_variable_sets_both_thresholds() -> None:
     # The one name two fields share: enrollment consistency follows the verification threshold.
     config = ServerConfig.from_environment({"VOXAUTH_THRESHOLD": "0.6"})
@@ -151,11 +159,11 @@ def test_a_refused_value_names_the_variable_and_the_field() -> None:
 
 def test_empty_variables_mean_unset_except_for_text() -> None:
     config = ServerConfig.from_environment(
-        {"VOXAUTH_WORKERS": "", "VOXAUTH_MODEL_DIR": "", "VOXAUTH_JWKS_LISTEN": ""}
+        {"VOXAUTH_WORKERS": "", "VOXAUTH_MODEL_DIR": "", "VOXAUTH_HTTP_LISTEN": ""}
     )
     assert config.inference.workers == InferenceLimits().workers
     assert config.model_dir is None
-    assert config.mfa.jwks_listen_address == ""
+    assert config.http.listen_address == ""
     assert KeySettings.from_environment({"VOXAUTH_KEY": ""}).key is None
 
 

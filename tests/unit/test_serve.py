@@ -17,7 +17,7 @@ def test_serve_without_usable_model_files_says_how_to_get_them(
     monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
     for name in ("VOXAUTH_KEY_FILE", "VOXAUTH_PREVIOUS_KEYS", "VOXAUTH_PREVIOUS_KEYS_FILE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("VOXAUTH_JWKS_LISTEN", "")
+    monkeypatch.setenv("VOXAUTH_HTTP_LISTEN", "")
     empty = tmp_path / "no-model"
     empty.mkdir()
     arguments = ["--listen", "127.0.0.1:0", "--db", str(tmp_path / "voxauth.db")]

@@ -26,37 +26,41 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from voxauth.v1 import voxauth_pb2 as voxauth_dot_v1_dot_voxauth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17voxauth/v1/shifts.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18voxauth/v1/voxauth.proto\"/\n\x1bSubscribeShiftEventsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xf2\x02\n\x05Shift\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.voxauth.v1.ShiftState\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\r\x12\x1a\n\x12\x63heckpoints_passed\x18\t \x01(\r\x12\x1a\n\x12\x63heckpoints_failed\x18\n \x01(\r\x12\'\n\x1f\x63heckpoints_insufficient_speech\x18\x0b \x01(\r\"t\n\x11StartShiftRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12&\n\x0blogin_audio\x18\x03 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"a\n\x11\x43heckLoginRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12&\n\x0blogin_audio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"{\n\x12LoginCheckResponse\x12 \n\x05shift\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Shift\x12\x30\n\x0cverification\x18\x02 \x01(\x0b\x32\x1a.voxauth.v1.VerifyResponse\x12\x11\n\tassurance\x18\x03 \x01(\t\"Y\n\nShiftAudio\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.voxauth.v1.ShiftAudioHeaderH\x00\x12\x10\n\x06\x66rames\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"i\n\x10ShiftAudioHeader\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\"\xca\x03\n\nShiftEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.voxauth.v1.ShiftEventKind\x12\x10\n\x08shift_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cscheduled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x07 \x01(\x01\x12/\n\x0b\x61udio_start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\taudio_end\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05shift\x18\n \x01(\x0b\x32\x11.voxauth.v1.Shift\x12)\n\ndecided_by\x18\x0b \x01(\x0e\x32\x15.voxauth.v1.DecidedBy\x12;\n\x13presentation_attack\x18\x0c \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\"7\n\x0f\x45ndShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"#\n\x0fGetShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t*\x8e\x01\n\nShiftState\x12\x1b\n\x17SHIFT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHIFT_STATE_VERIFIED\x10\x01\x12\x1a\n\x16SHIFT_STATE_UNVERIFIED\x10\x02\x12\x16\n\x12SHIFT_STATE_LOCKED\x10\x03\x12\x15\n\x11SHIFT_STATE_ENDED\x10\x04*\xe6\x02\n\x0eShiftEventKind\x12 \n\x1cSHIFT_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SHIFT_EVENT_KIND_STREAM_ATTACHED\x10\x05\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_PASSED\x10\x01\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_FAILED\x10\x02\x12(\n$SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH\x10\x03\x12!\n\x1dSHIFT_EVENT_KIND_SHIFT_LOCKED\x10\x04\x12#\n\x1fSHIFT_EVENT_KIND_SHIFT_VERIFIED\x10\x06\x12 \n\x1cSHIFT_EVENT_KIND_SHIFT_ENDED\x10\x07\x12(\n$SHIFT_EVENT_KIND_PRESENTATION_ATTACK\x10\x08\x32\xc3\x03\n\x0cShiftService\x12K\n\nStartShift\x12\x1d.voxauth.v1.StartShiftRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12K\n\nCheckLogin\x12\x1d.voxauth.v1.CheckLoginRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12\x46\n\x10StreamShiftAudio\x12\x16.voxauth.v1.ShiftAudio\x1a\x16.voxauth.v1.ShiftEvent(\x01\x30\x01\x12:\n\x08\x45ndShift\x12\x1b.voxauth.v1.EndShiftRequest\x1a\x11.voxauth.v1.Shift\x12:\n\x08GetShift\x12\x1b.voxauth.v1.GetShiftRequest\x1a\x11.voxauth.v1.Shift\x12Y\n\x14SubscribeShiftEvents\x12\'.voxauth.v1.SubscribeShiftEventsRequest\x1a\x16.voxauth.v1.ShiftEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17voxauth/v1/shifts.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18voxauth/v1/voxauth.proto\"b\n\x11ListShiftsRequest\x12&\n\x06states\x18P \x03(\x0e\x32\x16.voxauth.v1.ShiftState\x12\x11\n\tpage_size\x18Q \x01(\r\x12\x12\n\npage_token\x18R \x01(\t\"P\n\x12ListShiftsResponse\x12!\n\x06shifts\x18P \x03(\x0b\x32\x11.voxauth.v1.Shift\x12\x17\n\x0fnext_page_token\x18Q \x01(\t\"/\n\x1bSubscribeShiftEventsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xf2\x02\n\x05Shift\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.voxauth.v1.ShiftState\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\r\x12\x1a\n\x12\x63heckpoints_passed\x18\t \x01(\r\x12\x1a\n\x12\x63heckpoints_failed\x18\n \x01(\r\x12\'\n\x1f\x63heckpoints_insufficient_speech\x18\x0b \x01(\r\"t\n\x11StartShiftRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12&\n\x0blogin_audio\x18\x03 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"a\n\x11\x43heckLoginRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12&\n\x0blogin_audio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"{\n\x12LoginCheckResponse\x12 \n\x05shift\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Shift\x12\x30\n\x0cverification\x18\x02 \x01(\x0b\x32\x1a.voxauth.v1.VerifyResponse\x12\x11\n\tassurance\x18\x03 \x01(\t\"Y\n\nShiftAudio\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.voxauth.v1.ShiftAudioHeaderH\x00\x12\x10\n\x06\x66rames\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"i\n\x10ShiftAudioHeader\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\"\xca\x03\n\nShiftEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.voxauth.v1.ShiftEventKind\x12\x10\n\x08shift_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cscheduled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x07 \x01(\x01\x12/\n\x0b\x61udio_start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\taudio_end\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05shift\x18\n \x01(\x0b\x32\x11.voxauth.v1.Shift\x12)\n\ndecided_by\x18\x0b \x01(\x0e\x32\x15.voxauth.v1.DecidedBy\x12;\n\x13presentation_attack\x18\x0c \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\"7\n\x0f\x45ndShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"#\n\x0fGetShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t*\x8e\x01\n\nShiftState\x12\x1b\n\x17SHIFT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHIFT_STATE_VERIFIED\x10\x01\x12\x1a\n\x16SHIFT_STATE_UNVERIFIED\x10\x02\x12\x16\n\x12SHIFT_STATE_LOCKED\x10\x03\x12\x15\n\x11SHIFT_STATE_ENDED\x10\x04*\xe6\x02\n\x0eShiftEventKind\x12 \n\x1cSHIFT_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SHIFT_EVENT_KIND_STREAM_ATTACHED\x10\x05\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_PASSED\x10\x01\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_FAILED\x10\x02\x12(\n$SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH\x10\x03\x12!\n\x1dSHIFT_EVENT_KIND_SHIFT_LOCKED\x10\x04\x12#\n\x1fSHIFT_EVENT_KIND_SHIFT_VERIFIED\x10\x06\x12 \n\x1cSHIFT_EVENT_KIND_SHIFT_ENDED\x10\x07\x12(\n$SHIFT_EVENT_KIND_PRESENTATION_ATTACK\x10\x08\x32\x90\x04\n\x0cShiftService\x12K\n\nStartShift\x12\x1d.voxauth.v1.StartShiftRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12K\n\nCheckLogin\x12\x1d.voxauth.v1.CheckLoginRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12\x46\n\x10StreamShiftAudio\x12\x16.voxauth.v1.ShiftAudio\x1a\x16.voxauth.v1.ShiftEvent(\x01\x30\x01\x12:\n\x08\x45ndShift\x12\x1b.voxauth.v1.EndShiftRequest\x1a\x11.voxauth.v1.Shift\x12:\n\x08GetShift\x12\x1b.voxauth.v1.GetShiftRequest\x1a\x11.voxauth.v1.Shift\x12Y\n\x14SubscribeShiftEvents\x12\'.voxauth.v1.SubscribeShiftEventsRequest\x1a\x16.voxauth.v1.ShiftEvent0\x01\x12K\n\nListShifts\x12\x1d.voxauth.v1.ListShiftsRequest\x1a\x1e.voxauth.v1.ListShiftsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.shifts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHIFTSTATE']._serialized_start=1616
-  _globals['_SHIFTSTATE']._serialized_end=1758
-  _globals['_SHIFTEVENTKIND']._serialized_start=1761
-  _globals['_SHIFTEVENTKIND']._serialized_end=2119
-  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_start=98
-  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_end=145
-  _globals['_SHIFT']._serialized_start=148
-  _globals['_SHIFT']._serialized_end=518
-  _globals['_STARTSHIFTREQUEST']._serialized_start=520
-  _globals['_STARTSHIFTREQUEST']._serialized_end=636
-  _globals['_CHECKLOGINREQUEST']._serialized_start=638
-  _globals['_CHECKLOGINREQUEST']._serialized_end=735
-  _globals['_LOGINCHECKRESPONSE']._serialized_start=737
-  _globals['_LOGINCHECKRESPONSE']._serialized_end=860
-  _globals['_SHIFTAUDIO']._serialized_start=862
-  _globals['_SHIFTAUDIO']._serialized_end=951
-  _globals['_SHIFTAUDIOHEADER']._serialized_start=953
-  _globals['_SHIFTAUDIOHEADER']._serialized_end=1058
-  _globals['_SHIFTEVENT']._serialized_start=1061
-  _globals['_SHIFTEVENT']._serialized_end=1519
-  _globals['_ENDSHIFTREQUEST']._serialized_start=1521
-  _globals['_ENDSHIFTREQUEST']._serialized_end=1576
-  _globals['_GETSHIFTREQUEST']._serialized_start=1578
-  _globals['_GETSHIFTREQUEST']._serialized_end=1613
-  _globals['_SHIFTSERVICE']._serialized_start=2122
-  _globals['_SHIFTSERVICE']._serialized_end=2573
+  _globals['_SHIFTSTATE']._serialized_start=1798
+  _globals['_SHIFTSTATE']._serialized_end=1940
+  _globals['_SHIFTEVENTKIND']._serialized_start=1943
+  _globals['_SHIFTEVENTKIND']._serialized_end=2301
+  _globals['_LISTSHIFTSREQUEST']._serialized_start=98
+  _globals['_LISTSHIFTSREQUEST']._serialized_end=196
+  _globals['_LISTSHIFTSRESPONSE']._serialized_start=198
+  _globals['_LISTSHIFTSRESPONSE']._serialized_end=278
+  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_start=280
+  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_end=327
+  _globals['_SHIFT']._serialized_start=330
+  _globals['_SHIFT']._serialized_end=700
+  _globals['_STARTSHIFTREQUEST']._serialized_start=702
+  _globals['_STARTSHIFTREQUEST']._serialized_end=818
+  _globals['_CHECKLOGINREQUEST']._serialized_start=820
+  _globals['_CHECKLOGINREQUEST']._serialized_end=917
+  _globals['_LOGINCHECKRESPONSE']._serialized_start=919
+  _globals['_LOGINCHECKRESPONSE']._serialized_end=1042
+  _globals['_SHIFTAUDIO']._serialized_start=1044
+  _globals['_SHIFTAUDIO']._serialized_end=1133
+  _globals['_SHIFTAUDIOHEADER']._serialized_start=1135
+  _globals['_SHIFTAUDIOHEADER']._serialized_end=1240
+  _globals['_SHIFTEVENT']._serialized_start=1243
+  _globals['_SHIFTEVENT']._serialized_end=1701
+  _globals['_ENDSHIFTREQUEST']._serialized_start=1703
+  _globals['_ENDSHIFTREQUEST']._serialized_end=1758
+  _globals['_GETSHIFTREQUEST']._serialized_start=1760
+  _globals['_GETSHIFTREQUEST']._serialized_end=1795
+  _globals['_SHIFTSERVICE']._serialized_start=2304
+  _globals['_SHIFTSERVICE']._serialized_end=2832
 # @@protoc_insertion_point(module_scope)

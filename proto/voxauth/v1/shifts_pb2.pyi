@@ -10,9 +10,11 @@ predict, the service verifies the most recent speech against the agent's voicepr
 lock the shift; only a passing login check unlocks it. The agent does nothing extra.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from voxauth.v1 import voxauth_pb2 as _voxauth_pb2
 import builtins as _builtins
@@ -109,6 +111,60 @@ of the agent's voice; carries presentation_attack. (A checkpoint taken for one i
 CHECKPOINT_FAILED with presentation_attack.decision ATTACK or REPLAY.)
 """
 Global___ShiftEventKind: _TypeAlias = ShiftEventKind  # noqa: Y015
+
+@_typing.final
+class ListShiftsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many shifts (1-500; 50 when 0)."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___ShiftState.ValueType]:
+        """Only shifts in these states; every state when empty."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[Global___ShiftState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShiftsRequest: _TypeAlias = ListShiftsRequest  # noqa: Y015
+
+@_typing.final
+class ListShiftsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHIFTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def shifts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Shift]: ...
+    def __init__(
+        self,
+        *,
+        shifts: _abc.Iterable[Global___Shift] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "shifts", b"shifts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListShiftsResponse: _TypeAlias = ListShiftsResponse  # noqa: Y015
 
 @_typing.final
 class SubscribeShiftEventsRequest(_message.Message):

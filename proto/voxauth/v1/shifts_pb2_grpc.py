@@ -64,6 +64,11 @@ class ShiftServiceStub:
                 request_serializer=voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.FromString,
                 _registered_method=True)
+        self.ListShifts = channel.unary_unary(
+                '/voxauth.v1.ShiftService/ListShifts',
+                request_serializer=voxauth_dot_v1_dot_shifts__pb2.ListShiftsRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_shifts__pb2.ListShiftsResponse.FromString,
+                _registered_method=True)
 
 
 class ShiftServiceServicer:
@@ -134,6 +139,15 @@ class ShiftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListShifts(self, request, context):
+        """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
+        the supervisor console and `voxauth shifts list` show.
+        INVALID_ARGUMENT    a page_size above 500, or a page_token this call did not hand out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShiftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_ShiftServiceServicer_to_server(servicer, server):
                     servicer.SubscribeShiftEvents,
                     request_deserializer=voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.SerializeToString,
+            ),
+            'ListShifts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShifts,
+                    request_deserializer=voxauth_dot_v1_dot_shifts__pb2.ListShiftsRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_shifts__pb2.ListShiftsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +349,33 @@ class ShiftService:
             '/voxauth.v1.ShiftService/SubscribeShiftEvents',
             voxauth_dot_v1_dot_shifts__pb2.SubscribeShiftEventsRequest.SerializeToString,
             voxauth_dot_v1_dot_shifts__pb2.ShiftEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShifts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.ShiftService/ListShifts',
+            voxauth_dot_v1_dot_shifts__pb2.ListShiftsRequest.SerializeToString,
+            voxauth_dot_v1_dot_shifts__pb2.ListShiftsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,11 @@ class ShiftServiceStub:
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
     events beyond 256 (the shift state stays authoritative).
     """
+    ListShifts: _grpc.UnaryUnaryMultiCallable[_shifts_pb2.ListShiftsRequest, _shifts_pb2.ListShiftsResponse]
+    """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
+    the supervisor console and `voxauth shifts list` show.
+      INVALID_ARGUMENT    a page_size above 500, or a page_token this call did not hand out.
+    """
 
 @_typing.type_check_only
 class ShiftServiceAsyncStub(ShiftServiceStub):
@@ -123,6 +128,11 @@ class ShiftServiceAsyncStub(ShiftServiceStub):
     how the MFA provider learns at once that a shift was locked. Events are not replayed: read
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
     events beyond 256 (the shift state stays authoritative).
+    """
+    ListShifts: _aio.UnaryUnaryMultiCallable[_shifts_pb2.ListShiftsRequest, _shifts_pb2.ListShiftsResponse]  # type: ignore[assignment]
+    """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
+    the supervisor console and `voxauth shifts list` show.
+      INVALID_ARGUMENT    a page_size above 500, or a page_token this call did not hand out.
     """
 
 class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -201,6 +211,17 @@ class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
         how the MFA provider learns at once that a shift was locked. Events are not replayed: read
         GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
         events beyond 256 (the shift state stays authoritative).
+        """
+
+    @_abc_1.abstractmethod
+    def ListShifts(
+        self,
+        request: _shifts_pb2.ListShiftsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shifts_pb2.ListShiftsResponse, _abc.Awaitable[_shifts_pb2.ListShiftsResponse]]:
+        """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
+        the supervisor console and `voxauth shifts list` show.
+          INVALID_ARGUMENT    a page_size above 500, or a page_token this call did not hand out.
         """
 
 def add_ShiftServiceServicer_to_server(servicer: ShiftServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

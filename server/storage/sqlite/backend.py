@@ -17,7 +17,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +29,7 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     RevocationReason,
+    ShiftCursor,
     ShiftState,
     ThrottleState,
 )
@@ -418,6 +419,26 @@ class SqliteTransaction:
             (*values[1:], values[0]),
         )
         return updated.rowcount == 1
+
+    def shifts_page(
+        self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
+    ) -> list[ShiftRow]:
+        clauses: list[str] = []
+        values: list[Any] = []
+        if states:
+            clauses.append(f"state IN ({', '.join('?' * len(states))})")
+            values += [state.value for state in states]
+        if before is not None:
+            micros = _to_micros(before.started_at)
+            clauses.append("(started_at < ? OR (started_at = ? AND shift_id < ?))")
+            values += [micros, micros, before.shift_id]
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        rows = self._conn.execute(
+            f"SELECT {_SHIFT_COLUMNS} FROM shifts {where}"
+            "ORDER BY started_at DESC, shift_id DESC LIMIT ?",
+            (*values, limit),
+        ).fetchall()
+        return [_shift_row(row) for row in rows]
 
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         row = self._conn.execute(
