@@ -19,7 +19,9 @@ from server.api.grpc_server import GrpcServer
 from server.api.http.app import RouteProvider, build_app
 from server.api.http.health import HealthRoutes
 from server.api.http.jwks import JwksRoutes
+from server.api.http.metrics import MetricsRoutes
 from server.api.http.server import HttpServer, http_tls
+from server.api.metrics import Metrics
 from server.api.readiness import Readiness, Services
 from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
@@ -103,8 +105,14 @@ class VoxauthServer:
         self._presentation: PresentationAttackDetector | None = None
         self._clock = clock or SystemClock()
         self._readiness = Readiness()
-        self._inference = InferencePool(config.inference)
-        self._store_pool = StorePool(config.store)
+        self.metrics = Metrics()
+        """What /metrics serves."""
+        self._inference = InferencePool(config.inference, self.metrics)
+        self._store_pool = StorePool(config.store, self.metrics)
+        live = self.metrics.live
+        live.inference_in_flight = lambda: self._inference.in_flight
+        live.inference_queued = lambda: self._inference.queued
+        live.ready = self._readiness.is_ready
         self.audio_budget = AudioBudget(config.audio.budget_mib * 2**20)
         """The audio all calls in progress hold together."""
         self._api = GrpcServer(
@@ -114,6 +122,7 @@ class VoxauthServer:
             self._store_pool,
             self._clock,
             self.audio_budget,
+            self.metrics,
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
@@ -134,6 +143,10 @@ class VoxauthServer:
             )
         )
         self._store = store
+        # Decisions, locks and refusals are counted from their audit records as they commit.
+        store.on_audit(self.metrics.audit_committed)
+        free_failures = self.config.throttle.free_failures
+        self.metrics.live.census = lambda: store.census(free_failures)
         keyring = await self._store_pool.run(
             lambda: SigningKeyring.load(
                 store,
@@ -172,7 +185,11 @@ class VoxauthServer:
 
     def _http_routes(self, assurances: AssuranceDesk) -> list[RouteProvider]:
         """What the HTTP side serves (server/api/http/app.py says how to add to it)."""
-        return [JwksRoutes(assurances.jwks), HealthRoutes(self._readiness)]
+        return [
+            JwksRoutes(assurances.jwks),
+            HealthRoutes(self._readiness),
+            MetricsRoutes(self.metrics, self._store_pool.run),
+        ]
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -200,11 +217,21 @@ class VoxauthServer:
             )
         )
         self._presentation = PresentationAttackDetector(
-            countermeasure, calibration, policy, workers=self.config.inference.workers
+            countermeasure,
+            calibration,
+            policy,
+            workers=self.config.inference.workers,
+            telemetry=self.metrics,
         )
         analyser = VoiceAnalyser(
-            embedder, detector, QualityThresholds(), self.config.audio, self._presentation
+            embedder,
+            detector,
+            QualityThresholds(),
+            self.config.audio,
+            self._presentation,
+            telemetry=self.metrics,
         )
+        self.metrics.models_loaded(embedder.model_id, countermeasure.model_id)
         # Missing or mismatched cohort and calibration files stop the start here, clearly.
         scoring = await self._inference.run(
             lambda: ScoringModel.load(self.config.scoring, embedder.model_id)

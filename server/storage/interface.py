@@ -32,6 +32,7 @@ from server.records import (
     RevocationReason,
     ShiftRecord,
     ShiftState,
+    StoreCensus,
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
@@ -58,6 +59,7 @@ __all__ = [
     "ShiftState",
     "ShiftStore",
     "Store",
+    "StoreCensus",
     "ThrottleState",
     "ThrottleStore",
     "UnitOfWork",
@@ -253,11 +255,19 @@ class ThrottleStore(Protocol):
         `update` changes nothing."""
 
 
+class CensusStore(Protocol):
+    def census(self, delay_after_failures: int) -> StoreCensus:
+        """Counts for monitoring: open shifts by state; agents with at least
+        `delay_after_failures` consecutive failures (whose next attempt waits) and not
+        disabled; disabled agents."""
+
+
 class Store(
     VoiceprintStore,
     ShiftStore,
     AssuranceStore,
     ThrottleStore,
+    CensusStore,
     KeyRotationStore,
     CompletedRequestStore,
     Protocol,
