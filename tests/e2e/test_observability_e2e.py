@@ -77,9 +77,16 @@ def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
     assert 0.01 < verify_seconds < 60
     # Decisions, from the audit records.
     for outcome in ("ACCEPT", "REJECT"):
-        assert value(
-            after, "voxauth_decisions_total", check="verify", channel="wideband", outcome=outcome
-        ) == 1
+        assert (
+            value(
+                after,
+                "voxauth_decisions_total",
+                check="verify",
+                channel="wideband",
+                outcome=outcome,
+            )
+            == 1
+        )
     assert (
         value(after, "voxauth_decisions_total", check="login", channel="wideband", outcome="ACCEPT")
         == 1
