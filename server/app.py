@@ -23,6 +23,7 @@ from server.api.http.metrics import MetricsRoutes
 from server.api.http.server import HttpServer, http_tls
 from server.api.metrics import Metrics
 from server.api.readiness import Readiness, Services
+from server.audit_actions import AuditAction
 from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
 from server.pipeline.analysis import VoiceAnalyser
@@ -40,6 +41,7 @@ from server.pipeline.speech import QualityThresholds
 from server.runtime.audio_budget import AudioBudget
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.inference import InferencePool
+from server.runtime.log_format import PSEUDONYMS
 from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
 from server.scoring.scorer import Scorer, ScoringModel
@@ -59,6 +61,13 @@ from server.verification.throttling import VerificationThrottle
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_SECONDS = 86_400.0
+
+
+def _forget_pseudonyms_on_erasure(event: AuditEvent) -> None:
+    # A new key for the log's agent pseudonyms: the erased agent's lines become unlinkable.
+    if event.action == AuditAction.AGENT_DELETE:
+        PSEUDONYMS.forget()
+        log.info("agent erased: agent pseudonyms in the log from now on are new")
 
 
 def _assurance_policy(config: MfaConfig) -> AssurancePolicy:
@@ -145,6 +154,7 @@ class VoxauthServer:
         self._store = store
         # Decisions, locks and refusals are counted from their audit records as they commit.
         store.on_audit(self.metrics.audit_committed)
+        store.on_audit(_forget_pseudonyms_on_erasure)
         free_failures = self.config.throttle.free_failures
         self.metrics.live.census = lambda: store.census(free_failures)
         keyring = await self._store_pool.run(

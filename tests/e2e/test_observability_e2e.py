@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
+from server.runtime.log_format import PSEUDONYMS
 from tests.support import (
     OTHER_1,
     SPEAKER_A,
@@ -112,3 +113,15 @@ def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
     [model_info] = [key for key in after if key[0] == "voxauth_model_info"]
     assert dict(model_info[1])["speaker"] == accepted.model_id
     assert any(key[0] == "voxauth_build_info" for key in after)
+
+
+def test_erasing_an_agent_gives_the_log_new_pseudonyms(voxauth: RunningServer) -> None:
+    voxauth.enrollment.CreateAgent(
+        pb.CreateAgentRequest(agent_id="agent-z", display_name="Z", consent_reference="HR-1")
+    )
+    before = PSEUDONYMS.of("agent-z")
+
+    voxauth.enrollment.DeleteAgent(pb.DeleteAgentRequest(agent_id="agent-z"))
+
+    # The key the erased agent's log lines were written under is gone: they cannot be linked.
+    assert PSEUDONYMS.of("agent-z") != before
