@@ -195,6 +195,14 @@ def test_a_client_that_sends_nothing_is_dropped(side: Side) -> None:
     assert REQUEST_TIMEOUT_SECONDS <= elapsed < 2
 
 
+def test_a_client_that_never_completes_the_tls_handshake_is_dropped(side: Side) -> None:
+    with socket.create_connection(("127.0.0.1", side.port), timeout=5) as plain:
+        started = time.monotonic()
+        plain.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        assert plain.recv(1024) == b""
+        assert REQUEST_TIMEOUT_SECONDS <= time.monotonic() - started < 2
+
+
 def test_a_body_that_never_ends_is_dropped(side: Side) -> None:
     answer, elapsed = side.raw(
         b"POST /healthz HTTP/1.1\r\nHost: voxauth\r\nContent-Length: 1000\r\n\r\nabc"
