@@ -26,6 +26,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 from server.api.grpc_server import GrpcServer
+from server.api.metrics import Metrics
 from server.api.readiness import Readiness
 from server.api.tls import channel_credentials
 from server.app import VoxauthServer
@@ -256,13 +257,15 @@ class ApiServer:
 
 
 @contextlib.asynccontextmanager
-async def api_server(config: ServerConfig) -> AsyncIterator[ApiServer]:
+async def api_server(
+    config: ServerConfig, metrics: Metrics | None = None
+) -> AsyncIterator[ApiServer]:
     """Runs `config`'s gRPC edge on the current event loop (use `tls_config`, with a
-    token_listen_address for the second port)."""
+    token_listen_address for the second port), counting calls in `metrics` if given."""
     clock = ManualClock()
     inference, store_pool = InferencePool(config.inference), StorePool(config.store)
     budget = AudioBudget(config.audio.budget_mib * 2**20)
-    api = GrpcServer(config, Readiness(), inference, store_pool, clock, budget)
+    api = GrpcServer(config, Readiness(), inference, store_pool, clock, budget, metrics)
     audited: list[AuditEvent] = []
 
     async def audit(event: AuditEvent) -> None:

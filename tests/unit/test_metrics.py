@@ -4,11 +4,13 @@ that cannot be read. Also: the Grafana dashboard in deploy/ asks only for export
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,8 +19,10 @@ from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.records import AuditEvent, ShiftState, StoreCensus
 from server.runtime.telemetry import Model
+from tests.support import api_server, make_config
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
+GET_SHIFT = "/voxauth.v1.ShiftService/GetShift"
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "voxauth.json"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -173,6 +177,38 @@ def test_a_store_that_cannot_be_read_leaves_the_rest_of_the_scrape(
     assert value(samples, "voxauth_ready") == 0
     assert not any(key[0] == "voxauth_shifts" for key in samples)
     assert "database is locked" in caplog.text
+
+
+def test_calls_are_counted_by_status_and_made_up_methods_not_at_all(tmp_path: Path) -> None:
+    metrics = Metrics()
+
+    async def scenario() -> list[grpc.StatusCode]:
+        codes = []
+        async with (
+            api_server(make_config(tmp_path), metrics) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            for method in [GET_SHIFT, GET_SHIFT, *(f"/evil.Service/M{n}" for n in range(20))]:
+                call = channel.unary_unary(
+                    method, request_serializer=bytes, response_deserializer=bytes
+                )
+                try:
+                    await call(b"", timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    codes.append(error.code())
+        return codes
+
+    codes = asyncio.run(scenario())
+
+    assert codes[:2] == [grpc.StatusCode.UNAVAILABLE] * 2  # the model is not loaded
+    assert set(codes[2:]) == {grpc.StatusCode.UNIMPLEMENTED}
+    samples = scrape(metrics)
+    assert value(samples, "voxauth_rpcs_total", method=GET_SHIFT, code="UNAVAILABLE") == 2
+    assert value(samples, "voxauth_rpc_duration_seconds_count", method=GET_SHIFT) == 2
+    methods = {
+        dict(labels).get("method") for name, labels in samples if name.startswith("voxauth_rpc")
+    }
+    assert methods == {GET_SHIFT}
 
 
 def test_two_servers_in_one_process_count_apart() -> None:
