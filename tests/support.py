@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
@@ -163,6 +164,23 @@ def http_get(url: str, context: ssl.SSLContext | None = None, method: str = "GET
         return HttpAnswer(refused.code, dict(refused.headers.items()), refused.read())
 
 
+MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A scrape: each sample's value by its name and labels."""
+
+
+def parse_metrics(text: str) -> MetricSamples:
+    samples: MetricSamples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples: MetricSamples, name: str, **labels: str) -> float:
+    """The sample's value; 0 for one not (yet) exported, as for a counter never increased."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 class RunningServer:
     """A VoxauthServer on its own event loop thread, reached over a real socket."""
 
@@ -203,6 +221,12 @@ class RunningServer:
         """`path` on the HTTP side: https, or http in insecure development mode."""
         scheme = "http" if self.config.transport.insecure_development else "https"
         return f"{scheme}://127.0.0.1:{self.server.http_port}{path}"
+
+    def scrape(self) -> MetricSamples:
+        """/metrics as Prometheus reads it (insecure development mode: plain HTTP)."""
+        answer = http_get(self.http_url("/metrics"))
+        assert answer.status == 200
+        return parse_metrics(answer.body.decode())
 
     def advance(self, seconds: float) -> None:
         """Moves the server's clock on by `seconds`, on the server's loop where its sleepers

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
@@ -14,9 +13,11 @@ from server.runtime.log_format import PSEUDONYMS
 from tests.support import (
     OTHER_1,
     SPEAKER_A,
+    MetricSamples,
     RunningServer,
     first_half,
     http_get,
+    metric,
     second_half,
     speech,
     split,
@@ -26,22 +27,11 @@ from tests.support import (
 VERIFY = "/voxauth.v1.VerificationService/Verify"
 ENROLL = "/voxauth.v1.EnrollmentService/AddEnrollmentAudio"
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def scrape(server: RunningServer) -> Samples:
+def scrape(server: RunningServer) -> MetricSamples:
     answer = http_get(server.http_url("/metrics"))
-    assert answer.status == 200
     assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(answer.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return server.scrape()
 
 
 def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
@@ -49,8 +39,8 @@ def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
 ) -> None:
     assert http_get(voxauth.http_url("/readyz")).status == 200
     before = scrape(voxauth)
-    assert value(before, "voxauth_ready") == 1
-    assert value(before, "voxauth_rpcs_total", method=VERIFY, code="OK") == 0
+    assert metric(before, "voxauth_ready") == 1
+    assert metric(before, "voxauth_rpcs_total", method=VERIFY, code="OK") == 0
 
     voxauth.enroll("agent-a", split(first_half(SPEAKER_A), 2))
     accepted = voxauth.verify("agent-a", wav_audio(second_half(SPEAKER_A)))
@@ -69,17 +59,17 @@ def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
     after = scrape(voxauth)
 
     # RPCs by method and status, and their latency.
-    assert value(after, "voxauth_rpcs_total", method=VERIFY, code="OK") == 2
-    assert value(after, "voxauth_rpcs_total", method=VERIFY, code="NOT_FOUND") == 1
-    assert value(after, "voxauth_rpcs_total", method=ENROLL, code="OK") == 2
-    assert value(after, "voxauth_rpc_duration_seconds_count", method=VERIFY) == 3
+    assert metric(after, "voxauth_rpcs_total", method=VERIFY, code="OK") == 2
+    assert metric(after, "voxauth_rpcs_total", method=VERIFY, code="NOT_FOUND") == 1
+    assert metric(after, "voxauth_rpcs_total", method=ENROLL, code="OK") == 2
+    assert metric(after, "voxauth_rpc_duration_seconds_count", method=VERIFY) == 3
     # A check with the real models takes a measurable time, well under the largest bucket.
-    verify_seconds = value(after, "voxauth_rpc_duration_seconds_sum", method=VERIFY)
+    verify_seconds = metric(after, "voxauth_rpc_duration_seconds_sum", method=VERIFY)
     assert 0.01 < verify_seconds < 60
     # Decisions, from the audit records.
     for outcome in ("ACCEPT", "REJECT"):
         assert (
-            value(
+            metric(
                 after,
                 "voxauth_decisions_total",
                 check="verify",
@@ -89,26 +79,28 @@ def test_metrics_count_and_time_real_enrollments_verifications_and_shifts(
             == 1
         )
     assert (
-        value(after, "voxauth_decisions_total", check="login", channel="wideband", outcome="ACCEPT")
+        metric(
+            after, "voxauth_decisions_total", check="login", channel="wideband", outcome="ACCEPT"
+        )
         == 1
     )
     # Model time: one embedding per check, and per enrollment utterance (plus its telephone
     # companion voiceprint); the countermeasure scores each check beside it.
-    speaker_runs = value(after, "voxauth_model_seconds_count", model="speaker")
+    speaker_runs = metric(after, "voxauth_model_seconds_count", model="speaker")
     assert speaker_runs >= 3 + 2
-    assert value(after, "voxauth_model_seconds_count", model="countermeasure") >= 3
-    assert value(after, "voxauth_model_seconds_sum", model="speaker") > 0
+    assert metric(after, "voxauth_model_seconds_count", model="countermeasure") >= 3
+    assert metric(after, "voxauth_model_seconds_sum", model="speaker") > 0
     # The inference queue took every check and enrollment upload; it is empty now.
-    assert value(after, "voxauth_inference_queue_wait_seconds_count") >= 5
-    assert value(after, "voxauth_inference_queue_depth") == 0
-    assert value(after, "voxauth_inference_in_flight") == 0
-    assert value(after, "voxauth_store_call_seconds_count") > value(
+    assert metric(after, "voxauth_inference_queue_wait_seconds_count") >= 5
+    assert metric(after, "voxauth_inference_queue_depth") == 0
+    assert metric(after, "voxauth_inference_in_flight") == 0
+    assert metric(after, "voxauth_store_call_seconds_count") > metric(
         before, "voxauth_store_call_seconds_count"
     )
     # States, read at the scrape.
-    assert value(after, "voxauth_shifts", state="verified") == 1
-    assert value(after, "voxauth_shifts", state="locked") == 0
-    assert value(after, "voxauth_agents_disabled") == 0
+    assert metric(after, "voxauth_shifts", state="verified") == 1
+    assert metric(after, "voxauth_shifts", state="locked") == 0
+    assert metric(after, "voxauth_agents_disabled") == 0
     # What is running.
     [model_info] = [key for key in after if key[0] == "voxauth_model_info"]
     assert dict(model_info[1])["speaker"] == accepted.model_id

@@ -12,32 +12,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.metrics import Metrics
 from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.records import AuditEvent, ShiftState, StoreCensus
 from server.runtime.telemetry import Model
-from tests.support import api_server, make_config
+from tests.support import MetricSamples, api_server, make_config, metric, parse_metrics
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 GET_SHIFT = "/voxauth.v1.ShiftService/GetShift"
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "voxauth.json"
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-
-def scrape(metrics: Metrics) -> Samples:
-    samples: Samples = {}
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+def scrape(metrics: Metrics) -> MetricSamples:
+    return parse_metrics(metrics.exposition().decode())
 
 
 def event(action: AuditAction, outcome: str, **details: object) -> AuditEvent:
@@ -78,22 +67,24 @@ def test_audit_records_become_decisions_checkpoints_and_refusals() -> None:
     samples = scrape(metrics)
 
     decisions = "voxauth_decisions_total"
-    assert value(samples, decisions, check="verify", channel="wideband", outcome="ACCEPT") == 1
-    assert value(samples, decisions, check="verify", channel="telephone", outcome="REJECT") == 1
-    assert value(samples, decisions, check="login", channel="wideband", outcome="INCONCLUSIVE") == 1
-    assert value(samples, decisions, check="checkpoint", channel="wideband", outcome="REJECT") == 2
+    assert metric(samples, decisions, check="verify", channel="wideband", outcome="ACCEPT") == 1
+    assert metric(samples, decisions, check="verify", channel="telephone", outcome="REJECT") == 1
+    assert (
+        metric(samples, decisions, check="login", channel="wideband", outcome="INCONCLUSIVE") == 1
+    )
+    assert metric(samples, decisions, check="checkpoint", channel="wideband", outcome="REJECT") == 2
     checkpoints = "voxauth_checkpoints_total"
-    assert [value(samples, checkpoints, outcome=o) for o in ("passed", "failed")] == [1, 2]
-    assert value(samples, checkpoints, outcome="insufficient") == 1
+    assert [metric(samples, checkpoints, outcome=o) for o in ("passed", "failed")] == [1, 2]
+    assert metric(samples, checkpoints, outcome="insufficient") == 1
     refusals = "voxauth_pad_refusals_total"
-    assert value(samples, refusals, check="verify", channel="telephone", kind="ATTACK") == 1
+    assert metric(samples, refusals, check="verify", channel="telephone", kind="ATTACK") == 1
     # A suspected replay in monitor mode is suspected, not refused.
     suspected = "voxauth_pad_suspected_total"
-    assert value(samples, suspected, check="enrollment", channel="wideband", kind="REPLAY") == 1
-    assert value(samples, refusals, check="enrollment", channel="wideband", kind="REPLAY") == 0
-    assert value(samples, "voxauth_shift_locks_total") == 1
-    assert value(samples, "voxauth_verification_disablings_total") == 1
-    assert value(samples, "voxauth_access_denials_total") == 1
+    assert metric(samples, suspected, check="enrollment", channel="wideband", kind="REPLAY") == 1
+    assert metric(samples, refusals, check="enrollment", channel="wideband", kind="REPLAY") == 0
+    assert metric(samples, "voxauth_shift_locks_total") == 1
+    assert metric(samples, "voxauth_verification_disablings_total") == 1
+    assert metric(samples, "voxauth_access_denials_total") == 1
 
 
 def test_labels_stay_in_their_closed_sets_whatever_a_record_holds() -> None:
@@ -141,24 +132,24 @@ def test_telemetry_and_live_figures_are_scraped() -> None:
 
     samples = scrape(metrics)
 
-    assert value(samples, "voxauth_inference_queue_wait_seconds_count") == 1
-    assert value(samples, "voxauth_inference_queue_wait_seconds_bucket", le="0.025") == 1
-    assert value(samples, "voxauth_model_seconds_sum", model="speaker") == pytest.approx(0.3)
-    assert value(samples, "voxauth_model_seconds_count", model="countermeasure") == 1
-    assert value(samples, "voxauth_store_call_seconds_count") == 1
-    assert value(samples, "voxauth_ready") == 1
+    assert metric(samples, "voxauth_inference_queue_wait_seconds_count") == 1
+    assert metric(samples, "voxauth_inference_queue_wait_seconds_bucket", le="0.025") == 1
+    assert metric(samples, "voxauth_model_seconds_sum", model="speaker") == pytest.approx(0.3)
+    assert metric(samples, "voxauth_model_seconds_count", model="countermeasure") == 1
+    assert metric(samples, "voxauth_store_call_seconds_count") == 1
+    assert metric(samples, "voxauth_ready") == 1
     assert (
-        value(samples, "voxauth_inference_in_flight"),
-        value(samples, "voxauth_inference_queue_depth"),
+        metric(samples, "voxauth_inference_in_flight"),
+        metric(samples, "voxauth_inference_queue_depth"),
     ) == (5, 3)
     assert [
-        value(samples, "voxauth_shifts", state=s) for s in ("verified", "unverified", "locked")
+        metric(samples, "voxauth_shifts", state=s) for s in ("verified", "unverified", "locked")
     ] == [4, 1, 2]
     assert (
-        value(samples, "voxauth_agents_throttled"),
-        value(samples, "voxauth_agents_disabled"),
+        metric(samples, "voxauth_agents_throttled"),
+        metric(samples, "voxauth_agents_disabled"),
     ) == (3, 1)
-    assert value(samples, "voxauth_model_info", speaker="ecapa-1", countermeasure="aasist-1") == 1
+    assert metric(samples, "voxauth_model_info", speaker="ecapa-1", countermeasure="aasist-1") == 1
 
 
 def test_a_store_that_cannot_be_read_leaves_the_rest_of_the_scrape(
@@ -174,7 +165,7 @@ def test_a_store_that_cannot_be_read_leaves_the_rest_of_the_scrape(
 
     samples = scrape(metrics)
 
-    assert value(samples, "voxauth_ready") == 0
+    assert metric(samples, "voxauth_ready") == 0
     assert not any(key[0] == "voxauth_shifts" for key in samples)
     assert "database is locked" in caplog.text
 
@@ -203,8 +194,8 @@ def test_calls_are_counted_by_status_and_made_up_methods_not_at_all(tmp_path: Pa
     assert codes[:2] == [grpc.StatusCode.UNAVAILABLE] * 2  # the model is not loaded
     assert set(codes[2:]) == {grpc.StatusCode.UNIMPLEMENTED}
     samples = scrape(metrics)
-    assert value(samples, "voxauth_rpcs_total", method=GET_SHIFT, code="UNAVAILABLE") == 2
-    assert value(samples, "voxauth_rpc_duration_seconds_count", method=GET_SHIFT) == 2
+    assert metric(samples, "voxauth_rpcs_total", method=GET_SHIFT, code="UNAVAILABLE") == 2
+    assert metric(samples, "voxauth_rpc_duration_seconds_count", method=GET_SHIFT) == 2
     methods = {
         dict(labels).get("method") for name, labels in samples if name.startswith("voxauth_rpc")
     }
@@ -214,8 +205,8 @@ def test_calls_are_counted_by_status_and_made_up_methods_not_at_all(tmp_path: Pa
 def test_two_servers_in_one_process_count_apart() -> None:
     first, second = Metrics(), Metrics()
     first.audit_committed(event(AuditAction.SHIFT_LOCK, "LOCKED"))
-    assert value(scrape(first), "voxauth_shift_locks_total") == 1
-    assert value(scrape(second), "voxauth_shift_locks_total") == 0
+    assert metric(scrape(first), "voxauth_shift_locks_total") == 1
+    assert metric(scrape(second), "voxauth_shift_locks_total") == 0
 
 
 _METRIC_NAME = re.compile(r"\bvoxauth_[a-zA-Z0-9_:]*")
