@@ -49,4 +49,9 @@ def request_scope(request_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _request_id.reset(token)
+        try:
+            _request_id.reset(token)
+        except ValueError:
+            # A streaming call's generator closed from another context (asyncio finalising
+            # it after its task ended): the value set here went with the context it was set in.
+            pass

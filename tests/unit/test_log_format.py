@@ -5,6 +5,7 @@ worker threads), untrusted text escaped, and agents under pseudonyms that erasur
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -27,7 +28,7 @@ from server.runtime.log_format import (
     logged_agent,
     use_json,
 )
-from server.runtime.request_context import request_scope
+from server.runtime.request_context import current_request_id, request_scope
 from server.runtime.store_pool import StorePool
 from tests.support import api_server, make_config
 
@@ -175,3 +176,10 @@ def test_each_grpc_call_logs_its_status_under_its_request_id(
     assert request_ids[0] == "client-7"
     # An id that is not 1-128 of [A-Za-z0-9._:-] is not taken into the log: a fresh one is.
     assert re.fullmatch(r"[0-9a-f]{24}", str(request_ids[1]))
+
+
+def test_a_request_scope_closed_from_another_context_does_not_fail() -> None:
+    scope = request_scope("call-4")
+    contextvars.copy_context().run(scope.__enter__)
+    scope.__exit__(None, None, None)  # in this context the id was never set
+    assert current_request_id() is None
