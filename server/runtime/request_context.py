@@ -49,9 +49,7 @@ def request_scope(request_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        # ValueError: a streaming call's generator closed from another context (asyncio
+        # finalising it after its task ended); the value went with the context it was set in.
+        with contextlib.suppress(ValueError):
             _request_id.reset(token)
-        except ValueError:
-            # A streaming call's generator closed from another context (asyncio finalising
-            # it after its task ended): the value set here went with the context it was set in.
-            pass
