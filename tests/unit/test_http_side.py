@@ -144,6 +144,7 @@ def test_every_answer_has_a_request_id_and_the_security_headers(side: Side) -> N
         assert answer.headers["x-content-type-options"] == "nosniff"
         assert answer.headers["x-frame-options"] == "DENY"
         assert answer.headers["strict-transport-security"].startswith("max-age=")
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     assert (side.get("/healthz")).headers["cache-control"] == "no-store"
 
 

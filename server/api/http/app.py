@@ -7,8 +7,9 @@ and add it to the list the composition root (server/app.py, `_http_routes`) hand
 What every response gets here, so no provider can forget it:
 - a request id (`X-Request-Id`: the client's if well formed, else a fresh one), set for the
   logs of the whole request (server/runtime/request_context.py);
-- headers against sniffing, framing and referrer leaks, `Cache-Control: no-store` unless the
-  route chose its own caching, and HSTS when served over TLS.
+- headers against sniffing, framing, referrer leaks and foreign or inline scripts (a default
+  Content-Security-Policy a route may replace with its own), `Cache-Control: no-store` unless
+  the route chose its own caching, and HSTS when served over TLS.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ _SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-resource-policy", b"same-origin"),
+    # Pages may load their own scripts and styles, nothing inline or from elsewhere, and may
+    # not be framed; a route that needs more sets its own policy.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
 )
 _HSTS = (b"strict-transport-security", b"max-age=31536000")
 
