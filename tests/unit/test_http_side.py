@@ -20,15 +20,20 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from starlette.routing import BaseRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.testclient import TestClient
 
 from server.api.http.app import RouteProvider, build_app
+from server.api.http.errors import HTTP_STATUS_OF_CATEGORY
 from server.api.http.health import HealthRoutes
 from server.api.http.jwks import JWKS_PATH, JwksRoutes
 from server.api.http.server import HttpServer, HttpTls, http_tls
+from server.api.interceptors import STATUS_OF_CATEGORY
 from server.api.readiness import Readiness
 from server.config import HttpConfig, TransportConfig
-from server.errors import ConfigurationError
+from server.errors import AgentNotFoundError, ConfigurationError, StorageError, ThrottledError
 from server.security.assurances import (
     AssurancePolicy,
     MemorySigningKeyStore,
@@ -265,3 +270,39 @@ def test_the_http_side_needs_tls_outside_development(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="VOXAUTH_TLS_CERT"):
         http_tls(TransportConfig())
     assert http_tls(TransportConfig(insecure_development=True)) is None
+
+
+def test_every_error_category_has_an_http_status_as_it_has_a_grpc_one() -> None:
+    assert set(HTTP_STATUS_OF_CATEGORY) == set(STATUS_OF_CATEGORY)
+
+
+class _Failing:
+    def routes(self) -> Sequence[BaseRoute]:
+        async def throttled(request: Request) -> Response:
+            raise ThrottledError(
+                "too many failed verifications: retry in 30 s", retry_after_seconds=29.2
+            )
+
+        async def broken(request: Request) -> Response:
+            raise StorageError("database /var/secret.db is locked")
+
+        async def not_found(request: Request) -> Response:
+            raise AgentNotFoundError("no agent 'a1'")
+
+        return [
+            Route("/throttled", throttled),
+            Route("/broken", broken),
+            Route("/missing", not_found),
+        ]
+
+
+def test_domain_errors_in_a_route_take_their_categorys_status() -> None:
+    client = TestClient(build_app([_Failing()]), raise_server_exceptions=False)
+
+    throttled = client.get("/throttled")
+    assert (throttled.status_code, throttled.headers["retry-after"]) == (429, "30")
+    assert client.get("/missing").json() == {"error": "no agent 'a1'"}
+    broken = client.get("/broken")
+    assert broken.status_code == 500
+    assert "secret" not in broken.text
+    assert len(broken.headers["x-request-id"]) == 24
