@@ -33,6 +33,7 @@ from server.records import (
     UtteranceRecord,
     Voiceprint,
 )
+from server.runtime.log_format import logged_agent
 from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
@@ -374,7 +375,8 @@ class _Finalized:
 def _log(event: AuditEvent) -> None:
     """Logs an audited step once it has committed."""
     extra = "".join(f" {name}={value}" for name, value in event.details.items())
-    log.info("%s agent=%s outcome=%s%s", event.action, event.agent_id, event.outcome, extra)
+    agent = logged_agent(event.agent_id)
+    log.info("%s agent=%s outcome=%s%s", event.action, agent, event.outcome, extra)
 
 
 def _quality_rejection(quality: SpeechAnalysis, min_net_speech: float) -> str:

@@ -21,8 +21,11 @@ from server.api.grpc_server import GrpcServer
 from server.api.http.app import RouteProvider, build_app
 from server.api.http.health import HealthRoutes
 from server.api.http.jwks import JwksRoutes
+from server.api.http.metrics import MetricsRoutes
 from server.api.http.server import HttpServer, http_tls
+from server.api.metrics import Metrics
 from server.api.readiness import Readiness, Services
+from server.audit_actions import AuditAction
 from server.config import MfaConfig, ServerConfig
 from server.errors import VoxauthError
 from server.pipeline.analysis import VoiceAnalyser
@@ -40,6 +43,7 @@ from server.pipeline.speech import QualityThresholds
 from server.runtime.audio_budget import AudioBudget
 from server.runtime.clock import Clock, SystemClock
 from server.runtime.inference import InferencePool
+from server.runtime.log_format import PSEUDONYMS
 from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
 from server.scoring.scorer import Scorer, ScoringModel
@@ -60,6 +64,13 @@ from server.verification.throttling import VerificationThrottle
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_SECONDS = 86_400.0
+
+
+def _forget_pseudonyms_on_erasure(event: AuditEvent) -> None:
+    # A new key for the log's agent pseudonyms: the erased agent's lines become unlinkable.
+    if event.action == AuditAction.AGENT_DELETE:
+        PSEUDONYMS.forget()
+        log.info("agent erased: agent pseudonyms in the log from now on are new")
 
 
 def _assurance_policy(config: MfaConfig) -> AssurancePolicy:
@@ -106,8 +117,14 @@ class VoxauthServer:
         self._presentation: PresentationAttackDetector | None = None
         self._clock = clock or SystemClock()
         self._readiness = Readiness()
-        self._inference = InferencePool(config.inference)
-        self._store_pool = StorePool(config.store)
+        self.metrics = Metrics()
+        """What /metrics serves."""
+        self._inference = InferencePool(config.inference, self.metrics)
+        self._store_pool = StorePool(config.store, self.metrics)
+        live = self.metrics.live
+        live.inference_in_flight = lambda: self._inference.in_flight
+        live.inference_queued = lambda: self._inference.queued
+        live.ready = self._readiness.is_ready
         self.audio_budget = AudioBudget(config.audio.budget_mib * 2**20)
         """The audio all calls in progress hold together."""
         self._api = GrpcServer(
@@ -117,6 +134,7 @@ class VoxauthServer:
             self._store_pool,
             self._clock,
             self.audio_budget,
+            self.metrics,
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
@@ -138,6 +156,11 @@ class VoxauthServer:
             )
         )
         self._store = store
+        # Decisions, locks and refusals are counted from their audit records as they commit.
+        store.on_audit(self.metrics.audit_committed)
+        store.on_audit(_forget_pseudonyms_on_erasure)
+        free_failures = self.config.throttle.free_failures
+        self.metrics.live.census = lambda: store.census(free_failures)
         keyring = await self._store_pool.run(
             lambda: SigningKeyring.load(
                 store,
@@ -188,7 +211,12 @@ class VoxauthServer:
             [AuditKey(known) for known in (self._key, *self._previous_keys)],
             self._store_pool,
         )
-        return [JwksRoutes(assurances.jwks), HealthRoutes(self._readiness), self._console]
+        return [
+            JwksRoutes(assurances.jwks),
+            HealthRoutes(self._readiness),
+            MetricsRoutes(self.metrics, self._store_pool.run),
+            self._console,
+        ]
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -216,11 +244,21 @@ class VoxauthServer:
             )
         )
         self._presentation = PresentationAttackDetector(
-            countermeasure, calibration, policy, workers=self.config.inference.workers
+            countermeasure,
+            calibration,
+            policy,
+            workers=self.config.inference.workers,
+            telemetry=self.metrics,
         )
         analyser = VoiceAnalyser(
-            embedder, detector, QualityThresholds(), self.config.audio, self._presentation
+            embedder,
+            detector,
+            QualityThresholds(),
+            self.config.audio,
+            self._presentation,
+            telemetry=self.metrics,
         )
+        self.metrics.models_loaded(embedder.model_id, countermeasure.model_id)
         # Missing or mismatched cohort and calibration files stop the start here, clearly.
         scoring = await self._inference.run(
             lambda: ScoringModel.load(self.config.scoring, embedder.model_id)

@@ -520,6 +520,28 @@ class MfaConfig(Settings):
     """Age at which the signing key is replaced."""
 
 
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def log_format(value: str) -> str | None:
+    return None if value in LOG_FORMATS else f"must be one of {', '.join(LOG_FORMATS)}"
+
+
+@dataclass(frozen=True)
+class LogConfig(Settings):
+    """The server's log (server/runtime/log_format.py)."""
+
+    format: str = field(default="auto", metadata=setting("VOXAUTH_LOG_FORMAT", check=log_format))
+    """json: one JSON object per line, for a log shipper or SIEM; text: one readable line per
+    message, for a terminal; auto: text when stderr is a terminal, else json (so a service
+    manager or container gets json without being told)."""
+
+    agent_pseudonyms: bool = field(default=True, metadata=setting("VOXAUTH_LOG_PSEUDONYMS"))
+    """Agent ids in the log as keyed pseudonyms that nothing can link back once their key is
+    gone (it lives only in memory, and is replaced daily and whenever an agent is erased). 0
+    writes agent ids in clear, for debugging: recorded in the audit log like any setting."""
+
+
 @dataclass(frozen=True)
 class HttpConfig(Settings):
     """The HTTP side (server/api/http): the JWKS, /metrics, /healthz and /readyz, and the
@@ -575,6 +597,7 @@ class ServerConfig(Settings):
     transport: TransportConfig = field(default_factory=TransportConfig)
     mfa: MfaConfig = field(default_factory=MfaConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     throttle: ThrottlePolicy = field(default_factory=ThrottlePolicy)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 

@@ -192,3 +192,15 @@ class ReencryptionReport:
 
     data_keys: int
     """Data keys (the agents' and the store's own) wrapped anew; what they seal stays."""
+
+
+@dataclass(frozen=True)
+class StoreCensus:
+    """What monitoring counts in the store, read in one transaction (no agent is named)."""
+
+    open_shifts: dict[ShiftState, int]
+    """Shifts not ended, by state (every state but ENDED present, zero where none)."""
+    agents_delayed: int
+    """Agents whose next verification attempt must wait (throttled), not disabled."""
+    agents_disabled: int
+    """Agents whose biometric verification is disabled until an administrator re-enables it."""

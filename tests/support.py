@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
@@ -26,6 +27,7 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 from server.api.grpc_server import GrpcServer
+from server.api.metrics import Metrics
 from server.api.readiness import Readiness
 from server.api.tls import channel_credentials
 from server.app import VoxauthServer
@@ -162,6 +164,23 @@ def http_get(url: str, context: ssl.SSLContext | None = None, method: str = "GET
         return HttpAnswer(refused.code, dict(refused.headers.items()), refused.read())
 
 
+MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A scrape: each sample's value by its name and labels."""
+
+
+def parse_metrics(text: str) -> MetricSamples:
+    samples: MetricSamples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric(samples: MetricSamples, name: str, **labels: str) -> float:
+    """The sample's value; 0 for one not (yet) exported, as for a counter never increased."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 class RunningServer:
     """A VoxauthServer on its own event loop thread, reached over a real socket."""
 
@@ -202,6 +221,12 @@ class RunningServer:
         """`path` on the HTTP side: https, or http in insecure development mode."""
         scheme = "http" if self.config.transport.insecure_development else "https"
         return f"{scheme}://127.0.0.1:{self.server.http_port}{path}"
+
+    def scrape(self) -> MetricSamples:
+        """/metrics as Prometheus reads it (insecure development mode: plain HTTP)."""
+        answer = http_get(self.http_url("/metrics"))
+        assert answer.status == 200
+        return parse_metrics(answer.body.decode())
 
     def advance(self, seconds: float) -> None:
         """Moves the server's clock on by `seconds`, on the server's loop where its sleepers
@@ -256,13 +281,15 @@ class ApiServer:
 
 
 @contextlib.asynccontextmanager
-async def api_server(config: ServerConfig) -> AsyncIterator[ApiServer]:
+async def api_server(
+    config: ServerConfig, metrics: Metrics | None = None
+) -> AsyncIterator[ApiServer]:
     """Runs `config`'s gRPC edge on the current event loop (use `tls_config`, with a
-    token_listen_address for the second port)."""
+    token_listen_address for the second port), counting calls in `metrics` if given."""
     clock = ManualClock()
     inference, store_pool = InferencePool(config.inference), StorePool(config.store)
     budget = AudioBudget(config.audio.budget_mib * 2**20)
-    api = GrpcServer(config, Readiness(), inference, store_pool, clock, budget)
+    api = GrpcServer(config, Readiness(), inference, store_pool, clock, budget, metrics)
     audited: list[AuditEvent] = []
 
     async def audit(event: AuditEvent) -> None:

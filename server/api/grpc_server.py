@@ -27,6 +27,8 @@ from server.api.assurance_servicer import AssuranceServicer
 from server.api.enrollment_servicer import EnrollmentServicer
 from server.api.interceptors import ErrorMappingInterceptor
 from server.api.malformed_requests import MalformedRequestInterceptor, MalformedRequests
+from server.api.metrics import Metrics
+from server.api.observability import ObservingInterceptor
 from server.api.readiness import Readiness
 from server.api.shift_servicer import ShiftServicer
 from server.api.tls import server_credentials
@@ -62,8 +64,11 @@ class GrpcServer:
         store_pool: StorePool,
         clock: Clock,
         audio_budget: AudioBudget,
+        metrics: Metrics | None = None,
     ) -> None:
+        """`metrics` counts and times every call; None for none."""
         self._config = config
+        self._metrics = metrics
         self._readiness = readiness
         self._inference = inference
         self._store_pool = store_pool
@@ -82,9 +87,12 @@ class GrpcServer:
         transport = config.transport
         access = AccessInterceptor(_resolver(transport, self._clock), audit, self._clock)
         server = grpc.aio.server(
-            # Access first: an unknown or unauthorised caller reaches nothing else. Malformed
-            # requests last: refused behind the access check, through the error mapping.
+            # Observing first, so it sees every call's status (and each call has its request
+            # id for the logs of what follows). Access next: an unknown or unauthorised
+            # caller reaches nothing else. Malformed requests last: refused behind the access
+            # check, through the error mapping.
             interceptors=[
+                ObservingInterceptor(self._metrics),
                 access,
                 ErrorMappingInterceptor(),
                 MalformedRequestInterceptor(self.malformed_requests),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import time
 from dataclasses import dataclass
 
 from models.embedder import Embedding, SpeakerEmbedder, Waveform
@@ -23,6 +24,7 @@ from server.pipeline.decode import (
 )
 from server.pipeline.presentation import PresentationAssessment, PresentationAttackDetector
 from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
+from server.runtime.telemetry import NO_TELEMETRY, Model, Telemetry
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ class VoiceAnalyser:
         thresholds: QualityThresholds,
         limits: AudioLimits,
         presentation: PresentationAttackDetector | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.embedder = embedder
         self.presentation = presentation
+        self._telemetry = telemetry
         self._detector = detector
         self._thresholds = thresholds
         self._limits = limits
@@ -169,10 +173,13 @@ class VoiceAnalyser:
 
     def _embed(self, speech: Waveform) -> Embedding:
         # models/ raises its own errors; to the caller, a waveform it cannot take is bad audio.
+        started = time.monotonic()
         try:
-            return self.embedder.embed(speech)
+            embedding = self.embedder.embed(speech)
         except UnusableWaveformError as error:
             raise InvalidAudioError(error.message, field="audio") from error
+        self._telemetry.model_ran(Model.SPEAKER, time.monotonic() - started)
+        return embedding
 
     @property
     def model_id(self) -> str:

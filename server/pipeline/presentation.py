@@ -10,9 +10,11 @@ their sum.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import statistics
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from models.embedder import Waveform
 from server.config import PresentationAttackPolicy
 from server.errors import ConfigurationError
 from server.pipeline.channel import Channel
+from server.runtime.telemetry import NO_TELEMETRY, Model, Telemetry
 
 PAD_CALIBRATION_FORMAT = "voxauth-pad-calibration/1"
 
@@ -138,8 +141,10 @@ class PresentationAttackDetector:
         policy: PresentationAttackPolicy,
         *,
         workers: int = 1,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self.countermeasure = countermeasure
+        self._telemetry = telemetry
         self._thresholds = {
             channel: entry.threshold(policy.target_bpcer)
             for channel, entry in calibration.channels.items()
@@ -157,12 +162,16 @@ class PresentationAttackDetector:
     def submit(self, waveform: Waveform) -> PendingScore:
         """Starts scoring `waveform` (16 kHz, as it arrived); the result is None when it is
         too short for the countermeasure."""
-        return self._executor.submit(self._score, waveform)
+        # In the caller's context, so the scoring's log lines name the caller's request.
+        return self._executor.submit(contextvars.copy_context().run, self._score, waveform)
 
     def _score(self, waveform: Waveform) -> float | None:
         if len(waveform) < self.countermeasure.min_samples:
             return None
-        return self.countermeasure.score(waveform)
+        started = time.monotonic()
+        score = self.countermeasure.score(waveform)
+        self._telemetry.model_ran(Model.COUNTERMEASURE, time.monotonic() - started)
+        return score
 
     def assess(self, score: float | None, channel: Channel) -> PresentationAssessment:
         if score is None:

@@ -49,4 +49,7 @@ def request_scope(request_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _request_id.reset(token)
+        # ValueError: a streaming call's generator closed from another context (asyncio
+        # finalising it after its task ended); the value went with the context it was set in.
+        with contextlib.suppress(ValueError):
+            _request_id.reset(token)

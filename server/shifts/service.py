@@ -32,6 +32,7 @@ from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
+from server.runtime.log_format import logged_agent
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
@@ -603,7 +604,7 @@ def _log(event: AuditEvent) -> None:
         "%s shift=%s agent=%s outcome=%s",
         event.action,
         event.details["shift_id"],
-        event.agent_id,
+        logged_agent(event.agent_id),
         event.outcome,
     )
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from server.records import AssuranceRevocation, ShiftCursor, ShiftState, ThrottleState
+from server.records import (
+    AssuranceRevocation,
+    ShiftCursor,
+    ShiftState,
+    StoreCensus,
+    ThrottleState,
+)
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
 
@@ -241,6 +247,9 @@ class Transaction(Protocol):
         """ThrottleState() for an agent without one."""
 
     def put_throttle_state(self, agent_ref: str, state: ThrottleState) -> None: ...
+
+    def census(self, delay_after_failures: int) -> StoreCensus:
+        """Open shifts by state and throttled agents (see CensusStore)."""
 
     def signing_keys(self) -> list[StoredSigningKey]: ...
 

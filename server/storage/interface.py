@@ -34,6 +34,7 @@ from server.records import (
     ShiftCursor,
     ShiftRecord,
     ShiftState,
+    StoreCensus,
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
@@ -62,6 +63,7 @@ __all__ = [
     "ShiftState",
     "ShiftStore",
     "Store",
+    "StoreCensus",
     "ThrottleState",
     "ThrottleStore",
     "UnitOfWork",
@@ -273,11 +275,19 @@ class ThrottleStore(Protocol):
         AgentNotFoundError."""
 
 
+class CensusStore(Protocol):
+    def census(self, delay_after_failures: int) -> StoreCensus:
+        """Counts for monitoring: open shifts by state; agents with at least
+        `delay_after_failures` consecutive failures (whose next attempt waits) and not
+        disabled; disabled agents."""
+
+
 class Store(
     VoiceprintStore,
     ShiftStore,
     AssuranceStore,
     ThrottleStore,
+    CensusStore,
     KeyRotationStore,
     CompletedRequestStore,
     Protocol,

@@ -48,6 +48,7 @@ from server.records import (
     ShiftCursor,
     ShiftRecord,
     ShiftState,
+    StoreCensus,
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
@@ -91,6 +92,7 @@ class SecureStore:
         self._audit_key = audit_key
         self._agents = _AgentDirectory(keys)
         self._thread = threading.local()
+        self._audit_listeners: list[Callable[[AuditEvent], None]] = []
 
     @classmethod
     def open(
@@ -114,6 +116,13 @@ class SecureStore:
             backend.close()
             raise
         return store
+
+    def on_audit(self, listener: Callable[[AuditEvent], None]) -> None:
+        """`listener` hears of each audit record once its transaction has committed (so a
+        rolled-back decision is never counted): how monitoring counts decisions, locks and
+        refusals without the domain knowing of it. It runs on the committing thread and must
+        be quick; what it raises is logged, never the writer's failure."""
+        self._audit_listeners.append(listener)
 
     # --- units of work -----------------------------------------------------------------------
 
@@ -251,6 +260,10 @@ class SecureStore:
         with self._transaction("save signing keys", write=True) as unit:
             unit.txn.replace_signing_keys(keys)
 
+    def census(self, delay_after_failures: int) -> StoreCensus:
+        with self._transaction("count shifts and throttled agents", write=False) as unit:
+            return unit.txn.census(delay_after_failures)
+
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
@@ -379,9 +392,16 @@ class SecureStore:
         self._thread.in_unit = True
         try:
             with self._backend.transaction(what, write=write) as txn:
-                yield _Unit(txn, self._keys, self._agents, self._audit_key)
+                unit = _Unit(txn, self._keys, self._agents, self._audit_key)
+                yield unit
         finally:
             self._thread.in_unit = False
+        for event in unit.appended:
+            for listener in self._audit_listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    logger.exception("an audit listener failed on %s", event.action)
 
     def _agent_ids(self, txn: Transaction, rows: Sequence[AuditRow]) -> dict[str, str]:
         """The id of each existing agent whose pseudonym one of the audit rows carries."""
@@ -519,6 +539,8 @@ class _Unit:
         self.txn = txn
         self.erased = False
         """Whether the unit erased rows: the backend's leftover copies go once it commits."""
+        self.appended: list[AuditEvent] = []
+        """The audit events appended, for the store's listeners once the unit commits."""
         self._keys = keys
         self._agents = agents
         self._audit_key = audit_key
@@ -720,6 +742,7 @@ class _Unit:
         audit_chain.append(
             self.txn, self._audit_key, event, "" if agent is None else agent.agent_ref
         )
+        self.appended.append(event)
 
     def _agent(self, agent_id: str) -> AgentSealer:
         agent = self.find(agent_id)

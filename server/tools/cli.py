@@ -187,8 +187,12 @@ def _serve(args: argparse.Namespace) -> int:
     from server.runtime.log_format import configure_logging
     from server.security.crypto import load_key, load_previous_keys
 
-    configure_logging(args.log_level)
     config = ServerConfig.from_environment()
+    configure_logging(
+        args.log_level,
+        format_name=config.log.format,
+        agent_pseudonyms=config.log.agent_pseudonyms,
+    )
     if args.listen:
         config = replace(config, listen_address=args.listen)
     if args.db:

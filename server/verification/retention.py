@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from server.audit_actions import AuditAction
 from server.config import RetentionPolicy
+from server.runtime.log_format import logged_agent
 from server.storage.interface import AuditEvent, VoiceprintStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def expire_unused_voiceprints(
     for agent_id in expired:
         log.info(
             "voiceprint of agent %s expired: unused for more than %g days",
-            agent_id,
+            logged_agent(agent_id),
             policy.voiceprint_ttl_days,
         )
     return expired

@@ -14,6 +14,7 @@ from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import SpeechAnalysis
+from server.runtime.log_format import logged_agent
 from server.scoring.scorer import LocalThreshold, Score, Scorer
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
@@ -208,7 +209,7 @@ class VerificationService:
             "%s agent=%s decision=%s channel=%s condition=%s score=%.3f threshold=%.3f llr=%.2f "
             "net_speech=%.1fs pad=%s",
             action,
-            voiceprint.agent_id,
+            logged_agent(voiceprint.agent_id),
             result.decision.value,
             sample.channel.value,
             scoring.condition.value if scoring else "-",

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from server.audit_actions import AuditAction
 from server.config import ThrottlePolicy
 from server.errors import ThrottledError, VerificationDisabledError
+from server.runtime.log_format import logged_agent
 from server.storage.interface import AuditEvent, Store, ThrottleState
 from server.validation import validate_agent_id
 from server.verification.decision import Decision
@@ -125,7 +126,7 @@ class VerificationThrottle:
         if disabled:
             log.warning(
                 "biometric verification of agent %s disabled after %d consecutive failures",
-                agent_id,
+                logged_agent(agent_id),
                 after.consecutive_failures,
             )
 

@@ -32,6 +32,7 @@ from server.records import (
     ShiftCursor,
     ShiftRecord,
     ShiftState,
+    StoreCensus,
     ThrottleState,
     UtteranceRecord,
 )
@@ -770,3 +771,45 @@ def test_throttle_state_reads_without_writing(store: SecureStore) -> None:
     assert store.throttle_state("a1") == disabled
     with pytest.raises(AgentNotFoundError):
         store.throttle_state("ghost")
+
+
+def test_the_census_counts_open_shifts_by_state_and_throttled_agents(store: SecureStore) -> None:
+    assert store.census(5) == StoreCensus(
+        {ShiftState.VERIFIED: 0, ShiftState.UNVERIFIED: 0, ShiftState.LOCKED: 0}, 0, 0
+    )
+    for n, state in enumerate(
+        [ShiftState.VERIFIED, ShiftState.VERIFIED, ShiftState.LOCKED, ShiftState.ENDED]
+    ):
+        store.create_agent(agent(f"a{n}"))
+        store.create_shift(ShiftRecord(f"s{n}", f"a{n}", "desk", state, NOW, NOW))
+    store.update_throttle_state("a0", lambda _: ThrottleState(4, NOW))  # not yet delayed
+    store.update_throttle_state("a1", lambda _: ThrottleState(5, NOW))
+    store.update_throttle_state("a2", lambda _: ThrottleState(50, NOW, disabled_at=NOW))
+
+    census = store.census(5)
+
+    assert census.open_shifts == {
+        ShiftState.VERIFIED: 2,
+        ShiftState.UNVERIFIED: 0,
+        ShiftState.LOCKED: 1,
+    }
+    assert (census.agents_delayed, census.agents_disabled) == (1, 1)
+
+
+def test_audit_listeners_hear_only_of_committed_records(store: SecureStore) -> None:
+    heard: list[AuditEvent] = []
+    store.on_audit(heard.append)
+
+    def failing(event: AuditEvent) -> None:
+        raise ZeroDivisionError("a listener's bug")
+
+    store.on_audit(failing)  # harms neither the writer nor the other listeners
+    store.create_agent(agent("a1"))
+    committed = AuditEvent("verify", "a1", "ACCEPT", NOW, {"channel": "wideband"})
+
+    store.append_audit(committed)
+    with pytest.raises(RuntimeError), store.unit_of_work() as unit:
+        unit.append_audit(AuditEvent("verify", "a1", "REJECT", NOW))
+        raise RuntimeError("rolled back")
+
+    assert heard == [committed]

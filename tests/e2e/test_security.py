@@ -166,6 +166,21 @@ def test_the_mfa_provider_verifies_assurances_offline_from_the_jwks(
     jwt.decode(token, rotated[str(key.key_id)].key, algorithms=["EdDSA"], audience="mfa")
 
 
+def test_the_http_side_serves_probes_and_metrics_over_tls_only(
+    secure: RunningServer, pki: DevelopmentPki
+) -> None:
+    tls = https_context(pki)
+    assert http_get(secure.http_url("/healthz"), tls).status == 200
+    assert http_get(secure.http_url("/readyz"), tls).status == 200
+    metrics = http_get(secure.http_url("/metrics"), tls)
+    assert metrics.status == 200
+    assert b"voxauth_ready 1.0" in metrics.body
+    # The same port in plain HTTP answers nothing.
+    plain = secure.http_url("/healthz").replace("https://", "http://")
+    with pytest.raises(OSError):
+        http_get(plain)
+
+
 def test_a_locked_shift_reaches_the_mfa_provider_at_once(
     secure: RunningServer, pki: DevelopmentPki
 ) -> None:

@@ -23,6 +23,7 @@ from tests.support import (
     Samples,
     first_half,
     make_config,
+    metric,
     second_half,
     speech,
     split,
@@ -96,6 +97,13 @@ def test_checkpoints_pass_then_another_speaker_locks_the_shift(
     state = shift_server.shifts.GetShift(spb.GetShiftRequest(shift_id=shift_id))
     assert state.state == spb.SHIFT_STATE_LOCKED
     assert (state.checkpoints_passed, state.checkpoints_failed) == (1, 2)
+    metrics = shift_server.scrape()
+    checkpoints = [
+        metric(metrics, "voxauth_checkpoints_total", outcome=o) for o in ("passed", "failed")
+    ]
+    assert checkpoints == [1, 2]
+    assert metric(metrics, "voxauth_shift_locks_total") == 1
+    assert metric(metrics, "voxauth_shifts", state="locked") == 1
 
     # Only a passing login check unlocks it.
     wrong = shift_server.shifts.CheckLogin(

@@ -4,11 +4,14 @@ To add pages, write a route provider (an object with `routes()`, e.g. server/api
 and add it to the list the composition root (server/app.py, `_http_routes`) hands to
 `build_app`. Paths must not clash: `build_app` refuses a path two providers both serve.
 
-What every response gets here, so no provider can forget it:
+A route raises domain errors (server/errors.py); server/api/http/errors.py gives each its
+category's status, as server/api/interceptors.py does for gRPC. What every response gets
+here, so no provider can forget it:
 - a request id (`X-Request-Id`: the client's if well formed, else a fresh one), set for the
   logs of the whole request (server/runtime/request_context.py);
-- headers against sniffing, framing and referrer leaks, `Cache-Control: no-store` unless the
-  route chose its own caching, and HSTS when served over TLS.
+- headers against sniffing, framing, referrer leaks and foreign or inline scripts (a default
+  Content-Security-Policy a route may replace with its own), `Cache-Control: no-store` unless
+  the route chose its own caching, and HSTS when served over TLS.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ConfigurationError
+from server.api.http.errors import voxauth_error_response
+from server.errors import ConfigurationError, VoxauthError
 from server.runtime.request_context import (
     REQUEST_ID_HEADER,
     acceptable_request_id,
@@ -42,6 +46,12 @@ _SECURITY_HEADERS = (
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (b"cross-origin-resource-policy", b"same-origin"),
+    # Pages may load their own scripts and styles, nothing inline or from elsewhere, and may
+    # not be framed; a route that needs more sets its own policy.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
 )
 _HSTS = (b"strict-transport-security", b"max-age=31536000")
 
@@ -59,7 +69,10 @@ def build_app(providers: Sequence[RouteProvider]) -> ASGIApp:
                     raise ConfigurationError(f"two HTTP routes serve {path}")
                 seen.add(path)
             routes.append(route)
-    return ResponseHeaders(Starlette(routes=routes))
+    application = Starlette(
+        routes=routes, exception_handlers={VoxauthError: voxauth_error_response}
+    )
+    return ResponseHeaders(application)
 
 
 class ResponseHeaders:

@@ -1,10 +1,11 @@
 """Runs the HTTP application with uvicorn on the caller's event loop (beside the grpc.aio
 server), over TLS with the gRPC port's server certificate.
 
-uvicorn is driven through its startup/shutdown API rather than `serve()`, which would install
-its own signal handlers over `voxauth serve`'s and run a loop of its own. Its HTTP/1.1 parsing
-is h11's. What uvicorn does not bound, a request that never finishes arriving, is bounded here
-(`_BoundedH11Protocol`), as the hand-written server this replaces did.
+uvicorn is driven through its protocol and shutdown API rather than `serve()`, which would
+install its own signal handlers over `voxauth serve`'s and run a loop of its own. Its HTTP/1.1
+parsing is h11's. What uvicorn does not bound is bounded here, as the hand-written server this
+replaces did: the TLS handshake, and a request that never finishes arriving
+(`_BoundedH11Protocol`).
 """
 
 from __future__ import annotations
@@ -100,11 +101,29 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listening = socket.create_server((host, port), family=family)
         listening.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def connection() -> asyncio.Protocol:
+            return Protocol(
+                config=uvicorn_config, server_state=server.server_state, app_state={}, _loop=loop
+            )
+
+        # Listening as uvicorn's startup() does, plus a bound on the TLS handshake, which
+        # uvicorn leaves at asyncio's 60 s: a client that connects and never completes it
+        # holds a descriptor no longer than a slow request would.
         try:
-            await server.startup(sockets=[listening])
+            listener = await loop.create_server(
+                connection,
+                sock=listening,
+                ssl=uvicorn_config.ssl,
+                ssl_handshake_timeout=timeout if uvicorn_config.ssl else None,
+                backlog=uvicorn_config.backlog,
+            )
         except BaseException:
             listening.close()
             raise
+        server.servers = [listener]
+        server.started = True
         self._server, self._socket = server, listening
         self.port = listening.getsockname()[1]
         scheme = "http" if self._tls is None else "https"
@@ -139,6 +158,12 @@ class _BoundedH11Protocol(H11Protocol):
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # asyncio turns Nagle off only on sockets it made for TCP by name; the listening
+        # socket made here leaves it on, and each answer (head and body written apart) then
+        # waited for the client's delayed ACK: 40 ms a request.
+        connection = transport.get_extra_info("socket")
+        if connection is not None and connection.family in (socket.AF_INET, socket.AF_INET6):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         self._arm()
 

@@ -31,6 +31,7 @@ from server.records import (
     RevocationReason,
     ShiftCursor,
     ShiftState,
+    StoreCensus,
     ThrottleState,
 )
 from server.security.assurances import StoredSigningKey
@@ -449,6 +450,20 @@ class SqliteTransaction:
         if row is None:
             return ThrottleState()
         return ThrottleState(row[0], _optional_time(row[1]), _optional_time(row[2]))
+
+    def census(self, delay_after_failures: int) -> StoreCensus:
+        open_shifts: dict[ShiftState, int] = {s: 0 for s in ShiftState if s is not ShiftState.ENDED}
+        for state, count in self._conn.execute(
+            "SELECT state, COUNT(*) FROM shifts WHERE state != ? GROUP BY state",
+            (ShiftState.ENDED.value,),
+        ):
+            open_shifts[ShiftState(state)] = count
+        delayed, disabled = self._conn.execute(
+            "SELECT COUNT(*) FILTER (WHERE disabled_at IS NULL AND consecutive_failures >= ?), "
+            "COUNT(*) FILTER (WHERE disabled_at IS NOT NULL) FROM verification_throttle",
+            (delay_after_failures,),
+        ).fetchone()
+        return StoreCensus(open_shifts, delayed, disabled)
 
     def put_throttle_state(self, agent_ref: str, state: ThrottleState) -> None:
         # Agents without failures need no row: the table holds only runs of failures.
