@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--listen", help="host:port (default 127.0.0.1:50051, VOXAUTH_LISTEN)")
-    serve.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
+    serve.add_argument(
+        "--db", help="SQLite file or postgresql:// URI (default var/voxauth.db, VOXAUTH_DB)"
+    )
     serve.add_argument("--model-dir", type=Path, help="verified model files (VOXAUTH_MODEL_DIR)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
