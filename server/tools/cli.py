@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         help="measure embedding speed (`--check`: each stage of a whole check); `bench load`: "
-        "Verify load; `bench shifts`: shift load",
+        "Verify load; `bench shifts`: shift load; `bench store`: store work per Verify",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     commands.add_parser(
@@ -252,6 +252,10 @@ def _bench(argv: list[str]) -> int:
         from server.tools.shift_bench import main as shift_bench_main
 
         return shift_bench_main(argv[1:])
+    if argv[:1] == ["store"]:
+        from server.tools.store_bench import main as store_bench_main
+
+        return store_bench_main(argv[1:])
     if argv[:1] == ["load"]:
         from server.tools.load_bench import main as load_bench_main
 
