@@ -244,3 +244,27 @@ def test_voiceprints_written_on_one_replica_read_on_another(
     assert [v.agent_id for v in read] == ["a1"]
     later = replace(voiceprint("a1", "w"), created_at=NOW + timedelta(days=1))
     assert replicas[0].replace_voiceprint(later, []) is True
+
+
+def test_the_store_carries_on_after_the_database_restarts(
+    database: PostgresStorage, postgres_server: PostgresServer
+) -> None:
+    store = database.open()
+    try:
+        store.create_agent(agent("before"))
+        postgres_server.restart()
+        # The pool finds its connections dead and opens new ones: no call fails for them.
+        store.create_agent(agent("after"))
+        assert {store.get_agent(a).agent_id for a in ("before", "after")} == {"before", "after"}
+    finally:
+        store.close()
+
+
+def test_audit_verify_refuses_a_database_without_a_store(
+    database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
+    # Opening would create an empty store, whose chain is intact.
+    assert audit_cli.main(["verify", "--db", database.conninfo]) == audit_cli.EXIT_USAGE
+    with psycopg.connect(database.conninfo) as conn:
+        assert conn.execute("SELECT to_regclass('audit_log')").fetchone() == (None,)
