@@ -152,8 +152,11 @@ class PostgresBackend:
 
     def discard_erased(self) -> None:
         """VACUUMs the tables erasure deletes from, so their dead tuples (ciphertext whose key
-        is gone) leave the live tables now rather than at autovacuum's next pass. A tuple an
-        open snapshot (another replica's reader) may still see stays until a later VACUUM."""
+        is gone, and the wrapped key) leave the pages now rather than at autovacuum's next
+        pass. A tuple an open snapshot (another replica's reader) may still see stays until a
+        later VACUUM; the freed space is not zeroed, and the WAL keeps what it logged, which is
+        why erasure on PostgreSQL is completed by retiring the service key (README, "Erasure
+        on PostgreSQL")."""
         try:
             with self._pool.connection() as conn:
                 # Autocommit: VACUUM cannot run inside a transaction.
