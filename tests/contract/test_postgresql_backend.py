@@ -24,8 +24,11 @@ import pytest
 from server.config import ThrottlePolicy
 from server.errors import AgentNotFoundError, StorageError, ThrottledError
 from server.records import AuditEvent
+from server.security.audit import AuditKey
+from server.security.crypto import DataKey, VoiceprintCipher
+from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
-from server.tools import audit_cli
+from server.tools import audit_cli, reencrypt_cli
 from server.verification.throttling import VerificationThrottle
 from tests.contract.conftest import KEY, PostgresStorage
 from tests.contract.samples import MODEL, NOW, agent, utterance, voiceprint
@@ -37,6 +40,13 @@ REPLICAS = 3
 @pytest.fixture
 def database(postgres_server: PostgresServer) -> PostgresStorage:
     return PostgresStorage(postgres_server.new_database())
+
+
+@pytest.fixture(autouse=True)
+def no_key_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands these tests run read the keys from VOXAUTH_KEY alone."""
+    for name in ("VOXAUTH_KEY_FILE", "VOXAUTH_PREVIOUS_KEYS", "VOXAUTH_PREVIOUS_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -275,3 +285,41 @@ def test_audit_verify_refuses_a_database_without_a_store(
     assert audit_cli.main(["verify", "--db", database.conninfo]) == audit_cli.EXIT_USAGE
     with psycopg.connect(database.conninfo) as conn:
         assert conn.execute("SELECT to_regclass('audit_log')").fetchone() == (None,)
+
+
+def test_retiring_the_service_key_completes_an_erasure_in_old_copies(
+    database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_key, new_key = KEY, bytes(range(100, 132))
+    store = database.open()
+    for agent_id in ("kept", "erased"):
+        store.create_agent(agent(agent_id))
+        store.replace_voiceprint(voiceprint(agent_id, agent_id), [])
+    store.close()
+    # What a backup (or the WAL) holds of the keys from before the erasure.
+    with psycopg.connect(database.conninfo) as conn:
+        backup: dict[str, bytes] = dict(
+            conn.execute("SELECT agent_handle, wrapped_key FROM agent_keys").fetchall()
+        )
+    store = database.open()
+    store.delete_agent("erased")
+    store.close()
+    with psycopg.connect(database.conninfo) as conn:
+        left = {handle for (handle,) in conn.execute("SELECT agent_handle FROM agent_keys")}
+    [erased_handle] = set(backup) - left
+    old_ring = KeyRing(VoiceprintCipher(old_key), DataKey.generate())
+    old_ring.agent_key(erased_handle, backup[erased_handle])  # opens, with the old key
+
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(new_key).decode())
+    monkeypatch.setenv("VOXAUTH_PREVIOUS_KEYS", base64.b64encode(old_key).decode())
+    assert reencrypt_cli.main(["--db", database.conninfo]) == 0
+
+    # The old key retired: the store opens without it, and the copy opens no more.
+    rotated = database.open(VoiceprintCipher(new_key), AuditKey(new_key))
+    try:
+        assert rotated.get_voiceprint("kept") is not None
+    finally:
+        rotated.close()
+    new_ring = KeyRing(VoiceprintCipher(new_key), DataKey.generate())
+    with pytest.raises(StorageError):
+        new_ring.agent_key(erased_handle, backup[erased_handle])
