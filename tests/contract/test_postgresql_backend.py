@@ -86,6 +86,7 @@ def test_throttling_admits_exactly_the_free_attempts_across_replicas(
 def test_the_audit_chain_keeps_one_order_across_replicas(
     replicas: list[SecureStore], database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
     replicas[0].create_agent(agent("a1"))
     writers, per_writer = 12, 10
 
@@ -94,8 +95,12 @@ def test_the_audit_chain_keeps_one_order_across_replicas(
         for k in range(per_writer):
             store.append_audit(AuditEvent("verify", "a1", "ACCEPT", NOW, {"w": n, "k": k}))
 
-    with ThreadPoolExecutor(writers) as pool:
-        list(pool.map(write, range(writers)))
+    with ThreadPoolExecutor(writers + 1) as pool:
+        written = pool.map(write, range(writers))
+        # An operator's check while the replicas write: the head it reads first is intact.
+        checked = pool.submit(audit_cli.main, ["verify", "--db", database.conninfo])
+        list(written)
+        assert checked.result() == audit_cli.EXIT_INTACT
 
     events = replicas[2].audit_events("a1")
     assert len(events) == writers * per_writer
@@ -106,7 +111,6 @@ def test_the_audit_chain_keeps_one_order_across_replicas(
     assert head is not None
     assert head.seq == len(replicas[0].audit_records(0, 10_000))
 
-    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
     assert audit_cli.main(["verify", "--db", database.conninfo]) == audit_cli.EXIT_INTACT
     # And a record altered in the database breaks it there.
     with psycopg.connect(database.conninfo, autocommit=True) as conn:
