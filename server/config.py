@@ -28,6 +28,7 @@ import json
 import math
 import os
 import types
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -97,6 +98,17 @@ def false_match_rate(value: float) -> str | None:
 RENAMED = {"VOXAUTH_JWKS_LISTEN": "VOXAUTH_HTTP_LISTEN"}
 """Settings that were renamed: the old name is refused with the new one, not as a typo (the
 JWKS moved to the HTTP side, which serves more than the JWKS, over TLS)."""
+
+
+def database_location(value: str | Path) -> str | None:
+    """A PostgreSQL URI must not hold a password: the configuration is recorded in the audit
+    log, and libpq reads the password from PGPASSFILE (~/.pgpass) or PGPASSWORD instead."""
+    if not str(value).startswith(("postgresql://", "postgres://")):
+        return None
+    uri = urllib.parse.urlsplit(str(value))
+    if uri.password is not None or "password" in urllib.parse.parse_qs(uri.query):
+        return "must not hold a password: give it in PGPASSFILE (~/.pgpass) or PGPASSWORD"
+    return None
 
 
 class Settings:
@@ -564,8 +576,11 @@ class ServerConfig(Settings):
     listen_address: str = field(default="127.0.0.1:50051", metadata=setting("VOXAUTH_LISTEN"))
     """host:port to listen on; port 0 picks a free port."""
 
-    database_path: Path = field(default=Path("var/voxauth.db"), metadata=setting("VOXAUTH_DB"))
-    """SQLite file of the embedded store."""
+    database_path: str | Path = field(
+        default=Path("var/voxauth.db"), metadata=setting("VOXAUTH_DB", check=database_location)
+    )
+    """The store: the embedded SQLite file, or a postgresql:// URI naming the PostgreSQL
+    database several replicas share (server/storage/databases.py)."""
 
     model_dir: Path | None = field(default=None, metadata=setting("VOXAUTH_MODEL_DIR"))
     """Verified model files; None means models.fetch.default_model_dir()."""
@@ -789,11 +804,26 @@ def _refusal(
     unless it is a secret."""
     variable: Variable | None = spec.metadata.get(_VARIABLE)
     where = f"{cls.__name__}.{spec.name}"
+    value = _without_password(value)
     if variable is None:
         return ConfigurationError(f"{where}={value!r}: {problem}")
     if variable.secret:
         return ConfigurationError(f"{variable.name} ({where}): {problem}")
     return ConfigurationError(f"{variable.name}={value!r} ({where}): {problem}")
+
+
+def _without_password(value: object) -> object:
+    """`value`, a URI's password masked (a refused VOXAUTH_DB is quoted in the error)."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    uri = urllib.parse.urlsplit(value)
+    if uri.password is not None:
+        uri = uri._replace(netloc=uri.netloc.replace(f":{uri.password}@", ":***@", 1))
+    query = urllib.parse.parse_qsl(uri.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(name, "***" if name == "password" else item) for name, item in query]
+        uri = uri._replace(query=urllib.parse.urlencode(masked, safe="*"))
+    return urllib.parse.urlunsplit(uri)
 
 
 def _plain(value: object) -> object:

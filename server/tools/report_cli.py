@@ -25,7 +25,7 @@ from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store, store_exists
 
 EXIT_OK = 0
 EXIT_BROKEN = 1
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         config = ServerConfig.from_environment()
         database = args.db or config.database_path
-        if not database.is_file():
+        if not store_exists(database):
             raise ConfigurationError(f"no database at {database}")
         keys = KeySettings.from_environment()
         key = load_key(key_b64=keys.key, key_file=keys.key_file)
@@ -85,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "--to", dest="end", type=_day_end, required=True, help="last day (UTC), included"
     )
     parser.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file")
-    parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
+    parser.add_argument(
+        "--db", help="SQLite file or postgresql:// URI (default var/voxauth.db, VOXAUTH_DB)"
+    )
     parser.add_argument(
         "--pdf", type=Path, help="also print the report to this PDF file (needs Chromium)"
     )

@@ -19,7 +19,7 @@ from voxauth.v1 import voxauth_pb2 as pb
 
 from server.audit_actions import AuditAction
 from server.security.crypto import VoiceprintCipher
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store
 from server.tools.agents_cli import EXIT_INCOMPLETE
 from server.tools.cli import EXIT_OK, EXIT_REJECT, main
 from tests.audio_files import encoded_file, opus_packets
