@@ -68,7 +68,9 @@ class StreamFormat:
         return frames
 
 
-@dataclass
+# eq=False: a block is found by identity (list.index in _latest_speech); compared by value,
+# two blocks received at the same clock reading would compare their waveforms, which raises.
+@dataclass(eq=False)
 class _Block:
     data: bytearray
     frames: int

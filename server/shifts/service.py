@@ -22,6 +22,7 @@ from server.errors import (
     CapacityError,
     InvalidRequestError,
     ShiftEndedError,
+    ShiftLeaseLostError,
     ShiftNotLockedError,
     ShiftTakenOverError,
     StreamOrderError,
@@ -35,11 +36,13 @@ from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.lease import ShiftLeases
 from server.shifts.schedule import CheckpointSchedule
 from server.storage.interface import (
     AssuranceRecord,
     AuditEvent,
     RevocationReason,
+    ShiftLease,
     ShiftRecord,
     ShiftState,
     Store,
@@ -126,6 +129,8 @@ class ShiftSession:
         self._audio_arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.detached_since: float | None = service.clock.monotonic()
+        self.lease: ShiftLease | None = None
+        """This replica's lease of the shift (server/shifts/lease.py); every write carries it."""
 
     # --- stream -------------------------------------------------------------------------
 
@@ -170,20 +175,43 @@ class ShiftSession:
                 self._checkpoints(), name=f"shift-{self.record.shift_id}"
             )
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
         if self._task is not None:
             self._task.cancel()
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close(error)
             self.stream = None
+
+    # --- the lease (server/shifts/lease.py) ----------------------------------------------
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream is not None
+
+    def retaken(self) -> None:
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()  # Its wait was for the schedule as it was; the stored one rules.
+            self._task = None
+        self.ensure_checkpoints()
+
+    def lost(self, error: VoxauthError) -> None:
+        self._service.forget(self)
+        self.stop(error)
 
     async def _checkpoints(self) -> None:
         service = self._service
         try:
             while self.record.state is ShiftState.VERIFIED:
-                due = service.clock.monotonic() + service.schedule.next_interval()
-                await service.clock.sleep_until(due)
-                await self._checkpoint(due)
+                try:
+                    due = await service.leases.next_due(self)
+                    await service.clock.sleep_until(due)
+                    await self._checkpoint(due)
+                except ShiftLeaseLostError:
+                    # Nothing of the checkpoint was stored: the owner now runs it, or this
+                    # replica does once it takes the lease back.
+                    stored = await service.leases.stored(self.record.shift_id)
+                    if not await service.leases.recover(self, stored):
+                        return
         except asyncio.CancelledError:
             raise
         except VoxauthError as error:
@@ -201,6 +229,7 @@ class ShiftSession:
             if self.buffer is not None:
                 self.buffer.mark()
                 self._audio_arrived.clear()
+                await service.leases.confirm(self)
                 try:
                     outcome = await service.pool.run(lambda: service.check_speech(self))
                 except CapacityError:
@@ -236,6 +265,7 @@ class ShiftSession:
             updated_at=service.clock.now(),
         )
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
+        decided = service.leases.decided(self.lease, verified=not locked)
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
             lock = service.audit_event(
@@ -244,10 +274,10 @@ class ShiftSession:
                 "LOCKED",
                 consecutive_failures=record.consecutive_failures,
             )
-            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED)
+            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED, lease=decided)
         else:
-            await service.save(record)
-        self.record = record
+            await service.save(record, lease=decided)
+        self.record, self.lease = record, decided
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
         self.publish(
             ShiftEvent(
@@ -274,10 +304,13 @@ class ShiftSession:
             checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
             updated_at=service.clock.now(),
         )
+        decided = service.leases.decided(self.lease, verified=True)
         await service.save(
-            record, service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
+            record,
+            service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH"),
+            lease=decided,
         )
-        self.record = record
+        self.record, self.lease = record, decided
         self.publish(
             ShiftEvent(
                 ShiftEventKind.INSUFFICIENT_SPEECH,
@@ -319,6 +352,7 @@ class ShiftService:
         self.policy = policy
         self.clock = clock
         self.schedule = CheckpointSchedule(policy)
+        self.leases = ShiftLeases(store, store_pool, clock, self.schedule, policy.lease_seconds)
         self._sessions: dict[str, ShiftSession] = {}
         self._subscribers: list[EventSubscription] = []
         self._reaper: asyncio.Task[None] | None = None
@@ -348,14 +382,24 @@ class ShiftService:
             AuditAction.SHIFT_START, record, record.state.value, device_id=device_id
         )
 
-        def create() -> None:
+        owner, expires_at = self.leases.replica_id, self.leases.expiry()
+
+        def create() -> ShiftLease:
             with self._store.unit_of_work(f"start shift {record.shift_id!r}") as unit:
                 unit.create_shift(record)
                 unit.append_audit(started)
+                lease = unit.take_shift_lease(
+                    record.shift_id, owner, attached=False, expires_at=expires_at
+                )
+                if record.state is ShiftState.VERIFIED:
+                    lease = self.leases.scheduled(lease)
+                    unit.fence_shift(lease)
+                return lease
 
-        await self._store_pool.run(create)
+        lease = await self._store_pool.run(create)
         _log(started)
         session = self._session(record)
+        session.lease = lease
         self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -409,8 +453,9 @@ class ShiftService:
         await self.save(
             record,
             self.audit_event(action, record, "VERIFIED", previous_state=was.value, **details),
+            lease=(lease := self.leases.scheduled(session.lease) if session.lease else None),
         )
-        session.record = record
+        session.record, session.lease = record, lease
         if was is not ShiftState.VERIFIED:
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
         session.ensure_checkpoints()
@@ -424,21 +469,25 @@ class ShiftService:
         return await self._store_pool.run(lambda: desk.issue(record))
 
     async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
-        session = await self._active(shift_id)
+        session = await self._active(shift_id, attaching=True)
         if session.record.state is ShiftState.UNVERIFIED:
             raise StreamOrderError(
                 f"shift {shift_id} has not passed its login check; call CheckLogin first"
             )
-        return session.attach(stream_format)
+        stream = session.attach(stream_format)
+        self.leases.keep_renewed(self._sessions.values)
+        return stream
 
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
         session = self._sessions.pop(validate_shift_id(shift_id), None)
-        record = session.record if session else await self._get_shift(shift_id)
+        lease, record = await self.leases.take_shift(
+            shift_id, attached=session is not None and session.streaming
+        )
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
             ended = self.audit_event(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
-            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED)
+            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED, lease=lease)
         if session is not None:
             session.record = record
             session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
@@ -467,6 +516,7 @@ class ShiftService:
         for session in self._sessions.values():
             session.stop()
         self._sessions.clear()
+        self.leases.close()
         if self._reaper is not None:
             self._reaper.cancel()
 
@@ -497,16 +547,20 @@ class ShiftService:
         record: ShiftRecord,
         *audit: AuditEvent,
         revoking: RevocationReason | None = None,
+        lease: ShiftLease | None = None,
     ) -> None:
         """Stores the shift's new state and the audit records of the change in one unit of
         work: a state change is never left unaudited. `revoking` (a shift that ends or locks)
         revokes the shift's latest assurance in the same unit, audited before the change, so
         the token is refused the moment the new state is stored and before it is announced:
         an MFA provider that introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it
-        revoked."""
+        revoked. `lease` fences the write (server/shifts/lease.py): it is refused with
+        ShiftLeaseLostError, writing nothing, if another replica took the shift over."""
 
         def write() -> list[AuditEvent]:
             with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
+                if lease is not None:
+                    unit.fence_shift(lease)
                 events = list(audit)
                 if revoking is not None:
                     revocation = unit.revoke_assurance(record.shift_id, revoking, record.updated_at)
@@ -545,18 +599,26 @@ class ShiftService:
     def wall_time(self, monotonic: float) -> datetime:
         return self.clock.now() - timedelta(seconds=self.clock.monotonic() - monotonic)
 
+    def forget(self, session: ShiftSession) -> None:
+        """Drops the session from memory (another replica owns its shift now)."""
+        if self._sessions.get(session.record.shift_id) is session:
+            del self._sessions[session.record.shift_id]
+
     # --- internals ------------------------------------------------------------------------
 
     async def _get_shift(self, shift_id: str) -> ShiftRecord:
         return await self._store_pool.run(lambda: self._store.get_shift(shift_id))
 
-    async def _active(self, shift_id: str) -> ShiftSession:
-        """The shift's session, loaded from the store after a restart or an idle drop."""
+    async def _active(self, shift_id: str, *, attaching: bool = False) -> ShiftSession:
+        """The shift's session, loaded from the store after a restart or an idle drop, with
+        its lease taken for this replica (and its state as stored)."""
         session = self._sessions.get(validate_shift_id(shift_id))
         if session is None:
             record = await self._get_shift(shift_id)
             session = self._session(record)
+        await self.leases.take(session, attached=attaching or session.streaming)
         if session.record.state is ShiftState.ENDED:
+            self.forget(session)
             raise ShiftEndedError(f"shift {shift_id} has ended; start a new shift")
         return session
 

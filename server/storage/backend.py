@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from server.records import AssuranceRevocation, ShiftState, ThrottleState
+from server.records import AssuranceRevocation, ShiftLease, ShiftState, ThrottleState
 from server.security.assurances import StoredSigningKey
 from server.security.audit import AuditEntry, AuditHead
 
@@ -230,6 +230,12 @@ class Transaction(Protocol):
 
     def update_shift(self, row: ShiftRow) -> bool:
         """False if there is no shift with the id."""
+
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """The shift's lease (server/shifts/lease.py); None if it never had one."""
+
+    def put_shift_lease(self, lease: ShiftLease) -> None:
+        """Stores the lease of an existing shift, replacing any; it goes with the shift."""
 
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         """ThrottleState() for an agent without one."""

@@ -15,7 +15,7 @@ server.security never imports server.storage; so is what the request ledger need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -30,6 +30,7 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftLease,
     ShiftRecord,
     ShiftState,
     ThrottleState,
@@ -54,6 +55,7 @@ __all__ = [
     "ReencryptionReport",
     "ReplayFingerprint",
     "RevocationReason",
+    "ShiftLease",
     "ShiftRecord",
     "ShiftState",
     "ShiftStore",
@@ -130,6 +132,21 @@ class UnitOfWork(Protocol):
 
     def update_shift(self, shift: ShiftRecord) -> None:
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
+
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """The shift's lease (server/shifts/lease.py); None if no replica ever took it."""
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> ShiftLease:
+        """Makes `owner` the shift's owner with the next fencing token, keeping the checkpoint
+        schedule; every write carrying an older token is refused from now on. Raises
+        ShiftNotFoundError."""
+
+    def fence_shift(self, lease: ShiftLease) -> None:
+        """Refuses the unit, with ShiftLeaseLostError, unless `lease`'s owner still holds the
+        shift with its token (a shift write calls it first, so a replica that lost the lease
+        writes nothing); then stores `lease` (its expiry and checkpoint schedule)."""
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
@@ -241,6 +258,21 @@ class ShiftStore(Protocol):
 
     def update_shift(self, shift: ShiftRecord) -> None:
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
+
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """See UnitOfWork.shift_lease."""
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> tuple[ShiftLease, ShiftRecord]:
+        """UnitOfWork.take_shift_lease on its own; with the shift's state as stored when it
+        was taken (another replica may have changed it since this one last looked)."""
+
+    def renew_shift_leases(
+        self, leases: Sequence[ShiftLease], expires_at: datetime
+    ) -> dict[str, ShiftLease | None]:
+        """Moves to `expires_at` the expiry of each of `leases` its owner still holds, in one
+        transaction; returns the stored lease (None: the shift is gone) of each one lost."""
 
 
 class ThrottleStore(Protocol):

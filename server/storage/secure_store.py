@@ -24,6 +24,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from server.audit_actions import AuditAction
@@ -32,6 +33,7 @@ from server.errors import (
     AgentNotFoundError,
     CapacityError,
     ConfigurationError,
+    ShiftLeaseLostError,
     ShiftNotFoundError,
     StorageError,
 )
@@ -44,6 +46,7 @@ from server.records import (
     ReencryptionReport,
     ReplayFingerprint,
     RevocationReason,
+    ShiftLease,
     ShiftRecord,
     ThrottleState,
     UtteranceRecord,
@@ -194,6 +197,30 @@ class SecureStore:
     def update_shift(self, shift: ShiftRecord) -> None:
         with self.unit_of_work(f"update shift {shift.shift_id!r}") as unit:
             unit.update_shift(shift)
+
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        with self._transaction(f"read the lease of shift {shift_id!r}", write=False) as unit:
+            return unit.shift_lease(shift_id)
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> tuple[ShiftLease, ShiftRecord]:
+        with self.unit_of_work(f"take the lease of shift {shift_id!r}") as unit:
+            lease = unit.take_shift_lease(shift_id, owner, attached=attached, expires_at=expires_at)
+            return lease, unit.get_shift(shift_id)
+
+    def renew_shift_leases(
+        self, leases: Sequence[ShiftLease], expires_at: datetime
+    ) -> dict[str, ShiftLease | None]:
+        with self._transaction("renew shift leases", write=True) as unit:
+            lost: dict[str, ShiftLease | None] = {}
+            for lease in leases:
+                stored = unit.txn.shift_lease(lease.shift_id)
+                if stored is not None and _same_holder(stored, lease):
+                    unit.txn.put_shift_lease(replace(stored, expires_at=expires_at))
+                else:
+                    lost[lease.shift_id] = stored
+            return lost
 
     def save_assurance(self, assurance: AssuranceRecord) -> None:
         with self.unit_of_work(f"save assurance of shift {assurance.shift_id!r}") as unit:
@@ -601,6 +628,33 @@ class _Unit:
         if agent is None or not self.txn.update_shift(agent.shift_row(shift)):
             raise ShiftNotFoundError(f"no shift {shift.shift_id!r}")
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        return self.txn.shift_lease(shift_id)
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> ShiftLease:
+        if self.txn.shift(shift_id) is None:
+            raise ShiftNotFoundError(f"no shift {shift_id!r}")
+        old = self.txn.shift_lease(shift_id)
+        if old is None:
+            lease = ShiftLease(shift_id, owner, 1, attached, expires_at)
+        else:
+            lease = replace(
+                old, owner=owner, token=old.token + 1, attached=attached, expires_at=expires_at
+            )
+        self.txn.put_shift_lease(lease)
+        return lease
+
+    def fence_shift(self, lease: ShiftLease) -> None:
+        stored = self.txn.shift_lease(lease.shift_id)
+        if stored is None or not _same_holder(stored, lease):
+            raise ShiftLeaseLostError(
+                f"shift {lease.shift_id} moved to another replica (fencing token "
+                f"{lease.token} is stale)"
+            )
+        self.txn.put_shift_lease(lease)
+
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
@@ -681,6 +735,11 @@ class _Unit:
         if agent is None:
             raise AgentNotFoundError(f"no agent {agent_id!r}")
         return agent
+
+
+def _same_holder(stored: ShiftLease, held: ShiftLease) -> bool:
+    """Whether `held` is still the stored lease's holder: the token moves on every takeover."""
+    return stored.token == held.token and stored.owner == held.owner
 
 
 def _agent_keys(txn: Transaction) -> Iterator[AgentKeyRow]:

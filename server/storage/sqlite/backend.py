@@ -29,6 +29,7 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     RevocationReason,
+    ShiftLease,
     ShiftState,
     ThrottleState,
 )
@@ -418,6 +419,40 @@ class SqliteTransaction:
             (*values[1:], values[0]),
         )
         return updated.rowcount == 1
+
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        row = self._conn.execute(
+            "SELECT owner, token, attached, expires_at, checkpoint_seq, next_checkpoint_at "
+            "FROM shift_leases WHERE shift_id = ?",
+            (shift_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        owner, token, attached, expires_at, seq, next_at = row
+        return ShiftLease(
+            shift_id,
+            owner,
+            token,
+            bool(attached),
+            _from_micros(expires_at),
+            seq,
+            _optional_time(next_at),
+        )
+
+    def put_shift_lease(self, lease: ShiftLease) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO shift_leases (shift_id, owner, token, attached, expires_at, "
+            "checkpoint_seq, next_checkpoint_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                lease.shift_id,
+                lease.owner,
+                lease.token,
+                int(lease.attached),
+                _to_micros(lease.expires_at),
+                lease.checkpoint_seq,
+                _optional_micros(lease.next_checkpoint_at),
+            ),
+        )
 
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         row = self._conn.execute(

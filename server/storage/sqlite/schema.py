@@ -280,6 +280,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX replay_fingerprints_by_agent ON replay_fingerprints (agent_ref, recorded_at)",
     ),
+    (
+        # Shift leases (server/shifts/lease.py): which replica owns a shift, its fencing token
+        # and its checkpoint schedule. No personal data; it goes with its shift.
+        """CREATE TABLE shift_leases (
+            shift_id TEXT PRIMARY KEY REFERENCES shifts (shift_id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            token INTEGER NOT NULL,
+            attached INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            checkpoint_seq INTEGER NOT NULL,
+            next_checkpoint_at INTEGER
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
