@@ -8,6 +8,15 @@ cd "$(dirname "$0")/.."
 extras=""
 if [[ "${1:-}" == "--dev" ]]; then extras="[dev]"; fi
 
+# The PostgreSQL backend's tests start a server of their own (tests/postgres.py) from Debian's
+# postgresql-15 binaries: installed with the dev tools, only when missing.
+if [[ -n "$extras" && ! -x /usr/lib/postgresql/15/bin/initdb ]]; then
+  echo "voxauth setup: installing PostgreSQL 15 for the tests (apt-get)"
+  sudo=""; if [[ "$(id -u)" -ne 0 ]]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql-15
+fi
+
 python=""
 for candidate in python3.11 python3; do
   if command -v "$candidate" >/dev/null &&

@@ -44,8 +44,8 @@ from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
 from server.shifts.service import ShiftService
+from server.storage.databases import open_store
 from server.storage.interface import AuditEvent, Store
-from server.storage.sqlite import open_store
 from server.verification.replay import ReplayGuard
 from server.verification.retention import expire_unused_voiceprints
 from server.verification.service import VerificationService
@@ -128,6 +128,7 @@ class VoxauthServer:
                 self.config.database_path,
                 VoiceprintCipher(self._key, self._previous_keys),
                 audit_key=AuditKey(self._key),
+                connections=self.config.store.workers,
             )
         )
         self._store = store

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import types
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -92,6 +93,17 @@ def cosine(value: float) -> str | None:
 
 def false_match_rate(value: float) -> str | None:
     return None if 0 < value < 0.5 else "must be a rate between 0 and 0.5 (e.g. 0.0001)"
+
+
+def database_location(value: str | Path) -> str | None:
+    """A PostgreSQL URI must not hold a password: the configuration is recorded in the audit
+    log, and libpq reads the password from PGPASSFILE (~/.pgpass) or PGPASSWORD instead."""
+    if not str(value).startswith(("postgresql://", "postgres://")):
+        return None
+    uri = urllib.parse.urlsplit(str(value))
+    if uri.password is not None or "password" in urllib.parse.parse_qs(uri.query):
+        return "must not hold a password: give it in PGPASSFILE (~/.pgpass) or PGPASSWORD"
+    return None
 
 
 class Settings:
@@ -532,8 +544,11 @@ class ServerConfig(Settings):
     listen_address: str = field(default="127.0.0.1:50051", metadata=setting("VOXAUTH_LISTEN"))
     """host:port to listen on; port 0 picks a free port."""
 
-    database_path: Path = field(default=Path("var/voxauth.db"), metadata=setting("VOXAUTH_DB"))
-    """SQLite file of the embedded store."""
+    database_path: str | Path = field(
+        default=Path("var/voxauth.db"), metadata=setting("VOXAUTH_DB", check=database_location)
+    )
+    """The store: the embedded SQLite file, or a postgresql:// URI naming the PostgreSQL
+    database several replicas share (server/storage/databases.py)."""
 
     model_dir: Path | None = field(default=None, metadata=setting("VOXAUTH_MODEL_DIR"))
     """Verified model files; None means models.fetch.default_model_dir()."""

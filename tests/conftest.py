@@ -17,6 +17,7 @@ from models.embedder import SpeakerEmbedder
 from models.fetch import default_countermeasure_dir, default_model_dir
 from server.config import ServerConfig
 from tests.clock import ManualClock
+from tests.postgres import PostgresServer
 from tests.support import KEY, RunningServer, make_config
 
 
@@ -61,6 +62,15 @@ def start_server(
     for server in running:
         if server._thread.is_alive():
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The tests' own PostgreSQL server, started on first use and stopped at the end of the
+    session; fails (never skips) where its binaries are missing."""
+    server = PostgresServer()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

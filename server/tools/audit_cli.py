@@ -29,7 +29,7 @@ from server.security.audit import (
     verify_log,
 )
 from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store, sqlite_file
 
 EXIT_INTACT = 0
 EXIT_BROKEN = 1
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         database = args.db or ServerConfig.from_environment().database_path
-        if not database.is_file():
+        if (path := sqlite_file(database)) is not None and not path.is_file():
             # Opening would create an empty database and report it intact.
             raise ConfigurationError(f"no database at {database}")
         keys = KeySettings.from_environment()
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     export = actions.add_parser("export", help="write the records for a SIEM")
     for action in (verify, export):
         action.add_argument(
-            "--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)"
+            "--db", help="SQLite file or postgresql:// URI (default var/voxauth.db, VOXAUTH_DB)"
         )
     export.add_argument("--format", choices=("jsonl", "cef"), default="jsonl")
     export.add_argument(

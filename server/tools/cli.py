@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--listen", help="host:port (default 127.0.0.1:50051, VOXAUTH_LISTEN)")
-    serve.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
+    serve.add_argument(
+        "--db", help="SQLite file or postgresql:// URI (default var/voxauth.db, VOXAUTH_DB)"
+    )
     serve.add_argument("--model-dir", type=Path, help="verified model files (VOXAUTH_MODEL_DIR)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument(
@@ -123,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         help="measure embedding speed (`--check`: each stage of a whole check); `bench load`: "
-        "Verify load; `bench shifts`: shift load",
+        "Verify load; `bench shifts`: shift load; `bench store`: store work per Verify",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     commands.add_parser(
@@ -250,6 +252,10 @@ def _bench(argv: list[str]) -> int:
         from server.tools.shift_bench import main as shift_bench_main
 
         return shift_bench_main(argv[1:])
+    if argv[:1] == ["store"]:
+        from server.tools.store_bench import main as store_bench_main
+
+        return store_bench_main(argv[1:])
     if argv[:1] == ["load"]:
         from server.tools.load_bench import main as load_bench_main
 

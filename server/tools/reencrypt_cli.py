@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from server.config import KeySettings, ServerConfig
 from server.errors import ConfigurationError, StorageError
@@ -15,7 +14,7 @@ from server.runtime.clock import SystemClock
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
 from server.security.key_rotation import DEFAULT_BATCH_SIZE, rotate
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store
 
 
 def main(argv: Sequence[str]) -> int:
@@ -26,7 +25,9 @@ def main(argv: Sequence[str]) -> int:
         description="Re-wrap every data key (and re-seal the audit chain) under VOXAUTH_KEY; "
         "the keys they were sealed with must be in VOXAUTH_PREVIOUS_KEYS(_FILE).",
     )
-    parser.add_argument("--db", type=Path, help="SQLite file (default var/voxauth.db, VOXAUTH_DB)")
+    parser.add_argument(
+        "--db", help="SQLite file or postgresql:// URI (default var/voxauth.db, VOXAUTH_DB)"
+    )
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="keys per transaction"
     )

@@ -14,6 +14,7 @@ import pytest
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher
 from server.storage.backend import StorageBackend
+from server.storage.postgresql.backend import PostgresBackend
 from server.storage.secure_store import SecureStore
 from server.storage.sqlite.backend import SqliteBackend
 from server.storage.upgrade import SealingUpgrade
@@ -64,14 +65,46 @@ class SqliteStorage:
         return SecureStore.open(backend, cipher, audit_key)
 
 
-STORAGES: dict[str, Callable[[Path], Storage]] = {
-    "sqlite": lambda tmp_path: SqliteStorage(tmp_path / "var" / "voxauth.sqlite3"),
+class PostgresStorage:
+    """A database of its own on the tests' PostgreSQL server; each `backend` or `open` is a
+    new connection pool, as another replica's would be."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+
+    def backend(
+        self, cipher: VoiceprintCipher = CIPHER, audit_key: AuditKey | None = AUDIT_KEY
+    ) -> StorageBackend:
+        return PostgresBackend.open(
+            self.conninfo, connections=4, upgrade=SealingUpgrade(cipher, audit_key)
+        )
+
+    def open(
+        self,
+        cipher: VoiceprintCipher = CIPHER,
+        audit_key: AuditKey | None = AUDIT_KEY,
+        *,
+        failing: FailingBackend | None = None,
+    ) -> SecureStore:
+        backend: StorageBackend = self.backend(cipher, audit_key)
+        if failing is not None:
+            failing.wrap(backend)
+            backend = failing
+        return SecureStore.open(backend, cipher, audit_key)
+
+
+STORAGES: dict[str, Callable[[pytest.FixtureRequest, Path], Storage]] = {
+    "sqlite": lambda _, tmp_path: SqliteStorage(tmp_path / "var" / "voxauth.sqlite3"),
+    "postgresql": lambda request, _: PostgresStorage(
+        request.getfixturevalue("postgres_server").new_database()
+    ),
 }
+"""Each backend's Storage, made for one test (its request) in its temporary directory."""
 
 
 @pytest.fixture(params=sorted(STORAGES))
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
-    return STORAGES[request.param](tmp_path)
+    return STORAGES[request.param](request, tmp_path)
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ from __future__ import annotations
 import sqlite3
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from server.runtime.requests import CompletedRequest, RecordedResponse, RequestKey
 from server.storage.secure_store import SecureStore
-from tests.contract.conftest import Storage
+from tests.contract.conftest import PostgresStorage, SqliteStorage, Storage
 from tests.contract.samples import NOW, agent
 
 KEY = RequestKey("hr-portal", "FinalizeEnrollment", "3f2c7a1e-0d4b-4c8e-9a51-1b6f0e2d7c90")
@@ -89,16 +90,16 @@ def test_a_completion_for_an_agent_that_does_not_exist_is_not_kept(store: Secure
 def storage_holds(storage: Storage, plain: bytes) -> bool:
     """Whether any completed request row holds `plain` as it is: nothing in them names who
     asked, and a response that names an agent is sealed."""
-    path = getattr(storage, "path", None)
-    if path is None:
-        pytest.skip("reads the rows of the SQLite file")
-    with sqlite3.connect(path) as connection:
-        rows = connection.execute(
-            "SELECT request_handle, request_digest, response FROM completed_requests"
-        ).fetchall()
+    query = "SELECT request_handle, request_digest, response FROM completed_requests"
+    rows: list[tuple[str | bytes, ...]]
+    if isinstance(storage, PostgresStorage):
+        with psycopg.connect(storage.conninfo) as connection:
+            rows = connection.execute(query).fetchall()
+    else:
+        assert isinstance(storage, SqliteStorage)
+        with sqlite3.connect(storage.path) as connection:
+            rows = connection.execute(query).fetchall()
     assert rows
-    values = [
-        str(value).encode() if isinstance(value, str) else value for row in rows for value in row
-    ]
+    values = [value.encode() if isinstance(value, str) else value for row in rows for value in row]
     names = [KEY.caller.encode(), KEY.request_id.encode()]
     return any(plain in value or any(name in value for name in names) for value in values)

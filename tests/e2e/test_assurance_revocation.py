@@ -24,7 +24,7 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.security.identity import Role
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store
 from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (

@@ -25,7 +25,7 @@ from server.api.tls import channel_credentials
 from server.security.certificates import DevelopmentPki, create_pki
 from server.security.crypto import VoiceprintCipher
 from server.security.identity import Role
-from server.storage.sqlite import open_store
+from server.storage.databases import open_store
 from tests.clock import ManualClock
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (

@@ -17,8 +17,8 @@ from voxauth.v1 import voxauth_pb2 as pb
 
 from server.pipeline.decode import encode_mulaw, telephone_channel
 from server.security.crypto import VoiceprintCipher
+from server.storage.databases import open_store
 from server.storage.interface import Voiceprint
-from server.storage.sqlite import open_store
 from tests.support import (
     KEY,
     OTHER_1,

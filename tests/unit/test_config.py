@@ -54,9 +54,21 @@ def test_overrides() -> None:
     assert config.verification.threshold == 0.5
     # Enrollment consistency follows the verification threshold.
     assert config.enrollment.consistency_threshold == 0.5
-    assert config.database_path == Path("/data/v.db")
+    assert config.database_path == "/data/v.db"
     assert config.enrollment.required_net_speech_seconds == 30.0
     assert config.inference.workers == 4
+
+
+def test_the_store_is_a_sqlite_file_or_a_postgresql_uri_without_a_password() -> None:
+    shared = "postgresql://voxauth@db.example:5432/voxauth?sslmode=verify-full"
+    assert ServerConfig.from_environment({"VOXAUTH_DB": shared}).database_path == shared
+    # The configuration is audited: a password belongs in PGPASSFILE, never in the URI.
+    for with_password in (
+        "postgresql://voxauth:hunter2@db.example/voxauth",
+        "postgres://db.example/voxauth?password=hunter2",
+    ):
+        with pytest.raises(ConfigurationError, match="PGPASSFILE"):
+            ServerConfig.from_environment({"VOXAUTH_DB": with_password})
 
 
 @pytest.mark.parametrize(

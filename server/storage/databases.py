@@ -1,0 +1,40 @@
+"""Which database the store lives in, by the one setting VOXAUTH_DB: a postgresql:// (or
+postgres://) URI names the shared PostgreSQL database several replicas use; anything else is
+the path of the embedded SQLite file (the default). The composition root (server/app.py) and
+the tools open the store here; nothing else imports the concrete backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.security.audit import AuditKey
+from server.security.crypto import VoiceprintCipher
+from server.storage import postgresql, sqlite
+from server.storage.secure_store import SecureStore
+
+_POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgresql(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(_POSTGRESQL_SCHEMES)
+
+
+def open_store(
+    location: str | Path,
+    cipher: VoiceprintCipher,
+    *,
+    audit_key: AuditKey | None = None,
+    connections: int = 4,
+) -> SecureStore:
+    """The store at `location` (see the module's doc), migrated if older; `connections`
+    bounds a PostgreSQL store's connection pool (one per store thread). Raises StorageError,
+    or ConfigurationError if the database holds values sealed under a key `cipher` lacks."""
+    if is_postgresql(location):
+        assert isinstance(location, str)
+        return postgresql.open_store(location, cipher, audit_key=audit_key, connections=connections)
+    return sqlite.open_store(Path(location), cipher, audit_key=audit_key)
+
+
+def sqlite_file(location: str | Path) -> Path | None:
+    """The SQLite file `location` names; None for a PostgreSQL database."""
+    return None if is_postgresql(location) else Path(location)
