@@ -43,8 +43,9 @@ from server.security.assurances import AssurancePolicy, SigningKeyCipher, Signin
 from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
+from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
 from server.shifts.service import ShiftService
-from server.storage.databases import open_store
+from server.storage.databases import event_wakeups, open_store
 from server.storage.interface import AuditEvent, Store
 from server.verification.replay import ReplayGuard
 from server.verification.retention import expire_unused_voiceprints
@@ -114,6 +115,7 @@ class VoxauthServer:
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None
+        self._events: EventBus | None = None
         self._jwks_http: JwksHttpServer | None = None
         self._retention: asyncio.Task[None] | None = None
         self.port = 0
@@ -214,6 +216,14 @@ class VoxauthServer:
             throttle,
             ReplayGuard(store, policy) if policy.replay_detection else None,
         )
+        wakeups = event_wakeups(self.config.database_path)
+        events: EventBus = (
+            LocalEventBus()
+            if wakeups is None
+            else StoreEventBus(store, self._store_pool, wakeups, self._clock)
+        )
+        await events.open()
+        self._events = events
         self._shifts = ShiftService(
             store,
             verification,
@@ -224,6 +234,7 @@ class VoxauthServer:
             self.config.shifts,
             self._clock,
             assurances,
+            events,
         )
         self._readiness.serve(
             Services(
@@ -269,6 +280,8 @@ class VoxauthServer:
         self._readiness.withdraw()
         if self._shifts is not None:
             await self._shifts.close()
+        if self._events is not None:
+            await self._events.close()
         self._inference.shutdown()
         if self._presentation is not None:
             self._presentation.close()

@@ -35,6 +35,7 @@ from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.shifts.event_bus import EventBus, LocalEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.lease import ShiftLeases
 from server.shifts.schedule import CheckpointSchedule
@@ -341,6 +342,7 @@ class ShiftService:
         policy: ShiftPolicy,
         clock: Clock,
         assurances: AssuranceDesk | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self._store = store
         self._assurances = assurances
@@ -355,6 +357,10 @@ class ShiftService:
         self.leases = ShiftLeases(store, store_pool, clock, self.schedule, policy.lease_seconds)
         self._sessions: dict[str, ShiftSession] = {}
         self._subscribers: list[EventSubscription] = []
+        # Subscribers may be on another replica: events go to them through the bus, which
+        # brings every replica's events back to this one's subscribers (server/shifts/event_bus.py).
+        self._bus = events or LocalEventBus()
+        self._bus.listen(self._fan_out)
         self._reaper: asyncio.Task[None] | None = None
 
     # --- use cases ------------------------------------------------------------------------
@@ -593,6 +599,9 @@ class ShiftService:
         )
 
     def publish(self, event: ShiftEvent) -> None:
+        self._bus.publish(event)
+
+    def _fan_out(self, event: ShiftEvent) -> None:
         for subscription in self._subscribers:
             subscription.offer(event)
 

@@ -50,6 +50,8 @@ __all__ = [
     "AuditEvent",
     "CompletedRequest",
     "CompletedRequestStore",
+    "EventStore",
+    "EventWakeups",
     "KeyRotationStore",
     "RecordingOrigin",
     "ReencryptionReport",
@@ -275,6 +277,35 @@ class ShiftStore(Protocol):
         transaction; returns the stored lease (None: the shift is gone) of each one lost."""
 
 
+class EventStore(Protocol):
+    """Shift events kept for the replicas' event bus (server/shifts/event_bus.py): payloads
+    the store seals under their agent's key and erases with it. Thread-safe."""
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        """Keeps the event, drops those from before `keep_after`, and returns its id: higher
+        than any before it. Raises AgentNotFoundError."""
+
+    def events_after(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """At most `limit` events (id, payload) after `after_id`, by id; an erased agent's are
+        gone."""
+
+    def latest_event_id(self) -> int:
+        """The highest id given so far; 0 before any."""
+
+
+class EventWakeups(Protocol):
+    """A backend's way of telling a replica that another committed shift events (PostgreSQL:
+    LISTEN/NOTIFY). Only a hint to read the store: a missed one loses nothing."""
+
+    def start(self, woken: Callable[[], None]) -> None:
+        """Calls `woken` (from any thread) after events commit, and once after each
+        reconnection, since events may have been missed while disconnected."""
+
+    def close(self) -> None: ...
+
+
 class ThrottleStore(Protocol):
     """Throttling state per agent. Thread-safe, like VoiceprintStore."""
 
@@ -292,6 +323,7 @@ class Store(
     ThrottleStore,
     KeyRotationStore,
     CompletedRequestStore,
+    EventStore,
     Protocol,
 ):
     """Everything the service keeps: one interface over any backend."""

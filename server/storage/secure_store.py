@@ -270,6 +270,33 @@ class SecureStore:
         with self._transaction("forget expired request ids", write=True) as unit:
             return unit.txn.delete_completed_requests_expired(at)
 
+    # --- shift events ----------------------------------------------------------------------------
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        with self._transaction("append a shift event", write=True) as unit:
+            agent = unit.find(agent_id)
+            if agent is None:
+                raise AgentNotFoundError(f"agent {agent_id!r} does not exist")
+            event_id = unit.txn.insert_event(agent.agent_ref, agent.seal_event(payload), at)
+            unit.txn.delete_events_before(keep_after)
+            return event_id
+
+    def events_after(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        with self._transaction("read shift events", write=False) as unit:
+            rows = unit.txn.events_after(after_id, limit)
+            agents = self._agents.by_ref(unit.txn, {row.agent_ref for row in rows})
+            return [
+                (row.event_id, agents[row.agent_ref].open_event(row.sealed_payload))
+                for row in rows
+                if row.agent_ref in agents
+            ]
+
+    def latest_event_id(self) -> int:
+        with self._transaction("read the latest shift event id", write=False) as unit:
+            return unit.txn.latest_event_id()
+
     # --- the audit log -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:

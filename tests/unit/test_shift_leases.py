@@ -1,7 +1,7 @@
-"""Replicas sharing shifts through leases with fencing tokens (issue 15, point 2): two
-ShiftServices, each with its own connection to one SQLite file (as two processes on one host
-would be), on one test clock, with the fake voice. The multi-replica test over PostgreSQL with
-real processes and the real model is tests/e2e/test_replicas.py."""
+"""Replicas sharing shifts through leases with fencing tokens, and their events through the
+event bus (issue 15, point 2): two ShiftServices, each with its own connection to one SQLite
+file (as two processes on one host would be) or to the tests' PostgreSQL, on one test clock,
+with the fake voice."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import StreamFormat
+from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
-from server.shifts.service import ShiftService, ShiftStream
+from server.shifts.service import EventSubscription, ShiftService, ShiftStream
+from server.storage.databases import event_wakeups, open_store
 from server.storage.secure_store import SecureStore
-from server.storage.sqlite import open_store
 from tests.clock import ManualClock
 from tests.fakes import (
     AGENT_AUDIO,
@@ -40,6 +41,7 @@ from tests.fakes import (
     fake_verification,
     pcm16,
 )
+from tests.postgres import PostgresServer
 
 KEY = bytes(range(32))
 AGENT = "agent-7"
@@ -61,42 +63,59 @@ T = TypeVar("T")
 class Replica:
     store: SecureStore
     shifts: ShiftService
+    events: EventBus
     pools: tuple[InferencePool, StorePool]
+    stopped: bool = False
 
     async def stop(self) -> None:
         """As the process dies: its tasks stop, nothing is released in the store."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.shifts.close()
+        await self.events.close()
         for pool in self.pools:
             pool.shutdown()
         self.store.close()
 
 
-def replica(path: Path, clock: ManualClock, policy: ShiftPolicy = POLICY) -> Replica:
-    store = open_store(path, VoiceprintCipher(KEY))
+async def replica(location: str | Path, scoring: Path, clock: ManualClock) -> Replica:
+    """One replica on the database at `location`, with the event bus the server would give
+    it (server/app.py)."""
+    store = open_store(location, VoiceprintCipher(KEY))
     pool, store_pool = InferencePool(InferenceLimits()), StorePool(StoreLimits())
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
+    wakeups = event_wakeups(location)
+    events: EventBus = (
+        LocalEventBus() if wakeups is None else StoreEventBus(store, store_pool, wakeups, clock)
+    )
+    await events.open()
     shifts = ShiftService(
         store,
-        fake_verification(store, path.parent, clock.now),
+        fake_verification(store, scoring, clock.now),
         analyser,
         AllSpeech(),
         pool,
         store_pool,
-        policy,
+        POLICY,
         clock,
+        events=events,
     )
-    return Replica(store, shifts, (pool, store_pool))
+    return Replica(store, shifts, events, (pool, store_pool))
 
 
 @asynccontextmanager
-async def two_replicas(tmp_path: Path) -> AsyncIterator[tuple[Replica, Replica, ManualClock]]:
+async def two_replicas(
+    tmp_path: Path, location: str | Path | None = None
+) -> AsyncIterator[tuple[Replica, Replica, ManualClock]]:
+    """Two replicas on one database: SQLite in tmp_path unless `location` names another."""
     clock = ManualClock()
-    path = tmp_path / "voxauth.db"
-    one = replica(path, clock)
+    where = location or tmp_path / "voxauth.db"
+    one = await replica(where, tmp_path, clock)
     now = clock.now()
     one.store.create_agent(AgentRecord(AGENT, "Agent 7", "HR-1", now))
     one.store.replace_voiceprint(Voiceprint(AGENT, MODEL_ID, AGENT_VOICE, now, 3, 30.0), [])
-    two = replica(path, clock)
+    two = await replica(where, tmp_path, clock)
     try:
         yield one, two, clock
     finally:
@@ -142,11 +161,19 @@ def checkpoint_audits(store: SecureStore) -> list[str]:
     ]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    if request.param == "sqlite":
+        return tmp_path / "voxauth.db"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
 def test_a_softphone_that_reconnects_to_another_replica_keeps_the_checkpoint_schedule(
-    tmp_path: Path,
+    tmp_path: Path, database: str | Path
 ) -> None:
     async def scenario() -> None:
-        async with two_replicas(tmp_path) as (one, two, clock):
+        async with two_replicas(tmp_path, database) as (one, two, clock):
             shift_id = await started(one)
             on_one = await one.shifts.attach(shift_id, PCM)
             await next_kind(on_one)  # attached
@@ -294,5 +321,68 @@ def test_a_replica_that_cannot_reach_the_store_for_a_lease_ends_its_streams(
             await settle(clock, POLICY.lease_seconds / 3)
             with pytest.raises(UnavailableError):
                 await eventually(on_one.next_event)
+
+    asyncio.run(scenario())
+
+
+# --- events across replicas -----------------------------------------------------------------
+
+
+async def kinds(subscription: EventSubscription, count: int) -> list[ShiftEventKind]:
+    return [(await eventually(subscription.next_event)).kind for _ in range(count)]
+
+
+def test_a_lock_decided_on_one_replica_reaches_a_subscriber_on_another(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, postgres_server.new_database()) as (one, two, clock):
+            mfa = two.shifts.subscribe()
+            shift_id = await started(one)
+            on_one = await one.shifts.attach(shift_id, PCM)
+            await next_kind(on_one)
+            for _ in range(POLICY.max_consecutive_failures):
+                await settle(clock, 99)
+                speak(on_one, level=-0.1)
+                await settle(clock, 1)
+                await next_kind(on_one)
+            assert await kinds(mfa, 3) == [
+                ShiftEventKind.CHECKPOINT_FAILED,
+                ShiftEventKind.CHECKPOINT_FAILED,
+                ShiftEventKind.SHIFT_LOCKED,
+            ]
+            # The replica's own subscribers hear it through the same table, once.
+            local = one.shifts.subscribe()
+            await one.shifts.end(shift_id)
+            assert await kinds(local, 1) == [ShiftEventKind.SHIFT_ENDED]
+            assert await kinds(mfa, 1) == [ShiftEventKind.SHIFT_ENDED]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(local.next_event(), 0.5)
+
+    asyncio.run(scenario())
+
+
+def test_events_published_while_a_replica_was_not_listening_reach_it_in_order(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    async def scenario() -> None:
+        database = postgres_server.new_database()
+        async with two_replicas(tmp_path, database) as (one, two, _):
+            mfa = two.shifts.subscribe()
+            # Replica two's listening connection drops (as when PostgreSQL restarts): the
+            # NOTIFYs of what follows never reach it.
+            with postgres_server.admin() as admin:
+                dropped = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN%%' AND datname = %s",
+                    (database.split("///")[1].split("?")[0],),
+                ).fetchall()
+            assert dropped
+            shift_ids = [await started(one) for _ in range(3)]
+            for shift_id in shift_ids:
+                await one.shifts.end(shift_id)
+            ended = [await eventually(mfa.next_event, 15) for _ in shift_ids]
+            assert [e.kind for e in ended] == [ShiftEventKind.SHIFT_ENDED] * 3
+            assert [e.shift.shift_id for e in ended] == shift_ids
 
     asyncio.run(scenario())

@@ -41,6 +41,7 @@ from server.storage.backend import (
     AssuranceRow,
     AuditRow,
     CompletedRequestRow,
+    EventRow,
     FingerprintRow,
     ShiftRow,
     Transaction,
@@ -229,6 +230,7 @@ class SqliteTransaction:
             "shifts",
             "verification_throttle",
             "completed_requests",
+            "shift_events",
         ):
             self._conn.execute(f"DELETE FROM {table} WHERE agent_ref = ?", (agent_ref,))
         return True
@@ -594,6 +596,32 @@ class SqliteTransaction:
         return deleted.rowcount
 
     # --- the audit chain ---------------------------------------------------------------------
+
+    def insert_event(self, agent_ref: str, sealed_payload: bytes, at: datetime) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO shift_events (agent_ref, payload, at) VALUES (?, ?, ?)",
+            (agent_ref, sealed_payload, _to_micros(at)),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def events_after(self, after_id: int, limit: int) -> list[EventRow]:
+        rows = self._conn.execute(
+            "SELECT event_id, agent_ref, payload, at FROM shift_events WHERE event_id > ? "
+            "ORDER BY event_id LIMIT ?",
+            (after_id, limit),
+        )
+        return [EventRow(i, ref, bytes(payload), _from_micros(at)) for i, ref, payload, at in rows]
+
+    def latest_event_id(self) -> int:
+        # The AUTOINCREMENT counter, which deleting the newest events does not move back.
+        row = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'shift_events'"
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def delete_events_before(self, at: datetime) -> None:
+        self._conn.execute("DELETE FROM shift_events WHERE at < ?", (_to_micros(at),))
 
     def audit_head(self) -> AuditHead | None:
         row = self._conn.execute("SELECT seq, hash, key_id, mac FROM audit_head").fetchone()
