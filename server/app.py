@@ -39,7 +39,12 @@ from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
 from server.scoring.scorer import Scorer, ScoringModel
 from server.security.assurance_desk import AssuranceDesk
-from server.security.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
+from server.security.assurances import (
+    KEYRING_SYNC_SECONDS,
+    AssurancePolicy,
+    SigningKeyCipher,
+    SigningKeyring,
+)
 from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
@@ -118,6 +123,7 @@ class VoxauthServer:
         self._events: EventBus | None = None
         self._jwks_http: JwksHttpServer | None = None
         self._retention: asyncio.Task[None] | None = None
+        self._key_sync: asyncio.Task[None] | None = None
         self.port = 0
         self.token_port = 0
         self.jwks_port = 0
@@ -165,7 +171,20 @@ class VoxauthServer:
             await self.stop(grace=0)
             raise
         self._retention = asyncio.create_task(self._expire_voiceprints(store), name="retention")
+        self._key_sync = asyncio.create_task(
+            self._follow_signing_keys(keyring), name="signing-key-sync"
+        )
         return self.port
+
+    async def _follow_signing_keys(self, keyring: SigningKeyring) -> None:
+        """Other replicas on the store may rotate the signing key: follow the stored keyring,
+        so this replica's JWKS publishes their keys too (server/security/assurances.py)."""
+        while True:
+            await self._clock.sleep_until(self._clock.monotonic() + KEYRING_SYNC_SECONDS)
+            try:
+                await self._store_pool.run(keyring.sync)
+            except VoxauthError as error:
+                log.warning("cannot follow the stored signing keys: %s", error.message)
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -274,6 +293,8 @@ class VoxauthServer:
         """Graceful: NOT_SERVING first so balancers drain, then in-flight calls finish."""
         if self._retention is not None:
             self._retention.cancel()
+        if self._key_sync is not None:
+            self._key_sync.cancel()
         await self._api.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         if self._jwks_http is not None:
             await self._jwks_http.stop()

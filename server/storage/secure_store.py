@@ -53,7 +53,7 @@ from server.records import (
     Voiceprint,
 )
 from server.runtime.requests import CompletedRequest, RecordedResponse, RequestKey
-from server.security.assurances import StoredSigningKey
+from server.security.assurances import KeyChange, StoredSigningKey
 from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
 from server.security.crypto import VoiceprintCipher
 from server.storage import audit_chain
@@ -247,6 +247,14 @@ class SecureStore:
     def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
         with self._transaction("save signing keys", write=True) as unit:
             unit.txn.replace_signing_keys(keys)
+
+    def update_signing_keys(self, change: KeyChange) -> list[StoredSigningKey]:
+        with self._transaction("rotate signing keys", write=True) as unit:
+            changed = change(unit.txn.signing_keys())
+            if changed is None:
+                return unit.txn.signing_keys()
+            unit.txn.replace_signing_keys(changed)
+            return list(changed)
 
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
