@@ -60,6 +60,8 @@ from server.verification.throttling import VerificationThrottle
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_SECONDS = 86_400.0
+_STORE_PROBE_SECONDS = 1.0
+_STORE_PROBE_TIMEOUT_SECONDS = 2.0
 
 
 def _assurance_policy(config: MfaConfig) -> AssurancePolicy:
@@ -124,6 +126,7 @@ class VoxauthServer:
         self._jwks_http: JwksHttpServer | None = None
         self._retention: asyncio.Task[None] | None = None
         self._key_sync: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.token_port = 0
         self.jwks_port = 0
@@ -174,7 +177,35 @@ class VoxauthServer:
         self._key_sync = asyncio.create_task(
             self._follow_signing_keys(keyring), name="signing-key-sync"
         )
+        self._store_watch = asyncio.create_task(self._watch_store(store), name="store-health")
         return self.port
+
+    async def _watch_store(self, store: Store) -> None:
+        """Health follows the store: NOT_SERVING while a cheap read fails or takes over
+        _STORE_PROBE_TIMEOUT_SECONDS (a shared PostgreSQL restarting), SERVING again once it
+        answers, so a balancer stops sending calls this replica could only fail."""
+        reachable = True
+        probe: asyncio.Future[int] | None = None
+        while True:
+            await asyncio.sleep(_STORE_PROBE_SECONDS)
+            if probe is None or probe.done():
+                if probe is not None and not probe.cancelled():
+                    probe.exception()  # Seen (below, or by the wait that timed out).
+                # One probe at a time: a hung one holds a store thread until it times out.
+                probe = asyncio.ensure_future(self._store_pool.run(store.latest_event_id))
+            try:
+                await asyncio.wait_for(asyncio.shield(probe), _STORE_PROBE_TIMEOUT_SECONDS)
+                ok = True
+            except (TimeoutError, VoxauthError):
+                ok = False
+            if ok != reachable:
+                reachable = ok
+                if ok:
+                    log.info("the store answers again: serving")
+                    await self._api.serving()
+                else:
+                    log.error("the store does not answer: NOT_SERVING until it does")
+                    await self._api.not_serving()
 
     async def _follow_signing_keys(self, keyring: SigningKeyring) -> None:
         """Other replicas on the store may rotate the signing key: follow the stored keyring,
@@ -295,6 +326,8 @@ class VoxauthServer:
             self._retention.cancel()
         if self._key_sync is not None:
             self._key_sync.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         await self._api.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         if self._jwks_http is not None:
             await self._jwks_http.stop()

@@ -62,22 +62,32 @@ class PostgresServer:
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                 "-c max_connections=200"
             )
-            self._run(
-                "pg_ctl",
-                "start",
-                "-D",
-                str(self.data),
-                "-w",
-                "-t",
-                str(_START_TIMEOUT_SECONDS),
-                "-l",
-                str(self.root / "server.log"),
-                "-o",
-                options,
-            )
+            self._options = options
+            self.start()
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
+
+    def start(self) -> None:
+        """Starts the server (again, after `halt`) on the same socket and data."""
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.data),
+            "-w",
+            "-t",
+            str(_START_TIMEOUT_SECONDS),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            self._options,
+        )
+
+    def halt(self) -> None:
+        """Stops the server as an operator's restart does (fast: sessions are cut at once),
+        keeping its data for `start`."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
 
     def conninfo(self, database: str) -> str:
         return f"postgresql:///{database}?host={self.socket_dir}&user=voxauth"

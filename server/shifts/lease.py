@@ -132,6 +132,10 @@ class ShiftLeases:
         session.lost(ShiftLeaseLostError(f"shift {session.record.shift_id} moved to {owner}"))
         return False
 
+    async def recover_stored(self, session: LeasedSession) -> bool:
+        """`recover` with the lease as stored now."""
+        return await self.recover(session, await self.stored(session.record.shift_id))
+
     async def confirm(self, session: LeasedSession) -> None:
         """Raises ShiftLeaseLostError unless this replica still holds the session's lease: a
         checkpoint looks before scoring, so a replica that lost the shift (and has not renewed

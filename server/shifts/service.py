@@ -25,6 +25,7 @@ from server.errors import (
     ShiftLeaseLostError,
     ShiftNotLockedError,
     ShiftTakenOverError,
+    StorageError,
     StreamOrderError,
     VoxauthError,
 )
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
 _SUBSCRIBER_EVENTS = 256
+_STORE_RETRY_SECONDS = 2.0
+"""How long a due checkpoint waits before trying again when the store did not answer."""
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
 
 
@@ -210,9 +213,17 @@ class ShiftSession:
                 except ShiftLeaseLostError:
                     # Nothing of the checkpoint was stored: the owner now runs it, or this
                     # replica does once it takes the lease back.
-                    stored = await service.leases.stored(self.record.shift_id)
-                    if not await service.leases.recover(self, stored):
+                    if not await service.leases.recover_stored(self):
                         return
+                except StorageError as error:
+                    # The store is unreachable (a shared database restarting): nothing of the
+                    # checkpoint was stored, so it stays due and runs once the store answers.
+                    log.warning(
+                        "shift %s checkpoint waits: %s", self.record.shift_id, error.message
+                    )
+                    await service.clock.sleep_until(
+                        service.clock.monotonic() + _STORE_RETRY_SECONDS
+                    )
         except asyncio.CancelledError:
             raise
         except VoxauthError as error:
