@@ -30,7 +30,7 @@ from server.runtime.clock import Clock
 from server.runtime.store_pool import StorePool
 from server.scoring.calibration import DecidedBy
 from server.shifts.events import ShiftEvent, ShiftEventKind
-from server.storage.interface import EventStore, EventWakeups
+from server.storage.interface import EventStore, EventWakeups, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,14 @@ class EventBus(Protocol):
     def listen(self, deliver: Deliver) -> None:
         """Where this replica's events go (the ShiftService's fan-out to its subscribers)."""
 
-    def publish(self, event: ShiftEvent) -> None:
+    def record(self, unit: UnitOfWork, event: ShiftEvent) -> None:
+        """Keeps `event` in the unit of work that stores the change it reports, so it is
+        announced if and only if the change commits, whatever happens to this replica after
+        the commit. Publish it with `recorded=True` once the unit has committed."""
+
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
         """Announces an event whose change has committed, to the subscribers of every
-        replica. Does not wait."""
+        replica (`recorded`: kept by `record` already). Does not wait."""
 
     async def close(self) -> None: ...
 
@@ -63,7 +68,10 @@ class LocalEventBus:
     def listen(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
-    def publish(self, event: ShiftEvent) -> None:
+    def record(self, unit: UnitOfWork, event: ShiftEvent) -> None:
+        return None  # One process: nothing to keep for another.
+
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
         if self._deliver is not None:
             self._deliver(event)
 
@@ -118,7 +126,19 @@ class StoreEventBus:
     def listen(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
-    def publish(self, event: ShiftEvent) -> None:
+    def record(self, unit: UnitOfWork, event: ShiftEvent) -> None:
+        now = self._clock.now()
+        unit.append_event(
+            event.shift.agent_id,
+            encode_event(event),
+            now,
+            now - timedelta(seconds=KEEP_EVENTS_SECONDS),
+        )
+
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
+        if recorded:
+            self._to_read.set()  # Stored with its change: read it back without waiting.
+            return
         if len(self._pending) == self._pending.maxlen:
             log.warning("event bus: store unreachable, dropping the oldest pending event")
         self._pending.append(event)

@@ -13,6 +13,7 @@ import logging
 import re
 import secrets
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -165,10 +166,12 @@ class ShiftSession:
         if self.buffer.seconds_since_mark >= self._service.policy.speech_recheck_seconds:
             self._audio_arrived.set()
 
-    def publish(self, event: ShiftEvent) -> None:
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
+        """To the stream and every subscriber; `recorded`: the event was stored with its
+        change (ShiftService.save's `events`)."""
         if self.stream is not None:
             self.stream.deliver(event)
-        self._service.publish(event)
+        self._service.publish(event, recorded=recorded)
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -193,6 +196,15 @@ class ShiftSession:
         return self.stream is not None
 
     def retaken(self) -> None:
+        if self.record.state is ShiftState.ENDED:
+            # Ended on another replica: the stream hears it, as it would here.
+            if self.stream is not None:
+                self.stream.deliver(
+                    ShiftEvent(ShiftEventKind.SHIFT_ENDED, self.record, self.record.updated_at)
+                )
+            self._service.forget(self)
+            self.stop()
+            return
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()  # Its wait was for the schedule as it was; the stored one rules.
             self._task = None
@@ -286,12 +298,8 @@ class ShiftSession:
                 "LOCKED",
                 consecutive_failures=record.consecutive_failures,
             )
-            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED, lease=decided)
-        else:
-            await service.save(record, lease=decided)
-        self.record, self.lease = record, decided
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
-        self.publish(
+        events = [
             ShiftEvent(
                 kind,
                 record,
@@ -305,9 +313,21 @@ class ShiftSession:
                 decided_by=result.scoring.decided_by if result.scoring else None,
                 presentation=result.presentation,
             )
-        )
+        ]
         if locked:
-            self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+            events.append(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+            await service.save(
+                record,
+                lock,
+                revoking=RevocationReason.SHIFT_LOCKED,
+                lease=decided,
+                events=events,
+            )
+        else:
+            await service.save(record, lease=decided, events=events)
+        self.record, self.lease = record, decided
+        for event in events:
+            self.publish(event, recorded=True)
 
     async def _insufficient(self, scheduled_at: datetime) -> None:
         service = self._service
@@ -317,20 +337,17 @@ class ShiftSession:
             updated_at=service.clock.now(),
         )
         decided = service.leases.decided(self.lease, verified=True)
+        event = ShiftEvent(
+            ShiftEventKind.INSUFFICIENT_SPEECH, record, record.updated_at, scheduled_at=scheduled_at
+        )
         await service.save(
             record,
             service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH"),
             lease=decided,
+            events=[event],
         )
         self.record, self.lease = record, decided
-        self.publish(
-            ShiftEvent(
-                ShiftEventKind.INSUFFICIENT_SPEECH,
-                record,
-                record.updated_at,
-                scheduled_at=scheduled_at,
-            )
-        )
+        self.publish(event, recorded=True)
 
 
 @dataclass(frozen=True)
@@ -467,14 +484,20 @@ class ShiftService:
             consecutive_failures=0,
             updated_at=self.clock.now(),
         )
+        events = (
+            [ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at)]
+            if was is not ShiftState.VERIFIED
+            else []
+        )
         await self.save(
             record,
             self.audit_event(action, record, "VERIFIED", previous_state=was.value, **details),
             lease=(lease := self.leases.scheduled(session.lease) if session.lease else None),
+            events=events,
         )
         session.record, session.lease = record, lease
-        if was is not ShiftState.VERIFIED:
-            session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
+        for event in events:
+            session.publish(event, recorded=True)
         session.ensure_checkpoints()
 
     async def _assure(
@@ -504,18 +527,25 @@ class ShiftService:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
             ended = self.audit_event(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
-            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED, lease=lease)
+            # Announced to every subscriber whichever replica holds the shift's stream (that
+            # replica ends its stream when it next renews the lease).
+            event = ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at)
+            await self.save(
+                record, ended, revoking=RevocationReason.SHIFT_ENDED, lease=lease, events=[event]
+            )
+            self.publish(event, recorded=True)
         if session is not None:
             session.record = record
-            session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
+            if session.stream is not None:
+                session.stream.deliver(
+                    ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at)
+                )
             session.stop()
         return record
 
     async def get(self, shift_id: str) -> ShiftRecord:
-        session = self._sessions.get(validate_shift_id(shift_id))
-        if session is not None:
-            return session.record
-        return await self._get_shift(shift_id)
+        # From the store, not this replica's session: another replica may own the shift now.
+        return await self._get_shift(validate_shift_id(shift_id))
 
     def subscribe(self, agent_id: str = "") -> EventSubscription:
         """Every event of every shift from now on (or of one agent's shifts)."""
@@ -565,6 +595,7 @@ class ShiftService:
         *audit: AuditEvent,
         revoking: RevocationReason | None = None,
         lease: ShiftLease | None = None,
+        events: Sequence[ShiftEvent] = (),
     ) -> None:
         """Stores the shift's new state and the audit records of the change in one unit of
         work: a state change is never left unaudited. `revoking` (a shift that ends or locks)
@@ -572,13 +603,17 @@ class ShiftService:
         the token is refused the moment the new state is stored and before it is announced:
         an MFA provider that introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it
         revoked. `lease` fences the write (server/shifts/lease.py): it is refused with
-        ShiftLeaseLostError, writing nothing, if another replica took the shift over."""
+        ShiftLeaseLostError, writing nothing, if another replica took the shift over. `events`
+        are kept for the event bus in the same unit (server/shifts/event_bus.py), so a replica
+        that dies after the commit loses none of them; publish them with `recorded=True`."""
 
         def write() -> list[AuditEvent]:
             with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
                 if lease is not None:
                     unit.fence_shift(lease)
-                events = list(audit)
+                for event in events:
+                    self._bus.record(unit, event)
+                audited = list(audit)
                 if revoking is not None:
                     revocation = unit.revoke_assurance(record.shift_id, revoking, record.updated_at)
                     if revocation is not None:
@@ -589,14 +624,14 @@ class ShiftService:
                             token_id=revocation.token_id,
                             reason=revoking.value,
                         )
-                        events.insert(0, revoked)
+                        audited.insert(0, revoked)
                 unit.update_shift(record)
-                for event in events:
-                    unit.append_audit(event)
-            return events
+                for audit_event in audited:
+                    unit.append_audit(audit_event)
+            return audited
 
-        for event in await self._store_pool.run(write):
-            _log(event)
+        for audit_event in await self._store_pool.run(write):
+            _log(audit_event)
 
     def audit_event(
         self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
@@ -609,8 +644,8 @@ class ShiftService:
             {"shift_id": record.shift_id, **details},
         )
 
-    def publish(self, event: ShiftEvent) -> None:
-        self._bus.publish(event)
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
+        self._bus.publish(event, recorded=recorded)
 
     def _fan_out(self, event: ShiftEvent) -> None:
         for subscription in self._subscribers:

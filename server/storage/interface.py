@@ -175,6 +175,12 @@ class UnitOfWork(Protocol):
         A response naming an agent is sealed under the agent's data key and erased with it;
         if that agent does not exist, nothing is kept."""
 
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        """EventStore.append_event in this unit: the event commits with the change it
+        reports."""
+
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record to the chain and seals it. While the agent exists the
         record names it by pseudonym only, so erasing the agent unlinks its records; an id

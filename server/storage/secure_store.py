@@ -284,12 +284,7 @@ class SecureStore:
         self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
     ) -> int:
         with self._transaction("append a shift event", write=True) as unit:
-            agent = unit.find(agent_id)
-            if agent is None:
-                raise AgentNotFoundError(f"agent {agent_id!r} does not exist")
-            event_id = unit.txn.insert_event(agent.agent_ref, agent.seal_event(payload), at)
-            unit.txn.delete_events_before(keep_after)
-            return event_id
+            return unit.append_event(agent_id, payload, at, keep_after)
 
     def events_after(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
         with self._transaction("read shift events", write=False) as unit:
@@ -680,6 +675,14 @@ class _Unit:
             )
         self.txn.put_shift_lease(lease)
         return lease
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        agent = self._agent(agent_id)
+        event_id = self.txn.insert_event(agent.agent_ref, agent.seal_event(payload), at)
+        self.txn.delete_events_before(keep_after)
+        return event_id
 
     def fence_shift(self, lease: ShiftLease) -> None:
         stored = self.txn.shift_lease(lease.shift_id)

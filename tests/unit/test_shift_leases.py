@@ -284,6 +284,8 @@ def test_an_unlock_on_another_replica_leaves_the_stream_where_it_is(tmp_path: Pa
 
             unlocked = await two.shifts.unlock(shift_id, "helpdesk checked the agent")
             assert unlocked.state is ShiftState.VERIFIED
+            # Asked before it renews, replica one answers from the store, not its session.
+            assert (await one.shifts.get(shift_id)).state is ShiftState.VERIFIED
             detached = two.store.shift_lease(shift_id)
             assert detached is not None and not detached.attached
             # Replica one, which holds the stream, takes the shift back when it renews, with
@@ -384,5 +386,32 @@ def test_events_published_while_a_replica_was_not_listening_reach_it_in_order(
             ended = [await eventually(mfa.next_event, 15) for _ in shift_ids]
             assert [e.kind for e in ended] == [ShiftEventKind.SHIFT_ENDED] * 3
             assert [e.shift.shift_id for e in ended] == shift_ids
+
+    asyncio.run(scenario())
+
+
+def test_an_event_commits_with_its_change_so_a_replica_dying_after_the_commit_loses_none(
+    tmp_path: Path, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, postgres_server.new_database()) as (one, two, clock):
+            mfa = two.shifts.subscribe()
+            shift_id = await started(one)
+            on_one = await one.shifts.attach(shift_id, PCM)
+            await next_kind(on_one)
+
+            def died(event: ShiftEvent, *, recorded: bool = False) -> None:
+                """Replica one dies after each commit, before it announces anything."""
+
+            monkeypatch.setattr(one.events, "publish", died)
+            await settle(clock, 99)
+            speak(on_one)
+            await settle(clock, 1)
+            assert (await next_kind(on_one)).kind is ShiftEventKind.CHECKPOINT_PASSED
+            passed = await eventually(mfa.next_event)
+            assert (passed.kind, passed.shift.checkpoints_passed) == (
+                ShiftEventKind.CHECKPOINT_PASSED,
+                1,
+            )
 
     asyncio.run(scenario())
