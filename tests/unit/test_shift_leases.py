@@ -415,3 +415,19 @@ def test_an_event_commits_with_its_change_so_a_replica_dying_after_the_commit_lo
             )
 
     asyncio.run(scenario())
+
+
+def test_a_shift_ended_on_another_replica_ends_its_stream_where_it_is(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path) as (one, two, clock):
+            shift_id = await started(one)
+            on_one = await one.shifts.attach(shift_id, PCM)
+            await next_kind(on_one)
+            ended = await two.shifts.end(shift_id)
+            assert ended.state is ShiftState.ENDED
+            await settle(clock, POLICY.lease_seconds / 3)  # replica one renews
+            assert (await next_kind(on_one)).kind is ShiftEventKind.SHIFT_ENDED
+            assert await eventually(on_one.next_event) is None  # ended normally
+            assert shift_id not in one.shifts._sessions
+
+    asyncio.run(scenario())
