@@ -13,6 +13,10 @@ if [[ "${1:-}" == "--dev" ]]; then extras="[dev]"; fi
 if [[ -n "$extras" && ! -x /usr/lib/postgresql/15/bin/initdb ]]; then
   echo "voxauth setup: installing PostgreSQL 15 for the tests (apt-get)"
   sudo=""; if [[ "$(id -u)" -ne 0 ]]; then sudo="sudo"; fi
+  # The binaries only: no system cluster created and started on port 5432.
+  $sudo mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" |
+    $sudo tee /etc/postgresql-common/createcluster.d/voxauth-no-main-cluster.conf >/dev/null
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql-15
 fi

@@ -764,11 +764,26 @@ def _refusal(
     unless it is a secret."""
     variable: Variable | None = spec.metadata.get(_VARIABLE)
     where = f"{cls.__name__}.{spec.name}"
+    value = _without_password(value)
     if variable is None:
         return ConfigurationError(f"{where}={value!r}: {problem}")
     if variable.secret:
         return ConfigurationError(f"{variable.name} ({where}): {problem}")
     return ConfigurationError(f"{variable.name}={value!r} ({where}): {problem}")
+
+
+def _without_password(value: object) -> object:
+    """`value`, a URI's password masked (a refused VOXAUTH_DB is quoted in the error)."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    uri = urllib.parse.urlsplit(value)
+    if uri.password is not None:
+        uri = uri._replace(netloc=uri.netloc.replace(f":{uri.password}@", ":***@", 1))
+    query = urllib.parse.parse_qsl(uri.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(name, "***" if name == "password" else item) for name, item in query]
+        uri = uri._replace(query=urllib.parse.urlencode(masked, safe="*"))
+    return urllib.parse.urlunsplit(uri)
 
 
 def _plain(value: object) -> object:

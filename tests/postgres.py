@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-BIN_DIR = Path(os.environ.get("VOXAUTH_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+BIN_DIR = Path(os.environ.get("POSTGRES_BIN_DIR", "/usr/lib/postgresql/15/bin"))
 _SERVER_USER = "postgres"
 """Who runs the server when the tests run as root (PostgreSQL refuses to run as root)."""
 _START_TIMEOUT_SECONDS = 60
@@ -31,7 +31,7 @@ class PostgresServer:
             pytest.fail(
                 f"PostgreSQL server binaries not found ({initdb}): the PostgreSQL backend's "
                 "tests start their own server; run scripts/setup.sh --dev, which installs "
-                "Debian's postgresql-15 (or set VOXAUTH_TEST_PG_BIN to their directory)",
+                "Debian's postgresql-15 (or set POSTGRES_BIN_DIR to their directory)",
                 pytrace=False,
             )
         # Short and private: a unix socket path must stay under 108 bytes.
@@ -56,38 +56,24 @@ class PostgresServer:
                 "--no-sync",
                 "--no-instructions",
             )
-            # Durability settings off: the tests need transactions, not a survived power cut.
-            options = (
-                f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=200"
-            )
-            self._options = options
-            self.start()
+            self._start()
         except BaseException:
             shutil.rmtree(self.root, ignore_errors=True)
             raise
 
-    def start(self) -> None:
-        """Starts the server (again, after `halt`) on the same socket and data."""
-        self._run(
-            "pg_ctl",
-            "start",
-            "-D",
-            str(self.data),
-            "-w",
-            "-t",
-            str(_START_TIMEOUT_SECONDS),
-            "-l",
-            str(self.root / "server.log"),
-            "-o",
-            self._options,
+    def _start(self) -> None:
+        # No fsync: the tests need transactions and a survived server crash (a commit's WAL is
+        # written before it returns), not a survived power cut.
+        options = (
+            f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' "
+            "-c fsync=off -c full_page_writes=off "
+            "-c max_connections=200"
         )
-
-    def halt(self) -> None:
-        """Stops the server as an operator's restart does (fast: sessions are cut at once),
-        keeping its data for `start`."""
-        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+        # -l: the server's output goes to a file, never to the pipes _run reads to their end.
+        self._run(
+            "pg_ctl", "start", "-D", str(self.data), "-w", "-t", str(_START_TIMEOUT_SECONDS),
+            "-l", str(self.root / "server.log"), "-o", options,
+        )  # fmt: skip
 
     def conninfo(self, database: str) -> str:
         return f"postgresql:///{database}?host={self.socket_dir}&user=voxauth"
@@ -102,6 +88,20 @@ class PostgresServer:
         with self.admin() as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.conninfo(name)
+
+    def restart(self) -> None:
+        """Stops the server at once (every session cut, as in a crash) and starts it again."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
+        self._start()
+
+    def halt(self) -> None:
+        """Stops the server as an operator's restart does (fast: sessions are cut at once),
+        keeping its data for `resume`."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+    def resume(self) -> None:
+        """Starts the server again after `halt`, on the same socket and data."""
+        self._start()
 
     def stop(self) -> None:
         try:

@@ -46,6 +46,11 @@ def event_wakeups(location: str | Path) -> EventWakeups | None:
     return None
 
 
-def sqlite_file(location: str | Path) -> Path | None:
-    """The SQLite file `location` names; None for a PostgreSQL database."""
-    return None if is_postgresql(location) else Path(location)
+def store_exists(location: str | Path) -> bool:
+    """Whether a store is at `location` already, for the tools that must not create one
+    (opening would, and an empty store's audit chain is intact). Raises StorageError if a
+    PostgreSQL database cannot be reached."""
+    if is_postgresql(location):
+        assert isinstance(location, str)
+        return postgresql.holds_schema(location)
+    return Path(location).is_file()

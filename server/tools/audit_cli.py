@@ -29,7 +29,7 @@ from server.security.audit import (
     verify_log,
 )
 from server.security.crypto import VoiceprintCipher, load_key, load_previous_keys
-from server.storage.databases import open_store, sqlite_file
+from server.storage.databases import open_store, store_exists
 
 EXIT_INTACT = 0
 EXIT_BROKEN = 1
@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         database = args.db or ServerConfig.from_environment().database_path
-        if (path := sqlite_file(database)) is not None and not path.is_file():
+        if not store_exists(database):
             # Opening would create an empty database and report it intact.
             raise ConfigurationError(f"no database at {database}")
         keys = KeySettings.from_environment()

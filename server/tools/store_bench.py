@@ -48,7 +48,8 @@ from server.verification.decision import Decision
 from server.verification.replay import ReplayGuard
 from server.verification.throttling import VerificationThrottle
 
-_MODEL = "bench-store"
+BENCH_MODEL = "bench-store"
+"""The model id of the bench voiceprints (they are never scored)."""
 _DIMENSIONS = 192
 
 
@@ -148,12 +149,12 @@ class _Bench:
         for agent_id in self.agent_ids:
             store.create_agent(AgentRecord(agent_id, agent_id, "bench", now))
             store.replace_voiceprint(
-                Voiceprint(agent_id, _MODEL, self._embedding(), now, 3, 20.0), []
+                Voiceprint(agent_id, BENCH_MODEL, self._embedding(), now, 3, 20.0), []
             )
             for _ in range(fingerprints):
                 store.add_fingerprint(
                     ReplayFingerprint(
-                        agent_id, _MODEL, RecordingOrigin.ENROLLMENT, now, self._embedding()
+                        agent_id, BENCH_MODEL, RecordingOrigin.ENROLLMENT, now, self._embedding()
                     ),
                     keep_after=now,
                     keep=fingerprints,
@@ -177,17 +178,17 @@ class _Bench:
         assert voiceprint is not None
         self._throttle.check(agent_id, datetime.now(UTC))
         now = datetime.now(UTC)
-        self._replay.match(agent_id, _MODEL, embedding, now)
+        self._replay.match(agent_id, BENCH_MODEL, embedding, now)
         self._store.append_audit(
             AuditEvent(
                 AuditAction.VERIFY,
                 agent_id,
                 Decision.ACCEPT.value,
                 now,
-                {"score": 0.71, "threshold": 0.46, "model_id": _MODEL},
+                {"score": 0.71, "threshold": 0.46, "model_id": BENCH_MODEL},
             )
         )
-        self._replay.remember(agent_id, _MODEL, embedding, now)
+        self._replay.remember(agent_id, BENCH_MODEL, embedding, now)
         self._throttle.record(agent_id, Decision.ACCEPT, datetime.now(UTC))
 
     def remove(self) -> None:

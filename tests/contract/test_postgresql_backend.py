@@ -24,8 +24,11 @@ import pytest
 from server.config import ThrottlePolicy
 from server.errors import AgentNotFoundError, StorageError, ThrottledError
 from server.records import AuditEvent
+from server.security.audit import AuditKey
+from server.security.crypto import DataKey, VoiceprintCipher
+from server.storage.sealing import KeyRing
 from server.storage.secure_store import SecureStore
-from server.tools import audit_cli
+from server.tools import audit_cli, reencrypt_cli
 from server.verification.throttling import VerificationThrottle
 from tests.contract.conftest import KEY, PostgresStorage
 from tests.contract.samples import MODEL, NOW, agent, utterance, voiceprint
@@ -37,6 +40,13 @@ REPLICAS = 3
 @pytest.fixture
 def database(postgres_server: PostgresServer) -> PostgresStorage:
     return PostgresStorage(postgres_server.new_database())
+
+
+@pytest.fixture(autouse=True)
+def no_key_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands these tests run read the keys from VOXAUTH_KEY alone."""
+    for name in ("VOXAUTH_KEY_FILE", "VOXAUTH_PREVIOUS_KEYS", "VOXAUTH_PREVIOUS_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -76,6 +86,7 @@ def test_throttling_admits_exactly_the_free_attempts_across_replicas(
 def test_the_audit_chain_keeps_one_order_across_replicas(
     replicas: list[SecureStore], database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
     replicas[0].create_agent(agent("a1"))
     writers, per_writer = 12, 10
 
@@ -84,8 +95,12 @@ def test_the_audit_chain_keeps_one_order_across_replicas(
         for k in range(per_writer):
             store.append_audit(AuditEvent("verify", "a1", "ACCEPT", NOW, {"w": n, "k": k}))
 
-    with ThreadPoolExecutor(writers) as pool:
-        list(pool.map(write, range(writers)))
+    with ThreadPoolExecutor(writers + 1) as pool:
+        written = pool.map(write, range(writers))
+        # An operator's check while the replicas write: the head it reads first is intact.
+        checked = pool.submit(audit_cli.main, ["verify", "--db", database.conninfo])
+        list(written)
+        assert checked.result() == audit_cli.EXIT_INTACT
 
     events = replicas[2].audit_events("a1")
     assert len(events) == writers * per_writer
@@ -96,7 +111,6 @@ def test_the_audit_chain_keeps_one_order_across_replicas(
     assert head is not None
     assert head.seq == len(replicas[0].audit_records(0, 10_000))
 
-    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
     assert audit_cli.main(["verify", "--db", database.conninfo]) == audit_cli.EXIT_INTACT
     # And a record altered in the database breaks it there.
     with psycopg.connect(database.conninfo, autocommit=True) as conn:
@@ -219,20 +233,27 @@ def test_an_unreachable_database_fails_the_open(tmp_path: Path) -> None:
 def test_erasure_deletes_the_key_row_every_replica_reads(
     replicas: list[SecureStore], database: PostgresStorage
 ) -> None:
-    replicas[0].create_agent(agent("a1"))
-    replicas[0].replace_voiceprint(voiceprint("a1", "v"), [])
-    assert replicas[1].get_voiceprint("a1") is not None
-    replicas[2].delete_agent("a1")
-    with psycopg.connect(database.conninfo) as conn:
-        assert conn.execute("SELECT count(*) FROM agent_keys").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM voiceprints").fetchone() == (0,)
-        # discard_erased vacuumed: no dead tuple of the key row is left in the live table.
-        (dead,) = conn.execute(
-            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'agent_keys'"
-        ).fetchone() or (None,)
-    assert dead == 0
+    for agent_id in ("kept", "erased"):
+        replicas[0].create_agent(agent(agent_id))
+        replicas[0].replace_voiceprint(voiceprint(agent_id, agent_id), [])
+    assert replicas[1].get_voiceprint("erased") is not None
+    replicas[2].delete_agent("erased")
     with pytest.raises(AgentNotFoundError):
-        replicas[1].get_voiceprint("a1")
+        replicas[1].get_voiceprint("erased")
+    with psycopg.connect(database.conninfo, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM agent_keys").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM voiceprints").fetchone() == (1,)
+        # The store vacuumed after the erasure: the tables' pages hold no tuple, dead or alive,
+        # but the kept agent's (a dead one would until autovacuum came by).
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        for table in ("agent_keys", "agents", "voiceprints"):
+            row = conn.execute(
+                "SELECT count(*) FROM generate_series(0, "
+                "pg_relation_size(%s::regclass) / current_setting('block_size')::int - 1) AS b, "
+                "heap_page_items(get_raw_page(%s, b::int)) WHERE t_data IS NOT NULL",
+                (table, table),
+            ).fetchone()
+            assert row == (1,), table
 
 
 def test_voiceprints_written_on_one_replica_read_on_another(
@@ -244,3 +265,65 @@ def test_voiceprints_written_on_one_replica_read_on_another(
     assert [v.agent_id for v in read] == ["a1"]
     later = replace(voiceprint("a1", "w"), created_at=NOW + timedelta(days=1))
     assert replicas[0].replace_voiceprint(later, []) is True
+
+
+def test_the_store_carries_on_after_the_database_restarts(
+    database: PostgresStorage, postgres_server: PostgresServer
+) -> None:
+    store = database.open()
+    try:
+        store.create_agent(agent("before"))
+        postgres_server.restart()
+        # The pool finds its connections dead and opens new ones: no call fails for them.
+        store.create_agent(agent("after"))
+        assert {store.get_agent(a).agent_id for a in ("before", "after")} == {"before", "after"}
+    finally:
+        store.close()
+
+
+def test_audit_verify_refuses_a_database_without_a_store(
+    database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(KEY).decode())
+    # Opening would create an empty store, whose chain is intact.
+    assert audit_cli.main(["verify", "--db", database.conninfo]) == audit_cli.EXIT_USAGE
+    with psycopg.connect(database.conninfo) as conn:
+        assert conn.execute("SELECT to_regclass('audit_log')").fetchone() == (None,)
+
+
+def test_retiring_the_service_key_completes_an_erasure_in_old_copies(
+    database: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_key, new_key = KEY, bytes(range(100, 132))
+    store = database.open()
+    for agent_id in ("kept", "erased"):
+        store.create_agent(agent(agent_id))
+        store.replace_voiceprint(voiceprint(agent_id, agent_id), [])
+    store.close()
+    # What a backup (or the WAL) holds of the keys from before the erasure.
+    with psycopg.connect(database.conninfo) as conn:
+        backup: dict[str, bytes] = dict(
+            conn.execute("SELECT agent_handle, wrapped_key FROM agent_keys").fetchall()
+        )
+    store = database.open()
+    store.delete_agent("erased")
+    store.close()
+    with psycopg.connect(database.conninfo) as conn:
+        left = {handle for (handle,) in conn.execute("SELECT agent_handle FROM agent_keys")}
+    [erased_handle] = set(backup) - left
+    old_ring = KeyRing(VoiceprintCipher(old_key), DataKey.generate())
+    old_ring.agent_key(erased_handle, backup[erased_handle])  # opens, with the old key
+
+    monkeypatch.setenv("VOXAUTH_KEY", base64.b64encode(new_key).decode())
+    monkeypatch.setenv("VOXAUTH_PREVIOUS_KEYS", base64.b64encode(old_key).decode())
+    assert reencrypt_cli.main(["--db", database.conninfo]) == 0
+
+    # The old key retired: the store opens without it, and the copy opens no more.
+    rotated = database.open(VoiceprintCipher(new_key), AuditKey(new_key))
+    try:
+        assert rotated.get_voiceprint("kept") is not None
+    finally:
+        rotated.close()
+    new_ring = KeyRing(VoiceprintCipher(new_key), DataKey.generate())
+    with pytest.raises(StorageError):
+        new_ring.agent_key(erased_handle, backup[erased_handle])

@@ -356,7 +356,7 @@ def test_replicas_fail_over_and_ride_out_a_database_restart(
         time.sleep(2)
         postgres.halt()
         time.sleep(4)
-        postgres.start()
+        postgres.resume()
         for replica in replicas:
             replica.wait_serving(timeout=60)
         time.sleep(2)

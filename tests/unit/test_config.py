@@ -67,8 +67,11 @@ def test_the_store_is_a_sqlite_file_or_a_postgresql_uri_without_a_password() -> 
         "postgresql://voxauth:hunter2@db.example/voxauth",
         "postgres://db.example/voxauth?password=hunter2",
     ):
-        with pytest.raises(ConfigurationError, match="PGPASSFILE"):
+        with pytest.raises(ConfigurationError, match="PGPASSFILE") as refused:
             ServerConfig.from_environment({"VOXAUTH_DB": with_password})
+        # Nor is it quoted in the refusal.
+        assert "hunter2" not in refused.value.message
+        assert "***" in refused.value.message
 
 
 @pytest.mark.parametrize(

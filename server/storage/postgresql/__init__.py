@@ -6,10 +6,11 @@ from __future__ import annotations
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher
 from server.storage.postgresql.backend import PostgresBackend
+from server.storage.postgresql.schema import holds_schema
 from server.storage.secure_store import SecureStore
 from server.storage.upgrade import SealingUpgrade
 
-__all__ = ["open_store"]
+__all__ = ["holds_schema", "open_store"]
 
 
 def open_store(

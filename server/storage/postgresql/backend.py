@@ -4,12 +4,17 @@ through a pool of psycopg connections per replica.
 Transactions, across every replica:
 - A write transaction takes the store's writer lock (a transaction-level advisory lock) as its
   first statement and runs at READ COMMITTED: writers run one after another, each seeing every
-  commit before it, as SQLite's BEGIN IMMEDIATE gives one process. This is what keeps each
-  read-then-write invariant whole across replicas: the throttle count (an admitted attempt is
-  counted before the next is admitted), the audit chain (one total order: each append reads
-  the head the previous one wrote), the pending-utterance cap, the creation of the store's own
-  keys. Nearly every write unit appends to the one audit chain, whose head must be serialized
-  in any case, so finer locks would buy little parallelism and risk deadlocks.
+  commit before it, which is what the backend protocol promises (server/storage/backend.py:
+  "a read-then-write in it is never overtaken by another writer") and what SQLite's BEGIN
+  IMMEDIATE gives one process. Every read-then-write invariant of SecureStore therefore holds
+  across replicas as it does in one: the throttle count (an admitted attempt is counted before
+  the next is admitted), the audit chain (one total order: each append reads the head the
+  previous one wrote), the pending-utterance cap, the creation of the store's own keys, and
+  the ones finer locks would get wrong: the crash recovery at open (which deletes keys without
+  an agent and must not see a concurrent creation half), a key re-wrap racing an erasure
+  (which must not put an erased agent's key back), two creations of one agent id. The price:
+  writes do not overlap, commits included (`voxauth bench store` measures it; README,
+  "The shared PostgreSQL store").
 - A read transaction is REPEATABLE READ, READ ONLY: one snapshot, never blocked by a writer,
   never failing for one.
 
@@ -54,7 +59,7 @@ from server.storage.backend import (
     VoiceprintRow,
 )
 from server.storage.legacy import Upgrade
-from server.storage.postgresql.schema import migrate
+from server.storage.postgresql.schema import migrate, with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +73,6 @@ EVENTS_CHANNEL = "voxauth_shift_events"
 
 _POOL_TIMEOUT_SECONDS = 30.0
 """How long a store call waits for a free connection before it fails."""
-_CONNECT_TIMEOUT_SECONDS = 10
-"""How long opening one connection may take: an unreachable database fails the call, never
-hangs it."""
-
 # Erasure leaves dead tuples of the erased rows; VACUUM frees them (see discard_erased).
 _ERASED_TABLES = (
     "agent_keys",
@@ -124,9 +125,9 @@ class PostgresBackend:
             # schema, as SQLite's migrations start it: a head missing later is tampering.
             upgrade.chain_carried_over_audit(PostgresTransaction(conn), {})
 
-        migrate(_with_connect_timeout(conninfo), lock=WRITER_LOCK, created=created)
+        migrate(with_defaults(conninfo), lock=WRITER_LOCK, created=created)
         pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            _with_connect_timeout(conninfo),
+            with_defaults(conninfo),
             min_size=1,
             max_size=connections,
             # Transactions are begun explicitly (connection.transaction()), never implicitly.
@@ -161,8 +162,11 @@ class PostgresBackend:
 
     def discard_erased(self) -> None:
         """VACUUMs the tables erasure deletes from, so their dead tuples (ciphertext whose key
-        is gone) leave the live tables now rather than at autovacuum's next pass. A tuple an
-        open snapshot (another replica's reader) may still see stays until a later VACUUM."""
+        is gone, and the wrapped key) leave the pages now rather than at autovacuum's next
+        pass. A tuple an open snapshot (another replica's reader) may still see stays until a
+        later VACUUM; the freed space is not zeroed, and the WAL keeps what it logged, which is
+        why erasure on PostgreSQL is completed by retiring the service key (README, "Erasure
+        on PostgreSQL")."""
         try:
             with self._pool.connection() as conn:
                 # Autocommit: VACUUM cannot run inside a transaction.
@@ -176,16 +180,6 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
-
-
-def _with_connect_timeout(conninfo: str) -> str:
-    """`conninfo` with a connect timeout and voxauth's name (for pg_stat_activity) unless it
-    sets them itself."""
-    given = psycopg.conninfo.conninfo_to_dict(conninfo)
-    defaults = {"connect_timeout": str(_CONNECT_TIMEOUT_SECONDS), "application_name": "voxauth"}
-    return psycopg.conninfo.make_conninfo(
-        conninfo, **{name: value for name, value in defaults.items() if name not in given}
-    )
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

@@ -26,6 +26,9 @@ from server.errors import StorageError
 
 VERSION_TABLE = "voxauth_schema_version"
 _MIGRATIONS = Path(__file__).with_name("migrations")
+_CONNECT_TIMEOUT_SECONDS = 10
+"""How long opening one connection may take: an unreachable database fails the call, never
+hangs it."""
 
 
 def migrate(
@@ -69,6 +72,27 @@ def migrate(
         raise StorageError(f"cannot migrate the database: {exc.orig}") from exc
     finally:
         engine.dispose()
+
+
+def with_defaults(conninfo: str) -> str:
+    """`conninfo` with a connect timeout and voxauth's name (for pg_stat_activity) unless it
+    sets them itself."""
+    given = psycopg.conninfo.conninfo_to_dict(conninfo)
+    defaults = {"connect_timeout": str(_CONNECT_TIMEOUT_SECONDS), "application_name": "voxauth"}
+    return psycopg.conninfo.make_conninfo(
+        conninfo, **{name: value for name, value in defaults.items() if name not in given}
+    )
+
+
+def holds_schema(conninfo: str) -> bool:
+    """Whether the database at `conninfo` holds a voxauth schema (of any revision). Raises
+    StorageError if it cannot be reached."""
+    try:
+        with psycopg.connect(with_defaults(conninfo)) as conn:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,)).fetchone()
+    except psycopg.Error as exc:
+        raise StorageError(f"cannot read the database: {exc}") from exc
+    return bool(row and row[0])
 
 
 def _known(scripts: ScriptDirectory, revision: str) -> bool:
