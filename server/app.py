@@ -48,13 +48,19 @@ from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
 from server.scoring.scorer import Scorer, ScoringModel
 from server.security.assurance_desk import AssuranceDesk
-from server.security.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
+from server.security.assurances import (
+    KEYRING_SYNC_SECONDS,
+    AssurancePolicy,
+    SigningKeyCipher,
+    SigningKeyring,
+)
 from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher
 from server.security.identity import TokenFile
+from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
 from server.shifts.service import ShiftService
-from server.storage.databases import open_store
+from server.storage.databases import event_wakeups, open_store
 from server.storage.interface import AuditEvent, Store
 from server.verification.replay import ReplayGuard
 from server.verification.retention import expire_unused_voiceprints
@@ -64,6 +70,8 @@ from server.verification.throttling import VerificationThrottle
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_SECONDS = 86_400.0
+_STORE_PROBE_SECONDS = 1.0
+_STORE_PROBE_TIMEOUT_SECONDS = 2.0
 
 
 def _forget_pseudonyms_on_erasure(event: AuditEvent) -> None:
@@ -140,7 +148,10 @@ class VoxauthServer:
         self._shifts: ShiftService | None = None
         self._http: HttpServer | None = None
         self._console: ConsoleRoutes | None = None
+        self._events: EventBus | None = None
         self._retention: asyncio.Task[None] | None = None
+        self._key_sync: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.token_port = 0
         self.http_port = 0
@@ -196,6 +207,10 @@ class VoxauthServer:
             await self.stop(grace=0)
             raise
         self._retention = asyncio.create_task(self._expire_voiceprints(store), name="retention")
+        self._key_sync = asyncio.create_task(
+            self._follow_signing_keys(keyring), name="signing-key-sync"
+        )
+        self._store_watch = asyncio.create_task(self._watch_store(store), name="store-health")
         return self.port
 
     def _http_routes(
@@ -218,6 +233,43 @@ class VoxauthServer:
             MetricsRoutes(self.metrics, self._store_pool.run),
             self._console,
         ]
+
+    async def _watch_store(self, store: Store) -> None:
+        """Health follows the store: NOT_SERVING while a cheap read fails or takes over
+        _STORE_PROBE_TIMEOUT_SECONDS (a shared PostgreSQL restarting), SERVING again once it
+        answers, so a balancer stops sending calls this replica could only fail."""
+        reachable = True
+        probe: asyncio.Future[int] | None = None
+        while True:
+            await asyncio.sleep(_STORE_PROBE_SECONDS)
+            if probe is None or probe.done():
+                if probe is not None and not probe.cancelled():
+                    probe.exception()  # Seen (below, or by the wait that timed out).
+                # One probe at a time: a hung one holds a store thread until it times out.
+                probe = asyncio.ensure_future(self._store_pool.run(store.latest_event_id))
+            try:
+                await asyncio.wait_for(asyncio.shield(probe), _STORE_PROBE_TIMEOUT_SECONDS)
+                ok = True
+            except (TimeoutError, VoxauthError):
+                ok = False
+            if ok != reachable:
+                reachable = ok
+                if ok:
+                    log.info("the store answers again: serving")
+                    await self._api.serving()
+                else:
+                    log.error("the store does not answer: NOT_SERVING until it does")
+                    await self._api.not_serving()
+
+    async def _follow_signing_keys(self, keyring: SigningKeyring) -> None:
+        """Other replicas on the store may rotate the signing key: follow the stored keyring,
+        so this replica's JWKS publishes their keys too (server/security/assurances.py)."""
+        while True:
+            await self._clock.sleep_until(self._clock.monotonic() + KEYRING_SYNC_SECONDS)
+            try:
+                await self._store_pool.run(keyring.sync)
+            except VoxauthError as error:
+                log.warning("cannot follow the stored signing keys: %s", error.message)
 
     async def _expire_voiceprints(self, store: Store) -> None:
         """Voiceprints unused for longer than the retention period go: now, then daily."""
@@ -278,6 +330,14 @@ class VoxauthServer:
             throttle,
             ReplayGuard(store, policy) if policy.replay_detection else None,
         )
+        wakeups = event_wakeups(self.config.database_path)
+        events: EventBus = (
+            LocalEventBus()
+            if wakeups is None
+            else StoreEventBus(store, self._store_pool, wakeups, self._clock)
+        )
+        await events.open()
+        self._events = events
         self._shifts = ShiftService(
             store,
             verification,
@@ -288,6 +348,7 @@ class VoxauthServer:
             self.config.shifts,
             self._clock,
             assurances,
+            events,
         )
         self._readiness.serve(
             Services(
@@ -328,6 +389,10 @@ class VoxauthServer:
         """Graceful: NOT_SERVING first so balancers drain, then in-flight calls finish."""
         if self._retention is not None:
             self._retention.cancel()
+        if self._key_sync is not None:
+            self._key_sync.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         await self._api.stop(self.config.shutdown_grace_seconds if grace is None else grace)
         if self._http is not None:
             await self._http.stop()
@@ -336,6 +401,8 @@ class VoxauthServer:
         self._readiness.withdraw()
         if self._shifts is not None:
             await self._shifts.close()
+        if self._events is not None:
+            await self._events.close()
         self._inference.shutdown()
         if self._presentation is not None:
             self._presentation.close()

@@ -379,6 +379,14 @@ class ShiftPolicy(Settings):
     """Events queued for a stream that does not read them; beyond, the oldest are dropped
     (they are all in the audit log and the shift state)."""
 
+    lease_seconds: float = field(
+        default=10.0, metadata=setting("VOXAUTH_SHIFT_LEASE_SECONDS", check=positive)
+    )
+    """A shift's lease (server/shifts/lease.py), renewed every third of it while its stream
+    is attached: a replica that cannot renew it for this long (its store is unreachable)
+    closes the stream so the softphone moves to another replica. Failover does not wait for
+    it: a softphone that reconnects takes the shift over at once."""
+
 
 @dataclass(frozen=True)
 class StreamLimits(Settings):

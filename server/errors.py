@@ -28,6 +28,7 @@ The whole hierarchy (status code in brackets):
     │   └── RequestIdReusedError
     ├── ConflictError                  lost to concurrent activity on the same thing [ABORTED]
     │   ├── ShiftTakenOverError
+    │   │   └── ShiftLeaseLostError
     │   └── AlreadyExistsError         the thing to create is already there [ALREADY_EXISTS]
     │       └── AgentExistsError
     ├── CapacityError                  a bound is reached; retry later [RESOURCE_EXHAUSTED]
@@ -200,6 +201,11 @@ class RequestIdReusedError(PreconditionError):
 
 class ShiftTakenOverError(ConflictError):
     """A newer stream for the same shift replaced this one."""
+
+
+class ShiftLeaseLostError(ShiftTakenOverError):
+    """Another replica took the shift's lease over (server/shifts/lease.py): a write carrying
+    an older fencing token is refused, so a replica that lost the shift cannot change it."""
 
 
 class AgentExistsError(AlreadyExistsError):

@@ -133,6 +133,29 @@ class ShiftCursor:
 
 
 @dataclass(frozen=True)
+class ShiftLease:
+    """Which replica owns a shift now, and where its checkpoint schedule stands
+    (server/shifts/lease.py). Holds no personal data: a replica id, counters and times."""
+
+    shift_id: str
+    owner: str
+    """The replica that took it last."""
+    token: int
+    """The fencing token: one more on every takeover. A shift write carries the token its
+    writer holds and is refused unless it is still the stored one."""
+    attached: bool
+    """Whether the owner took it for a softphone's stream (False: for a one-off write, such
+    as an unlock, that the stream's replica may take back)."""
+    expires_at: datetime
+    """Renewed while the owner holds the stream; past it, the owner stops serving the stream
+    (it cannot reach the store) so the softphone moves to another replica."""
+    checkpoint_seq: int = 0
+    """How many checkpoints the shift has decided: the next one is number seq + 1."""
+    next_checkpoint_at: datetime | None = None
+    """When the next checkpoint is due; None until one is drawn (or while not verified)."""
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     """One audited action. Never holds audio, embeddings or keys."""
 

@@ -94,6 +94,15 @@ class PostgresServer:
         self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
         self._start()
 
+    def halt(self) -> None:
+        """Stops the server as an operator's restart does (fast: sessions are cut at once),
+        keeping its data for `resume`."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w")
+
+    def resume(self) -> None:
+        """Starts the server again after `halt`, on the same socket and data."""
+        self._start()
+
     def stop(self) -> None:
         try:
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")

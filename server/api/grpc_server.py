@@ -150,6 +150,12 @@ class GrpcServer:
         """Health says SERVING: the domain services are in `readiness`."""
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    async def not_serving(self) -> None:
+        """Health says NOT_SERVING while the domain is ready but cannot work (its store is
+        unreachable), so balancers send calls elsewhere; `serving()` again once it can. No
+        effect once draining."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         await self._health.set("", status)
         for name in SERVICE_NAMES:

@@ -36,7 +36,8 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -144,8 +145,13 @@ class StoredSigningKey:
     published_until: datetime | None
 
 
+KeyChange = Callable[[list[StoredSigningKey]], list[StoredSigningKey] | None]
+"""Given the stored keys, the keys to store instead, or None to leave them as they are."""
+
+
 class SigningKeyStore(Protocol):
-    """Where the signing keys persist. Implementations are thread-safe."""
+    """Where the signing keys persist, shared by every replica on the store. Implementations
+    are thread-safe."""
 
     def load_signing_keys(self) -> list[StoredSigningKey]:
         """Every stored signing key, in any order."""
@@ -153,6 +159,11 @@ class SigningKeyStore(Protocol):
     def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
         """Replaces the stored keys with `keys` in one transaction (keys left out are deleted).
         Raises StorageError."""
+
+    def update_signing_keys(self, change: KeyChange) -> list[StoredSigningKey]:
+        """Reads the stored keys and stores `change(stored)` in one write transaction that no
+        other writer (another replica's rotation) overtakes; returns the keys stored after
+        it. An exception from `change` propagates and changes nothing. Raises StorageError."""
 
 
 class MemorySigningKeyStore:
@@ -169,6 +180,13 @@ class MemorySigningKeyStore:
     def save_signing_keys(self, keys: list[StoredSigningKey]) -> None:
         with self._lock:
             self._keys = list(keys)
+
+    def update_signing_keys(self, change: KeyChange) -> list[StoredSigningKey]:
+        with self._lock:
+            changed = change(list(self._keys))
+            if changed is not None:
+                self._keys = list(changed)
+            return list(self._keys)
 
 
 class SigningKeyCipher:
@@ -254,8 +272,13 @@ class SigningKeyCipher:
 class SigningKeyring:
     """The active signing key and the retired ones still needed to verify unexpired tokens.
 
-    Every change is saved before it takes effect, so no token is ever signed by a key that a
-    restart would lose. Thread-safe.
+    The store holds the keyring that every replica shares; each replica follows it (`sync`,
+    every KEYRING_SYNC_SECONDS, and at once for a token whose key it does not know), and
+    changes it only by a compare-and-set in one write transaction (`update_signing_keys`): a
+    rotation due on several replicas at once happens once, the others adopt its key, and no
+    replica's key is ever overwritten by another's. Every change is saved before it takes
+    effect, so no token is ever signed by a key that a restart, or another replica, would
+    lose. Thread-safe.
     """
 
     def __init__(
@@ -272,6 +295,7 @@ class SigningKeyring:
         self._active = active
         self._retired = retired
         self._lock = threading.Lock()
+        self._looked_up_at = -_UNKNOWN_KID_SYNC_SECONDS
 
     @classmethod
     def load(
@@ -283,22 +307,28 @@ class SigningKeyring:
     ) -> SigningKeyring:
         """The keyring as stored; creates the first key, or rotates an overdue one, as needed.
         Raises StorageError."""
-        stored_keys = store.load_signing_keys()
-        keys = [cipher.open(stored) for stored in stored_keys]
-        active = [key for key in keys if key.retired_at is None]
-        if len(active) > 1:
-            raise StorageError(
-                f"the store holds {len(active)} active signing keys; there can be only one"
-            )
-        retired = [key for key in keys if key.retired_at is not None]
-        keyring = cls(store, cipher, policy, active[0] if active else None, retired)
-        current = keyring.refresh(now)
-        if not all(cipher.is_current(stored) for stored in stored_keys):
-            # After a service-key rotation: re-seal everything under the new key, so the
-            # old one can be retired.
-            with keyring._lock:
-                keyring._save(current, keyring._retired)
+        keyring = cls(store, cipher, policy, None, [])
+        keyring.sync()
+        keyring.refresh(now)
+
+        def reseal(stored: list[StoredSigningKey]) -> list[StoredSigningKey] | None:
+            if all(cipher.is_current(key) for key in stored):
+                return None
+            # After a service-key rotation: re-seal everything under the new key, so the old
+            # one can be retired.
+            return [cipher.seal(cipher.open(key)) for key in stored]
+
+        with keyring._lock:
+            keyring._adopt(store.update_signing_keys(reseal))
         return keyring
+
+    def sync(self) -> None:
+        """Follows the stored keyring: another replica may have rotated. Raises StorageError,
+        or ConfigurationError for a key sealed under a service key this replica lacks (during
+        a rolling key rotation; see README), and then keeps the keys it had."""
+        stored = self._store.load_signing_keys()
+        with self._lock:
+            self._adopt(stored)
 
     def refresh(self, now: datetime) -> SigningKey:
         """The key to sign with now: rotates first when the active key is older than the
@@ -306,17 +336,17 @@ class SigningKeyring:
         with self._lock:
             active = self._active
             if active is None or now - active.created_at >= self.policy.key_rotation_interval:
-                return self._rotate(now)
-            published = [key for key in self._retired if key.is_published(now)]
-            if len(published) != len(self._retired):
-                self._save(active, published)
-            return active
+                return self._rotate(now, force=False)
+            if any(not key.is_published(now) for key in self._retired):
+                self._adopt(self._store.update_signing_keys(self._pruned(now)))
+            assert self._active is not None
+            return self._active
 
     def rotate(self, now: datetime) -> SigningKey:
         """Makes a new active key now. The old one stays published while tokens it signed can
         still be valid, so rotation invalidates no token (nor does it revoke any)."""
         with self._lock:
-            return self._rotate(now)
+            return self._rotate(now, force=True)
 
     def published_keys(self, now: datetime) -> list[SigningKey]:
         """The keys a verifier needs now: the active one first, then retired ones, newest
@@ -330,21 +360,80 @@ class SigningKeyring:
             )
         return active + retired
 
-    def _rotate(self, now: datetime) -> SigningKey:
-        new = SigningKey.generate(now)
-        retired = [key for key in self._retired if key.is_published(now)]
-        old = self._active
-        if old is not None:
-            # The last token the old key signs is issued now; it must verify until it expires.
-            retired.append(old.retire(now, self.policy.token_lifetime + self.policy.clock_skew))
-        self._save(new, retired)
-        logger.info("signing key %s is now active (replacing %s)", new.kid, old and old.kid)
-        return new
+    def knows(self, kid: str, now: datetime) -> bool:
+        """Whether `kid` is a published key here, following the store first when it is not
+        (at most once a second: a stream of made-up key ids costs one read a second)."""
+        if any(key.kid == kid for key in self.published_keys(now)):
+            return True
+        with self._lock:
+            if time.monotonic() - self._looked_up_at < _UNKNOWN_KID_SYNC_SECONDS:
+                return False
+            self._looked_up_at = time.monotonic()
+        try:
+            self.sync()
+        except (StorageError, ConfigurationError) as error:
+            logger.warning("cannot follow the stored signing keys: %s", error.message)
+            return False
+        return any(key.kid == kid for key in self.published_keys(now))
 
-    def _save(self, active: SigningKey, retired: list[SigningKey]) -> None:
-        self._store.save_signing_keys([self._cipher.seal(key) for key in [active, *retired]])
-        self._active = active
-        self._retired = retired
+    def _rotate(self, now: datetime, *, force: bool) -> SigningKey:
+        cipher, policy = self._cipher, self.policy
+
+        def rotation(stored: list[StoredSigningKey]) -> list[StoredSigningKey] | None:
+            active, retired = _split([cipher.open(key) for key in stored])
+            if (
+                not force
+                and active is not None
+                and now - active.created_at < policy.key_rotation_interval
+            ):
+                return None  # Another replica rotated meanwhile: its key is the one.
+            new = SigningKey.generate(now)
+            kept = [key for key in retired if key.is_published(now)]
+            if active is not None:
+                # The last token the old key signs is issued now; it must verify until it
+                # expires.
+                kept.append(active.retire(now, policy.token_lifetime + policy.clock_skew))
+            logger.info(
+                "signing key %s is now active (replacing %s)", new.kid, active and active.kid
+            )
+            return [cipher.seal(key) for key in [new, *kept]]
+
+        self._adopt(self._store.update_signing_keys(rotation))
+        assert self._active is not None
+        return self._active
+
+    def _pruned(self, now: datetime) -> KeyChange:
+        cipher = self._cipher
+
+        def prune(stored: list[StoredSigningKey]) -> list[StoredSigningKey] | None:
+            kept = [
+                key
+                for key in stored
+                if key.retired_at is None or cipher.open(key).is_published(now)
+            ]
+            return None if len(kept) == len(stored) else kept
+
+        return prune
+
+    def _adopt(self, stored: list[StoredSigningKey]) -> None:
+        """Takes the stored keys as this keyring's (the caller holds the lock)."""
+        self._active, self._retired = _split([self._cipher.open(key) for key in stored])
+
+
+KEYRING_SYNC_SECONDS = 2.0
+"""How often a replica follows the stored keyring (server/app.py): a key another replica
+rotated to shows in this one's JWKS at most this much later. Tokens signed with it verify
+here at once (an unknown key id makes the keyring look)."""
+_UNKNOWN_KID_SYNC_SECONDS = 1.0
+
+
+def _split(keys: list[SigningKey]) -> tuple[SigningKey | None, list[SigningKey]]:
+    active = [key for key in keys if key.retired_at is None]
+    if len(active) > 1:
+        raise StorageError(
+            f"the store holds {len(active)} active signing keys; there can be only one"
+        )
+    return (active[0] if active else None), [key for key in keys if key.retired_at is not None]
 
 
 @dataclass(frozen=True)
@@ -514,6 +603,9 @@ class AssuranceVerifier:
         return verified
 
     def _key(self, kid: str, now: datetime) -> SigningKey | None:
+        # A key another replica rotated to may be newer than this replica's copy.
+        if not self._keyring.knows(kid, now):
+            return None
         return next((k for k in self._keyring.published_keys(now) if k.kid == kid), None)
 
 

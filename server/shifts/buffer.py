@@ -111,7 +111,9 @@ class StreamFormat:
         return decode(stored, self.encoding, self.sample_rate_hz, max_seconds=max_seconds)
 
 
-@dataclass
+# eq=False: a block is found by identity (list.index in _latest_speech); compared by value,
+# two blocks received at the same clock reading would compare their waveforms, which raises.
+@dataclass(eq=False)
 class _Block:
     data: bytearray
     frames: int

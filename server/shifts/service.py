@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -23,8 +23,10 @@ from server.errors import (
     CapacityError,
     InvalidRequestError,
     ShiftEndedError,
+    ShiftLeaseLostError,
     ShiftNotLockedError,
     ShiftTakenOverError,
+    StorageError,
     StreamOrderError,
     VoxauthError,
 )
@@ -36,13 +38,16 @@ from server.runtime.log_format import logged_agent
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.shifts.event_bus import EventBus, LocalEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.lease import ShiftLeases
 from server.shifts.schedule import CheckpointSchedule
 from server.storage.interface import (
     AssuranceRecord,
     AuditEvent,
     RevocationReason,
     ShiftCursor,
+    ShiftLease,
     ShiftRecord,
     ShiftState,
     Store,
@@ -55,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
 _SUBSCRIBER_EVENTS = 256
+_STORE_RETRY_SECONDS = 2.0
+"""How long a due checkpoint waits before trying again when the store did not answer."""
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
 
 
@@ -129,6 +136,8 @@ class ShiftSession:
         self._audio_arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.detached_since: float | None = service.clock.monotonic()
+        self.lease: ShiftLease | None = None
+        """This replica's lease of the shift (server/shifts/lease.py); every write carries it."""
 
     # --- stream -------------------------------------------------------------------------
 
@@ -159,10 +168,12 @@ class ShiftSession:
         if self.buffer.seconds_since_mark >= self._service.policy.speech_recheck_seconds:
             self._audio_arrived.set()
 
-    def publish(self, event: ShiftEvent) -> None:
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
+        """To the stream and every subscriber; `recorded`: the event was stored with its
+        change (ShiftService.save's `events`)."""
         if self.stream is not None:
             self.stream.deliver(event)
-        self._service.publish(event)
+        self._service.publish(event, recorded=recorded)
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -173,20 +184,60 @@ class ShiftSession:
                 self._checkpoints(), name=f"shift-{self.record.shift_id}"
             )
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
         if self._task is not None:
             self._task.cancel()
         if self.stream is not None:
-            self.stream.close()
+            self.stream.close(error)
             self.stream = None
+
+    # --- the lease (server/shifts/lease.py) ----------------------------------------------
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream is not None
+
+    def retaken(self) -> None:
+        if self.record.state is ShiftState.ENDED:
+            # Ended on another replica: the stream hears it, as it would here.
+            if self.stream is not None:
+                self.stream.deliver(
+                    ShiftEvent(ShiftEventKind.SHIFT_ENDED, self.record, self.record.updated_at)
+                )
+            self._service.forget(self)
+            self.stop()
+            return
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()  # Its wait was for the schedule as it was; the stored one rules.
+            self._task = None
+        self.ensure_checkpoints()
+
+    def lost(self, error: VoxauthError) -> None:
+        self._service.forget(self)
+        self.stop(error)
 
     async def _checkpoints(self) -> None:
         service = self._service
         try:
             while self.record.state is ShiftState.VERIFIED:
-                due = service.clock.monotonic() + service.schedule.next_interval()
-                await service.clock.sleep_until(due)
-                await self._checkpoint(due)
+                try:
+                    due = await service.leases.next_due(self)
+                    await service.clock.sleep_until(due)
+                    await self._checkpoint(due)
+                except ShiftLeaseLostError:
+                    # Nothing of the checkpoint was stored: the owner now runs it, or this
+                    # replica does once it takes the lease back.
+                    if not await service.leases.recover_stored(self):
+                        return
+                except StorageError as error:
+                    # The store is unreachable (a shared database restarting): nothing of the
+                    # checkpoint was stored, so it stays due and runs once the store answers.
+                    log.warning(
+                        "shift %s checkpoint waits: %s", self.record.shift_id, error.message
+                    )
+                    await service.clock.sleep_until(
+                        service.clock.monotonic() + _STORE_RETRY_SECONDS
+                    )
         except asyncio.CancelledError:
             raise
         except VoxauthError as error:
@@ -204,6 +255,7 @@ class ShiftSession:
             if self.buffer is not None:
                 self.buffer.mark()
                 self._audio_arrived.clear()
+                await service.leases.confirm(self)
                 try:
                     outcome = await service.pool.run(lambda: service.check_speech(self))
                 except CapacityError:
@@ -239,6 +291,7 @@ class ShiftSession:
             updated_at=service.clock.now(),
         )
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
+        decided = service.leases.decided(self.lease, verified=not locked)
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
             lock = service.audit_event(
@@ -247,12 +300,8 @@ class ShiftSession:
                 "LOCKED",
                 consecutive_failures=record.consecutive_failures,
             )
-            await service.save(record, lock, revoking=RevocationReason.SHIFT_LOCKED)
-        else:
-            await service.save(record)
-        self.record = record
         kind = ShiftEventKind.CHECKPOINT_PASSED if passed else ShiftEventKind.CHECKPOINT_FAILED
-        self.publish(
+        events = [
             ShiftEvent(
                 kind,
                 record,
@@ -266,9 +315,21 @@ class ShiftSession:
                 decided_by=result.scoring.decided_by if result.scoring else None,
                 presentation=result.presentation,
             )
-        )
+        ]
         if locked:
-            self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+            events.append(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+            await service.save(
+                record,
+                lock,
+                revoking=RevocationReason.SHIFT_LOCKED,
+                lease=decided,
+                events=events,
+            )
+        else:
+            await service.save(record, lease=decided, events=events)
+        self.record, self.lease = record, decided
+        for event in events:
+            self.publish(event, recorded=True)
 
     async def _insufficient(self, scheduled_at: datetime) -> None:
         service = self._service
@@ -277,18 +338,18 @@ class ShiftSession:
             checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
             updated_at=service.clock.now(),
         )
+        decided = service.leases.decided(self.lease, verified=True)
+        event = ShiftEvent(
+            ShiftEventKind.INSUFFICIENT_SPEECH, record, record.updated_at, scheduled_at=scheduled_at
+        )
         await service.save(
-            record, service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH")
+            record,
+            service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH"),
+            lease=decided,
+            events=[event],
         )
-        self.record = record
-        self.publish(
-            ShiftEvent(
-                ShiftEventKind.INSUFFICIENT_SPEECH,
-                record,
-                record.updated_at,
-                scheduled_at=scheduled_at,
-            )
-        )
+        self.record, self.lease = record, decided
+        self.publish(event, recorded=True)
 
 
 @dataclass(frozen=True)
@@ -311,6 +372,7 @@ class ShiftService:
         policy: ShiftPolicy,
         clock: Clock,
         assurances: AssuranceDesk | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self._store = store
         self._assurances = assurances
@@ -322,8 +384,13 @@ class ShiftService:
         self.policy = policy
         self.clock = clock
         self.schedule = CheckpointSchedule(policy)
+        self.leases = ShiftLeases(store, store_pool, clock, self.schedule, policy.lease_seconds)
         self._sessions: dict[str, ShiftSession] = {}
         self._subscribers: list[EventSubscription] = []
+        # Subscribers may be on another replica: events go to them through the bus, which
+        # brings every replica's events back to this one's subscribers (server/shifts/event_bus.py).
+        self._bus = events or LocalEventBus()
+        self._bus.listen(self._fan_out)
         self._reaper: asyncio.Task[None] | None = None
 
     # --- use cases ------------------------------------------------------------------------
@@ -351,14 +418,24 @@ class ShiftService:
             AuditAction.SHIFT_START, record, record.state.value, device_id=device_id
         )
 
-        def create() -> None:
+        owner, expires_at = self.leases.replica_id, self.leases.expiry()
+
+        def create() -> ShiftLease:
             with self._store.unit_of_work(f"start shift {record.shift_id!r}") as unit:
                 unit.create_shift(record)
                 unit.append_audit(started)
+                lease = unit.take_shift_lease(
+                    record.shift_id, owner, attached=False, expires_at=expires_at
+                )
+                if record.state is ShiftState.VERIFIED:
+                    lease = self.leases.scheduled(lease)
+                    unit.fence_shift(lease)
+                return lease
 
-        await self._store_pool.run(create)
+        lease = await self._store_pool.run(create)
         _log(started)
         session = self._session(record)
+        session.lease = lease
         self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -412,13 +489,20 @@ class ShiftService:
             consecutive_failures=0,
             updated_at=self.clock.now(),
         )
+        events = (
+            [ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at)]
+            if was is not ShiftState.VERIFIED
+            else []
+        )
         await self.save(
             record,
             self.audit_event(action, record, "VERIFIED", previous_state=was.value, **details),
+            lease=(lease := self.leases.scheduled(session.lease) if session.lease else None),
+            events=events,
         )
-        session.record = record
-        if was is not ShiftState.VERIFIED:
-            session.publish(ShiftEvent(ShiftEventKind.SHIFT_VERIFIED, record, record.updated_at))
+        session.record, session.lease = record, lease
+        for event in events:
+            session.publish(event, recorded=True)
         session.ensure_checkpoints()
 
     async def _assure(
@@ -430,32 +514,43 @@ class ShiftService:
         return await self._store_pool.run(lambda: desk.issue(record))
 
     async def attach(self, shift_id: str, stream_format: StreamFormat) -> ShiftStream:
-        session = await self._active(shift_id)
+        session = await self._active(shift_id, attaching=True)
         if session.record.state is ShiftState.UNVERIFIED:
             raise StreamOrderError(
                 f"shift {shift_id} has not passed its login check; call CheckLogin first"
             )
-        return session.attach(stream_format)
+        stream = session.attach(stream_format)
+        self.leases.keep_renewed(self._sessions.values)
+        return stream
 
     async def end(self, shift_id: str, *, reason: str = "ended by the client") -> ShiftRecord:
         session = self._sessions.pop(validate_shift_id(shift_id), None)
-        record = session.record if session else await self._get_shift(shift_id)
+        lease, record = await self.leases.take_shift(
+            shift_id, attached=session is not None and session.streaming
+        )
         if record.state is not ShiftState.ENDED:
             now = self.clock.now()
             record = replace(record, state=ShiftState.ENDED, ended_at=now, updated_at=now)
             ended = self.audit_event(AuditAction.SHIFT_END, record, "ENDED", reason=reason)
-            await self.save(record, ended, revoking=RevocationReason.SHIFT_ENDED)
+            # Announced to every subscriber whichever replica holds the shift's stream (that
+            # replica ends its stream when it next renews the lease).
+            event = ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at)
+            await self.save(
+                record, ended, revoking=RevocationReason.SHIFT_ENDED, lease=lease, events=[event]
+            )
+            self.publish(event, recorded=True)
         if session is not None:
             session.record = record
-            session.publish(ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at))
+            if session.stream is not None:
+                session.stream.deliver(
+                    ShiftEvent(ShiftEventKind.SHIFT_ENDED, record, record.updated_at)
+                )
             session.stop()
         return record
 
     async def get(self, shift_id: str) -> ShiftRecord:
-        session = self._sessions.get(validate_shift_id(shift_id))
-        if session is not None:
-            return session.record
-        return await self._get_shift(shift_id)
+        # From the store, not this replica's session: another replica may own the shift now.
+        return await self._get_shift(validate_shift_id(shift_id))
 
     async def page(
         self, states: Collection[ShiftState], limit: int, before: ShiftCursor | None
@@ -481,6 +576,7 @@ class ShiftService:
         for session in self._sessions.values():
             session.stop()
         self._sessions.clear()
+        self.leases.close()
         if self._reaper is not None:
             self._reaper.cancel()
 
@@ -511,17 +607,26 @@ class ShiftService:
         record: ShiftRecord,
         *audit: AuditEvent,
         revoking: RevocationReason | None = None,
+        lease: ShiftLease | None = None,
+        events: Sequence[ShiftEvent] = (),
     ) -> None:
         """Stores the shift's new state and the audit records of the change in one unit of
         work: a state change is never left unaudited. `revoking` (a shift that ends or locks)
         revokes the shift's latest assurance in the same unit, audited before the change, so
         the token is refused the moment the new state is stored and before it is announced:
         an MFA provider that introspects on the SHIFT_LOCKED or SHIFT_ENDED event finds it
-        revoked."""
+        revoked. `lease` fences the write (server/shifts/lease.py): it is refused with
+        ShiftLeaseLostError, writing nothing, if another replica took the shift over. `events`
+        are kept for the event bus in the same unit (server/shifts/event_bus.py), so a replica
+        that dies after the commit loses none of them; publish them with `recorded=True`."""
 
         def write() -> list[AuditEvent]:
             with self._store.unit_of_work(f"update shift {record.shift_id!r}") as unit:
-                events = list(audit)
+                if lease is not None:
+                    unit.fence_shift(lease)
+                for event in events:
+                    self._bus.record(unit, event)
+                audited = list(audit)
                 if revoking is not None:
                     revocation = unit.revoke_assurance(record.shift_id, revoking, record.updated_at)
                     if revocation is not None:
@@ -532,14 +637,14 @@ class ShiftService:
                             token_id=revocation.token_id,
                             reason=revoking.value,
                         )
-                        events.insert(0, revoked)
+                        audited.insert(0, revoked)
                 unit.update_shift(record)
-                for event in events:
-                    unit.append_audit(event)
-            return events
+                for audit_event in audited:
+                    unit.append_audit(audit_event)
+            return audited
 
-        for event in await self._store_pool.run(write):
-            _log(event)
+        for audit_event in await self._store_pool.run(write):
+            _log(audit_event)
 
     def audit_event(
         self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
@@ -552,25 +657,36 @@ class ShiftService:
             {"shift_id": record.shift_id, **details},
         )
 
-    def publish(self, event: ShiftEvent) -> None:
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
+        self._bus.publish(event, recorded=recorded)
+
+    def _fan_out(self, event: ShiftEvent) -> None:
         for subscription in self._subscribers:
             subscription.offer(event)
 
     def wall_time(self, monotonic: float) -> datetime:
         return self.clock.now() - timedelta(seconds=self.clock.monotonic() - monotonic)
 
+    def forget(self, session: ShiftSession) -> None:
+        """Drops the session from memory (another replica owns its shift now)."""
+        if self._sessions.get(session.record.shift_id) is session:
+            del self._sessions[session.record.shift_id]
+
     # --- internals ------------------------------------------------------------------------
 
     async def _get_shift(self, shift_id: str) -> ShiftRecord:
         return await self._store_pool.run(lambda: self._store.get_shift(shift_id))
 
-    async def _active(self, shift_id: str) -> ShiftSession:
-        """The shift's session, loaded from the store after a restart or an idle drop."""
+    async def _active(self, shift_id: str, *, attaching: bool = False) -> ShiftSession:
+        """The shift's session, loaded from the store after a restart or an idle drop, with
+        its lease taken for this replica (and its state as stored)."""
         session = self._sessions.get(validate_shift_id(shift_id))
         if session is None:
             record = await self._get_shift(shift_id)
             session = self._session(record)
+        await self.leases.take(session, attached=attaching or session.streaming)
         if session.record.state is ShiftState.ENDED:
+            self.forget(session)
             raise ShiftEndedError(f"shift {shift_id} has ended; start a new shift")
         return session
 

@@ -27,6 +27,7 @@ from typing import Protocol
 from server.records import (
     AssuranceRevocation,
     ShiftCursor,
+    ShiftLease,
     ShiftState,
     StoreCensus,
     ThrottleState,
@@ -137,6 +138,18 @@ class CompletedRequestRow:
 
 
 @dataclass(frozen=True)
+class EventRow:
+    """A shift event for the replicas' event bus (server/shifts/event_bus.py), sealed under
+    its agent's data key; erased with the agent."""
+
+    event_id: int
+    """Increasing in commit order (writes commit one after another), never reused."""
+    agent_ref: str
+    sealed_payload: bytes
+    at: datetime
+
+
+@dataclass(frozen=True)
 class AuditRow:
     """One stored record of the audit chain, exactly as written (see server/security/audit.py)."""
 
@@ -163,8 +176,9 @@ class Transaction(Protocol):
 
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
-        utterances, voiceprint, replay fingerprints, shifts with their assurances and
-        revocations, throttling state, completed requests. False if there was no such agent."""
+        utterances, voiceprint, replay fingerprints, shifts with their assurances, revocations
+        and leases, throttling state, completed requests, shift events. False if there was no
+        such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend
@@ -243,6 +257,12 @@ class Transaction(Protocol):
         """Up to `limit` shifts in `states` (any state when empty), the latest started first
         (ties by shift id, descending), starting after `before`."""
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """The shift's lease (server/shifts/lease.py); None if it never had one."""
+
+    def put_shift_lease(self, lease: ShiftLease) -> None:
+        """Stores the lease of an existing shift, replacing any; it goes with the shift."""
+
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         """ThrottleState() for an agent without one."""
 
@@ -275,6 +295,20 @@ class Transaction(Protocol):
 
     def delete_completed_requests_expired(self, at: datetime) -> int:
         """Deletes the rows expired at `at` (expires_at <= at); how many."""
+
+    # --- shift events ------------------------------------------------------------------------
+
+    def insert_event(self, agent_ref: str, sealed_payload: bytes, at: datetime) -> int:
+        """Keeps the event; its id, higher than every id before it. A backend that can wake
+        other replicas (PostgreSQL's NOTIFY) tells them of it when the transaction commits."""
+
+    def events_after(self, after_id: int, limit: int) -> list[EventRow]:
+        """At most `limit` events with an id above `after_id`, by id."""
+
+    def latest_event_id(self) -> int:
+        """The highest id given so far; 0 before any."""
+
+    def delete_events_before(self, at: datetime) -> None: ...
 
     # --- the audit chain ---------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from server.security.audit import AuditKey
 from server.security.crypto import VoiceprintCipher
 from server.storage import postgresql, sqlite
+from server.storage.interface import EventWakeups
+from server.storage.postgresql.notify import PostgresEventWakeups
 from server.storage.secure_store import SecureStore
 
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
@@ -33,6 +35,15 @@ def open_store(
         assert isinstance(location, str)
         return postgresql.open_store(location, cipher, audit_key=audit_key, connections=connections)
     return sqlite.open_store(Path(location), cipher, audit_key=audit_key)
+
+
+def event_wakeups(location: str | Path) -> EventWakeups | None:
+    """How replicas on the database at `location` learn of each other's shift events; None
+    for SQLite, which one process serves (events stay in process)."""
+    if is_postgresql(location):
+        assert isinstance(location, str)
+        return PostgresEventWakeups(location)
+    return None
 
 
 def store_exists(location: str | Path) -> bool:

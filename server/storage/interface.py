@@ -15,7 +15,7 @@ server.security never imports server.storage; so is what the request ledger need
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Protocol
@@ -32,6 +32,7 @@ from server.records import (
     ReplayFingerprint,
     RevocationReason,
     ShiftCursor,
+    ShiftLease,
     ShiftRecord,
     ShiftState,
     StoreCensus,
@@ -53,12 +54,15 @@ __all__ = [
     "AuditEvent",
     "CompletedRequest",
     "CompletedRequestStore",
+    "EventStore",
+    "EventWakeups",
     "KeyRotationStore",
     "RecordingOrigin",
     "ReencryptionReport",
     "ReplayFingerprint",
     "RevocationReason",
     "ShiftCursor",
+    "ShiftLease",
     "ShiftRecord",
     "ShiftState",
     "ShiftStore",
@@ -137,6 +141,21 @@ class UnitOfWork(Protocol):
     def update_shift(self, shift: ShiftRecord) -> None:
         """Replaces the stored state of an existing shift. Raises ShiftNotFoundError."""
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """The shift's lease (server/shifts/lease.py); None if no replica ever took it."""
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> ShiftLease:
+        """Makes `owner` the shift's owner with the next fencing token, keeping the checkpoint
+        schedule; every write carrying an older token is refused from now on. Raises
+        ShiftNotFoundError."""
+
+    def fence_shift(self, lease: ShiftLease) -> None:
+        """Refuses the unit, with ShiftLeaseLostError, unless `lease`'s owner still holds the
+        shift with its token (a shift write calls it first, so a replica that lost the lease
+        writes nothing); then stores `lease` (its expiry and checkpoint schedule)."""
+
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
@@ -161,6 +180,12 @@ class UnitOfWork(Protocol):
         (server/runtime/requests.py): in this unit, it commits with the action it answers.
         A response naming an agent is sealed under the agent's data key and erased with it;
         if that agent does not exist, nothing is kept."""
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        """EventStore.append_event in this unit: the event commits with the change it
+        reports."""
 
     def append_audit(self, event: AuditEvent) -> None:
         """Appends one audit record to the chain and seals it. While the agent exists the
@@ -260,6 +285,50 @@ class ShiftStore(Protocol):
         """Up to `limit` shifts in `states` (any state when empty), the latest started first,
         after the shift `before` names (ShiftCursor.after(the last shift of a page))."""
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        """See UnitOfWork.shift_lease."""
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> tuple[ShiftLease, ShiftRecord]:
+        """UnitOfWork.take_shift_lease on its own; with the shift's state as stored when it
+        was taken (another replica may have changed it since this one last looked)."""
+
+    def renew_shift_leases(
+        self, leases: Sequence[ShiftLease], expires_at: datetime
+    ) -> dict[str, ShiftLease | None]:
+        """Moves to `expires_at` the expiry of each of `leases` its owner still holds, in one
+        transaction; returns the stored lease (None: the shift is gone) of each one lost."""
+
+
+class EventStore(Protocol):
+    """Shift events kept for the replicas' event bus (server/shifts/event_bus.py): payloads
+    the store seals under their agent's key and erases with it. Thread-safe."""
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        """Keeps the event, drops those from before `keep_after`, and returns its id: higher
+        than any before it. Raises AgentNotFoundError."""
+
+    def events_after(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        """At most `limit` events (id, payload) after `after_id`, by id; an erased agent's are
+        gone."""
+
+    def latest_event_id(self) -> int:
+        """The highest id given so far; 0 before any."""
+
+
+class EventWakeups(Protocol):
+    """A backend's way of telling a replica that another committed shift events (PostgreSQL:
+    LISTEN/NOTIFY). Only a hint to read the store: a missed one loses nothing."""
+
+    def start(self, woken: Callable[[], None]) -> None:
+        """Calls `woken` (from any thread) after events commit, and once after each
+        reconnection, since events may have been missed while disconnected."""
+
+    def close(self) -> None: ...
+
 
 class ThrottleStore(Protocol):
     """Throttling state per agent. Thread-safe, like VoiceprintStore."""
@@ -290,6 +359,7 @@ class Store(
     CensusStore,
     KeyRotationStore,
     CompletedRequestStore,
+    EventStore,
     Protocol,
 ):
     """Everything the service keeps: one interface over any backend."""

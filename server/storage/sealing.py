@@ -343,6 +343,15 @@ class AgentSealer:
             what="the response of a completed request",
         )
 
+    def seal_event(self, payload: bytes) -> bytes:
+        """A shift event (server/shifts/event_bus.py), which names the agent."""
+        return self._key.seal(payload, associated=binding(self.agent_ref, "shift_event", ""))
+
+    def open_event(self, sealed: bytes) -> bytes:
+        return self._key.open(
+            sealed, associated=binding(self.agent_ref, "shift_event", ""), what="a shift event"
+        )
+
     def _response_binding(self, request_handle: str) -> bytes:
         return binding(self.agent_ref, "request_response", request_handle)
 

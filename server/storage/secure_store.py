@@ -24,6 +24,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from server.audit_actions import AuditAction
@@ -32,6 +33,7 @@ from server.errors import (
     AgentNotFoundError,
     CapacityError,
     ConfigurationError,
+    ShiftLeaseLostError,
     ShiftNotFoundError,
     StorageError,
 )
@@ -46,6 +48,7 @@ from server.records import (
     ReplayFingerprint,
     RevocationReason,
     ShiftCursor,
+    ShiftLease,
     ShiftRecord,
     ShiftState,
     StoreCensus,
@@ -54,7 +57,7 @@ from server.records import (
     Voiceprint,
 )
 from server.runtime.requests import CompletedRequest, RecordedResponse, RequestKey
-from server.security.assurances import StoredSigningKey
+from server.security.assurances import KeyChange, StoredSigningKey
 from server.security.audit import AuditHead, AuditKey, AuditRecord, new_agent_pseudonym
 from server.security.crypto import VoiceprintCipher
 from server.storage import audit_chain
@@ -234,6 +237,30 @@ class SecureStore:
         with self._transaction("list shifts", write=False) as unit:
             return unit.list_shifts(states, limit, before)
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        with self._transaction(f"read the lease of shift {shift_id!r}", write=False) as unit:
+            return unit.shift_lease(shift_id)
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> tuple[ShiftLease, ShiftRecord]:
+        with self.unit_of_work(f"take the lease of shift {shift_id!r}") as unit:
+            lease = unit.take_shift_lease(shift_id, owner, attached=attached, expires_at=expires_at)
+            return lease, unit.get_shift(shift_id)
+
+    def renew_shift_leases(
+        self, leases: Sequence[ShiftLease], expires_at: datetime
+    ) -> dict[str, ShiftLease | None]:
+        with self._transaction("renew shift leases", write=True) as unit:
+            lost: dict[str, ShiftLease | None] = {}
+            for lease in leases:
+                stored = unit.txn.shift_lease(lease.shift_id)
+                if stored is not None and _same_holder(stored, lease):
+                    unit.txn.put_shift_lease(replace(stored, expires_at=expires_at))
+                else:
+                    lost[lease.shift_id] = stored
+            return lost
+
     def save_assurance(self, assurance: AssuranceRecord) -> None:
         with self.unit_of_work(f"save assurance of shift {assurance.shift_id!r}") as unit:
             unit.save_assurance(assurance)
@@ -264,6 +291,14 @@ class SecureStore:
         with self._transaction("count shifts and throttled agents", write=False) as unit:
             return unit.txn.census(delay_after_failures)
 
+    def update_signing_keys(self, change: KeyChange) -> list[StoredSigningKey]:
+        with self._transaction("rotate signing keys", write=True) as unit:
+            changed = change(unit.txn.signing_keys())
+            if changed is None:
+                return unit.txn.signing_keys()
+            unit.txn.replace_signing_keys(changed)
+            return list(changed)
+
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
@@ -289,6 +324,28 @@ class SecureStore:
     def forget_expired_requests(self, at: datetime) -> int:
         with self._transaction("forget expired request ids", write=True) as unit:
             return unit.txn.delete_completed_requests_expired(at)
+
+    # --- shift events ----------------------------------------------------------------------------
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        with self._transaction("append a shift event", write=True) as unit:
+            return unit.append_event(agent_id, payload, at, keep_after)
+
+    def events_after(self, after_id: int, limit: int) -> list[tuple[int, bytes]]:
+        with self._transaction("read shift events", write=False) as unit:
+            rows = unit.txn.events_after(after_id, limit)
+            agents = self._agents.by_ref(unit.txn, {row.agent_ref for row in rows})
+            return [
+                (row.event_id, agents[row.agent_ref].open_event(row.sealed_payload))
+                for row in rows
+                if row.agent_ref in agents
+            ]
+
+    def latest_event_id(self) -> int:
+        with self._transaction("read the latest shift event id", write=False) as unit:
+            return unit.txn.latest_event_id()
 
     # --- the audit log -------------------------------------------------------------------------
 
@@ -668,6 +725,41 @@ class _Unit:
     def throttle_state(self, agent_id: str) -> ThrottleState:
         return self.txn.throttle_state(self._agent(agent_id).agent_ref)
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        return self.txn.shift_lease(shift_id)
+
+    def take_shift_lease(
+        self, shift_id: str, owner: str, *, attached: bool, expires_at: datetime
+    ) -> ShiftLease:
+        if self.txn.shift(shift_id) is None:
+            raise ShiftNotFoundError(f"no shift {shift_id!r}")
+        old = self.txn.shift_lease(shift_id)
+        if old is None:
+            lease = ShiftLease(shift_id, owner, 1, attached, expires_at)
+        else:
+            lease = replace(
+                old, owner=owner, token=old.token + 1, attached=attached, expires_at=expires_at
+            )
+        self.txn.put_shift_lease(lease)
+        return lease
+
+    def append_event(
+        self, agent_id: str, payload: bytes, at: datetime, keep_after: datetime
+    ) -> int:
+        agent = self._agent(agent_id)
+        event_id = self.txn.insert_event(agent.agent_ref, agent.seal_event(payload), at)
+        self.txn.delete_events_before(keep_after)
+        return event_id
+
+    def fence_shift(self, lease: ShiftLease) -> None:
+        stored = self.txn.shift_lease(lease.shift_id)
+        if stored is None or not _same_holder(stored, lease):
+            raise ShiftLeaseLostError(
+                f"shift {lease.shift_id} moved to another replica (fencing token "
+                f"{lease.token} is stale)"
+            )
+        self.txn.put_shift_lease(lease)
+
     def update_throttle_state(
         self, agent_id: str, update: Callable[[ThrottleState], ThrottleState]
     ) -> ThrottleState:
@@ -749,6 +841,11 @@ class _Unit:
         if agent is None:
             raise AgentNotFoundError(f"no agent {agent_id!r}")
         return agent
+
+
+def _same_holder(stored: ShiftLease, held: ShiftLease) -> bool:
+    """Whether `held` is still the stored lease's holder: the token moves on every takeover."""
+    return stored.token == held.token and stored.owner == held.owner
 
 
 def _agent_keys(txn: Transaction) -> Iterator[AgentKeyRow]:

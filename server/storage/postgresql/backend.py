@@ -40,6 +40,7 @@ from server.records import (
     AssuranceRevocation,
     RevocationReason,
     ShiftCursor,
+    ShiftLease,
     ShiftState,
     StoreCensus,
     ThrottleState,
@@ -52,6 +53,7 @@ from server.storage.backend import (
     AssuranceRow,
     AuditRow,
     CompletedRequestRow,
+    EventRow,
     FingerprintRow,
     ShiftRow,
     Transaction,
@@ -67,6 +69,8 @@ LOCK_CLASS = 0x766F7861
 """The first key of every advisory lock voxauth takes ("voxa"), so they clash with no other
 application's on the same database."""
 WRITER_LOCK = (LOCK_CLASS, 1)
+EVENTS_CHANNEL = "voxauth_shift_events"
+"""The NOTIFY channel a committed shift event is announced on (its id as the payload)."""
 """The store's writer lock: held by each write transaction from its first statement."""
 
 _POOL_TIMEOUT_SECONDS = 30.0
@@ -83,6 +87,7 @@ _ERASED_TABLES = (
     "assurance_revocations",
     "verification_throttle",
     "completed_requests",
+    "shift_events",
 )
 
 _FINGERPRINT_COLUMNS = "agent_ref, model_id, origin, recorded_at, embedding, telephone_embedding"
@@ -234,6 +239,7 @@ class PostgresTransaction:
             "shifts",
             "verification_throttle",
             "completed_requests",
+            "shift_events",
         ):
             self._run(f"DELETE FROM {table} WHERE agent_ref = %s", (agent_ref,))
         return True
@@ -462,6 +468,38 @@ class PostgresTransaction:
         delayed, disabled = row if row is not None else (0, 0)
         return StoreCensus(open_shifts, delayed, disabled)
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        row = self._one(
+            "SELECT owner, token, attached, expires_at, checkpoint_seq, next_checkpoint_at "
+            "FROM shift_leases WHERE shift_id = %s",
+            (shift_id,),
+        )
+        if row is None:
+            return None
+        owner, token, attached, expires_at, seq, next_at = row
+        return ShiftLease(
+            shift_id, owner, token, attached, _utc(expires_at), seq, _optional_utc(next_at)
+        )
+
+    def put_shift_lease(self, lease: ShiftLease) -> None:
+        self._run(
+            "INSERT INTO shift_leases (shift_id, owner, token, attached, expires_at, "
+            "checkpoint_seq, next_checkpoint_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (shift_id) DO UPDATE SET owner = EXCLUDED.owner, "
+            "token = EXCLUDED.token, attached = EXCLUDED.attached, "
+            "expires_at = EXCLUDED.expires_at, checkpoint_seq = EXCLUDED.checkpoint_seq, "
+            "next_checkpoint_at = EXCLUDED.next_checkpoint_at",
+            (
+                lease.shift_id,
+                lease.owner,
+                lease.token,
+                lease.attached,
+                _time(lease.expires_at),
+                lease.checkpoint_seq,
+                _optional_time(lease.next_checkpoint_at),
+            ),
+        )
+
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         row = self._one(
             "SELECT consecutive_failures, last_failure_at, disabled_at "
@@ -619,6 +657,38 @@ class PostgresTransaction:
             "mac = EXCLUDED.mac",
             (head.seq, head.hash, head.key_id, head.mac),
         )
+
+    def insert_event(self, agent_ref: str, sealed_payload: bytes, at: datetime) -> int:
+        row = self._one(
+            "INSERT INTO shift_events (agent_ref, payload, at) VALUES (%s, %s, %s) "
+            "RETURNING event_id",
+            (agent_ref, sealed_payload, _time(at)),
+        )
+        assert row is not None
+        # Delivered to every listening replica when (and only if) this transaction commits.
+        self._one("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(row[0])))
+        return int(row[0])
+
+    def events_after(self, after_id: int, limit: int) -> list[EventRow]:
+        rows = self._all(
+            "SELECT event_id, agent_ref, payload, at FROM shift_events WHERE event_id > %s "
+            "ORDER BY event_id LIMIT %s",
+            (after_id, limit),
+        )
+        return [EventRow(i, ref, bytes(payload), _utc(at)) for i, ref, payload, at in rows]
+
+    def latest_event_id(self) -> int:
+        # The identity's own counter: deleting the newest events does not move it back.
+        row = self._one(
+            "SELECT coalesce((SELECT last_value FROM shift_events_event_id_seq "
+            "WHERE is_called), 0)",
+            (),
+        )
+        assert row is not None
+        return int(row[0])
+
+    def delete_events_before(self, at: datetime) -> None:
+        self._run("DELETE FROM shift_events WHERE at < %s", (_time(at),))
 
     def insert_audit_row(self, row: AuditRow) -> None:
         self._run(

@@ -30,6 +30,7 @@ from server.records import (
     AssuranceRevocation,
     RevocationReason,
     ShiftCursor,
+    ShiftLease,
     ShiftState,
     StoreCensus,
     ThrottleState,
@@ -42,6 +43,7 @@ from server.storage.backend import (
     AssuranceRow,
     AuditRow,
     CompletedRequestRow,
+    EventRow,
     FingerprintRow,
     ShiftRow,
     Transaction,
@@ -230,6 +232,7 @@ class SqliteTransaction:
             "shifts",
             "verification_throttle",
             "completed_requests",
+            "shift_events",
         ):
             self._conn.execute(f"DELETE FROM {table} WHERE agent_ref = ?", (agent_ref,))
         return True
@@ -441,6 +444,40 @@ class SqliteTransaction:
         ).fetchall()
         return [_shift_row(row) for row in rows]
 
+    def shift_lease(self, shift_id: str) -> ShiftLease | None:
+        row = self._conn.execute(
+            "SELECT owner, token, attached, expires_at, checkpoint_seq, next_checkpoint_at "
+            "FROM shift_leases WHERE shift_id = ?",
+            (shift_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        owner, token, attached, expires_at, seq, next_at = row
+        return ShiftLease(
+            shift_id,
+            owner,
+            token,
+            bool(attached),
+            _from_micros(expires_at),
+            seq,
+            _optional_time(next_at),
+        )
+
+    def put_shift_lease(self, lease: ShiftLease) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO shift_leases (shift_id, owner, token, attached, expires_at, "
+            "checkpoint_seq, next_checkpoint_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                lease.shift_id,
+                lease.owner,
+                lease.token,
+                int(lease.attached),
+                _to_micros(lease.expires_at),
+                lease.checkpoint_seq,
+                _optional_micros(lease.next_checkpoint_at),
+            ),
+        )
+
     def throttle_state(self, agent_ref: str) -> ThrottleState:
         row = self._conn.execute(
             "SELECT consecutive_failures, last_failure_at, disabled_at "
@@ -595,6 +632,32 @@ class SqliteTransaction:
         return deleted.rowcount
 
     # --- the audit chain ---------------------------------------------------------------------
+
+    def insert_event(self, agent_ref: str, sealed_payload: bytes, at: datetime) -> int:
+        cursor = self._conn.execute(
+            "INSERT INTO shift_events (agent_ref, payload, at) VALUES (?, ?, ?)",
+            (agent_ref, sealed_payload, _to_micros(at)),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def events_after(self, after_id: int, limit: int) -> list[EventRow]:
+        rows = self._conn.execute(
+            "SELECT event_id, agent_ref, payload, at FROM shift_events WHERE event_id > ? "
+            "ORDER BY event_id LIMIT ?",
+            (after_id, limit),
+        )
+        return [EventRow(i, ref, bytes(payload), _from_micros(at)) for i, ref, payload, at in rows]
+
+    def latest_event_id(self) -> int:
+        # The AUTOINCREMENT counter, which deleting the newest events does not move back.
+        row = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'shift_events'"
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def delete_events_before(self, at: datetime) -> None:
+        self._conn.execute("DELETE FROM shift_events WHERE at < ?", (_to_micros(at),))
 
     def audit_head(self) -> AuditHead | None:
         row = self._conn.execute("SELECT seq, hash, key_id, mac FROM audit_head").fetchone()

@@ -280,6 +280,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX replay_fingerprints_by_agent ON replay_fingerprints (agent_ref, recorded_at)",
     ),
+    (
+        # Shift leases (server/shifts/lease.py): which replica owns a shift, its fencing token
+        # and its checkpoint schedule. No personal data; it goes with its shift.
+        """CREATE TABLE shift_leases (
+            shift_id TEXT PRIMARY KEY REFERENCES shifts (shift_id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            token INTEGER NOT NULL,
+            attached INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            checkpoint_seq INTEGER NOT NULL,
+            next_checkpoint_at INTEGER
+        )""",
+        # Shift events for the event bus (server/shifts/event_bus.py), sealed under the agent's
+        # key, kept for a while so a subscriber's replica catches up by id. AUTOINCREMENT: an
+        # id is never given twice, even after the newest events are deleted.
+        """CREATE TABLE shift_events (
+            event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            agent_ref TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX shift_events_by_agent ON shift_events (agent_ref)",
+        "CREATE INDEX shift_events_by_time ON shift_events (at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
