@@ -251,3 +251,11 @@ class CertificateFilesError(ConfigurationError):
 
 class StorageError(InternalError):
     """The store could not read or write (including a voiceprint that fails to decrypt)."""
+
+
+class NothingHeldError(PreconditionError):
+    """A voiceprint review for an agent that has no voiceprint waiting for one."""
+
+
+class WatchlistEntryNotFoundError(NotFoundError):
+    pass

@@ -170,3 +170,46 @@ class ReencryptionReport:
 
     data_keys: int
     """Data keys (the agents' and the store's own) wrapped anew; what they seal stays."""
+
+
+class HoldReason(enum.Enum):
+    """Why a new voiceprint waits for HR instead of becoming active. The values are stored."""
+
+    DUPLICATE = "duplicate"
+    """It matches another agent's voiceprint: one person under two agent ids, or a voiceprint
+    enrolled from someone else's voice."""
+    WATCHLIST = "watchlist"
+    """It matches a watchlist entry."""
+    APPROVAL = "approval"
+    """Policy: a passively enrolled voiceprint becomes active only once HR approves it."""
+
+
+@dataclass(frozen=True)
+class HeldVoiceprint:
+    """A voiceprint built but not active: no check scores against it until HR approves it."""
+
+    voiceprint: Voiceprint
+    reason: HoldReason
+    held_at: datetime
+    matched_agent_id: str = ""
+    """DUPLICATE: the agent it matches ("" once that agent is erased)."""
+    matched_entry_id: str = ""
+    """WATCHLIST: the entry it matches."""
+    similarity: float = 0.0
+    """The calibrated score (AS-norm) of the match; 0 for APPROVAL."""
+
+
+@dataclass(frozen=True)
+class WatchlistEntry:
+    """The voice of a known fraudster or dismissed employee: sealed like a voiceprint, kept
+    only until `expires_at` and only under a recorded legal basis."""
+
+    entry_id: str
+    label: str
+    legal_basis: str
+    model_id: str
+    embedding: Embedding
+    added_at: datetime
+    expires_at: datetime
+    net_speech_seconds: float
+    telephone_embedding: Embedding | None = None
