@@ -9,7 +9,9 @@ import signal
 from collections.abc import Callable
 from datetime import timedelta
 
+from enrollment.passive import PassiveEnrollment
 from enrollment.service import EnrollmentService
+from enrollment.watchlist import WatchlistService, expire_watchlist
 from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 from models.factory import load_countermeasure as load_countermeasure_model
@@ -37,7 +39,9 @@ from server.runtime.clock import Clock, SystemClock
 from server.runtime.inference import InferencePool
 from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
+from server.scoring.gallery import GallerySearch
 from server.scoring.scorer import Scorer, ScoringModel
+from server.scoring.watchlist import WatchlistScreen
 from server.security.assurance_desk import AssuranceDesk
 from server.security.assurances import AssurancePolicy, SigningKeyCipher, SigningKeyring
 from server.security.audit import AuditKey
@@ -173,6 +177,7 @@ class VoxauthServer:
                         store, self.config.retention, self._clock.now()
                     )
                 )
+                await self._store_pool.run(lambda: expire_watchlist(store, self._clock.now()))
             except VoxauthError as error:
                 log.error("voiceprint expiry failed: %s", error.message)
             await self._clock.sleep_until(self._clock.monotonic() + _RETENTION_PERIOD_SECONDS)
@@ -204,6 +209,9 @@ class VoxauthServer:
         )
         now = self._clock.now
         throttle = VerificationThrottle(store, self.config.throttle)
+        gallery = GallerySearch(scorer)
+        enrolling = self.config.enrollment
+        watchlist = WatchlistScreen(store, gallery, enrolling.watchlist_false_alarm, now)
         verification = VerificationService(
             store,
             analyser,
@@ -212,7 +220,9 @@ class VoxauthServer:
             now,
             throttle,
             ReplayGuard(store, policy) if policy.replay_detection else None,
+            watchlist,
         )
+        enrollment = EnrollmentService(store, analyser, enrolling, now, gallery, watchlist)
         self._shifts = ShiftService(
             store,
             verification,
@@ -223,10 +233,11 @@ class VoxauthServer:
             self.config.shifts,
             self._clock,
             assurances,
+            PassiveEnrollment(store, enrollment, analyser, enrolling),
         )
         self._readiness.serve(
             Services(
-                enrollment=EnrollmentService(store, analyser, self.config.enrollment, now),
+                enrollment=enrollment,
                 verification=verification,
                 shifts=self._shifts,
                 assurances=assurances,
@@ -238,6 +249,7 @@ class VoxauthServer:
                     timedelta(hours=self.config.retention.request_id_retention_hours),
                     self._clock,
                 ),
+                watchlist=WatchlistService(store, analyser, enrolling, now),
             )
         )
         await self._api.serving()

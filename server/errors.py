@@ -257,5 +257,10 @@ class NothingHeldError(PreconditionError):
     """A voiceprint review for an agent that has no voiceprint waiting for one."""
 
 
+class WatchlistAudioRefusedError(PreconditionError):
+    """The audio offered for a watchlist entry failed the quality gates or the
+    countermeasure."""
+
+
 class WatchlistEntryNotFoundError(NotFoundError):
-    pass
+    """No watchlist entry with the id (erased, or expired)."""

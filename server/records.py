@@ -91,6 +91,9 @@ class ShiftState(enum.Enum):
     LOCKED = "LOCKED"
     """Too many consecutive checkpoints failed; only a passing login check unlocks it."""
     ENDED = "ENDED"
+    NOT_ENROLLED = "NOT_ENROLLED"
+    """The agent has no voiceprint yet: its passive enrollment collects the shift's speech.
+    Never verified, no assurance: voice is not a factor of this shift."""
 
 
 @dataclass(frozen=True)

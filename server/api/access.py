@@ -68,6 +68,7 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _ENROLLMENT + "GetEnrollmentStatus": _HR,
         _ENROLLMENT + "FinalizeEnrollment": _HR,
         _ENROLLMENT + "DeleteAgent": _HR,
+        _ENROLLMENT + "ReviewVoiceprint": _HR | {Role.ADMIN},
         _VERIFICATION + "Verify": _SOFTPHONE,
         _SHIFTS + "StartShift": _SOFTPHONE,
         _SHIFTS + "CheckLogin": _SOFTPHONE,
@@ -82,6 +83,9 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _ADMIN_SERVICE + "ExportAudit": _ADMIN,
         _ADMIN_SERVICE + "GetConfiguration": _ADMIN,
         _ADMIN_SERVICE + "RotateSigningKey": _ADMIN,
+        _ADMIN_SERVICE + "AddWatchlistEntry": _ADMIN,
+        _ADMIN_SERVICE + "ListWatchlist": _ADMIN,
+        _ADMIN_SERVICE + "DeleteWatchlistEntry": _ADMIN,
     }
 )
 

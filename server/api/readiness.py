@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from enrollment.service import EnrollmentService
+from enrollment.watchlist import WatchlistService
 from server.errors import ServiceNotReadyError
 from server.runtime.requests import RequestLedger
 from server.security.assurance_desk import AssuranceDesk
@@ -23,6 +24,8 @@ class Services:
     throttle: VerificationThrottle
     store: Store
     requests: RequestLedger
+    watchlist: WatchlistService | None = None
+    """The watchlist's administration; None where the server runs without it."""
 
 
 class Readiness:

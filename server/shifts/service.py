@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from enrollment.passive import PassiveEnrollment
 from server.audit_actions import AuditAction
 from server.config import ShiftPolicy
 from server.errors import (
@@ -33,6 +34,7 @@ from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
+from server.shifts import passive as passive_shift
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.schedule import CheckpointSchedule
@@ -163,11 +165,24 @@ class ShiftSession:
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    @property
+    def audio_arrived(self) -> asyncio.Event:
+        """Set when enough new audio arrived to look for speech again."""
+        return self._audio_arrived
+
     def ensure_checkpoints(self) -> None:
-        """Runs the checkpoint loop while the shift is VERIFIED."""
-        if self.record.state is ShiftState.VERIFIED and (self._task is None or self._task.done()):
+        """Runs the checkpoint loop while the shift is VERIFIED (the passive enrollment's
+        collection while it is NOT_ENROLLED)."""
+        if self._task is not None and not self._task.done():
+            return
+        if self.record.state is ShiftState.VERIFIED:
             self._task = asyncio.create_task(
                 self._checkpoints(), name=f"shift-{self.record.shift_id}"
+            )
+        elif self.record.state is ShiftState.NOT_ENROLLED and self._service.passive is not None:
+            self._task = asyncio.create_task(
+                passive_shift.collect(self._service, self, self._service.passive),
+                name=f"shift-{self.record.shift_id}-enrollment",
             )
 
     def stop(self) -> None:
@@ -291,7 +306,8 @@ class ShiftSession:
 @dataclass(frozen=True)
 class LoginOutcome:
     shift: ShiftRecord
-    verification: VerificationResult
+    verification: VerificationResult | None
+    """None for a NOT_ENROLLED shift: there was no voiceprint to check against."""
     assurance: AssuranceRecord | None
     """Signed for the MFA provider when the check passed (and assurances are configured)."""
 
@@ -308,8 +324,11 @@ class ShiftService:
         policy: ShiftPolicy,
         clock: Clock,
         assurances: AssuranceDesk | None = None,
+        passive: PassiveEnrollment | None = None,
     ) -> None:
         self._store = store
+        self.passive = passive
+        self.detector = detector
         self._assurances = assurances
         self._verification = verification
         self._analyser = analyser
@@ -332,15 +351,23 @@ class ShiftService:
                 "device_id must be 1-128 characters from A-Z, a-z, 0-9 and . _ @ : -",
                 field="device_id",
             )
-        result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+        passive = self.passive
+        enrolling = passive is not None and await self._store_pool.run(
+            lambda: passive.collecting(agent_id)
+        )
+        result = (
+            None
+            if enrolling
+            else await self.pool.run(
+                lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+            )
         )
         now = self.clock.now()
         record = ShiftRecord(
             shift_id=secrets.token_urlsafe(16),
             agent_id=agent_id,
             device_id=device_id,
-            state=_state_after_login(result),
+            state=ShiftState.NOT_ENROLLED if result is None else _state_after_login(result),
             started_at=now,
             updated_at=now,
         )
@@ -356,6 +383,8 @@ class ShiftService:
         await self._store_pool.run(create)
         _log(started)
         session = self._session(record)
+        if result is None:
+            return LoginOutcome(record, None, None)
         self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -372,7 +401,19 @@ class ShiftService:
 
     def _announce_suspected(self, session: ShiftSession, result: VerificationResult) -> None:
         """A login check taken for a spoof is announced to the MFA provider at once: the
-        shift stays unverified either way, but someone is presenting the agent's voice."""
+        shift stays unverified either way, but someone is presenting the agent's voice. A
+        watchlist match is announced to the subscribers alone (the caller is not told)."""
+        if result.watchlist is not None:
+            self.publish(
+                ShiftEvent(
+                    ShiftEventKind.WATCHLIST_MATCH,
+                    session.record,
+                    self.clock.now(),
+                    score=result.watchlist.normalized,
+                    threshold=result.watchlist.threshold,
+                    net_speech_seconds=result.quality.net_speech_seconds,
+                )
+            )
         if result.presentation is not None and result.presentation.decision.suspected:
             session.publish(
                 ShiftEvent(

@@ -186,7 +186,8 @@ class Transaction(Protocol):
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
         utterances, voiceprint, held voiceprint, passive enrollment mark, replay fingerprints,
-        shifts with their assurances and revocations, throttling state, completed requests. False if there was no such agent."""
+        shifts with their assurances and revocations, throttling state, completed requests.
+        False if there was no such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend

@@ -371,6 +371,8 @@ def test_an_upgrade_revokes_the_assurances_of_shifts_already_ended_or_locked(
         # And what the migrations after it add, which run again from that version.
         conn.execute("DROP TABLE completed_requests")
         conn.execute("DROP TABLE replay_fingerprints")
+        for table in ("passive_enrollments", "held_voiceprints", "watchlist"):
+            conn.execute(f"DROP TABLE {table}")
         conn.execute(f"PRAGMA user_version = {mine}")
         conn.execute("UPDATE shifts SET state = 'ENDED', ended_at = 1 WHERE shift_id = 'ended'")
         conn.execute("UPDATE shifts SET state = 'LOCKED' WHERE shift_id = 'locked'")

@@ -87,6 +87,14 @@ class EnrollmentServiceStub:
     audit record that the erasure happened remains.
       NOT_FOUND         no agent with this id.
     """
+    ReviewVoiceprint: _grpc.UnaryUnaryMultiCallable[_voxauth_pb2.ReviewVoiceprintRequest, _voxauth_pb2.ReviewVoiceprintResponse]
+    """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+    the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+    collects the agent's speech anew). Roles hr and admin.
+      NOT_FOUND           no agent with this id.
+      FAILED_PRECONDITION the agent has no voiceprint held for review.
+      INVALID_ARGUMENT    reason missing.
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -135,6 +143,14 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
     """Erases the agent: voiceprint, pending enrollment data and consent reference. Only the
     audit record that the erasure happened remains.
       NOT_FOUND         no agent with this id.
+    """
+    ReviewVoiceprint: _aio.UnaryUnaryMultiCallable[_voxauth_pb2.ReviewVoiceprintRequest, _voxauth_pb2.ReviewVoiceprintResponse]  # type: ignore[assignment]
+    """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+    the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+    collects the agent's speech anew). Roles hr and admin.
+      NOT_FOUND           no agent with this id.
+      FAILED_PRECONDITION the agent has no voiceprint held for review.
+      INVALID_ARGUMENT    reason missing.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -217,6 +233,20 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Erases the agent: voiceprint, pending enrollment data and consent reference. Only the
         audit record that the erasure happened remains.
           NOT_FOUND         no agent with this id.
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewVoiceprint(
+        self,
+        request: _voxauth_pb2.ReviewVoiceprintRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voxauth_pb2.ReviewVoiceprintResponse, _abc.Awaitable[_voxauth_pb2.ReviewVoiceprintResponse]]:
+        """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+        the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+        collects the agent's speech anew). Roles hr and admin.
+          NOT_FOUND           no agent with this id.
+          FAILED_PRECONDITION the agent has no voiceprint held for review.
+          INVALID_ARGUMENT    reason missing.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
