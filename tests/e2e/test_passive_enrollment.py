@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -88,7 +89,7 @@ def wait_for_pending(server: RunningServer, agent_id: str, count: int) -> None:
         time.sleep(0.1)
 
 
-def audit_lines(server: RunningServer) -> list[dict[str, object]]:
+def audit_lines(server: RunningServer) -> list[dict[str, Any]]:
     admin = apb_grpc.AdminServiceStub(server.channel)
     return [json.loads(r.line) for r in admin.ExportAudit(apb.ExportAuditRequest())]
 
@@ -157,7 +158,7 @@ def test_a_shift_enrolls_its_agent_passively_refusing_a_replay_and_the_next_shif
         r
         for r in audited
         if r["action"] == "presentation_attack"
-        and r["details"].get("check") == "enrollment.passive"  # type: ignore[union-attr]
+        and r["details"].get("check") == "enrollment.passive"
     ]
     assert len(replays) == 1
     assert any(r["action"] == "enrollment.passive" and r["outcome"] == "completed" for r in audited)
@@ -182,7 +183,7 @@ def test_a_second_agent_with_the_first_ones_voice_is_held_until_hr_approves(
         server.verify("agent-a2", wav_audio(second_half(SPEAKER_A)))
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert any(
-        r["action"] == "enrollment.hold" and r["details"].get("matching_agent") == "agent-a"  # type: ignore[union-attr]
+        r["action"] == "enrollment.hold" and r["details"].get("matching_agent") == "agent-a"
         for r in audit_lines(server)
     )
 
@@ -236,7 +237,7 @@ def test_a_watchlisted_voice_raises_the_alert_at_login_verify_and_enrollment(
     assert rehired.held.reason == pb.HOLD_REASON_WATCHLIST
     assert rehired.held.watchlist_entry_id == entry.entry_id
     alerts = [r for r in audit_lines(server) if r["action"] == "watchlist.match"]
-    assert {r["details"]["check"] for r in alerts} == {  # type: ignore[index]
+    assert {r["details"]["check"] for r in alerts} == {
         "shift.login",
         "verify",
         "enrollment.finalize",
