@@ -458,7 +458,11 @@ class EnrollmentService:
                 for r in rejected
             ]
         collected = sum(u.net_speech_seconds for u in consistency.accepted)
-        required = self._policy.required_net_speech_seconds
+        required = (
+            self._policy.passive_net_speech_seconds
+            if passive
+            else self._policy.required_net_speech_seconds
+        )
         if consistency.undecided:
             events.append(self._event(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided"))
             return _Finalized(

@@ -14,6 +14,8 @@ from datetime import datetime
 from functools import partial
 from typing import Protocol
 
+import numpy as np
+
 from enrollment.passive import PassiveEnrollment, PassiveStep
 from server.audit_actions import AuditAction
 from server.errors import CapacityError, VoxauthError
@@ -25,6 +27,8 @@ from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer
 from server.shifts.events import ShiftEvent, ShiftEventKind
 
 log = logging.getLogger(__name__)
+
+_STRETCH_STEP_SECONDS = 0.5
 
 
 class ShiftService(Protocol):
@@ -84,7 +88,8 @@ async def _collect(
         try:
             recent = await service.pool.run(
                 partial(
-                    buffer.recent_speech,
+                    longest_stretch,
+                    buffer,
                     service.detector,
                     policy.passive_stretch_net_speech_seconds,
                 )
@@ -106,6 +111,21 @@ async def _collect(
         await _collected(service, session, recent, step)
         if step.finalized is not None:
             return
+
+
+def longest_stretch(
+    buffer: ShiftAudioBuffer, detector: SpeechDetector, minimum: float
+) -> RecentSpeech | None:
+    """All the buffer's speech, up to twice `minimum`, if it holds at least `minimum`: the
+    buffer is cleared after each stretch, so speech left out of one would be lost. Blocking
+    (the detector); looks at no audio twice (the buffer keeps what it found)."""
+    if buffer.recent_speech(detector, minimum) is None:
+        return None
+    for seconds in np.arange(2 * minimum, minimum, -_STRETCH_STEP_SECONDS):
+        longer = buffer.recent_speech(detector, float(seconds))
+        if longer is not None:
+            return longer
+    return buffer.recent_speech(detector, minimum)
 
 
 async def _collected(

@@ -234,6 +234,14 @@ def _create_key(args: argparse.Namespace) -> int:
 
 
 def _eval(argv: list[str]) -> int:
+    if argv[:1] == ["gallery"]:
+        from server.tools.gallery_eval import main as gallery_main
+
+        return gallery_main(argv[1:])
+    if argv[:1] == ["passive"]:
+        from server.tools.passive_eval import main as passive_main
+
+        return passive_main(argv[1:])
     from server.tools.evaluation import main as eval_main
 
     return eval_main(argv)
