@@ -111,6 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("agent_id")
     delete.set_defaults(command=_delete)
 
+    agents = commands.add_parser("agents", help="HR tooling: agents and their voiceprints")
+    agent_commands = agents.add_subparsers(required=True, metavar="ACTION")
+    approve = agent_commands.add_parser(
+        "approve",
+        help="approve (or --reject) a voiceprint held for review: a duplicate of another "
+        "agent's voice, a watchlist match, or a passive enrollment awaiting approval",
+    )
+    _client_options(approve, "hr")
+    approve.add_argument("agent_id")
+    approve.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    approve.add_argument(
+        "--reject", action="store_true", help="erase the held voiceprint instead of approving it"
+    )
+    approve.set_defaults(command=_agents_approve)
+
     commands.add_parser("certs", help="create a development CA, server and client certificates")
     commands.add_parser(
         "reencrypt", help="re-wrap the stored data keys under the current key (key rotation)"
@@ -436,12 +451,40 @@ def _status(args: argparse.Namespace) -> int:
             f"model {vp.model_id}, since {vp.created_at.ToDatetime():%Y-%m-%d %H:%M} UTC"
         )
     else:
-        print("  not enrolled")
+        print(
+            "  not enrolled"
+            + (" (passive enrollment from its shifts)" if agent.passive_enrollment else "")
+        )
+    if status.HasField("held_voiceprint"):
+        held = status.held_voiceprint
+        reason = pb.HoldReason.Name(held.reason).removeprefix("HOLD_REASON_").lower()
+        match = held.matching_agent_id or held.watchlist_entry_id
+        print(
+            f"  held for review ({reason}{f': matches {match}' if match else ''}); "
+            f"`voxauth agents approve {agent.agent_id} --reason ...` to decide"
+        )
     print(
         f"  pending: {len(status.pending_utterances)} utterance(s), "
         f"{status.net_speech_seconds:.1f} s of {status.required_net_speech_seconds:.1f} s "
         f"required{' (ready to finalize)' if status.ready_to_finalize else ''}"
     )
+    return EXIT_OK
+
+
+def _agents_approve(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        reviewed = EnrollmentClient(channel, args.timeout).review(
+            args.agent_id, approve=not args.reject, reason=args.reason
+        )
+    vp = reviewed.voiceprint
+    if reviewed.approved:
+        replaced = " (replacing the previous one)" if reviewed.replaced_previous else ""
+        print(
+            f"agent {args.agent_id}: voiceprint approved and active{replaced}: "
+            f"{vp.utterance_count} utterance(s), {vp.net_speech_seconds:.1f} s"
+        )
+    else:
+        print(f"agent {args.agent_id}: held voiceprint rejected and erased")
     return EXIT_OK
 
 

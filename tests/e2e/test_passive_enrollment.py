@@ -24,6 +24,7 @@ from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import EnrollmentPolicy
+from server.tools.cli import EXIT_OK, main
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     RATE,
@@ -165,7 +166,7 @@ def test_a_shift_enrolls_its_agent_passively_refusing_a_replay_and_the_next_shif
 
 
 def test_a_second_agent_with_the_first_ones_voice_is_held_until_hr_approves(
-    server: RunningServer,
+    server: RunningServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = server.enroll("agent-a", split(first_half(SPEAKER_A), 2))
     assert not first.HasField("held")
@@ -192,10 +193,11 @@ def test_a_second_agent_with_the_first_ones_voice_is_held_until_hr_approves(
             pb.ReviewVoiceprintRequest(agent_id="agent-a2", approve=True)
         )
     assert no_reason.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    approved = server.enrollment.ReviewVoiceprint(
-        pb.ReviewVoiceprintRequest(agent_id="agent-a2", approve=True, reason="HR-CASE-5: twin")
-    )
-    assert approved.approved and not approved.replaced_previous
+    cli = ["--server", f"127.0.0.1:{server.port}", "--insecure"]
+    assert main(["status", *cli, "agent-a2"]) == EXIT_OK
+    assert "held for review (duplicate: matches agent-a)" in capsys.readouterr().out
+    assert main(["agents", "approve", *cli, "agent-a2", "--reason", "HR-CASE-5: twin"]) == EXIT_OK
+    assert "voiceprint approved and active" in capsys.readouterr().out
     assert status(server, "agent-a2").agent.enrolled
     assert server.verify("agent-a2", wav_audio(first_half(SPEAKER_A))).decision == (
         pb.DECISION_ACCEPT
