@@ -177,10 +177,13 @@ class EnrollmentService:
         received_at = self._now()
         quality = sample.quality
         if (
-            sample.embedding is not None
-            and quality.net_speech_seconds < self._policy.min_utterance_net_speech_seconds
+            quality.net_speech_seconds < self._policy.min_utterance_net_speech_seconds
+            and QualityIssue.TOO_LITTLE_SPEECH not in quality.issues
         ):
             # Speech the detector cut out is analysed without the minimum (analyse_speech).
+            quality = dataclasses.replace(
+                quality, issues=(*quality.issues, QualityIssue.TOO_LITTLE_SPEECH)
+            )
             sample = VoiceSample(quality, None, sample.channel, sample.presentation)
         # Quiet or clipped audio would still embed, but into a poorer voiceprint: refuse it so
         # HR can re-record while the agent is there.
