@@ -64,9 +64,13 @@ class PassiveEnrollment:
         speech: Waveform,
         stretch: Waveform | None,
         source_rate_hz: int,
-    ) -> PassiveStep:
+    ) -> PassiveStep | None:
         """Blocking (the models): one stretch of the shift's speech, `speech` as the detector
-        cut it out of `stretch`, the audio as it arrived (None: the speech itself)."""
+        cut it out of `stretch`, the audio as it arrived (None: the speech itself). None, and
+        nothing collected, once the agent is no longer collecting (HR enrolled it meanwhile,
+        or a voiceprint waits for review): a shift must not replace a voiceprint."""
+        if not self.collecting(agent_id):
+            return None
         agent = self._store.get_agent(agent_id)
         sample = self._analyser.analyse_speech(
             speech, source_rate_hz=source_rate_hz, stretch=stretch

@@ -108,6 +108,8 @@ async def _collect(
             # allowed: look again when more audio has arrived.
             await session.audio_arrived.wait()
             continue
+        if step is None:
+            return  # Enrolled another way, or held for review: nothing more to collect.
         await _collected(service, session, recent, step)
         if step.finalized is not None:
             return

@@ -90,6 +90,8 @@ def stream_recording(
             continue
         buffer.clear()
         outcome = passive.collect(agent_id, "eval", recent.speech, recent.stretch, TARGET_RATE)
+        if outcome is None:
+            break
         accepted += outcome.utterance.record is not None
         refused += outcome.utterance.record is None
         collected = outcome.collected_seconds

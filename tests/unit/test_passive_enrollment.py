@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enrollment.passive import PassiveEnrollment
+from enrollment.passive import PassiveEnrollment, PassiveStep
 from enrollment.service import EnrollmentService
 from models.embedder import Embedding, Waveform
 from server.config import AudioLimits, EnrollmentPolicy
@@ -21,7 +21,7 @@ from server.errors import InvalidRequestError, NothingHeldError
 from server.pipeline.analysis import VoiceAnalyser
 from server.pipeline.presentation import PresentationDecision
 from server.pipeline.speech import QualityThresholds
-from server.records import HoldReason
+from server.records import HoldReason, Voiceprint
 from server.security.crypto import VoiceprintCipher
 from server.storage.interface import Store
 from server.storage.sqlite import open_store
@@ -65,6 +65,14 @@ def stretch(level: float, seconds: float = 4.0) -> Waveform:
     return samples
 
 
+def collect(
+    passive: PassiveEnrollment, agent_id: str, shift_id: str, level: float, seconds: float = 4.0
+) -> PassiveStep:
+    step = passive.collect(agent_id, shift_id, stretch(level, seconds), None, RATE)
+    assert step is not None
+    return step
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     opened = open_store(tmp_path / "voxauth.db", VoiceprintCipher(KEY))
@@ -85,11 +93,11 @@ def test_two_stretches_of_the_passive_amount_enroll_the_agent(store: Store) -> N
     enrollment.create_agent("new", "New", "HR-1", passive=True)
     assert passive.collecting("new")
 
-    first = passive.collect("new", "shift-1", stretch(0.1), None, RATE)
+    first = collect(passive, "new", "shift-1", 0.1)
     assert first.utterance.record is not None and first.finalized is None
     assert first.collected_seconds == pytest.approx(4.0)
     # The passive amount (8 s), not the active enrollment's 20 s, completes it.
-    second = passive.collect("new", "shift-1", stretch(0.2), None, RATE)
+    second = collect(passive, "new", "shift-1", 0.2)
     assert second.finalized is not None and second.finalized.held is None
     voiceprint = store.get_voiceprint("new")
     assert voiceprint is not None and voiceprint.utterance_count == 2
@@ -104,7 +112,7 @@ def test_two_stretches_of_the_passive_amount_enroll_the_agent(store: Store) -> N
 def test_one_long_stretch_is_not_enough(store: Store) -> None:
     enrollment, passive = services(store)
     enrollment.create_agent("new", "New", "HR-1", passive=True)
-    step = passive.collect("new", "s", stretch(0.1, seconds=10.0), None, RATE)
+    step = collect(passive, "new", "s", 0.1, 10.0)
     assert step.utterance.record is not None
     assert step.finalized is None
     assert store.get_voiceprint("new") is None
@@ -113,9 +121,9 @@ def test_one_long_stretch_is_not_enough(store: Store) -> None:
 def test_a_replayed_stretch_is_refused_as_a_replay_and_audited(store: Store) -> None:
     enrollment, passive = services(store)
     enrollment.create_agent("new", "New", "HR-1", passive=True)
-    passive.collect("new", "shift-1", stretch(0.1), None, RATE)
+    collect(passive, "new", "shift-1", 0.1)
 
-    replayed = passive.collect("new", "shift-1", stretch(0.1), None, RATE)
+    replayed = collect(passive, "new", "shift-1", 0.1)
     assert replayed.utterance.record is None
     assert replayed.utterance.presentation is not None
     assert replayed.utterance.presentation.decision is PresentationDecision.REPLAY
@@ -129,25 +137,33 @@ def test_a_replayed_stretch_is_refused_as_a_replay_and_audited(store: Store) -> 
 def test_a_stretch_too_short_or_too_quiet_is_refused(store: Store) -> None:
     enrollment, passive = services(store)
     enrollment.create_agent("new", "New", "HR-1", passive=True)
-    short = passive.collect("new", "s", stretch(0.1, seconds=1.0), None, RATE)
+    short = collect(passive, "new", "s", 0.1, 1.0)
     assert short.utterance.record is None and "too little speech" in (
         short.utterance.rejection_reason
     )
-    quiet = passive.collect("new", "s", stretch(0.0005), None, RATE)
+    quiet = collect(passive, "new", "s", 0.0005)
     assert quiet.utterance.record is None and "too quiet" in quiet.utterance.rejection_reason
 
 
-def test_an_agent_not_marked_is_not_collected(store: Store) -> None:
+def test_an_agent_not_marked_or_enrolled_meanwhile_is_not_collected(store: Store) -> None:
     enrollment, passive = services(store)
     enrollment.create_agent("hr-enrolled", "Active", "HR-1")
     assert not passive.collecting("hr-enrolled")
+    assert passive.collect("hr-enrolled", "s", stretch(0.1), None, RATE) is None
+    assert not store.pending_utterances("hr-enrolled")
+    # Marked, but HR enrolled it by hand meanwhile: a shift never replaces that voiceprint.
+    enrollment.create_agent("both", "Both", "HR-2", passive=True)
+    by_hand = Voiceprint("both", LevelVoice.model_id, LevelVoice().embed(stretch(0.1)), NOW, 3, 20)
+    store.replace_voiceprint(by_hand, [])
+    assert passive.collect("both", "s", stretch(0.3), None, RATE) is None
+    assert not store.pending_utterances("both")
 
 
 def test_approval_policy_holds_the_voiceprint_until_hr_approves(store: Store) -> None:
     enrollment, passive = services(store, replace(POLICY, passive_requires_approval=True))
     enrollment.create_agent("new", "New", "HR-1", passive=True)
-    passive.collect("new", "s", stretch(0.1), None, RATE)
-    done = passive.collect("new", "s", stretch(0.2), None, RATE)
+    collect(passive, "new", "s", 0.1)
+    done = collect(passive, "new", "s", 0.2)
     assert done.finalized is not None and done.finalized.held is not None
     assert done.finalized.held.reason is HoldReason.APPROVAL
     assert store.get_voiceprint("new") is None
@@ -173,8 +189,8 @@ def test_approval_policy_holds_the_voiceprint_until_hr_approves(store: Store) ->
 def test_a_rejected_voiceprint_is_erased_and_collection_starts_again(store: Store) -> None:
     enrollment, passive = services(store, replace(POLICY, passive_requires_approval=True))
     enrollment.create_agent("new", "New", "HR-1", passive=True)
-    passive.collect("new", "s", stretch(0.1), None, RATE)
-    passive.collect("new", "s", stretch(0.2), None, RATE)
+    collect(passive, "new", "s", 0.1)
+    collect(passive, "new", "s", 0.2)
 
     rejected = enrollment.review("new", approve=False, reason="not the new hire's voice")
     assert not rejected.approved
@@ -185,10 +201,10 @@ def test_a_rejected_voiceprint_is_erased_and_collection_starts_again(store: Stor
 def test_erasure_covers_the_mark_the_stretches_and_the_held_voiceprint(store: Store) -> None:
     enrollment, passive = services(store, replace(POLICY, passive_requires_approval=True))
     enrollment.create_agent("held", "Held", "HR-1", passive=True)
-    passive.collect("held", "s", stretch(0.1), None, RATE)
-    passive.collect("held", "s", stretch(0.2), None, RATE)
+    collect(passive, "held", "s", 0.1)
+    collect(passive, "held", "s", 0.2)
     enrollment.create_agent("pending", "Pending", "HR-2", passive=True)
-    passive.collect("pending", "s", stretch(0.1), None, RATE)
+    collect(passive, "pending", "s", 0.1)
 
     enrollment.delete("held")
     enrollment.delete("pending")
