@@ -75,7 +75,8 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _SHIFTS + "StreamShiftAudio": _SOFTPHONE,
         _SHIFTS + "EndShift": _SOFTPHONE,
         _SHIFTS + "GetShift": frozenset({Role.SOFTPHONE, Role.MFA, Role.ADMIN}),
-        _SHIFTS + "SubscribeShiftEvents": _MFA,
+        # HR too: it learns there when a passive enrollment completes or is held.
+        _SHIFTS + "SubscribeShiftEvents": _MFA | _HR,
         _ASSURANCES + "GetAssurance": _MFA,
         _ASSURANCES + "IntrospectAssurance": _MFA,
         _ADMIN_SERVICE + "UnlockShift": _ADMIN,

@@ -76,7 +76,8 @@ class ShiftServiceStub:
     """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
     how the MFA provider learns at once that a shift was locked. Events are not replayed: read
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-    events beyond 256 (the shift state stays authoritative).
+    events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+    there when a passive enrollment completes or is held).
     """
 
 @_typing.type_check_only
@@ -120,7 +121,8 @@ class ShiftServiceAsyncStub(ShiftServiceStub):
     """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
     how the MFA provider learns at once that a shift was locked. Events are not replayed: read
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-    events beyond 256 (the shift state stays authoritative).
+    events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+    there when a passive enrollment completes or is held).
     """
 
 class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,7 +199,8 @@ class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
         """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
         how the MFA provider learns at once that a shift was locked. Events are not replayed: read
         GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-        events beyond 256 (the shift state stays authoritative).
+        events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+        there when a passive enrollment completes or is held).
         """
 
 def add_ShiftServiceServicer_to_server(servicer: ShiftServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
