@@ -122,6 +122,12 @@ def test_a_shift_enrolls_its_agent_passively_refusing_a_replay_and_the_next_shif
     assert started.shift.state == spb.SHIFT_STATE_NOT_ENROLLED
     assert not started.HasField("verification")
     assert started.assurance == ""
+    # Nor can a login check pass before the voiceprint exists.
+    with pytest.raises(grpc.RpcError) as early:
+        server.shifts.CheckLogin(
+            spb.CheckLoginRequest(shift_id=started.shift.shift_id, login_audio=wav_audio(login))
+        )
+    assert early.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     stream = ShiftStream(server.shifts, started.shift.shift_id)
     assert stream.next_event().kind == spb.SHIFT_EVENT_KIND_STREAM_ATTACHED
 
