@@ -522,7 +522,8 @@ class EnrollmentService:
                 telephone_embedding=companion_embedding(consistency.accepted),
             )
             # Built, not stored: judged by the 1:N search before a second unit stores it.
-            return _Finalized(_Unreviewed(voiceprint, accepted_ids), events)
+            earlier = [] if reviewed is None else reviewed.built.rejected
+            return _Finalized(_Unreviewed(voiceprint, accepted_ids, earlier + rejected), events)
         voiceprint = reviewed.built.voiceprint
         held = reviewed.held
         if held is None:
@@ -560,7 +561,9 @@ class EnrollmentService:
                 passive=passive,
             )
         )
-        return _Finalized(FinalizeOutcome(voiceprint, replaced, rejected, held), events)
+        # The utterances the first step discarded belong to this outcome too.
+        outcome = FinalizeOutcome(voiceprint, replaced, reviewed.built.rejected + rejected, held)
+        return _Finalized(outcome, events)
 
     def _hold_event(self, held: HeldVoiceprint, match: GalleryMatch | None) -> AuditEvent:
         details: dict[str, object] = {"reason": held.reason.value}
@@ -599,6 +602,8 @@ class _Unreviewed:
 
     voiceprint: Voiceprint
     utterance_ids: tuple[str, ...]
+    rejected: list[RejectedUtterance]
+    """Discarded (and audited) by the step that built it."""
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,17 @@ def test_erasure_covers_the_mark_the_stretches_and_the_held_voiceprint(store: St
         assert store.held_voiceprint(agent_id) is None
         assert store.passive_enrollment(agent_id) is None
         assert not store.pending_utterances(agent_id)
+
+
+def test_finalize_reports_the_utterances_it_discarded_on_the_way(store: Store) -> None:
+    # Built in two steps around the 1:N search: what the first discarded is still reported.
+    enrollment, _ = services(store, replace(POLICY, required_net_speech_seconds=8.0))
+    agent = enrollment.create_agent("mixed", "Mixed", "HR-1")
+    analyser = VoiceAnalyser(LevelVoice(), AllSpeech(), QualityThresholds(), AudioLimits())
+    for level in (0.1, 0.2, -0.1):
+        sample = analyser.analyse_speech(stretch(level), source_rate_hz=RATE)
+        assert enrollment.add_sample(agent, sample).record is not None
+    done = enrollment.finalize("mixed")
+    assert len(done.rejected) == 1
+    assert "another speaker" in done.rejected[0].reason
+    assert done.voiceprint.utterance_count == 2
