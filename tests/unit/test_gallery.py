@@ -123,3 +123,41 @@ def test_a_watchlist_match_names_the_entry_and_skips_other_models() -> None:
     search = GallerySearch(cast(Scorer, StubScorer({"watchlist:e1": 6.0})))
     match = search.search_watchlist(PROBE, [entry, other_model], "m", 0.001)
     assert match is not None and match.reference_id == "e1" and match.gallery_size == 1
+
+
+def test_the_evaluation_counts_false_alarms_and_detections_per_search() -> None:
+    from server.tools.gallery_eval import Voice, measure, pairwise, speed_changed
+
+    speakers = ["s1", "s2", "s3"]
+
+    def voice_of(speaker: str, speed: float = 1.0) -> Voice:
+        # The probe says who searches: a one-hot vector of the speaker's number.
+        probe = np.zeros(4, np.float32)
+        probe[speakers.index(speaker)] = 1.0
+        return Voice(speaker, speed, voice(f"{speaker}x{speed:g}"), Probe(probe, 8.0))
+
+    class Table(StubScorer):
+        """Each speaker matches its own natural voiceprint; s3 also matches every s2 voice."""
+
+        def score(
+            self, voiceprint: Voiceprint, test: object, net_speech: float, channel: Channel
+        ) -> Score:
+            searching = speakers[int(np.argmax(cast(np.ndarray, test)))]
+            own = voiceprint.agent_id == f"{searching}x1"
+            false = searching == "s3" and voiceprint.agent_id.startswith("s2")
+            return score(9.0 if own or false else 0.0, needed=0.5)
+
+    voices = [voice_of("s1"), voice_of("s2"), voice_of("s2", 1.1), voice_of("s3")]
+    search = GallerySearch(cast(Scorer, Table({})))
+    rates = measure(voices, search, 2, 0.01, np.random.default_rng(0), draws=2)
+    # s1, s2 and s3 search twice each way (the copy at 1.1 does not search): any two of s3's
+    # three others hold an s2 voice, so both of s3's searches are false alarms; every
+    # speaker's own voiceprint is found.
+    assert rates.searches == rates.detection_trials == 6
+    assert rates.detections == 6
+    assert rates.false_alarms == 2
+    # One to one over natural voices: s3 against s2 is the one false match of 6 pairs.
+    assert pairwise(voices, search, 2, 0.01) == (1, 6)
+
+    slowed = speed_changed(np.ones(16_000, np.float32), 0.9)
+    assert len(slowed) == pytest.approx(16_000 / 0.9, abs=2)
