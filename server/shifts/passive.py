@@ -23,6 +23,7 @@ from server.pipeline.speech import SpeechDetector
 from server.records import AuditEvent, ShiftRecord, ShiftState
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
+from server.scoring.gallery import GalleryMatch
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer
 from server.shifts.events import ShiftEvent, ShiftEventKind
 
@@ -113,6 +114,17 @@ async def _collect(
         await _collected(service, session, recent, step)
         if step.finalized is not None:
             return
+
+
+def watchlist_event(record: ShiftRecord, match: GalleryMatch, at: datetime) -> ShiftEvent:
+    """The alert for subscribers that a shift's login voice matched a watchlist entry."""
+    return ShiftEvent(
+        ShiftEventKind.WATCHLIST_MATCH,
+        record,
+        at,
+        score=match.normalized,
+        threshold=match.threshold,
+    )
 
 
 def longest_stretch(

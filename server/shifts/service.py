@@ -355,13 +355,16 @@ class ShiftService:
         enrolling = passive is not None and await self._store_pool.run(
             lambda: passive.collecting(agent_id)
         )
-        result = (
-            None
-            if enrolling
-            else await self.pool.run(
+        result = watched = None
+        if enrolling:
+            # No voiceprint to verify against (NOT_ENROLLED), but the voice is still screened.
+            watched = await self.pool.run(
+                lambda: self._verification.screen(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+            )
+        else:
+            result = await self.pool.run(
                 lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
             )
-        )
         now = self.clock.now()
         record = ShiftRecord(
             shift_id=secrets.token_urlsafe(16),
@@ -384,6 +387,8 @@ class ShiftService:
         _log(started)
         session = self._session(record)
         if result is None:
+            if watched is not None:
+                self.publish(passive_shift.watchlist_event(record, watched, self.clock.now()))
             return LoginOutcome(record, None, None)
         self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
@@ -405,14 +410,7 @@ class ShiftService:
         watchlist match is announced to the subscribers alone (the caller is not told)."""
         if result.watchlist is not None:
             self.publish(
-                ShiftEvent(
-                    ShiftEventKind.WATCHLIST_MATCH,
-                    session.record,
-                    self.clock.now(),
-                    score=result.watchlist.normalized,
-                    threshold=result.watchlist.threshold,
-                    net_speech_seconds=result.quality.net_speech_seconds,
-                )
+                passive_shift.watchlist_event(session.record, result.watchlist, self.clock.now())
             )
         if result.presentation is not None and result.presentation.decision.suspected:
             session.publish(

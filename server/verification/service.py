@@ -102,6 +102,20 @@ class VerificationService:
         self._throttle.record(agent_id, result.decision, self._now())
         return result
 
+    def screen(
+        self, agent_id: str, audio: AudioInput, *, action: AuditAction
+    ) -> GalleryMatch | None:
+        """Blocking: runs the model. The watchlist screen alone, for a login of an agent with
+        no voiceprint yet (a passive enrollment's shift): the watchlist entry the voice
+        matches (audited as an alert), or None. Raises InvalidAudioError for bad audio."""
+        sample = self._analyser.analyse(
+            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
+        )
+        if self._watchlist is None or sample.embedding is None:
+            return None
+        probe = Probe(sample.embedding, sample.quality.net_speech_seconds, sample.channel)
+        return self._watchlist.screen(agent_id, probe, self._analyser.model_id, action)
+
     def scoring_thresholds(self) -> list[LocalThreshold]:
         """Blocking (may read the voiceprints): per condition, the shipped and the local
         false-match threshold and how many comparisons stand behind the local one."""

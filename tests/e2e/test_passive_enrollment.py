@@ -241,6 +241,19 @@ def test_a_watchlisted_voice_raises_the_alert_at_login_verify_and_enrollment(
     assert server.verify("dismissed", wav_audio(first_half(SPEAKER_B))).watchlist_alert
     assert not server.verify("colleague", wav_audio(second_half(SPEAKER_A))).watchlist_alert
 
+    # Under a new id, passively enrolled: its first shift has no voiceprint to verify, but the
+    # login voice is screened all the same.
+    server.enrollment.CreateAgent(
+        pb.CreateAgentRequest(
+            agent_id="new-id", display_name="New", consent_reference="HR-8", passive_enrollment=True
+        )
+    )
+    first_shift = start(server, "new-id", wav_audio(first_half(SPEAKER_B)))
+    assert first_shift.shift.state == spb.SHIFT_STATE_NOT_ENROLLED
+    assert next_of_kind(events, spb.SHIFT_EVENT_KIND_WATCHLIST_MATCH).shift_id == (
+        first_shift.shift.shift_id
+    )
+
     rehired = server.enroll("rehired", split(first_half(SPEAKER_B), 2))
     assert rehired.held.reason == pb.HOLD_REASON_WATCHLIST
     assert rehired.held.watchlist_entry_id == entry.entry_id
