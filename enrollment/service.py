@@ -4,6 +4,7 @@ rebuild the voiceprint, erase the agent. Every step is audited (never with audio
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import uuid
@@ -21,19 +22,23 @@ from enrollment.voiceprint import (
 )
 from server.audit_actions import AuditAction
 from server.config import EnrollmentPolicy
-from server.errors import EnrollmentIncompleteError
-from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser
-from server.pipeline.presentation import PresentationAssessment
+from server.errors import EnrollmentIncompleteError, NothingHeldError
+from server.pipeline.analysis import ReceivedAudio, VoiceAnalyser, VoiceSample
+from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.records import (
     AgentRecord,
     AuditEvent,
+    HeldVoiceprint,
+    HoldReason,
     RecordingOrigin,
     ReplayFingerprint,
     UtteranceRecord,
     Voiceprint,
 )
 from server.runtime.log_format import logged_agent
+from server.scoring.gallery import GalleryMatch, GallerySearch, Probe
+from server.scoring.watchlist import WatchlistScreen, alert_event
 from server.storage.interface import UnitOfWork, VoiceprintStore
 from server.validation import validate_agent_id, validate_text
 
@@ -47,6 +52,9 @@ Completion = Callable[[UnitOfWork, T], None]
 # The enrollment fingerprints kept per agent (the newest): two full enrollments' worth at the
 # limit of pending utterances.
 _ENROLLMENT_FINGERPRINTS = 64
+# Finalize builds, searches and stores in separate steps; utterances added between them make
+# it build again, at most this often.
+_FINALIZE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,11 @@ class EnrollmentProgress:
     net_speech_seconds: float
     required_net_speech_seconds: float
     voiceprint: Voiceprint | None
+    held: HeldVoiceprint | None = None
+    """A voiceprint built but waiting for HR's review (ReviewVoiceprint)."""
+    passive_since: datetime | None = None
+    """When passive enrollment from the agent's shifts was asked for; None if it was not or
+    has completed."""
 
     @property
     def ready_to_finalize(self) -> bool:
@@ -81,6 +94,16 @@ class FinalizeOutcome:
     voiceprint: Voiceprint
     replaced_previous: bool
     rejected: list[RejectedUtterance]
+    held: HeldVoiceprint | None = None
+    """Set when the voiceprint was held for HR's review instead of becoming active: it
+    matched another agent or a watchlist entry, or policy asks for approval."""
+
+
+@dataclass(frozen=True)
+class ReviewOutcome:
+    held: HeldVoiceprint
+    approved: bool
+    replaced_previous: bool
 
 
 class EnrollmentService:
@@ -90,11 +113,17 @@ class EnrollmentService:
         analyser: VoiceAnalyser,
         policy: EnrollmentPolicy,
         now: Callable[[], datetime],
+        gallery: GallerySearch | None = None,
+        watchlist: WatchlistScreen | None = None,
     ) -> None:
+        """`gallery`: the 1:N search every new voiceprint goes through (None: none, as in
+        unit tests without the scoring files); `watchlist`: the watchlist screen."""
         self._store = store
         self._analyser = analyser
         self._policy = policy
         self._now = now
+        self._gallery = gallery
+        self._watchlist = watchlist
         # Looking for a copy among the pending utterances and adding the new one are one step:
         # two copies sent at once must not both find none.
         self._adding = threading.Lock()
@@ -105,9 +134,13 @@ class EnrollmentService:
         display_name: str,
         consent_reference: str,
         record_completion: Completion[AgentRecord] | None = None,
+        *,
+        passive: bool = False,
     ) -> AgentRecord:
         """`record_completion`, as in every use case that takes it, runs in the unit of work
-        with the outcome, so what it writes (a request id's completion) commits with it."""
+        with the outcome, so what it writes (a request id's completion) commits with it.
+        `passive`: the agent is enrolled from its first shifts' speech (enrollment/passive.py)
+        instead of (or besides) utterances HR adds."""
         agent = AgentRecord(
             agent_id=validate_agent_id(agent_id),
             display_name=validate_text(display_name, "display_name", 256),
@@ -115,10 +148,12 @@ class EnrollmentService:
             consent_reference=validate_text(consent_reference, "consent_reference", 256),
             created_at=self._now(),
         )
-        created = self._event(AuditAction.AGENT_CREATE, agent.agent_id, "ok")
+        created = self._event(AuditAction.AGENT_CREATE, agent.agent_id, "ok", passive=passive)
         with self._store.unit_of_work(f"create agent {agent.agent_id!r}") as unit:
             unit.create_agent(agent)
             unit.append_audit(created)
+            if passive:
+                unit.set_passive_enrollment(agent.agent_id, agent.created_at)
             if record_completion is not None:
                 record_completion(unit, agent)
         _log(created)
@@ -131,8 +166,26 @@ class EnrollmentService:
         sample = self._analyser.analyse(
             audio, min_net_speech_seconds=self._policy.min_utterance_net_speech_seconds
         )
+        return self.add_sample(agent, sample)
+
+    def add_sample(
+        self, agent: AgentRecord, sample: VoiceSample, *, shift_id: str = ""
+    ) -> UtteranceOutcome:
+        """Blocking. Keeps an analysed sample as a pending utterance if it passes the quality
+        gates, the countermeasure and the copy check. `shift_id`: the sample is a stretch of
+        that shift's stream (passive enrollment), so a copy of a pending utterance is a
+        recording played into the call, audited as a replay."""
         received_at = self._now()
         quality = sample.quality
+        if (
+            quality.net_speech_seconds < self._policy.min_utterance_net_speech_seconds
+            and QualityIssue.TOO_LITTLE_SPEECH not in quality.issues
+        ):
+            # Speech the detector cut out is analysed without the minimum (analyse_speech).
+            quality = dataclasses.replace(
+                quality, issues=(*quality.issues, QualityIssue.TOO_LITTLE_SPEECH)
+            )
+            sample = VoiceSample(quality, None, sample.channel, sample.presentation)
         # Quiet or clipped audio would still embed, but into a poorer voiceprint: refuse it so
         # HR can re-record while the agent is there.
         if sample.embedding is None or quality.issues:
@@ -144,6 +197,7 @@ class EnrollmentService:
             _log(rejected)
             return UtteranceOutcome(quality, received_at, None, reason, sample.presentation)
         presentation = sample.presentation
+        origin = {"shift_id": shift_id} if shift_id else {}
         if presentation is not None and presentation.decision.suspected:
             reason = (
                 f"taken for a presentation attack (synthetic, converted or replayed speech): "
@@ -158,6 +212,7 @@ class EnrollmentService:
                 check=AuditAction.ENROLLMENT_ADD.value,
                 channel=sample.channel.value,
                 **presentation.audit_details(),
+                **origin,
             )
             if presentation.enforced:
                 rejected = self._event(
@@ -192,10 +247,30 @@ class EnrollmentService:
                     "rejected",
                     reason=reason,
                     duplicate_of=copied,
+                    **origin,
                 )
-                self._store.append_audit(rejected)
+                with self._store.unit_of_work(f"refuse an utterance of {agent.agent_id!r}") as unit:
+                    if shift_id:
+                        unit.append_audit(
+                            self._event(
+                                AuditAction.PRESENTATION_ATTACK,
+                                agent.agent_id,
+                                PresentationDecision.REPLAY.value,
+                                check=AuditAction.ENROLLMENT_PASSIVE.value,
+                                replay_of="pending_utterance",
+                                replay_similarity=round(duplicate.similarity, 4),
+                                **origin,
+                            )
+                        )
+                    unit.append_audit(rejected)
                 _log(rejected)
-                return UtteranceOutcome(quality, received_at, None, reason, presentation)
+                return UtteranceOutcome(
+                    quality,
+                    received_at,
+                    None,
+                    reason,
+                    _as_replay(presentation) if shift_id else presentation,
+                )
             record = UtteranceRecord(
                 utterance_id=uuid.uuid4().hex,
                 agent_id=agent.agent_id,
@@ -214,6 +289,7 @@ class EnrollmentService:
                 "ok",
                 utterance_id=record.utterance_id,
                 net_speech_seconds=round(quality.net_speech_seconds, 2),
+                **origin,
             )
             with self._store.unit_of_work(f"add utterance for agent {agent.agent_id!r}") as unit:
                 unit.add_utterance(record, self._policy.max_pending_utterances)
@@ -224,35 +300,142 @@ class EnrollmentService:
     def progress(self, agent_id: str) -> EnrollmentProgress:
         agent = self._store.get_agent(validate_agent_id(agent_id))
         pending = self._store.pending_utterances(agent.agent_id)
+        passive_since = self._store.passive_enrollment(agent.agent_id)
         return EnrollmentProgress(
             agent=agent,
             pending=pending,
             net_speech_seconds=sum(u.net_speech_seconds for u in pending),
-            required_net_speech_seconds=self._policy.required_net_speech_seconds,
+            required_net_speech_seconds=self._policy.passive_net_speech_seconds
+            if passive_since is not None
+            else self._policy.required_net_speech_seconds,
             voiceprint=self._store.get_voiceprint(agent.agent_id),
+            held=self._store.held_voiceprint(agent.agent_id),
+            passive_since=passive_since,
         )
 
     def finalize(
-        self, agent_id: str, record_completion: Completion[FinalizeOutcome] | None = None
+        self,
+        agent_id: str,
+        record_completion: Completion[FinalizeOutcome] | None = None,
+        *,
+        passive: bool = False,
     ) -> FinalizeOutcome:
         """Builds the voiceprint from the pending utterances and swaps it in atomically: the
         utterances it consumes or rejects, the voiceprint and the audit records commit
-        together."""
+        together. The new voiceprint is searched for among the other agents' and on the
+        watchlist first; a match (or, for a `passive` enrollment, a policy asking for
+        approval) holds it for HR's review instead (FinalizeOutcome.held), and a previous
+        voiceprint stays active meanwhile."""
         agent_id = validate_agent_id(agent_id)
-        with self._store.unit_of_work(f"finalize the enrollment of agent {agent_id!r}") as unit:
-            result = self._finalize(unit, agent_id)
+        reviewed: _Review | None = None
+        # The search reads the store and scores, so it runs between units of work: a first
+        # unit builds the voiceprint (and discards outliers), the search judges it, and a
+        # second unit stores it if the pending utterances are still the ones it was built of.
+        for _ in range(_FINALIZE_ATTEMPTS):
+            with self._store.unit_of_work(f"finalize the enrollment of agent {agent_id!r}") as unit:
+                result = self._finalize(unit, agent_id, reviewed, passive=passive)
+                for event in result.events:
+                    unit.append_audit(event)
+                if record_completion is not None and isinstance(result.outcome, FinalizeOutcome):
+                    record_completion(unit, result.outcome)
             for event in result.events:
-                unit.append_audit(event)
-            if record_completion is not None and isinstance(result.outcome, FinalizeOutcome):
-                record_completion(unit, result.outcome)
-        for event in result.events:
-            _log(event)
-        if isinstance(result.outcome, EnrollmentIncompleteError):
-            # Raised once the unit has committed: the rejected utterances stay discarded.
-            raise result.outcome
-        return result.outcome
+                _log(event)
+            if isinstance(result.outcome, _Unreviewed):
+                reviewed = self._review(result.outcome, passive=passive)
+                continue
+            if isinstance(result.outcome, EnrollmentIncompleteError):
+                # Raised once the unit has committed: the rejected utterances stay discarded.
+                raise result.outcome
+            return result.outcome
+        raise EnrollmentIncompleteError(
+            "the pending utterances kept changing while the enrollment was finalized; "
+            "finalize again"
+        )
 
-    def _finalize(self, unit: UnitOfWork, agent_id: str) -> _Finalized:
+    def review(
+        self,
+        agent_id: str,
+        *,
+        approve: bool,
+        reason: str,
+        record_completion: Completion[ReviewOutcome] | None = None,
+    ) -> ReviewOutcome:
+        """HR's decision on a held voiceprint: approved, it becomes the agent's voiceprint
+        (replacing any); rejected, it is erased (a passive enrollment then collects anew).
+        Raises NothingHeldError when the agent has none held."""
+        agent_id = validate_agent_id(agent_id)
+        reason = validate_text(reason, "reason", 512)
+        with self._store.unit_of_work(f"review the voiceprint of agent {agent_id!r}") as unit:
+            unit.get_agent(agent_id)
+            held = unit.release_held_voiceprint(agent_id)
+            if held is None:
+                raise NothingHeldError(f"agent {agent_id} has no voiceprint waiting for review")
+            replaced = False
+            if approve:
+                voiceprint = dataclasses.replace(held.voiceprint, created_at=self._now())
+                replaced = unit.replace_voiceprint(voiceprint, [])
+                unit.end_passive_enrollment(agent_id)
+                held = dataclasses.replace(held, voiceprint=voiceprint)
+            event = self._event(
+                AuditAction.VOICEPRINT_APPROVE if approve else AuditAction.VOICEPRINT_REJECT,
+                agent_id,
+                "ok",
+                held_for=held.reason.value,
+                matched_agent=held.matched_agent_id,
+                matched_entry=held.matched_entry_id,
+                review_reason=reason,
+                replaced_previous=replaced,
+            )
+            unit.append_audit(event)
+            outcome = ReviewOutcome(held, approve, replaced)
+            if record_completion is not None:
+                record_completion(unit, outcome)
+        _log(event)
+        return outcome
+
+    def _review(self, built: _Unreviewed, *, passive: bool) -> _Review:
+        """Whether the new voiceprint must wait for HR: a watchlist match, another agent's
+        voice, or a passive enrollment under a policy that asks for approval. Blocking."""
+        voiceprint = built.voiceprint
+        probe = Probe(voiceprint.embedding, voiceprint.net_speech_seconds)
+        now = self._now()
+        if self._watchlist is not None:
+            watched = self._watchlist.match(probe, voiceprint.model_id)
+            if watched is not None:
+                held = HeldVoiceprint(
+                    voiceprint,
+                    HoldReason.WATCHLIST,
+                    now,
+                    matched_entry_id=watched.reference_id,
+                    similarity=watched.normalized,
+                )
+                alert = alert_event(
+                    voiceprint.agent_id, watched, AuditAction.ENROLLMENT_FINALIZE, now
+                )
+                return _Review(built, held, watched, alert)
+        if self._gallery is not None:
+            others = [
+                v
+                for v in self._store.voiceprints(voiceprint.model_id)
+                if v.agent_id != voiceprint.agent_id
+            ]
+            match = self._gallery.search(probe, others, self._policy.duplicate_false_alarm)
+            if match is not None:
+                held = HeldVoiceprint(
+                    voiceprint,
+                    HoldReason.DUPLICATE,
+                    now,
+                    matched_agent_id=match.reference_id,
+                    similarity=match.normalized,
+                )
+                return _Review(built, held, match)
+        if passive and self._policy.passive_requires_approval:
+            return _Review(built, HeldVoiceprint(voiceprint, HoldReason.APPROVAL, now))
+        return _Review(built, None)
+
+    def _finalize(
+        self, unit: UnitOfWork, agent_id: str, reviewed: _Review | None, *, passive: bool
+    ) -> _Finalized:
         agent = unit.get_agent(agent_id)
         pending = unit.pending_utterances(agent.agent_id)
         model_id = self._analyser.model_id
@@ -279,7 +462,11 @@ class EnrollmentService:
                 for r in rejected
             ]
         collected = sum(u.net_speech_seconds for u in consistency.accepted)
-        required = self._policy.required_net_speech_seconds
+        required = (
+            self._policy.passive_net_speech_seconds
+            if passive
+            else self._policy.required_net_speech_seconds
+        )
         if consistency.undecided:
             events.append(self._event(AuditAction.ENROLLMENT_FINALIZE, agent.agent_id, "undecided"))
             return _Finalized(
@@ -307,18 +494,48 @@ class EnrollmentService:
                 ),
                 events,
             )
-        voiceprint = Voiceprint(
-            agent_id=agent.agent_id,
-            model_id=model_id,
-            embedding=mean_embedding(consistency.accepted),
-            created_at=self._now(),
-            utterance_count=len(consistency.accepted),
-            net_speech_seconds=collected,
-            telephone_embedding=companion_embedding(consistency.accepted),
-        )
-        replaced = unit.replace_voiceprint(
-            voiceprint, [u.utterance_id for u in consistency.accepted]
-        )
+        if passive and len(consistency.accepted) < self._policy.passive_min_stretches:
+            events.append(
+                self._event(
+                    AuditAction.ENROLLMENT_FINALIZE,
+                    agent.agent_id,
+                    "incomplete",
+                    net_speech_seconds=collected,
+                    stretches=len(consistency.accepted),
+                )
+            )
+            return _Finalized(
+                EnrollmentIncompleteError(
+                    f"{len(consistency.accepted)} consistent stretch(es) of speech collected, "
+                    f"{self._policy.passive_min_stretches} needed"
+                ),
+                events,
+            )
+        accepted_ids = tuple(u.utterance_id for u in consistency.accepted)
+        if reviewed is None or reviewed.built.utterance_ids != accepted_ids:
+            voiceprint = Voiceprint(
+                agent_id=agent.agent_id,
+                model_id=model_id,
+                embedding=mean_embedding(consistency.accepted),
+                created_at=self._now(),
+                utterance_count=len(consistency.accepted),
+                net_speech_seconds=collected,
+                telephone_embedding=companion_embedding(consistency.accepted),
+            )
+            # Built, not stored: judged by the 1:N search before a second unit stores it.
+            earlier = [] if reviewed is None else reviewed.built.rejected
+            return _Finalized(_Unreviewed(voiceprint, accepted_ids, earlier + rejected), events)
+        voiceprint = reviewed.built.voiceprint
+        held = reviewed.held
+        if held is None:
+            replaced = unit.replace_voiceprint(voiceprint, list(accepted_ids))
+            unit.end_passive_enrollment(agent.agent_id)
+        else:
+            replaced = False
+            unit.hold_voiceprint(held, list(accepted_ids))
+            if reviewed.alert is not None:
+                events.append(reviewed.alert)
+            events.append(self._hold_event(held, reviewed.match))
         # The utterances go, their fingerprints stay: a check that plays one back is a replay.
         for utterance in consistency.accepted:
             unit.add_fingerprint(
@@ -337,14 +554,31 @@ class EnrollmentService:
             self._event(
                 AuditAction.ENROLLMENT_FINALIZE,
                 agent.agent_id,
-                "ok",
+                "ok" if held is None else "held",
                 replaced_previous=replaced,
                 utterance_count=voiceprint.utterance_count,
                 net_speech_seconds=round(collected, 2),
                 model_id=model_id,
+                passive=passive,
             )
         )
-        return _Finalized(FinalizeOutcome(voiceprint, replaced, rejected), events)
+        # The utterances the first step discarded belong to this outcome too.
+        outcome = FinalizeOutcome(voiceprint, replaced, reviewed.built.rejected + rejected, held)
+        return _Finalized(outcome, events)
+
+    def _hold_event(self, held: HeldVoiceprint, match: GalleryMatch | None) -> AuditEvent:
+        details: dict[str, object] = {"reason": held.reason.value}
+        if held.matched_agent_id:
+            details["matching_agent"] = held.matched_agent_id
+        if held.matched_entry_id:
+            details["watchlist_entry"] = held.matched_entry_id
+        if match is not None:
+            details |= {
+                "normalized_score": round(match.normalized, 3),
+                "threshold": round(match.threshold, 3),
+                "gallery_size": match.gallery_size,
+            }
+        return self._event(AuditAction.ENROLLMENT_HOLD, held.voiceprint.agent_id, "held", **details)
 
     def delete(self, agent_id: str, record_completion: Completion[None] | None = None) -> None:
         agent_id = validate_agent_id(agent_id)
@@ -364,12 +598,39 @@ class EnrollmentService:
 
 
 @dataclass(frozen=True)
+class _Unreviewed:
+    """A voiceprint built from these utterances, not yet searched for (not stored)."""
+
+    voiceprint: Voiceprint
+    utterance_ids: tuple[str, ...]
+    rejected: list[RejectedUtterance]
+    """Discarded (and audited) by the step that built it."""
+
+
+@dataclass(frozen=True)
+class _Review:
+    built: _Unreviewed
+    held: HeldVoiceprint | None
+    match: GalleryMatch | None = None
+    alert: AuditEvent | None = None
+    """The watchlist alert to audit with the hold."""
+
+
+@dataclass(frozen=True)
 class _Finalized:
     """What a finalize attempt comes to: its outcome (or the error to raise once its unit has
-    committed) and the audit records it commits with."""
+    committed, or the voiceprint to search for first) and the audit records it commits
+    with."""
 
-    outcome: FinalizeOutcome | EnrollmentIncompleteError
+    outcome: FinalizeOutcome | EnrollmentIncompleteError | _Unreviewed
     events: list[AuditEvent]
+
+
+def _as_replay(presentation: PresentationAssessment | None) -> PresentationAssessment:
+    """The assessment of a stretch that repeats a pending one: a replay, refused."""
+    return (
+        presentation or PresentationAssessment(0.0, 0.0, PresentationDecision.NOT_ASSESSED, True)
+    ).as_replay()
 
 
 def _log(event: AuditEvent) -> None:

@@ -10,7 +10,9 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from enrollment.listing import AgentDirectory
+from enrollment.passive import PassiveEnrollment
 from enrollment.service import EnrollmentService
+from enrollment.watchlist import WatchlistService, expire_watchlist
 from models.countermeasure import Countermeasure
 from models.embedder import SpeakerEmbedder
 from models.factory import load_countermeasure as load_countermeasure_model
@@ -46,7 +48,9 @@ from server.runtime.inference import InferencePool
 from server.runtime.log_format import PSEUDONYMS
 from server.runtime.requests import RequestLedger
 from server.runtime.store_pool import StorePool
+from server.scoring.gallery import GallerySearch
 from server.scoring.scorer import Scorer, ScoringModel
+from server.scoring.watchlist import WatchlistScreen
 from server.security.assurance_desk import AssuranceDesk
 from server.security.assurances import (
     KEYRING_SYNC_SECONDS,
@@ -280,6 +284,7 @@ class VoxauthServer:
                         store, self.config.retention, self._clock.now()
                     )
                 )
+                await self._store_pool.run(lambda: expire_watchlist(store, self._clock.now()))
             except VoxauthError as error:
                 log.error("voiceprint expiry failed: %s", error.message)
             await self._clock.sleep_until(self._clock.monotonic() + _RETENTION_PERIOD_SECONDS)
@@ -321,6 +326,9 @@ class VoxauthServer:
         )
         now = self._clock.now
         throttle = VerificationThrottle(store, self.config.throttle)
+        gallery = GallerySearch(scorer)
+        enrolling = self.config.enrollment
+        watchlist = WatchlistScreen(store, gallery, enrolling.watchlist_false_alarm, now)
         verification = VerificationService(
             store,
             analyser,
@@ -329,6 +337,7 @@ class VoxauthServer:
             now,
             throttle,
             ReplayGuard(store, policy) if policy.replay_detection else None,
+            watchlist,
         )
         wakeups = event_wakeups(self.config.database_path)
         events: EventBus = (
@@ -338,6 +347,7 @@ class VoxauthServer:
         )
         await events.open()
         self._events = events
+        enrollment = EnrollmentService(store, analyser, enrolling, now, gallery, watchlist)
         self._shifts = ShiftService(
             store,
             verification,
@@ -349,10 +359,11 @@ class VoxauthServer:
             self._clock,
             assurances,
             events,
+            PassiveEnrollment(store, enrollment, analyser, enrolling),
         )
         self._readiness.serve(
             Services(
-                enrollment=EnrollmentService(store, analyser, self.config.enrollment, now),
+                enrollment=enrollment,
                 verification=verification,
                 shifts=self._shifts,
                 assurances=assurances,
@@ -365,6 +376,7 @@ class VoxauthServer:
                     self._clock,
                 ),
                 agents=AgentDirectory(store, self.config.enrollment, self.config.retention),
+                watchlist=WatchlistService(store, analyser, enrolling, now),
             )
         )
         await self._api.serving()

@@ -17,6 +17,14 @@ class AuditAction(StrEnum):
     ENROLLMENT_ADD = "enrollment.add"
     ENROLLMENT_REJECT_UTTERANCE = "enrollment.reject_utterance"
     ENROLLMENT_FINALIZE = "enrollment.finalize"
+    ENROLLMENT_PASSIVE = "enrollment.passive"
+    """Passive enrollment asked for (outcome "requested") or collected from a shift
+    (details: the shift, the stretch's net speech)."""
+    ENROLLMENT_HOLD = "enrollment.hold"
+    """A new voiceprint held for HR review (details: the reason, the agent or watchlist entry
+    it matches, the score and the bound)."""
+    VOICEPRINT_APPROVE = "voiceprint.approve"
+    VOICEPRINT_REJECT = "voiceprint.reject"
 
     # Verification decisions.
     VERIFY = "verify"
@@ -41,6 +49,13 @@ class AuditAction(StrEnum):
 
     # Retention, keys, configuration, access.
     VOICEPRINT_EXPIRE = "voiceprint.expire"
+    # The watchlist.
+    WATCHLIST_ADD = "watchlist.add"
+    WATCHLIST_DELETE = "watchlist.delete"
+    WATCHLIST_EXPIRE = "watchlist.expire"
+    WATCHLIST_MATCH = "watchlist.match"
+    """A check or a new voiceprint matched a watchlist entry: an alert (details: the check,
+    the entry, the score and the bound)."""
     KEY_REENCRYPT = "key.reencrypt"
     STORAGE_RECOVER = "storage.recover"
     """Agents whose creation a crash cut short, removed when the store opened."""

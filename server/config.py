@@ -87,6 +87,10 @@ def positive(value: float) -> str | None:
     return None if value > 0 else "must be above zero"
 
 
+def between_open(low: float, high: float) -> Check:
+    return lambda value: None if low < value < high else f"must be above {low:g} and below {high:g}"
+
+
 def cosine(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be a cosine between 0 and 1"
 
@@ -215,6 +219,48 @@ class EnrollmentPolicy(Settings):
     """An utterance whose cosine to the others' mean is below this is rejected as not the same
     speaker. Set with the verification threshold: an utterance that would not verify against
     the rest of the enrollment does not belong in the voiceprint."""
+
+    passive_net_speech_seconds: float = field(
+        default=20.0,
+        metadata=setting("VOXAUTH_PASSIVE_ENROLL_NET_SPEECH_SECONDS", check=non_negative),
+    )
+    """Passive enrollment (enrollment/passive.py): consistent net speech collected from the
+    agent's shifts before the voiceprint is built; as much as active enrollment asks."""
+
+    passive_stretch_net_speech_seconds: float = field(
+        default=5.0, metadata=setting(check=at_least(2.0))
+    )
+    """Net speech in each stretch passive enrollment takes from a shift's stream: one
+    utterance of the enrollment. Long enough to embed well, short enough that an enrollment
+    is made of several stretches, which are checked against each other."""
+
+    passive_min_stretches: int = field(default=2, metadata=setting(check=at_least(2)))
+    """Separate stretches of speech a passive enrollment needs at least, so that consistency
+    between them is checked (one long stretch could be anybody's)."""
+
+    passive_requires_approval: bool = field(
+        default=False, metadata=setting("VOXAUTH_PASSIVE_ENROLL_APPROVAL")
+    )
+    """1: a passively built voiceprint waits for HR's approval (ReviewVoiceprint) before it
+    is active; 0: it is active at once unless the duplicate or watchlist search holds it."""
+
+    duplicate_false_alarm: float = field(
+        default=0.01,
+        metadata=setting("VOXAUTH_DUPLICATE_FALSE_ALARM", check=between_open(0.0, 1.0)),
+    )
+    """The chance that a new voiceprint is held as a duplicate of someone it is not, over the
+    whole gallery of enrolled agents: each comparison is held to the rate p with
+    1 - (1 - p)^N = this (server/scoring/gallery.py)."""
+
+    watchlist_false_alarm: float = field(
+        default=0.001,
+        metadata=setting("VOXAUTH_WATCHLIST_FALSE_ALARM", check=between_open(0.0, 1.0)),
+    )
+    """The chance that a check of a voice not on the watchlist raises a watchlist alert, over
+    the whole watchlist (as duplicate_false_alarm). Lower: every Verify and login is screened."""
+
+    watchlist_max_days: float = field(default=1095.0, metadata=setting(check=positive))
+    """The longest an entry may be kept (its expiry is at most this far off when added)."""
 
 
 @dataclass(frozen=True)

@@ -257,3 +257,16 @@ class CertificateFilesError(ConfigurationError):
 
 class StorageError(InternalError):
     """The store could not read or write (including a voiceprint that fails to decrypt)."""
+
+
+class NothingHeldError(PreconditionError):
+    """A voiceprint review for an agent that has no voiceprint waiting for one."""
+
+
+class WatchlistAudioRefusedError(PreconditionError):
+    """The audio offered for a watchlist entry failed the quality gates or the
+    countermeasure."""
+
+
+class WatchlistEntryNotFoundError(NotFoundError):
+    """No watchlist entry with the id (erased, or expired)."""

@@ -101,6 +101,9 @@ class ShiftState(enum.Enum):
     LOCKED = "LOCKED"
     """Too many consecutive checkpoints failed; only a passing login check unlocks it."""
     ENDED = "ENDED"
+    NOT_ENROLLED = "NOT_ENROLLED"
+    """The agent has no voiceprint yet: its passive enrollment collects the shift's speech.
+    Never verified, no assurance: voice is not a factor of this shift."""
 
 
 @dataclass(frozen=True)
@@ -227,3 +230,46 @@ class StoreCensus:
     """Agents whose next verification attempt must wait (throttled), not disabled."""
     agents_disabled: int
     """Agents whose biometric verification is disabled until an administrator re-enables it."""
+
+
+class HoldReason(enum.Enum):
+    """Why a new voiceprint waits for HR instead of becoming active. The values are stored."""
+
+    DUPLICATE = "duplicate"
+    """It matches another agent's voiceprint: one person under two agent ids, or a voiceprint
+    enrolled from someone else's voice."""
+    WATCHLIST = "watchlist"
+    """It matches a watchlist entry."""
+    APPROVAL = "approval"
+    """Policy: a passively enrolled voiceprint becomes active only once HR approves it."""
+
+
+@dataclass(frozen=True)
+class HeldVoiceprint:
+    """A voiceprint built but not active: no check scores against it until HR approves it."""
+
+    voiceprint: Voiceprint
+    reason: HoldReason
+    held_at: datetime
+    matched_agent_id: str = ""
+    """DUPLICATE: the agent it matches ("" once that agent is erased)."""
+    matched_entry_id: str = ""
+    """WATCHLIST: the entry it matches."""
+    similarity: float = 0.0
+    """The calibrated score (AS-norm) of the match; 0 for APPROVAL."""
+
+
+@dataclass(frozen=True)
+class WatchlistEntry:
+    """The voice of a known fraudster or dismissed employee: sealed like a voiceprint, kept
+    only until `expires_at` and only under a recorded legal basis."""
+
+    entry_id: str
+    label: str
+    legal_basis: str
+    model_id: str
+    embedding: Embedding
+    added_at: datetime
+    expires_at: datetime
+    net_speech_seconds: float
+    telephone_embedding: Embedding | None = None

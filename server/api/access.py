@@ -71,13 +71,15 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _ENROLLMENT + "FinalizeEnrollment": _HR,
         _ENROLLMENT + "DeleteAgent": _HR,
         _ENROLLMENT + "ListAgents": frozenset({Role.HR, Role.ADMIN}),
+        _ENROLLMENT + "ReviewVoiceprint": _HR | {Role.ADMIN},
         _VERIFICATION + "Verify": _SOFTPHONE,
         _SHIFTS + "StartShift": _SOFTPHONE,
         _SHIFTS + "CheckLogin": _SOFTPHONE,
         _SHIFTS + "StreamShiftAudio": _SOFTPHONE,
         _SHIFTS + "EndShift": _SOFTPHONE,
         _SHIFTS + "GetShift": frozenset({Role.SOFTPHONE, Role.MFA, Role.ADMIN, Role.SUPERVISOR}),
-        _SHIFTS + "SubscribeShiftEvents": frozenset({Role.MFA, Role.SUPERVISOR}),
+        # HR too: it learns there when a passive enrollment completes or is held.
+        _SHIFTS + "SubscribeShiftEvents": frozenset({Role.MFA, Role.SUPERVISOR, Role.HR}),
         _SHIFTS + "ListShifts": _SHIFT_WATCHERS,
         _ASSURANCES + "GetAssurance": _MFA,
         _ASSURANCES + "IntrospectAssurance": _MFA,
@@ -86,6 +88,9 @@ ALLOWED_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         _ADMIN_SERVICE + "ExportAudit": _ADMIN,
         _ADMIN_SERVICE + "GetConfiguration": _ADMIN,
         _ADMIN_SERVICE + "RotateSigningKey": _ADMIN,
+        _ADMIN_SERVICE + "AddWatchlistEntry": _ADMIN,
+        _ADMIN_SERVICE + "ListWatchlist": _ADMIN,
+        _ADMIN_SERVICE + "DeleteWatchlistEntry": _ADMIN,
     }
 )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC
 from importlib.metadata import version
 
 from grpc.aio import ServicerContext
@@ -14,11 +15,15 @@ from voxauth.v1 import admin_pb2
 from voxauth.v1 import admin_pb2_grpc as admin_grpc
 from voxauth.v1 import shifts_pb2 as spb
 
-from server.api.convert import shift_message
+from enrollment.watchlist import WatchlistService
+from server.api.convert import audio_input, shift_message, timestamp
 from server.api.readiness import Readiness
 from server.api.retries import RequestDigest, once
 from server.config import ServerConfig
+from server.errors import InvalidAudioError, InvalidRequestError, ServiceNotReadyError
+from server.records import WatchlistEntry
 from server.runtime.clock import Clock
+from server.runtime.inference import InferencePool
 from server.runtime.requests import Receipt
 from server.runtime.store_pool import StorePool
 from server.security.audit import cef_lines, jsonl_lines, read_chain
@@ -28,12 +33,63 @@ from server.validation import validate_agent_id, validate_text
 
 class AdminServicer(admin_grpc.AdminServiceServicer):
     def __init__(
-        self, readiness: Readiness, config: ServerConfig, clock: Clock, store_pool: StorePool
+        self,
+        readiness: Readiness,
+        config: ServerConfig,
+        clock: Clock,
+        store_pool: StorePool,
+        inference: InferencePool,
     ) -> None:
         self._readiness = readiness
         self._config = config
         self._clock = clock
         self._store_pool = store_pool
+        self._inference = inference
+
+    def _watchlist(self) -> WatchlistService:
+        watchlist = self._readiness.require().watchlist
+        if watchlist is None:
+            raise ServiceNotReadyError("the watchlist is not available on this server")
+        return watchlist
+
+    async def AddWatchlistEntry(
+        self,
+        request: admin_pb2.AddWatchlistEntryRequest,
+        context: ServicerContext[admin_pb2.AddWatchlistEntryRequest, admin_pb2.WatchlistEntry],
+    ) -> admin_pb2.WatchlistEntry:
+        watchlist = self._watchlist()
+        if not request.HasField("audio"):
+            raise InvalidAudioError("audio is required", field="audio")
+        if not request.HasField("expires_at"):
+            raise InvalidRequestError("expires_at is required", field="expires_at")
+        audio = audio_input(request.audio)
+        expires_at = request.expires_at.ToDatetime(tzinfo=UTC)
+        by = caller_identity().name
+        entry = await self._inference.run(
+            lambda: watchlist.add(request.label, request.legal_basis, expires_at, audio, by=by)
+        )
+        return _entry_message(entry)
+
+    async def ListWatchlist(
+        self,
+        request: admin_pb2.ListWatchlistRequest,
+        context: ServicerContext[admin_pb2.ListWatchlistRequest, admin_pb2.ListWatchlistResponse],
+    ) -> admin_pb2.ListWatchlistResponse:
+        watchlist = self._watchlist()
+        entries = await self._store_pool.run(watchlist.entries)
+        return admin_pb2.ListWatchlistResponse(entries=[_entry_message(e) for e in entries])
+
+    async def DeleteWatchlistEntry(
+        self,
+        request: admin_pb2.DeleteWatchlistEntryRequest,
+        context: ServicerContext[
+            admin_pb2.DeleteWatchlistEntryRequest, admin_pb2.DeleteWatchlistEntryResponse
+        ],
+    ) -> admin_pb2.DeleteWatchlistEntryResponse:
+        watchlist = self._watchlist()
+        by = caller_identity().name
+        await self._store_pool.run(lambda: watchlist.delete(request.entry_id, by=by))
+        return admin_pb2.DeleteWatchlistEntryResponse()
 
     async def EnableVerification(
         self,
@@ -144,3 +200,15 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
             admin_pb2.RotateSigningKeyResponse,
             act,
         )
+
+
+def _entry_message(entry: WatchlistEntry) -> admin_pb2.WatchlistEntry:
+    return admin_pb2.WatchlistEntry(
+        entry_id=entry.entry_id,
+        label=entry.label,
+        legal_basis=entry.legal_basis,
+        added_at=timestamp(entry.added_at),
+        expires_at=timestamp(entry.expires_at),
+        model_id=entry.model_id,
+        net_speech_seconds=entry.net_speech_seconds,
+    )

@@ -22,6 +22,8 @@ from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import LoginOutcome
 from server.storage.interface import (
     AgentRecord,
+    HeldVoiceprint,
+    HoldReason,
     ShiftRecord,
     ShiftState,
     UtteranceRecord,
@@ -70,6 +72,12 @@ _STATES = {
     ShiftState.UNVERIFIED: spb.SHIFT_STATE_UNVERIFIED,
     ShiftState.LOCKED: spb.SHIFT_STATE_LOCKED,
     ShiftState.ENDED: spb.SHIFT_STATE_ENDED,
+    ShiftState.NOT_ENROLLED: spb.SHIFT_STATE_NOT_ENROLLED,
+}
+_HOLD_REASONS = {
+    HoldReason.DUPLICATE: pb.HOLD_REASON_DUPLICATE,
+    HoldReason.WATCHLIST: pb.HOLD_REASON_WATCHLIST,
+    HoldReason.APPROVAL: pb.HOLD_REASON_APPROVAL,
 }
 _KINDS = {
     ShiftEventKind.STREAM_ATTACHED: spb.SHIFT_EVENT_KIND_STREAM_ATTACHED,
@@ -80,6 +88,9 @@ _KINDS = {
     ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
     ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
     ShiftEventKind.PRESENTATION_ATTACK: spb.SHIFT_EVENT_KIND_PRESENTATION_ATTACK,
+    ShiftEventKind.ENROLLMENT_COMPLETED: spb.SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED,
+    ShiftEventKind.ENROLLMENT_HELD: spb.SHIFT_EVENT_KIND_ENROLLMENT_HELD,
+    ShiftEventKind.WATCHLIST_MATCH: spb.SHIFT_EVENT_KIND_WATCHLIST_MATCH,
 }
 
 
@@ -145,6 +156,7 @@ def verify_response(result: VerificationResult) -> pb.VerifyResponse:
         response.decided_by = _DECIDED_BY[scoring.decided_by]
     if result.presentation is not None:
         response.presentation_attack.CopyFrom(presentation_message(result.presentation))
+    response.watchlist_alert = result.watchlist is not None
     return response
 
 
@@ -161,13 +173,25 @@ def _quality(quality: SpeechAnalysis) -> pb.AudioQuality:
 # --- enrollment ---------------------------------------------------------------------------
 
 
-def agent_message(agent: AgentRecord, *, enrolled: bool) -> pb.Agent:
+def agent_message(agent: AgentRecord, *, enrolled: bool, passive: bool = False) -> pb.Agent:
     return pb.Agent(
         agent_id=agent.agent_id,
         display_name=agent.display_name,
         consent_reference=agent.consent_reference,
         created_at=timestamp(agent.created_at),
         enrolled=enrolled,
+        passive_enrollment=passive,
+    )
+
+
+def held_voiceprint_message(held: HeldVoiceprint) -> pb.HeldVoiceprint:
+    return pb.HeldVoiceprint(
+        reason=_HOLD_REASONS[held.reason],
+        matching_agent_id=held.matched_agent_id,
+        watchlist_entry_id=held.matched_entry_id,
+        normalized_score=held.similarity,
+        held_at=timestamp(held.held_at),
+        voiceprint=voiceprint_info(held.voiceprint),
     )
 
 
@@ -211,7 +235,11 @@ def voiceprint_info(voiceprint: Voiceprint) -> pb.VoiceprintInfo:
 
 def enrollment_status(progress: EnrollmentProgress) -> pb.EnrollmentStatus:
     status = pb.EnrollmentStatus(
-        agent=agent_message(progress.agent, enrolled=progress.voiceprint is not None),
+        agent=agent_message(
+            progress.agent,
+            enrolled=progress.voiceprint is not None,
+            passive=progress.passive_since is not None,
+        ),
         net_speech_seconds=progress.net_speech_seconds,
         required_net_speech_seconds=progress.required_net_speech_seconds,
         ready_to_finalize=progress.ready_to_finalize,
@@ -219,6 +247,8 @@ def enrollment_status(progress: EnrollmentProgress) -> pb.EnrollmentStatus:
     )
     if progress.voiceprint is not None:
         status.voiceprint.CopyFrom(voiceprint_info(progress.voiceprint))
+    if progress.held is not None:
+        status.held_voiceprint.CopyFrom(held_voiceprint_message(progress.held))
     return status
 
 
@@ -226,11 +256,13 @@ def enrollment_status(progress: EnrollmentProgress) -> pb.EnrollmentStatus:
 
 
 def login_response(outcome: LoginOutcome) -> spb.LoginCheckResponse:
-    return spb.LoginCheckResponse(
+    response = spb.LoginCheckResponse(
         shift=shift_message(outcome.shift),
-        verification=verify_response(outcome.verification),
         assurance=outcome.assurance.token if outcome.assurance else "",
     )
+    if outcome.verification is not None:
+        response.verification.CopyFrom(verify_response(outcome.verification))
+    return response
 
 
 def shift_message(record: ShiftRecord) -> spb.Shift:

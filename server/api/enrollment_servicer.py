@@ -19,13 +19,14 @@ from voxauth.v1 import voxauth_pb2 as pb
 from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from enrollment.listing import DEFAULT_PAGE_SIZE, AgentFilter
-from enrollment.service import EnrollmentService, FinalizeOutcome
+from enrollment.service import EnrollmentService, FinalizeOutcome, ReviewOutcome
 from server.api.convert import (
     agent_message,
     agent_summary,
     audio_encoding,
     enrollment_states,
     enrollment_status,
+    held_voiceprint_message,
     utterance_message,
     utterance_outcome_message,
     voiceprint_info,
@@ -79,7 +80,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         services = self._readiness.require()
 
         def message(agent: AgentRecord) -> pb.Agent:
-            return agent_message(agent, enrolled=False)
+            return agent_message(agent, enrolled=False, passive=request.passive_enrollment)
 
         async def act(receipt: Receipt | None) -> tuple[pb.Agent, str]:
             agent = await self._store_pool.run(
@@ -88,6 +89,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
                     request.display_name,
                     request.consent_reference,
                     in_unit(receipt, message, lambda agent: agent.agent_id),
+                    passive=request.passive_enrollment,
                 )
             )
             return message(agent), agent.agent_id
@@ -233,6 +235,36 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
             act,
         )
 
+    async def ReviewVoiceprint(
+        self,
+        request: pb.ReviewVoiceprintRequest,
+        context: ServicerContext[pb.ReviewVoiceprintRequest, pb.ReviewVoiceprintResponse],
+    ) -> pb.ReviewVoiceprintResponse:
+        services = self._readiness.require()
+        by = caller_identity().name
+
+        async def act(receipt: Receipt | None) -> tuple[pb.ReviewVoiceprintResponse, str]:
+            outcome = await self._store_pool.run(
+                lambda: services.enrollment.review(
+                    request.agent_id,
+                    approve=request.approve,
+                    reason=f"{request.reason} (by {by})" if request.reason else "",
+                    record_completion=in_unit(
+                        receipt, _reviewed, lambda outcome: outcome.held.voiceprint.agent_id
+                    ),
+                )
+            )
+            return _reviewed(outcome), outcome.held.voiceprint.agent_id
+
+        return await once(
+            services.requests,
+            "ReviewVoiceprint",
+            request.request_id,
+            RequestDigest.of(request),
+            pb.ReviewVoiceprintResponse,
+            act,
+        )
+
     async def DeleteAgent(
         self,
         request: pb.DeleteAgentRequest,
@@ -300,13 +332,24 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
 
 
 def _finalized(outcome: FinalizeOutcome) -> pb.FinalizeEnrollmentResponse:
-    return pb.FinalizeEnrollmentResponse(
+    response = pb.FinalizeEnrollmentResponse(
         voiceprint=voiceprint_info(outcome.voiceprint),
         replaced_previous=outcome.replaced_previous,
         rejected=[
             utterance_message(r.utterance, accepted=False, reason=r.reason)
             for r in outcome.rejected
         ],
+    )
+    if outcome.held is not None:
+        response.held.CopyFrom(held_voiceprint_message(outcome.held))
+    return response
+
+
+def _reviewed(outcome: ReviewOutcome) -> pb.ReviewVoiceprintResponse:
+    return pb.ReviewVoiceprintResponse(
+        voiceprint=voiceprint_info(outcome.held.voiceprint),
+        approved=outcome.approved,
+        replaced_previous=outcome.replaced_previous,
     )
 
 

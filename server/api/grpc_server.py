@@ -131,7 +131,7 @@ class GrpcServer:
             AssuranceServicer(readiness, store_pool), server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(readiness, config, self._clock, store_pool), server
+            AdminServicer(readiness, config, self._clock, store_pool, inference), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from enrollment.listing import AgentDirectory
 from enrollment.service import EnrollmentService
+from enrollment.watchlist import WatchlistService
 from server.errors import ServiceNotReadyError
 from server.runtime.requests import RequestLedger
 from server.security.assurance_desk import AssuranceDesk
@@ -25,6 +26,8 @@ class Services:
     store: Store
     requests: RequestLedger
     agents: AgentDirectory
+    watchlist: WatchlistService | None = None
+    """The watchlist's administration; None where the server runs without it."""
 
 
 class Readiness:

@@ -251,6 +251,11 @@ class Scorer:
             ),
         )
 
+    def normalized_threshold_at(self, condition: Condition, false_match_rate: float) -> float:
+        """The AS-norm score the shipped calibration's impostor tail reaches with probability
+        `false_match_rate` (its bootstrap upper bound): a 1:N search's per-comparison bound."""
+        return self._model.calibration[condition].threshold(false_match_rate)
+
     def local_thresholds(self) -> dict[Condition, LocalThreshold]:
         """Per condition, the shipped threshold and the one from the enrolled agents' own
         voices (the contact centre's language, headsets and codecs): every agent's

@@ -54,6 +54,10 @@ RecordKind = Literal[
     "telephone_pending_utterance",
     "replay_fingerprint",
     "telephone_replay_fingerprint",
+    "held_voiceprint",
+    "telephone_held_voiceprint",
+    "watchlist_entry",
+    "telephone_watchlist_entry",
 ]
 
 

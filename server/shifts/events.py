@@ -21,7 +21,17 @@ class ShiftEventKind(enum.Enum):
     SHIFT_VERIFIED = "SHIFT_VERIFIED"
     SHIFT_ENDED = "SHIFT_ENDED"
     PRESENTATION_ATTACK = "PRESENTATION_ATTACK"
-    """A login check was taken for a presentation attack or a replay."""
+    """A login check was taken for a presentation attack or a replay, or a passive
+    enrollment refused a stretch as one."""
+    ENROLLMENT_COMPLETED = "ENROLLMENT_COMPLETED"
+    """The shift's passive enrollment built the agent's voiceprint and it is active: the
+    shift is UNVERIFIED, and a login check can now verify it."""
+    ENROLLMENT_HELD = "ENROLLMENT_HELD"
+    """The passive enrollment built a voiceprint that waits for HR's review (a duplicate of
+    another agent, a watchlist match, or approval policy). To subscribers only."""
+    WATCHLIST_MATCH = "WATCHLIST_MATCH"
+    """The login voice matched a watchlist entry (an alert). To subscribers only: the caller
+    is not told."""
 
 
 @dataclass(frozen=True)

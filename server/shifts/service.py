@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from enrollment.passive import PassiveEnrollment
 from server.audit_actions import AuditAction
 from server.config import ShiftPolicy
 from server.errors import (
@@ -37,6 +38,7 @@ from server.runtime.inference import InferencePool
 from server.runtime.log_format import logged_agent
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
+from server.shifts import passive as passive_shift
 from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.shifts.event_bus import EventBus, LocalEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
@@ -177,11 +179,24 @@ class ShiftSession:
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    @property
+    def audio_arrived(self) -> asyncio.Event:
+        """Set when enough new audio arrived to look for speech again."""
+        return self._audio_arrived
+
     def ensure_checkpoints(self) -> None:
-        """Runs the checkpoint loop while the shift is VERIFIED."""
-        if self.record.state is ShiftState.VERIFIED and (self._task is None or self._task.done()):
+        """Runs the checkpoint loop while the shift is VERIFIED (the passive enrollment's
+        collection while it is NOT_ENROLLED)."""
+        if self._task is not None and not self._task.done():
+            return
+        if self.record.state is ShiftState.VERIFIED:
             self._task = asyncio.create_task(
                 self._checkpoints(), name=f"shift-{self.record.shift_id}"
+            )
+        elif self.record.state is ShiftState.NOT_ENROLLED and self._service.passive is not None:
+            self._task = asyncio.create_task(
+                passive_shift.collect(self._service, self, self._service.passive),
+                name=f"shift-{self.record.shift_id}-enrollment",
             )
 
     def stop(self, error: BaseException | None = None) -> None:
@@ -355,7 +370,8 @@ class ShiftSession:
 @dataclass(frozen=True)
 class LoginOutcome:
     shift: ShiftRecord
-    verification: VerificationResult
+    verification: VerificationResult | None
+    """None for a NOT_ENROLLED shift: there was no voiceprint to check against."""
     assurance: AssuranceRecord | None
     """Signed for the MFA provider when the check passed (and assurances are configured)."""
 
@@ -373,8 +389,11 @@ class ShiftService:
         clock: Clock,
         assurances: AssuranceDesk | None = None,
         events: EventBus | None = None,
+        passive: PassiveEnrollment | None = None,
     ) -> None:
         self._store = store
+        self.passive = passive
+        self.detector = detector
         self._assurances = assurances
         self._verification = verification
         self._analyser = analyser
@@ -402,15 +421,26 @@ class ShiftService:
                 "device_id must be 1-128 characters from A-Z, a-z, 0-9 and . _ @ : -",
                 field="device_id",
             )
-        result = await self.pool.run(
-            lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+        passive = self.passive
+        enrolling = passive is not None and await self._store_pool.run(
+            lambda: passive.collecting(agent_id)
         )
+        result = watched = None
+        if enrolling:
+            # No voiceprint to verify against (NOT_ENROLLED), but the voice is still screened.
+            watched = await self.pool.run(
+                lambda: self._verification.screen(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+            )
+        else:
+            result = await self.pool.run(
+                lambda: self._verification.verify(agent_id, audio, action=AuditAction.SHIFT_LOGIN)
+            )
         now = self.clock.now()
         record = ShiftRecord(
             shift_id=secrets.token_urlsafe(16),
             agent_id=agent_id,
             device_id=device_id,
-            state=_state_after_login(result),
+            state=ShiftState.NOT_ENROLLED if result is None else _state_after_login(result),
             started_at=now,
             updated_at=now,
         )
@@ -436,6 +466,10 @@ class ShiftService:
         _log(started)
         session = self._session(record)
         session.lease = lease
+        if result is None:
+            if watched is not None:
+                self.publish(passive_shift.watchlist_event(record, watched, self.clock.now()))
+            return LoginOutcome(record, None, None)
         self._announce_suspected(session, result)
         return LoginOutcome(record, result, await self._assure(record, result))
 
@@ -452,7 +486,12 @@ class ShiftService:
 
     def _announce_suspected(self, session: ShiftSession, result: VerificationResult) -> None:
         """A login check taken for a spoof is announced to the MFA provider at once: the
-        shift stays unverified either way, but someone is presenting the agent's voice."""
+        shift stays unverified either way, but someone is presenting the agent's voice. A
+        watchlist match is announced to the subscribers alone (the caller is not told)."""
+        if result.watchlist is not None:
+            self.publish(
+                passive_shift.watchlist_event(session.record, result.watchlist, self.clock.now())
+            )
         if result.presentation is not None and result.presentation.decision.suspected:
             session.publish(
                 ShiftEvent(

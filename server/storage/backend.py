@@ -95,6 +95,34 @@ class VoiceprintRow:
 
 
 @dataclass(frozen=True)
+class HeldVoiceprintRow:
+    """A voiceprint held for HR review (enrollment/review.py), its embeddings sealed under
+    the agent's key as a held voiceprint (they do not open as an active one)."""
+
+    voiceprint: VoiceprintRow
+    reason: str
+    held_at: datetime
+    matched_agent_ref: str
+    """The pseudonym of the agent it matches, "" for none."""
+    matched_entry_id: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class WatchlistRow:
+    """A watchlist entry, its embeddings and its label and legal basis sealed under the
+    store's watchlist key, each blob bound to the entry."""
+
+    entry_id: str
+    model_id: str
+    sealed_embedding: bytes
+    sealed_telephone_embedding: bytes | None
+    sealed_details: bytes
+    added_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class ShiftRow:
     shift_id: str
     agent_ref: str
@@ -176,9 +204,9 @@ class Transaction(Protocol):
 
     def delete_agent(self, agent_handle: str, agent_ref: str) -> bool:
         """Deletes the agent's row and every row under `agent_ref` except audit rows: pending
-        utterances, voiceprint, replay fingerprints, shifts with their assurances, revocations
-        and leases, throttling state, completed requests, shift events. False if there was no
-        such agent."""
+        utterances, voiceprint, held voiceprint, passive enrollment mark, replay fingerprints,
+        shifts with their assurances, revocations and leases, throttling state, completed
+        requests, shift events. False if there was no such agent."""
 
     # --- data keys ---------------------------------------------------------------------------
     # Kept apart from the rows, so that deleting one destroys it in every copy the backend
@@ -241,6 +269,37 @@ class Transaction(Protocol):
 
     def delete_voiceprints_unused_before(self, cutoff: datetime) -> list[str]:
         """Deletes the voiceprints last used before `cutoff`; their agent_refs."""
+
+    # --- passive enrollment and held voiceprints ---------------------------------------------
+
+    def put_passive_enrollment(self, agent_ref: str, requested_at: datetime) -> None:
+        """Marks the agent for passive enrollment from its shifts (replacing any mark)."""
+
+    def passive_enrollment(self, agent_ref: str) -> datetime | None:
+        """When passive enrollment was asked for; None if it was not (or has ended)."""
+
+    def delete_passive_enrollment(self, agent_ref: str) -> None: ...
+
+    def put_held_voiceprint(self, row: HeldVoiceprintRow) -> None:
+        """Keeps it as the agent's held voiceprint, replacing any."""
+
+    def held_voiceprint(self, agent_ref: str) -> HeldVoiceprintRow | None: ...
+
+    def delete_held_voiceprint(self, agent_ref: str) -> bool:
+        """False if the agent had none."""
+
+    # --- the watchlist -----------------------------------------------------------------------
+
+    def insert_watchlist_entry(self, row: WatchlistRow) -> None: ...
+
+    def watchlist(self) -> list[WatchlistRow]:
+        """Every entry, oldest first."""
+
+    def delete_watchlist_entry(self, entry_id: str) -> bool:
+        """False if there was no such entry."""
+
+    def delete_watchlist_expired(self, at: datetime) -> list[str]:
+        """Deletes the entries expired at `at` (expires_at <= at); their ids."""
 
     # --- shifts, throttling, signing keys, assurances ----------------------------------------
 

@@ -27,6 +27,8 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    HeldVoiceprint,
+    HoldReason,
     RecordingOrigin,
     ReencryptionReport,
     ReplayFingerprint,
@@ -39,6 +41,7 @@ from server.records import (
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
+    WatchlistEntry,
 )
 from server.runtime.requests import CompletedRequest, CompletedRequestStore
 from server.security.assurance_desk import AssuranceStore
@@ -56,6 +59,8 @@ __all__ = [
     "CompletedRequestStore",
     "EventStore",
     "EventWakeups",
+    "HeldVoiceprint",
+    "HoldReason",
     "KeyRotationStore",
     "RecordingOrigin",
     "ReencryptionReport",
@@ -74,6 +79,7 @@ __all__ = [
     "UtteranceRecord",
     "Voiceprint",
     "VoiceprintStore",
+    "WatchlistEntry",
 ]
 
 
@@ -131,6 +137,39 @@ class UnitOfWork(Protocol):
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
         """Erases every voiceprint last used before `unused_before`, with the agent's replay
         fingerprints (the agents stay), and returns their agents' ids."""
+
+    def set_passive_enrollment(self, agent_id: str, requested_at: datetime) -> None:
+        """Marks the agent for passive enrollment from its shifts. Raises AgentNotFoundError."""
+
+    def passive_enrollment(self, agent_id: str) -> datetime | None:
+        """When passive enrollment was asked for; None when it was not or has ended. Raises
+        AgentNotFoundError."""
+
+    def end_passive_enrollment(self, agent_id: str) -> None:
+        """Removes the mark (nothing if there is none or no such agent)."""
+
+    def hold_voiceprint(self, held: HeldVoiceprint, consumed_utterance_ids: list[str]) -> None:
+        """Keeps the voiceprint held for review (replacing one held before) and discards the
+        consumed pending utterances; the active voiceprint, if any, stays. Raises
+        AgentNotFoundError."""
+
+    def held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        """The agent's held voiceprint. Raises AgentNotFoundError."""
+
+    def release_held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        """Removes the agent's held voiceprint and returns it. Raises AgentNotFoundError."""
+
+    def add_watchlist_entry(self, entry: WatchlistEntry) -> None:
+        """Seals and keeps the entry (its id must be new)."""
+
+    def watchlist_entries(self) -> list[WatchlistEntry]:
+        """Every entry not yet deleted, oldest first (expired ones until the sweep)."""
+
+    def delete_watchlist_entry(self, entry_id: str) -> bool:
+        """Erases the entry; False if there was none."""
+
+    def expire_watchlist(self, at: datetime) -> list[str]:
+        """Erases the entries expired at `at`; their ids."""
 
     def create_shift(self, shift: ShiftRecord) -> None:
         """Raises AgentNotFoundError if the agent does not exist."""
@@ -247,6 +286,15 @@ class VoiceprintStore(AuditLog, Protocol):
 
     def mark_voiceprint_used(self, agent_id: str, at: datetime) -> None:
         """UnitOfWork.mark_voiceprint_used on its own."""
+
+    def passive_enrollment(self, agent_id: str) -> datetime | None:
+        """See UnitOfWork.passive_enrollment."""
+
+    def held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        """See UnitOfWork.held_voiceprint."""
+
+    def watchlist_entries(self) -> list[WatchlistEntry]:
+        """See UnitOfWork.watchlist_entries."""
 
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
         """UnitOfWork.expire_voiceprints on its own."""

@@ -24,11 +24,14 @@ from server.errors import ConfigurationError, StorageError
 from server.records import (
     AgentRecord,
     AssuranceRecord,
+    HeldVoiceprint,
+    HoldReason,
     RecordingOrigin,
     ReplayFingerprint,
     ShiftRecord,
     UtteranceRecord,
     Voiceprint,
+    WatchlistEntry,
 )
 from server.security.crypto import (
     DataKey,
@@ -43,14 +46,19 @@ from server.storage.backend import (
     AgentRow,
     AssuranceRow,
     FingerprintRow,
+    HeldVoiceprintRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
     VoiceprintRow,
+    WatchlistRow,
 )
 
 HANDLE_KEY = "agent handles"
 """The store key that agent handles are computed with."""
+WATCHLIST_KEY = "watchlist"
+"""The store key that watchlist entries are sealed under."""
+STORE_KEYS = (HANDLE_KEY, WATCHLIST_KEY)
 _HANDLE_HEX = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -121,6 +129,28 @@ class KeyRing:
         if wrapped is None or sealing_key_id(wrapped) == self.cipher.key_id:
             return False
         txn.put_store_key(HANDLE_KEY, self.cipher.reseal(wrapped, associated=_store_binding()))
+        return True
+
+    def watchlist_key(self, txn: Transaction, *, create: bool) -> DataKey | None:
+        """The key watchlist entries are sealed under, made (in a write transaction) the first
+        time one is added; None when there is none and `create` is False."""
+        associated = _store_binding(WATCHLIST_KEY)
+        wrapped = txn.store_key(WATCHLIST_KEY)
+        if wrapped is not None:
+            return self.cipher.unwrap_key(wrapped, associated=associated)
+        if not create:
+            return None
+        key = DataKey.generate()
+        txn.put_store_key(WATCHLIST_KEY, self.cipher.wrap_key(key, associated=associated))
+        return key
+
+    def rewrap_watchlist_key(self, txn: Transaction) -> bool:
+        """As `rewrap_store_key`, for the watchlist key."""
+        wrapped = txn.store_key(WATCHLIST_KEY)
+        if wrapped is None or sealing_key_id(wrapped) == self.cipher.key_id:
+            return False
+        associated = _store_binding(WATCHLIST_KEY)
+        txn.put_store_key(WATCHLIST_KEY, self.cipher.reseal(wrapped, associated=associated))
         return True
 
     def rewrap_agent_key(self, txn: Transaction, row: AgentKeyRow) -> bool:
@@ -280,6 +310,55 @@ class AgentSealer:
             row.last_used_at,
         )
 
+    def held_voiceprint_row(
+        self, held: HeldVoiceprint, matched_agent_ref: str
+    ) -> HeldVoiceprintRow:
+        """Sealed as a held voiceprint: its blobs do not open as an active voiceprint's, so
+        moving the row into the voiceprints table does not make it active."""
+        voiceprint = held.voiceprint
+        model_id = voiceprint.model_id
+        return HeldVoiceprintRow(
+            VoiceprintRow(
+                self.agent_ref,
+                model_id,
+                self._seal(voiceprint.embedding, "held_voiceprint", model_id),
+                voiceprint.created_at,
+                voiceprint.utterance_count,
+                voiceprint.net_speech_seconds,
+                self._seal_optional(
+                    voiceprint.telephone_embedding, "telephone_held_voiceprint", model_id
+                ),
+                voiceprint.created_at,
+            ),
+            held.reason.value,
+            held.held_at,
+            matched_agent_ref,
+            held.matched_entry_id,
+            held.similarity,
+        )
+
+    def held_voiceprint(self, row: HeldVoiceprintRow, matched_agent_id: str) -> HeldVoiceprint:
+        stored = row.voiceprint
+        model_id = stored.model_id
+        return HeldVoiceprint(
+            Voiceprint(
+                self.agent_id,
+                model_id,
+                self._open(stored.sealed_embedding, "held_voiceprint", model_id),
+                stored.created_at,
+                stored.utterance_count,
+                stored.net_speech_seconds,
+                self._open_optional(
+                    stored.sealed_telephone_embedding, "telephone_held_voiceprint", model_id
+                ),
+            ),
+            HoldReason(row.reason),
+            row.held_at,
+            matched_agent_id,
+            row.matched_entry_id,
+            row.similarity,
+        )
+
     def shift_row(self, shift: ShiftRecord) -> ShiftRow:
         return ShiftRow(
             shift.shift_id,
@@ -385,6 +464,76 @@ class AgentSealer:
         return None if blob is None else self._open(blob, kind, model_id)
 
 
+class WatchlistSealer:
+    """Seals and opens watchlist entries under the store's watchlist key, each blob bound to
+    its entry id and model."""
+
+    def __init__(self, key: DataKey) -> None:
+        self._key = key
+
+    def row(self, entry: WatchlistEntry) -> WatchlistRow:
+        details = {
+            "label": entry.label,
+            "legal_basis": entry.legal_basis,
+            "net_speech_seconds": entry.net_speech_seconds,
+        }
+        return WatchlistRow(
+            entry.entry_id,
+            entry.model_id,
+            self._key.encrypt_embedding(
+                entry.embedding, associated=self._binding(entry, "watchlist_entry")
+            ),
+            None
+            if entry.telephone_embedding is None
+            else self._key.encrypt_embedding(
+                entry.telephone_embedding,
+                associated=self._binding(entry, "telephone_watchlist_entry"),
+            ),
+            self._key.seal(
+                json.dumps(details, sort_keys=True).encode(),
+                associated=binding("watchlist details", entry.entry_id),
+            ),
+            entry.added_at,
+            entry.expires_at,
+        )
+
+    def entry(self, row: WatchlistRow) -> WatchlistEntry:
+        details = json.loads(
+            self._key.open(
+                row.sealed_details,
+                associated=binding("watchlist details", row.entry_id),
+                what=f"watchlist entry {row.entry_id}",
+            )
+        )
+        return WatchlistEntry(
+            entry_id=row.entry_id,
+            label=details["label"],
+            legal_basis=details["legal_basis"],
+            model_id=row.model_id,
+            embedding=self._key.decrypt_embedding(
+                row.sealed_embedding,
+                associated=_entry_binding(row.entry_id, "watchlist_entry", row.model_id),
+            ),
+            added_at=row.added_at,
+            expires_at=row.expires_at,
+            net_speech_seconds=float(details["net_speech_seconds"]),
+            telephone_embedding=None
+            if row.sealed_telephone_embedding is None
+            else self._key.decrypt_embedding(
+                row.sealed_telephone_embedding,
+                associated=_entry_binding(row.entry_id, "telephone_watchlist_entry", row.model_id),
+            ),
+        )
+
+    @staticmethod
+    def _binding(entry: WatchlistEntry, kind: RecordKind) -> bytes:
+        return _entry_binding(entry.entry_id, kind, entry.model_id)
+
+
+def _entry_binding(entry_id: str, kind: RecordKind, model_id: str) -> bytes:
+    return associated_data(agent_id=f"watchlist {entry_id}", record_kind=kind, model_id=model_id)
+
+
 def require_known_keys(cipher: VoiceprintCipher, key_ids: Counter[str]) -> None:
     """Refuses a store holding values sealed under a service key `cipher` does not have
     (counts by key id, as `count_key_ids` gives), before the service starts rather than at
@@ -417,8 +566,8 @@ def _from_micros(micros: int) -> datetime:
     return _EPOCH + micros * _MICROSECOND
 
 
-def _store_binding() -> bytes:
-    return binding("store key", HANDLE_KEY)
+def _store_binding(name: str = HANDLE_KEY) -> bytes:
+    return binding("store key", name)
 
 
 def _agent_key_binding(agent_handle: str) -> bytes:

@@ -43,6 +43,7 @@ from server.records import (
     AssuranceRecord,
     AssuranceRevocation,
     AuditEvent,
+    HeldVoiceprint,
     RecordingOrigin,
     ReencryptionReport,
     ReplayFingerprint,
@@ -55,6 +56,7 @@ from server.records import (
     ThrottleState,
     UtteranceRecord,
     Voiceprint,
+    WatchlistEntry,
 )
 from server.runtime.requests import CompletedRequest, RecordedResponse, RequestKey
 from server.security.assurances import KeyChange, StoredSigningKey
@@ -71,10 +73,11 @@ from server.storage.backend import (
 )
 from server.storage.interface import UnitOfWork
 from server.storage.sealing import (
-    HANDLE_KEY,
+    STORE_KEYS,
     AgentIdentity,
     AgentSealer,
     KeyRing,
+    WatchlistSealer,
     count_key_ids,
     require_known_keys,
 )
@@ -213,6 +216,18 @@ class SecureStore:
     def expire_voiceprints(self, unused_before: datetime) -> list[str]:
         with self.unit_of_work("expire unused voiceprints") as unit:
             return unit.expire_voiceprints(unused_before)
+
+    def passive_enrollment(self, agent_id: str) -> datetime | None:
+        with self._transaction(f"read the enrollment of agent {agent_id!r}", write=False) as unit:
+            return unit.passive_enrollment(agent_id)
+
+    def held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        with self._transaction(f"read the held voiceprint of {agent_id!r}", write=False) as unit:
+            return unit.held_voiceprint(agent_id)
+
+    def watchlist_entries(self) -> list[WatchlistEntry]:
+        with self._transaction("read the watchlist", write=False) as unit:
+            return unit.watchlist_entries()
 
     # --- shifts, assurances, signing keys, throttling -----------------------------------------
 
@@ -423,6 +438,7 @@ class SecureStore:
         transaction; the data they seal stays as it is."""
         with self._transaction("re-wrap the store's keys", write=True) as unit:
             rewrapped = int(self._keys.rewrap_store_key(unit.txn))
+            rewrapped += int(self._keys.rewrap_watchlist_key(unit.txn))
         after = ""
         while True:
             with self._transaction("re-wrap agent keys", write=True) as unit:
@@ -695,6 +711,67 @@ class _Unit:
         agents = self._agents.by_ref(self.txn, refs)
         return sorted(agents[ref].agent_id for ref in refs if ref in agents)
 
+    def set_passive_enrollment(self, agent_id: str, requested_at: datetime) -> None:
+        self.txn.put_passive_enrollment(self._agent(agent_id).agent_ref, requested_at)
+
+    def passive_enrollment(self, agent_id: str) -> datetime | None:
+        return self.txn.passive_enrollment(self._agent(agent_id).agent_ref)
+
+    def end_passive_enrollment(self, agent_id: str) -> None:
+        agent = self.find(agent_id)
+        if agent is not None:
+            self.txn.delete_passive_enrollment(agent.agent_ref)
+
+    def hold_voiceprint(self, held: HeldVoiceprint, consumed_utterance_ids: list[str]) -> None:
+        agent = self._agent(held.voiceprint.agent_id)
+        matched_ref = ""
+        if held.matched_agent_id:
+            matched = self.find(held.matched_agent_id)
+            matched_ref = "" if matched is None else matched.agent_ref
+        self.txn.put_held_voiceprint(agent.held_voiceprint_row(held, matched_ref))
+        self.txn.delete_utterances(agent.agent_ref, consumed_utterance_ids)
+
+    def held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        agent = self._agent(agent_id)
+        row = self.txn.held_voiceprint(agent.agent_ref)
+        if row is None:
+            return None
+        matched = ""
+        if row.matched_agent_ref:
+            found = self._agents.by_ref(self.txn, [row.matched_agent_ref])
+            if row.matched_agent_ref in found:
+                matched = found[row.matched_agent_ref].agent_id
+        return agent.held_voiceprint(row, matched)
+
+    def release_held_voiceprint(self, agent_id: str) -> HeldVoiceprint | None:
+        held = self.held_voiceprint(agent_id)
+        if held is not None:
+            self.txn.delete_held_voiceprint(self._agent(agent_id).agent_ref)
+            self.erased = True
+        return held
+
+    def add_watchlist_entry(self, entry: WatchlistEntry) -> None:
+        key = self._keys.watchlist_key(self.txn, create=True)
+        assert key is not None
+        self.txn.insert_watchlist_entry(WatchlistSealer(key).row(entry))
+
+    def watchlist_entries(self) -> list[WatchlistEntry]:
+        key = self._keys.watchlist_key(self.txn, create=False)
+        if key is None:
+            return []
+        sealer = WatchlistSealer(key)
+        return [sealer.entry(row) for row in self.txn.watchlist()]
+
+    def delete_watchlist_entry(self, entry_id: str) -> bool:
+        deleted = self.txn.delete_watchlist_entry(entry_id)
+        self.erased = self.erased or deleted
+        return deleted
+
+    def expire_watchlist(self, at: datetime) -> list[str]:
+        expired = self.txn.delete_watchlist_expired(at)
+        self.erased = self.erased or bool(expired)
+        return expired
+
     def create_shift(self, shift: ShiftRecord) -> None:
         self.txn.insert_shift(self._agent(shift.agent_id).shift_row(shift))
 
@@ -861,7 +938,8 @@ def _service_key_ids(txn: Transaction) -> Counter[str]:
     the store needs the keys of."""
     sealed = [key.sealed_private_key for key in txn.signing_keys()]
     sealed += [row.wrapped_key for row in _agent_keys(txn)]
-    store_key = txn.store_key(HANDLE_KEY)
-    if store_key is not None:
-        sealed.append(store_key)
+    for name in STORE_KEYS:
+        store_key = txn.store_key(name)
+        if store_key is not None:
+            sealed.append(store_key)
     return count_key_ids(sealed)

@@ -130,6 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     add_shift_commands(commands, _client_options, _channel)
     agents = add_agents_commands(commands, _client_options, _channel)
     add_agent_commands(agents, _client_options, _channel)
+    approve = agents.add_parser(
+        "approve",
+        help="approve (or --reject) a voiceprint held for review: a duplicate of another "
+        "agent's voice, a watchlist match, or a passive enrollment awaiting approval",
+    )
+    _client_options(approve, "hr")
+    approve.add_argument("agent_id")
+    approve.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    approve.add_argument(
+        "--reject", action="store_true", help="erase the held voiceprint instead of approving it"
+    )
+    approve.set_defaults(command=_agents_approve)
     add_key_commands(commands, _client_options, _channel)
 
     commands.add_parser("certs", help="create a development CA, server and client certificates")
@@ -262,6 +274,14 @@ def _create_key(args: argparse.Namespace) -> int:
 
 
 def _eval(argv: list[str]) -> int:
+    if argv[:1] == ["gallery"]:
+        from server.tools.gallery_eval import main as gallery_main
+
+        return gallery_main(argv[1:])
+    if argv[:1] == ["passive"]:
+        from server.tools.passive_eval import main as passive_main
+
+        return passive_main(argv[1:])
     from server.tools.evaluation import main as eval_main
 
     return eval_main(argv)
@@ -467,12 +487,40 @@ def _status(args: argparse.Namespace) -> int:
             f"model {vp.model_id}, since {vp.created_at.ToDatetime():%Y-%m-%d %H:%M} UTC"
         )
     else:
-        print("  not enrolled")
+        print(
+            "  not enrolled"
+            + (" (passive enrollment from its shifts)" if agent.passive_enrollment else "")
+        )
+    if status.HasField("held_voiceprint"):
+        held = status.held_voiceprint
+        reason = pb.HoldReason.Name(held.reason).removeprefix("HOLD_REASON_").lower()
+        match = held.matching_agent_id or held.watchlist_entry_id
+        print(
+            f"  held for review ({reason}{f': matches {match}' if match else ''}); "
+            f"`voxauth agents approve {agent.agent_id} --reason ...` to decide"
+        )
     print(
         f"  pending: {len(status.pending_utterances)} utterance(s), "
         f"{status.net_speech_seconds:.1f} s of {status.required_net_speech_seconds:.1f} s "
         f"required{' (ready to finalize)' if status.ready_to_finalize else ''}"
     )
+    return EXIT_OK
+
+
+def _agents_approve(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        reviewed = EnrollmentClient(channel, args.timeout).review(
+            args.agent_id, approve=not args.reject, reason=args.reason
+        )
+    vp = reviewed.voiceprint
+    if reviewed.approved:
+        replaced = " (replacing the previous one)" if reviewed.replaced_previous else ""
+        print(
+            f"agent {args.agent_id}: voiceprint approved and active{replaced}: "
+            f"{vp.utterance_count} utterance(s), {vp.net_speech_seconds:.1f} s"
+        )
+    else:
+        print(f"agent {args.agent_id}: held voiceprint rejected and erased")
     return EXIT_OK
 
 

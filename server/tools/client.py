@@ -230,6 +230,18 @@ class EnrollmentClient:
                 return
             token = page.next_page_token
 
+    def review(self, agent_id: str, *, approve: bool, reason: str) -> pb.ReviewVoiceprintResponse:
+        def review(request_id: str) -> pb.ReviewVoiceprintResponse:
+            response: pb.ReviewVoiceprintResponse = self._stub.ReviewVoiceprint(
+                pb.ReviewVoiceprintRequest(
+                    agent_id=agent_id, approve=approve, reason=reason, request_id=request_id
+                ),
+                timeout=self._timeout,
+            )
+            return response
+
+        return _with_retries(review)
+
     def delete(self, agent_id: str) -> None:
         def delete(request_id: str) -> None:
             self._stub.DeleteAgent(

@@ -15,7 +15,9 @@ from server.pipeline.channel import Channel
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import SpeechAnalysis
 from server.runtime.log_format import logged_agent
+from server.scoring.gallery import GalleryMatch, Probe
 from server.scoring.scorer import LocalThreshold, Score, Scorer
+from server.scoring.watchlist import WatchlistScreen
 from server.storage.interface import AuditEvent, Voiceprint, VoiceprintStore
 from server.validation import validate_agent_id
 from server.verification.decision import Decision
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 # Retention counts in years: noting a voiceprint's use once an hour is precise enough and
 # spares most checks a write.
 _LAST_USE_RESOLUTION = timedelta(hours=1)
+# The checks screened against the watchlist: someone presenting themselves. Checkpoints are
+# the same caller throughout the shift, screened at its login.
+_SCREENED_CHECKS = frozenset({AuditAction.VERIFY, AuditAction.SHIFT_LOGIN})
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class VerificationResult:
     """The presentation-attack check; None when the server runs no PAD. A check it refuses is
     a REJECT whatever the voice scored."""
 
+    watchlist: GalleryMatch | None = None
+    """The watchlist entry the voice matched (an alert, audited): screened at Verify and at
+    shift logins; None when it matched none or was not screened."""
+
     @property
     def refused_as_attack(self) -> bool:
         return self.presentation is not None and self.presentation.refuses
@@ -63,8 +72,10 @@ class VerificationService:
         now: Callable[[], datetime],
         throttle: VerificationThrottle,
         replay: ReplayGuard | None = None,
+        watchlist: WatchlistScreen | None = None,
     ) -> None:
         self._replay = replay
+        self._watchlist = watchlist
         self._store = store
         self._analyser = analyser
         self._policy = policy
@@ -91,6 +102,20 @@ class VerificationService:
             raise
         self._throttle.record(agent_id, result.decision, self._now())
         return result
+
+    def screen(
+        self, agent_id: str, audio: AudioInput, *, action: AuditAction
+    ) -> GalleryMatch | None:
+        """Blocking: runs the model. The watchlist screen alone, for a login of an agent with
+        no voiceprint yet (a passive enrollment's shift): the watchlist entry the voice
+        matches (audited as an alert), or None. Raises InvalidAudioError for bad audio."""
+        sample = self._analyser.analyse(
+            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
+        )
+        if self._watchlist is None or sample.embedding is None:
+            return None
+        probe = Probe(sample.embedding, sample.quality.net_speech_seconds, sample.channel)
+        return self._watchlist.screen(agent_id, probe, self._analyser.model_id, action)
 
     def scoring_thresholds(self) -> list[LocalThreshold]:
         """Blocking (may read the voiceprints): per condition, the shipped and the local
@@ -147,6 +172,20 @@ class VerificationService:
             decision = Decision.REJECT
         else:
             decision = Decision.ACCEPT if scoring.accepted else Decision.REJECT
+        watched = None
+        if (
+            self._watchlist is not None
+            and sample.embedding is not None
+            and action in _SCREENED_CHECKS
+        ):
+            # Audited as an alert; the decision stays the voiceprint's: what to do about
+            # the person is the fraud team's call, told by the alert.
+            watched = self._watchlist.screen(
+                voiceprint.agent_id,
+                Probe(sample.embedding, sample.quality.net_speech_seconds, sample.channel),
+                model_id,
+                action,
+            )
         result = VerificationResult(
             decision=decision,
             score=scoring.cosine if scoring else 0.0,
@@ -157,6 +196,7 @@ class VerificationService:
             target_fmr=self._scorer.target_fmr,
             scoring=scoring,
             presentation=presentation,
+            watchlist=watched,
         )
         details: dict[str, object] = {
             "score": round(result.score, 4),

@@ -775,7 +775,14 @@ def test_throttle_state_reads_without_writing(store: SecureStore) -> None:
 
 def test_the_census_counts_open_shifts_by_state_and_throttled_agents(store: SecureStore) -> None:
     assert store.census(5) == StoreCensus(
-        {ShiftState.VERIFIED: 0, ShiftState.UNVERIFIED: 0, ShiftState.LOCKED: 0}, 0, 0
+        {
+            ShiftState.VERIFIED: 0,
+            ShiftState.UNVERIFIED: 0,
+            ShiftState.LOCKED: 0,
+            ShiftState.NOT_ENROLLED: 0,
+        },
+        0,
+        0,
     )
     for n, state in enumerate(
         [ShiftState.VERIFIED, ShiftState.VERIFIED, ShiftState.LOCKED, ShiftState.ENDED]
@@ -792,6 +799,7 @@ def test_the_census_counts_open_shifts_by_state_and_throttled_agents(store: Secu
         ShiftState.VERIFIED: 2,
         ShiftState.UNVERIFIED: 0,
         ShiftState.LOCKED: 1,
+        ShiftState.NOT_ENROLLED: 0,
     }
     assert (census.agents_delayed, census.agents_disabled) == (1, 1)
 

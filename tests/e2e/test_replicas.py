@@ -239,7 +239,7 @@ def test_replicas_fail_over_and_ride_out_a_database_restart(
         "VOXAUTH_CHECKPOINT_JITTER_SECONDS": "0",
         "VOXAUTH_CHECKPOINT_MIN_GAP_SECONDS": "5",
         "VOXAUTH_SHIFT_LEASE_SECONDS": "3",
-        "VOXAUTH_JWKS_LISTEN": "",  # (GetJwks over gRPC serves the same keys)
+        "VOXAUTH_HTTP_LISTEN": "",  # (GetJwks over gRPC serves the same keys)
         # The test sends the same recordings again and again.
         "VOXAUTH_REPLAY_DETECTION": "0",
     }

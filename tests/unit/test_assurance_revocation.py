@@ -373,6 +373,8 @@ def test_an_upgrade_revokes_the_assurances_of_shifts_already_ended_or_locked(
         conn.execute("DROP TABLE replay_fingerprints")
         conn.execute("DROP TABLE shift_leases")
         conn.execute("DROP TABLE shift_events")
+        for table in ("passive_enrollments", "held_voiceprints", "watchlist"):
+            conn.execute(f"DROP TABLE {table}")
         conn.execute(f"PRAGMA user_version = {mine}")
         conn.execute("UPDATE shifts SET state = 'ENDED', ended_at = 1 WHERE shift_id = 'ended'")
         conn.execute("UPDATE shifts SET state = 'LOCKED' WHERE shift_id = 'locked'")

@@ -37,6 +37,14 @@ STORED_NAMES = {
     "storage.recover",
     "configuration",
     "access.denied",
+    "enrollment.passive",
+    "enrollment.hold",
+    "voiceprint.approve",
+    "voiceprint.reject",
+    "watchlist.add",
+    "watchlist.delete",
+    "watchlist.expire",
+    "watchlist.match",
 }
 
 

@@ -34,6 +34,7 @@ from server.errors import (
     ModelMismatchError,
     NotEnrolledError,
     NotFoundError,
+    NothingHeldError,
     PreconditionError,
     RequestIdReusedError,
     ServiceNotReadyError,
@@ -51,6 +52,8 @@ from server.errors import (
     UnavailableError,
     VerificationDisabledError,
     VoxauthError,
+    WatchlistAudioRefusedError,
+    WatchlistEntryNotFoundError,
 )
 
 Code = grpc.StatusCode
@@ -74,6 +77,9 @@ EXPECTED: dict[type[VoxauthError], grpc.StatusCode] = {
     NotEnrolledError: Code.FAILED_PRECONDITION,
     ModelMismatchError: Code.FAILED_PRECONDITION,
     EnrollmentIncompleteError: Code.FAILED_PRECONDITION,
+    NothingHeldError: Code.FAILED_PRECONDITION,
+    WatchlistAudioRefusedError: Code.FAILED_PRECONDITION,
+    WatchlistEntryNotFoundError: Code.NOT_FOUND,
     VerificationDisabledError: Code.FAILED_PRECONDITION,
     RequestIdReusedError: Code.FAILED_PRECONDITION,
     ConflictError: Code.ABORTED,

@@ -22,36 +22,50 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from voxauth.v1 import shifts_pb2 as voxauth_dot_v1_dot_shifts__pb2
+from voxauth.v1 import voxauth_pb2 as voxauth_dot_v1_dot_voxauth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16voxauth/v1/admin.proto\x12\nvoxauth.v1\x1a\x17voxauth/v1/shifts.proto\"J\n\x12UnlockShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"Q\n\x19\x45nableVerificationRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x1c\n\x1a\x45nableVerificationResponse\"=\n\x12\x45xportAuditRequest\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.voxauth.v1.AuditFormat\"\x1f\n\x0f\x41uditRecordText\x12\x0c\n\x04line\x18\x01 \x01(\t\"\x19\n\x17GetConfigurationRequest\"\x1d\n\rConfiguration\x12\x0c\n\x04json\x18\x01 \x01(\t\"-\n\x17RotateSigningKeyRequest\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"*\n\x18RotateSigningKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t*^\n\x0b\x41uditFormat\x12\x1c\n\x18\x41UDIT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIT_FORMAT_JSON_LINES\x10\x01\x12\x14\n\x10\x41UDIT_FORMAT_CEF\x10\x02\x32\xb6\x03\n\x0c\x41\x64minService\x12@\n\x0bUnlockShift\x12\x1e.voxauth.v1.UnlockShiftRequest\x1a\x11.voxauth.v1.Shift\x12\x63\n\x12\x45nableVerification\x12%.voxauth.v1.EnableVerificationRequest\x1a&.voxauth.v1.EnableVerificationResponse\x12L\n\x0b\x45xportAudit\x12\x1e.voxauth.v1.ExportAuditRequest\x1a\x1b.voxauth.v1.AuditRecordText0\x01\x12R\n\x10GetConfiguration\x12#.voxauth.v1.GetConfigurationRequest\x1a\x19.voxauth.v1.Configuration\x12]\n\x10RotateSigningKey\x12#.voxauth.v1.RotateSigningKeyRequest\x1a$.voxauth.v1.RotateSigningKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16voxauth/v1/admin.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17voxauth/v1/shifts.proto\x1a\x18voxauth/v1/voxauth.proto\"\x90\x01\n\x18\x41\x64\x64WatchlistEntryRequest\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0blegal_basis\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05\x61udio\x18\x04 \x01(\x0b\x32\x11.voxauth.v1.Audio\"\xd2\x01\n\x0eWatchlistEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12,\n\x08\x61\x64\x64\x65\x64_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x1a\n\x12net_speech_seconds\x18\x07 \x01(\x01\"\x16\n\x14ListWatchlistRequest\"D\n\x15ListWatchlistResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.voxauth.v1.WatchlistEntry\"/\n\x1b\x44\x65leteWatchlistEntryRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\"\x1e\n\x1c\x44\x65leteWatchlistEntryResponse\"J\n\x12UnlockShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"Q\n\x19\x45nableVerificationRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"\x1c\n\x1a\x45nableVerificationResponse\"=\n\x12\x45xportAuditRequest\x12\'\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x17.voxauth.v1.AuditFormat\"\x1f\n\x0f\x41uditRecordText\x12\x0c\n\x04line\x18\x01 \x01(\t\"\x19\n\x17GetConfigurationRequest\"\x1d\n\rConfiguration\x12\x0c\n\x04json\x18\x01 \x01(\t\"-\n\x17RotateSigningKeyRequest\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"*\n\x18RotateSigningKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t*^\n\x0b\x41uditFormat\x12\x1c\n\x18\x41UDIT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIT_FORMAT_JSON_LINES\x10\x01\x12\x14\n\x10\x41UDIT_FORMAT_CEF\x10\x02\x32\xce\x05\n\x0c\x41\x64minService\x12@\n\x0bUnlockShift\x12\x1e.voxauth.v1.UnlockShiftRequest\x1a\x11.voxauth.v1.Shift\x12\x63\n\x12\x45nableVerification\x12%.voxauth.v1.EnableVerificationRequest\x1a&.voxauth.v1.EnableVerificationResponse\x12L\n\x0b\x45xportAudit\x12\x1e.voxauth.v1.ExportAuditRequest\x1a\x1b.voxauth.v1.AuditRecordText0\x01\x12R\n\x10GetConfiguration\x12#.voxauth.v1.GetConfigurationRequest\x1a\x19.voxauth.v1.Configuration\x12]\n\x10RotateSigningKey\x12#.voxauth.v1.RotateSigningKeyRequest\x1a$.voxauth.v1.RotateSigningKeyResponse\x12U\n\x11\x41\x64\x64WatchlistEntry\x12$.voxauth.v1.AddWatchlistEntryRequest\x1a\x1a.voxauth.v1.WatchlistEntry\x12T\n\rListWatchlist\x12 .voxauth.v1.ListWatchlistRequest\x1a!.voxauth.v1.ListWatchlistResponse\x12i\n\x14\x44\x65leteWatchlistEntry\x12\'.voxauth.v1.DeleteWatchlistEntryRequest\x1a(.voxauth.v1.DeleteWatchlistEntryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDITFORMAT']._serialized_start=497
-  _globals['_AUDITFORMAT']._serialized_end=591
-  _globals['_UNLOCKSHIFTREQUEST']._serialized_start=63
-  _globals['_UNLOCKSHIFTREQUEST']._serialized_end=137
-  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_start=139
-  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_end=220
-  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_start=222
-  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_end=250
-  _globals['_EXPORTAUDITREQUEST']._serialized_start=252
-  _globals['_EXPORTAUDITREQUEST']._serialized_end=313
-  _globals['_AUDITRECORDTEXT']._serialized_start=315
-  _globals['_AUDITRECORDTEXT']._serialized_end=346
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=348
-  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=373
-  _globals['_CONFIGURATION']._serialized_start=375
-  _globals['_CONFIGURATION']._serialized_end=404
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=406
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=451
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=453
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=495
-  _globals['_ADMINSERVICE']._serialized_start=594
-  _globals['_ADMINSERVICE']._serialized_end=1032
+  _globals['_AUDITFORMAT']._serialized_start=1091
+  _globals['_AUDITFORMAT']._serialized_end=1185
+  _globals['_ADDWATCHLISTENTRYREQUEST']._serialized_start=123
+  _globals['_ADDWATCHLISTENTRYREQUEST']._serialized_end=267
+  _globals['_WATCHLISTENTRY']._serialized_start=270
+  _globals['_WATCHLISTENTRY']._serialized_end=480
+  _globals['_LISTWATCHLISTREQUEST']._serialized_start=482
+  _globals['_LISTWATCHLISTREQUEST']._serialized_end=504
+  _globals['_LISTWATCHLISTRESPONSE']._serialized_start=506
+  _globals['_LISTWATCHLISTRESPONSE']._serialized_end=574
+  _globals['_DELETEWATCHLISTENTRYREQUEST']._serialized_start=576
+  _globals['_DELETEWATCHLISTENTRYREQUEST']._serialized_end=623
+  _globals['_DELETEWATCHLISTENTRYRESPONSE']._serialized_start=625
+  _globals['_DELETEWATCHLISTENTRYRESPONSE']._serialized_end=655
+  _globals['_UNLOCKSHIFTREQUEST']._serialized_start=657
+  _globals['_UNLOCKSHIFTREQUEST']._serialized_end=731
+  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_start=733
+  _globals['_ENABLEVERIFICATIONREQUEST']._serialized_end=814
+  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_start=816
+  _globals['_ENABLEVERIFICATIONRESPONSE']._serialized_end=844
+  _globals['_EXPORTAUDITREQUEST']._serialized_start=846
+  _globals['_EXPORTAUDITREQUEST']._serialized_end=907
+  _globals['_AUDITRECORDTEXT']._serialized_start=909
+  _globals['_AUDITRECORDTEXT']._serialized_end=940
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_start=942
+  _globals['_GETCONFIGURATIONREQUEST']._serialized_end=967
+  _globals['_CONFIGURATION']._serialized_start=969
+  _globals['_CONFIGURATION']._serialized_end=998
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=1000
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=1045
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=1047
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=1089
+  _globals['_ADMINSERVICE']._serialized_start=1188
+  _globals['_ADMINSERVICE']._serialized_end=1906
 # @@protoc_insertion_point(module_scope)

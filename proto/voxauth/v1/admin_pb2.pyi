@@ -3,9 +3,13 @@
 isort:skip_file
 voxauth API, version 1: administration (role admin). Every call is audited."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from voxauth.v1 import voxauth_pb2 as _voxauth_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -35,6 +39,153 @@ AUDIT_FORMAT_UNSPECIFIED: AuditFormat.ValueType  # 0
 AUDIT_FORMAT_JSON_LINES: AuditFormat.ValueType  # 1
 AUDIT_FORMAT_CEF: AuditFormat.ValueType  # 2
 Global___AuditFormat: _TypeAlias = AuditFormat  # noqa: Y015
+
+@_typing.final
+class AddWatchlistEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    LEGAL_BASIS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """Who it is, for the fraud team (1-256 characters)."""
+    legal_basis: _builtins.str
+    """The legal basis it is kept under (e.g. a case or legal-review reference). Required."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it is erased; in the future and at most VOXAUTH watchlist_max_days (3 years) away."""
+
+    @_builtins.property
+    def audio(self) -> _voxauth_pb2.Audio:
+        """Not retried by request id: the response names the person, and a retry's stored
+        response would keep that outside the sealed entry.
+        """
+
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        legal_basis: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        audio: _voxauth_pb2.Audio | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "expires_at", b"expires_at", "label", b"label", "legal_basis", b"legal_basis"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddWatchlistEntryRequest: _TypeAlias = AddWatchlistEntryRequest  # noqa: Y015
+
+@_typing.final
+class WatchlistEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LEGAL_BASIS_FIELD_NUMBER: _builtins.int
+    ADDED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NET_SPEECH_SECONDS_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    label: _builtins.str
+    legal_basis: _builtins.str
+    model_id: _builtins.str
+    net_speech_seconds: _builtins.float
+    @_builtins.property
+    def added_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        legal_basis: _builtins.str = ...,
+        added_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        model_id: _builtins.str = ...,
+        net_speech_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["added_at", b"added_at", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_at", b"added_at", "entry_id", b"entry_id", "expires_at", b"expires_at", "label", b"label", "legal_basis", b"legal_basis", "model_id", b"model_id", "net_speech_seconds", b"net_speech_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchlistEntry: _TypeAlias = WatchlistEntry  # noqa: Y015
+
+@_typing.final
+class ListWatchlistRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWatchlistRequest: _TypeAlias = ListWatchlistRequest  # noqa: Y015
+
+@_typing.final
+class ListWatchlistResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchlistEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___WatchlistEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWatchlistResponse: _TypeAlias = ListWatchlistResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWatchlistEntryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """Deleting again answers NOT_FOUND: safe to retry."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWatchlistEntryRequest: _TypeAlias = DeleteWatchlistEntryRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWatchlistEntryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWatchlistEntryResponse: _TypeAlias = DeleteWatchlistEntryResponse  # noqa: Y015
 
 @_typing.final
 class UnlockShiftRequest(_message.Message):

@@ -60,6 +60,21 @@ class AdminServiceStub:
                 request_serializer=voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.AddWatchlistEntry = channel.unary_unary(
+                '/voxauth.v1.AdminService/AddWatchlistEntry',
+                request_serializer=voxauth_dot_v1_dot_admin__pb2.AddWatchlistEntryRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_admin__pb2.WatchlistEntry.FromString,
+                _registered_method=True)
+        self.ListWatchlist = channel.unary_unary(
+                '/voxauth.v1.AdminService/ListWatchlist',
+                request_serializer=voxauth_dot_v1_dot_admin__pb2.ListWatchlistRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_admin__pb2.ListWatchlistResponse.FromString,
+                _registered_method=True)
+        self.DeleteWatchlistEntry = channel.unary_unary(
+                '/voxauth.v1.AdminService/DeleteWatchlistEntry',
+                request_serializer=voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -106,6 +121,32 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddWatchlistEntry(self, request, context):
+        """Adds the voice of a known fraudster or dismissed employee to the watchlist: from audio
+        (the enrollment quality gates and countermeasure apply), with the legal basis it is kept
+        under and an expiry. Enrollments and login checks (Verify, StartShift, CheckLogin) that
+        match it raise an alert. Sealed at rest; erased at its expiry.
+        INVALID_ARGUMENT    bad audio or fields, an expiry past or too far off.
+        FAILED_PRECONDITION the audio failed the quality gates or the countermeasure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWatchlist(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWatchlistEntry(self, request, context):
+        """Erases an entry.
+        NOT_FOUND           no such entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +174,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateSigningKey,
                     request_deserializer=voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'AddWatchlistEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWatchlistEntry,
+                    request_deserializer=voxauth_dot_v1_dot_admin__pb2.AddWatchlistEntryRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_admin__pb2.WatchlistEntry.SerializeToString,
+            ),
+            'ListWatchlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWatchlist,
+                    request_deserializer=voxauth_dot_v1_dot_admin__pb2.ListWatchlistRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_admin__pb2.ListWatchlistResponse.SerializeToString,
+            ),
+            'DeleteWatchlistEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWatchlistEntry,
+                    request_deserializer=voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +326,87 @@ class AdminService:
             '/voxauth.v1.AdminService/RotateSigningKey',
             voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyRequest.SerializeToString,
             voxauth_dot_v1_dot_admin__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWatchlistEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.AdminService/AddWatchlistEntry',
+            voxauth_dot_v1_dot_admin__pb2.AddWatchlistEntryRequest.SerializeToString,
+            voxauth_dot_v1_dot_admin__pb2.WatchlistEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWatchlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.AdminService/ListWatchlist',
+            voxauth_dot_v1_dot_admin__pb2.ListWatchlistRequest.SerializeToString,
+            voxauth_dot_v1_dot_admin__pb2.ListWatchlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWatchlistEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.AdminService/DeleteWatchlistEntry',
+            voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryRequest.SerializeToString,
+            voxauth_dot_v1_dot_admin__pb2.DeleteWatchlistEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,

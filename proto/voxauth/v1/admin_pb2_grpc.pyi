@@ -51,6 +51,19 @@ class AdminServiceStub:
     """Makes a new assurance signing key active. The previous key stays published until the
     tokens it signed have expired.
     """
+    AddWatchlistEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddWatchlistEntryRequest, _admin_pb2.WatchlistEntry]
+    """Adds the voice of a known fraudster or dismissed employee to the watchlist: from audio
+    (the enrollment quality gates and countermeasure apply), with the legal basis it is kept
+    under and an expiry. Enrollments and login checks (Verify, StartShift, CheckLogin) that
+    match it raise an alert. Sealed at rest; erased at its expiry.
+      INVALID_ARGUMENT    bad audio or fields, an expiry past or too far off.
+      FAILED_PRECONDITION the audio failed the quality gates or the countermeasure.
+    """
+    ListWatchlist: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListWatchlistRequest, _admin_pb2.ListWatchlistResponse]
+    DeleteWatchlistEntry: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteWatchlistEntryRequest, _admin_pb2.DeleteWatchlistEntryResponse]
+    """Erases an entry.
+      NOT_FOUND           no such entry.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -73,6 +86,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateSigningKeyRequest, _admin_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     """Makes a new assurance signing key active. The previous key stays published until the
     tokens it signed have expired.
+    """
+    AddWatchlistEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddWatchlistEntryRequest, _admin_pb2.WatchlistEntry]  # type: ignore[assignment]
+    """Adds the voice of a known fraudster or dismissed employee to the watchlist: from audio
+    (the enrollment quality gates and countermeasure apply), with the legal basis it is kept
+    under and an expiry. Enrollments and login checks (Verify, StartShift, CheckLogin) that
+    match it raise an alert. Sealed at rest; erased at its expiry.
+      INVALID_ARGUMENT    bad audio or fields, an expiry past or too far off.
+      FAILED_PRECONDITION the audio failed the quality gates or the countermeasure.
+    """
+    ListWatchlist: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListWatchlistRequest, _admin_pb2.ListWatchlistResponse]  # type: ignore[assignment]
+    DeleteWatchlistEntry: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteWatchlistEntryRequest, _admin_pb2.DeleteWatchlistEntryResponse]  # type: ignore[assignment]
+    """Erases an entry.
+      NOT_FOUND           no such entry.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -123,6 +149,37 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RotateSigningKeyResponse, _abc.Awaitable[_admin_pb2.RotateSigningKeyResponse]]:
         """Makes a new assurance signing key active. The previous key stays published until the
         tokens it signed have expired.
+        """
+
+    @_abc_1.abstractmethod
+    def AddWatchlistEntry(
+        self,
+        request: _admin_pb2.AddWatchlistEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.WatchlistEntry, _abc.Awaitable[_admin_pb2.WatchlistEntry]]:
+        """Adds the voice of a known fraudster or dismissed employee to the watchlist: from audio
+        (the enrollment quality gates and countermeasure apply), with the legal basis it is kept
+        under and an expiry. Enrollments and login checks (Verify, StartShift, CheckLogin) that
+        match it raise an alert. Sealed at rest; erased at its expiry.
+          INVALID_ARGUMENT    bad audio or fields, an expiry past or too far off.
+          FAILED_PRECONDITION the audio failed the quality gates or the countermeasure.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWatchlist(
+        self,
+        request: _admin_pb2.ListWatchlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListWatchlistResponse, _abc.Awaitable[_admin_pb2.ListWatchlistResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteWatchlistEntry(
+        self,
+        request: _admin_pb2.DeleteWatchlistEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteWatchlistEntryResponse, _abc.Awaitable[_admin_pb2.DeleteWatchlistEntryResponse]]:
+        """Erases an entry.
+          NOT_FOUND           no such entry.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

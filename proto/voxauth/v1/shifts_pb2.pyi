@@ -43,6 +43,11 @@ class _ShiftStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftState
     """Too many consecutive checkpoints failed. Stays locked until CheckLogin passes."""
     SHIFT_STATE_ENDED: _ShiftState.ValueType  # 4
     """Ended by EndShift (or because the agent was erased)."""
+    SHIFT_STATE_NOT_ENROLLED: _ShiftState.ValueType  # 50
+    """The agent has no voiceprint yet: the shift's stream feeds its passive enrollment. Never
+    verified and no assurance: voice is not a factor of this shift. After
+    ENROLLMENT_COMPLETED the shift is UNVERIFIED and CheckLogin can verify it.
+    """
 
 class ShiftState(_ShiftState, metaclass=_ShiftStateEnumTypeWrapper): ...
 
@@ -55,6 +60,11 @@ SHIFT_STATE_LOCKED: ShiftState.ValueType  # 3
 """Too many consecutive checkpoints failed. Stays locked until CheckLogin passes."""
 SHIFT_STATE_ENDED: ShiftState.ValueType  # 4
 """Ended by EndShift (or because the agent was erased)."""
+SHIFT_STATE_NOT_ENROLLED: ShiftState.ValueType  # 50
+"""The agent has no voiceprint yet: the shift's stream feeds its passive enrollment. Never
+verified and no assurance: voice is not a factor of this shift. After
+ENROLLMENT_COMPLETED the shift is UNVERIFIED and CheckLogin can verify it.
+"""
 Global___ShiftState: _TypeAlias = ShiftState  # noqa: Y015
 
 class _ShiftEventKind:
@@ -85,6 +95,16 @@ class _ShiftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftE
     of the agent's voice; carries presentation_attack. (A checkpoint taken for one is a
     CHECKPOINT_FAILED with presentation_attack.decision ATTACK or REPLAY.)
     """
+    SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED: _ShiftEventKind.ValueType  # 50
+    """A NOT_ENROLLED shift's passive enrollment built the agent's voiceprint, now active: the
+    shift is UNVERIFIED. net_speech_seconds: the speech it was built from.
+    """
+    SHIFT_EVENT_KIND_ENROLLMENT_HELD: _ShiftEventKind.ValueType  # 51
+    """The passive enrollment built a voiceprint that waits for HR's review. Subscribers only."""
+    SHIFT_EVENT_KIND_WATCHLIST_MATCH: _ShiftEventKind.ValueType  # 52
+    """The login voice matched a watchlist entry: an alert (score, threshold: the AS-norm score
+    and bound). Subscribers only; the softphone's stream is not told.
+    """
 
 class ShiftEventKind(_ShiftEventKind, metaclass=_ShiftEventKindEnumTypeWrapper): ...
 
@@ -109,6 +129,16 @@ SHIFT_EVENT_KIND_PRESENTATION_ATTACK: ShiftEventKind.ValueType  # 8
 """A login check (StartShift, CheckLogin) was taken for a presentation attack or a replay
 of the agent's voice; carries presentation_attack. (A checkpoint taken for one is a
 CHECKPOINT_FAILED with presentation_attack.decision ATTACK or REPLAY.)
+"""
+SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED: ShiftEventKind.ValueType  # 50
+"""A NOT_ENROLLED shift's passive enrollment built the agent's voiceprint, now active: the
+shift is UNVERIFIED. net_speech_seconds: the speech it was built from.
+"""
+SHIFT_EVENT_KIND_ENROLLMENT_HELD: ShiftEventKind.ValueType  # 51
+"""The passive enrollment built a voiceprint that waits for HR's review. Subscribers only."""
+SHIFT_EVENT_KIND_WATCHLIST_MATCH: ShiftEventKind.ValueType  # 52
+"""The login voice matched a watchlist entry: an alert (score, threshold: the AS-norm score
+and bound). Subscribers only; the softphone's stream is not told.
 """
 Global___ShiftEventKind: _TypeAlias = ShiftEventKind  # noqa: Y015
 

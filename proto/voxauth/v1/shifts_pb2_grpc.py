@@ -133,7 +133,8 @@ class ShiftServiceServicer:
         """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
         how the MFA provider learns at once that a shift was locked. Events are not replayed: read
         GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-        events beyond 256 (the shift state stays authoritative).
+        events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+        there when a passive enrollment completes or is held).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

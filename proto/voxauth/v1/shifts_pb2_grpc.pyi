@@ -77,7 +77,8 @@ class ShiftServiceStub:
     """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
     how the MFA provider learns at once that a shift was locked. Events are not replayed: read
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-    events beyond 256 (the shift state stays authoritative).
+    events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+    there when a passive enrollment completes or is held).
     """
     ListShifts: _grpc.UnaryUnaryMultiCallable[_shifts_pb2.ListShiftsRequest, _shifts_pb2.ListShiftsResponse]
     """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
@@ -127,7 +128,8 @@ class ShiftServiceAsyncStub(ShiftServiceStub):
     """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
     how the MFA provider learns at once that a shift was locked. Events are not replayed: read
     GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-    events beyond 256 (the shift state stays authoritative).
+    events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+    there when a passive enrollment completes or is held).
     """
     ListShifts: _aio.UnaryUnaryMultiCallable[_shifts_pb2.ListShiftsRequest, _shifts_pb2.ListShiftsResponse]  # type: ignore[assignment]
     """Shifts, the latest started first, a page at a time (roles supervisor, admin, mfa): what
@@ -210,7 +212,8 @@ class ShiftServiceServicer(metaclass=_abc_1.ABCMeta):
         """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
         how the MFA provider learns at once that a shift was locked. Events are not replayed: read
         GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-        events beyond 256 (the shift state stays authoritative).
+        events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
+        there when a passive enrollment completes or is held).
         """
 
     @_abc_1.abstractmethod

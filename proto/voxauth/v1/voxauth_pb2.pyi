@@ -161,6 +161,36 @@ ENROLLMENT_STATE_ENROLLED: EnrollmentState.ValueType  # 43
 """A voiceprint exists (pending speech, if any, is a re-enrollment under way)."""
 Global___EnrollmentState: _TypeAlias = EnrollmentState  # noqa: Y015
 
+class _HoldReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLD_REASON_UNSPECIFIED: _HoldReason.ValueType  # 0
+    HOLD_REASON_DUPLICATE: _HoldReason.ValueType  # 50
+    """It matches another agent's voiceprint (matching_agent_id): one person under two agent
+    ids, or a voiceprint enrolled from someone else's voice.
+    """
+    HOLD_REASON_WATCHLIST: _HoldReason.ValueType  # 51
+    """It matches a watchlist entry (watchlist_entry_id)."""
+    HOLD_REASON_APPROVAL: _HoldReason.ValueType  # 52
+    """Policy (VOXAUTH_PASSIVE_ENROLL_APPROVAL): a passive enrollment waits for approval."""
+
+class HoldReason(_HoldReason, metaclass=_HoldReasonEnumTypeWrapper):
+    """Why a new voiceprint waits for HR instead of becoming active."""
+
+HOLD_REASON_UNSPECIFIED: HoldReason.ValueType  # 0
+HOLD_REASON_DUPLICATE: HoldReason.ValueType  # 50
+"""It matches another agent's voiceprint (matching_agent_id): one person under two agent
+ids, or a voiceprint enrolled from someone else's voice.
+"""
+HOLD_REASON_WATCHLIST: HoldReason.ValueType  # 51
+"""It matches a watchlist entry (watchlist_entry_id)."""
+HOLD_REASON_APPROVAL: HoldReason.ValueType  # 52
+"""Policy (VOXAUTH_PASSIVE_ENROLL_APPROVAL): a passive enrollment waits for approval."""
+Global___HoldReason: _TypeAlias = HoldReason  # noqa: Y015
+
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -537,6 +567,7 @@ class CreateAgentRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     CONSENT_REFERENCE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PASSIVE_ENROLLMENT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Identifier of the agent in the contact centre's systems. 1-128 characters from
     [A-Za-z0-9._@-].
@@ -553,6 +584,11 @@ class CreateAgentRequest(_message.Message):
     same id with a different request is refused (FAILED_PRECONDITION). Only successful calls
     are kept: one that failed acts again when retried. Numbered 15 in every request.
     """
+    passive_enrollment: _builtins.bool
+    """Enroll the agent passively from its first shifts' speech (no enrollment session): until
+    the voiceprint is built its shifts are SHIFT_STATE_NOT_ENROLLED, never verified; an
+    ENROLLMENT_COMPLETED shift event says when it is. The consent must cover it.
+    """
     def __init__(
         self,
         *,
@@ -560,10 +596,11 @@ class CreateAgentRequest(_message.Message):
         display_name: _builtins.str = ...,
         consent_reference: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        passive_enrollment: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "display_name", b"display_name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "display_name", b"display_name", "passive_enrollment", b"passive_enrollment", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,11 +615,14 @@ class Agent(_message.Message):
     CONSENT_REFERENCE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ENROLLED_FIELD_NUMBER: _builtins.int
+    PASSIVE_ENROLLMENT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     display_name: _builtins.str
     consent_reference: _builtins.str
     enrolled: _builtins.bool
     """True once a voiceprint exists."""
+    passive_enrollment: _builtins.bool
+    """True while a passive enrollment collects the agent's speech from its shifts."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -593,10 +633,11 @@ class Agent(_message.Message):
         consent_reference: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         enrolled: _builtins.bool = ...,
+        passive_enrollment: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "created_at", b"created_at", "display_name", b"display_name", "enrolled", b"enrolled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "consent_reference", b"consent_reference", "created_at", b"created_at", "display_name", b"display_name", "enrolled", b"enrolled", "passive_enrollment", b"passive_enrollment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,6 +813,7 @@ class EnrollmentStatus(_message.Message):
     READY_TO_FINALIZE_FIELD_NUMBER: _builtins.int
     PENDING_UTTERANCES_FIELD_NUMBER: _builtins.int
     VOICEPRINT_FIELD_NUMBER: _builtins.int
+    HELD_VOICEPRINT_FIELD_NUMBER: _builtins.int
     net_speech_seconds: _builtins.float
     """Net speech in the pending (accepted, not yet finalized) utterances."""
     required_net_speech_seconds: _builtins.float
@@ -786,6 +828,10 @@ class EnrollmentStatus(_message.Message):
     def voiceprint(self) -> Global___VoiceprintInfo:
         """The current voiceprint, if the agent is enrolled."""
 
+    @_builtins.property
+    def held_voiceprint(self) -> Global___HeldVoiceprint:
+        """A voiceprint built but waiting for HR's review (ReviewVoiceprint); not used by checks."""
+
     def __init__(
         self,
         *,
@@ -795,14 +841,116 @@ class EnrollmentStatus(_message.Message):
         ready_to_finalize: _builtins.bool = ...,
         pending_utterances: _abc.Iterable[Global___Utterance] | None = ...,
         voiceprint: Global___VoiceprintInfo | None = ...,
+        held_voiceprint: Global___HeldVoiceprint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "voiceprint", b"voiceprint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "held_voiceprint", b"held_voiceprint", "voiceprint", b"voiceprint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "net_speech_seconds", b"net_speech_seconds", "pending_utterances", b"pending_utterances", "ready_to_finalize", b"ready_to_finalize", "required_net_speech_seconds", b"required_net_speech_seconds", "voiceprint", b"voiceprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "held_voiceprint", b"held_voiceprint", "net_speech_seconds", b"net_speech_seconds", "pending_utterances", b"pending_utterances", "ready_to_finalize", b"ready_to_finalize", "required_net_speech_seconds", b"required_net_speech_seconds", "voiceprint", b"voiceprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollmentStatus: _TypeAlias = EnrollmentStatus  # noqa: Y015
+
+@_typing.final
+class HeldVoiceprint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MATCHING_AGENT_ID_FIELD_NUMBER: _builtins.int
+    WATCHLIST_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    NORMALIZED_SCORE_FIELD_NUMBER: _builtins.int
+    HELD_AT_FIELD_NUMBER: _builtins.int
+    VOICEPRINT_FIELD_NUMBER: _builtins.int
+    reason: Global___HoldReason.ValueType
+    matching_agent_id: _builtins.str
+    """DUPLICATE: the agent whose voiceprint it matches (empty once that agent is erased)."""
+    watchlist_entry_id: _builtins.str
+    """WATCHLIST: the entry it matches."""
+    normalized_score: _builtins.float
+    """The AS-norm score of the match and the bound the search held it to (sized to the
+    number of voices searched). Zero for APPROVAL.
+    """
+    @_builtins.property
+    def held_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def voiceprint(self) -> Global___VoiceprintInfo: ...
+    def __init__(
+        self,
+        *,
+        reason: Global___HoldReason.ValueType = ...,
+        matching_agent_id: _builtins.str = ...,
+        watchlist_entry_id: _builtins.str = ...,
+        normalized_score: _builtins.float = ...,
+        held_at: _timestamp_pb2.Timestamp | None = ...,
+        voiceprint: Global___VoiceprintInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held_at", b"held_at", "voiceprint", b"voiceprint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_at", b"held_at", "matching_agent_id", b"matching_agent_id", "normalized_score", b"normalized_score", "reason", b"reason", "voiceprint", b"voiceprint", "watchlist_entry_id", b"watchlist_entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldVoiceprint: _TypeAlias = HeldVoiceprint  # noqa: Y015
+
+@_typing.final
+class ReviewVoiceprintRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    approve: _builtins.bool
+    """True: the held voiceprint becomes active. False: it is erased."""
+    reason: _builtins.str
+    """Why (e.g. the HR case); recorded in the audit log. Required, up to 512 characters."""
+    request_id: _builtins.str
+    """Optional: makes a retry safe; as CreateAgentRequest.request_id."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "approve", b"approve", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewVoiceprintRequest: _TypeAlias = ReviewVoiceprintRequest  # noqa: Y015
+
+@_typing.final
+class ReviewVoiceprintResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOICEPRINT_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    REPLACED_PREVIOUS_FIELD_NUMBER: _builtins.int
+    approved: _builtins.bool
+    replaced_previous: _builtins.bool
+    """True when the approved voiceprint replaced an earlier one."""
+    @_builtins.property
+    def voiceprint(self) -> Global___VoiceprintInfo:
+        """The voiceprint now active (approve), or the one erased."""
+
+    def __init__(
+        self,
+        *,
+        voiceprint: Global___VoiceprintInfo | None = ...,
+        approved: _builtins.bool = ...,
+        replaced_previous: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["voiceprint", b"voiceprint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "replaced_previous", b"replaced_previous", "voiceprint", b"voiceprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewVoiceprintResponse: _TypeAlias = ReviewVoiceprintResponse  # noqa: Y015
 
 @_typing.final
 class VoiceprintInfo(_message.Message):
@@ -878,6 +1026,7 @@ class FinalizeEnrollmentResponse(_message.Message):
     VOICEPRINT_FIELD_NUMBER: _builtins.int
     REPLACED_PREVIOUS_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     replaced_previous: _builtins.bool
     """True when this voiceprint replaced an earlier one."""
     @_builtins.property
@@ -886,16 +1035,23 @@ class FinalizeEnrollmentResponse(_message.Message):
     def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___Utterance]:
         """Utterances left out because they did not agree with the others."""
 
+    @_builtins.property
+    def held(self) -> Global___HeldVoiceprint:
+        """Set when the voiceprint was held for HR's review instead of becoming active (a previous
+        voiceprint, if any, stays active until ReviewVoiceprint approves this one).
+        """
+
     def __init__(
         self,
         *,
         voiceprint: Global___VoiceprintInfo | None = ...,
         replaced_previous: _builtins.bool = ...,
         rejected: _abc.Iterable[Global___Utterance] | None = ...,
+        held: Global___HeldVoiceprint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["voiceprint", b"voiceprint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "voiceprint", b"voiceprint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejected", b"rejected", "replaced_previous", b"replaced_previous", "voiceprint", b"voiceprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "rejected", b"rejected", "replaced_previous", b"replaced_previous", "voiceprint", b"voiceprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -991,6 +1147,7 @@ class VerifyResponse(_message.Message):
     NORMALIZED_THRESHOLD_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
+    WATCHLIST_ALERT_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     score: _builtins.float
     """Raw cosine similarity between the audio's embedding and the voiceprint it was compared
@@ -1033,6 +1190,10 @@ class VerifyResponse(_message.Message):
     """Which bound set `threshold` (and `llr_threshold`, `normalized_threshold`): the highest of
     the false-match threshold and the LLR floors. UNSPECIFIED when INCONCLUSIVE.
     """
+    watchlist_alert: _builtins.bool
+    """The voice matched a watchlist entry (a known fraudster or dismissed employee): an alert,
+    audited; the decision is the voiceprint's.
+    """
     @_builtins.property
     def quality(self) -> Global___AudioQuality: ...
     @_builtins.property
@@ -1059,10 +1220,11 @@ class VerifyResponse(_message.Message):
         normalized_threshold: _builtins.float = ...,
         decided_by: Global___DecidedBy.ValueType = ...,
         presentation_attack: Global___PresentationAttack | None = ...,
+        watchlist_alert: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["presentation_attack", b"presentation_attack", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "presentation_attack", b"presentation_attack", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "presentation_attack", b"presentation_attack", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold", "watchlist_alert", b"watchlist_alert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

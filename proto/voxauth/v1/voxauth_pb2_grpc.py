@@ -73,6 +73,11 @@ class EnrollmentServiceStub:
                 request_serializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.ReviewVoiceprint = channel.unary_unary(
+                '/voxauth.v1.EnrollmentService/ReviewVoiceprint',
+                request_serializer=voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintRequest.SerializeToString,
+                response_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServiceServicer:
@@ -157,6 +162,18 @@ class EnrollmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviewVoiceprint(self, request, context):
+        """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+        the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+        collects the agent's speech anew). Roles hr and admin.
+        NOT_FOUND           no agent with this id.
+        FAILED_PRECONDITION the agent has no voiceprint held for review.
+        INVALID_ARGUMENT    reason missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +211,11 @@ def add_EnrollmentServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.FromString,
                     response_serializer=voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'ReviewVoiceprint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewVoiceprint,
+                    request_deserializer=voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintRequest.FromString,
+                    response_serializer=voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +411,33 @@ class EnrollmentService:
             '/voxauth.v1.EnrollmentService/ListAgents',
             voxauth_dot_v1_dot_voxauth__pb2.ListAgentsRequest.SerializeToString,
             voxauth_dot_v1_dot_voxauth__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewVoiceprint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/voxauth.v1.EnrollmentService/ReviewVoiceprint',
+            voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintRequest.SerializeToString,
+            voxauth_dot_v1_dot_voxauth__pb2.ReviewVoiceprintResponse.FromString,
             options,
             channel_credentials,
             insecure,

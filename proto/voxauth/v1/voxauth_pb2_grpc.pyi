@@ -94,6 +94,14 @@ class EnrollmentServiceStub:
                         filters (or that has expired), or a bad filter.
       PERMISSION_DENIED any other role.
     """
+    ReviewVoiceprint: _grpc.UnaryUnaryMultiCallable[_voxauth_pb2.ReviewVoiceprintRequest, _voxauth_pb2.ReviewVoiceprintResponse]
+    """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+    the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+    collects the agent's speech anew). Roles hr and admin.
+      NOT_FOUND           no agent with this id.
+      FAILED_PRECONDITION the agent has no voiceprint held for review.
+      INVALID_ARGUMENT    reason missing.
+    """
 
 @_typing.type_check_only
 class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
@@ -149,6 +157,14 @@ class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
       INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
                         filters (or that has expired), or a bad filter.
       PERMISSION_DENIED any other role.
+    """
+    ReviewVoiceprint: _aio.UnaryUnaryMultiCallable[_voxauth_pb2.ReviewVoiceprintRequest, _voxauth_pb2.ReviewVoiceprintResponse]  # type: ignore[assignment]
+    """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+    the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+    collects the agent's speech anew). Roles hr and admin.
+      NOT_FOUND           no agent with this id.
+      FAILED_PRECONDITION the agent has no voiceprint held for review.
+      INVALID_ARGUMENT    reason missing.
     """
 
 class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -244,6 +260,20 @@ class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
           INVALID_ARGUMENT  a page token that this server did not issue for this caller and these
                             filters (or that has expired), or a bad filter.
           PERMISSION_DENIED any other role.
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewVoiceprint(
+        self,
+        request: _voxauth_pb2.ReviewVoiceprintRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_voxauth_pb2.ReviewVoiceprintResponse, _abc.Awaitable[_voxauth_pb2.ReviewVoiceprintResponse]]:
+        """HR's decision on a voiceprint held for review (see HeldVoiceprint): approved, it becomes
+        the agent's voiceprint, replacing any; rejected, it is erased (a passive enrollment then
+        collects the agent's speech anew). Roles hr and admin.
+          NOT_FOUND           no agent with this id.
+          FAILED_PRECONDITION the agent has no voiceprint held for review.
+          INVALID_ARGUMENT    reason missing.
         """
 
 def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

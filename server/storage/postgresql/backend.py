@@ -55,10 +55,12 @@ from server.storage.backend import (
     CompletedRequestRow,
     EventRow,
     FingerprintRow,
+    HeldVoiceprintRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
     VoiceprintRow,
+    WatchlistRow,
 )
 from server.storage.legacy import Upgrade
 from server.storage.postgresql.schema import migrate, with_defaults
@@ -88,8 +90,17 @@ _ERASED_TABLES = (
     "verification_throttle",
     "completed_requests",
     "shift_events",
+    "passive_enrollments",
+    "held_voiceprints",
 )
 
+_HELD_COLUMNS = (
+    "agent_ref, model_id, embedding, created_at, utterance_count, net_speech_seconds, "
+    "telephone_embedding, reason, held_at, matched_agent_ref, matched_entry_id, similarity"
+)
+_WATCHLIST_COLUMNS = (
+    "entry_id, model_id, embedding, telephone_embedding, details, added_at, expires_at"
+)
 _FINGERPRINT_COLUMNS = "agent_ref, model_id, origin, recorded_at, embedding, telephone_embedding"
 _UTTERANCE_COLUMNS = (
     "utterance_id, agent_ref, model_id, embedding, duration_seconds, net_speech_seconds, "
@@ -236,6 +247,8 @@ class PostgresTransaction:
             "pending_utterances",
             "voiceprints",
             "replay_fingerprints",
+            "passive_enrollments",
+            "held_voiceprints",
             "shifts",
             "verification_throttle",
             "completed_requests",
@@ -407,6 +420,121 @@ class PostgresTransaction:
             "DELETE FROM voiceprints WHERE last_used_at < %s RETURNING agent_ref", (_time(cutoff),)
         )
         return [agent_ref for (agent_ref,) in rows]
+
+    # --- passive enrollment and voiceprints held for review --------------------------------
+
+    def put_passive_enrollment(self, agent_ref: str, requested_at: datetime) -> None:
+        self._run(
+            "INSERT INTO passive_enrollments (agent_ref, requested_at) VALUES (%s, %s) "
+            "ON CONFLICT (agent_ref) DO UPDATE SET requested_at = EXCLUDED.requested_at",
+            (agent_ref, _time(requested_at)),
+        )
+
+    def passive_enrollment(self, agent_ref: str) -> datetime | None:
+        row = self._one(
+            "SELECT requested_at FROM passive_enrollments WHERE agent_ref = %s", (agent_ref,)
+        )
+        return None if row is None else _utc(row[0])
+
+    def delete_passive_enrollment(self, agent_ref: str) -> None:
+        self._run("DELETE FROM passive_enrollments WHERE agent_ref = %s", (agent_ref,))
+
+    def put_held_voiceprint(self, row: HeldVoiceprintRow) -> None:
+        voiceprint = row.voiceprint
+        self._run(
+            f"INSERT INTO held_voiceprints ({_HELD_COLUMNS}) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (agent_ref) DO UPDATE SET model_id = EXCLUDED.model_id, "
+            "embedding = EXCLUDED.embedding, created_at = EXCLUDED.created_at, "
+            "utterance_count = EXCLUDED.utterance_count, "
+            "net_speech_seconds = EXCLUDED.net_speech_seconds, "
+            "telephone_embedding = EXCLUDED.telephone_embedding, reason = EXCLUDED.reason, "
+            "held_at = EXCLUDED.held_at, matched_agent_ref = EXCLUDED.matched_agent_ref, "
+            "matched_entry_id = EXCLUDED.matched_entry_id, similarity = EXCLUDED.similarity",
+            (
+                voiceprint.agent_ref,
+                voiceprint.model_id,
+                voiceprint.sealed_embedding,
+                _time(voiceprint.created_at),
+                voiceprint.utterance_count,
+                voiceprint.net_speech_seconds,
+                voiceprint.sealed_telephone_embedding,
+                row.reason,
+                _time(row.held_at),
+                row.matched_agent_ref,
+                row.matched_entry_id,
+                row.similarity,
+            ),
+        )
+
+    def held_voiceprint(self, agent_ref: str) -> HeldVoiceprintRow | None:
+        row = self._one(
+            f"SELECT {_HELD_COLUMNS} FROM held_voiceprints WHERE agent_ref = %s", (agent_ref,)
+        )
+        if row is None:
+            return None
+        ref, model_id, blob, created, count, net, phone, reason, held, matched, entry, sim = row
+        created_at = _utc(created)
+        return HeldVoiceprintRow(
+            VoiceprintRow(
+                ref,
+                model_id,
+                bytes(blob),
+                created_at,
+                count,
+                net,
+                None if phone is None else bytes(phone),
+                created_at,
+            ),
+            reason,
+            _utc(held),
+            matched,
+            entry,
+            sim,
+        )
+
+    def delete_held_voiceprint(self, agent_ref: str) -> bool:
+        return self._run("DELETE FROM held_voiceprints WHERE agent_ref = %s", (agent_ref,)) > 0
+
+    # --- the watchlist -----------------------------------------------------------------------
+
+    def insert_watchlist_entry(self, row: WatchlistRow) -> None:
+        self._run(
+            f"INSERT INTO watchlist ({_WATCHLIST_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                row.entry_id,
+                row.model_id,
+                row.sealed_embedding,
+                row.sealed_telephone_embedding,
+                row.sealed_details,
+                _time(row.added_at),
+                _time(row.expires_at),
+            ),
+        )
+
+    def watchlist(self) -> list[WatchlistRow]:
+        rows = self._all(f"SELECT {_WATCHLIST_COLUMNS} FROM watchlist ORDER BY added_at, seq")
+        return [
+            WatchlistRow(
+                entry_id,
+                model_id,
+                bytes(blob),
+                None if phone is None else bytes(phone),
+                bytes(details),
+                _utc(added),
+                _utc(expires),
+            )
+            for entry_id, model_id, blob, phone, details, added, expires in rows
+        ]
+
+    def delete_watchlist_entry(self, entry_id: str) -> bool:
+        return self._run("DELETE FROM watchlist WHERE entry_id = %s", (entry_id,)) > 0
+
+    def delete_watchlist_expired(self, at: datetime) -> list[str]:
+        rows = self._all(
+            "DELETE FROM watchlist WHERE expires_at <= %s RETURNING entry_id", (_time(at),)
+        )
+        return sorted(entry_id for (entry_id,) in rows)
 
     # --- shifts, throttling, signing keys, assurances ----------------------------------------
 

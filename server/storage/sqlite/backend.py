@@ -45,10 +45,12 @@ from server.storage.backend import (
     CompletedRequestRow,
     EventRow,
     FingerprintRow,
+    HeldVoiceprintRow,
     ShiftRow,
     Transaction,
     UtteranceRow,
     VoiceprintRow,
+    WatchlistRow,
 )
 from server.storage.legacy import LegacyAgent, Upgrade
 from server.storage.sqlite.schema import (
@@ -76,6 +78,13 @@ _UTTERANCE_COLUMNS = (
 _VOICEPRINT_COLUMNS = (
     "agent_ref, model_id, embedding, created_at, utterance_count, net_speech_seconds, "
     "telephone_embedding, last_used_at"
+)
+_HELD_COLUMNS = (
+    "agent_ref, model_id, embedding, created_at, utterance_count, net_speech_seconds, "
+    "telephone_embedding, reason, held_at, matched_agent_ref, matched_entry_id, similarity"
+)
+_WATCHLIST_COLUMNS = (
+    "entry_id, model_id, embedding, telephone_embedding, details, added_at, expires_at"
 )
 _SHIFT_COLUMNS = (
     "shift_id, agent_ref, device_id, state, started_at, updated_at, ended_at, "
@@ -229,6 +238,8 @@ class SqliteTransaction:
             "pending_utterances",
             "voiceprints",
             "replay_fingerprints",
+            "passive_enrollments",
+            "held_voiceprints",
             "shifts",
             "verification_throttle",
             "completed_requests",
@@ -398,6 +409,124 @@ class SqliteTransaction:
             )
         ]
         self._conn.execute("DELETE FROM voiceprints WHERE last_used_at < ?", (micros,))
+        return expired
+
+    # --- passive enrollment and held voiceprints ---------------------------------------------
+
+    def put_passive_enrollment(self, agent_ref: str, requested_at: datetime) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO passive_enrollments (agent_ref, requested_at) VALUES (?, ?)",
+            (agent_ref, _to_micros(requested_at)),
+        )
+
+    def passive_enrollment(self, agent_ref: str) -> datetime | None:
+        row = self._conn.execute(
+            "SELECT requested_at FROM passive_enrollments WHERE agent_ref = ?", (agent_ref,)
+        ).fetchone()
+        return None if row is None else _from_micros(row[0])
+
+    def delete_passive_enrollment(self, agent_ref: str) -> None:
+        self._conn.execute("DELETE FROM passive_enrollments WHERE agent_ref = ?", (agent_ref,))
+
+    def put_held_voiceprint(self, row: HeldVoiceprintRow) -> None:
+        voiceprint = row.voiceprint
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO held_voiceprints ({_HELD_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                voiceprint.agent_ref,
+                voiceprint.model_id,
+                voiceprint.sealed_embedding,
+                _to_micros(voiceprint.created_at),
+                voiceprint.utterance_count,
+                voiceprint.net_speech_seconds,
+                voiceprint.sealed_telephone_embedding,
+                row.reason,
+                _to_micros(row.held_at),
+                row.matched_agent_ref,
+                row.matched_entry_id,
+                row.similarity,
+            ),
+        )
+
+    def held_voiceprint(self, agent_ref: str) -> HeldVoiceprintRow | None:
+        row = self._conn.execute(
+            f"SELECT {_HELD_COLUMNS} FROM held_voiceprints WHERE agent_ref = ?", (agent_ref,)
+        ).fetchone()
+        if row is None:
+            return None
+        ref, model_id, blob, created, count, net, phone, reason, held, matched, entry, sim = row
+        created_at = _from_micros(created)
+        return HeldVoiceprintRow(
+            VoiceprintRow(
+                ref,
+                model_id,
+                bytes(blob),
+                created_at,
+                count,
+                net,
+                None if phone is None else bytes(phone),
+                created_at,
+            ),
+            reason,
+            _from_micros(held),
+            matched,
+            entry,
+            sim,
+        )
+
+    def delete_held_voiceprint(self, agent_ref: str) -> bool:
+        deleted = self._conn.execute(
+            "DELETE FROM held_voiceprints WHERE agent_ref = ?", (agent_ref,)
+        )
+        return deleted.rowcount > 0
+
+    # --- the watchlist -----------------------------------------------------------------------
+
+    def insert_watchlist_entry(self, row: WatchlistRow) -> None:
+        self._conn.execute(
+            f"INSERT INTO watchlist ({_WATCHLIST_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.entry_id,
+                row.model_id,
+                row.sealed_embedding,
+                row.sealed_telephone_embedding,
+                row.sealed_details,
+                _to_micros(row.added_at),
+                _to_micros(row.expires_at),
+            ),
+        )
+
+    def watchlist(self) -> list[WatchlistRow]:
+        rows = self._conn.execute(
+            f"SELECT {_WATCHLIST_COLUMNS} FROM watchlist ORDER BY added_at, rowid"
+        )
+        return [
+            WatchlistRow(
+                entry_id,
+                model_id,
+                bytes(blob),
+                None if phone is None else bytes(phone),
+                bytes(details),
+                _from_micros(added),
+                _from_micros(expires),
+            )
+            for entry_id, model_id, blob, phone, details, added, expires in rows
+        ]
+
+    def delete_watchlist_entry(self, entry_id: str) -> bool:
+        deleted = self._conn.execute("DELETE FROM watchlist WHERE entry_id = ?", (entry_id,))
+        return deleted.rowcount > 0
+
+    def delete_watchlist_expired(self, at: datetime) -> list[str]:
+        micros = _to_micros(at)
+        expired = [
+            entry_id
+            for (entry_id,) in self._conn.execute(
+                "SELECT entry_id FROM watchlist WHERE expires_at <= ? ORDER BY entry_id", (micros,)
+            )
+        ]
+        self._conn.execute("DELETE FROM watchlist WHERE expires_at <= ?", (micros,))
         return expired
 
     # --- shifts, throttling, signing keys, assurances ----------------------------------------

@@ -304,6 +304,44 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX shift_events_by_agent ON shift_events (agent_ref)",
         "CREATE INDEX shift_events_by_time ON shift_events (at)",
     ),
+    (
+        # Passive enrollment from the agent's shifts (enrollment/passive.py): the mark that HR
+        # asked for it. What it collects is pending utterances, as in active enrollment.
+        """CREATE TABLE passive_enrollments (
+            agent_ref TEXT PRIMARY KEY,
+            requested_at INTEGER NOT NULL
+        )""",
+        # Voiceprints held for HR review (enrollment/review.py): a duplicate of another
+        # agent's voice, a watchlist match, or one waiting for approval. Sealed under the
+        # agent's key; matched_agent_ref is the matching agent's pseudonym, as audit rows
+        # carry. Erased with the agent.
+        """CREATE TABLE held_voiceprints (
+            agent_ref TEXT PRIMARY KEY,
+            model_id TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            created_at INTEGER NOT NULL,
+            utterance_count INTEGER NOT NULL,
+            net_speech_seconds REAL NOT NULL,
+            telephone_embedding BLOB,
+            reason TEXT NOT NULL,
+            held_at INTEGER NOT NULL,
+            matched_agent_ref TEXT NOT NULL,
+            matched_entry_id TEXT NOT NULL,
+            similarity REAL NOT NULL
+        )""",
+        # The watchlist (enrollment/watchlist.py): voices of known fraudsters and dismissed
+        # employees, sealed under the store's watchlist key; deleted when they expire.
+        """CREATE TABLE watchlist (
+            entry_id TEXT PRIMARY KEY,
+            model_id TEXT NOT NULL,
+            embedding BLOB NOT NULL,
+            telephone_embedding BLOB,
+            details BLOB NOT NULL,
+            added_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX watchlist_by_expiry ON watchlist (expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
