@@ -60,7 +60,7 @@ from server.security.assurances import (
 )
 from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
-from server.security.crypto import VoiceprintCipher
+from server.security.crypto import VoiceprintCipher, derive_subkey
 from server.security.identity import TokenFile
 from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
 from server.shifts.service import ShiftService
@@ -74,6 +74,8 @@ from server.verification.throttling import VerificationThrottle
 log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD_SECONDS = 86_400.0
+# HKDF info of the listings' page-token key: changing it invalidates tokens in flight only.
+_PAGE_TOKEN_PURPOSE = "voxauth listing page tokens v1"
 _STORE_PROBE_SECONDS = 1.0
 _STORE_PROBE_TIMEOUT_SECONDS = 2.0
 
@@ -147,6 +149,7 @@ class VoxauthServer:
             self._clock,
             self.audio_budget,
             self.metrics,
+            derive_subkey(self._key, _PAGE_TOKEN_PURPOSE),
         )
         self._store: Store | None = None
         self._shifts: ShiftService | None = None

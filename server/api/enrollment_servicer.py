@@ -59,6 +59,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         budget: AudioBudget,
         streams: StreamLimits,
         clock: Clock,
+        page_token_key: bytes | None = None,
     ) -> None:
         self._limits = limits
         self._streams = streams
@@ -67,7 +68,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServiceServicer):
         self._store_pool = store_pool
         self._readiness = readiness
         self._budget = budget
-        self._page_tokens = PageTokens()
+        self._page_tokens = PageTokens(page_token_key)
 
     def _enrollment(self) -> EnrollmentService:
         return self._readiness.require().enrollment

@@ -65,9 +65,13 @@ class GrpcServer:
         clock: Clock,
         audio_budget: AudioBudget,
         metrics: Metrics | None = None,
+        page_token_key: bytes | None = None,
     ) -> None:
-        """`metrics` counts and times every call; None for none."""
+        """`metrics` counts and times every call; None for none. `page_token_key` seals
+        listing page tokens: the same on every replica, so a page fetched from one continues
+        on another (None: a key of this process's own)."""
         self._config = config
+        self._page_token_key = page_token_key
         self._metrics = metrics
         self._readiness = readiness
         self._inference = inference
@@ -118,6 +122,7 @@ class GrpcServer:
                 self._audio_budget,
                 config.streams,
                 self._clock,
+                self._page_token_key,
             ),
             server,
         )

@@ -1,11 +1,11 @@
 """Opaque page tokens for listings: where the next page starts, sealed so the caller can
 neither read it (it holds an agent id) nor forge or alter one.
 
-Each token is AES-256-GCM under a key this server process draws at start, with the caller's
-name and the listing's filters as associated data: a token altered, made up, taken to
-another caller or replayed with other filters fails to open and is refused
-(INVALID_ARGUMENT). It also expires (TOKEN_LIFETIME), and a restart invalidates every token,
-so a listing started before a change of access is not carried on under it. A token only says
+Each token is AES-256-GCM under a key derived from the service key (so a listing paged on
+one replica continues on another behind a load balancer), with the caller's name and the
+listing's filters as associated data: a token altered, made up, taken to another caller or
+replayed with other filters fails to open and is refused (INVALID_ARGUMENT). It also expires
+(TOKEN_LIFETIME). A token only says
 where to resume; the role check runs on every call whatever it holds.
 """
 
@@ -46,7 +46,7 @@ class PageTokens:
         did not issue for this caller and scope, or that has expired."""
         refused = InvalidRequestError(
             "page_token is not one this server issued for this caller and these filters "
-            "(tokens expire after an hour and at a server restart): start from the first page",
+            "(tokens expire after an hour): start from the first page",
             field="page_token",
         )
         if len(token) > _MAX_TOKEN_CHARS:

@@ -24,7 +24,9 @@ from typing import Literal
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from models.embedder import Embedding
 from server.errors import ConfigurationError, StorageError
@@ -208,6 +210,12 @@ def sealing_key_id(blob: bytes) -> str:
 
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()[:KEY_ID_BYTES]
+
+
+def derive_subkey(key: bytes, purpose: str) -> bytes:
+    """A 256-bit key for one `purpose` (HKDF-SHA256 of the service key): every replica with
+    the same service key derives the same one, and it reveals nothing of the service key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(key)
 
 
 def load_key(*, key_b64: str | None, key_file: Path | None) -> bytes:

@@ -21,7 +21,7 @@ from server.api.page_tokens import TOKEN_LIFETIME, PageTokens
 from server.config import EnrollmentPolicy, RetentionPolicy
 from server.errors import InvalidRequestError
 from server.records import AgentRecord, UtteranceRecord, Voiceprint
-from server.security.crypto import VoiceprintCipher
+from server.security.crypto import VoiceprintCipher, derive_subkey
 from server.storage.sqlite import open_store
 from server.tools.agents_cli import EXIT_INCOMPLETE
 from server.tools.bulk_enroll import (
@@ -65,9 +65,22 @@ def test_a_page_token_opens_only_for_its_caller_scope_and_lifetime() -> None:
         with pytest.raises(InvalidRequestError) as caught:
             tokens.open(candidate, caller=caller, scope=scope, now=at)
         assert caught.value.field == "page_token"
-    # Another server process (or a restart) draws another key.
+    # A key of another process's own (no service key given) opens none of them.
     with pytest.raises(InvalidRequestError):
         PageTokens().open(token, caller="hr-desk", scope="all", now=NOW)
+
+
+def test_replicas_with_one_service_key_continue_each_others_listings() -> None:
+    # Behind a load balancer the next page's call may reach another replica.
+    one = PageTokens(derive_subkey(KEY, "voxauth listing page tokens v1"))
+    two = PageTokens(derive_subkey(KEY, "voxauth listing page tokens v1"))
+    token = one.issue("agent-7", caller="hr-desk", scope="all", now=NOW)
+    assert two.open(token, caller="hr-desk", scope="all", now=NOW) == "agent-7"
+    other_service = PageTokens(derive_subkey(bytes(32), "voxauth listing page tokens v1"))
+    other_purpose = PageTokens(derive_subkey(KEY, "something else"))
+    for tokens in (other_service, other_purpose):
+        with pytest.raises(InvalidRequestError):
+            tokens.open(token, caller="hr-desk", scope="all", now=NOW)
 
 
 # --- the listing ------------------------------------------------------------------------------
