@@ -16,6 +16,7 @@ from server.pipeline.decode import AudioEncoding
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.scoring.calibration import Condition, DecidedBy
+from server.shifts.change_watch import CheckpointTrigger
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import LoginOutcome
 from server.storage.interface import (
@@ -66,6 +67,11 @@ _STATES = {
     ShiftState.LOCKED: spb.SHIFT_STATE_LOCKED,
     ShiftState.ENDED: spb.SHIFT_STATE_ENDED,
 }
+_TRIGGERS = {
+    CheckpointTrigger.SCHEDULED: spb.CHECKPOINT_TRIGGER_SCHEDULED,
+    CheckpointTrigger.CHANGE_WATCH: spb.CHECKPOINT_TRIGGER_CHANGE_WATCH,
+    CheckpointTrigger.FOLLOW_UP: spb.CHECKPOINT_TRIGGER_FOLLOW_UP,
+}
 _KINDS = {
     ShiftEventKind.STREAM_ATTACHED: spb.SHIFT_EVENT_KIND_STREAM_ATTACHED,
     ShiftEventKind.CHECKPOINT_PASSED: spb.SHIFT_EVENT_KIND_CHECKPOINT_PASSED,
@@ -75,6 +81,7 @@ _KINDS = {
     ShiftEventKind.SHIFT_VERIFIED: spb.SHIFT_EVENT_KIND_SHIFT_VERIFIED,
     ShiftEventKind.SHIFT_ENDED: spb.SHIFT_EVENT_KIND_SHIFT_ENDED,
     ShiftEventKind.PRESENTATION_ATTACK: spb.SHIFT_EVENT_KIND_PRESENTATION_ATTACK,
+    ShiftEventKind.SECOND_VOICE: spb.SHIFT_EVENT_KIND_SECOND_VOICE,
 }
 
 
@@ -257,6 +264,9 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
     )
     if event.decided_by is not None:
         message.decided_by = _DECIDED_BY[event.decided_by]
+    if event.trigger is not None:
+        message.trigger = _TRIGGERS[event.trigger]
+        message.change_similarity = event.change_similarity
     if event.presentation is not None:
         message.presentation_attack.CopyFrom(presentation_message(event.presentation))
     for field, value in (

@@ -151,6 +151,40 @@ class ShiftAudioBuffer:
             self._blocks.clear()
             self._frames = 0
 
+    def discard_before(self, at: float) -> None:
+        """Drops the blocks that ended before clock time `at`: a checkpoint the change watch
+        started judges the speech from the suspected change on, not the agent's before it."""
+        with self._lock:
+            while self._blocks and self._blocks[0].end < at:
+                self._frames -= self._blocks.popleft().frames
+
+    def audio_since(self, at: float, max_seconds: float) -> tuple[Waveform, float, float] | None:
+        """The audio of the blocks that ended after clock time `at`, at most the newest
+        `max_seconds` of it, decoded to 16 kHz, with the clock times it spans; None if none.
+        Blocking (decoding); for the change watch, which looks without detecting speech."""
+        with self._lock:
+            blocks = [b for b in self._blocks if b.end > at]
+            for block in blocks:
+                block.sealed = True
+        taken: list[_Block] = []
+        frames = 0
+        for block in reversed(blocks):
+            if frames * FRAME_SECONDS >= max_seconds:
+                break
+            taken.append(block)
+            frames += block.frames
+        if not taken:
+            return None
+        taken.reverse()
+        data = b"".join(bytes(b.data) for b in taken)
+        waveform = decode(
+            data,
+            self.format.encoding,
+            self.format.sample_rate_hz,
+            max_seconds=frames * FRAME_SECONDS + 1,
+        )
+        return waveform, taken[0].start, taken[-1].end
+
     def recent_speech(self, detector: SpeechDetector, needed_seconds: float) -> RecentSpeech | None:
         """The most recent `needed_seconds` of speech, or None if the buffer holds less.
 

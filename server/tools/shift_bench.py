@@ -638,6 +638,10 @@ async def _bench(settings: BenchSettings, workdir: Path) -> list[LevelResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "takeover":
+        from server.tools.takeover_bench import main as takeover_main
+
+        return takeover_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="voxauth bench shifts",
         description="The largest number of concurrent shifts whose checkpoints stay on time.",
