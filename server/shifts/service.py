@@ -397,8 +397,9 @@ class ShiftSession:
             self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
         elif not passed and self.watch.enabled:
             # One failure may be the agent's bad moment; the next check need not wait for
-            # the random time to tell.
-            self.trigger(Cause(CheckpointTrigger.FOLLOW_UP))
+            # the random time to tell. (Set directly: this checkpoint is still running.)
+            self._pending = Cause(CheckpointTrigger.FOLLOW_UP)
+            self._triggered.set()
 
     async def _insufficient(self, scheduled_at: datetime, cause: Cause) -> None:
         service = self._service

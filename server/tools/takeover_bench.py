@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import soundfile as sf
 
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
 from server.app import VoxauthServer
 from server.config import (
     EnrollmentPolicy,
@@ -47,8 +48,8 @@ from server.errors import VoxauthError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.decode import AudioEncoding
 from server.scoring.scorer import ScoringModel
-from server.shifts.buffer import StreamFormat
-from server.shifts.change_watch import CheckpointTrigger
+from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
+from server.shifts.change_watch import ChangeWatch, CheckpointTrigger
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import ShiftService, ShiftStream
 from server.tools.shift_bench import nearest_rank
@@ -101,14 +102,33 @@ class CountingPool:
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         self.busy = 0
+        self.looks = 0
+        """Looks of the change watch run (with speech or without)."""
 
     async def run(self, work: Callable[[], T]) -> T:
         self.busy += 1
+        self.looks += "._look." in getattr(work, "__qualname__", "")
         try:
             result: T = await self._pool.run(work)
             return result
         finally:
             self.busy -= 1
+
+
+class CountingEmbedder:
+    """The change watch's embedder (the checkpoints use the analyser's), counting its calls."""
+
+    def __init__(self, embedder: SpeakerEmbedder) -> None:
+        self._embedder = embedder
+        self.calls = 0
+        self.model_id = embedder.model_id
+        self.sample_rate = embedder.sample_rate
+        self.dimension = embedder.dimension
+        self.min_samples = embedder.min_samples
+
+    def embed(self, waveform: Waveform) -> Embedding:
+        self.calls += 1
+        return self._embedder.embed(waveform)
 
 
 # --- pure parts -----------------------------------------------------------------------------
@@ -216,10 +236,13 @@ class Simulation:
         self._services = services
         self.shifts: ShiftService = services.shifts
         # Virtual time moves only once the model's and the store's work is done.
-        self._inference = CountingPool(self.shifts.pool)
-        self.shifts.pool = self._inference  # type: ignore[assignment]
+        self.inference = CountingPool(self.shifts.pool)
+        self.shifts.pool = self.inference  # type: ignore[assignment]
         self._store = CountingPool(self.shifts._store_pool)
         self.shifts._store_pool = self._store  # type: ignore[assignment]
+        self.watch_embedder = CountingEmbedder(self.shifts.embedder)
+        self.shifts.embedder = self.watch_embedder
+        self.logins_refused = 0
         self._enrolled: set[str] = set()
 
     def enroll(self, voice: Voice) -> bool:
@@ -241,7 +264,7 @@ class Simulation:
         quiet = 0
         while quiet < 3:
             await asyncio.sleep(0)
-            if self._inference.busy or self._store.busy:
+            if self.inference.busy or self._store.busy:
                 quiet = 0
                 await asyncio.sleep(0.0005)
             else:
@@ -259,6 +282,7 @@ class Simulation:
             agent_id = f"bench-{agent.speaker}"
             login = await self.shifts.start(agent_id, f"bench-{index}", _audio(agent.login))
             if login.verification.decision.value != "ACCEPT":
+                self.logins_refused += 1
                 continue  # The login check itself is not what this measures.
             stream = await self.shifts.attach(
                 login.shift.shift_id, StreamFormat(AudioEncoding.PCM16LE, RATE)
@@ -266,9 +290,8 @@ class Simulation:
             leg, spoken = conversation(agent.material, seconds, rng)
             if impostor is not None:
                 cut = int(takeover_at * RATE)
-                leg[cut:] = conversation(impostor.material, seconds - takeover_at, rng)[0][
-                    : len(leg) - cut
-                ]
+                other, _ = conversation(impostor.material, (len(leg) - cut) / RATE + 1, rng)
+                leg[cut:] = other[: len(leg) - cut]
             runs.append(
                 _Run(
                     login.shift.shift_id,
@@ -358,8 +381,8 @@ def bench_config(workdir: Path, watch: bool, threshold: float | None) -> ServerC
         base,
         listen_address="127.0.0.1:0",
         database_path=workdir / f"bench-{watch}.db",
-        # One recording per speaker: its first half (~6-8 s) must make the voiceprint.
-        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=5.0),
+        # One recording per speaker: its first half (6-8 s, 4-7 s of speech) makes the voiceprint.
+        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=4.0),
         transport=TransportConfig(insecure_development=True),
         mfa=replace(MfaConfig(), jwks_listen_address=""),
         presentation=replace(base.presentation, replay_detection=False),
@@ -367,9 +390,28 @@ def bench_config(workdir: Path, watch: bool, threshold: float | None) -> ServerC
     )
 
 
+@dataclass
+class RunResult:
+    outcomes: list[ShiftOutcome]
+    cpu_seconds: float
+    """The process's CPU over the shifts (the service's and the simulation's own)."""
+    looks: int
+    embeddings: int
+    """Looks of the change watch, and those that ran the speaker model."""
+    agents: int
+    not_enrolled: int
+    logins_refused: int
+    look_cpu: tuple[float, float] | None = None
+    """CPU seconds of one look with speech and of one without, measured alone."""
+
+
 async def _run(
-    config: ServerConfig, plans: list[tuple[Voice, Voice | None, float, float]], args: Any
-) -> tuple[list[ShiftOutcome], float]:
+    config: ServerConfig,
+    plans: list[tuple[Voice, Voice | None, float, float]],
+    args: Any,
+    *,
+    measure_look: bool = False,
+) -> RunResult:
     clock = VirtualClock()
     # A database and a key of its own for each run.
     database = config.database_path.with_name(f"{secrets.token_hex(4)}.db")
@@ -379,11 +421,8 @@ async def _run(
     await server.start()
     try:
         simulation = Simulation(server, clock)
-        enrolled = {
-            speaker
-            for speaker, voice in {p[0].speaker: p[0] for p in plans}.items()
-            if simulation.enroll(voice)
-        }
+        voices = {p[0].speaker: p[0] for p in plans}
+        enrolled = {speaker for speaker, voice in voices.items() if simulation.enroll(voice)}
         plans = [p for p in plans if p[0].speaker in enrolled]
         outcomes: list[ShiftOutcome] = []
         cpu = 0.0
@@ -393,9 +432,46 @@ async def _run(
             outcomes += await simulation.run_batch(batch, args.seed + start)
             cpu += time.process_time() - before
             print(f"  ... {len(outcomes)} shifts", file=sys.stderr, flush=True)
-        return outcomes, cpu
+        result = RunResult(
+            outcomes,
+            cpu,
+            simulation.inference.looks,
+            simulation.watch_embedder.calls,
+            len(enrolled),
+            len(voices) - len(enrolled),
+            simulation.logins_refused,
+        )
+        if measure_look and plans:
+            result.look_cpu = look_cost(simulation, plans[0][0], np.random.default_rng(args.seed))
+        return result
     finally:
         await server.stop(grace=0)
+
+
+def look_cost(
+    simulation: Simulation, voice: Voice, rng: np.random.Generator, repeats: int = 30
+) -> tuple[float, float]:
+    """CPU seconds of one look as the service makes it (the voiceprint read, decoding, the
+    level screen, the model), with nothing else running: on 60 s of the agent's conversation,
+    and on 60 s of line noise (a look that finds no speech)."""
+    shifts = simulation.shifts
+    embedder = simulation.watch_embedder
+    agent_id = f"bench-{voice.speaker}"
+
+    def cost(samples: np.ndarray[Any, np.dtype[np.float32]]) -> float:
+        buffer = ShiftAudioBuffer(StreamFormat(AudioEncoding.PCM16LE, RATE), 90.0)
+        data = pcm16(samples)
+        step = RATE * 2
+        for at, offset in enumerate(range(0, len(data) - step + 1, step)):
+            buffer.append(data[offset : offset + step], float(at + 1))
+        before = time.process_time()
+        for _ in range(repeats):
+            ChangeWatch(shifts.policy, embedder).look(buffer, shifts.voiceprint_of(agent_id))
+        return (time.process_time() - before) / repeats
+
+    speech, _ = conversation(voice.material, 60.0, rng)
+    noise = (10 ** (_NOISE_DBFS / 20) * rng.standard_normal(60 * RATE)).astype(np.float32)
+    return cost(speech), cost(noise)
 
 
 def _plans(
@@ -420,68 +496,79 @@ def _fmt(spread: Spread | None) -> str:
     return f"median {spread.median:.0f} s, p90 {spread.p90:.0f} s, max {spread.max:.0f} s"
 
 
-def report(
-    takeover: list[ShiftOutcome],
-    genuine: list[ShiftOutcome],
-    cpu_watch: float,
-    cpu_plain: float,
-    baseline: list[ShiftOutcome],
-) -> None:
-    locked = [o for o in takeover if o.locked_at is not None and o.takeover_at is not None]
+def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) -> None:
+    for name, run in (("takeover", takeover), ("genuine", genuine)):
+        print(
+            f"{name} run: {run.agents} agents enrolled ({run.not_enrolled} recordings too short "
+            f"for a voiceprint), {run.logins_refused} logins refused (those shifts not run)"
+        )
+    shifts = takeover.outcomes
+    locked = [o for o in shifts if o.locked_at is not None and o.takeover_at is not None]
     to_lock = [o.locked_at - o.takeover_at for o in locked]  # type: ignore[operator]
     to_fail = [
         o.first_failure_at - o.takeover_at
-        for o in takeover
+        for o in shifts
         if o.first_failure_at is not None and o.takeover_at is not None
     ]
-    print(f"takeover shifts: {len(takeover)} (takeover 2-30 min in, then 20 min of the impostor)")
+    print(f"takeover shifts: {len(shifts)} (a takeover 2-30 min in, then 20 min of the impostor)")
     print(f"  takeover -> first failed checkpoint: {_fmt(Spread.of(to_fail))} ({len(to_fail)})")
-    print(f"  takeover -> lock: {_fmt(Spread.of(to_lock))}; locked {len(locked)}/{len(takeover)}")
-    hours = sum(o.seconds for o in genuine) / 3600
-    triggers = sum(
-        n for o in genuine for k, n in o.checkpoints.items() if k.startswith("CHANGE_WATCH")
-    )
-    follow = sum(n for o in genuine for k, n in o.checkpoints.items() if k.startswith("FOLLOW_UP"))
-    failures = sum(n for o in genuine for k, n in o.checkpoints.items() if k.endswith("failed"))
-    locks = sum(o.locked_at is not None for o in genuine)
-    seconds_voices = sum(o.second_voices for o in genuine)
-    print(f"genuine shifts: {len(genuine)}, {hours:.1f} shift-hours")
+    print(f"  takeover -> lock: {_fmt(Spread.of(to_lock))}; locked {len(locked)}/{len(shifts)}")
+    print(f"  checkpoints: {_counts(shifts)}")
+    if baseline is not None:
+        base = [o for o in baseline.outcomes if o.locked_at is not None]
+        base_lock = [o.locked_at - o.takeover_at for o in base]  # type: ignore[operator]
+        print(
+            f"  the same without the watch: takeover -> lock {_fmt(Spread.of(base_lock))}; "
+            f"locked {len(base)}/{len(baseline.outcomes)} within 40 min"
+        )
+    calm = genuine.outcomes
+    seconds = sum(o.seconds for o in calm)
+    hours = seconds / 3600
+    counts = _counts(calm)
+    triggers = sum(n for k, n in counts.items() if k.startswith("CHANGE_WATCH"))
+    failures = sum(n for k, n in counts.items() if k.endswith("failed"))
+    locks = sum(o.locked_at is not None for o in calm)
+    voices = sum(o.second_voices for o in calm)
+    print(f"genuine shifts: {len(calm)}, {hours:.1f} shift-hours, no takeover")
     print(
-        f"  false triggers {triggers} ({triggers / hours:.2f} per shift-hour), follow-ups "
-        f"{follow}, failed checkpoints {failures}, false locks {locks} "
-        f"({locks / hours:.3f} per shift-hour), second-voice events {seconds_voices} "
-        f"({seconds_voices / hours:.2f} per shift-hour)"
+        f"  false triggers {triggers} ({triggers / hours:.2f} per shift-hour); failed "
+        f"checkpoints {failures}; false locks {locks} ({locks / hours:.3f} per shift-hour); "
+        f"second-voice events {voices} ({voices / hours:.2f} per shift-hour)"
     )
+    print(f"  checkpoints: {counts}")
+    speech_minutes = sum(o.speech_seconds for o in calm) / 60
+    print(
+        f"  the watch: {genuine.looks} looks, {genuine.embeddings} with speech enough to embed "
+        f"({genuine.embeddings / hours:.0f} per shift-hour; {speech_minutes / hours:.0f} min of "
+        "speech per shift-hour)"
+    )
+    if genuine.look_cpu is not None:
+        with_speech, without = genuine.look_cpu
+        empty = genuine.looks - genuine.embeddings
+        added = (genuine.embeddings * with_speech + empty * without) / hours
+        print(
+            f"  CPU of one look, measured alone: {with_speech * 1000:.1f} ms with speech, "
+            f"{without * 1000:.1f} ms without"
+        )
+        print(
+            f"  added CPU per shift: {added:.2f} s per shift-hour, "
+            f"{added * hours / speech_minutes * 1000:.0f} ms per shift-minute of speech; "
+            f"the watch alone would fill a 2-core replica at {2 * 3600 / added:.0f} shifts"
+        )
+    total = genuine.cpu_seconds / hours
+    print(
+        f"  all CPU of the genuine run (checkpoints, watch, the store and the simulation itself):"
+        f" {total:.1f} s per shift-hour, i.e. {2 * 3600 / total:.0f} shifts per 2-core replica "
+        "(stream ingestion over gRPC not included)"
+    )
+
+
+def _counts(outcomes: Sequence[ShiftOutcome]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for o in genuine:
+    for o in outcomes:
         for k, n in o.checkpoints.items():
             counts[k] = counts.get(k, 0) + n
-    print(f"  checkpoints: {dict(sorted(counts.items()))}")
-    speech_minutes = sum(o.speech_seconds for o in genuine) / 60
-    if cpu_plain > 0:
-        added = (cpu_watch - cpu_plain) / len(genuine)
-        per_hour = added / (sum(o.seconds for o in genuine) / len(genuine) / 3600)
-        per_speech_minute = (cpu_watch - cpu_plain) / speech_minutes
-        total_per_second = cpu_watch / sum(o.seconds for o in genuine)
-        print(
-            f"CPU on the genuine shifts: {cpu_watch:.1f} s with the watch, {cpu_plain:.1f} s "
-            f"without; added {per_hour:.2f} s per shift-hour, {per_speech_minute * 1000:.0f} ms "
-            f"per shift-minute of speech ({speech_minutes / hours:.0f} min of speech per "
-            "shift-hour)"
-        )
-        added_cores = per_hour / 3600
-        print(
-            f"  implied per 2-core replica: the watch alone {2 / added_cores:.0f} shifts; "
-            f"checkpoints and watch together {2 / total_per_second:.0f} shifts "
-            "(stream ingestion not included)"
-        )
-    if baseline:
-        base_locked = [o for o in baseline if o.locked_at is not None]
-        base_lock = [o.locked_at - o.takeover_at for o in base_locked]  # type: ignore[operator]
-        print(
-            f"without the watch: takeover -> lock {_fmt(Spread.of(base_lock))}; locked "
-            f"{len(base_locked)}/{len(baseline)}"
-        )
+    return dict(sorted(counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,15 +609,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{config.shifts.change_watch_threshold:g}, every "
             f"{config.shifts.change_watch_interval_seconds:g} s"
         )
-        takeover, _ = asyncio.run(_run(config, takeover_plans, args))
-        genuine, cpu_watch = asyncio.run(_run(config, list(genuine_plans), args))
-        plain = bench_config(workdir, False, args.threshold)
-        _, cpu_plain = asyncio.run(_run(plain, list(genuine_plans), args))
-        baseline: list[ShiftOutcome] = []
+        takeover = asyncio.run(_run(config, takeover_plans, args))
+        genuine = asyncio.run(_run(config, list(genuine_plans), args, measure_look=True))
+        baseline = None
         if args.baseline:
+            plain = bench_config(workdir, False, args.threshold)
             # Without the watch a lock takes two random checkpoints: give it 40 minutes.
             longer = [(a, i, t, t + 2400.0) for a, i, t, _ in takeover_plans[: args.baseline]]
-            baseline, _ = asyncio.run(_run(plain, longer, args))
-    report(takeover, genuine, cpu_watch, cpu_plain, baseline)
+            baseline = asyncio.run(_run(plain, longer, args))
+    report(takeover, genuine, baseline)
     print(f"ran {time.monotonic() - started:.0f} s wall")
     return 0
