@@ -68,7 +68,9 @@ class StreamFormat:
         return frames
 
 
-@dataclass
+# eq=False: blocks are told apart by identity; field equality would compare waveforms, which
+# numpy refuses, whenever two blocks hold the same audio at the same clock time.
+@dataclass(eq=False)
 class _Block:
     data: bytearray
     frames: int
@@ -79,6 +81,8 @@ class _Block:
     waveform: Waveform | None = None
     speech: list[Segment] | None = None
     """Speech within `waveform`; None until analysed."""
+    number: int = 0
+    """Blocks are numbered in the order they arrived (clock times may repeat)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,16 @@ class RecentSpeech:
         return len(self.speech) / TARGET_RATE
 
 
+@dataclass(frozen=True)
+class NewAudio:
+    waveform: Waveform
+    start: float
+    end: float
+    """Clock times of the blocks it came from."""
+    last_block: int
+    """The number of its newest block."""
+
+
 class ShiftAudioBuffer:
     """Bounded: audio older than `max_age_seconds`, or beyond that many seconds in all, is
     dropped as new audio arrives.
@@ -112,6 +126,7 @@ class ShiftAudioBuffer:
         self._frames_since_mark = 0
         self._frames = 0
         self._max_frames = round(max_age_seconds / FRAME_SECONDS)
+        self._blocks_made = 0
 
     def append(self, data: bytes, at: float) -> None:
         """Adds validated frames received at clock time `at`."""
@@ -120,7 +135,8 @@ class ShiftAudioBuffer:
             last = self._blocks[-1] if self._blocks else None
             if last is None or last.frames >= _BLOCK_FRAMES or last.sealed:
                 start = max(at - frames * FRAME_SECONDS, last.end if last else at - 1e9)
-                last = _Block(bytearray(), 0, start, at)
+                self._blocks_made += 1
+                last = _Block(bytearray(), 0, start, at, number=self._blocks_made)
                 self._blocks.append(last)
             last.data += data
             last.frames += frames
@@ -158,12 +174,12 @@ class ShiftAudioBuffer:
             while self._blocks and self._blocks[0].end < at:
                 self._frames -= self._blocks.popleft().frames
 
-    def audio_since(self, at: float, max_seconds: float) -> tuple[Waveform, float, float] | None:
-        """The audio of the blocks that ended after clock time `at`, at most the newest
-        `max_seconds` of it, decoded to 16 kHz, with the clock times it spans; None if none.
-        Blocking (decoding); for the change watch, which looks without detecting speech."""
+    def audio_after(self, number: int, max_seconds: float) -> NewAudio | None:
+        """The audio that arrived after block number `number` (0: all of it), at most the
+        newest `max_seconds`, decoded to 16 kHz; None if none. Blocking (decoding); for the
+        change watch, which looks without detecting speech."""
         with self._lock:
-            blocks = [b for b in self._blocks if b.end > at]
+            blocks = [b for b in self._blocks if b.number > number]
             for block in blocks:
                 block.sealed = True
         taken: list[_Block] = []
@@ -183,7 +199,7 @@ class ShiftAudioBuffer:
             self.format.sample_rate_hz,
             max_seconds=frames * FRAME_SECONDS + 1,
         )
-        return waveform, taken[0].start, taken[-1].end
+        return NewAudio(waveform, taken[0].start, taken[-1].end, taken[-1].number)
 
     def recent_speech(self, detector: SpeechDetector, needed_seconds: float) -> RecentSpeech | None:
         """The most recent `needed_seconds` of speech, or None if the buffer holds less.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,8 @@ class Look:
     similarity: float
     """The higher of the stretch's cosines to the voiceprint and to the last passed speech."""
     suspected: bool
+    last_block: int
+    """The buffer's newest block it looked at: the next look takes the audio after it."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class ChangeWatch:
         self._policy = policy
         self._embedder = embedder
         self._since_look = 0.0
-        self._looked_until = float("-inf")
+        self._looked_until = 0
         self._passed: Embedding | None = None
         self._looks: deque[Look] = deque()
 
@@ -134,12 +137,20 @@ class ChangeWatch:
     def heard(self, seconds: float) -> bool:
         """Counts audio that arrived; True when a look is due."""
         self._since_look += seconds
+        return self.due
+
+    @property
+    def due(self) -> bool:
         return self.enabled and self._since_look >= self._policy.change_watch_interval_seconds
+
+    def begin(self) -> None:
+        """A look starts (on the event loop): audio from now on counts toward the next."""
+        self._since_look = 0.0
 
     def restart(self) -> None:
         """A new stream: the audio before it is gone, and a look waits for a full interval."""
         self._since_look = 0.0
-        self._looked_until = float("-inf")
+        self._looked_until = 0
         self._looks.clear()
 
     def passed(self, embedding: Embedding | None) -> None:
@@ -147,20 +158,23 @@ class ChangeWatch:
         if embedding is not None:
             self._passed = embedding
 
-    def look(self, buffer: ShiftAudioBuffer, voiceprint: Voiceprint) -> Look | None:
-        """Blocking (the speaker model): embeds the newest stretch of speech that arrived
-        since the previous look and compares it. None while there is not enough speech: the
-        next look comes after more audio, at no model cost now."""
+    def look(
+        self, buffer: ShiftAudioBuffer, voiceprint_of: Callable[[], Voiceprint]
+    ) -> Look | None:
+        """Blocking (the speaker model; `voiceprint_of` may read the store): embeds the newest
+        stretch of speech that arrived since the previous look and compares it. None while
+        there is not enough speech: the next look comes after more audio, at no model or
+        store cost now."""
         policy = self._policy
         window = policy.change_watch_speech_seconds * _LOOK_WINDOW_FACTOR
-        audio = buffer.audio_since(self._looked_until, window)
+        audio = buffer.audio_after(self._looked_until, window)
         if audio is None:
             return None
-        waveform, start, end = audio
-        speech = speech_by_level(waveform, policy.change_watch_speech_seconds)
+        speech = speech_by_level(audio.waveform, policy.change_watch_speech_seconds)
         if speech is None:
             return None
         embedding = self._embedder.embed(speech)
+        voiceprint = voiceprint_of()
         telephone = buffer.format.sample_rate_hz < TARGET_RATE
         reference = (
             voiceprint.telephone_embedding
@@ -171,20 +185,19 @@ class ChangeWatch:
         passed = self._passed
         if passed is not None:
             similarity = max(similarity, _cosine(embedding, passed))
-        return Look(start, end, similarity, similarity < policy.change_watch_threshold)
+        suspected = similarity < policy.change_watch_threshold
+        return Look(audio.start, audio.end, similarity, suspected, audio.last_block)
 
     def record(self, look: Look | None) -> SecondVoice | None:
         """After a look (on the event loop): when the next one is due, and the looks of the
         window. A second voice when this look is the agent's and looks unlike the agent's came
         before it within the window."""
-        interval = self._policy.change_watch_interval_seconds
         if look is None:
             # Too little speech: look again after a quarter of an interval more audio, not a
             # whole one (the agent may only have been listening); no model ran.
-            self._since_look = min(self._since_look, 0.75 * interval)
+            self._since_look += 0.75 * self._policy.change_watch_interval_seconds
             return None
-        self._since_look = 0.0
-        self._looked_until = look.end
+        self._looked_until = look.last_block
         window = self._policy.second_voice_window_seconds
         while self._looks and self._looks[0].end < look.end - window:
             self._looks.popleft()

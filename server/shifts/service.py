@@ -9,6 +9,7 @@ bounded in-memory buffer. All timing goes through one Clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -242,38 +243,46 @@ class ShiftSession:
         return pending
 
     async def _look(self) -> None:
-        """One look of the change watch; a suspected change triggers a checkpoint."""
+        """The change watch's looks while one is due (audio may have come in a burst); a
+        suspected change triggers a checkpoint."""
         service = self._service
-        buffer = self.buffer
-        if buffer is None:
-            return
-        agent_id = self.record.agent_id
-        try:
-            look = await service.pool.run(
-                lambda: self.watch.look(buffer, service.voiceprint_of(agent_id))
-            )
-        except CapacityError:
-            return  # Busy: the next look comes with the next interval of audio.
-        except VoxauthError as error:
-            log.warning("shift %s: change watch: %s", self.record.shift_id, error.message)
-            return
-        second = self.watch.record(look)
-        if self.record.state is not ShiftState.VERIFIED or look is None:
-            return
-        if look.suspected:
-            await service.save(
-                self.record,
-                service.audit_event(
-                    AuditAction.SHIFT_VOICE_CHANGE,
+        while (
+            self.watch.due
+            and self.buffer is not None
+            and self.record.state is ShiftState.VERIFIED
+            and not self._checking
+        ):
+            self.watch.begin()
+            try:
+                look = await service.pool.run(
+                    functools.partial(
+                        self.watch.look,
+                        self.buffer,
+                        functools.partial(service.voiceprint_of, self.record.agent_id),
+                    )
+                )
+            except CapacityError:
+                return  # Busy: the next look comes with the next interval of audio.
+            except VoxauthError as error:
+                log.warning("shift %s: change watch: %s", self.record.shift_id, error.message)
+                return
+            second = self.watch.record(look)
+            if self.record.state is not ShiftState.VERIFIED or look is None:
+                continue
+            if look.suspected:
+                await service.save(
                     self.record,
-                    "SUSPECTED",
-                    similarity=round(look.similarity, 4),
-                    threshold=service.policy.change_watch_threshold,
-                ),
-            )
-            self.trigger(Cause(CheckpointTrigger.CHANGE_WATCH, look.start, look.similarity))
-        if second is not None:
-            await self._second_voice(second.start, second.end, second.similarity)
+                    service.audit_event(
+                        AuditAction.SHIFT_VOICE_CHANGE,
+                        self.record,
+                        "SUSPECTED",
+                        similarity=round(look.similarity, 4),
+                        threshold=service.policy.change_watch_threshold,
+                    ),
+                )
+                self.trigger(Cause(CheckpointTrigger.CHANGE_WATCH, look.start, look.similarity))
+            if second is not None:
+                await self._second_voice(second.start, second.end, second.similarity)
 
     async def _second_voice(self, start: float, end: float, similarity: float) -> None:
         service = self._service

@@ -45,6 +45,9 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from server.config import ShiftPolicy
 
+# Re-exported: load_bench and the tests import it from here.
+from server.tools.percentiles import nearest_rank as nearest_rank
+
 _SPEECH_DIR = Path(__file__).resolve().parents[2] / "tests" / "data"
 # Long enough for an enrollment half and a login half of at least 3 s of speech each.
 _MIN_RECORDING_SECONDS = 12.0
@@ -69,16 +72,6 @@ _OUTCOMES = {
 
 
 # --- pure parts: statistics, pacing, the rule ----------------------------------------------
-
-
-def nearest_rank(values: Sequence[float], fraction: float) -> float:
-    """The nearest-rank percentile: a value that was observed, never an interpolation, so a
-    p99 over few checkpoints is the worst of them rather than flattered."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    rank = max(1, int(np.ceil(fraction * len(ordered))))
-    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)

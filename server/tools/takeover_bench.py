@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import secrets
 import sys
 import tempfile
@@ -52,7 +53,7 @@ from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
 from server.shifts.change_watch import ChangeWatch, CheckpointTrigger
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import ShiftService, ShiftStream
-from server.tools.shift_bench import nearest_rank
+from server.tools.percentiles import nearest_rank
 
 T = TypeVar("T")
 RATE = 16_000
@@ -219,7 +220,7 @@ def held_apart_voices(directory: Path, config: ServerConfig) -> list[Voice]:
         voices.append(
             Voice(
                 speaker,
-                [np.ascontiguousarray(p) for p in np.array_split(samples[:half], 2)],
+                [np.ascontiguousarray(samples[:half])],
                 samples[half:],
                 samples[half:],
             )
@@ -466,7 +467,9 @@ def look_cost(
             buffer.append(data[offset : offset + step], float(at + 1))
         before = time.process_time()
         for _ in range(repeats):
-            ChangeWatch(shifts.policy, embedder).look(buffer, shifts.voiceprint_of(agent_id))
+            ChangeWatch(shifts.policy, embedder).look(
+                buffer, functools.partial(shifts.voiceprint_of, agent_id)
+            )
         return (time.process_time() - before) / repeats
 
     speech, _ = conversation(voice.material, 60.0, rng)

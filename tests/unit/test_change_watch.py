@@ -103,11 +103,11 @@ def test_speech_is_picked_by_level_only_where_there_are_speech_and_pauses() -> N
 
 def test_the_agents_voice_is_not_suspected_and_another_is() -> None:
     watch = ChangeWatch(POLICY, FakeEmbedder())
-    agent = watch.look(buffer_with(talking(1.0, 6)), VOICEPRINT)
+    agent = watch.look(buffer_with(talking(1.0, 6)), lambda: VOICEPRINT)
     assert agent is not None and not agent.suspected
     assert agent.similarity == pytest.approx(1.0)
     assert watch.record(agent) is None
-    other = watch.look(buffer_with(talking(1.0, 6), talking(-1.0, 6)), VOICEPRINT)
+    other = watch.look(buffer_with(talking(1.0, 6), talking(-1.0, 6)), lambda: VOICEPRINT)
     assert other is not None and other.suspected
     assert other.similarity == pytest.approx(0.0)
     # It covers the newest audio since the previous look, not before.
@@ -119,10 +119,10 @@ def test_the_speech_that_passed_the_last_checkpoint_counts_as_the_agents() -> No
     # it passed a minute ago: no change.
     today = replace(VOICEPRINT, embedding=np.array([0, 1, 0, 0], dtype=np.float32))
     watch = ChangeWatch(POLICY, FakeEmbedder())
-    look = watch.look(buffer_with(talking(1.0, 6)), today)
+    look = watch.look(buffer_with(talking(1.0, 6)), lambda: today)
     assert look is not None and look.suspected
     watch.passed(AGENT_VOICE)
-    look = watch.look(buffer_with(talking(1.0, 6)), today)
+    look = watch.look(buffer_with(talking(1.0, 6)), lambda: today)
     assert look is not None and not look.suspected
 
 
@@ -136,7 +136,7 @@ def test_a_telephone_stream_is_compared_with_the_telephone_voiceprint() -> None:
     data = encode_mulaw(talking(1.0, 6)[::2])
     for i in range(0, len(data), 8_000):
         buffer.append(data[i : i + 8_000], 1.0 + i / 8_000)
-    look = ChangeWatch(POLICY, FakeEmbedder()).look(buffer, telephone_only)
+    look = ChangeWatch(POLICY, FakeEmbedder()).look(buffer, lambda: telephone_only)
     assert look is not None and not look.suspected
 
 
@@ -151,7 +151,8 @@ def test_too_little_speech_costs_no_model_call_and_the_next_look_comes_sooner() 
     watch = ChangeWatch(POLICY, Counting())
     assert not watch.heard(4.9)
     assert watch.heard(0.2)
-    look = watch.look(buffer_with(np.zeros(16_000 * 5, dtype=np.float32)), VOICEPRINT)
+    watch.begin()
+    look = watch.look(buffer_with(np.zeros(16_000 * 5, dtype=np.float32)), lambda: VOICEPRINT)
     assert look is None and Counting.calls == 0
     watch.record(look)
     # A quarter of an interval more audio, not a whole one.
@@ -167,7 +168,7 @@ def test_the_watch_off_never_looks() -> None:
 def test_a_second_voice_is_unlike_speech_between_the_agents_own() -> None:
     watch = ChangeWatch(POLICY, FakeEmbedder())
     buffer = buffer_with(talking(1.0, 6))
-    first = watch.look(buffer, VOICEPRINT)
+    first = watch.look(buffer, lambda: VOICEPRINT)
     assert watch.record(first) is None
     at = 6.0
     looks = []
@@ -176,7 +177,7 @@ def test_a_second_voice_is_unlike_speech_between_the_agents_own() -> None:
         for i in range(0, len(data), 32_000):
             at += 1.0
             buffer.append(data[i : i + 32_000], at)
-        looks.append(watch.look(buffer, VOICEPRINT))
+        looks.append(watch.look(buffer, lambda: VOICEPRINT))
     assert [look is not None and look.suspected for look in looks] == [True, True, False]
     # A takeover so far: unlike speech and nothing else.
     assert watch.record(looks[0]) is None
@@ -194,13 +195,13 @@ def test_a_second_voice_is_unlike_speech_between_the_agents_own() -> None:
 def test_unlike_speech_older_than_the_window_is_no_second_voice() -> None:
     watch = ChangeWatch(POLICY, FakeEmbedder())
     buffer = buffer_with(talking(-1.0, 6))
-    unlike = watch.look(buffer, VOICEPRINT)
+    unlike = watch.look(buffer, lambda: VOICEPRINT)
     assert unlike is not None and unlike.suspected
     watch.record(unlike)
     data = pcm(talking(1.0, 40))
     for i in range(0, len(data), 32_000):
         buffer.append(data[i : i + 32_000], 7.0 + i / 32_000)
-    agent = watch.look(buffer, VOICEPRINT)
+    agent = watch.look(buffer, lambda: VOICEPRINT)
     assert agent is not None and not agent.suspected
     assert watch.record(agent) is None
 
