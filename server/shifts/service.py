@@ -211,6 +211,8 @@ class ShiftSession:
                     await self._checkpoint(service.clock.monotonic(), cause)
                     if self.record.state is not ShiftState.VERIFIED:
                         return
+                if self.record.state is not ShiftState.VERIFIED:
+                    return  # Locked meanwhile (a second voice, by policy).
                 await self._checkpoint(due, SCHEDULED)
         except asyncio.CancelledError:
             raise

@@ -375,6 +375,11 @@ async def _a_second_voice_is_reported_and_locks_only_by_policy(
         assert state is (ShiftState.LOCKED if locks else ShiftState.VERIFIED)
         if locks:
             await shift.until(ShiftEventKind.SHIFT_LOCKED)
+            # Locked: the random checkpoint does not come.
+            shift.clock.advance(2000)
+            await asyncio.sleep(0.1)
+            kinds = [kind for kind, _ in shift.kinds()]
+            assert kinds[-1] is ShiftEventKind.SHIFT_LOCKED
         await shift.service.close()
     outcomes = [d["outcome"] for d in audited(store, AuditAction.SHIFT_SECOND_VOICE)]
     assert outcomes == ["REPORTED", "LOCKED"]
