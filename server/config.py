@@ -361,8 +361,8 @@ class ShiftPolicy(Settings):
 
     change_watch: bool = field(default=True, metadata=setting("VOXAUTH_CHANGE_WATCH"))
     """Watch the stream for a change of voice between checkpoints (server/shifts/
-    change_watch.py): a suspected change starts a checkpoint at once, and a failed checkpoint
-    is followed by another on fresh speech. Off: only the random checkpoints run."""
+    change_watch.py): a suspected change starts a checkpoint at once, and if it fails another
+    follows on fresh speech. Off: only the random checkpoints run."""
 
     change_watch_threshold: float = field(
         default=0.35, metadata=setting("VOXAUTH_CHANGE_WATCH_THRESHOLD", check=cosine)

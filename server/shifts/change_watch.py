@@ -7,10 +7,12 @@ previous look) and compares it, by cosine, with the agent's voiceprint and with 
 that passed the last checkpoint (the same headset, room and day as now): a stretch unlike
 both is a suspected change. The watch decides nothing itself. A suspected change starts a
 checkpoint on the speech from that stretch on (the ordinary checkpoint: Silero, the speaker
-model, the countermeasure, the policy's threshold), and a failed checkpoint is followed at
-once by another on fresh speech, so that an impostor meets the existing rule, two
-consecutive failures, within a minute or two, while the agent's own voice can only lock the
-shift as it could before. The random schedule continues unchanged.
+model, the countermeasure, the policy's threshold), and if that checkpoint fails another
+follows at once on fresh speech, so that an impostor meets the existing rule, two
+consecutive failures, within a minute or two. A random checkpoint's failure alone is not
+followed up at once: the agent's own failures come in runs (the same bad line, the same
+cold), and two quick checks would turn one into a lock. The random schedule continues
+unchanged.
 
 The look is the cost, so it is kept small: the speech is picked by level (the louder 20 ms
 frames of audio that has both speech and pauses), not by Silero, and one stretch is embedded

@@ -406,9 +406,11 @@ class ShiftSession:
         )
         if locked:
             self.publish(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
-        elif not passed and self.watch.enabled:
-            # One failure may be the agent's bad moment; the next check need not wait for
-            # the random time to tell. (Set directly: this checkpoint is still running.)
+        elif not passed and cause.trigger is not CheckpointTrigger.SCHEDULED:
+            # The watch heard another voice and the checkpoint agreed: the next check need
+            # not wait for the random time. A random checkpoint's failure alone does not
+            # hurry the next (the agent's own failures come in runs: measured, README "Change
+            # of voice"); the watch keeps listening. (Set directly: this one is still running.)
             self._pending = Cause(CheckpointTrigger.FOLLOW_UP)
             self._triggered.set()
 

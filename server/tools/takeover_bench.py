@@ -108,7 +108,8 @@ class CountingPool:
 
     async def run(self, work: Callable[[], T]) -> T:
         self.busy += 1
-        self.looks += "._look." in getattr(work, "__qualname__", "")
+        function = getattr(work, "func", work)  # the watch passes a functools.partial
+        self.looks += getattr(function, "__qualname__", "") == "ChangeWatch.look"
         try:
             result: T = await self._pool.run(work)
             return result

@@ -383,3 +383,30 @@ async def _a_second_voice_is_reported_and_locks_only_by_policy(
         await shift.service.close()
     outcomes = [d["outcome"] for d in audited(store, AuditAction.SHIFT_SECOND_VOICE)]
     assert outcomes == ["REPORTED", "LOCKED"]
+
+
+def test_a_random_checkpoints_failure_alone_is_not_followed_up_at_once(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    asyncio.run(_a_random_checkpoints_failure_alone_is_not_followed_up_at_once(store, tmp_path))
+
+
+async def _a_random_checkpoints_failure_alone_is_not_followed_up_at_once(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    # A watch that suspects nothing (no similarity is below 0), random checkpoints every 60 s.
+    policy = replace(POLICY, mean_checkpoint_interval_seconds=60.0, change_watch_threshold=0.0)
+    shift = await start_shift(store, tmp_path, policy)
+    await shift.speak(-1.0, 59)
+    await shift.speak(-1.0, 1)
+    failed = await shift.until(ShiftEventKind.CHECKPOINT_FAILED)
+    assert failed.trigger is CheckpointTrigger.SCHEDULED
+    await shift.speak(-1.0, 30)
+    assert shift.kinds()[-1] == (ShiftEventKind.CHECKPOINT_FAILED, CheckpointTrigger.SCHEDULED)
+    await shift.speak(-1.0, 31)
+    await shift.until(ShiftEventKind.SHIFT_LOCKED)
+    assert [t for k, t in shift.kinds() if k is ShiftEventKind.CHECKPOINT_FAILED] == [
+        CheckpointTrigger.SCHEDULED,
+        CheckpointTrigger.SCHEDULED,
+    ]
+    await shift.service.close()

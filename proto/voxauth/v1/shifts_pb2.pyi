@@ -138,8 +138,8 @@ class _CheckpointTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Che
     last checkpoint: the checkpoint verifies the speech from that moment on.
     """
     CHECKPOINT_TRIGGER_FOLLOW_UP: _CheckpointTrigger.ValueType  # 32
-    """The previous checkpoint failed: this one verifies fresh speech at once rather than at the
-    next random time.
+    """The previous checkpoint, one the change watch started (or itself a follow-up), failed:
+    this one verifies fresh speech at once rather than at the next random time.
     """
 
 class CheckpointTrigger(_CheckpointTrigger, metaclass=_CheckpointTriggerEnumTypeWrapper):
@@ -153,8 +153,8 @@ CHECKPOINT_TRIGGER_CHANGE_WATCH: CheckpointTrigger.ValueType  # 31
 last checkpoint: the checkpoint verifies the speech from that moment on.
 """
 CHECKPOINT_TRIGGER_FOLLOW_UP: CheckpointTrigger.ValueType  # 32
-"""The previous checkpoint failed: this one verifies fresh speech at once rather than at the
-next random time.
+"""The previous checkpoint, one the change watch started (or itself a follow-up), failed:
+this one verifies fresh speech at once rather than at the next random time.
 """
 Global___CheckpointTrigger: _TypeAlias = CheckpointTrigger  # noqa: Y015
 
