@@ -546,7 +546,7 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
         f"({genuine.embeddings / hours:.0f} per shift-hour; {speech_minutes / hours:.0f} min of "
         "speech per shift-hour)"
     )
-    if genuine.look_cpu is not None:
+    if genuine.look_cpu is not None and genuine.looks:
         with_speech, without = genuine.look_cpu
         empty = genuine.looks - genuine.embeddings
         added = (genuine.embeddings * with_speech + empty * without) / hours
@@ -590,6 +590,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=int, default=10, help="shifts run side by side")
     parser.add_argument("--threshold", type=float, help="VOXAUTH_CHANGE_WATCH_THRESHOLD")
+    parser.add_argument(
+        "--no-watch", action="store_true", help="run every shift without the change watch"
+    )
+    parser.add_argument(
+        "--genuine-only",
+        action="store_true",
+        help="draw the same shifts, run only the genuine ones (e.g. to compare --no-watch)",
+    )
     parser.add_argument("--seed", type=int, default=13)
     args = parser.parse_args(argv)
     if not args.directory.is_dir():
@@ -597,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="voxauth-takeover-") as tmp:
         workdir = Path(tmp)
-        config = bench_config(workdir, True, args.threshold)
+        config = bench_config(workdir, not args.no_watch, args.threshold)
         voices = held_apart_voices(args.directory, config)
         if len(voices) < 2:
             print("voxauth bench shifts takeover: fewer than 2 usable speakers", file=sys.stderr)
@@ -609,10 +617,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{len(voices)} held-apart speakers from {args.directory}; policy "
             f"{ShiftPolicy().mean_checkpoint_interval_seconds:g} +/- "
-            f"{ShiftPolicy().checkpoint_jitter_seconds:g} s, watch threshold "
-            f"{config.shifts.change_watch_threshold:g}, every "
-            f"{config.shifts.change_watch_interval_seconds:g} s"
+            f"{ShiftPolicy().checkpoint_jitter_seconds:g} s, "
+            + (
+                "watch off"
+                if args.no_watch
+                else f"watch threshold {config.shifts.change_watch_threshold:g}, every "
+                f"{config.shifts.change_watch_interval_seconds:g} s"
+            )
         )
+        if args.genuine_only:
+            takeover_plans = []
         takeover = asyncio.run(_run(config, takeover_plans, args))
         genuine = asyncio.run(_run(config, list(genuine_plans), args, measure_look=True))
         baseline = None
