@@ -12,6 +12,10 @@ A level passes when every checkpoint it saw was decided within the limit (2 s) o
 scheduled time (the maximum, hence the p99 too), no shift's checkpoint was still undecided
 the limit past the latest time it could have been due, and nothing failed (logins, streams).
 Levels run in increasing order and stop at the first that fails.
+
+`voxauth bench shifts takeover DIR` (server/tools/takeover_bench.py) is another benchmark:
+how soon a takeover of the agent's line locks the shift at the default schedule, in virtual
+time.
 """
 
 from __future__ import annotations
