@@ -163,6 +163,11 @@ class VoxauthServer:
         self.token_port = 0
         self.http_port = 0
 
+    @property
+    def services(self) -> Services | None:
+        """The domain services, once the model is loaded (the in-process benchmarks use them)."""
+        return self._readiness.current()
+
     async def start(self) -> int:
         # Opening the store (and the signing keys in it) first means a bad key or database
         # stops the start before any port is open.

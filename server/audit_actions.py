@@ -40,6 +40,12 @@ class AuditAction(StrEnum):
     SHIFT_LOCK = "shift.lock"
     SHIFT_ADMIN_UNLOCK = "shift.admin_unlock"
     SHIFT_END = "shift.end"
+    SHIFT_VOICE_CHANGE = "shift.voice_change"
+    """The change watch suspected a change of voice and started a checkpoint (details: the
+    stretch's similarity and the threshold); the checkpoint's own record says trigger."""
+    SHIFT_SECOND_VOICE = "shift.second_voice"
+    """Speech unlike the agent's between the agent's own (outcome REPORTED, or LOCKED where
+    the policy locks on it)."""
     ASSURANCE_REVOKE = "assurance.revoke"
     """A shift's assurance revoked because the shift ended or locked."""
 

@@ -433,6 +433,33 @@ class ShiftPolicy(Settings):
     closes the stream so the softphone moves to another replica. Failover does not wait for
     it: a softphone that reconnects takes the shift over at once."""
 
+    change_watch: bool = field(default=True, metadata=setting("VOXAUTH_CHANGE_WATCH"))
+    """Watch the stream for a change of voice between checkpoints (server/shifts/
+    change_watch.py): a suspected change starts a checkpoint at once, and if it fails another
+    follows on fresh speech. Off: only the random checkpoints run."""
+
+    change_watch_threshold: float = field(
+        default=0.35, metadata=setting("VOXAUTH_CHANGE_WATCH_THRESHOLD", check=cosine)
+    )
+    """The sensitivity: a stretch of speech whose cosine to the voiceprint and to the speech
+    that passed the last checkpoint are both below this is a suspected change. Higher
+    notices a change more surely and triggers more checkpoints on the agent's own voice
+    (README, "Change of voice"); a trigger only starts a checkpoint, never locks."""
+
+    change_watch_interval_seconds: float = field(
+        default=60.0, metadata=setting("VOXAUTH_CHANGE_WATCH_INTERVAL_SECONDS", check=positive)
+    )
+    """Audio between two looks of the watch: each look embeds one stretch, the cost."""
+
+    change_watch_speech_seconds: float = field(default=3.0, metadata=setting(check=at_least(1)))
+    """Speech one look embeds: the newest, from the audio since the previous look."""
+
+    second_voice_window_seconds: float = field(default=90.0, metadata=setting(check=positive))
+    """Speech unlike the agent's followed within this by the agent's own is a second voice."""
+
+    second_voice_locks: bool = field(default=False, metadata=setting("VOXAUTH_SECOND_VOICE_LOCKS"))
+    """A second voice on the agent's leg locks the shift (by default it is only reported)."""
+
 
 @dataclass(frozen=True)
 class StreamLimits(Settings):

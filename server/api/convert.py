@@ -18,6 +18,7 @@ from server.pipeline.decode import AudioEncoding
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.scoring.calibration import Condition, DecidedBy
+from server.shifts.change_watch import CheckpointTrigger
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import LoginOutcome
 from server.storage.interface import (
@@ -79,6 +80,11 @@ _HOLD_REASONS = {
     HoldReason.WATCHLIST: pb.HOLD_REASON_WATCHLIST,
     HoldReason.APPROVAL: pb.HOLD_REASON_APPROVAL,
 }
+_TRIGGERS = {
+    CheckpointTrigger.SCHEDULED: spb.CHECKPOINT_TRIGGER_SCHEDULED,
+    CheckpointTrigger.CHANGE_WATCH: spb.CHECKPOINT_TRIGGER_CHANGE_WATCH,
+    CheckpointTrigger.FOLLOW_UP: spb.CHECKPOINT_TRIGGER_FOLLOW_UP,
+}
 _KINDS = {
     ShiftEventKind.STREAM_ATTACHED: spb.SHIFT_EVENT_KIND_STREAM_ATTACHED,
     ShiftEventKind.CHECKPOINT_PASSED: spb.SHIFT_EVENT_KIND_CHECKPOINT_PASSED,
@@ -91,6 +97,7 @@ _KINDS = {
     ShiftEventKind.ENROLLMENT_COMPLETED: spb.SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED,
     ShiftEventKind.ENROLLMENT_HELD: spb.SHIFT_EVENT_KIND_ENROLLMENT_HELD,
     ShiftEventKind.WATCHLIST_MATCH: spb.SHIFT_EVENT_KIND_WATCHLIST_MATCH,
+    ShiftEventKind.SECOND_VOICE: spb.SHIFT_EVENT_KIND_SECOND_VOICE,
 }
 
 
@@ -295,6 +302,9 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
     )
     if event.decided_by is not None:
         message.decided_by = _DECIDED_BY[event.decided_by]
+    if event.trigger is not None:
+        message.trigger = _TRIGGERS[event.trigger]
+        message.change_similarity = event.change_similarity
     if event.presentation is not None:
         message.presentation_attack.CopyFrom(presentation_message(event.presentation))
     for field, value in (

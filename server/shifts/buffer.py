@@ -126,6 +126,8 @@ class _Block:
     waveform: Waveform | None = None
     speech: list[Segment] | None = None
     """Speech within `waveform`; None until analysed."""
+    number: int = 0
+    """Blocks are numbered in the order they arrived (clock times may repeat)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,16 @@ class RecentSpeech:
         return len(self.speech) / TARGET_RATE
 
 
+@dataclass(frozen=True)
+class NewAudio:
+    waveform: Waveform
+    start: float
+    end: float
+    """Clock times of the blocks it came from."""
+    last_block: int
+    """The number of its newest block."""
+
+
 class ShiftAudioBuffer:
     """Bounded: audio older than `max_age_seconds`, or beyond that many seconds in all, is
     dropped as new audio arrives.
@@ -161,6 +173,7 @@ class ShiftAudioBuffer:
         self._frames_since_mark = 0
         self._frames = 0
         self._max_frames = round(max_age_seconds / FRAME_SECONDS)
+        self._blocks_made = 0
 
     def append(self, data: bytes, at: float) -> None:
         """Adds validated frames received at clock time `at`."""
@@ -169,7 +182,8 @@ class ShiftAudioBuffer:
             last = self._blocks[-1] if self._blocks else None
             if last is None or last.frames >= _BLOCK_FRAMES or last.sealed:
                 start = max(at - frames * FRAME_SECONDS, last.end if last else at - 1e9)
-                last = _Block(bytearray(), 0, start, at)
+                self._blocks_made += 1
+                last = _Block(bytearray(), 0, start, at, number=self._blocks_made)
                 self._blocks.append(last)
             last.data += self.format.stored(data)
             last.bandwidth_hz = max(last.bandwidth_hz, self.format.bandwidth_hz(data))
@@ -200,6 +214,40 @@ class ShiftAudioBuffer:
         with self._lock:
             self._blocks.clear()
             self._frames = 0
+
+    def discard_before(self, at: float) -> None:
+        """Drops the blocks that ended before clock time `at`: a checkpoint the change watch
+        started judges the speech from the suspected change on, not the agent's before it."""
+        with self._lock:
+            while self._blocks and self._blocks[0].end < at:
+                self._frames -= self._blocks.popleft().frames
+
+    def audio_after(self, number: int, max_seconds: float) -> NewAudio | None:
+        """The audio that arrived after block number `number` (0: all of it), at most the
+        newest `max_seconds`, decoded to 16 kHz; None if none. Blocking (decoding); for the
+        change watch, which looks without detecting speech."""
+        with self._lock:
+            blocks = [b for b in self._blocks if b.number > number]
+            for block in blocks:
+                block.sealed = True
+        taken: list[_Block] = []
+        frames = 0
+        for block in reversed(blocks):
+            if frames * FRAME_SECONDS >= max_seconds:
+                break
+            taken.append(block)
+            frames += block.frames
+        if not taken:
+            return None
+        taken.reverse()
+        data = b"".join(bytes(b.data) for b in taken)
+        waveform = decode(
+            data,
+            self.format.encoding,
+            self.format.sample_rate_hz,
+            max_seconds=frames * FRAME_SECONDS + 1,
+        )
+        return NewAudio(waveform, taken[0].start, taken[-1].end, taken[-1].number)
 
     def recent_speech(self, detector: SpeechDetector, needed_seconds: float) -> RecentSpeech | None:
         """The most recent `needed_seconds` of speech, or None if the buffer holds less.

@@ -10,6 +10,7 @@ from datetime import datetime
 from server.pipeline.presentation import PresentationAssessment
 from server.records import ShiftRecord
 from server.scoring.calibration import DecidedBy
+from server.shifts.change_watch import CheckpointTrigger
 
 
 class ShiftEventKind(enum.Enum):
@@ -32,6 +33,9 @@ class ShiftEventKind(enum.Enum):
     WATCHLIST_MATCH = "WATCHLIST_MATCH"
     """The login voice matched a watchlist entry (an alert). To subscribers only: the caller
     is not told."""
+    SECOND_VOICE = "SECOND_VOICE"
+    """Speech unlike the agent's on the agent's leg, the agent's own before and after it
+    (audio_start to audio_end; score: its similarity, threshold: the watch's)."""
 
 
 @dataclass(frozen=True)
@@ -49,3 +53,7 @@ class ShiftEvent:
     """Which bound set the checkpoint's threshold; None for other kinds."""
     presentation: PresentationAssessment | None = None
     """CHECKPOINT_PASSED/FAILED and PRESENTATION_ATTACK: the presentation-attack check."""
+    trigger: CheckpointTrigger | None = None
+    """CHECKPOINT_PASSED/FAILED and INSUFFICIENT_SPEECH: what started the checkpoint."""
+    change_similarity: float = 0.0
+    """CHANGE_WATCH checkpoints: the similarity of the stretch that triggered it."""

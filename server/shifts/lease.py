@@ -184,17 +184,23 @@ class ShiftLeases:
             return lease
         return replace(lease, next_checkpoint_at=self._draw())
 
-    def decided(self, lease: ShiftLease | None, *, verified: bool) -> ShiftLease | None:
-        """The lease once the due checkpoint is decided: one more done, and the next drawn
-        while the shift stays verified. Stored with the checkpoint's outcome, so the next
-        owner neither repeats this checkpoint nor skips the next."""
+    def decided(
+        self, lease: ShiftLease | None, *, verified: bool, scheduled: bool = True
+    ) -> ShiftLease | None:
+        """The lease once a checkpoint is decided: one more done, and, for the random
+        (`scheduled`) one, the next drawn while the shift stays verified; a checkpoint the
+        change watch started leaves the random one where it fell. Stored with the
+        checkpoint's outcome, so the next owner neither repeats this checkpoint nor skips the
+        next."""
         if lease is None:
             return None
-        return replace(
-            lease,
-            checkpoint_seq=lease.checkpoint_seq + 1,
-            next_checkpoint_at=self._draw() if verified else None,
-        )
+        if not verified:
+            next_at = None
+        elif scheduled or lease.next_checkpoint_at is None:
+            next_at = self._draw()
+        else:
+            next_at = lease.next_checkpoint_at
+        return replace(lease, checkpoint_seq=lease.checkpoint_seq + 1, next_checkpoint_at=next_at)
 
     def _draw(self) -> datetime:
         return self._clock.now() + timedelta(seconds=self._schedule.next_interval())

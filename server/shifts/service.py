@@ -9,6 +9,7 @@ bounded in-memory buffer. All timing goes through one Clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from enrollment.passive import PassiveEnrollment
+from models.embedder import Embedding
 from server.audit_actions import AuditAction
 from server.config import ShiftPolicy
 from server.errors import (
@@ -39,7 +41,8 @@ from server.runtime.log_format import logged_agent
 from server.runtime.store_pool import StorePool
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts import passive as passive_shift
-from server.shifts.buffer import RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.shifts.buffer import FRAME_SECONDS, RecentSpeech, ShiftAudioBuffer, StreamFormat
+from server.shifts.change_watch import SCHEDULED, Cause, ChangeWatch, CheckpointTrigger
 from server.shifts.event_bus import EventBus, LocalEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.lease import ShiftLeases
@@ -53,6 +56,7 @@ from server.storage.interface import (
     ShiftRecord,
     ShiftState,
     Store,
+    Voiceprint,
 )
 from server.validation import validate_agent_id, validate_shift_id
 from server.verification.decision import Decision
@@ -140,6 +144,11 @@ class ShiftSession:
         self.detached_since: float | None = service.clock.monotonic()
         self.lease: ShiftLease | None = None
         """This replica's lease of the shift (server/shifts/lease.py); every write carries it."""
+        self.watch = ChangeWatch(service.policy, service.embedder)
+        self._watching: asyncio.Task[None] | None = None
+        self._checking = False
+        self._pending: Cause | None = None
+        self._triggered = asyncio.Event()
 
     # --- stream -------------------------------------------------------------------------
 
@@ -152,6 +161,7 @@ class ShiftSession:
             )
         self.stream = ShiftStream(self, self._service.policy.max_pending_events)
         self.detached_since = None
+        self.watch.restart()
         self.stream.deliver(
             ShiftEvent(ShiftEventKind.STREAM_ATTACHED, self.record, self._service.clock.now())
         )
@@ -169,6 +179,16 @@ class ShiftSession:
         self.buffer.append(frames, self._service.clock.monotonic())
         if self.buffer.seconds_since_mark >= self._service.policy.speech_recheck_seconds:
             self._audio_arrived.set()
+        heard = self.buffer.format.frame_count(frames) * FRAME_SECONDS
+        if (
+            self.watch.heard(heard)
+            and self.record.state is ShiftState.VERIFIED
+            and not self._checking
+            and (self._watching is None or self._watching.done())
+        ):
+            self._watching = asyncio.create_task(
+                self._look(), name=f"shift-watch-{self.record.shift_id}"
+            )
 
     def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
         """To the stream and every subscriber; `recorded`: the event was stored with its
@@ -202,6 +222,8 @@ class ShiftSession:
     def stop(self, error: BaseException | None = None) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._watching is not None:
+            self._watching.cancel()
         if self.stream is not None:
             self.stream.close(error)
             self.stream = None
@@ -237,8 +259,17 @@ class ShiftSession:
             while self.record.state is ShiftState.VERIFIED:
                 try:
                     due = await service.leases.next_due(self)
-                    await service.clock.sleep_until(due)
-                    await self._checkpoint(due)
+                    # Triggered checkpoints run in between; the random one stays where it
+                    # fell (in the lease, so a failover keeps it too).
+                    while (cause := await self._next_trigger(due)) is not None:
+                        if cause.since is not None and self.buffer is not None:
+                            self.buffer.discard_before(cause.since)
+                        await self._checkpoint(service.clock.monotonic(), cause)
+                        if self.record.state is not ShiftState.VERIFIED:
+                            return
+                    if self.record.state is not ShiftState.VERIFIED:
+                        return  # Locked meanwhile (a second voice, by policy).
+                    await self._checkpoint(due, SCHEDULED)
                 except ShiftLeaseLostError:
                     # Nothing of the checkpoint was stored: the owner now runs it, or this
                     # replica does once it takes the lease back.
@@ -261,7 +292,123 @@ class ShiftSession:
             log.warning("shift %s ends: %s", self.record.shift_id, error.message)
             await service.end(self.record.shift_id, reason=error.message)
 
-    async def _checkpoint(self, due: float) -> None:
+    def trigger(self, cause: Cause) -> None:
+        """Starts a checkpoint now, unless one is already running: that one judges the
+        newest speech anyway."""
+        if not self._checking and self._pending is None:
+            self._pending = cause
+            self._triggered.set()
+
+    async def _next_trigger(self, due: float) -> Cause | None:
+        """The next triggered checkpoint before `due`; None once `due` has come."""
+        clock = self._service.clock
+        while self._pending is None and clock.monotonic() < due:
+            self._triggered.clear()
+            triggered = asyncio.ensure_future(self._triggered.wait())
+            timeout = asyncio.ensure_future(clock.sleep_until(due))
+            try:
+                await asyncio.wait({triggered, timeout}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                triggered.cancel()
+                timeout.cancel()
+        pending, self._pending = self._pending, None
+        return pending
+
+    async def _look(self) -> None:
+        """The change watch's looks while one is due (audio may have come in a burst); a
+        suspected change triggers a checkpoint."""
+        service = self._service
+        while (
+            self.watch.due
+            and self.buffer is not None
+            and self.record.state is ShiftState.VERIFIED
+            and not self._checking
+        ):
+            self.watch.begin()
+            try:
+                look = await service.pool.run(
+                    functools.partial(
+                        self.watch.look,
+                        self.buffer,
+                        functools.partial(service.voiceprint_of, self.record.agent_id),
+                    )
+                )
+            except CapacityError:
+                return  # Busy: the next look comes with the next interval of audio.
+            except VoxauthError as error:
+                log.warning("shift %s: change watch: %s", self.record.shift_id, error.message)
+                return
+            second = self.watch.record(look)
+            if self.record.state is not ShiftState.VERIFIED or look is None:
+                continue
+            if look.suspected:
+                await service.save(
+                    self.record,
+                    service.audit_event(
+                        AuditAction.SHIFT_VOICE_CHANGE,
+                        self.record,
+                        "SUSPECTED",
+                        similarity=round(look.similarity, 4),
+                        threshold=service.policy.change_watch_threshold,
+                    ),
+                    lease=self.lease,
+                )
+                self.trigger(Cause(CheckpointTrigger.CHANGE_WATCH, look.start, look.similarity))
+            if second is not None:
+                await self._second_voice(second.start, second.end, second.similarity)
+
+    async def _second_voice(self, start: float, end: float, similarity: float) -> None:
+        service = self._service
+        record = self.record
+        locks = service.policy.second_voice_locks
+        if locks:
+            record = replace(record, state=ShiftState.LOCKED, updated_at=service.clock.now())
+        audit = service.audit_event(
+            AuditAction.SHIFT_SECOND_VOICE,
+            record,
+            "LOCKED" if locks else "REPORTED",
+            similarity=round(similarity, 4),
+            threshold=service.policy.change_watch_threshold,
+            seconds=round(end - start, 1),
+        )
+        events = [
+            ShiftEvent(
+                ShiftEventKind.SECOND_VOICE,
+                record,
+                service.clock.now(),
+                score=similarity,
+                threshold=service.policy.change_watch_threshold,
+                audio_start=service.wall_time(start),
+                audio_end=service.wall_time(end),
+            )
+        ]
+        if locks:
+            events.append(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
+        # A lock by policy ends the random schedule as a checkpoint's lock does.
+        lease = (
+            replace(self.lease, next_checkpoint_at=None)
+            if locks and self.lease is not None
+            else self.lease
+        )
+        await service.save(
+            record,
+            audit,
+            revoking=RevocationReason.SHIFT_LOCKED if locks else None,
+            lease=lease,
+            events=events,
+        )
+        self.record, self.lease = record, lease
+        for event in events:
+            self.publish(event, recorded=True)
+
+    async def _checkpoint(self, due: float, cause: Cause) -> None:
+        self._checking = True
+        try:
+            await self._checkpoint_on_speech(due, cause)
+        finally:
+            self._checking = False
+
+    async def _checkpoint_on_speech(self, due: float, cause: Cause) -> None:
         service = self._service
         policy = service.policy
         scheduled_at = service.clock.now() - timedelta(seconds=service.clock.monotonic() - due)
@@ -272,14 +419,16 @@ class ShiftSession:
                 self._audio_arrived.clear()
                 await service.leases.confirm(self)
                 try:
-                    outcome = await service.pool.run(lambda: service.check_speech(self))
+                    outcome = await service.pool.run(
+                        lambda: service.check_speech(self, cause.trigger)
+                    )
                 except CapacityError:
                     outcome = None  # Busy: look again when more audio arrives.
                 if outcome is not None:
-                    await self._decided(outcome, scheduled_at)
+                    await self._decided(outcome, scheduled_at, cause)
                     return
             if service.clock.monotonic() >= deadline:
-                await self._insufficient(scheduled_at)
+                await self._insufficient(scheduled_at, cause)
                 return
             arrived = asyncio.ensure_future(self._audio_arrived.wait())
             timeout = asyncio.ensure_future(service.clock.sleep_until(deadline))
@@ -290,13 +439,18 @@ class ShiftSession:
                 timeout.cancel()
 
     async def _decided(
-        self, outcome: tuple[VerificationResult, RecentSpeech], scheduled_at: datetime
+        self,
+        outcome: tuple[VerificationResult, RecentSpeech, Embedding | None],
+        scheduled_at: datetime,
+        cause: Cause,
     ) -> None:
         service = self._service
-        result, recent = outcome
+        result, recent, embedding = outcome
         assert self.buffer is not None
         self.buffer.clear()  # Used audio is not kept.
         passed = result.decision is Decision.ACCEPT
+        if passed:
+            self.watch.passed(embedding)
         record = self.record
         record = replace(
             record,
@@ -306,7 +460,11 @@ class ShiftSession:
             updated_at=service.clock.now(),
         )
         locked = record.consecutive_failures >= service.policy.max_consecutive_failures
-        decided = service.leases.decided(self.lease, verified=not locked)
+        decided = service.leases.decided(
+            self.lease,
+            verified=not locked,
+            scheduled=cause.trigger is CheckpointTrigger.SCHEDULED,
+        )
         if locked:
             record = replace(record, state=ShiftState.LOCKED)
             lock = service.audit_event(
@@ -329,6 +487,8 @@ class ShiftSession:
                 audio_end=service.wall_time(recent.end),
                 decided_by=result.scoring.decided_by if result.scoring else None,
                 presentation=result.presentation,
+                trigger=cause.trigger,
+                change_similarity=cause.similarity,
             )
         ]
         if locked:
@@ -345,21 +505,40 @@ class ShiftSession:
         self.record, self.lease = record, decided
         for event in events:
             self.publish(event, recorded=True)
+        if not passed and not locked and cause.trigger is not CheckpointTrigger.SCHEDULED:
+            # The watch heard another voice and the checkpoint agreed: the next check need
+            # not wait for the random time. A random checkpoint's failure alone does not
+            # hurry the next (the agent's own failures come in runs: measured, README "Change
+            # of voice"); the watch keeps listening. (Set directly: this one is still running.)
+            self._pending = Cause(CheckpointTrigger.FOLLOW_UP)
+            self._triggered.set()
 
-    async def _insufficient(self, scheduled_at: datetime) -> None:
+    async def _insufficient(self, scheduled_at: datetime, cause: Cause) -> None:
         service = self._service
         record = replace(
             self.record,
             checkpoints_insufficient=self.record.checkpoints_insufficient + 1,
             updated_at=service.clock.now(),
         )
-        decided = service.leases.decided(self.lease, verified=True)
+        decided = service.leases.decided(
+            self.lease, verified=True, scheduled=cause.trigger is CheckpointTrigger.SCHEDULED
+        )
         event = ShiftEvent(
-            ShiftEventKind.INSUFFICIENT_SPEECH, record, record.updated_at, scheduled_at=scheduled_at
+            ShiftEventKind.INSUFFICIENT_SPEECH,
+            record,
+            record.updated_at,
+            scheduled_at=scheduled_at,
+            trigger=cause.trigger,
+            change_similarity=cause.similarity,
         )
         await service.save(
             record,
-            service.audit_event(AuditAction.SHIFT_CHECKPOINT, record, "INSUFFICIENT_SPEECH"),
+            service.audit_event(
+                AuditAction.SHIFT_CHECKPOINT,
+                record,
+                "INSUFFICIENT_SPEECH",
+                trigger=cause.trigger.value,
+            ),
             lease=decided,
             events=[event],
         )
@@ -397,6 +576,7 @@ class ShiftService:
         self._assurances = assurances
         self._verification = verification
         self._analyser = analyser
+        self.embedder = analyser.embedder
         self._detector = detector
         self.pool = pool
         self._store_pool = store_pool
@@ -621,9 +801,11 @@ class ShiftService:
 
     # --- for sessions ---------------------------------------------------------------------
 
-    def check_speech(self, session: ShiftSession) -> tuple[VerificationResult, RecentSpeech] | None:
+    def check_speech(
+        self, session: ShiftSession, trigger: CheckpointTrigger
+    ) -> tuple[VerificationResult, RecentSpeech, Embedding | None] | None:
         """Blocking (worker thread): verifies the shift's most recent speech, or returns None
-        while there is not enough of it."""
+        while there is not enough of it. Also returns the speech's embedding."""
         assert session.buffer is not None
         recent = session.buffer.recent_speech(
             self._detector, self.policy.checkpoint_net_speech_seconds
@@ -636,10 +818,19 @@ class ShiftService:
             source_rate_hz=recent.source_rate_hz,
             stretch=recent.stretch,
         )
-        result = self._verification.judge(voiceprint, sample, action=AuditAction.SHIFT_CHECKPOINT)
+        result = self._verification.judge(
+            voiceprint,
+            sample,
+            action=AuditAction.SHIFT_CHECKPOINT,
+            context={"shift_id": session.record.shift_id, "trigger": trigger.value},
+        )
         if result.decision is Decision.INCONCLUSIVE:
             return None
-        return result, recent
+        return result, recent, sample.embedding
+
+    def voiceprint_of(self, agent_id: str) -> Voiceprint:
+        """Blocking (store): the agent's voiceprint, for the change watch."""
+        return self._verification.voiceprint_of(agent_id)
 
     async def save(
         self,

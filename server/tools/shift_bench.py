@@ -12,6 +12,10 @@ A level passes when every checkpoint it saw was decided within the limit (2 s) o
 scheduled time (the maximum, hence the p99 too), no shift's checkpoint was still undecided
 the limit past the latest time it could have been due, and nothing failed (logins, streams).
 Levels run in increasing order and stop at the first that fails.
+
+`voxauth bench shifts takeover DIR` (server/tools/takeover_bench.py) is another benchmark:
+how soon a takeover of the agent's line locks the shift at the default schedule, in virtual
+time.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from voxauth.v1 import voxauth_pb2_grpc as pb_grpc
 
 from server.config import ShiftPolicy
 
+# Re-exported: load_bench and the tests import it from here.
+from server.tools.percentiles import nearest_rank as nearest_rank
+
 _SPEECH_DIR = Path(__file__).resolve().parents[2] / "tests" / "data"
 # Long enough for an enrollment half and a login half of at least 3 s of speech each.
 _MIN_RECORDING_SECONDS = 12.0
@@ -69,16 +76,6 @@ _OUTCOMES = {
 
 
 # --- pure parts: statistics, pacing, the rule ----------------------------------------------
-
-
-def nearest_rank(values: Sequence[float], fraction: float) -> float:
-    """The nearest-rank percentile: a value that was observed, never an interpolation, so a
-    p99 over few checkpoints is the worst of them rather than flattered."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    rank = max(1, int(np.ceil(fraction * len(ordered))))
-    return ordered[rank - 1]
 
 
 @dataclass(frozen=True)
@@ -638,6 +635,10 @@ async def _bench(settings: BenchSettings, workdir: Path) -> list[LevelResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "takeover":
+        from server.tools.takeover_bench import main as takeover_main
+
+        return takeover_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="voxauth bench shifts",
         description="The largest number of concurrent shifts whose checkpoints stay on time.",

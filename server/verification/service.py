@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -138,10 +138,16 @@ class VerificationService:
         return voiceprint
 
     def judge(
-        self, voiceprint: Voiceprint, sample: VoiceSample, *, action: AuditAction
+        self,
+        voiceprint: Voiceprint,
+        sample: VoiceSample,
+        *,
+        action: AuditAction,
+        context: Mapping[str, object] | None = None,
     ) -> VerificationResult:
         """Scores an analysed sample against the voiceprint, decides, and audits the decision
-        under `action` ("verify", or a shift checkpoint). Not throttled: a checkpoint is no
+        under `action` ("verify", or a shift checkpoint), with `context` (e.g. the shift and
+        what triggered its checkpoint) in the record. Not throttled: a checkpoint is no
         attempt of a claimant."""
         model_id = self._analyser.model_id
         scoring = (
@@ -199,6 +205,7 @@ class VerificationService:
             watchlist=watched,
         )
         details: dict[str, object] = {
+            **(context or {}),
             "score": round(result.score, 4),
             "threshold": round(result.threshold, 4),
             "net_speech_seconds": round(sample.quality.net_speech_seconds, 2),

@@ -29,6 +29,8 @@ STORED_NAMES = {
     "shift.lock",
     "shift.admin_unlock",
     "shift.end",
+    "shift.voice_change",
+    "shift.second_voice",
     "assurance.revoke",
     "throttle.disable",
     "throttle.re_enable",

@@ -86,6 +86,18 @@ def test_speech_detection_runs_once_per_block() -> None:
     assert detector.analysed == [2 * 16_000, 4 * 16_000]
 
 
+def test_the_same_audio_sent_again_at_once_is_still_taken() -> None:
+    # A client sending faster than real time, the same recording twice: blocks with equal
+    # audio and equal clock times.
+    buffer = ShiftAudioBuffer(PCM16, max_age_seconds=60)
+    for _ in range(2):
+        for _ in range(3):
+            buffer.append(second(0.5), 5.0)
+        buffer.recent_speech(LoudIsSpeech(), 1.0)  # seals the blocks, as a checkpoint does
+    recent = buffer.recent_speech(LoudIsSpeech(), 4.0)
+    assert recent is not None and recent.net_seconds == pytest.approx(4.0)
+
+
 def test_telephone_frames_are_decoded_to_16_khz() -> None:
     from server.pipeline.decode import encode_mulaw
 

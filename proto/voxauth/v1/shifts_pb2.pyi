@@ -105,6 +105,13 @@ class _ShiftEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShiftE
     """The login voice matched a watchlist entry: an alert (score, threshold: the AS-norm score
     and bound). Subscribers only; the softphone's stream is not told.
     """
+    SHIFT_EVENT_KIND_SECOND_VOICE: _ShiftEventKind.ValueType  # 30
+    """Someone other than the agent spoke on the agent's leg while the agent was still there:
+    the change watch heard speech unlike the agent's voice (audio_start to audio_end; score:
+    its similarity, threshold: the watch's) followed by the agent's voice again within the
+    window. Does not lock the shift unless the server's policy says so
+    (VOXAUTH_SECOND_VOICE_LOCKS), in which case SHIFT_LOCKED follows.
+    """
 
 class ShiftEventKind(_ShiftEventKind, metaclass=_ShiftEventKindEnumTypeWrapper): ...
 
@@ -140,7 +147,48 @@ SHIFT_EVENT_KIND_WATCHLIST_MATCH: ShiftEventKind.ValueType  # 52
 """The login voice matched a watchlist entry: an alert (score, threshold: the AS-norm score
 and bound). Subscribers only; the softphone's stream is not told.
 """
+SHIFT_EVENT_KIND_SECOND_VOICE: ShiftEventKind.ValueType  # 30
+"""Someone other than the agent spoke on the agent's leg while the agent was still there:
+the change watch heard speech unlike the agent's voice (audio_start to audio_end; score:
+its similarity, threshold: the watch's) followed by the agent's voice again within the
+window. Does not lock the shift unless the server's policy says so
+(VOXAUTH_SECOND_VOICE_LOCKS), in which case SHIFT_LOCKED follows.
+"""
 Global___ShiftEventKind: _TypeAlias = ShiftEventKind  # noqa: Y015
+
+class _CheckpointTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_TRIGGER_UNSPECIFIED: _CheckpointTrigger.ValueType  # 0
+    CHECKPOINT_TRIGGER_SCHEDULED: _CheckpointTrigger.ValueType  # 30
+    """Its random time came."""
+    CHECKPOINT_TRIGGER_CHANGE_WATCH: _CheckpointTrigger.ValueType  # 31
+    """The change watch heard speech unlike the agent's voice and the speech that passed the
+    last checkpoint: the checkpoint verifies the speech from that moment on.
+    """
+    CHECKPOINT_TRIGGER_FOLLOW_UP: _CheckpointTrigger.ValueType  # 32
+    """The previous checkpoint, one the change watch started (or itself a follow-up), failed:
+    this one verifies fresh speech at once rather than at the next random time.
+    """
+
+class CheckpointTrigger(_CheckpointTrigger, metaclass=_CheckpointTriggerEnumTypeWrapper):
+    """Why a checkpoint ran."""
+
+CHECKPOINT_TRIGGER_UNSPECIFIED: CheckpointTrigger.ValueType  # 0
+CHECKPOINT_TRIGGER_SCHEDULED: CheckpointTrigger.ValueType  # 30
+"""Its random time came."""
+CHECKPOINT_TRIGGER_CHANGE_WATCH: CheckpointTrigger.ValueType  # 31
+"""The change watch heard speech unlike the agent's voice and the speech that passed the
+last checkpoint: the checkpoint verifies the speech from that moment on.
+"""
+CHECKPOINT_TRIGGER_FOLLOW_UP: CheckpointTrigger.ValueType  # 32
+"""The previous checkpoint, one the change watch started (or itself a follow-up), failed:
+this one verifies fresh speech at once rather than at the next random time.
+"""
+Global___CheckpointTrigger: _TypeAlias = CheckpointTrigger  # noqa: Y015
 
 @_typing.final
 class ListShiftsRequest(_message.Message):
@@ -459,6 +507,8 @@ class ShiftEvent(_message.Message):
     SHIFT_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    CHANGE_SIMILARITY_FIELD_NUMBER: _builtins.int
     kind: Global___ShiftEventKind.ValueType
     shift_id: _builtins.str
     score: _builtins.float
@@ -470,6 +520,15 @@ class ShiftEvent(_message.Message):
     net_speech_seconds: _builtins.float
     decided_by: _voxauth_pb2.DecidedBy.ValueType
     """CHECKPOINT_PASSED/FAILED: which bound set the threshold (as in VerifyResponse)."""
+    trigger: Global___CheckpointTrigger.ValueType
+    """CHECKPOINT_PASSED/FAILED and INSUFFICIENT_SPEECH: what started the checkpoint (the random
+    schedule continues unchanged whatever triggers one in between).
+    """
+    change_similarity: _builtins.float
+    """CHANGE_WATCH checkpoints: the similarity of the speech that triggered it (the higher of
+    its cosines to the voiceprint and to the speech that passed the last checkpoint), below
+    the watch's threshold (in threshold for SECOND_VOICE).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When the event happened."""
@@ -507,10 +566,12 @@ class ShiftEvent(_message.Message):
         shift: Global___Shift | None = ...,
         decided_by: _voxauth_pb2.DecidedBy.ValueType = ...,
         presentation_attack: _voxauth_pb2.PresentationAttack | None = ...,
+        trigger: Global___CheckpointTrigger.ValueType = ...,
+        change_similarity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "shift", b"shift"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "change_similarity", b"change_similarity", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

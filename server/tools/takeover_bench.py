@@ -1,0 +1,639 @@
+"""`voxauth bench shifts takeover DIR`: how soon a shift locks after someone else takes over the
+agent's line, how often the agent's own voice triggers a checkpoint or locks a shift, and what
+the change watch costs, at the default checkpoint schedule.
+
+At the default schedule (a checkpoint every 10 +/- 8 min) a run in real time would take days,
+so the shifts run in virtual time: the real service in this process (the real speaker model,
+speech detection, countermeasure, scoring and store) on a clock that moves only when the
+benchmark moves it, one second of audio at a time, and only once every shift's pending work
+(the model, the store) is done. The CPU the service spends is real and measured; the times
+reported are the shifts' own (virtual) times.
+
+Speech: one recording per speaker of the folder given (e.g. LibriSpeech train-clean-100),
+only speakers held apart from the shipped cohort and calibration. Each agent enrolls from the
+first half of its recording and logs in with the second half; its leg of the call then carries
+turns of 2-8 s taken from that second half, looped, with pauses of 2-8 s of line noise between
+them (the customer speaks on the other leg). A takeover shift switches, at a random time 2 to
+30 minutes into the shift, to another held-apart speaker's turns. Replay detection is off:
+looped recordings are replays by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import soundfile as sf
+
+from models.embedder import Embedding, SpeakerEmbedder, Waveform
+from server.app import VoxauthServer
+from server.config import (
+    EnrollmentPolicy,
+    ServerConfig,
+    ShiftPolicy,
+    TransportConfig,
+)
+from server.errors import VoxauthError
+from server.pipeline.analysis import AudioInput
+from server.pipeline.decode import AudioEncoding
+from server.scoring.scorer import ScoringModel
+from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
+from server.shifts.change_watch import ChangeWatch, CheckpointTrigger
+from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.service import ShiftService, ShiftStream
+from server.tools.percentiles import nearest_rank
+
+T = TypeVar("T")
+RATE = 16_000
+_MIN_RECORDING_SECONDS = 12.0
+_STEP_SECONDS = 1.0  # one message of 50 frames per shift per step
+_NOISE_DBFS = -65.0
+
+
+class VirtualClock:
+    """A Clock whose time moves only by `advance` (as the tests' ManualClock)."""
+
+    def __init__(self) -> None:
+        self._elapsed = 0.0
+        self._start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self._elapsed
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self._elapsed)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._elapsed:
+            return
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (deadline, wake)
+        self._sleepers.append(entry)
+        try:
+            await wake
+        finally:
+            if entry in self._sleepers:
+                self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        self._elapsed += seconds
+        for deadline, wake in list(self._sleepers):
+            if deadline <= self._elapsed and not wake.done():
+                wake.set_result(None)
+
+
+class CountingPool:
+    """Wraps a pool the shift service runs its work on, counting the work in flight: virtual
+    time may only move once it is done (the model takes real time; the shift must not see it
+    as minutes)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.busy = 0
+        self.looks = 0
+        """Looks of the change watch run (with speech or without)."""
+
+    async def run(self, work: Callable[[], T]) -> T:
+        self.busy += 1
+        function = getattr(work, "func", work)  # the watch passes a functools.partial
+        self.looks += getattr(function, "__qualname__", "") == "ChangeWatch.look"
+        try:
+            result: T = await self._pool.run(work)
+            return result
+        finally:
+            self.busy -= 1
+
+
+class CountingEmbedder:
+    """The change watch's embedder (the checkpoints use the analyser's), counting its calls."""
+
+    def __init__(self, embedder: SpeakerEmbedder) -> None:
+        self._embedder = embedder
+        self.calls = 0
+        self.model_id = embedder.model_id
+        self.sample_rate = embedder.sample_rate
+        self.dimension = embedder.dimension
+        self.min_samples = embedder.min_samples
+
+    def embed(self, waveform: Waveform) -> Embedding:
+        self.calls += 1
+        return self._embedder.embed(waveform)
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    p90: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread | None:
+        if not values:
+            return None
+        return cls(nearest_rank(values, 0.5), nearest_rank(values, 0.9), max(values))
+
+
+def conversation(
+    material: np.ndarray[Any, np.dtype[np.float32]], seconds: float, rng: np.random.Generator
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], float]:
+    """`seconds` of one speaker's leg of a call: turns of 2-8 s cut from `material` (looped,
+    from random places) with 2-8 s of line noise between them; and the seconds of turns."""
+    total = int(seconds * RATE)
+    out = (10 ** (_NOISE_DBFS / 20) * rng.standard_normal(total)).astype(np.float32)
+    at = 0
+    spoken = 0
+    while at < total:
+        turn = int(rng.uniform(2.0, 8.0) * RATE)
+        start = int(rng.integers(0, len(material)))
+        piece = np.take(material, np.arange(start, start + turn), mode="wrap")
+        end = min(total, at + turn)
+        out[at:end] += piece[: end - at]
+        spoken += end - at
+        at = end + int(rng.uniform(2.0, 8.0) * RATE)
+    return out, spoken / RATE
+
+
+def pcm16(samples: np.ndarray[Any, np.dtype[np.float32]]) -> bytes:
+    return bytes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+
+
+@dataclass
+class ShiftOutcome:
+    """What one simulated shift saw; times in seconds since the shift's stream attached."""
+
+    seconds: float
+    speech_seconds: float
+    takeover_at: float | None
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    """By trigger and outcome, e.g. 'CHANGE_WATCH failed'."""
+    first_failure_at: float | None = None
+    """The first failed checkpoint after the takeover (any failure on a genuine shift)."""
+    locked_at: float | None = None
+    second_voices: int = 0
+
+
+# --- the simulation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Voice:
+    speaker: str
+    enrollment: list[np.ndarray[Any, np.dtype[np.float32]]]
+    login: np.ndarray[Any, np.dtype[np.float32]]
+    material: np.ndarray[Any, np.dtype[np.float32]]
+
+
+def held_apart_voices(directory: Path, config: ServerConfig) -> list[Voice]:
+    """One voice per speaker not in the shipped cohort or calibration, whose recording is long
+    enough to enroll and log in from."""
+    from models.manifest import ECAPA_MANIFEST
+
+    scoring = ScoringModel.load(config.scoring, ECAPA_MANIFEST.model_id)
+    fitted_on = set(scoring.calibration.provenance.get("speakers", []))
+    voices = []
+    for path in sorted(directory.glob("*.flac")):
+        speaker = path.stem.split("-", 1)[0]
+        info = sf.info(path)
+        if (
+            speaker in fitted_on
+            or info.samplerate != RATE
+            or info.duration < _MIN_RECORDING_SECONDS
+        ):
+            continue
+        samples = np.asarray(sf.read(path, dtype="float32")[0], dtype=np.float32)
+        half = len(samples) // 2
+        voices.append(
+            Voice(
+                speaker,
+                [np.ascontiguousarray(samples[:half])],
+                samples[half:],
+                samples[half:],
+            )
+        )
+    return voices
+
+
+class Simulation:
+    def __init__(self, server: VoxauthServer, clock: VirtualClock) -> None:
+        self._server = server
+        self._clock = clock
+        services = server.services
+        assert services is not None
+        self._services = services
+        self.shifts: ShiftService = services.shifts
+        # Virtual time moves only once the model's and the store's work is done.
+        self.inference = CountingPool(self.shifts.pool)
+        self.shifts.pool = self.inference  # type: ignore[assignment]
+        self._store = CountingPool(self.shifts._store_pool)
+        self.shifts._store_pool = self._store  # type: ignore[assignment]
+        self.watch_embedder = CountingEmbedder(self.shifts.embedder)
+        self.shifts.embedder = self.watch_embedder
+        self.logins_refused = 0
+        self._enrolled: set[str] = set()
+
+    def enroll(self, voice: Voice) -> bool:
+        """Enrolls the voice as an agent; False when its half recording is too little."""
+        agent_id = f"bench-{voice.speaker}"
+        enrollment = self._services.enrollment
+        enrollment.create_agent(agent_id, voice.speaker, "BENCH")
+        for part in voice.enrollment:
+            enrollment.add_utterance(agent_id, _audio(part))
+        try:
+            enrollment.finalize(agent_id)
+        except VoxauthError:
+            return False
+        self._enrolled.add(agent_id)
+        return True
+
+    async def settle(self) -> None:
+        """Lets every woken task run until all are waiting for time or audio again."""
+        quiet = 0
+        while quiet < 3:
+            await asyncio.sleep(0)
+            if self.inference.busy or self._store.busy:
+                quiet = 0
+                await asyncio.sleep(0.0005)
+            else:
+                quiet += 1
+
+    async def run_batch(
+        self,
+        plans: Sequence[tuple[Voice, Voice | None, float, float]],
+        seed: int,
+    ) -> list[ShiftOutcome]:
+        """Runs shifts side by side: (agent, impostor or None, takeover time, length)."""
+        rng = np.random.default_rng(seed)
+        runs = []
+        for index, (agent, impostor, takeover_at, seconds) in enumerate(plans):
+            agent_id = f"bench-{agent.speaker}"
+            login = await self.shifts.start(agent_id, f"bench-{index}", _audio(agent.login))
+            if login.verification is None or login.verification.decision.value != "ACCEPT":
+                self.logins_refused += 1
+                continue  # The login check itself is not what this measures.
+            stream = await self.shifts.attach(
+                login.shift.shift_id, StreamFormat(AudioEncoding.PCM16LE, RATE)
+            )
+            leg, spoken = conversation(agent.material, seconds, rng)
+            if impostor is not None:
+                cut = int(takeover_at * RATE)
+                other, _ = conversation(impostor.material, (len(leg) - cut) / RATE + 1, rng)
+                leg[cut:] = other[: len(leg) - cut]
+            runs.append(
+                _Run(
+                    login.shift.shift_id,
+                    stream,
+                    pcm16(leg),
+                    ShiftOutcome(
+                        seconds,
+                        spoken,
+                        takeover_at if impostor is not None else None,
+                    ),
+                )
+            )
+        started = self._clock.monotonic()
+        step = int(_STEP_SECONDS * RATE) * 2
+        longest = max((len(r.pcm) for r in runs), default=0)
+        for offset in range(0, longest, step):
+            for run in runs:
+                if not run.done and offset + step <= len(run.pcm):
+                    run.stream.push(run.pcm[offset : offset + step])
+            self._clock.advance(_STEP_SECONDS)
+            await self.settle()
+            now = self._clock.monotonic() - started
+            for run in runs:
+                run.drain(now)
+                if not run.done and (
+                    run.outcome.locked_at is not None or offset + step >= len(run.pcm)
+                ):
+                    run.done = True
+                    await self.shifts.end(run.shift_id)
+            if all(r.done for r in runs):
+                break
+        for run in runs:
+            if not run.done:
+                await self.shifts.end(run.shift_id)
+        return [r.outcome for r in runs]
+
+
+@dataclass
+class _Run:
+    shift_id: str
+    stream: ShiftStream
+    pcm: bytes
+    outcome: ShiftOutcome
+    done: bool = False
+
+    def drain(self, now: float) -> None:
+        # Read without awaiting: the benchmark looks once per virtual second, all shifts in
+        # turn, rather than running a reader task per shift.
+        while self.stream._events:
+            item = self.stream._events.popleft()
+            if isinstance(item, ShiftEvent):
+                self._event(item, now)
+
+    def _event(self, event: ShiftEvent, now: float) -> None:
+        o = self.outcome
+        after = o.takeover_at is None or now >= o.takeover_at
+        if event.kind in (ShiftEventKind.CHECKPOINT_PASSED, ShiftEventKind.CHECKPOINT_FAILED):
+            failed = event.kind is ShiftEventKind.CHECKPOINT_FAILED
+            trigger = (event.trigger or CheckpointTrigger.SCHEDULED).value
+            key = f"{trigger} {'failed' if failed else 'passed'}"
+            o.checkpoints[key] = o.checkpoints.get(key, 0) + 1
+            if failed and after and o.first_failure_at is None:
+                o.first_failure_at = now
+        elif event.kind is ShiftEventKind.INSUFFICIENT_SPEECH:
+            trigger = (event.trigger or CheckpointTrigger.SCHEDULED).value
+            key = f"{trigger} insufficient"
+            o.checkpoints[key] = o.checkpoints.get(key, 0) + 1
+        elif event.kind is ShiftEventKind.SHIFT_LOCKED and o.locked_at is None:
+            o.locked_at = now
+        elif event.kind is ShiftEventKind.SECOND_VOICE:
+            o.second_voices += 1
+
+
+def _audio(samples: np.ndarray[Any, np.dtype[np.float32]]) -> AudioInput:
+    return AudioInput(pcm16(samples), AudioEncoding.PCM16LE, RATE)
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+def bench_config(workdir: Path, watch: bool, threshold: float | None) -> ServerConfig:
+    base = ServerConfig.from_environment()
+    shifts = replace(base.shifts, change_watch=watch)
+    if threshold is not None:
+        shifts = replace(shifts, change_watch_threshold=threshold)
+    return replace(
+        base,
+        listen_address="127.0.0.1:0",
+        database_path=workdir / f"bench-{watch}.db",
+        # One recording per speaker: its first half (6-8 s, 4-7 s of speech) makes the voiceprint.
+        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=4.0),
+        transport=TransportConfig(insecure_development=True),
+        http=replace(base.http, listen_address=""),
+        presentation=replace(base.presentation, replay_detection=False),
+        shifts=shifts,
+    )
+
+
+@dataclass
+class RunResult:
+    outcomes: list[ShiftOutcome]
+    cpu_seconds: float
+    """The process's CPU over the shifts (the service's and the simulation's own)."""
+    looks: int
+    embeddings: int
+    """Looks of the change watch, and those that ran the speaker model."""
+    agents: int
+    not_enrolled: int
+    logins_refused: int
+    look_cpu: tuple[float, float] | None = None
+    """CPU seconds of one look with speech and of one without, measured alone."""
+
+
+async def _run(
+    config: ServerConfig,
+    plans: list[tuple[Voice, Voice | None, float, float]],
+    args: Any,
+    *,
+    measure_look: bool = False,
+) -> RunResult:
+    clock = VirtualClock()
+    # A database and a key of its own for each run.
+    database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
+    server = VoxauthServer(
+        replace(config, database_path=database), secrets.token_bytes(32), clock=clock
+    )
+    await server.start()
+    try:
+        simulation = Simulation(server, clock)
+        voices = {p[0].speaker: p[0] for p in plans}
+        enrolled = {speaker for speaker, voice in voices.items() if simulation.enroll(voice)}
+        plans = [p for p in plans if p[0].speaker in enrolled]
+        outcomes: list[ShiftOutcome] = []
+        cpu = 0.0
+        for start in range(0, len(plans), args.concurrency):
+            batch = plans[start : start + args.concurrency]
+            before = time.process_time()
+            outcomes += await simulation.run_batch(batch, args.seed + start)
+            cpu += time.process_time() - before
+            print(f"  ... {len(outcomes)} shifts", file=sys.stderr, flush=True)
+        result = RunResult(
+            outcomes,
+            cpu,
+            simulation.inference.looks,
+            simulation.watch_embedder.calls,
+            len(enrolled),
+            len(voices) - len(enrolled),
+            simulation.logins_refused,
+        )
+        if measure_look and plans:
+            result.look_cpu = look_cost(simulation, plans[0][0], np.random.default_rng(args.seed))
+        return result
+    finally:
+        await server.stop(grace=0)
+
+
+def look_cost(
+    simulation: Simulation, voice: Voice, rng: np.random.Generator, repeats: int = 30
+) -> tuple[float, float]:
+    """CPU seconds of one look as the service makes it (the voiceprint read, decoding, the
+    level screen, the model), with nothing else running: on 60 s of the agent's conversation,
+    and on 60 s of line noise (a look that finds no speech)."""
+    shifts = simulation.shifts
+    embedder = simulation.watch_embedder
+    agent_id = f"bench-{voice.speaker}"
+
+    def cost(samples: np.ndarray[Any, np.dtype[np.float32]]) -> float:
+        buffer = ShiftAudioBuffer(StreamFormat(AudioEncoding.PCM16LE, RATE), 90.0)
+        data = pcm16(samples)
+        step = RATE * 2
+        for at, offset in enumerate(range(0, len(data) - step + 1, step)):
+            buffer.append(data[offset : offset + step], float(at + 1))
+        before = time.process_time()
+        for _ in range(repeats):
+            ChangeWatch(shifts.policy, embedder).look(
+                buffer, functools.partial(shifts.voiceprint_of, agent_id)
+            )
+        return (time.process_time() - before) / repeats
+
+    speech, _ = conversation(voice.material, 60.0, rng)
+    noise = (10 ** (_NOISE_DBFS / 20) * rng.standard_normal(60 * RATE)).astype(np.float32)
+    return cost(speech), cost(noise)
+
+
+def _plans(
+    voices: list[Voice], rng: np.random.Generator, takeovers: int, genuine: int, hours: float
+) -> tuple[list[tuple[Voice, Voice | None, float, float]], list[tuple[Voice, None, float, float]]]:
+    takeover_plans: list[tuple[Voice, Voice | None, float, float]] = []
+    for i in range(takeovers):
+        agent = voices[i % len(voices)]
+        others = [v for v in voices if v.speaker != agent.speaker]
+        impostor = others[int(rng.integers(0, len(others)))]
+        at = float(rng.uniform(120.0, 1800.0))
+        takeover_plans.append((agent, impostor, at, at + 1200.0))
+    genuine_plans: list[tuple[Voice, None, float, float]] = [
+        (voices[(takeovers + i) % len(voices)], None, 0.0, hours * 3600) for i in range(genuine)
+    ]
+    return takeover_plans, genuine_plans
+
+
+def _fmt(spread: Spread | None) -> str:
+    if spread is None:
+        return "-"
+    return f"median {spread.median:.0f} s, p90 {spread.p90:.0f} s, max {spread.max:.0f} s"
+
+
+def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) -> None:
+    for name, run in (("takeover", takeover), ("genuine", genuine)):
+        print(
+            f"{name} run: {run.agents} agents enrolled ({run.not_enrolled} recordings too short "
+            f"for a voiceprint), {run.logins_refused} logins refused (those shifts not run)"
+        )
+    shifts = takeover.outcomes
+    locked = [o for o in shifts if o.locked_at is not None and o.takeover_at is not None]
+    to_lock = [o.locked_at - o.takeover_at for o in locked]  # type: ignore[operator]
+    to_fail = [
+        o.first_failure_at - o.takeover_at
+        for o in shifts
+        if o.first_failure_at is not None and o.takeover_at is not None
+    ]
+    print(f"takeover shifts: {len(shifts)} (a takeover 2-30 min in, then 20 min of the impostor)")
+    print(f"  takeover -> first failed checkpoint: {_fmt(Spread.of(to_fail))} ({len(to_fail)})")
+    print(f"  takeover -> lock: {_fmt(Spread.of(to_lock))}; locked {len(locked)}/{len(shifts)}")
+    print(f"  checkpoints: {_counts(shifts)}")
+    if baseline is not None:
+        base = [o for o in baseline.outcomes if o.locked_at is not None]
+        base_lock = [o.locked_at - o.takeover_at for o in base]  # type: ignore[operator]
+        print(
+            f"  the same without the watch: takeover -> lock {_fmt(Spread.of(base_lock))}; "
+            f"locked {len(base)}/{len(baseline.outcomes)} within 40 min"
+        )
+    calm = genuine.outcomes
+    seconds = sum(o.seconds for o in calm)
+    hours = seconds / 3600
+    counts = _counts(calm)
+    triggers = sum(n for k, n in counts.items() if k.startswith("CHANGE_WATCH"))
+    failures = sum(n for k, n in counts.items() if k.endswith("failed"))
+    locks = sum(o.locked_at is not None for o in calm)
+    voices = sum(o.second_voices for o in calm)
+    print(f"genuine shifts: {len(calm)}, {hours:.1f} shift-hours, no takeover")
+    print(
+        f"  false triggers {triggers} ({triggers / hours:.2f} per shift-hour); failed "
+        f"checkpoints {failures}; false locks {locks} ({locks / hours:.3f} per shift-hour); "
+        f"second-voice events {voices} ({voices / hours:.2f} per shift-hour)"
+    )
+    print(f"  checkpoints: {counts}")
+    speech_minutes = sum(o.speech_seconds for o in calm) / 60
+    print(
+        f"  the watch: {genuine.looks} looks, {genuine.embeddings} with speech enough to embed "
+        f"({genuine.embeddings / hours:.0f} per shift-hour; {speech_minutes / hours:.0f} min of "
+        "speech per shift-hour)"
+    )
+    if genuine.look_cpu is not None and genuine.looks:
+        with_speech, without = genuine.look_cpu
+        empty = genuine.looks - genuine.embeddings
+        added = (genuine.embeddings * with_speech + empty * without) / hours
+        print(
+            f"  CPU of one look, measured alone: {with_speech * 1000:.1f} ms with speech, "
+            f"{without * 1000:.1f} ms without"
+        )
+        print(
+            f"  added CPU per shift: {added:.2f} s per shift-hour, "
+            f"{added * hours / speech_minutes * 1000:.0f} ms per shift-minute of speech; "
+            f"the watch alone would fill a 2-core replica at {2 * 3600 / added:.0f} shifts"
+        )
+    total = genuine.cpu_seconds / hours
+    print(
+        f"  all CPU of the genuine run (checkpoints, watch, the store and the simulation itself):"
+        f" {total:.1f} s per shift-hour, i.e. {2 * 3600 / total:.0f} shifts per 2-core replica "
+        "(stream ingestion over gRPC not included)"
+    )
+
+
+def _counts(outcomes: Sequence[ShiftOutcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        for k, n in o.checkpoints.items():
+            counts[k] = counts.get(k, 0) + n
+    return dict(sorted(counts.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="voxauth bench shifts takeover",
+        description="Time from a takeover of the agent's line to the lock, false triggers and "
+        "locks on the agent's own voice, and the change watch's CPU, at the default schedule.",
+    )
+    parser.add_argument("directory", type=Path, help="folder of .flac recordings, one speaker each")
+    parser.add_argument("--takeovers", type=int, default=40, help="takeover shifts (default 40)")
+    parser.add_argument("--genuine", type=int, default=20, help="genuine shifts (default 20)")
+    parser.add_argument("--hours", type=float, default=1.0, help="genuine shift length, h")
+    parser.add_argument(
+        "--baseline", type=int, default=0, help="takeover shifts also run without the watch"
+    )
+    parser.add_argument("--concurrency", type=int, default=10, help="shifts run side by side")
+    parser.add_argument("--threshold", type=float, help="VOXAUTH_CHANGE_WATCH_THRESHOLD")
+    parser.add_argument(
+        "--no-watch", action="store_true", help="run every shift without the change watch"
+    )
+    parser.add_argument(
+        "--genuine-only",
+        action="store_true",
+        help="draw the same shifts, run only the genuine ones (e.g. to compare --no-watch)",
+    )
+    parser.add_argument("--seed", type=int, default=13)
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory} is not a folder")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="voxauth-takeover-") as tmp:
+        workdir = Path(tmp)
+        config = bench_config(workdir, not args.no_watch, args.threshold)
+        voices = held_apart_voices(args.directory, config)
+        if len(voices) < 2:
+            print("voxauth bench shifts takeover: fewer than 2 usable speakers", file=sys.stderr)
+            return 2
+        rng = np.random.default_rng(args.seed)
+        takeover_plans, genuine_plans = _plans(
+            voices, rng, args.takeovers, args.genuine, args.hours
+        )
+        print(
+            f"{len(voices)} held-apart speakers from {args.directory}; policy "
+            f"{ShiftPolicy().mean_checkpoint_interval_seconds:g} +/- "
+            f"{ShiftPolicy().checkpoint_jitter_seconds:g} s, "
+            + (
+                "watch off"
+                if args.no_watch
+                else f"watch threshold {config.shifts.change_watch_threshold:g}, every "
+                f"{config.shifts.change_watch_interval_seconds:g} s"
+            )
+        )
+        if args.genuine_only:
+            takeover_plans = []
+        takeover = asyncio.run(_run(config, takeover_plans, args))
+        genuine = asyncio.run(_run(config, list(genuine_plans), args, measure_look=True))
+        baseline = None
+        if args.baseline:
+            plain = bench_config(workdir, False, args.threshold)
+            # Without the watch a lock takes two random checkpoints: give it 40 minutes.
+            longer = [(a, i, t, t + 2400.0) for a, i, t, _ in takeover_plans[: args.baseline]]
+            baseline = asyncio.run(_run(plain, longer, args))
+    report(takeover, genuine, baseline)
+    print(f"ran {time.monotonic() - started:.0f} s wall")
+    return 0
