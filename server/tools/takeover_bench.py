@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +47,7 @@ from server.config import (
 from server.errors import VoxauthError
 from server.pipeline.analysis import AudioInput
 from server.pipeline.decode import AudioEncoding
+from server.runtime.clock import ManualClock
 from server.scoring.scorer import ScoringModel
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
 from server.shifts.change_watch import ChangeWatch, CheckpointTrigger
@@ -59,39 +60,6 @@ RATE = 16_000
 _MIN_RECORDING_SECONDS = 12.0
 _STEP_SECONDS = 1.0  # one message of 50 frames per shift per step
 _NOISE_DBFS = -65.0
-
-
-class VirtualClock:
-    """A Clock whose time moves only by `advance` (as the tests' ManualClock)."""
-
-    def __init__(self) -> None:
-        self._elapsed = 0.0
-        self._start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def monotonic(self) -> float:
-        return self._elapsed
-
-    def now(self) -> datetime:
-        return self._start + timedelta(seconds=self._elapsed)
-
-    async def sleep_until(self, deadline: float) -> None:
-        if deadline <= self._elapsed:
-            return
-        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (deadline, wake)
-        self._sleepers.append(entry)
-        try:
-            await wake
-        finally:
-            if entry in self._sleepers:
-                self._sleepers.remove(entry)
-
-    def advance(self, seconds: float) -> None:
-        self._elapsed += seconds
-        for deadline, wake in list(self._sleepers):
-            if deadline <= self._elapsed and not wake.done():
-                wake.set_result(None)
 
 
 class CountingPool:
@@ -229,7 +197,7 @@ def held_apart_voices(directory: Path, config: ServerConfig) -> list[Voice]:
 
 
 class Simulation:
-    def __init__(self, server: VoxauthServer, clock: VirtualClock) -> None:
+    def __init__(self, server: VoxauthServer, clock: ManualClock) -> None:
         self._server = server
         self._clock = clock
         services = server.services
@@ -413,7 +381,7 @@ async def _run(
     *,
     measure_look: bool = False,
 ) -> RunResult:
-    clock = VirtualClock()
+    clock = ManualClock(datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
     # A database and a key of its own for each run.
     database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
     server = VoxauthServer(

@@ -9,7 +9,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from server.tools.takeover_bench import RATE, CountingPool, Spread, VirtualClock, conversation
+from server.runtime.clock import ManualClock
+from server.tools.takeover_bench import RATE, CountingPool, Spread, conversation
 
 
 def test_a_leg_is_turns_of_the_speaker_with_pauses_between() -> None:
@@ -32,7 +33,7 @@ def test_spread_takes_observed_values() -> None:
 
 def test_virtual_time_moves_only_when_told_and_work_in_flight_is_counted() -> None:
     async def scenario() -> list[str]:
-        clock = VirtualClock()
+        clock = ManualClock()
         seen: list[str] = []
 
         async def sleeper() -> None:
