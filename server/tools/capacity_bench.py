@@ -51,6 +51,7 @@ from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import ShiftPolicy
+from server.shifts.buffer import MAX_FRAMES_PER_MESSAGE
 from server.tools.shift_bench import (
     _SPEECH_DIR,
     FRAME_BYTES,
@@ -664,9 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--message-ms",
         type=int,
-        choices=[20, 40, 60, 80, 100],
         default=100,
-        help="audio per message (default 100; a softphone may send 20)",
+        help="audio per message, a multiple of 20 up to 1000 (default 100; a softphone may "
+        "send 20, the server takes up to 1000)",
     )
     parser.add_argument(
         "--cores", type=float, default=2.0, help="cores of the replica the figure is for"
@@ -688,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         "--look-interval", type=float, default=60.0, help="seconds between looks (default 60)"
     )
     args = parser.parse_args(argv)
+    if args.message_ms % 20 or not 20 <= args.message_ms <= 20 * MAX_FRAMES_PER_MESSAGE:
+        parser.error("--message-ms must be a multiple of 20 from 20 to 1000")
     if args.seconds < 10 or args.clients < 1 or args.cores <= 0:
         parser.error("--seconds must be at least 10, --clients and --cores positive")
     if args.checkpoints_per_second <= 0 or args.look_cpu_seconds <= 0 or args.look_interval <= 0:
