@@ -451,7 +451,6 @@ class _Clients:
 async def _level(
     clients: _Clients,
     server: BenchServer,
-    agents: int,
     current: int,
     count: int,
     seconds: float,
@@ -586,7 +585,7 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
         previous: tuple[int, float] | None = None
         for count in settings.levels:
             result = await _level(
-                clients, server, len(agents), current, count, settings.seconds, settings.frames
+                clients, server, current, count, settings.seconds, settings.frames
             )
             current = count
             slope = marginal(previous, (count, result.server_cores), baseline_cores)
