@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         help="measure embedding speed (`--check`: each stage of a whole check); `bench load`: "
-        "Verify load; `bench shifts`: shift load; `bench store`: store work per Verify",
+        "Verify load; `bench shifts`: shift load; `bench capacity`: shift streams; "
+        "`bench store`: store work per Verify",
     )
     commands.add_parser("audit", help="verify or export the tamper-evident audit log")
     commands.add_parser("report", help="write the compliance report for a period (HTML)")
@@ -298,6 +299,10 @@ def _bench(argv: list[str]) -> int:
         from server.tools.shift_bench import main as shift_bench_main
 
         return shift_bench_main(argv[1:])
+    if argv[:1] == ["capacity"]:
+        from server.tools.capacity_bench import main as capacity_bench_main
+
+        return capacity_bench_main(argv[1:])
     if argv[:1] == ["store"]:
         from server.tools.store_bench import main as store_bench_main
 
