@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from functools import partial
@@ -20,7 +21,7 @@ from enrollment.passive import PassiveEnrollment, PassiveStep
 from server.audit_actions import AuditAction
 from server.errors import CapacityError, VoxauthError
 from server.pipeline.speech import SpeechDetector
-from server.records import AuditEvent, ShiftRecord, ShiftState
+from server.records import AuditEvent, ShiftLease, ShiftRecord, ShiftState
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.scoring.gallery import GalleryMatch
@@ -39,7 +40,13 @@ class ShiftService(Protocol):
     clock: Clock
     detector: SpeechDetector
 
-    async def save(self, record: ShiftRecord, *audit: AuditEvent) -> None: ...
+    async def save(
+        self,
+        record: ShiftRecord,
+        *audit: AuditEvent,
+        lease: ShiftLease | None = None,
+        events: Sequence[ShiftEvent] = (),
+    ) -> None: ...
 
     def audit_event(
         self, action: AuditAction, record: ShiftRecord, outcome: str, **details: object
@@ -57,11 +64,12 @@ class ShiftSession(Protocol):
 
     record: ShiftRecord
     buffer: ShiftAudioBuffer | None
+    lease: ShiftLease | None
 
     @property
     def audio_arrived(self) -> asyncio.Event: ...
 
-    def publish(self, event: ShiftEvent) -> None: ...
+    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None: ...
 
 
 async def collect(service: ShiftService, session: ShiftSession, passive: PassiveEnrollment) -> None:
@@ -173,6 +181,14 @@ async def _collected(
         )
         return
     record = replace(session.record, state=ShiftState.UNVERIFIED, updated_at=now)
+    completed = ShiftEvent(
+        ShiftEventKind.ENROLLMENT_COMPLETED,
+        record,
+        now,
+        net_speech_seconds=finalized.voiceprint.net_speech_seconds,
+    )
+    # Fenced by the shift's lease and stored with its event, as every shift change is
+    # (server/shifts/lease.py, event_bus.py).
     await service.save(
         record,
         service.audit_event(
@@ -182,14 +198,9 @@ async def _collected(
             net_speech_seconds=round(finalized.voiceprint.net_speech_seconds, 2),
             stretches=finalized.voiceprint.utterance_count,
         ),
+        lease=session.lease,
+        events=[completed],
     )
     session.record = record
-    session.publish(
-        ShiftEvent(
-            ShiftEventKind.ENROLLMENT_COMPLETED,
-            record,
-            now,
-            net_speech_seconds=finalized.voiceprint.net_speech_seconds,
-        )
-    )
+    session.publish(completed, recorded=True)
     log.info("shift %s enrolled its agent passively", record.shift_id)
