@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from http import HTTPStatus
 from typing import Any
 
 from starlette.requests import Request
@@ -35,18 +36,13 @@ from server.api.console.compliance import (
     load_evaluation,
 )
 from server.api.console.sessions import COOKIE, SESSION_LIFETIME, Session, Sessions
+from server.api.http.errors import http_status_for
 from server.api.readiness import Readiness, Services
 from server.audit_actions import AuditAction
 from server.config import ServerConfig
 from server.errors import (
-    CapacityError,
-    ConflictError,
-    InternalError,
     InvalidInputError,
-    NotFoundError,
-    PreconditionError,
     UnauthenticatedError,
-    UnavailableError,
     VoxauthError,
 )
 from server.records import AuditEvent, ShiftRecord, ShiftState
@@ -441,20 +437,12 @@ def _unlocked_flash(request: Request) -> str | None:
 
 
 def _status(error: VoxauthError) -> int:
-    """The HTTP status of an error category (as interceptors.py maps them to gRPC codes)."""
-    if isinstance(error, InvalidInputError):
-        return 400
-    if isinstance(error, NotFoundError):
-        return 404
-    if isinstance(error, PreconditionError | ConflictError):
-        return 409
-    if isinstance(error, CapacityError):
-        return 429
-    if isinstance(error, UnavailableError):
-        return 503
-    if isinstance(error, InternalError):
+    """The HTTP status of the error's category: the HTTP side's one mapping
+    (server/api/http/errors.py), beside gRPC's in interceptors.py."""
+    status = http_status_for(type(error))
+    if status is HTTPStatus.INTERNAL_SERVER_ERROR:
         log.error("console: %s", error.message)
-    return 500
+    return int(status)
 
 
 def _same_origin(request: Request) -> bool:
