@@ -45,8 +45,13 @@ BONA_FIDE_CLASS = 1
 """Index of the bona-fide logit in the output (the other is spoof)."""
 WEIGHTS_FILE = "AASIST.pth"
 LOGITS_OUTPUT = "logits"
+READOUT_OUTPUT = "readout"
+READOUT_DIM = 160
+"""Width of the readout the output layer reads (5 x the heterogeneous graphs' 32 dimensions):
+the embedding a back-end classifier (models/pad_backend.py) is fitted on."""
 # Bump when the export step changes (opset, inputs, outputs), so older exports are rebuilt.
-EXPORT_FORMAT = 1
+# 2: the readout is a second output.
+EXPORT_FORMAT = 2
 _OPSET = 17
 
 # The published configuration (config/AASIST.conf).
@@ -260,6 +265,11 @@ class Aasist(nn.Module):
         self.out_layer = nn.Linear(5 * hetero, 2)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.logits_and_readout(waveform)
+        return logits
+
+    def logits_and_readout(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the readout they are a linear function of, (batch, READOUT_DIM)."""
         bands = F.max_pool2d(self.conv_time(waveform).abs().unsqueeze(1), (3, 3))
         encoded = self.encoder(F.selu(self.first_bn(bands)))  # (batch, channels, freq, time)
 
@@ -291,7 +301,7 @@ class Aasist(nn.Module):
             dim=1,
         )
         logits: torch.Tensor = self.out_layer(readout)
-        return logits
+        return logits, readout
 
     @staticmethod
     def _branch(
@@ -308,6 +318,17 @@ class Aasist(nn.Module):
         temporal, spectral = pool_temporal(temporal), pool_spectral(spectral)
         more_temporal, more_spectral, more_master = refine(temporal, spectral, master)
         return temporal + more_temporal, spectral + more_spectral, master + more_master
+
+
+class _WithReadout(nn.Module):
+    """What the export runs: both outputs, so one pass serves the raw score and a back-end."""
+
+    def __init__(self, network: Aasist) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network.logits_and_readout(waveform)
 
 
 def build_network(model_dir: Path) -> Aasist:
@@ -334,8 +355,8 @@ def exported_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST)
 
 def export_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -> Path:
     """Export the verified checkpoint's network to ONNX (input: a batch of windows of
-    WINDOW_SAMPLES samples, the batch axis dynamic; output: the logits) unless the current
-    export is there; remove older exports. Returns the export's path."""
+    WINDOW_SAMPLES samples, the batch axis dynamic; outputs: the logits and the readout)
+    unless the current export is there; remove older exports. Returns the export's path."""
     verify_model_dir(model_dir, manifest)
     target = export_path(model_dir, manifest)
     if target.is_file():
@@ -348,12 +369,16 @@ def export_network(model_dir: Path, manifest: ModelManifest = AASIST_MANIFEST) -
             # window length; the export is checked against the torch network by the tests.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                network,
+                _WithReadout(network),
                 (torch.zeros(1, WINDOW_SAMPLES),),
                 str(temp),
                 input_names=["waveform"],
-                output_names=[LOGITS_OUTPUT],
-                dynamic_axes={"waveform": {0: "windows"}, LOGITS_OUTPUT: {0: "windows"}},
+                output_names=[LOGITS_OUTPUT, READOUT_OUTPUT],
+                dynamic_axes={
+                    "waveform": {0: "windows"},
+                    LOGITS_OUTPUT: {0: "windows"},
+                    READOUT_OUTPUT: {0: "windows"},
+                },
                 opset_version=_OPSET,
                 dynamo=False,
             )

@@ -26,13 +26,17 @@ from models.aasist import (
     build_network,
     exported_network,
 )
-from models.countermeasure import WindowBatch, windows_of
+from models.countermeasure import CountermeasureEvidence, WindowBatch, windows_of
 from models.embedder import Waveform
 from models.errors import UnusableWaveformError
 from models.manifest import AASIST_MANIFEST, verify_model_dir
+from models.pad_backend import PadBackEnd, check_features
 
 WindowLogits = npt.NDArray[np.float32]
 """(windows, 2): spoof and bona-fide logits of each window."""
+WindowReadouts = npt.NDArray[np.float32]
+"""(windows, READOUT_DIM): the readout each window's logits are a linear function of."""
+WindowOutputs = tuple[WindowLogits, WindowReadouts]
 
 _MAX_BATCH_WINDOWS = 2
 # Below a second, the window would be the same few syllables repeated four times or more.
@@ -43,8 +47,15 @@ class AasistCountermeasure:
     """AASIST behind the Countermeasure interface. Build it with `load` (OpenVINO, the
     service's path) or `load_torch` (the torch network, the reference)."""
 
-    def __init__(self, infer: Callable[[WindowBatch], WindowLogits]) -> None:
+    def __init__(
+        self, infer: Callable[[WindowBatch], WindowOutputs], backend: PadBackEnd | None = None
+    ) -> None:
         self._infer = infer
+        self._backend = backend
+
+    def with_backend(self, backend: PadBackEnd | None) -> AasistCountermeasure:
+        """The same network, its checks scored by `backend` (None: by the raw logit)."""
+        return AasistCountermeasure(self._infer, backend)
 
     @classmethod
     def load(
@@ -79,16 +90,18 @@ class AasistCountermeasure:
         verify_model_dir(model_dir, AASIST_MANIFEST)
         network = build_network(model_dir)
 
-        def infer(windows: WindowBatch) -> WindowLogits:
+        def infer(windows: WindowBatch) -> WindowOutputs:
             with torch.inference_mode():
-                logits: WindowLogits = network(torch.from_numpy(windows)).numpy()
-            return logits
+                logits, readout = network.logits_and_readout(torch.from_numpy(windows))
+            return logits.numpy(), readout.numpy()
 
         return cls(infer)
 
     @property
     def model_id(self) -> str:
-        return AASIST_MANIFEST.model_id
+        """The checkpoint's id, with the back-end's where there is one: a PAD calibration
+        holds for exactly the scores it was measured on."""
+        return AASIST_MANIFEST.model_id if self._backend is None else self._backend.model_id
 
     @property
     def sample_rate(self) -> int:
@@ -102,8 +115,25 @@ class AasistCountermeasure:
         """Mean bona-fide logit over the windows that cover the waveform."""
         return float(np.mean(self.window_logits(waveform)[:, BONA_FIDE_CLASS]))
 
+    def evidence(self, waveform: Waveform) -> CountermeasureEvidence:
+        """The mean bona-fide logit and the back-end's input (the windows' readouts with the
+        check's spectral statistics), from one pass over the windows."""
+        logits, readouts = self.window_outputs(waveform)
+        return CountermeasureEvidence(
+            float(np.mean(logits[:, BONA_FIDE_CLASS])), check_features(readouts, waveform)
+        )
+
+    def channel_score(self, evidence: CountermeasureEvidence, channel: str) -> float:
+        if self._backend is None:
+            return evidence.raw_score
+        return self._backend.score(channel, evidence.features)
+
     def window_logits(self, waveform: Waveform) -> WindowLogits:
         """Logits of each window that covers the waveform, in order."""
+        return self.window_outputs(waveform)[0]
+
+    def window_outputs(self, waveform: Waveform) -> WindowOutputs:
+        """Logits and readouts of each window that covers the waveform, in order."""
         if waveform.ndim != 1:
             raise UnusableWaveformError(f"expected mono audio (1-D), got shape {waveform.shape}")
         if waveform.shape[0] < self.min_samples:
@@ -116,11 +146,13 @@ class AasistCountermeasure:
         windows = windows_of(waveform, WINDOW_SAMPLES)
         # A few windows at a time: the network's activations grow with the batch, and a
         # minute of audio is 15 windows (tests/e2e/test_upload_memory.py bounds the RSS).
-        return np.concatenate(
-            [
-                self._infer(windows[start : start + _MAX_BATCH_WINDOWS])
-                for start in range(0, len(windows), _MAX_BATCH_WINDOWS)
-            ]
+        parts = [
+            self._infer(windows[start : start + _MAX_BATCH_WINDOWS])
+            for start in range(0, len(windows), _MAX_BATCH_WINDOWS)
+        ]
+        return (
+            np.concatenate([logits for logits, _ in parts]),
+            np.concatenate([readout for _, readout in parts]),
         )
 
 
@@ -132,14 +164,15 @@ class _OpenVinoWindows:
         self._compiled = compiled
         self._requests = threading.local()
 
-    def __call__(self, windows: WindowBatch) -> WindowLogits:
+    def __call__(self, windows: WindowBatch) -> WindowOutputs:
         request: ov.InferRequest | None = getattr(self._requests, "request", None)
         if request is None:
             request = self._compiled.create_infer_request()
             self._requests.request = request
         request.infer({0: windows})
         logits: WindowLogits = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-        return logits
+        readout: WindowReadouts = np.array(request.get_output_tensor(1).data, dtype=np.float32)
+        return logits, readout
 
 
 def _native_precision(core: ov.Core) -> str:

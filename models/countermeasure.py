@@ -4,6 +4,7 @@ than the network's window is covered by windows (numpy only: no model is loaded 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -13,6 +14,16 @@ from models.embedder import Waveform
 
 WindowBatch = npt.NDArray[np.float32]
 """Windows of audio, (windows, samples), float32 in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class CountermeasureEvidence:
+    """What one pass of the countermeasure over a check yields."""
+
+    raw_score: float
+    """The network's own bona-fide score, uncalibrated (`Countermeasure.score`)."""
+    features: npt.NDArray[np.float64]
+    """The input of a back-end fitted on the network's outputs (models/pad_backend.py)."""
 
 
 class Countermeasure(Protocol):
@@ -34,6 +45,13 @@ class Countermeasure(Protocol):
     def score(self, waveform: Waveform) -> float:
         """Bona-fide score of the whole waveform, uncalibrated: higher is more likely genuine.
         Thread-safe; called from worker threads."""
+
+    def evidence(self, waveform: Waveform) -> CountermeasureEvidence:
+        """The raw score and the back-end's input, from one pass. Thread-safe."""
+
+    def channel_score(self, evidence: CountermeasureEvidence, channel: str) -> float:
+        """The score the channel's threshold applies to ("wideband" or "telephone"): the
+        back-end's log-odds where the countermeasure has one, else the raw score."""
 
 
 def window_starts(samples: int, window: int) -> list[int]:

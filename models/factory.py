@@ -21,10 +21,21 @@ def load_speaker_embedder(
     return EcapaEmbedder.load(model_dir, workers=workers, threads=threads)
 
 
-def load_countermeasure(model_dir: Path, *, workers: int = 1, threads: int = 1) -> Countermeasure:
+def load_countermeasure(
+    model_dir: Path, *, backend: Path | None = None, workers: int = 1, threads: int = 1
+) -> Countermeasure:
     """The AASIST countermeasure from the verified checkpoint in `model_dir`, in OpenVINO at
     the CPU's native precision (the one its calibration was measured at), for `workers`
-    concurrent callers. Raises ModelFilesError when the files do not match the manifest."""
+    concurrent callers, its checks scored by the PAD back-end in `backend` (default: the
+    shipped models/scoring/pad_backend.json). Raises ModelFilesError when the files do not
+    match the manifest or the back-end is missing, malformed or made for other weights."""
+    from models.aasist import READOUT_DIM
     from models.aasist_countermeasure import AasistCountermeasure
+    from models.manifest import AASIST_MANIFEST
+    from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
 
-    return AasistCountermeasure.load(model_dir, workers=workers, threads=threads)
+    fitted = PadBackEnd.load(
+        backend or default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+    )
+    network = AasistCountermeasure.load(model_dir, workers=workers, threads=threads)
+    return network.with_backend(fitted)

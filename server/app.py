@@ -124,6 +124,7 @@ class VoxauthServer:
         self._load_countermeasure = load_countermeasure or (
             lambda: load_countermeasure_model(
                 config.countermeasure_dir or default_countermeasure_dir(),
+                backend=config.presentation.backend_path,
                 workers=config.inference.workers,
                 threads=config.inference.threads,
             )
@@ -391,8 +392,8 @@ class VoxauthServer:
         elapsed = asyncio.get_running_loop().time() - started
         log.info(
             "speaker model %s loaded in %.1f s; serving (target false-match rate %g, "
-            "cohort of %d voices%s; countermeasure %s, %s, target BPCER %g: thresholds "
-            "wideband %+.2f, telephone %+.2f)",
+            "cohort of %d voices%s; countermeasure %s, %s, target BPCER %g wideband, %g "
+            "telephone: thresholds wideband %+.2f, telephone %+.2f)",
             embedder.model_id,
             elapsed,
             self.config.scoring.target_fmr,
@@ -401,6 +402,7 @@ class VoxauthServer:
             countermeasure.model_id,
             policy.mode,
             policy.target_bpcer,
+            policy.target_bpcer_telephone,
             self._presentation.threshold(Channel.WIDEBAND),
             self._presentation.threshold(Channel.TELEPHONE),
         )

@@ -11,10 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from models.aasist import READOUT_DIM
 from models.aasist_countermeasure import AasistCountermeasure
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_countermeasure_dir, default_model_dir
+from models.manifest import AASIST_MANIFEST
+from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
 from server.config import ServerConfig
 from tests.clock import ManualClock
 from tests.postgres import PostgresServer
@@ -34,9 +37,18 @@ def countermeasure() -> AasistCountermeasure:
     return AasistCountermeasure.load(configured or default_countermeasure_dir())
 
 
+@pytest.fixture(scope="session")
+def service_countermeasure(countermeasure: AasistCountermeasure) -> AasistCountermeasure:
+    """The countermeasure as the service runs it: the network through the shipped back-end."""
+    backend = PadBackEnd.load(
+        default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+    )
+    return countermeasure.with_backend(backend)
+
+
 @pytest.fixture
 def start_server(
-    tmp_path: Path, embedder: SpeakerEmbedder, countermeasure: AasistCountermeasure
+    tmp_path: Path, embedder: SpeakerEmbedder, service_countermeasure: AasistCountermeasure
 ) -> Iterator[Callable[..., RunningServer]]:
     """Starts servers on demand (several in a row share the same database: restarts), with
     the real speaker model and countermeasure."""
@@ -53,7 +65,7 @@ def start_server(
             KEY,
             clock,
             credentials,
-            load_countermeasure=lambda: countermeasure,
+            load_countermeasure=lambda: service_countermeasure,
         )
         running.append(server)
         return server

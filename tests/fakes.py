@@ -9,6 +9,7 @@ they refuse another)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,8 +20,10 @@ import grpc
 import numpy as np
 from voxauth.v1 import voxauth_pb2 as pb
 
+from models.countermeasure import CountermeasureEvidence
 from models.embedder import Embedding, Waveform
 from models.manifest import AASIST_MANIFEST
+from models.pad_backend import backend_model_id, default_backend_path
 from server.config import (
     AudioLimits,
     PresentationAttackPolicy,
@@ -81,12 +84,18 @@ GENUINE_PAD_SCORE = 3.0
 """What FakeCountermeasure gives by default: above both shipped PAD thresholds."""
 
 
+SHIPPED_COUNTERMEASURE_ID = backend_model_id(
+    AASIST_MANIFEST.model_id, hashlib.sha256(default_backend_path().read_bytes()).hexdigest()
+)
+"""The service's countermeasure: AASIST through the shipped back-end."""
+
+
 class FakeCountermeasure:
     """Implements Countermeasure without a network: every waveform scores `score_of(waveform)`
-    (by default GENUINE_PAD_SCORE). It stands in for AASIST, whose shipped calibration it
-    therefore loads (same model id)."""
+    (by default GENUINE_PAD_SCORE) on every channel. It stands in for AASIST with the shipped
+    back-end, whose shipped calibration it therefore loads (same model id)."""
 
-    model_id = AASIST_MANIFEST.model_id
+    model_id = SHIPPED_COUNTERMEASURE_ID
     sample_rate = 16_000
     min_samples = 16_000
 
@@ -98,6 +107,12 @@ class FakeCountermeasure:
     def score(self, waveform: Waveform) -> float:
         self.scored.append(len(waveform))
         return self._score_of(waveform)
+
+    def evidence(self, waveform: Waveform) -> CountermeasureEvidence:
+        return CountermeasureEvidence(self.score(waveform), np.zeros(0))
+
+    def channel_score(self, evidence: CountermeasureEvidence, channel: str) -> float:
+        return evidence.raw_score
 
 
 class AllSpeech:

@@ -139,11 +139,11 @@ class VoiceAnalyser:
         if self.presentation is None or pending is None:
             return sample
         try:
-            score = pending.result()
+            evidence = pending.result()
         except UnusableWaveformError as error:
             raise InvalidAudioError(error.message, field="audio") from error
         return dataclasses.replace(
-            sample, presentation=self.presentation.assess(score, sample.channel)
+            sample, presentation=self.presentation.assess(evidence, sample.channel)
         )
 
     def _speaker_sample(

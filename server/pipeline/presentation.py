@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.countermeasure import Countermeasure
+from models.countermeasure import Countermeasure, CountermeasureEvidence
 from models.embedder import Waveform
 from server.config import PresentationAttackPolicy
 from server.errors import ConfigurationError
@@ -128,7 +128,7 @@ def default_pad_calibration_path() -> Path:
     return Path(__file__).resolve().parents[2] / "models" / "scoring" / "pad_calibration.json"
 
 
-PendingScore = Future[float | None]
+PendingScore = Future[CountermeasureEvidence | None]
 
 
 class PresentationAttackDetector:
@@ -146,7 +146,7 @@ class PresentationAttackDetector:
         self.countermeasure = countermeasure
         self._telemetry = telemetry
         self._thresholds = {
-            channel: entry.threshold(policy.target_bpcer)
+            channel: entry.threshold(policy.target_for(channel is Channel.TELEPHONE))
             for channel, entry in calibration.channels.items()
         }
         self._enforced = policy.enforced
@@ -161,23 +161,27 @@ class PresentationAttackDetector:
 
     def submit(self, waveform: Waveform) -> PendingScore:
         """Starts scoring `waveform` (16 kHz, as it arrived); the result is None when it is
-        too short for the countermeasure."""
+        too short for the countermeasure. The channel's score follows in `assess`, once the
+        speech analysis beside it has told the channel."""
         # In the caller's context, so the scoring's log lines name the caller's request.
         return self._executor.submit(contextvars.copy_context().run, self._score, waveform)
 
-    def _score(self, waveform: Waveform) -> float | None:
+    def _score(self, waveform: Waveform) -> CountermeasureEvidence | None:
         if len(waveform) < self.countermeasure.min_samples:
             return None
         started = time.monotonic()
-        score = self.countermeasure.score(waveform)
+        evidence = self.countermeasure.evidence(waveform)
         self._telemetry.model_ran(Model.COUNTERMEASURE, time.monotonic() - started)
-        return score
+        return evidence
 
-    def assess(self, score: float | None, channel: Channel) -> PresentationAssessment:
-        if score is None:
+    def assess(
+        self, evidence: CountermeasureEvidence | None, channel: Channel
+    ) -> PresentationAssessment:
+        if evidence is None:
             return PresentationAssessment(
                 0.0, 0.0, PresentationDecision.NOT_ASSESSED, self._enforced
             )
+        score = self.countermeasure.channel_score(evidence, channel.value)
         threshold = self._thresholds[channel]
         decision = (
             PresentationDecision.BONA_FIDE if score >= threshold else PresentationDecision.ATTACK

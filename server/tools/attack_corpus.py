@@ -596,7 +596,13 @@ def report(rows: Sequence[KindSummary]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="voxauth attacks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="voxauth attacks",
+        description=__doc__.split("\n\n")[0],
+        epilog="Also: `voxauth attacks features|fit-backend|calibrate` (the PAD back-end and its "
+        "thresholds, server/tools/pad_backend_fit.py) and `voxauth attacks evaluate` (ISO/IEC "
+        "30107-3 figures on the test split).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("build", help="make the corpus from a folder of speakers")
     make.add_argument("source", type=Path, help="folder of recordings, one file per speaker")
@@ -624,24 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     score.add_argument("--model-dir", type=Path, help="verified countermeasure files")
     score.add_argument("--precision", choices=["f32", "bf16"], help="default: the CPU's native")
     score.add_argument("--scores", type=Path, help="also write each item's window logits (JSON)")
-    calibrate = commands.add_parser(
-        "calibrate", help="set the countermeasure's per-channel thresholds (calibration split)"
-    )
-    calibrate.add_argument("corpus", type=Path)
-    calibrate.add_argument(
-        "--out", type=Path, default=Path("models/scoring/pad_calibration.json"), help="written"
-    )
-    calibrate.add_argument("--model-dir", type=Path, help="verified countermeasure files")
-    calibrate.add_argument(
-        "--scores",
-        type=Path,
-        help="window logits of an earlier `score --scores` run of the calibration split, "
-        "instead of scoring again",
-    )
     args = parser.parse_args(argv)
 
-    if args.command == "calibrate":
-        return _calibrate(args)
     if args.command == "build":
         items = build(
             args.source, args.out, seed=args.seed, max_seconds=args.max_seconds, kinds=args.kinds
@@ -700,84 +690,6 @@ def _score(args: argparse.Namespace) -> int:
         )
     )
     print(report(summarise(scores)))
-    return 0
-
-
-def pad_calibration(
-    scores: dict[Item, float], model_id: str, provenance: dict[str, Any]
-) -> dict[str, Any]:
-    """The document the server loads (server.pipeline.presentation.PadCalibration): per
-    channel, the mean and standard deviation of the genuine calibration items' scores, from
-    which a threshold for any target BPCER follows. Only calibration-split items count."""
-    channels: dict[str, Any] = {}
-    for channel in Channel:
-        genuine = np.array(
-            [
-                s
-                for i, s in scores.items()
-                if i.split is Split.CALIBRATION and i.channel is channel and i.kind == BONA_FIDE
-            ],
-            dtype=np.float64,
-        )
-        if len(genuine) < 2:
-            raise ValueError(f"too few genuine {channel.value} calibration items: {len(genuine)}")
-        channels[channel.value] = {
-            "genuine_mean": round(float(np.mean(genuine)), 4),
-            "genuine_sd": round(float(np.std(genuine, ddof=1)), 4),
-            "count": len(genuine),
-        }
-    return {
-        "format": "voxauth-pad-calibration/1",
-        "model_id": model_id,
-        "score": "mean bona-fide logit of the 64,600-sample windows covering the audio as it "
-        "arrived (pauses included), OpenVINO at the CPU's native precision",
-        "threshold": "genuine_mean + genuine_sd * Phi^-1(target BPCER): a normal model of the "
-        "genuine scores of the channel",
-        "channels": channels,
-        "provenance": provenance,
-    }
-
-
-def _calibrate(args: argparse.Namespace) -> int:
-    from models.aasist import BONA_FIDE_CLASS
-    from models.aasist_countermeasure import AasistCountermeasure
-    from models.fetch import default_countermeasure_dir
-    from models.manifest import AASIST_MANIFEST
-
-    document = json.loads((args.corpus / CORPUS_FILE).read_text())
-    genuine = [
-        i for i in load_items(args.corpus) if i.split is Split.CALIBRATION and i.kind == BONA_FIDE
-    ]
-    scores: dict[Item, float] = {}
-    if args.scores:
-        logits: dict[str, list[list[float]]] = json.loads(args.scores.read_text())
-        scores = {i: float(np.mean([w[BONA_FIDE_CLASS] for w in logits[i.path]])) for i in genuine}
-    else:
-        countermeasure = AasistCountermeasure.load(args.model_dir or default_countermeasure_dir())
-        for item in genuine:
-            waveform, _ = sf.read(args.corpus / item.path, dtype="float32")
-            scores[item] = countermeasure.score(waveform)
-    provenance = {
-        "command": "voxauth attacks calibrate CORPUS"
-        + (
-            " --scores FILE (window logits of `voxauth attacks score CORPUS --split "
-            "calibration --scores FILE`)"
-            if args.scores
-            else ""
-        ),
-        "corpus": {"seed": document["seed"], "max_seconds": document["max_seconds"]},
-        "split": Split.CALIBRATION.value,
-        "speakers": sorted({i.speaker for i in genuine}),
-        "kind": BONA_FIDE,
-    }
-    calibration = pad_calibration(scores, AASIST_MANIFEST.model_id, provenance)
-    args.out.write_text(json.dumps(calibration, indent=1) + "\n")
-    for channel, entry in calibration["channels"].items():
-        _say(
-            f"{channel}: {entry['count']} genuine items, mean {entry['genuine_mean']:+.3f}, "
-            f"sd {entry['genuine_sd']:.3f}"
-        )
-    _say(f"wrote {args.out}")
     return 0
 
 

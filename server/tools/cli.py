@@ -351,6 +351,10 @@ def _attacks(argv: list[str]) -> int:
         from server.tools.pad_evaluation import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[:1] in (["features"], ["fit-backend"], ["calibrate"]):
+        from server.tools.pad_backend_fit import main as backend_main
+
+        return backend_main(argv)
     from server.tools.attack_corpus import main as attacks_main
 
     return attacks_main(argv)

@@ -324,10 +324,12 @@ def _timed_check(
     detected_at = clock()
     embedding = embedder.embed(quality.speech)
     embedded_at = clock()
-    # As the service does: the countermeasure judges the audio as it arrived, pauses included.
-    countermeasure.score(decoded.waveform)
-    judged_at = clock()
+    # As the service does: the countermeasure judges the audio as it arrived, pauses included,
+    # and its back-end scores the evidence for the check's channel.
+    evidence = countermeasure.evidence(decoded.waveform)
     channel = channel_of(decoded.source_rate_hz, quality.speech)
+    countermeasure.channel_score(evidence, channel.value)
+    judged_at = clock()
     scorer.score(voiceprint, embedding, quality.net_speech_seconds, channel)
     scored_at = clock()
     timings = {

@@ -30,13 +30,28 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from models.aasist import BONA_FIDE_CLASS
+from models.aasist import READOUT_DIM
 from models.embedder import Embedding
 from models.manifest import AASIST_MANIFEST
+from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
+from server.config import PresentationAttackPolicy
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PadCalibration, default_pad_calibration_path
-from server.tools.attack_corpus import ATTACKS, BONA_FIDE, CORPUS_FILE, Item, Split, load_items
+from server.tools.attack_corpus import (
+    ATTACKS,
+    BONA_FIDE,
+    CORPUS_FILE,
+    Item,
+    Split,
+    load_items,
+)
 from server.tools.evaluation import Rate
+from server.tools.pad_backend_fit import (
+    ItemFeatures,
+    calibration_channels,
+    features_max_seconds,
+    load_features,
+)
 
 Scores = dict[Item, float]
 
@@ -111,12 +126,19 @@ def det_plot(scores: Scores, thresholds: dict[Channel, float], out: Path) -> Non
     figure.savefig(out, dpi=110)
 
 
-def window_scores(items: Sequence[Item], logits_file: Path) -> Scores:
-    logits: dict[str, list[list[float]]] = json.loads(logits_file.read_text())
+def item_scores(
+    items: Sequence[Item], found: dict[str, ItemFeatures], backend: PadBackEnd | None
+) -> Scores:
+    """Each item's score as the service computes it: the back-end's log-odds for the item's
+    channel, or with no back-end the raw mean bona-fide logit."""
     return {
-        i: float(np.mean([w[BONA_FIDE_CLASS] for w in logits[i.path]]))
+        i: (
+            found[i.path].raw
+            if backend is None
+            else backend.score(i.channel.value, found[i.path].features)
+        )
         for i in items
-        if i.path in logits
+        if i.path in found
     }
 
 
@@ -130,8 +152,11 @@ class SpeakerChecks:
     """Per genuine item: cosine with its speaker's enrollment (replay fingerprint)."""
 
 
-def speaker_checks(corpus: Path, items: Sequence[Item]) -> SpeakerChecks:
-    """Runs the service's analyser and scorer (real ECAPA, Silero, shipped calibration)."""
+def speaker_checks(
+    corpus: Path, items: Sequence[Item], max_seconds: float | None = None
+) -> SpeakerChecks:
+    """Runs the service's analyser and scorer (real ECAPA, Silero, shipped calibration) on
+    each item, or on its first `max_seconds` (as the PAD features were made)."""
     from models.factory import load_speaker_embedder
     from models.fetch import default_model_dir
     from server.config import AudioLimits, ScoringPolicy, VerificationPolicy
@@ -176,7 +201,9 @@ def speaker_checks(corpus: Path, items: Sequence[Item]) -> SpeakerChecks:
         voiceprint = voiceprints.get(item.speaker)
         if voiceprint is None:
             continue
-        waveform, _ = sf.read(corpus / item.path, dtype="float32")
+        waveform, rate = sf.read(corpus / item.path, dtype="float32")
+        if max_seconds is not None:
+            waveform = waveform[: int(max_seconds * rate)]
         sample = analyser.analyse_waveform(waveform, min_net_speech_seconds=minimum)
         if sample.embedding is None:
             continue
@@ -206,17 +233,42 @@ def speaker_checks(corpus: Path, items: Sequence[Item]) -> SpeakerChecks:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    items = [i for i in load_items(args.corpus) if i.split is Split.TEST]
-    scores = window_scores(items, args.scores)
-    calibration = PadCalibration.load(
-        args.calibration or default_pad_calibration_path(), AASIST_MANIFEST.model_id
-    )
-    thresholds = {c: e.threshold(args.target_bpcer) for c, e in calibration.channels.items()}
+    everything = load_items(args.corpus)
+    items = [i for i in everything if i.split is Split.TEST]
+    found = load_features(args.features)
+    if args.raw:
+        # The raw checkpoint's figures for comparison: its thresholds from the calibration
+        # split's genuine items, by the same normal model the shipped calibration uses.
+        backend = None
+        model_id = AASIST_MANIFEST.model_id
+        genuine = item_scores([i for i in everything if i.kind == BONA_FIDE], found, None)
+        calibration = PadCalibration(model_id, calibration_channels(genuine, Split.CALIBRATION))
+    else:
+        backend = PadBackEnd.load(
+            args.backend or default_backend_path(),
+            AASIST_MANIFEST.model_id,
+            READOUT_DIM + SPECTRAL_DIM,
+        )
+        model_id = backend.model_id
+        calibration = PadCalibration.load(
+            args.calibration or default_pad_calibration_path(), model_id
+        )
+    scores = item_scores(items, found, backend)
+    targets = {
+        Channel.WIDEBAND: args.target_bpcer,
+        Channel.TELEPHONE: args.target_bpcer_telephone,
+    }
+    thresholds = {c: e.threshold(targets[c]) for c, e in calibration.channels.items()}
     speakers = len({i.speaker for i in scores})
+    seconds = features_max_seconds(args.features)
     print(
-        f"{AASIST_MANIFEST.model_id}; test split ({speakers} speakers, {len(scores)} items); "
-        f"thresholds for target BPCER {args.target_bpcer:g} from the calibration split: "
-        + ", ".join(f"{c.value} {t:+.2f}" for c, t in thresholds.items())
+        f"{model_id}; test split ({speakers} speakers, {len(scores)} items"
+        + ("" if seconds is None else f", first {seconds:g} s of each")
+        + "); "
+        "thresholds from the calibration split: "
+        + ", ".join(
+            f"{c.value} {t:+.2f} (target BPCER {targets[c]:g})" for c, t in thresholds.items()
+        )
     )
     print()
     print(f"{'channel':<10} {'kind':<12} {'rate':<6} value (errors/trials; 95% Wilson interval)")
@@ -232,7 +284,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         det_plot(scores, thresholds, args.det)
         print(f"DET plot: {args.det}")
     if args.iapar:
-        checks = speaker_checks(args.corpus, sorted(scores, key=lambda i: i.path))
+        checks = speaker_checks(
+            args.corpus, sorted(scores, key=lambda i: i.path), features_max_seconds(args.features)
+        )
         _print_iapar(scores, thresholds, checks)
     return 0
 
@@ -283,13 +337,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("corpus", type=Path)
     parser.add_argument(
-        "--scores",
+        "--features",
         type=Path,
         required=True,
-        help="window logits of `voxauth attacks score CORPUS --split test --scores FILE`",
+        help="from `voxauth attacks features CORPUS --out FILE` (test and calibration splits)",
     )
-    parser.add_argument("--target-bpcer", type=float, default=0.05)
+    parser.add_argument(
+        "--target-bpcer",
+        type=float,
+        default=PresentationAttackPolicy.target_bpcer,
+        help="wideband (default: the service's)",
+    )
+    parser.add_argument(
+        "--target-bpcer-telephone",
+        type=float,
+        default=PresentationAttackPolicy.target_bpcer_telephone,
+        help="telephone (default: the service's)",
+    )
+    parser.add_argument("--backend", type=Path, help="default: the shipped one")
     parser.add_argument("--calibration", type=Path, help="default: the shipped one")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="the raw checkpoint without the back-end, thresholds from the calibration split",
+    )
     parser.add_argument("--det", type=Path, help="write the DET plot here (PNG)")
     parser.add_argument(
         "--iapar",

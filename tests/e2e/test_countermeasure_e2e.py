@@ -21,6 +21,7 @@ import torch
 
 from models.aasist import (
     BONA_FIDE_CLASS,
+    READOUT_DIM,
     WINDOW_SAMPLES,
     build_network,
     export_network,
@@ -31,6 +32,7 @@ from models.countermeasure import window_starts, windows_of
 from models.embedder import Waveform
 from models.fetch import default_countermeasure_dir
 from models.manifest import AASIST_MANIFEST, verify_model_dir
+from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
 from server.config import ServerConfig
 
 DATA = Path(__file__).parents[1] / "data"
@@ -41,6 +43,10 @@ _SAME_NETWORK = 1e-4
 # and telephone) it moved the bona-fide logit from float32 by 0.017 on average, 0.10 at the 99th
 # percentile, 0.39 at most (server/tools/ATTACKS.md). These clips' windows move less.
 _BFLOAT16 = 0.15
+# The back-end's score weighs 160 readouts, so bfloat16's errors could add up there; on the
+# first 5 clips of tests/data they moved it by 0.008 at most (readouts by 0.058), against a
+# genuine spread of about 0.8 (models/scoring/pad_calibration.json).
+_BACKEND_BFLOAT16 = 0.05
 
 
 def _clip(name: str) -> Waveform:
@@ -108,6 +114,28 @@ def test_service_path_agrees_with_the_torch_network(
             ours[:, BONA_FIDE_CLASS], theirs[:, BONA_FIDE_CLASS], atol=_BFLOAT16, rtol=0
         )
         assert countermeasure.score(check) == pytest.approx(torch_path.score(check), abs=_BFLOAT16)
+
+
+def test_service_path_readouts_and_backend_scores_agree_with_the_torch_network(
+    countermeasure: AasistCountermeasure, model_dir: Path
+) -> None:
+    backend = PadBackEnd.load(
+        default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+    )
+    ours_path = countermeasure.with_backend(backend)
+    torch_path = AasistCountermeasure.load_torch(model_dir).with_backend(backend)
+    for name in ("198-126831-0000.flac", "3374-298025-0000.flac", "1447-130550-0000.flac"):
+        check = _clip(name)[: 8 * 16_000]
+        _, ours = ours_path.window_outputs(check)
+        _, theirs = torch_path.window_outputs(check)
+        windows = len(window_starts(len(check), WINDOW_SAMPLES))
+        assert ours.shape == theirs.shape == (windows, READOUT_DIM)
+        np.testing.assert_allclose(ours, theirs, atol=_BFLOAT16, rtol=0)
+        ours_evidence, theirs_evidence = ours_path.evidence(check), torch_path.evidence(check)
+        for channel in ("wideband", "telephone"):
+            assert ours_path.channel_score(ours_evidence, channel) == pytest.approx(
+                torch_path.channel_score(theirs_evidence, channel), abs=_BACKEND_BFLOAT16
+            )
 
 
 def test_describes_itself(countermeasure: AasistCountermeasure) -> None:

@@ -20,7 +20,10 @@ from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import PresentationAttackPolicy
+from server.pipeline.channel import Channel
+from server.pipeline.presentation import PadCalibration, default_pad_calibration_path
 from server.tools.attack_corpus import at_level, griffin_lim, rms
+from tests.fakes import SHIPPED_COUNTERMEASURE_ID
 from tests.softphone import POLICY, ShiftStream
 from tests.support import (
     SPEAKER_B,
@@ -33,8 +36,8 @@ from tests.support import (
     wav_audio,
 )
 
-# Speaker B: its Griffin-Lim resyntheses score -5.1 to -6.5, far below the wideband threshold
-# (-1.15 at the default BPCER 0.05); its genuine halves +1.7 and +3.1.
+# Speaker B: the back-end scores its Griffin-Lim resyntheses far below the wideband threshold
+# and its genuine halves above it.
 AGENT = "agent-b"
 SUSPECTED = (pb.PRESENTATION_DECISION_ATTACK, pb.PRESENTATION_DECISION_REPLAY)
 
@@ -61,7 +64,10 @@ def test_genuine_speech_is_accepted_with_the_pad_fields_set(server: RunningServe
     assert pad.decision == pb.PRESENTATION_DECISION_BONA_FIDE
     assert pad.enforced
     assert pad.score >= pad.threshold
-    assert pad.threshold == pytest.approx(-1.15, abs=0.05)
+    # The shipped calibration's wideband threshold at the default target.
+    shipped = PadCalibration.load(default_pad_calibration_path(), SHIPPED_COUNTERMEASURE_ID)
+    expected = shipped.channels[Channel.WIDEBAND].threshold(PresentationAttackPolicy.target_bpcer)
+    assert pad.threshold == pytest.approx(expected, abs=1e-3)
 
 
 def test_a_replayed_enrollment_recording_is_refused_as_replay(server: RunningServer) -> None:

@@ -3,16 +3,37 @@ AASIST adapter's handling of audio it cannot score, and the network's fixed sinc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models.aasist import SAMPLE_RATE, WINDOW_SAMPLES, Aasist, exported_network, sinc_filter_bank
-from models.aasist_countermeasure import AasistCountermeasure
-from models.countermeasure import WindowBatch, window_starts, windows_of
+from models.aasist import (
+    READOUT_DIM,
+    SAMPLE_RATE,
+    WINDOW_SAMPLES,
+    Aasist,
+    exported_network,
+    sinc_filter_bank,
+)
+from models.aasist_countermeasure import AasistCountermeasure, WindowOutputs
+from models.countermeasure import (
+    CountermeasureEvidence,
+    WindowBatch,
+    window_starts,
+    windows_of,
+)
 from models.errors import ModelFilesError, UnusableWaveformError
+from models.manifest import AASIST_MANIFEST
+from models.pad_backend import (
+    BACKEND_FORMAT,
+    SPECTRAL_DIM,
+    LinearModel,
+    PadBackEnd,
+    spectral_features,
+)
 
 
 @pytest.mark.parametrize(
@@ -56,14 +77,17 @@ def test_windows_are_the_audio_at_their_starts() -> None:
 
 
 class _RecordingNetwork:
-    """Stands in for the network: bona-fide logit = the window's first sample."""
+    """Stands in for the network: bona-fide logit = the window's first sample; the readout
+    is that sample too, READOUT_DIM times."""
 
     def __init__(self) -> None:
         self.batches: list[WindowBatch] = []
 
-    def __call__(self, windows: WindowBatch) -> np.ndarray:
+    def __call__(self, windows: WindowBatch) -> WindowOutputs:
         self.batches.append(windows)
-        return np.stack([-windows[:, 0], windows[:, 0]], axis=1).astype(np.float32)
+        logits = np.stack([-windows[:, 0], windows[:, 0]], axis=1).astype(np.float32)
+        readouts = np.repeat(windows[:, :1], READOUT_DIM, axis=1).astype(np.float32)
+        return logits, readouts
 
 
 def test_score_is_the_mean_bona_fide_logit_over_the_windows() -> None:
@@ -77,6 +101,103 @@ def test_score_is_the_mean_bona_fide_logit_over_the_windows() -> None:
         (2, WINDOW_SAMPLES),
         (1, WINDOW_SAMPLES),
     ]
+
+
+def test_evidence_carries_the_raw_score_and_the_backends_input() -> None:
+    audio = np.zeros(2 * WINDOW_SAMPLES + 1, np.float32)
+    audio[0], audio[-WINDOW_SAMPLES] = 0.3, 0.9
+    evidence = AasistCountermeasure(_RecordingNetwork()).evidence(audio)
+    assert evidence.raw_score == pytest.approx(0.4)
+    assert evidence.features.shape == (READOUT_DIM + SPECTRAL_DIM,)
+    # The readout part is the mean over the windows.
+    assert evidence.features[:READOUT_DIM] == pytest.approx(np.full(READOUT_DIM, 0.4))
+
+
+DIM = READOUT_DIM + SPECTRAL_DIM
+
+
+def _model(weight: float, bias: float) -> dict[str, object]:
+    return LinearModel(np.zeros(DIM), np.ones(DIM), np.full(DIM, weight), bias).as_json()
+
+
+def _backend_document(**channels: dict[str, dict[str, object]]) -> dict[str, object]:
+    return {
+        "format": BACKEND_FORMAT,
+        "countermeasure_id": AASIST_MANIFEST.model_id,
+        "channels": channels,
+    }
+
+
+def test_a_backend_scores_the_lowest_kind_per_channel_and_names_itself(tmp_path: Path) -> None:
+    path = tmp_path / "backend.json"
+    document = _backend_document(
+        wideband={"replay": _model(1.0, 0.5), "world": _model(2.0, 0.0)},
+        telephone={"replay": _model(-1.0, 0.5)},
+    )
+    path.write_text(json.dumps(document))
+    backend = PadBackEnd.load(path, AASIST_MANIFEST.model_id, DIM)
+    countermeasure = AasistCountermeasure(_RecordingNetwork()).with_backend(backend)
+    assert countermeasure.model_id.startswith(AASIST_MANIFEST.model_id + "+pad-backend@")
+    evidence = CountermeasureEvidence(0.0, np.full(DIM, -0.01))
+    total = -0.01 * DIM
+    # The check is as genuine as its worst kind says: world's 2 x total is below replay's.
+    assert backend.scores("wideband", evidence.features) == pytest.approx(
+        {"replay": total + 0.5, "world": 2 * total}
+    )
+    assert countermeasure.channel_score(evidence, "wideband") == pytest.approx(2 * total)
+    assert countermeasure.channel_score(evidence, "telephone") == pytest.approx(-total + 0.5)
+    # Without one, the raw score is the channel's score.
+    assert AasistCountermeasure(_RecordingNetwork()).channel_score(evidence, "wideband") == 0.0
+    # Another file is another model id, so a calibration made for this one cannot load.
+    document["channels"]["wideband"]["replay"]["bias"] = 0.6  # type: ignore[index]
+    path.write_text(json.dumps(document))
+    assert PadBackEnd.load(path, AASIST_MANIFEST.model_id, DIM).model_id != backend.model_id
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": "other"},
+        {"countermeasure_id": "someone/else@1"},
+        {"channels": {"wideband": {"replay": {}}}},
+        {"channels": {"wideband": {}, "telephone": {}}},
+        {"channels": "x"},
+    ],
+)
+def test_a_broken_or_foreign_backend_is_refused(tmp_path: Path, change: dict[str, object]) -> None:
+    kinds = {"replay": _model(0.0, 0.0)}
+    path = tmp_path / "backend.json"
+    path.write_text(json.dumps({**_backend_document(wideband=kinds, telephone=kinds), **change}))
+    with pytest.raises(ModelFilesError):
+        PadBackEnd.load(path, AASIST_MANIFEST.model_id, DIM)
+
+
+def test_a_backend_with_a_wrong_width_or_non_finite_values_is_refused(tmp_path: Path) -> None:
+    entry = _model(0.0, 0.0)
+    weights = entry["weights"]
+    assert isinstance(weights, list)
+    for broken in (
+        {**entry, "weights": weights[:-1]},
+        {**entry, "scale": [0.0] * DIM},
+        {**entry, "mean": ["nan"] * DIM},
+    ):
+        path = tmp_path / "backend.json"
+        document = _backend_document(wideband={"replay": entry}, telephone={"replay": broken})
+        path.write_text(json.dumps(document))
+        with pytest.raises(ModelFilesError):
+            PadBackEnd.load(path, AASIST_MANIFEST.model_id, DIM)
+
+
+def test_spectral_features_are_finite_and_blind_to_the_level() -> None:
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal(3 * SAMPLE_RATE).astype(np.float32) * 0.1
+    loud, quiet = spectral_features(noise), spectral_features(noise * 0.01)
+    assert loud.shape == (SPECTRAL_DIM,)
+    assert np.isfinite(loud).all()
+    # Only the first cepstrum (the level) moves with the gain; the shapes do not.
+    assert loud[1:] == pytest.approx(quiet[1:], abs=1e-3)
+    for hostile in (np.zeros(10, np.float32), np.zeros(SAMPLE_RATE, np.float32)):
+        assert np.isfinite(spectral_features(hostile)).all()
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from server.pipeline.channel import Channel
-from server.tools.attack_corpus import BONA_FIDE, Item, Split, pad_calibration
+from server.tools.attack_corpus import BONA_FIDE, Item, Split
+from server.tools.pad_backend_fit import pad_calibration
 from server.tools.pad_evaluation import pad_rates
 
 
@@ -24,7 +25,7 @@ def test_calibration_uses_only_the_genuine_items_of_the_calibration_split() -> N
             # Neither attacks nor other splits may move the thresholds.
             scores[item(n, Split.CALIBRATION, channel, "replay")] = -50.0
             scores[item(n, Split.TEST, channel, BONA_FIDE)] = 99.0
-    document = pad_calibration(scores, "model", {})
+    document = pad_calibration(scores, "model", {}, score="test")
     for channel in Channel:
         entry = document["channels"][channel.value]
         assert entry["count"] == 3

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from enrollment.service import EnrollmentService
+from models.countermeasure import CountermeasureEvidence
 from models.embedder import Waveform
 from models.manifest import AASIST_MANIFEST
 from server.audit_actions import AuditAction
@@ -47,6 +48,7 @@ from tests.fakes import (
     AGENT_VOICE,
     GENUINE_PAD_SCORE,
     MODEL_ID,
+    SHIPPED_COUNTERMEASURE_ID,
     FakeCountermeasure,
     FakeEmbedder,
     FixedSegments,
@@ -86,15 +88,25 @@ def verification(
 
 
 def test_thresholds_follow_the_channel_and_the_target_bpcer() -> None:
-    at_5 = fake_presentation(FakeCountermeasure())
+    at_5 = fake_presentation(FakeCountermeasure(), PresentationAttackPolicy(target_bpcer=0.05))
     at_20 = fake_presentation(FakeCountermeasure(), PresentationAttackPolicy(target_bpcer=0.2))
     # Calibration: wideband genuine N(1, 1), telephone N(0, 1).
     assert at_5.threshold(Channel.WIDEBAND) == pytest.approx(1.0 - 1.645, abs=1e-3)
     assert at_5.threshold(Channel.TELEPHONE) == pytest.approx(-1.645, abs=1e-3)
     assert at_20.threshold(Channel.WIDEBAND) == pytest.approx(1.0 - 0.842, abs=1e-3)
+    # Each channel has its own target: by default 2% wideband, 5% telephone.
+    default = fake_presentation(FakeCountermeasure())
+    assert default.threshold(Channel.WIDEBAND) == pytest.approx(1.0 - 2.054, abs=1e-3)
+    assert default.threshold(Channel.TELEPHONE) == pytest.approx(-1.645, abs=1e-3)
+    telephone_at_20 = fake_presentation(
+        FakeCountermeasure(), PresentationAttackPolicy(target_bpcer_telephone=0.2)
+    )
+    assert telephone_at_20.threshold(Channel.TELEPHONE) == pytest.approx(-0.842, abs=1e-3)
+    assert telephone_at_20.threshold(Channel.WIDEBAND) == pytest.approx(1.0 - 2.054, abs=1e-3)
     # The same score is genuine on the telephone and an attack wideband.
-    assert at_5.assess(-1.0, Channel.TELEPHONE).decision is PresentationDecision.BONA_FIDE
-    assert at_5.assess(-1.0, Channel.WIDEBAND).decision is PresentationDecision.ATTACK
+    low = CountermeasureEvidence(-1.0, np.zeros(0))
+    assert at_5.assess(low, Channel.TELEPHONE).decision is PresentationDecision.BONA_FIDE
+    assert at_5.assess(low, Channel.WIDEBAND).decision is PresentationDecision.ATTACK
     assert at_5.assess(None, Channel.WIDEBAND).decision is PresentationDecision.NOT_ASSESSED
 
 
@@ -197,23 +209,22 @@ def test_an_enrollment_utterance_taken_for_an_attack_is_refused_with_the_reason(
     assert actions.count(AuditAction.PRESENTATION_ATTACK) == 1
 
 
-def test_the_shipped_calibration_loads_for_aasist_and_is_refused_for_another_model(
+def test_the_shipped_calibration_loads_for_the_shipped_backend_and_is_refused_for_another(
     tmp_path: Path,
 ) -> None:
-    shipped = PadCalibration.load(default_pad_calibration_path(), AASIST_MANIFEST.model_id)
+    shipped = PadCalibration.load(default_pad_calibration_path(), SHIPPED_COUNTERMEASURE_ID)
     assert shipped.channels[Channel.WIDEBAND].count >= 50
-    # Telephone genuine speech scores lower: its threshold must be lower too.
-    assert shipped.channels[Channel.TELEPHONE].threshold(0.05) < shipped.channels[
-        Channel.WIDEBAND
-    ].threshold(0.05)
-    with pytest.raises(ConfigurationError, match="made for countermeasure"):
-        PadCalibration.load(default_pad_calibration_path(), "another-countermeasure")
+    assert shipped.channels[Channel.TELEPHONE].count >= 50
+    # Neither the raw checkpoint's scores nor another back-end's may use these thresholds.
+    for other in (AASIST_MANIFEST.model_id, "another-countermeasure"):
+        with pytest.raises(ConfigurationError, match="made for countermeasure"):
+            PadCalibration.load(default_pad_calibration_path(), other)
     document = json.loads(default_pad_calibration_path().read_text())
     assert document["provenance"]["split"] == "calibration"
     broken = tmp_path / "pad.json"
     broken.write_text(json.dumps({**document, "channels": {}}))
     with pytest.raises(ConfigurationError, match="malformed"):
-        PadCalibration.load(broken, AASIST_MANIFEST.model_id)
+        PadCalibration.load(broken, SHIPPED_COUNTERMEASURE_ID)
 
 
 def test_the_countermeasure_runs_beside_the_embedding_not_on_the_callers_thread() -> None:
