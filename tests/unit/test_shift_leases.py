@@ -33,7 +33,8 @@ from server.runtime.store_pool import StorePool
 from server.security.audit import AuditKey, verify_log
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import StreamFormat
-from server.shifts.event_bus import EventBus, StoreEventBus
+from server.shifts.change_watch import CheckpointTrigger
+from server.shifts.event_bus import EventBus, StoreEventBus, decode_event, encode_event
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.lease import LeasedSession
 from server.shifts.service import EventSubscription, ShiftService, ShiftStream
@@ -608,3 +609,16 @@ def test_a_subscriber_that_falls_behind_reads_what_overflowed_from_the_store(
             assert [e.shift.consecutive_failures for e in got] == list(range(count))
 
     asyncio.run(scenario())
+
+
+def test_a_replayed_event_says_what_the_live_one_said() -> None:
+    """A resumed subscriber reads events back from the store: what triggered a checkpoint
+    survives the stored form (it did not, before events were replayed)."""
+    clock = ManualClock()
+    event = replace(
+        reported(AGENT, 1, clock),
+        trigger=CheckpointTrigger.CHANGE_WATCH,
+        change_similarity=0.21,
+        scheduled_at=clock.now(),
+    )
+    assert decode_event(encode_event(event)) == event
