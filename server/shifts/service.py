@@ -133,7 +133,6 @@ class EventSubscription:
         self._service = service
         self._bus = bus
         self._agent_id = agent_id
-        self._after = after
         self._events: deque[ShiftEvent] = deque(maxlen=max_events)
         self._ready = asyncio.Event()
         self._missed_from: int | None = None
