@@ -62,7 +62,7 @@ from server.security.audit import AuditKey
 from server.security.config_audit import record_configuration
 from server.security.crypto import VoiceprintCipher, derive_subkey
 from server.security.identity import TokenFile
-from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
+from server.shifts.event_bus import EventBus, StoreEventBus
 from server.shifts.service import ShiftService
 from server.storage.databases import event_wakeups, open_store
 from server.storage.interface import AuditEvent, Store
@@ -348,11 +348,12 @@ class VoxauthServer:
             ReplayGuard(store, policy) if policy.replay_detection else None,
             watchlist,
         )
-        wakeups = event_wakeups(self.config.database_path)
-        events: EventBus = (
-            LocalEventBus()
-            if wakeups is None
-            else StoreEventBus(store, self._store_pool, wakeups, self._clock)
+        events: EventBus = StoreEventBus(
+            store,
+            self._store_pool,
+            event_wakeups(self.config.database_path),
+            self._clock,
+            self.config.retention.shift_event_retention_hours * 3600.0,
         )
         await events.open()
         self._events = events
@@ -366,8 +367,8 @@ class VoxauthServer:
             self._store_pool,
             self.config.shifts,
             self._clock,
-            assurances,
             events,
+            assurances,
             PassiveEnrollment(store, enrollment, analyser, enrolling),
         )
         self._readiness.serve(

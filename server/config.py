@@ -579,6 +579,13 @@ class RetentionPolicy(Settings):
     """How long a request id's completion is kept, so a retry with the id returns the first
     response (server/runtime/requests.py); after it, the id acts again."""
 
+    shift_event_retention_hours: float = field(
+        default=1.0, metadata=setting("VOXAUTH_SHIFT_EVENT_RETENTION_HOURS", check=positive)
+    )
+    """How long the store keeps shift events (sealed, erased with their agent): an MFA
+    subscriber resumes after any event this recent (SubscribeShiftEvents' after_event_id),
+    and a replica cut off from the store for less catches up on all of them."""
+
 
 @dataclass(frozen=True)
 class TransportConfig(Settings):

@@ -31,6 +31,8 @@ The whole hierarchy (status code in brackets):
     │   │   └── ShiftLeaseLostError
     │   └── AlreadyExistsError         the thing to create is already there [ALREADY_EXISTS]
     │       └── AgentExistsError
+    ├── OutOfRangeError                past what the service still holds [OUT_OF_RANGE]
+    │   └── EventsExpiredError
     ├── CapacityError                  a bound is reached; retry later [RESOURCE_EXHAUSTED]
     │   ├── ThrottledError
     │   └── AudioBudgetExceededError
@@ -91,6 +93,12 @@ class ConflictError(VoxauthError):
 
 class AlreadyExistsError(ConflictError):
     """The thing the request would create already exists."""
+
+
+class OutOfRangeError(VoxauthError):
+    """The request is well formed but reaches past what the service still holds (or holds
+    yet): asking again the same way cannot succeed. `field` names the request field at
+    fault."""
 
 
 class CapacityError(VoxauthError):
@@ -270,3 +278,8 @@ class WatchlistAudioRefusedError(PreconditionError):
 
 class WatchlistEntryNotFoundError(NotFoundError):
     """No watchlist entry with the id (erased, or expired)."""
+
+
+class EventsExpiredError(OutOfRangeError):
+    """A subscription asked to resume after an event older than the store keeps shift events:
+    what followed it may be gone, so the subscriber must read the current state instead."""

@@ -299,6 +299,7 @@ def shift_event_message(event: ShiftEvent) -> spb.ShiftEvent:
         threshold=event.threshold,
         net_speech_seconds=event.net_speech_seconds,
         shift=shift_message(event.shift),
+        event_id=event.event_id,
     )
     if event.decided_by is not None:
         message.decided_by = _DECIDED_BY[event.decided_by]

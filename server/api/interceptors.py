@@ -32,6 +32,7 @@ from server.errors import (
     InternalError,
     InvalidInputError,
     NotFoundError,
+    OutOfRangeError,
     PreconditionError,
     TimedOutError,
     UnauthenticatedError,
@@ -46,6 +47,7 @@ STATUS_OF_CATEGORY: dict[type[VoxauthError], grpc.StatusCode] = {
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
     ConflictError: grpc.StatusCode.ABORTED,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -83,7 +85,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
         code, message = grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     field = getattr(error, "field", None)
-    if field and code is grpc.StatusCode.INVALID_ARGUMENT:
+    if field and code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=field, description=message)

@@ -123,7 +123,8 @@ class ShiftServicer(spb_grpc.ShiftServiceServicer):
         request: spb.SubscribeShiftEventsRequest,
         context: ServicerContext[spb.SubscribeShiftEventsRequest, spb.ShiftEvent],
     ) -> AsyncIterator[spb.ShiftEvent]:
-        subscription = self._readiness.require().shifts.subscribe(request.agent_id)
+        after = request.after_event_id if request.HasField("after_event_id") else None
+        subscription = self._readiness.require().shifts.subscribe(request.agent_id, after)
         try:
             while True:
                 yield shift_event_message(await subscription.next_event())

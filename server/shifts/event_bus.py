@@ -1,14 +1,19 @@
 """How shift events reach the MFA provider's subscription (SubscribeShiftEvents) whichever
-replica it is connected to.
+replica it is connected to, and how a subscriber resumes after a drop without losing any.
 
-One process on SQLite delivers in process (LocalEventBus). Replicas sharing PostgreSQL go
-through the store (StoreEventBus): a replica appends each event to the events table, sealed
-under the agent's key, and every replica (itself included) reads the table by id, in order,
-when woken (PostgreSQL NOTIFY, announced only when the event commits) and at least every few
-seconds in any case. A wake-up is only a hint: a replica that missed some (its listening
-connection dropped, PostgreSQL restarted) catches up by id from the last event it delivered,
-so a lock decided on one replica reaches a subscriber on any other, or the replica reports
-that it cannot reach the store.
+Every event goes through the store's events table (StoreEventBus): a replica appends each
+event, sealed under the agent's key, and every replica (itself included) reads the table by
+id, in order, when woken (PostgreSQL NOTIFY, announced only when the event commits; in one
+process on SQLite, by its own writes) and at least every few seconds in any case. A wake-up is
+only a hint: a replica that missed some (its listening connection dropped, PostgreSQL
+restarted) catches up by id from the last event it delivered, so a lock decided on one
+replica reaches a subscriber on any other, or the replica reports that it cannot reach the
+store.
+
+The id is the event's place in one total order, the same on every replica: ids are given in
+commit order (every write holds the store's writer lock to its commit) and never twice. A
+subscriber that kept the id of the last event it received resumes after it on any replica
+(`replay`), as long as the table still holds what followed it (`retention_seconds`).
 """
 
 from __future__ import annotations
@@ -19,16 +24,18 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from server.errors import NotFoundError, VoxauthError
+from server.errors import EventsExpiredError, InvalidRequestError, NotFoundError, VoxauthError
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.records import ShiftRecord, ShiftState
 from server.runtime.clock import Clock
 from server.runtime.store_pool import StorePool
 from server.scoring.calibration import DecidedBy
+from server.shifts.change_watch import CheckpointTrigger
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.storage.interface import EventStore, EventWakeups, UnitOfWork
 
@@ -53,30 +60,16 @@ class EventBus(Protocol):
         """Announces an event whose change has committed, to the subscribers of every
         replica (`recorded`: kept by `record` already). Does not wait."""
 
+    async def check_resumable(self, after_id: int) -> None:
+        """Raises InvalidRequestError for an id no event was ever given (negative, or beyond
+        the newest), EventsExpiredError when events that followed it may be gone already
+        (older than the retention)."""
+
+    async def replay(self, after_id: int, limit: int) -> list[ShiftEvent]:
+        """At most `limit` events after `after_id`, in id order, each with its event_id (an
+        unreadable one is skipped, its id passed over); fewer than `limit`: the newest."""
+
     async def close(self) -> None: ...
-
-
-class LocalEventBus:
-    """One process: an event goes straight to this process's subscribers."""
-
-    def __init__(self) -> None:
-        self._deliver: Deliver | None = None
-
-    async def open(self) -> None:
-        return None
-
-    def listen(self, deliver: Deliver) -> None:
-        self._deliver = deliver
-
-    def record(self, unit: UnitOfWork, event: ShiftEvent) -> None:
-        return None  # One process: nothing to keep for another.
-
-    def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
-        if self._deliver is not None:
-            self._deliver(event)
-
-    async def close(self) -> None:
-        return None
 
 
 _PAGE = 500
@@ -86,18 +79,24 @@ _RETRY_SECONDS = 1.0
 _PENDING_LIMIT = 10_000
 """Events waiting to be stored while the store is unreachable; beyond, the oldest are dropped
 (they are in the audit log and the shift state)."""
-KEEP_EVENTS_SECONDS = 3600.0
-"""How long the events table keeps an event: a replica that was cut off for less catches up
-on everything; after more, it starts from the newest."""
 
 
 class StoreEventBus:
-    """Replicas on one store: events go through its events table (see the module's doc)."""
+    """Events through the store's events table (see the module's doc). `wakeups`: how other
+    replicas' events are announced (None: one process, which writes every event itself).
+    `retention_seconds`: how long the table keeps an event (RetentionPolicy); a replica or a
+    subscriber that was cut off for less catches up on everything."""
 
     def __init__(
-        self, store: EventStore, store_pool: StorePool, wakeups: EventWakeups, clock: Clock
+        self,
+        store: EventStore,
+        store_pool: StorePool,
+        wakeups: EventWakeups | None,
+        clock: Clock,
+        retention_seconds: float,
     ) -> None:
         self._store = store
+        self._retention = timedelta(seconds=retention_seconds)
         self._store_pool = store_pool
         self._wakeups = wakeups
         self._clock = clock
@@ -117,7 +116,8 @@ class StoreEventBus:
         def woken() -> None:
             loop.call_soon_threadsafe(self._to_read.set)
 
-        self._wakeups.start(woken)
+        if self._wakeups is not None:
+            self._wakeups.start(woken)
         self._tasks = [
             asyncio.create_task(self._write(), name="event-bus-write"),
             asyncio.create_task(self._read(), name="event-bus-read"),
@@ -132,7 +132,7 @@ class StoreEventBus:
             event.shift.agent_id,
             encode_event(event),
             now,
-            now - timedelta(seconds=KEEP_EVENTS_SECONDS),
+            now - self._retention,
         )
 
     def publish(self, event: ShiftEvent, *, recorded: bool = False) -> None:
@@ -144,8 +144,43 @@ class StoreEventBus:
         self._pending.append(event)
         self._to_write.set()
 
+    async def check_resumable(self, after_id: int) -> None:
+        if after_id < 0:
+            raise InvalidRequestError(
+                f"after_event_id {after_id} is negative; event ids start at 1",
+                field="after_event_id",
+            )
+        store = self._store
+
+        def bounds() -> tuple[int | None, int]:
+            return store.oldest_event_id(), store.latest_event_id()
+
+        oldest, latest = await self._store_pool.run(bounds)
+        if after_id > latest:
+            raise InvalidRequestError(
+                f"after_event_id {after_id} is beyond the newest event ({latest}): not an id "
+                "this service gave",
+                field="after_event_id",
+            )
+        # Ids run without gaps but for writes rolled back, so an id before the oldest kept
+        # (or, with none kept, before the newest given) may have had successors dropped.
+        first_kept = latest + 1 if oldest is None else oldest
+        if after_id < first_kept - 1:
+            raise EventsExpiredError(
+                f"the events after {after_id} are no longer kept (events are kept for "
+                f"{self._retention.total_seconds():.0f} s): read the shifts' state "
+                "(GetShift, ListShifts) and subscribe again without after_event_id",
+                field="after_event_id",
+            )
+
+    async def replay(self, after_id: int, limit: int) -> list[ShiftEvent]:
+        store = self._store
+        page = await self._store_pool.run(partial(store.events_after, after_id, limit))
+        return [event for event in (_read(i, payload) for i, payload in page) if event]
+
     async def close(self) -> None:
-        self._wakeups.close()
+        if self._wakeups is not None:
+            self._wakeups.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -161,7 +196,7 @@ class StoreEventBus:
                 event = self._pending[0]
                 payload = encode_event(event)
                 now = self._clock.now()
-                keep_after = now - timedelta(seconds=KEEP_EVENTS_SECONDS)
+                keep_after = now - self._retention
                 agent_id = event.shift.agent_id
                 try:
                     await self._store_pool.run(
@@ -197,15 +232,19 @@ class StoreEventBus:
             page = await self._store_pool.run(partial(store.events_after, after, _PAGE))
             for event_id, payload in page:
                 self._last_id = event_id
-                try:
-                    event = decode_event(payload)
-                except (ValueError, KeyError, TypeError) as error:
-                    log.error("event bus: event %d is unreadable (%s); skipped", event_id, error)
-                    continue
-                if self._deliver is not None:
+                event = _read(event_id, payload)
+                if event is not None and self._deliver is not None:
                     self._deliver(event)
             if len(page) < _PAGE:
                 return
+
+
+def _read(event_id: int, payload: bytes) -> ShiftEvent | None:
+    try:
+        return replace(decode_event(payload), event_id=event_id)
+    except (ValueError, KeyError, TypeError) as error:
+        log.error("event bus: event %d is unreadable (%s); skipped", event_id, error)
+        return None
 
 
 # --- the stored form of an event ----------------------------------------------------------
@@ -245,6 +284,8 @@ def encode_event(event: ShiftEvent) -> bytes:
             "decision": presentation.decision.value,
             "enforced": presentation.enforced,
         },
+        "trigger": event.trigger.value if event.trigger else None,
+        "change_similarity": event.change_similarity,
     }
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -285,6 +326,9 @@ def decode_event(payload: bytes) -> ShiftEvent:
             PresentationDecision(presentation["decision"]),
             bool(presentation["enforced"]),
         ),
+        # Absent from events stored before they were kept.
+        trigger=CheckpointTrigger(document["trigger"]) if document.get("trigger") else None,
+        change_similarity=float(document.get("change_similarity", 0.0)),
     )
 
 

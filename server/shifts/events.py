@@ -57,3 +57,6 @@ class ShiftEvent:
     """CHECKPOINT_PASSED/FAILED and INSUFFICIENT_SPEECH: what started the checkpoint."""
     change_similarity: float = 0.0
     """CHANGE_WATCH checkpoints: the similarity of the stretch that triggered it."""
+    event_id: int = 0
+    """Its place in the store's one order of events (server/shifts/event_bus.py), the same on
+    every replica; given once the event is stored, so 0 on the softphone's stream."""

@@ -43,7 +43,7 @@ from server.security.assurance_desk import AssuranceDesk
 from server.shifts import passive as passive_shift
 from server.shifts.buffer import FRAME_SECONDS, RecentSpeech, ShiftAudioBuffer, StreamFormat
 from server.shifts.change_watch import SCHEDULED, Cause, ChangeWatch, CheckpointTrigger
-from server.shifts.event_bus import EventBus, LocalEventBus
+from server.shifts.event_bus import EventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.lease import ShiftLeases
 from server.shifts.schedule import CheckpointSchedule
@@ -64,8 +64,11 @@ from server.verification.service import VerificationResult, VerificationService
 
 log = logging.getLogger(__name__)
 
-# Events held for one MFA subscriber that is not reading (see SubscribeShiftEvents).
+# Live events held for one MFA subscriber that is not reading (see SubscribeShiftEvents);
+# beyond, it reads them back from the store.
 _SUBSCRIBER_EVENTS = 256
+_REPLAY_PAGE = 200
+"""Stored events read at a time for a subscriber that resumes or fell behind."""
 _STORE_RETRY_SECONDS = 2.0
 """How long a due checkpoint waits before trying again when the store did not answer."""
 _DEVICE_ID = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
@@ -107,28 +110,88 @@ class ShiftStream:
 
 
 class EventSubscription:
-    """A listener to every shift's events (the MFA provider's), bounded: a subscriber that
-    does not keep up loses the oldest events, never the server's memory."""
+    """A listener to every shift's events (the MFA provider's), or one agent's, in the store's
+    order of events. Bounded: live events wait in a buffer of `max_events`; when a subscriber
+    that does not keep up overflows it, the subscription reads what it missed back from the
+    store (a page at a time) rather than losing it, and so does one that resumes `after` an
+    event it received before (on this replica or another).
 
-    def __init__(self, service: ShiftService, agent_id: str, max_events: int) -> None:
+    The seam between the store and the live stream has no gap and no duplicate: the live
+    buffer is filled from the moment of subscribing, the replay reads the store from `after`
+    until it has nothing newer, and then live events up to the last one replayed are dropped.
+    No gap because ids are given in commit order and the bus delivers each replica-wide in id
+    order: whatever the replay's last read did not see is delivered live after it."""
+
+    def __init__(
+        self,
+        service: ShiftService,
+        bus: EventBus,
+        agent_id: str,
+        after: int | None,
+        max_events: int,
+    ) -> None:
         self._service = service
+        self._bus = bus
         self._agent_id = agent_id
         self._events: deque[ShiftEvent] = deque(maxlen=max_events)
         self._ready = asyncio.Event()
+        self._missed_from: int | None = None
+        """The id of the oldest live event the full buffer dropped, until it is replayed."""
+        self._position = after
+        """The id of the last event handed out or queued in _replayed, or resumed after; None:
+        live from the first event on."""
+        self._checked = after is None
+        self._replaying = after is not None
+        self._replayed: deque[ShiftEvent] = deque()
+        """A page read back from the store, not yet handed out."""
 
     def offer(self, event: ShiftEvent) -> None:
-        if not self._agent_id or event.shift.agent_id == self._agent_id:
-            self._events.append(event)
-            self._ready.set()
+        if not self._visible(event):
+            return
+        if len(self._events) == self._events.maxlen and self._missed_from is None:
+            self._missed_from = self._events[0].event_id
+        self._events.append(event)
+        self._ready.set()
 
     async def next_event(self) -> ShiftEvent:
-        while not self._events:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._events.popleft()
+        """The next event. The first call raises InvalidRequestError or EventsExpiredError
+        for an `after` the store cannot resume from. Safe to cancel: nothing is lost."""
+        if not self._checked:
+            assert self._position is not None
+            await self._bus.check_resumable(self._position)
+            self._checked = True
+        while True:
+            if self._replayed:
+                return self._replayed.popleft()
+            if self._replaying:
+                assert self._position is not None
+                page = await self._bus.replay(self._position, _REPLAY_PAGE)
+                if page:
+                    self._position = page[-1].event_id
+                self._replayed.extend(event for event in page if self._visible(event))
+                self._replaying = len(page) == _REPLAY_PAGE
+                continue
+            while not self._events:
+                self._ready.clear()
+                await self._ready.wait()
+            if self._missed_from is not None:
+                # Overflowed: what the buffer dropped is in the store; read it from there.
+                if self._position is None:
+                    self._position = self._missed_from - 1
+                self._missed_from = None
+                self._replaying = True
+                continue
+            event = self._events.popleft()
+            if self._position is not None and event.event_id <= self._position:
+                continue  # Replayed already.
+            self._position = event.event_id
+            return event
 
     def close(self) -> None:
         self._service.unsubscribe(self)
+
+    def _visible(self, event: ShiftEvent) -> bool:
+        return not self._agent_id or event.shift.agent_id == self._agent_id
 
 
 class ShiftSession:
@@ -438,14 +501,9 @@ class ShiftSession:
                 arrived.cancel()
                 timeout.cancel()
 
-    async def _decided(
-        self,
-        outcome: tuple[VerificationResult, RecentSpeech, Embedding | None],
-        scheduled_at: datetime,
-        cause: Cause,
-    ) -> None:
+    async def _decided(self, outcome: CheckedSpeech, scheduled_at: datetime, cause: Cause) -> None:
         service = self._service
-        result, recent, embedding = outcome
+        result, recent, embedding = outcome.result, outcome.recent, outcome.embedding
         assert self.buffer is not None
         self.buffer.clear()  # Used audio is not kept.
         passed = result.decision is Decision.ACCEPT
@@ -495,13 +553,14 @@ class ShiftSession:
             events.append(ShiftEvent(ShiftEventKind.SHIFT_LOCKED, record, record.updated_at))
             await service.save(
                 record,
+                *outcome.audit,
                 lock,
                 revoking=RevocationReason.SHIFT_LOCKED,
                 lease=decided,
                 events=events,
             )
         else:
-            await service.save(record, lease=decided, events=events)
+            await service.save(record, *outcome.audit, lease=decided, events=events)
         self.record, self.lease = record, decided
         for event in events:
             self.publish(event, recorded=True)
@@ -547,6 +606,18 @@ class ShiftSession:
 
 
 @dataclass(frozen=True)
+class CheckedSpeech:
+    """A checkpoint's decision on the shift's recent speech, not yet in effect."""
+
+    result: VerificationResult
+    recent: RecentSpeech
+    embedding: Embedding | None
+    audit: tuple[AuditEvent, ...]
+    """The decision's audit records: stored by the checkpoint's fenced save, with the state
+    they explain, or not at all (a replica that lost the shift decided nothing)."""
+
+
+@dataclass(frozen=True)
 class LoginOutcome:
     shift: ShiftRecord
     verification: VerificationResult | None
@@ -566,8 +637,8 @@ class ShiftService:
         store_pool: StorePool,
         policy: ShiftPolicy,
         clock: Clock,
+        events: EventBus,
         assurances: AssuranceDesk | None = None,
-        events: EventBus | None = None,
         passive: PassiveEnrollment | None = None,
     ) -> None:
         self._store = store
@@ -588,7 +659,7 @@ class ShiftService:
         self._subscribers: list[EventSubscription] = []
         # Subscribers may be on another replica: events go to them through the bus, which
         # brings every replica's events back to this one's subscribers (server/shifts/event_bus.py).
-        self._bus = events or LocalEventBus()
+        self._bus = events
         self._bus.listen(self._fan_out)
         self._reaper: asyncio.Task[None] | None = None
 
@@ -779,11 +850,12 @@ class ShiftService:
         store = self._store
         return await self._store_pool.run(lambda: store.list_shifts(states, limit, before))
 
-    def subscribe(self, agent_id: str = "") -> EventSubscription:
-        """Every event of every shift from now on (or of one agent's shifts)."""
+    def subscribe(self, agent_id: str = "", after: int | None = None) -> EventSubscription:
+        """Every event of every shift from now on (or of one agent's shifts); `after`: from
+        the event after this id on, the stored ones first (see EventSubscription)."""
         if agent_id:
             validate_agent_id(agent_id)
-        subscription = EventSubscription(self, agent_id, _SUBSCRIBER_EVENTS)
+        subscription = EventSubscription(self, self._bus, agent_id, after, _SUBSCRIBER_EVENTS)
         self._subscribers.append(subscription)
         return subscription
 
@@ -803,9 +875,9 @@ class ShiftService:
 
     def check_speech(
         self, session: ShiftSession, trigger: CheckpointTrigger
-    ) -> tuple[VerificationResult, RecentSpeech, Embedding | None] | None:
+    ) -> CheckedSpeech | None:
         """Blocking (worker thread): verifies the shift's most recent speech, or returns None
-        while there is not enough of it. Also returns the speech's embedding."""
+        while there is not enough of it."""
         assert session.buffer is not None
         recent = session.buffer.recent_speech(
             self._detector, self.policy.checkpoint_net_speech_seconds
@@ -818,15 +890,18 @@ class ShiftService:
             source_rate_hz=recent.source_rate_hz,
             stretch=recent.stretch,
         )
-        result = self._verification.judge(
+        result, audit = self._verification.decide(
             voiceprint,
             sample,
             action=AuditAction.SHIFT_CHECKPOINT,
             context={"shift_id": session.record.shift_id, "trigger": trigger.value},
         )
         if result.decision is Decision.INCONCLUSIVE:
+            # Changes nothing about the shift (the checkpoint looks again): audited as is.
+            for event in audit:
+                self._store.append_audit(event)
             return None
-        return result, recent, sample.embedding
+        return CheckedSpeech(result, recent, sample.embedding, audit)
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """Blocking (store): the agent's voiceprint, for the change watch."""
@@ -949,7 +1024,7 @@ def _log(event: AuditEvent) -> None:
     log.info(
         "%s shift=%s agent=%s outcome=%s",
         event.action,
-        event.details["shift_id"],
+        event.details.get("shift_id", "-"),  # a presentation attack's record names none
         logged_agent(event.agent_id),
         event.outcome,
     )

@@ -39,7 +39,7 @@ def open_store(
 
 def event_wakeups(location: str | Path) -> EventWakeups | None:
     """How replicas on the database at `location` learn of each other's shift events; None
-    for SQLite, which one process serves (events stay in process)."""
+    for SQLite, which one process serves (it writes every event itself)."""
     if is_postgresql(location):
         assert isinstance(location, str)
         return PostgresEventWakeups(location)

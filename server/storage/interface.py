@@ -366,6 +366,9 @@ class EventStore(Protocol):
     def latest_event_id(self) -> int:
         """The highest id given so far; 0 before any."""
 
+    def oldest_event_id(self) -> int | None:
+        """The lowest id still kept (the older ones are dropped); None when none is."""
+
 
 class EventWakeups(Protocol):
     """A backend's way of telling a replica that another committed shift events (PostgreSQL:

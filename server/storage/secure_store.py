@@ -362,6 +362,12 @@ class SecureStore:
         with self._transaction("read the latest shift event id", write=False) as unit:
             return unit.txn.latest_event_id()
 
+    def oldest_event_id(self) -> int | None:
+        with self._transaction("read the oldest shift event id", write=False) as unit:
+            # The rows stay sealed: only the id is read.
+            rows = unit.txn.events_after(0, 1)
+        return rows[0].event_id if rows else None
+
     # --- the audit log -------------------------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> None:

@@ -149,6 +149,23 @@ class VerificationService:
         under `action` ("verify", or a shift checkpoint), with `context` (e.g. the shift and
         what triggered its checkpoint) in the record. Not throttled: a checkpoint is no
         attempt of a claimant."""
+        result, audit = self.decide(voiceprint, sample, action=action, context=context)
+        for event in audit:
+            self._store.append_audit(event)
+        return result
+
+    def decide(
+        self,
+        voiceprint: Voiceprint,
+        sample: VoiceSample,
+        *,
+        action: AuditAction,
+        context: Mapping[str, object] | None = None,
+    ) -> tuple[VerificationResult, tuple[AuditEvent, ...]]:
+        """As `judge`, but returns the decision's audit records instead of appending them: for
+        a decision that takes effect only if a later write does (a shift checkpoint, whose
+        save a lost lease refuses), stored in that write's unit of work, so that no record
+        claims a decision that never took effect."""
         model_id = self._analyser.model_id
         scoring = (
             None
@@ -229,12 +246,10 @@ class VerificationService:
                 "replay_similarity": round(replayed.similarity, 4),
             }
         now = self._now()
-        self._store.append_audit(
-            AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)
-        )
+        audit = [AuditEvent(action, voiceprint.agent_id, result.decision.value, now, details)]
         if presentation is not None and presentation.decision.suspected:
             # Its own record, so that a SIEM can select suspected spoofs by action.
-            self._store.append_audit(
+            audit.append(
                 AuditEvent(
                     AuditAction.PRESENTATION_ATTACK,
                     voiceprint.agent_id,
@@ -266,4 +281,4 @@ class VerificationService:
             sample.quality.net_speech_seconds,
             presentation.decision.value if presentation else "-",
         )
-        return result
+        return result, tuple(audit)

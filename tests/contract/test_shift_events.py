@@ -17,6 +17,7 @@ def test_events_read_back_in_id_order_from_any_point(store: SecureStore) -> None
     store.create_agent(agent("a-1"))
     store.create_agent(agent("a-2"))
     assert store.latest_event_id() == 0
+    assert store.oldest_event_id() is None
     ids = [
         store.append_event(f"a-{1 + n % 2}", f"event {n}".encode(), NOW, NOW - timedelta(hours=1))
         for n in range(5)
@@ -26,6 +27,7 @@ def test_events_read_back_in_id_order_from_any_point(store: SecureStore) -> None
     assert store.events_after(0, 100) == [(i, f"event {n}".encode()) for n, i in enumerate(ids)]
     assert store.events_after(ids[1], 2) == [(ids[2], b"event 2"), (ids[3], b"event 3")]
     assert store.events_after(ids[-1], 100) == []
+    assert store.oldest_event_id() == ids[0]
 
 
 def test_old_events_go_and_ids_are_never_given_again(store: SecureStore) -> None:
@@ -35,6 +37,8 @@ def test_old_events_go_and_ids_are_never_given_again(store: SecureStore) -> None
     second = store.append_event("a-1", b"new", later, later - timedelta(hours=1))
     assert store.events_after(0, 100) == [(second, b"new")]
     assert second > first
+    # What a resuming subscriber is told: the oldest kept is after the one dropped.
+    assert store.oldest_event_id() == second
     # Even once the newest is gone, the next id is higher (a replica reading after `second`
     # would otherwise miss it).
     much_later = later + timedelta(hours=2)
@@ -59,3 +63,23 @@ def test_an_event_is_sealed_and_goes_with_its_agent(storage: Storage, store: Sec
     store.delete_agent("a-1")
     assert store.events_after(0, 100) == [(kept, b"kept")]
     assert erased < kept
+
+
+def test_a_listing_after_an_id_pages_through_every_event_once_in_order(store: SecureStore) -> None:
+    """How a subscriber resumes (server/shifts/service.py): page after page from an id, each
+    page starting after the last id of the one before, gives every later event exactly
+    once, whoever's it is; an id beyond the newest gives nothing."""
+    store.create_agent(agent("a-1"))
+    store.create_agent(agent("a-2"))
+    ids = [
+        store.append_event(f"a-{1 + n % 2}", f"event {n}".encode(), NOW, NOW - timedelta(hours=1))
+        for n in range(12)
+    ]
+    seen: list[int] = []
+    after = ids[2]
+    while page := store.events_after(after, 4):
+        seen += [event_id for event_id, _ in page]
+        after = page[-1][0]
+    assert seen == ids[3:]
+    assert store.events_after(ids[-1] + 1000, 4) == []
+    assert store.events_after(-5, 2) == [(ids[0], b"event 0"), (ids[1], b"event 1")]

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,12 +189,15 @@ class Subscriber:
 
     address: str
     events: list[spb.ShiftEvent] = field(default_factory=list)
+    after_event_id: int | None = None
+    """Resume after this event (SubscribeShiftEventsRequest.after_event_id)."""
 
     def start(self) -> None:
         self._channel = grpc.insecure_channel(self.address)
-        self._call = spb_grpc.ShiftServiceStub(self._channel).SubscribeShiftEvents(
-            spb.SubscribeShiftEventsRequest()
-        )
+        request = spb.SubscribeShiftEventsRequest()
+        if self.after_event_id is not None:
+            request.after_event_id = self.after_event_id
+        self._call = spb_grpc.ShiftServiceStub(self._channel).SubscribeShiftEvents(request)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -403,6 +406,123 @@ def test_replicas_fail_over_and_ride_out_a_database_restart(
             subscriber.stop()
         for replica in replicas:
             replica.stop()
+    verified = subprocess.run(
+        [sys.executable, "-m", "server.tools.cli", "audit", "verify", "--db", conninfo],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def refused(stub: spb_grpc.ShiftServiceStub, after: int) -> grpc.RpcError:
+    call = stub.SubscribeShiftEvents(spb.SubscribeShiftEventsRequest(after_event_id=after))
+    with pytest.raises(grpc.RpcError) as error:
+        next(iter(call))
+    return error.value
+
+
+def test_a_subscriber_killed_with_its_replica_resumes_on_another_with_every_event_once(
+    tmp_path: Path, key_env: dict[str, str], postgres_server: PostgresServer
+) -> None:
+    """The MFA provider subscribes on replica a; a is killed (-9) mid-shift while shifts end
+    on replica b; the provider subscribes again on b after the last event id it saw (some
+    shifts ending as it does): it gets every event exactly once, in order. Then hostile
+    resume ids, and one older than the store keeps."""
+    conninfo = postgres_server.new_database()
+    env = key_env | {
+        "VOXAUTH_DB": conninfo,
+        "VOXAUTH_ENROLL_NET_SPEECH_SECONDS": "5",
+        "VOXAUTH_SHIFT_LEASE_SECONDS": "3",
+        "VOXAUTH_HTTP_LISTEN": "",
+        "VOXAUTH_REPLAY_DETECTION": "0",  # the same login recording every time
+    }
+    a, b = (Replica(name, env, tmp_path) for name in ("a", "b"))
+    first = second = None
+    try:
+        a.wait_serving()
+        b.wait_serving()
+        on_b = spb_grpc.ShiftServiceStub(channel := grpc.insecure_channel(b.address))
+        enrollment = pb_grpc.EnrollmentServiceStub(channel)
+        enrollment.CreateAgent(
+            pb.CreateAgentRequest(agent_id="agent-a", display_name="A", consent_reference="HR-1")
+        )
+        for part in split(first_half(SPEAKER_A), 2):
+            enrollment.AddEnrollmentAudio(
+                pb.AddEnrollmentAudioRequest(agent_id="agent-a", audio=wav_audio(part))
+            )
+        enrollment.FinalizeEnrollment(pb.FinalizeEnrollmentRequest(agent_id="agent-a"))
+        login = wav_audio(second_half(SPEAKER_A))
+        shift_ids = [
+            on_b.StartShift(
+                spb.StartShiftRequest(agent_id="agent-a", device_id="phone-1", login_audio=login)
+            ).shift.shift_id
+            for _ in range(6)
+        ]
+
+        def end(shift_id: str) -> None:
+            on_b.EndShift(spb.EndShiftRequest(shift_id=shift_id))
+
+        first = Subscriber(a.address, after_event_id=0)  # every event kept: from the first
+        first.start()
+        for shift_id in shift_ids[:2]:
+            end(shift_id)
+        wait_for(lambda: len(first.events) == 2)
+        a.kill()
+        for shift_id in shift_ids[2:4]:
+            end(shift_id)  # while the provider has no subscription
+        seen = list(first.events)
+
+        def end_the_last() -> None:
+            for shift_id in shift_ids[4:]:
+                end(shift_id)
+
+        ending = threading.Thread(target=end_the_last)
+        second = Subscriber(b.address, after_event_id=seen[-1].event_id)
+        ending.start()  # the last two end as it subscribes again
+        second.start()
+        ending.join(30)
+        wait_for(lambda: len(second.events) >= 4)
+        time.sleep(1)  # nothing more comes
+        events = seen + second.events
+        assert [(e.kind, e.shift_id) for e in events] == [
+            (spb.SHIFT_EVENT_KIND_SHIFT_ENDED, shift_id) for shift_id in shift_ids
+        ]
+        ids = [e.event_id for e in events]
+        assert ids == sorted(set(ids)) and ids[0] > 0
+        with psycopg.connect(conninfo) as conn:
+            stored = [row[0] for row in conn.execute("SELECT event_id FROM shift_events")]
+        assert sorted(stored) == ids  # every event the store holds, once
+
+        # Hostile resume ids: told which field, with the right status.
+        for hostile in (-1, -(2**63), ids[-1] + 1, 2**63 - 1):
+            error = refused(on_b, hostile)
+            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, (hostile, error)
+            assert "after_event_id" in (error.details() or "")
+        # An id whose successors the retention dropped (as it would after
+        # VOXAUTH_SHIFT_EVENT_RETENTION_HOURS): OUT_OF_RANGE, not a silent gap.
+        with psycopg.connect(conninfo) as conn:
+            conn.execute("DELETE FROM shift_events WHERE event_id <= %s", (ids[2],))
+        assert refused(on_b, ids[1]).code() is grpc.StatusCode.OUT_OF_RANGE
+        resumed = Subscriber(b.address, after_event_id=ids[2])
+        resumed.start()
+        wait_for(lambda: len(resumed.events) == 3)
+        resumed.stop()
+        channel.close()
+    finally:
+        for subscriber in (first, second):
+            if subscriber is not None:
+                subscriber.stop()
+        a.stop()
+        b.stop()
     verified = subprocess.run(
         [sys.executable, "-m", "server.tools.cli", "audit", "verify", "--db", conninfo],
         env=env,

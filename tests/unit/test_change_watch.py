@@ -23,6 +23,7 @@ from server.runtime.store_pool import StorePool
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
 from server.shifts.change_watch import ChangeWatch, CheckpointTrigger, speech_by_level
+from server.shifts.event_bus import StoreEventBus
 from server.shifts.events import ShiftEvent, ShiftEventKind
 from server.shifts.service import ShiftService, ShiftStream
 from server.storage.interface import AgentRecord, ShiftState, Voiceprint
@@ -256,15 +257,19 @@ class Shift:
 async def start_shift(store: SecureStore, tmp_path: Path, policy: ShiftPolicy) -> Shift:
     clock = ManualClock(T0)
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
+    store_pool = StorePool(StoreLimits())
+    events = StoreEventBus(store, store_pool, None, clock, 3600.0)
+    await events.open()
     service = ShiftService(
         store,
         fake_verification(store, tmp_path / "scoring", clock.now),
         analyser,
         AllSpeech(),
         InferencePool(InferenceLimits()),
-        StorePool(StoreLimits()),
+        store_pool,
         policy,
         clock,
+        events,
     )
     login = AudioInput(pcm(talking(1.0, 4)), AudioEncoding.PCM16LE, 16_000)
     started = await service.start(AGENT, "softphone-13", login)

@@ -17,17 +17,26 @@ import pytest
 
 from server.audit_actions import AuditAction
 from server.config import AudioLimits, InferenceLimits, ShiftPolicy, StoreLimits
-from server.errors import ShiftLeaseLostError, StorageError, UnavailableError
+from server.errors import (
+    EventsExpiredError,
+    InvalidRequestError,
+    ShiftLeaseLostError,
+    StorageError,
+    UnavailableError,
+)
 from server.pipeline.analysis import VoiceAnalyser
 from server.pipeline.decode import AudioEncoding
 from server.pipeline.speech import QualityThresholds
-from server.records import AgentRecord, ShiftState, Voiceprint
+from server.records import AgentRecord, ShiftRecord, ShiftState, Voiceprint
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
+from server.security.audit import AuditKey, verify_log
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import StreamFormat
-from server.shifts.event_bus import EventBus, LocalEventBus, StoreEventBus
+from server.shifts.change_watch import CheckpointTrigger
+from server.shifts.event_bus import EventBus, StoreEventBus, decode_event, encode_event
 from server.shifts.events import ShiftEvent, ShiftEventKind
+from server.shifts.lease import LeasedSession
 from server.shifts.service import EventSubscription, ShiftService, ShiftStream
 from server.storage.databases import event_wakeups, open_store
 from server.storage.secure_store import SecureStore
@@ -44,6 +53,7 @@ from tests.fakes import (
 from tests.postgres import PostgresServer
 
 KEY = bytes(range(32))
+AUDIT_KEY = AuditKey(KEY)
 AGENT = "agent-7"
 POLICY = replace(
     ShiftPolicy(),
@@ -56,6 +66,7 @@ POLICY = replace(
     lease_seconds=6.0,
 )
 PCM = StreamFormat(AudioEncoding.PCM16LE, 16_000)
+RETENTION_SECONDS = 3600.0
 T = TypeVar("T")
 
 
@@ -82,12 +93,11 @@ class Replica:
 async def replica(location: str | Path, scoring: Path, clock: ManualClock) -> Replica:
     """One replica on the database at `location`, with the event bus the server would give
     it (server/app.py)."""
-    store = open_store(location, VoiceprintCipher(KEY))
+    store = open_store(location, VoiceprintCipher(KEY), audit_key=AUDIT_KEY)
     pool, store_pool = InferencePool(InferenceLimits()), StorePool(StoreLimits())
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
-    wakeups = event_wakeups(location)
-    events: EventBus = (
-        LocalEventBus() if wakeups is None else StoreEventBus(store, store_pool, wakeups, clock)
+    events: EventBus = StoreEventBus(
+        store, store_pool, event_wakeups(location), clock, RETENTION_SECONDS
     )
     await events.open()
     shifts = ShiftService(
@@ -269,6 +279,48 @@ def test_a_replica_that_lost_the_shift_cannot_write_it_and_its_stream_ends(
     asyncio.run(scenario())
 
 
+def test_a_checkpoint_decided_by_a_replica_that_lost_the_shift_meanwhile_leaves_no_audit(
+    tmp_path: Path, database: str | Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica one confirms its lease, then the softphone moves to replica two while replica
+    one scores: its decision takes no effect (the fenced save refuses it), so no audit record
+    may claim it, and the chain stays whole."""
+
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, database) as (one, two, clock):
+            shift_id = await started(one)
+            on_one = await one.shifts.attach(shift_id, PCM)
+            await next_kind(on_one)
+            confirm = one.shifts.leases.confirm
+            moved: list[ShiftStream] = []
+
+            async def confirmed_then_taken_over(session: LeasedSession) -> None:
+                await confirm(session)
+                if not moved:
+                    moved.append(await two.shifts.attach(shift_id, PCM))
+
+            monkeypatch.setattr(one.shifts.leases, "confirm", confirmed_then_taken_over)
+            await settle(clock, 99)
+            speak(on_one, level=-0.1)  # an impostor: replica one would lock-count a failure
+            await settle(clock, 1)
+            with pytest.raises(ShiftLeaseLostError):
+                await eventually(on_one.next_event)
+            assert moved, "replica one never reached its checkpoint"
+            assert checkpoint_audits(one.store) == []
+            stored = one.store.get_shift(shift_id)
+            assert (stored.checkpoints_failed, stored.consecutive_failures) == (0, 0)
+            # The owner's checkpoint is the one decided, and audited, once.
+            on_two = moved[0]
+            await next_kind(on_two)  # attached
+            speak(on_two)
+            await settle(clock, 1)
+            assert (await next_kind(on_two)).kind is ShiftEventKind.CHECKPOINT_PASSED
+            assert checkpoint_audits(two.store) == ["ACCEPT"]
+            assert verify_log(two.store, [AUDIT_KEY]).intact
+
+    asyncio.run(scenario())
+
+
 def test_an_unlock_on_another_replica_leaves_the_stream_where_it_is(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with two_replicas(tmp_path) as (one, two, clock):
@@ -433,3 +485,140 @@ def test_a_shift_ended_on_another_replica_ends_its_stream_where_it_is(tmp_path: 
             assert shift_id not in one.shifts._sessions
 
     asyncio.run(scenario())
+
+
+# --- resuming a subscription ----------------------------------------------------------------
+
+
+def reported(agent_id: str, n: int, clock: ManualClock) -> ShiftEvent:
+    """An event as a shift change announces it; `n` tells them apart (the failure count)."""
+    now = clock.now()
+    shift = ShiftRecord(f"shift-{n}", agent_id, "phone-1", ShiftState.VERIFIED, now, now, n)
+    return ShiftEvent(ShiftEventKind.CHECKPOINT_FAILED, shift, now)
+
+
+async def taken(subscription: EventSubscription, count: int) -> list[ShiftEvent]:
+    return [await eventually(subscription.next_event) for _ in range(count)]
+
+
+def test_a_subscriber_resumes_on_another_replica_with_every_event_once_in_order(
+    tmp_path: Path, database: str | Path
+) -> None:
+    """The MFA provider's subscription on replica one drops after it received some events;
+    events go on being produced (on both replicas, also while it resubscribes); it resumes
+    on replica two after the last id it saw and gets each later event once, in order."""
+
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, database) as (one, two, clock):
+            first = one.shifts.subscribe()
+            for n in range(5):
+                one.events.publish(reported(AGENT, n, clock))
+            seen = await taken(first, 3)
+            first.close()  # the connection drops; two events were on their way
+            ids = [event.event_id for event in seen]
+            assert ids == sorted(ids) and ids[0] > 0
+
+            async def produce(start: int, count: int) -> None:
+                for n in range(start, start + count):
+                    (one if n % 2 else two).events.publish(reported(AGENT, n, clock))
+                    await asyncio.sleep(0.002)
+
+            await produce(5, 10)
+            producing = asyncio.create_task(produce(15, 30))  # still going at the seam
+            resumed = two.shifts.subscribe(after=ids[-1])
+            seen += await taken(resumed, 42)
+            await producing
+            # Each once (two replicas publish at once: the store's order is their commits')
+            assert sorted(e.shift.consecutive_failures for e in seen) == list(range(45))
+            all_ids = [event.event_id for event in seen]
+            assert all_ids == sorted(set(all_ids))  # in the store's order, no duplicate
+            assert all_ids == [i for i, _ in two.store.events_after(0, 100)]  # no gap
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(resumed.next_event(), 0.5)
+            one.events.publish(reported(AGENT, 45, clock))  # and it goes on live
+            (live,) = await taken(resumed, 1)
+            assert (live.shift.consecutive_failures, live.event_id > all_ids[-1]) == (45, True)
+
+    asyncio.run(scenario())
+
+
+def test_a_resumed_subscription_replays_only_the_agent_it_asked_for(
+    tmp_path: Path, database: str | Path
+) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, database) as (one, two, clock):
+            other = "agent-8"
+            one.store.create_agent(AgentRecord(other, "Agent 8", "HR-2", clock.now()))
+            watch = two.shifts.subscribe()
+            for n in range(6):
+                one.events.publish(reported(AGENT if n % 2 else other, n, clock))
+            before = await taken(watch, 6)
+            mine = two.shifts.subscribe(AGENT, after=before[0].event_id - 1)
+            got = await taken(mine, 3)
+            assert [(e.shift.agent_id, e.shift.consecutive_failures) for e in got] == [
+                (AGENT, 1),
+                (AGENT, 3),
+                (AGENT, 5),
+            ]
+            # Resuming after another agent's event (its id is only a place) shows none of it.
+            after_other = two.shifts.subscribe(AGENT, after=before[3].event_id)
+            assert [e.shift.consecutive_failures for e in await taken(after_other, 1)] == [5]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(after_other.next_event(), 0.5)
+
+    asyncio.run(scenario())
+
+
+def test_a_resume_from_an_id_never_given_or_no_longer_kept_is_refused(
+    tmp_path: Path, database: str | Path
+) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, database) as (one, two, clock):
+            watch = two.shifts.subscribe()
+            one.events.publish(reported(AGENT, 0, clock))
+            (old,) = await taken(watch, 1)
+            for hostile in (-1, -(2**63), old.event_id + 1, 2**63 - 1):
+                with pytest.raises(InvalidRequestError) as refused:
+                    await two.shifts.subscribe(after=hostile).next_event()
+                assert refused.value.field == "after_event_id"
+            clock.advance(RETENTION_SECONDS + 60)  # the retention drops the old event
+            one.events.publish(reported(AGENT, 1, clock))
+            (new,) = await taken(watch, 1)
+            assert two.store.oldest_event_id() == new.event_id
+            with pytest.raises(EventsExpiredError):
+                await two.shifts.subscribe(after=old.event_id - 1).next_event()
+            # Right after the dropped one is still exact: nothing after it was dropped.
+            resumed = two.shifts.subscribe(after=old.event_id)
+            assert (await taken(resumed, 1))[0].event_id == new.event_id
+
+    asyncio.run(scenario())
+
+
+def test_a_subscriber_that_falls_behind_reads_what_overflowed_from_the_store(
+    tmp_path: Path, database: str | Path
+) -> None:
+    async def scenario() -> None:
+        async with two_replicas(tmp_path, database) as (one, two, clock):
+            slow = two.shifts.subscribe()
+            watch = two.shifts.subscribe()
+            count = 300  # more than a subscriber's buffer holds
+            for n in range(count):
+                one.events.publish(reported(AGENT, n, clock))
+            await taken(watch, count)  # all delivered: the slow one's buffer overflowed
+            got = await taken(slow, count)
+            assert [e.shift.consecutive_failures for e in got] == list(range(count))
+
+    asyncio.run(scenario())
+
+
+def test_a_replayed_event_says_what_the_live_one_said() -> None:
+    """A resumed subscriber reads events back from the store: what triggered a checkpoint
+    survives the stored form (it did not, before events were replayed)."""
+    clock = ManualClock()
+    event = replace(
+        reported(AGENT, 1, clock),
+        trigger=CheckpointTrigger.CHANGE_WATCH,
+        change_similarity=0.21,
+        scheduled_at=clock.now(),
+    )
+    assert decode_event(encode_event(event)) == event

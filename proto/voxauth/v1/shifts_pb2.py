@@ -26,43 +26,43 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from voxauth.v1 import voxauth_pb2 as voxauth_dot_v1_dot_voxauth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17voxauth/v1/shifts.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18voxauth/v1/voxauth.proto\"b\n\x11ListShiftsRequest\x12&\n\x06states\x18P \x03(\x0e\x32\x16.voxauth.v1.ShiftState\x12\x11\n\tpage_size\x18Q \x01(\r\x12\x12\n\npage_token\x18R \x01(\t\"P\n\x12ListShiftsResponse\x12!\n\x06shifts\x18P \x03(\x0b\x32\x11.voxauth.v1.Shift\x12\x17\n\x0fnext_page_token\x18Q \x01(\t\"/\n\x1bSubscribeShiftEventsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\xf2\x02\n\x05Shift\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.voxauth.v1.ShiftState\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\r\x12\x1a\n\x12\x63heckpoints_passed\x18\t \x01(\r\x12\x1a\n\x12\x63heckpoints_failed\x18\n \x01(\r\x12\'\n\x1f\x63heckpoints_insufficient_speech\x18\x0b \x01(\r\"t\n\x11StartShiftRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12&\n\x0blogin_audio\x18\x03 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"a\n\x11\x43heckLoginRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12&\n\x0blogin_audio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"{\n\x12LoginCheckResponse\x12 \n\x05shift\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Shift\x12\x30\n\x0cverification\x18\x02 \x01(\x0b\x32\x1a.voxauth.v1.VerifyResponse\x12\x11\n\tassurance\x18\x03 \x01(\t\"Y\n\nShiftAudio\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.voxauth.v1.ShiftAudioHeaderH\x00\x12\x10\n\x06\x66rames\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"i\n\x10ShiftAudioHeader\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\"\x95\x04\n\nShiftEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.voxauth.v1.ShiftEventKind\x12\x10\n\x08shift_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cscheduled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x07 \x01(\x01\x12/\n\x0b\x61udio_start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\taudio_end\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05shift\x18\n \x01(\x0b\x32\x11.voxauth.v1.Shift\x12)\n\ndecided_by\x18\x0b \x01(\x0e\x32\x15.voxauth.v1.DecidedBy\x12;\n\x13presentation_attack\x18\x0c \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\x12.\n\x07trigger\x18\x1e \x01(\x0e\x32\x1d.voxauth.v1.CheckpointTrigger\x12\x19\n\x11\x63hange_similarity\x18\x1f \x01(\x01\"7\n\x0f\x45ndShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"#\n\x0fGetShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t*\xac\x01\n\nShiftState\x12\x1b\n\x17SHIFT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHIFT_STATE_VERIFIED\x10\x01\x12\x1a\n\x16SHIFT_STATE_UNVERIFIED\x10\x02\x12\x16\n\x12SHIFT_STATE_LOCKED\x10\x03\x12\x15\n\x11SHIFT_STATE_ENDED\x10\x04\x12\x1c\n\x18SHIFT_STATE_NOT_ENROLLED\x10\x32*\x80\x04\n\x0eShiftEventKind\x12 \n\x1cSHIFT_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SHIFT_EVENT_KIND_STREAM_ATTACHED\x10\x05\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_PASSED\x10\x01\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_FAILED\x10\x02\x12(\n$SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH\x10\x03\x12!\n\x1dSHIFT_EVENT_KIND_SHIFT_LOCKED\x10\x04\x12#\n\x1fSHIFT_EVENT_KIND_SHIFT_VERIFIED\x10\x06\x12 \n\x1cSHIFT_EVENT_KIND_SHIFT_ENDED\x10\x07\x12(\n$SHIFT_EVENT_KIND_PRESENTATION_ATTACK\x10\x08\x12)\n%SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED\x10\x32\x12$\n SHIFT_EVENT_KIND_ENROLLMENT_HELD\x10\x33\x12$\n SHIFT_EVENT_KIND_WATCHLIST_MATCH\x10\x34\x12!\n\x1dSHIFT_EVENT_KIND_SECOND_VOICE\x10\x1e*\xa0\x01\n\x11\x43heckpointTrigger\x12\"\n\x1e\x43HECKPOINT_TRIGGER_UNSPECIFIED\x10\x00\x12 \n\x1c\x43HECKPOINT_TRIGGER_SCHEDULED\x10\x1e\x12#\n\x1f\x43HECKPOINT_TRIGGER_CHANGE_WATCH\x10\x1f\x12 \n\x1c\x43HECKPOINT_TRIGGER_FOLLOW_UP\x10 2\x90\x04\n\x0cShiftService\x12K\n\nStartShift\x12\x1d.voxauth.v1.StartShiftRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12K\n\nCheckLogin\x12\x1d.voxauth.v1.CheckLoginRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12\x46\n\x10StreamShiftAudio\x12\x16.voxauth.v1.ShiftAudio\x1a\x16.voxauth.v1.ShiftEvent(\x01\x30\x01\x12:\n\x08\x45ndShift\x12\x1b.voxauth.v1.EndShiftRequest\x1a\x11.voxauth.v1.Shift\x12:\n\x08GetShift\x12\x1b.voxauth.v1.GetShiftRequest\x1a\x11.voxauth.v1.Shift\x12Y\n\x14SubscribeShiftEvents\x12\'.voxauth.v1.SubscribeShiftEventsRequest\x1a\x16.voxauth.v1.ShiftEvent0\x01\x12K\n\nListShifts\x12\x1d.voxauth.v1.ListShiftsRequest\x1a\x1e.voxauth.v1.ListShiftsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17voxauth/v1/shifts.proto\x12\nvoxauth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18voxauth/v1/voxauth.proto\"b\n\x11ListShiftsRequest\x12&\n\x06states\x18P \x03(\x0e\x32\x16.voxauth.v1.ShiftState\x12\x11\n\tpage_size\x18Q \x01(\r\x12\x12\n\npage_token\x18R \x01(\t\"P\n\x12ListShiftsResponse\x12!\n\x06shifts\x18P \x03(\x0b\x32\x11.voxauth.v1.Shift\x12\x17\n\x0fnext_page_token\x18Q \x01(\t\"_\n\x1bSubscribeShiftEventsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x61\x66ter_event_id\x18\n \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_after_event_id\"\xf2\x02\n\x05Shift\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.voxauth.v1.ShiftState\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\r\x12\x1a\n\x12\x63heckpoints_passed\x18\t \x01(\r\x12\x1a\n\x12\x63heckpoints_failed\x18\n \x01(\r\x12\'\n\x1f\x63heckpoints_insufficient_speech\x18\x0b \x01(\r\"t\n\x11StartShiftRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12&\n\x0blogin_audio\x18\x03 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"a\n\x11\x43heckLoginRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12&\n\x0blogin_audio\x18\x02 \x01(\x0b\x32\x11.voxauth.v1.Audio\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"{\n\x12LoginCheckResponse\x12 \n\x05shift\x18\x01 \x01(\x0b\x32\x11.voxauth.v1.Shift\x12\x30\n\x0cverification\x18\x02 \x01(\x0b\x32\x1a.voxauth.v1.VerifyResponse\x12\x11\n\tassurance\x18\x03 \x01(\t\"Y\n\nShiftAudio\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.voxauth.v1.ShiftAudioHeaderH\x00\x12\x10\n\x06\x66rames\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"i\n\x10ShiftAudioHeader\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12+\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x19.voxauth.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\r\"\xa7\x04\n\nShiftEvent\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.voxauth.v1.ShiftEventKind\x12\x10\n\x08shift_id\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cscheduled_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x1a\n\x12net_speech_seconds\x18\x07 \x01(\x01\x12/\n\x0b\x61udio_start\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\taudio_end\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05shift\x18\n \x01(\x0b\x32\x11.voxauth.v1.Shift\x12)\n\ndecided_by\x18\x0b \x01(\x0e\x32\x15.voxauth.v1.DecidedBy\x12;\n\x13presentation_attack\x18\x0c \x01(\x0b\x32\x1e.voxauth.v1.PresentationAttack\x12.\n\x07trigger\x18\x1e \x01(\x0e\x32\x1d.voxauth.v1.CheckpointTrigger\x12\x19\n\x11\x63hange_similarity\x18\x1f \x01(\x01\x12\x10\n\x08\x65vent_id\x18( \x01(\x03\"7\n\x0f\x45ndShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\"#\n\x0fGetShiftRequest\x12\x10\n\x08shift_id\x18\x01 \x01(\t*\xac\x01\n\nShiftState\x12\x1b\n\x17SHIFT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SHIFT_STATE_VERIFIED\x10\x01\x12\x1a\n\x16SHIFT_STATE_UNVERIFIED\x10\x02\x12\x16\n\x12SHIFT_STATE_LOCKED\x10\x03\x12\x15\n\x11SHIFT_STATE_ENDED\x10\x04\x12\x1c\n\x18SHIFT_STATE_NOT_ENROLLED\x10\x32*\x80\x04\n\x0eShiftEventKind\x12 \n\x1cSHIFT_EVENT_KIND_UNSPECIFIED\x10\x00\x12$\n SHIFT_EVENT_KIND_STREAM_ATTACHED\x10\x05\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_PASSED\x10\x01\x12&\n\"SHIFT_EVENT_KIND_CHECKPOINT_FAILED\x10\x02\x12(\n$SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH\x10\x03\x12!\n\x1dSHIFT_EVENT_KIND_SHIFT_LOCKED\x10\x04\x12#\n\x1fSHIFT_EVENT_KIND_SHIFT_VERIFIED\x10\x06\x12 \n\x1cSHIFT_EVENT_KIND_SHIFT_ENDED\x10\x07\x12(\n$SHIFT_EVENT_KIND_PRESENTATION_ATTACK\x10\x08\x12)\n%SHIFT_EVENT_KIND_ENROLLMENT_COMPLETED\x10\x32\x12$\n SHIFT_EVENT_KIND_ENROLLMENT_HELD\x10\x33\x12$\n SHIFT_EVENT_KIND_WATCHLIST_MATCH\x10\x34\x12!\n\x1dSHIFT_EVENT_KIND_SECOND_VOICE\x10\x1e*\xa0\x01\n\x11\x43heckpointTrigger\x12\"\n\x1e\x43HECKPOINT_TRIGGER_UNSPECIFIED\x10\x00\x12 \n\x1c\x43HECKPOINT_TRIGGER_SCHEDULED\x10\x1e\x12#\n\x1f\x43HECKPOINT_TRIGGER_CHANGE_WATCH\x10\x1f\x12 \n\x1c\x43HECKPOINT_TRIGGER_FOLLOW_UP\x10 2\x90\x04\n\x0cShiftService\x12K\n\nStartShift\x12\x1d.voxauth.v1.StartShiftRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12K\n\nCheckLogin\x12\x1d.voxauth.v1.CheckLoginRequest\x1a\x1e.voxauth.v1.LoginCheckResponse\x12\x46\n\x10StreamShiftAudio\x12\x16.voxauth.v1.ShiftAudio\x1a\x16.voxauth.v1.ShiftEvent(\x01\x30\x01\x12:\n\x08\x45ndShift\x12\x1b.voxauth.v1.EndShiftRequest\x1a\x11.voxauth.v1.Shift\x12:\n\x08GetShift\x12\x1b.voxauth.v1.GetShiftRequest\x1a\x11.voxauth.v1.Shift\x12Y\n\x14SubscribeShiftEvents\x12\'.voxauth.v1.SubscribeShiftEventsRequest\x1a\x16.voxauth.v1.ShiftEvent0\x01\x12K\n\nListShifts\x12\x1d.voxauth.v1.ListShiftsRequest\x1a\x1e.voxauth.v1.ListShiftsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'voxauth.v1.shifts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHIFTSTATE']._serialized_start=1873
-  _globals['_SHIFTSTATE']._serialized_end=2045
-  _globals['_SHIFTEVENTKIND']._serialized_start=2048
-  _globals['_SHIFTEVENTKIND']._serialized_end=2560
-  _globals['_CHECKPOINTTRIGGER']._serialized_start=2563
-  _globals['_CHECKPOINTTRIGGER']._serialized_end=2723
+  _globals['_SHIFTSTATE']._serialized_start=1939
+  _globals['_SHIFTSTATE']._serialized_end=2111
+  _globals['_SHIFTEVENTKIND']._serialized_start=2114
+  _globals['_SHIFTEVENTKIND']._serialized_end=2626
+  _globals['_CHECKPOINTTRIGGER']._serialized_start=2629
+  _globals['_CHECKPOINTTRIGGER']._serialized_end=2789
   _globals['_LISTSHIFTSREQUEST']._serialized_start=98
   _globals['_LISTSHIFTSREQUEST']._serialized_end=196
   _globals['_LISTSHIFTSRESPONSE']._serialized_start=198
   _globals['_LISTSHIFTSRESPONSE']._serialized_end=278
   _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_start=280
-  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_end=327
-  _globals['_SHIFT']._serialized_start=330
-  _globals['_SHIFT']._serialized_end=700
-  _globals['_STARTSHIFTREQUEST']._serialized_start=702
-  _globals['_STARTSHIFTREQUEST']._serialized_end=818
-  _globals['_CHECKLOGINREQUEST']._serialized_start=820
-  _globals['_CHECKLOGINREQUEST']._serialized_end=917
-  _globals['_LOGINCHECKRESPONSE']._serialized_start=919
-  _globals['_LOGINCHECKRESPONSE']._serialized_end=1042
-  _globals['_SHIFTAUDIO']._serialized_start=1044
-  _globals['_SHIFTAUDIO']._serialized_end=1133
-  _globals['_SHIFTAUDIOHEADER']._serialized_start=1135
-  _globals['_SHIFTAUDIOHEADER']._serialized_end=1240
-  _globals['_SHIFTEVENT']._serialized_start=1243
-  _globals['_SHIFTEVENT']._serialized_end=1776
-  _globals['_ENDSHIFTREQUEST']._serialized_start=1778
-  _globals['_ENDSHIFTREQUEST']._serialized_end=1833
-  _globals['_GETSHIFTREQUEST']._serialized_start=1835
-  _globals['_GETSHIFTREQUEST']._serialized_end=1870
-  _globals['_SHIFTSERVICE']._serialized_start=2726
-  _globals['_SHIFTSERVICE']._serialized_end=3254
+  _globals['_SUBSCRIBESHIFTEVENTSREQUEST']._serialized_end=375
+  _globals['_SHIFT']._serialized_start=378
+  _globals['_SHIFT']._serialized_end=748
+  _globals['_STARTSHIFTREQUEST']._serialized_start=750
+  _globals['_STARTSHIFTREQUEST']._serialized_end=866
+  _globals['_CHECKLOGINREQUEST']._serialized_start=868
+  _globals['_CHECKLOGINREQUEST']._serialized_end=965
+  _globals['_LOGINCHECKRESPONSE']._serialized_start=967
+  _globals['_LOGINCHECKRESPONSE']._serialized_end=1090
+  _globals['_SHIFTAUDIO']._serialized_start=1092
+  _globals['_SHIFTAUDIO']._serialized_end=1181
+  _globals['_SHIFTAUDIOHEADER']._serialized_start=1183
+  _globals['_SHIFTAUDIOHEADER']._serialized_end=1288
+  _globals['_SHIFTEVENT']._serialized_start=1291
+  _globals['_SHIFTEVENT']._serialized_end=1842
+  _globals['_ENDSHIFTREQUEST']._serialized_start=1844
+  _globals['_ENDSHIFTREQUEST']._serialized_end=1899
+  _globals['_GETSHIFTREQUEST']._serialized_start=1901
+  _globals['_GETSHIFTREQUEST']._serialized_end=1936
+  _globals['_SHIFTSERVICE']._serialized_start=2792
+  _globals['_SHIFTSERVICE']._serialized_end=3320
 # @@protoc_insertion_point(module_scope)

@@ -249,18 +249,26 @@ class SubscribeShiftEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Only this agent's shifts; empty for all."""
+    after_event_id: _builtins.int
+    """Resume: the stream starts with the event after this one (the event_id of the last event
+    received; 0: every event the store keeps). Unset: live events from now on.
+    """
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
+        after_event_id: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_event_id", b"_after_event_id", "after_event_id", b"after_event_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_event_id", b"_after_event_id", "after_event_id", b"after_event_id", "agent_id", b"agent_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_event_id: _TypeAlias = _typing.Literal["after_event_id"]  # noqa: Y015
+    _WhichOneofArgType__after_event_id: _TypeAlias = _typing.Literal["_after_event_id", b"_after_event_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_event_id) -> _WhichOneofReturnType__after_event_id | None: ...
 
 Global___SubscribeShiftEventsRequest: _TypeAlias = SubscribeShiftEventsRequest  # noqa: Y015
 
@@ -509,6 +517,7 @@ class ShiftEvent(_message.Message):
     PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
     TRIGGER_FIELD_NUMBER: _builtins.int
     CHANGE_SIMILARITY_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     kind: Global___ShiftEventKind.ValueType
     shift_id: _builtins.str
     score: _builtins.float
@@ -528,6 +537,10 @@ class ShiftEvent(_message.Message):
     """CHANGE_WATCH checkpoints: the similarity of the speech that triggered it (the higher of
     its cosines to the voiceprint and to the speech that passed the last checkpoint), below
     the watch's threshold (in threshold for SECOND_VOICE).
+    """
+    event_id: _builtins.int
+    """SubscribeShiftEvents: the event's place in one order of all events, the same on every
+    replica; resume after it with after_event_id. 0 on StreamShiftAudio's stream.
     """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
@@ -568,10 +581,11 @@ class ShiftEvent(_message.Message):
         presentation_attack: _voxauth_pb2.PresentationAttack | None = ...,
         trigger: Global___CheckpointTrigger.ValueType = ...,
         change_similarity: _builtins.float = ...,
+        event_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "shift", b"shift"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "change_similarity", b"change_similarity", "decided_by", b"decided_by", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "audio_end", b"audio_end", "audio_start", b"audio_start", "change_similarity", b"change_similarity", "decided_by", b"decided_by", "event_id", b"event_id", "kind", b"kind", "net_speech_seconds", b"net_speech_seconds", "presentation_attack", b"presentation_attack", "scheduled_at", b"scheduled_at", "score", b"score", "shift", b"shift", "shift_id", b"shift_id", "threshold", b"threshold", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

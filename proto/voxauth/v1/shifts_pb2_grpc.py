@@ -131,10 +131,18 @@ class ShiftServiceServicer:
 
     def SubscribeShiftEvents(self, request, context):
         """Every checkpoint, lock, unlock and end of every shift (or one agent's), as it happens:
-        how the MFA provider learns at once that a shift was locked. Events are not replayed: read
-        GetShift after (re)subscribing. A subscriber that does not keep up loses the oldest
-        events beyond 256 (the shift state stays authoritative). Roles mfa and hr (HR learns
-        there when a passive enrollment completes or is held).
+        how the MFA provider learns at once that a shift was locked. Each event carries its
+        event_id, one order on every replica; keep the last one received and, after a drop,
+        subscribe again (to any replica) with it as after_event_id: the events that followed it
+        come first, from the store, then the live ones, each exactly once and in order. A
+        subscriber that does not keep up loses none either (what overflows its buffer of 256 is
+        read back from the store). Roles mfa and hr (HR learns there when a passive enrollment
+        completes or is held).
+        INVALID_ARGUMENT    an agent_id that is malformed; an after_event_id that is negative
+        or beyond the newest event (not an id this service gave).
+        OUT_OF_RANGE        an after_event_id older than the events the store keeps
+        (VOXAUTH_SHIFT_EVENT_RETENTION_HOURS, 1 h by default): read the
+        state (GetShift, ListShifts), then subscribe without it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -18,6 +18,7 @@ from server.errors import (
     InternalError,
     InvalidInputError,
     NotFoundError,
+    OutOfRangeError,
     PreconditionError,
     TimedOutError,
     UnauthenticatedError,
@@ -32,6 +33,7 @@ HTTP_STATUS_OF_CATEGORY: dict[type[VoxauthError], HTTPStatus] = {
     UnauthenticatedError: HTTPStatus.UNAUTHORIZED,
     NotFoundError: HTTPStatus.NOT_FOUND,
     PreconditionError: HTTPStatus.CONFLICT,
+    OutOfRangeError: HTTPStatus.BAD_REQUEST,  # as Google's mapping of OUT_OF_RANGE
     ConflictError: HTTPStatus.CONFLICT,
     AlreadyExistsError: HTTPStatus.CONFLICT,
     CapacityError: HTTPStatus.TOO_MANY_REQUESTS,
