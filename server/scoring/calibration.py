@@ -199,8 +199,8 @@ class ConditionCalibration:
         measured, the fitted one continued to the test's own length wherever it still rises
         with the score. So a test beyond the range never gets more evidence than the longest
         measured test, and where the measured trend is for the evidence of a score to fall
-        with the test's length (at the scores where decisions are made it is: longer genuine
-        tests score higher, impostors do not), it goes on falling at least as measured."""
+        with the test's length (at the LLR floor's score it is, in every shipped condition:
+        longer genuine tests score higher, impostors do not), it goes on falling as measured."""
         q, e = self.qualities(net_speech_seconds, enrollment_seconds)
         lines = [self._line(q, e)]
         if self.enrollment_weights is not None:

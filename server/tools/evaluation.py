@@ -11,7 +11,9 @@ data the scoring was fitted on.
 Conditions: wideband (voiceprint and test as recorded), wideband-to-telephone (wideband
 voiceprint, test through a simulated G.711 call), telephone (the companion voiceprint that
 enrollment makes from the same speech through the simulated call, and a telephone test).
-Test durations: 3 s or 8 s of net speech from the start of the second half, or all of it.
+Test durations: 3 s or 8 s of net speech from the start of the second half, or all of it;
+or, with the file cut unevenly, long tests (all after the first 4.5 s of net speech, against
+a voiceprint of the first 4 s) and long voiceprints (all after 4 s, tested by the first 3 s).
 """
 
 from __future__ import annotations

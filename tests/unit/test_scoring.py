@@ -286,6 +286,11 @@ def test_the_shipped_calibration_measures_long_tests_and_never_asks_less_of_them
             # A higher score is more evidence at every length.
             for t in lengths:
                 assert calibration.llr(7.0, t, voiceprint) > calibration.llr(6.0, t, voiceprint)
+            # At the floor's score the evidence falls with the test's length, within the
+            # data and, by the rule, beyond it: a longer test is not credited with more.
+            at_floor = calibration.score_for_llr(policy.min_llr, longest_test, voiceprint)
+            assert calibration.llr(at_floor, longest_test / 2, voiceprint) > policy.min_llr
+            assert calibration.llr(at_floor, longest_test * 2, voiceprint) < policy.min_llr
 
 
 def test_a_format_1_calibration_is_still_read_with_the_shorter_side(tmp_path: Path) -> None:
