@@ -233,8 +233,12 @@ class ConditionCalibration:
     @property
     def longest_calibrated(self) -> tuple[float, float]:
         """(test, voiceprint): the longest net speech of each side that target trials of the
-        calibration covered; longer is judged as `llr` says."""
-        return math.exp(self.quality_range[1]), math.exp(self.enrollment_quality_range[1])
+        calibration covered; longer is judged as `llr` says. Format 1: the shorter side's,
+        for both."""
+        longest_test = math.exp(self.quality_range[1])
+        if self.enrollment_weights is None:
+            return longest_test, longest_test
+        return longest_test, math.exp(self.enrollment_quality_range[1])
 
     def threshold(self, target_fmr: float) -> float:
         """The normalised score that impostors reach with probability `target_fmr`."""

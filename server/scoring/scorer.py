@@ -252,6 +252,11 @@ class Scorer:
             ),
         )
 
+    def longest_calibrated(self, condition: Condition) -> tuple[float, float]:
+        """(test, voiceprint): the longest net speech of each side the shipped calibration
+        measured; longer speech is judged by its rule (server/scoring/calibration.py)."""
+        return self._model.calibration[condition].longest_calibrated
+
     def normalized_threshold_at(self, condition: Condition, false_match_rate: float) -> float:
         """The AS-norm score the shipped calibration's impostor tail reaches with probability
         `false_match_rate` (its bootstrap upper bound): a 1:N search's per-comparison bound."""

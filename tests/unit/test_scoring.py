@@ -306,6 +306,8 @@ def test_a_format_1_calibration_is_still_read_with_the_shorter_side(tmp_path: Pa
     assert calibration.llr(3.0, 5.0, 20.0) == calibration.llr(3.0, 20.0, 5.0)
     assert calibration.llr(3.0, 5.0, 20.0) == calibration.llr(3.0, 5.0, 5.0)
     assert calibration.llr(3.0, 5.0, 20.0) != calibration.llr(3.0, 8.0, 20.0)
+    longest = float(np.exp(calibration.quality_range[1]))
+    assert calibration.longest_calibrated == (longest, longest)
 
 
 def test_a_calibration_whose_llr_falls_with_the_score_at_a_long_voiceprint_is_refused(
