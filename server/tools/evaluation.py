@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -110,23 +109,6 @@ class Trials:
 
     def with_scores(self, target: Vector, impostor: Vector) -> Trials:
         return replace(self, target=target, impostor=impostor)
-
-    def where(self, target: npt.NDArray[np.bool_], impostor: npt.NDArray[np.bool_]) -> Trials:
-        """The trials selected by the two masks."""
-
-        def picked(values: npt.NDArray[Any] | None, mask: npt.NDArray[np.bool_]) -> Any:
-            return None if values is None else values[mask]
-
-        return Trials(
-            self.target[target],
-            self.impostor[impostor],
-            self.target_seconds[target],
-            self.impostor_seconds[impostor],
-            picked(self.impostor_enrolled, impostor),
-            picked(self.impostor_tested, impostor),
-            picked(self.target_enrollment_seconds, target),
-            picked(self.impostor_enrollment_seconds, impostor),
-        )
 
 
 @dataclass(frozen=True)
