@@ -167,6 +167,7 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
         if services is not None:
             # Reads the voiceprints when the local thresholds are due: off the event loop.
             thresholds = await self._store_pool.run(services.verification.scoring_thresholds)
+            calibrated = services.verification.longest_calibrated()
             document["scoring_thresholds"] = {
                 t.condition.value: {
                     "shipped_normalized_threshold": round(t.shipped, 4),
@@ -174,6 +175,9 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
                     "applied_normalized_threshold": round(t.applied, 4),
                     "agents": t.agents,
                     "local_comparisons": t.comparisons,
+                    # Longer speech is judged by the calibration's rule, not measured.
+                    "longest_calibrated_test_seconds": round(calibrated[t.condition][0], 2),
+                    "longest_calibrated_voiceprint_seconds": round(calibrated[t.condition][1], 2),
                 }
                 for t in thresholds
             }

@@ -4,8 +4,13 @@ For each scoring condition (wideband voiceprint and test, wideband voiceprint an
 test, telephone companion voiceprint and telephone test) the calibration holds:
 
 - a logistic regression from the AS-norm score and the trial's net speech to a calibrated
-  log-likelihood ratio (natural log): llr = w0 + w1 s + w2 q + w3 s q, with q the log of the
-  shorter side's net speech, so a 3 s check and a 20 s check are both calibrated;
+  log-likelihood ratio (natural log): llr = w0 + w1 s + w2 q + w3 s q + w4 e + w5 s e, with q
+  the log of the test's net speech and e that of the voiceprint's. The two lengths enter
+  apart because the calibration set has one file per speaker: no target trial is long on
+  both sides, but cut unevenly a file gives long tests against short enrollments and long
+  enrollments against short tests (server/tools/calibrate.py), so each length is measured
+  over a wider range than the shorter side of any trial could be (format 1 took the shorter
+  side alone and is still read that way);
 - the upper tail of the impostor AS-norm scores, from which a target false-match rate
   becomes a threshold: the scores of the top 1% of impostor trials against their normal
   deviates (a straight line on a DET plot's axis), extrapolated below what the trials can
@@ -13,10 +18,15 @@ test, telephone companion voiceprint and telephone test) the calibration holds:
   models/scoring/README.md), so one threshold holds for every length; the tail is fitted
   rather than taken as Gaussian because it is heavier (skew 0.2-0.4: a Gaussian fit puts
   the threshold for 1 in 10,000 where 1 in 1,000 impostors pass);
-- a Gaussian model of the target AS-norm scores, mean and standard deviation linear in q,
-  from which the expected false-non-match rate at that threshold follows.
+- a Gaussian model of the target AS-norm scores, mean and standard deviation linear in q
+  and e, from which the expected false-non-match rate at that threshold follows.
 
-q is held to the range the calibration saw: longer speech is judged as the longest measured.
+q and e are each held to the range of the target trials the calibration saw (the longest
+test and the longest voiceprint calibrated from data, recorded in the file). A test longer
+than the longest measured gets the lesser of that test's LLR and the fitted trend continued
+to its own length (`ConditionCalibration.llr`): never more evidence than measured, and at
+least the measured fall of a fixed score's evidence with the length. A voiceprint longer
+than the longest measured is judged as that long.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ from server.pipeline.channel import Channel
 
 Vector = npt.NDArray[np.float64]
 
-FORMAT = "voxauth-calibration/1"
+FORMAT = "voxauth-calibration/2"
+READABLE_FORMATS = ("voxauth-calibration/1", FORMAT)
+"""Format 1 has no enrollment terms: its quality is the shorter side's net speech."""
 _STANDARD_NORMAL = NormalDist()
 # A Gaussian's standard deviation fitted over q must stay positive where it is used.
 _MIN_STD = 1e-3
@@ -66,24 +78,28 @@ class Condition(enum.Enum):
 
 @dataclass(frozen=True)
 class LinearInQuality:
-    """intercept + slope * q."""
+    """intercept + slope * q + enrollment_slope * e."""
 
     intercept: float
     slope: float
+    enrollment_slope: float = 0.0
 
-    def at(self, quality: float) -> float:
-        return self.intercept + self.slope * quality
+    def at(self, quality: float, enrollment_quality: float = 0.0) -> float:
+        return self.intercept + self.slope * quality + self.enrollment_slope * enrollment_quality
 
 
 @dataclass(frozen=True)
 class ScoreModel:
-    """A Gaussian whose mean and standard deviation depend on q."""
+    """A Gaussian whose mean and standard deviation depend on q and e."""
 
     mean: LinearInQuality
     std: LinearInQuality
 
-    def at(self, quality: float) -> tuple[float, float]:
-        return self.mean.at(quality), max(self.std.at(quality), _MIN_STD)
+    def at(self, quality: float, enrollment_quality: float = 0.0) -> tuple[float, float]:
+        return (
+            self.mean.at(quality, enrollment_quality),
+            max(self.std.at(quality, enrollment_quality), _MIN_STD),
+        )
 
 
 @dataclass(frozen=True)
@@ -141,29 +157,88 @@ class Bound:
 @dataclass(frozen=True)
 class ConditionCalibration:
     llr_weights: tuple[float, float, float, float]
-    """w0..w3 of llr = w0 + w1 s + w2 q + w3 s q."""
+    """w0..w3 of llr = w0 + w1 s + w2 q + w3 s q (+ the enrollment terms)."""
     impostor: TailModel
     target: ScoreModel
     quality_range: tuple[float, float]
-    """The q the calibration trials covered; q outside is held to it."""
+    """The q (log of the test's net speech) the target trials covered; q outside is held
+    to it. Format 1: the log of the shorter side's."""
     target_trials: int
     impostor_trials: int
+    enrollment_weights: tuple[float, float] | None = None
+    """w4, w5 of + w4 e + w5 s e; None: format 1, whose q is the shorter side's."""
+    enrollment_quality_range: tuple[float, float] = (0.0, 0.0)
+    """The e (log of the voiceprint's net speech) the target trials covered; e outside is
+    held to it."""
 
-    def quality(self, net_speech_seconds: float) -> float:
+    def qualities(
+        self, net_speech_seconds: float, enrollment_seconds: float
+    ) -> tuple[float, float]:
+        """(q, e) of a trial, each held to the range the calibration measured."""
         low, high = self.quality_range
-        return min(max(math.log(max(net_speech_seconds, 1e-3)), low), high)
+        if self.enrollment_weights is None:
+            shorter = min(net_speech_seconds, enrollment_seconds)
+            return min(max(math.log(max(shorter, 1e-3)), low), high), 0.0
+        e_low, e_high = self.enrollment_quality_range
+        return (
+            min(max(math.log(max(net_speech_seconds, 1e-3)), low), high),
+            min(max(math.log(max(enrollment_seconds, 1e-3)), e_low), e_high),
+        )
 
-    def llr(self, score: float, net_speech_seconds: float) -> float:
-        q = self.quality(net_speech_seconds)
+    def _line(self, q: float, e: float) -> tuple[float, float]:
+        """(offset, slope) of the fitted LLR as a line in the score at (q, e)."""
         w0, w1, w2, w3 = self.llr_weights
-        return w0 + w1 * score + w2 * q + w3 * score * q
+        w4, w5 = self.enrollment_weights or (0.0, 0.0)
+        return w0 + w2 * q + w4 * e, w1 + w3 * q + w5 * e
 
-    def score_for_llr(self, llr: float, net_speech_seconds: float) -> float:
-        """The normalised score whose calibrated LLR is `llr` at this length (the LLR rises
-        with the score at every calibrated length: `load` refuses a calibration where not)."""
-        q = self.quality(net_speech_seconds)
-        w0, w1, w2, w3 = self.llr_weights
-        return (llr - w0 - w2 * q) / (w1 + w3 * q)
+    def _lines(
+        self, net_speech_seconds: float, enrollment_seconds: float
+    ) -> list[tuple[float, float]]:
+        """The lines in the score whose least is the LLR at these lengths: the fitted one at
+        the lengths held to the measured range and, for a test longer than the longest
+        measured, the fitted one continued to the test's own length wherever it still rises
+        with the score. So a test beyond the range never gets more evidence than the longest
+        measured test, and where the measured trend is for the evidence of a score to fall
+        with the test's length (at the LLR floor's score it is, in every shipped condition:
+        longer genuine tests score higher, impostors do not), it goes on falling as measured."""
+        q, e = self.qualities(net_speech_seconds, enrollment_seconds)
+        lines = [self._line(q, e)]
+        if self.enrollment_weights is not None:
+            own = math.log(max(net_speech_seconds, 1e-3))
+            if own > q:
+                continued = self._line(own, e)
+                if continued[1] > 0:
+                    lines.append(continued)
+        return lines
+
+    def llr(self, score: float, net_speech_seconds: float, enrollment_seconds: float) -> float:
+        """The calibrated LLR of a normalised score, for a test of `net_speech_seconds`
+        against a voiceprint of `enrollment_seconds` of net speech."""
+        return min(
+            offset + slope * score
+            for offset, slope in self._lines(net_speech_seconds, enrollment_seconds)
+        )
+
+    def score_for_llr(
+        self, llr: float, net_speech_seconds: float, enrollment_seconds: float
+    ) -> float:
+        """The normalised score whose calibrated LLR is `llr` at these lengths (the LLR rises
+        with the score at every calibrated length: `load` refuses a calibration where not;
+        the least of rising lines reaches `llr` where the last of them does)."""
+        return max(
+            (llr - offset) / slope
+            for offset, slope in self._lines(net_speech_seconds, enrollment_seconds)
+        )
+
+    @property
+    def longest_calibrated(self) -> tuple[float, float]:
+        """(test, voiceprint): the longest net speech of each side that target trials of the
+        calibration covered; longer is judged as `llr` says. Format 1: the shorter side's,
+        for both."""
+        longest_test = math.exp(self.quality_range[1])
+        if self.enrollment_weights is None:
+            return longest_test, longest_test
+        return longest_test, math.exp(self.enrollment_quality_range[1])
 
     def threshold(self, target_fmr: float) -> float:
         """The normalised score that impostors reach with probability `target_fmr`."""
@@ -174,37 +249,45 @@ class ConditionCalibration:
         target_fmr: float,
         net_speech_seconds: float,
         *,
+        enrollment_seconds: float,
         min_llr: float,
         evidence_from_seconds: float,
         local_fmr_threshold: float | None = None,
     ) -> Bound:
         """The highest of the false-match threshold, the LLR floor, and (unless
         `evidence_from_seconds` is 0) the LLR a check of `evidence_from_seconds` needs at the
-        false-match threshold. The LLR at a fixed score
-        is linear in q, so the most any length between `evidence_from_seconds` and this one
-        needs there is at one of the two ends."""
+        false-match threshold, against the same voiceprint. The LLR at a fixed score is linear
+        in q, so the most any length between `evidence_from_seconds` and this one needs there
+        is at one of the two ends."""
         fmr_threshold = self.threshold(target_fmr)
         by = DecidedBy.FMR_THRESHOLD
         # The deployment's own impostors, where they are stricter than the shipped tail.
         if local_fmr_threshold is not None and local_fmr_threshold > fmr_threshold:
             fmr_threshold, by = local_fmr_threshold, DecidedBy.LOCAL_FMR_THRESHOLD
         floors = [
-            (self.llr(fmr_threshold, net_speech_seconds), by),
+            (self.llr(fmr_threshold, net_speech_seconds, enrollment_seconds), by),
             (min_llr, DecidedBy.LLR_FLOOR),
         ]
         if 0 < evidence_from_seconds < net_speech_seconds:
             floors.append(
-                (self.llr(fmr_threshold, evidence_from_seconds), DecidedBy.DURATION_FLOOR)
+                (
+                    self.llr(fmr_threshold, evidence_from_seconds, enrollment_seconds),
+                    DecidedBy.DURATION_FLOOR,
+                )
             )
         # Ties go to the false-match threshold: a floor decides only where it asks for more.
         llr, decided_by = max(floors, key=lambda floor: floor[0])
         if decided_by is by:
             return Bound(fmr_threshold, llr, decided_by)
-        return Bound(self.score_for_llr(llr, net_speech_seconds), llr, decided_by)
+        return Bound(
+            self.score_for_llr(llr, net_speech_seconds, enrollment_seconds), llr, decided_by
+        )
 
-    def false_non_match_rate(self, threshold: float, net_speech_seconds: float) -> float:
-        """Expected share of genuine checks of this length scoring below `threshold`."""
-        mean, std = self.target.at(self.quality(net_speech_seconds))
+    def false_non_match_rate(
+        self, threshold: float, net_speech_seconds: float, enrollment_seconds: float
+    ) -> float:
+        """Expected share of genuine checks of these lengths scoring below `threshold`."""
+        mean, std = self.target.at(*self.qualities(net_speech_seconds, enrollment_seconds))
         return _STANDARD_NORMAL.cdf((threshold - mean) / std)
 
 
@@ -245,7 +328,7 @@ class Calibration:
             ) from None
         except (OSError, ValueError) as exc:
             raise ConfigurationError(f"cannot read the score calibration {path}: {exc}") from exc
-        if not isinstance(document, dict) or document.get("format") != FORMAT:
+        if not isinstance(document, dict) or document.get("format") not in READABLE_FORMATS:
             raise ConfigurationError(f"{path} is not a voxauth calibration ({FORMAT})")
         if document["model_id"] != model_id:
             raise ConfigurationError(
@@ -259,8 +342,15 @@ class Calibration:
             }
             for condition, calibrated in conditions.items():
                 w1, w3 = calibrated.llr_weights[1], calibrated.llr_weights[3]
-                # A higher score must always mean more evidence, or no LLR floor is a score.
-                if min(w1 + w3 * q for q in calibrated.quality_range) <= 0:
+                w5 = (calibrated.enrollment_weights or (0.0, 0.0))[1]
+                # A higher score must always mean more evidence, or no LLR floor is a score;
+                # the slope is linear in q and e, so its least is at a corner of their ranges.
+                corners = [
+                    w1 + w3 * q + w5 * e
+                    for q in calibrated.quality_range
+                    for e in calibrated.enrollment_quality_range
+                ]
+                if min(corners) <= 0:
                     raise ValueError(f"{condition.value}: the LLR falls with the score")
             return cls(
                 model_id=model_id,
@@ -281,6 +371,16 @@ def _condition_from(fields: dict[str, Any]) -> ConditionCalibration:
 
     w0, w1, w2, w3 = (float(w) for w in fields["llr_weights"])
     low, high = (float(q) for q in fields["quality_range"])
+    if low > high:
+        raise ValueError("quality_range is empty")
+    enrollment_weights = None
+    e_low = e_high = 0.0
+    if fields.get("enrollment_weights") is not None:
+        w4, w5 = (float(w) for w in fields["enrollment_weights"])
+        enrollment_weights = (w4, w5)
+        e_low, e_high = (float(e) for e in fields["enrollment_quality_range"])
+        if e_low > e_high:
+            raise ValueError("enrollment_quality_range is empty")
     return ConditionCalibration(
         llr_weights=(w0, w1, w2, w3),
         impostor=_tail_from(fields["impostor"]),
@@ -288,6 +388,8 @@ def _condition_from(fields: dict[str, Any]) -> ConditionCalibration:
         quality_range=(low, high),
         target_trials=int(fields["target_trials"]),
         impostor_trials=int(fields["impostor_trials"]),
+        enrollment_weights=enrollment_weights,
+        enrollment_quality_range=(e_low, e_high),
     )
 
 
@@ -305,36 +407,53 @@ def _tail_from(fields: dict[str, Any]) -> TailModel:
 
 
 def fit_condition(
-    target: Vector, target_seconds: Vector, impostor: Vector, impostor_seconds: Vector
+    target: Vector,
+    target_seconds: Vector,
+    impostor: Vector,
+    impostor_seconds: Vector,
+    *,
+    target_enrollment_seconds: Vector,
+    impostor_enrollment_seconds: Vector,
 ) -> ConditionCalibration:
-    """Calibration from normalised scores of target and impostor trials and each trial's
-    shorter net speech."""
+    """Calibration from normalised scores of target and impostor trials, each trial's test
+    and voiceprint net speech. The lengths are held to the range of the target trials: an
+    LLR needs both kinds of trial, and only impostor trials are longer."""
     q_target, q_impostor = np.log(target_seconds), np.log(impostor_seconds)
-    quality_range = (
-        float(min(q_target.min(), q_impostor.min())),
-        float(max(q_target.max(), q_impostor.max())),
+    e_target, e_impostor = np.log(target_enrollment_seconds), np.log(impostor_enrollment_seconds)
+    w = _logistic_regression(
+        _features(target, q_target, e_target), _features(impostor, q_impostor, e_impostor)
     )
     return ConditionCalibration(
-        llr_weights=_logistic_regression(target, q_target, impostor, q_impostor),
+        llr_weights=(w[0], w[1], w[2], w[3]),
         impostor=_tail_model(impostor),
-        target=_score_model(target, q_target),
-        quality_range=quality_range,
+        target=_score_model(target, q_target, e_target),
+        quality_range=(float(q_target.min()), float(q_target.max())),
         target_trials=len(target),
         impostor_trials=len(impostor),
+        enrollment_weights=(w[4], w[5]),
+        enrollment_quality_range=(float(e_target.min()), float(e_target.max())),
     )
 
 
-def _features(scores: Vector, quality: Vector) -> Vector:
-    return np.stack([np.ones_like(scores), scores, quality, scores * quality], axis=1)
+def _features(scores: Vector, quality: Vector, enrollment_quality: Vector) -> Vector:
+    return np.stack(
+        [
+            np.ones_like(scores),
+            scores,
+            quality,
+            scores * quality,
+            enrollment_quality,
+            scores * enrollment_quality,
+        ],
+        axis=1,
+    )
 
 
-def _logistic_regression(
-    target: Vector, q_target: Vector, impostor: Vector, q_impostor: Vector
-) -> tuple[float, float, float, float]:
+def _logistic_regression(target: Vector, impostor: Vector) -> tuple[float, ...]:
     """Weighted so that targets and impostors weigh the same in total: the fitted log odds
     are then log-likelihood ratios (a prior of 1/2 adds nothing to them). Newton's method on
     the convex cross-entropy, with a light ridge so that it always converges."""
-    x = np.concatenate([_features(target, q_target), _features(impostor, q_impostor)])
+    x = np.concatenate([target, impostor])
     y = np.concatenate([np.ones(len(target)), np.zeros(len(impostor))])
     weights = np.concatenate(
         [np.full(len(target), 0.5 / len(target)), np.full(len(impostor), 0.5 / len(impostor))]
@@ -349,7 +468,7 @@ def _logistic_regression(
         w -= step
         if float(np.abs(step).max()) < 1e-10:
             break
-    return float(w[0]), float(w[1]), float(w[2]), float(w[3])
+    return tuple(float(v) for v in w)
 
 
 def _tail_model(impostor: Vector, fitted_below: float = TAIL_FRACTION) -> TailModel:
@@ -392,11 +511,14 @@ def fit_tail(
     return TailModel(point.intercept, point.slope, point.fitted_below, tuple(fits), confidence)
 
 
-def _score_model(scores: Vector, quality: Vector) -> ScoreModel:
-    """Least-squares line for the mean; the spread is fitted to the absolute residuals
-    (scaled by sqrt(pi/2), the ratio of a Gaussian's std to its mean absolute deviation)."""
-    design = np.stack([np.ones_like(quality), quality], axis=1)
-    (m0, m1), *_ = np.linalg.lstsq(design, scores, rcond=None)
-    residual = np.abs(scores - design @ np.array([m0, m1])) * math.sqrt(math.pi / 2)
-    (s0, s1), *_ = np.linalg.lstsq(design, residual, rcond=None)
-    return ScoreModel(LinearInQuality(float(m0), float(m1)), LinearInQuality(float(s0), float(s1)))
+def _score_model(scores: Vector, quality: Vector, enrollment_quality: Vector) -> ScoreModel:
+    """Least-squares plane in (q, e) for the mean; the spread is fitted to the absolute
+    residuals (scaled by sqrt(pi/2), the ratio of a Gaussian's std to its mean absolute
+    deviation)."""
+    design = np.stack([np.ones_like(quality), quality, enrollment_quality], axis=1)
+    mean, *_ = np.linalg.lstsq(design, scores, rcond=None)
+    residual = np.abs(scores - design @ mean) * math.sqrt(math.pi / 2)
+    std, *_ = np.linalg.lstsq(design, residual, rcond=None)
+    return ScoreModel(
+        LinearInQuality(*(float(m) for m in mean)), LinearInQuality(*(float(s) for s in std))
+    )

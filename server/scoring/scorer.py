@@ -227,12 +227,13 @@ class Scorer:
         cosine = float(np.clip(np.dot(prepared, reference), -1.0, 1.0))
         normalized = as_norm(cosine, enrollment, test_statistics)
         calibration = self._model.calibration[condition]
-        # The shorter side limits how much the comparison can tell.
-        seconds = min(voiceprint.net_speech_seconds, test_net_speech_seconds)
+        # Both sides' lengths limit how much the comparison can tell.
+        seconds, enrolled_seconds = test_net_speech_seconds, voiceprint.net_speech_seconds
         local = self.local_thresholds()[condition]
         bound = calibration.bound(
             self._policy.target_fmr,
             seconds,
+            enrollment_seconds=enrolled_seconds,
             min_llr=self._policy.min_llr,
             evidence_from_seconds=self._policy.evidence_from_seconds,
             local_fmr_threshold=local.local,
@@ -241,15 +242,20 @@ class Scorer:
             condition=condition,
             cosine=cosine,
             normalized=normalized,
-            llr=calibration.llr(normalized, seconds),
+            llr=calibration.llr(normalized, seconds, enrolled_seconds),
             normalized_threshold=bound.normalized,
             decided_by=bound.decided_by,
             threshold=cosine_for(bound.normalized, enrollment, test_statistics),
             llr_threshold=bound.llr,
             expected_false_non_match_rate=calibration.false_non_match_rate(
-                bound.normalized, seconds
+                bound.normalized, seconds, enrolled_seconds
             ),
         )
+
+    def longest_calibrated(self, condition: Condition) -> tuple[float, float]:
+        """(test, voiceprint): the longest net speech of each side the shipped calibration
+        measured; longer speech is judged by its rule (server/scoring/calibration.py)."""
+        return self._model.calibration[condition].longest_calibrated
 
     def normalized_threshold_at(self, condition: Condition, false_match_rate: float) -> float:
         """The AS-norm score the shipped calibration's impostor tail reaches with probability

@@ -6,7 +6,10 @@ makes the cohort and the calibration, the second is left for `voxauth eval`, whi
 on it alone. Within the first part, every file is cut into halves; each half enrolls (as
 wideband and as telephone companion voiceprint) and is tested by segments of the other half
 (all its speech, and its first and second 3 s of net speech), as wideband and as telephone
-audio. The cohort holds one voice per speaker and channel: the mean of the two halves.
+audio. Each file is also cut unevenly, so that tests and voiceprints longer than a half are
+calibrated too: its first 4 s of net speech enroll and the rest tests, and its first 3 s
+test against the rest enrolled. The cohort holds one voice per speaker and channel: the mean
+of the two halves.
 Trial scores are normalised leaving out of the cohort both speakers of the trial.
 """
 
@@ -38,7 +41,10 @@ from server.scoring.normalization import centre, top_n_statistics
 from server.scoring.scorer import CALIBRATION_FILE, COHORT_FILE
 from server.tools.corpus import Part, Recording, Segment, Side, SpeechCorpus, recordings
 from server.tools.evaluation import (
+    CALIBRATED_BEFORE,
     ENROLLMENT_SIDE,
+    LONG_ENROLLMENT,
+    LONG_TEST,
     TEST_SIDE,
     Rate,
     Trials,
@@ -70,8 +76,8 @@ class Setting:
         return f"{'centred' if self.centring else 'not centred'}, top {self.top_n}"
 
 
-Plan = tuple[tuple[Part, tuple[Segment, ...]], ...]
-"""(enrolled part, test segments) pairs that make trials."""
+Plan = tuple[tuple[Segment, tuple[Segment, ...]], ...]
+"""(enrolled segment, test segments) pairs that make trials."""
 
 SETTINGS = tuple(Setting(c, n) for c in (False, True) for n in (10, 25, 50, 100))
 
@@ -161,7 +167,7 @@ def calibration_trials(
     blocks: list[Trials] = []
     for enrolled, tested_segments in plan:
         enrollment = embed_side(
-            corpus, files, ENROLLMENT_SIDE[condition], Segment(enrolled), min_enrollment_seconds
+            corpus, files, ENROLLMENT_SIDE[condition], enrolled, min_enrollment_seconds
         )
         enrollment = prepared(enrollment, condition.enrollment_channel)
         e_mean, e_std = _leave_out_statistics(enrollment, enrollment_cohort, cohort.speakers, top_n)
@@ -179,8 +185,9 @@ def calibration_trials(
             enrolled_speakers = np.array(enrollment.speakers, dtype=np.str_)
             tested_speakers = np.array(test.speakers, dtype=np.str_)
             same = (enrolled_speakers[:, None] == tested_speakers[None, :]).reshape(cosines.shape)
-            shorter = np.minimum(
-                enrollment.net_speech_seconds[:, None], test.net_speech_seconds[None, :]
+            tested_seconds = np.broadcast_to(test.net_speech_seconds[None, :], cosines.shape)
+            enrolled_seconds = np.broadcast_to(
+                enrollment.net_speech_seconds[:, None], cosines.shape
             )
             pairs_e = np.broadcast_to(enrolled_speakers[:, None], cosines.shape)
             pairs_t = np.broadcast_to(tested_speakers[None, :], cosines.shape)
@@ -188,10 +195,12 @@ def calibration_trials(
                 Trials(
                     normalized[same],
                     normalized[~same],
-                    shorter[same],
-                    shorter[~same],
+                    tested_seconds[same],
+                    tested_seconds[~same],
                     pairs_e[~same],
                     pairs_t[~same],
+                    enrolled_seconds[same],
+                    enrolled_seconds[~same],
                 )
             )
     return _joined(blocks)
@@ -208,18 +217,27 @@ def _joined(blocks: Sequence[Trials]) -> Trials:
         joined("impostor_seconds"),
         joined("impostor_enrolled"),
         joined("impostor_tested"),
+        joined("target_enrollment_seconds"),
+        joined("impostor_enrollment_seconds"),
     )
 
 
 HALVES_PLAN: Plan = tuple(
-    (enrolled, tuple(Segment(tested, start, seconds) for start, seconds in TEST_SEGMENTS))
+    (
+        Segment(enrolled),
+        tuple(Segment(tested, start, seconds) for start, seconds in TEST_SEGMENTS),
+    )
     for enrolled, tested in (
         (Part.FIRST_HALF, Part.SECOND_HALF),
         (Part.SECOND_HALF, Part.FIRST_HALF),
     )
 )
 """Each half enrolls and the other half's segments test: the target and impostor trials."""
-WHOLE_PLAN: Plan = ((Part.WHOLE, (Segment(Part.WHOLE),)),)
+UNEVEN_PLAN: Plan = ((LONG_TEST[0], (LONG_TEST[1],)), (LONG_ENROLLMENT[0], (LONG_ENROLLMENT[1],)))
+"""Each file cut unevenly: long tests against short voiceprints, long voiceprints against
+short tests. Target trials longer on one side than any half can give, so that the LLR's
+dependence on each side's length is measured, not extrapolated, over that range."""
+WHOLE_PLAN: Plan = ((Segment(Part.WHOLE), (Segment(Part.WHOLE),)),)
 """Whole files (both halves, up to 17 s) against whole files: impostor trials only (one file
 a speaker), longer than any half, so the tail is also measured where checks are long."""
 
@@ -331,25 +349,46 @@ def main(argv: list[str] | None = None) -> int:
     conditions = {}
     counts = {}
     for condition in Condition:
-        trials = trials_of(corpus, files, cohort, condition, chosen)
+        halves = trials_of(corpus, files, cohort, condition, chosen)
+        uneven = trials_of(corpus, files, cohort, condition, chosen, plan=UNEVEN_PLAN)
         whole = trials_of(corpus, files, cohort, condition, chosen, plan=WHOLE_PLAN)
+        trials = _joined([halves, uneven])
         impostors = _joined([trials, whole])
-        # The LLR and the target model need targets, which only the halves have; the tail is
-        # fitted on every impostor trial, long ones included.
+        assert trials.target_enrollment_seconds is not None
+        assert trials.impostor_enrollment_seconds is not None
+        # The LLR and the target model need targets, which the halves and the uneven cuts
+        # have; the tail is fitted on every impostor trial, whole files included.
         fitted = replace(
             fit_condition(
-                trials.target, trials.target_seconds, trials.impostor, trials.impostor_seconds
+                trials.target,
+                trials.target_seconds,
+                trials.impostor,
+                trials.impostor_seconds,
+                target_enrollment_seconds=trials.target_enrollment_seconds,
+                impostor_enrollment_seconds=trials.impostor_enrollment_seconds,
             ),
             impostor=_tail_of(impostors),
         )
         conditions[condition] = fitted
-        eer, _ = equal_error_rate(trials)
+        eer, _ = equal_error_rate(halves)
         checks = [_check(fitted, impostors, fmr) for fmr in (1e-3, 1e-4)]
         long_checks = [_check(fitted, whole, fmr) for fmr in (1e-3, 1e-4)]
+        uneven_checks = [_check(fitted, uneven, fmr) for fmr in (1e-3, 1e-4)]
         held_apart = held_apart_check(impostors)
+        longest_test, longest_voiceprint = fitted.longest_calibrated
         counts[condition.value] = {
             "target_trials": len(trials.target),
             "impostor_trials": len(trials.impostor),
+            "halves_target_trials": len(halves.target),
+            "halves_impostor_trials": len(halves.impostor),
+            "uneven_target_trials": len(uneven.target),
+            "uneven_impostor_trials": len(uneven.impostor),
+            "target_tests_longer_than_7.6_s": int(
+                (trials.target_seconds > CALIBRATED_BEFORE).sum()
+            ),
+            "target_tests_longer_than_10_s": int((trials.target_seconds > 10.0).sum()),
+            "longest_calibrated_test_seconds": round(longest_test, 2),
+            "longest_calibrated_voiceprint_seconds": round(longest_voiceprint, 2),
             "whole_file_impostor_trials": len(whole.impostor),
             "whole_file_net_speech_seconds": [
                 round(float(whole.impostor_seconds.min()), 1),
@@ -358,14 +397,20 @@ def main(argv: list[str] | None = None) -> int:
             "eer": round(eer, 5),
             "tail_threshold_check": checks,
             "tail_threshold_check_whole_files": long_checks,
+            "tail_threshold_check_uneven_cuts": uneven_checks,
             "tail_held_apart_check": held_apart,
         }
         print(
             f"{condition.value}: {len(trials.target)} target, {len(trials.impostor)} impostor "
-            f"trials (+{len(whole.impostor)} of whole files), EER {eer:.2%}; "
+            f"trials ({len(uneven.target)} / {len(uneven.impostor)} of them of uneven cuts; "
+            f"+{len(whole.impostor)} impostor trials of whole files), halves' EER {eer:.2%}; "
+            f"calibrated up to {longest_test:.1f} s tests, {longest_voiceprint:.1f} s "
+            "voiceprints; "
             + "; ".join(checks)
             + "; whole files: "
             + "; ".join(long_checks)
+            + "; uneven cuts: "
+            + "; ".join(uneven_checks)
             + "; held apart: "
             + "; ".join(held_apart)
         )

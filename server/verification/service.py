@@ -15,6 +15,7 @@ from server.pipeline.channel import Channel
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
 from server.pipeline.speech import SpeechAnalysis
 from server.runtime.log_format import logged_agent
+from server.scoring.calibration import Condition
 from server.scoring.gallery import GalleryMatch, Probe
 from server.scoring.scorer import LocalThreshold, Score, Scorer
 from server.scoring.watchlist import WatchlistScreen
@@ -121,6 +122,11 @@ class VerificationService:
         """Blocking (may read the voiceprints): per condition, the shipped and the local
         false-match threshold and how many comparisons stand behind the local one."""
         return list(self._scorer.local_thresholds().values())
+
+    def longest_calibrated(self) -> dict[Condition, tuple[float, float]]:
+        """Per condition, the longest test and voiceprint (net speech, seconds) the
+        calibration measured."""
+        return {c: self._scorer.longest_calibrated(c) for c in Condition}
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """The agent's voiceprint, if it can be compared with this server's model."""

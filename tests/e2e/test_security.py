@@ -111,6 +111,11 @@ def test_each_role_is_refused_outside_its_rights(
     assert wideband["local_normalized_threshold"] is None
     assert wideband["applied_normalized_threshold"] == wideband["shipped_normalized_threshold"]
     assert wideband["local_comparisons"] == wideband["agents"] * (wideband["agents"] - 1)
+    # How long a check and a voiceprint the shipped calibration measured, per condition.
+    for condition in ("wideband", "wideband-to-telephone", "telephone"):
+        shown_condition = shown["scoring_thresholds"][condition]
+        assert shown_condition["longest_calibrated_test_seconds"] > 10.0
+        assert shown_condition["longest_calibrated_voiceprint_seconds"] > 10.0
 
     # No client certificate: refused at the handshake.
     anonymous = grpc.secure_channel(

@@ -65,7 +65,14 @@ def synthetic_calibration(top_n: int = 10) -> Calibration:
     impostor = RNG.normal(0.0, 1.0, 40000)
     seconds_t = RNG.uniform(3, 20, len(target))
     seconds_i = RNG.uniform(3, 20, len(impostor))
-    fitted = fit_condition(target, seconds_t, impostor, seconds_i)
+    fitted = fit_condition(
+        target,
+        seconds_t,
+        impostor,
+        seconds_i,
+        target_enrollment_seconds=RNG.uniform(3, 20, len(target)),
+        impostor_enrollment_seconds=RNG.uniform(3, 20, len(impostor)),
+    )
     return Calibration(
         "test-model", top_n, True, dict.fromkeys(Condition, fitted), {"speakers": []}
     )
@@ -89,10 +96,10 @@ def test_top_n_statistics_take_the_closest_voices_and_leave_out_the_excluded() -
 def test_calibrated_llr_and_threshold_follow_the_score_distributions() -> None:
     calibration = synthetic_calibration()[Condition.WIDEBAND]
     for score in (0.0, 1.5, 3.0, 5.0):
-        assert calibration.llr(score, 8.0) == pytest.approx(3 * score - 4.5, abs=0.35)
+        assert calibration.llr(score, 8.0, 20.0) == pytest.approx(3 * score - 4.5, abs=0.35)
     threshold = calibration.threshold(1e-4)
     assert threshold == pytest.approx(NormalDist().inv_cdf(1 - 1e-4), abs=0.15)
-    assert calibration.false_non_match_rate(threshold, 8.0) == pytest.approx(
+    assert calibration.false_non_match_rate(threshold, 8.0, 20.0) == pytest.approx(
         NormalDist(3.0, 1.0).cdf(threshold), abs=0.05
     )
     # A stricter false-match rate costs false non-matches.
@@ -135,6 +142,189 @@ def test_the_threshold_is_an_upper_bound_that_widens_where_there_are_few_voices(
     assert 0 < margins[0] < margins[1]
 
 
+def one_file_per_speaker_trials(rng: np.random.Generator, uneven: bool) -> dict[str, np.ndarray]:
+    """Trials as one file of up to 16 s per speaker gives them: halves (both sides 2-8 s),
+    and with `uneven` also long tests against a 4 s voiceprint and long voiceprints against
+    a 3 s test (up to 12 s). Impostors score N(0, 1) at every length; targets N(mu, 1) with
+    mu = 1 + 1.5 ln(test) + 0.8 ln(voiceprint), so the true LLR is mu s - mu^2 / 2."""
+    n = 3000
+    tests = [rng.uniform(2, 8, n)]
+    voiceprints = [rng.uniform(2, 8, n)]
+    if uneven:
+        tests += [rng.uniform(3, 12, n), np.full(n, 3.0)]
+        voiceprints += [np.full(n, 4.0), rng.uniform(3, 12, n)]
+    t, e = np.concatenate(tests), np.concatenate(voiceprints)
+    mu = true_target_mean(t, e)
+    impostors = 10 * len(t)
+    return {
+        "target": rng.normal(mu, 1.0),
+        "target_seconds": t,
+        "target_enrollment_seconds": e,
+        "impostor": rng.normal(0.0, 1.0, impostors),
+        "impostor_seconds": np.tile(t, 10),
+        "impostor_enrollment_seconds": np.tile(e, 10),
+    }
+
+
+def true_target_mean(test: np.ndarray | float, voiceprint: np.ndarray | float) -> np.ndarray:
+    return np.asarray(1.0 + 1.5 * np.log(test) + 0.8 * np.log(voiceprint))
+
+
+def fitted_on(trials: dict[str, np.ndarray]) -> ConditionCalibration:
+    return fit_condition(
+        trials["target"],
+        trials["target_seconds"],
+        trials["impostor"],
+        trials["impostor_seconds"],
+        target_enrollment_seconds=trials["target_enrollment_seconds"],
+        impostor_enrollment_seconds=trials["impostor_enrollment_seconds"],
+    )
+
+
+def test_uneven_cuts_calibrate_long_tests_that_halves_cannot() -> None:
+    rng = np.random.default_rng(3)
+    uneven = fitted_on(one_file_per_speaker_trials(rng, uneven=True))
+    halves = fitted_on(one_file_per_speaker_trials(rng, uneven=False))
+    longest_test, longest_voiceprint = uneven.longest_calibrated
+    assert 11.9 < longest_test <= 12.0 and 11.9 < longest_voiceprint <= 12.0
+    assert halves.longest_calibrated[0] <= 8.0
+    # An 11 or 12 s test against a 4 s voiceprint: the score whose LLR is the default floor
+    # (2.3), where the true LLR mu s - mu^2 / 2 reaches it. The uneven trials measure it.
+    # Held at the halves' longest test, as format 1 held it, it asks too little; the halves'
+    # fit continued beyond its range asks more than held.
+    held = halves.score_for_llr(2.3, halves.longest_calibrated[0], 4.0)
+    for test in (11.0, 12.0):
+        mu = float(true_target_mean(test, 4.0))
+        true = 2.3 / mu + mu / 2
+        assert uneven.score_for_llr(2.3, test, 4.0) == pytest.approx(true, abs=0.12)
+        assert held < true - 0.15
+        assert halves.score_for_llr(2.3, test, 4.0) > held
+    # The LLR rises with the score at every calibrated length pair.
+    for t in (2.0, 4.0, 8.0, 12.0):
+        for e in (2.0, 4.0, 8.0, 12.0):
+            assert uneven.llr(5.0, t, e) > uneven.llr(4.0, t, e)
+
+
+def test_beyond_the_longest_measured_test_the_evidence_never_grows() -> None:
+    calibration = fitted_on(one_file_per_speaker_trials(np.random.default_rng(4), uneven=True))
+    longest_test, longest_voiceprint = calibration.longest_calibrated
+    w0, w1, w2, w3 = calibration.llr_weights
+    w4, w5 = calibration.enrollment_weights or (0.0, 0.0)
+    policy = ScoringPolicy()
+
+    def fitted(score: float, test: float, voiceprint: float) -> float:
+        q, e = np.log(test), np.log(voiceprint)
+        return float(w0 + w1 * score + w2 * q + w3 * score * q + w4 * e + w5 * score * e)
+
+    def needed(test: float, voiceprint: float) -> float:
+        return calibration.bound(
+            policy.target_fmr,
+            test,
+            enrollment_seconds=voiceprint,
+            min_llr=policy.min_llr,
+            evidence_from_seconds=0.0,
+        ).normalized
+
+    for score in (1.0, 3.0, 6.0, 9.0):
+        for test in (longest_test * 1.01, 20.0, 60.0):
+            held = calibration.llr(score, longest_test, longest_voiceprint)
+            # A voiceprint longer than measured is judged as the longest measured; a test
+            # longer than measured gets no more evidence than the longest measured test, and
+            # where the fitted line falls with the length it goes on falling.
+            assert calibration.llr(score, test, 90.0) == pytest.approx(
+                min(held, fitted(score, test, longest_voiceprint))
+            )
+            assert calibration.llr(score, test, 90.0) <= held
+        # Shorter than measured: held to the shortest.
+        shortest = [
+            float(np.exp(r[0]))
+            for r in (calibration.quality_range, calibration.enrollment_quality_range)
+        ]
+        assert calibration.llr(score, 0.5, 0.5) == calibration.llr(score, *shortest)
+    # Where a score's evidence falls with the length (the synthetic targets score higher the
+    # longer the test), a 60 s test has less of it than the longest measured.
+    assert calibration.llr(3.0, 60.0, 20.0) < calibration.llr(3.0, longest_test, 20.0) - 0.5
+    # The score a check needs never falls with its length, within the range or beyond.
+    lengths = [3.0, 5.0, 8.0, longest_test, 15.0, 30.0, 60.0]
+    for voiceprint in (4.0, 20.0):
+        scores = [needed(t, voiceprint) for t in lengths]
+        assert scores == sorted(scores)
+        for t, score in zip(lengths, scores, strict=True):
+            assert calibration.llr(score, t, voiceprint) >= policy.min_llr - 1e-9
+    assert calibration.false_non_match_rate(4.0, 60.0, 90.0) == calibration.false_non_match_rate(
+        4.0, longest_test, longest_voiceprint
+    )
+
+
+def test_the_shipped_calibration_measures_long_tests_and_never_asks_less_of_them() -> None:
+    model = ScoringModel.load(ScoringPolicy(), ECAPA_MANIFEST.model_id)
+    policy = ScoringPolicy()
+    lengths = [3.0, 4.0, 6.0, 7.6, 9.0, 10.0, 12.0, 20.0, 30.0, 60.0]
+    for condition in Condition:
+        calibration = model.calibration[condition]
+        longest_test, longest_voiceprint = calibration.longest_calibrated
+        # Uneven cuts of one file per speaker: tests and voiceprints beyond half a file.
+        assert longest_test > 10.0 and longest_voiceprint > 10.0
+        trials = model.calibration.provenance["trials"][condition.value]
+        assert trials["target_tests_longer_than_7.6_s"] >= 40
+        for voiceprint in (4.0, 11.0, 20.0):
+            bounds = [
+                calibration.bound(
+                    policy.target_fmr,
+                    t,
+                    enrollment_seconds=voiceprint,
+                    min_llr=policy.min_llr,
+                    evidence_from_seconds=0.0,
+                )
+                for t in lengths
+            ]
+            needed = [b.normalized for b in bounds]
+            assert needed == sorted(needed), (condition, voiceprint, needed)
+            assert min(b.llr for b in bounds) >= policy.min_llr - 1e-9
+            # The bound is at least the false-match threshold, whatever the length.
+            assert min(needed) >= calibration.threshold(policy.target_fmr) - 1e-9
+            # A higher score is more evidence at every length.
+            for t in lengths:
+                assert calibration.llr(7.0, t, voiceprint) > calibration.llr(6.0, t, voiceprint)
+            # At the floor's score the evidence falls with the test's length, within the
+            # data and, by the rule, beyond it: a longer test is not credited with more.
+            at_floor = calibration.score_for_llr(policy.min_llr, longest_test, voiceprint)
+            assert calibration.llr(at_floor, longest_test / 2, voiceprint) > policy.min_llr
+            assert calibration.llr(at_floor, longest_test * 2, voiceprint) < policy.min_llr
+
+
+def test_a_format_1_calibration_is_still_read_with_the_shorter_side(tmp_path: Path) -> None:
+    document = json.loads(synthetic_calibration().to_json())
+    document["format"] = "voxauth-calibration/1"
+    for fields in document["conditions"].values():
+        del fields["enrollment_weights"], fields["enrollment_quality_range"]
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(document))
+    calibration = Calibration.load(path, "test-model")[Condition.WIDEBAND]
+    assert calibration.enrollment_weights is None
+    # As format 1 was used: the quality is the shorter side's, whichever side that is.
+    assert calibration.llr(3.0, 5.0, 20.0) == calibration.llr(3.0, 20.0, 5.0)
+    assert calibration.llr(3.0, 5.0, 20.0) == calibration.llr(3.0, 5.0, 5.0)
+    assert calibration.llr(3.0, 5.0, 20.0) != calibration.llr(3.0, 8.0, 20.0)
+    longest = float(np.exp(calibration.quality_range[1]))
+    assert calibration.longest_calibrated == (longest, longest)
+
+
+def test_a_calibration_whose_llr_falls_with_the_score_at_a_long_voiceprint_is_refused(
+    tmp_path: Path,
+) -> None:
+    document = json.loads(synthetic_calibration().to_json())
+    fields = document["conditions"]["wideband"]
+    fields["llr_weights"] = [0.0, 1.0, 0.0, 0.0]
+    # Rising with the score at the shortest voiceprint, falling at the longest.
+    fields["enrollment_quality_range"] = [0.5, 3.0]
+    fields["enrollment_weights"] = [0.0, -0.5]
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigurationError, match="wideband: the LLR falls with the score"):
+        Calibration.load(path, "test-model")
+
+
 def test_calibration_round_trips_and_refuses_another_model(tmp_path: Path) -> None:
     calibration = synthetic_calibration()
     bootstrapped = replace(
@@ -151,8 +341,8 @@ def test_calibration_round_trips_and_refuses_another_model(tmp_path: Path) -> No
     loaded = Calibration.load(path, "test-model")
     assert loaded == calibration
     assert loaded.cohort_top_n == 10
-    assert loaded[Condition.TELEPHONE].llr(2.0, 5.0) == calibration[Condition.TELEPHONE].llr(
-        2.0, 5.0
+    assert loaded[Condition.TELEPHONE].llr(2.0, 5.0, 9.0) == calibration[Condition.TELEPHONE].llr(
+        2.0, 5.0, 9.0
     )
     with pytest.raises(ConfigurationError, match=r"made for model test-model.*voxauth calibrate"):
         Calibration.load(path, "other-model@v2")
