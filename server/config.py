@@ -402,6 +402,16 @@ class ShiftPolicy(Settings):
     checkpoint_net_speech_seconds: float = field(default=8.0, metadata=setting(check=non_negative))
     """Net speech a checkpoint verifies: the most recent, silence excluded."""
 
+    confirm_net_speech_seconds: float = field(
+        default=16.0, metadata=setting("VOXAUTH_CONFIRM_NET_SPEECH_SECONDS", check=non_negative)
+    )
+    """Net speech a checkpoint verifies when its failure would lock the shift (the ones
+    before it failed): more than an ordinary checkpoint (the larger of the two counts), and
+    all of it heard after the failed checkpoint's (its audio is discarded once used). A lock
+    then rests on two failures on separate speech, the second on a longer sample: a longer
+    test is a surer one either way, fewer false non-matches for the agent and no easier
+    match for someone else (README, "Change of voice")."""
+
     max_audio_age_seconds: float = field(default=90.0, metadata=setting(check=non_negative))
     """Audio older than this is discarded unused; bounds each shift's buffer (at 16 kHz
     16-bit, 90 s is 2.9 MB)."""
