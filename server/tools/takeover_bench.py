@@ -155,7 +155,7 @@ def _interval(count: int, trials: int, unit: str) -> str:
     low, high = wilson(count, trials)
     text = f"{count} of {trials} {unit} (95% {low:.1%}-{high:.1%}"
     if count == 0 and trials:
-        text += f"; rule of three: under {3 / trials:.1%}"
+        text += f"; rule of three: under {min(1.0, 3 / trials):.1%}"
     return text + ")"
 
 
@@ -352,15 +352,19 @@ class Simulation:
         """Legs of turns cut at random places (`conversation`'s `spliced`)."""
 
     def enroll(self, voice: Voice) -> bool:
-        """Enrolls the voice as an agent; False when its half recording is too little."""
+        """Enrolls the voice as an agent; False when its half recording is too little, or its
+        voiceprint was held as a duplicate of another."""
         agent_id = f"bench-{voice.speaker}"
         enrollment = self._services.enrollment
         enrollment.create_agent(agent_id, voice.speaker, "BENCH")
         for part in voice.enrollment:
             enrollment.add_utterance(agent_id, _audio(part))
         try:
-            enrollment.finalize(agent_id)
+            outcome = enrollment.finalize(agent_id)
         except VoxauthError:
+            return False
+        if outcome.held is not None:
+            # Held for HR's review (it matched another agent): no active voiceprint.
             return False
         self._enrolled.add(agent_id)
         return True
@@ -638,7 +642,8 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
     for name, run in (("takeover", takeover), ("genuine", genuine)):
         print(
             f"{name} run: {run.agents} agents enrolled ({run.not_enrolled} recordings too short "
-            f"for a voiceprint), {run.logins_refused} logins refused (those shifts not run)"
+            f"for a voiceprint or held as another's duplicate), {run.logins_refused} logins "
+            "refused (those shifts not run)"
         )
     shifts = takeover.outcomes
     locked = [o for o in shifts if o.locked_at is not None and o.takeover_at is not None]
