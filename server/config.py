@@ -416,6 +416,17 @@ class ShiftPolicy(Settings):
     checkpoint_net_speech_seconds: float = field(default=8.0, metadata=setting(check=non_negative))
     """Net speech a checkpoint verifies: the most recent, silence excluded."""
 
+    confirm_net_speech_seconds: float = field(
+        default=8.0, metadata=setting("VOXAUTH_CONFIRM_NET_SPEECH_SECONDS", check=non_negative)
+    )
+    """Net speech a checkpoint verifies when its failure would lock the shift (the ones
+    before it failed); the larger of this and checkpoint_net_speech_seconds. Like every
+    checkpoint it hears only speech after the previous one's (a decided checkpoint's audio is
+    discarded), so a lock rests on two failures on separate speech. Longer is surer for and
+    against the agent alike, but slows the lock after a takeover, and the shipped
+    calibration (trials of at most 7.6 s) cannot show what it gains: the default is the
+    ordinary 8 s (measured: README, "Change of voice")."""
+
     max_audio_age_seconds: float = field(default=90.0, metadata=setting(check=non_negative))
     """Audio older than this is discarded unused; bounds each shift's buffer (at 16 kHz
     16-bit, 90 s is 2.9 MB)."""

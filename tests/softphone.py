@@ -17,8 +17,9 @@ from voxauth.v1 import voxauth_pb2 as pb
 from server.config import ShiftPolicy
 from tests.support import Samples
 
-# Checkpoints exactly every 100 s of test-clock time (no jitter), verifying 6 s of speech, and
-# only those: the change watch, which starts checkpoints in between, is tested on its own
+# Checkpoints exactly every 100 s of test-clock time (no jitter), verifying 6 s of speech (10 s
+# when a failure would lock: one test recording holds about 14 s), and only those: the change
+# watch, which starts checkpoints in between, is tested on its own
 # (tests/e2e/test_change_watch_e2e.py turns it on).
 POLICY = replace(
     ShiftPolicy(),
@@ -26,6 +27,7 @@ POLICY = replace(
     checkpoint_jitter_seconds=0.0,
     min_checkpoint_gap_seconds=10.0,
     checkpoint_net_speech_seconds=6.0,
+    confirm_net_speech_seconds=10.0,
     speech_wait_seconds=30.0,
     speech_recheck_seconds=2.0,
     change_watch=False,

@@ -879,9 +879,7 @@ class ShiftService:
         """Blocking (worker thread): verifies the shift's most recent speech, or returns None
         while there is not enough of it."""
         assert session.buffer is not None
-        recent = session.buffer.recent_speech(
-            self._detector, self.policy.checkpoint_net_speech_seconds
-        )
+        recent = session.buffer.recent_speech(self._detector, self.net_speech_needed(session))
         if recent is None:
             return None
         voiceprint = self._verification.voiceprint_of(session.record.agent_id)
@@ -902,6 +900,15 @@ class ShiftService:
                 self._store.append_audit(event)
             return None
         return CheckedSpeech(result, recent, sample.embedding, audit)
+
+    def net_speech_needed(self, session: ShiftSession) -> float:
+        """What the shift's next checkpoint verifies: more speech when its failure would lock
+        (ShiftPolicy.confirm_net_speech_seconds). The speech is the buffer's, which holds
+        nothing from before the last decided checkpoint."""
+        policy = self.policy
+        if session.record.consecutive_failures + 1 >= policy.max_consecutive_failures:
+            return max(policy.checkpoint_net_speech_seconds, policy.confirm_net_speech_seconds)
+        return policy.checkpoint_net_speech_seconds
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """Blocking (store): the agent's voiceprint, for the change watch."""

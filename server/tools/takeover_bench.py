@@ -11,11 +11,17 @@ reported are the shifts' own (virtual) times.
 
 Speech: one recording per speaker of the folder given (e.g. LibriSpeech train-clean-100),
 only speakers held apart from the shipped cohort and calibration. Each agent enrolls from the
-first half of its recording and logs in with the second half; its leg of the call then carries
-turns of 2-8 s taken from that second half, looped, with pauses of 2-8 s of line noise between
-them (the customer speaks on the other leg). A takeover shift switches, at a random time 2 to
-30 minutes into the shift, to another held-apart speaker's turns. Replay detection is off:
-looped recordings are replays by construction.
+first half of its recording (split in a pause) and logs in with the second half; its leg of the
+call then carries turns of 2-8 s of that second half, read on in order and cut only in its
+pauses, with pauses of 2-8 s of line noise between them (the customer speaks on the other
+leg). A takeover shift switches, at a random time 2 to 30 minutes into the shift, to another
+held-apart speaker's turns. Replay detection is off: looped recordings are replays by
+construction.
+
+What one recording per speaker cannot show: every checkpoint of a genuine shift judges the
+same few seconds of recorded speech again (the report says how much of it), so its failures
+are one trial repeated, not independent ones; a real shift's checkpoints minutes apart judge
+different speech. The report counts the speakers, the independent trials, with the shifts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
+import math
 import secrets
 import sys
 import tempfile
@@ -60,6 +68,11 @@ RATE = 16_000
 _MIN_RECORDING_SECONDS = 12.0
 _STEP_SECONDS = 1.0  # one message of 50 frames per shift per step
 _NOISE_DBFS = -65.0
+_FRAME = 320  # 20 ms
+# A pause: within this share of the way from the recording's noise floor (its quietest 5%)
+# to its speech (its loudest 5%), in dB: recordings differ in both.
+_PAUSE_SHARE = 0.3
+_PAUSE_FRAMES = 3
 
 
 class CountingPool:
@@ -116,28 +129,143 @@ class Spread:
         return cls(nearest_rank(values, 0.5), nearest_rank(values, 0.9), max(values))
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a simulated leg: where it lies in the leg and where it came from in the
+    speaker's material (seconds)."""
+
+    at: float
+    source: float
+    seconds: float
+
+
+def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is honest for zero counts and few trials."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval(count: int, trials: int, unit: str) -> str:
+    low, high = wilson(count, trials)
+    text = f"{count} of {trials} {unit} (95% {low:.1%}-{high:.1%}"
+    if count == 0 and trials:
+        text += f"; rule of three: under {min(1.0, 3 / trials):.1%}"
+    return text + ")"
+
+
+def pauses(material: np.ndarray[Any, np.dtype[np.float32]]) -> list[int]:
+    """Where a recording may be cut without cutting a word: the middle of each run of at
+    least 60 ms near its noise floor (the pauses between a reader's phrases), with the
+    recording's start and end."""
+    count = len(material) // _FRAME
+    cuts = [0]
+    if count:
+        frames = material[: count * _FRAME].reshape(count, _FRAME)
+        level = 10 * np.log10(np.maximum(np.mean(np.square(frames, dtype=np.float64), 1), 1e-12))
+        loud, floor = float(np.percentile(level, 95)), float(np.percentile(level, 5))
+        quiet = level < floor + _PAUSE_SHARE * (loud - floor)
+        run = 0
+        for index, silent in enumerate([*quiet.tolist(), False]):
+            if silent:
+                run += 1
+                continue
+            if run >= _PAUSE_FRAMES and index - run > 0:
+                cuts.append((index - run // 2) * _FRAME)
+            run = 0
+    return sorted({*cuts, len(material)})
+
+
 def conversation(
-    material: np.ndarray[Any, np.dtype[np.float32]], seconds: float, rng: np.random.Generator
+    material: np.ndarray[Any, np.dtype[np.float32]],
+    seconds: float,
+    rng: np.random.Generator,
+    turns: list[Turn] | None = None,
+    *,
+    spliced: bool = False,
 ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], float]:
-    """`seconds` of one speaker's leg of a call: turns of 2-8 s cut from `material` (looped,
-    from random places) with 2-8 s of line noise between them; and the seconds of turns."""
+    """`seconds` of one speaker's leg of a call: turns of 2-8 s from `material` with 2-8 s
+    of line noise between them; and the seconds of turns. Each turn is also added to `turns`
+    when given.
+
+    A turn is the recording read on from where the last one stopped, starting and ending in
+    a pause between phrases (at the recording's end the next turn starts from its
+    beginning): speech as a speaker makes it, only repeated. `spliced`: the first version
+    of this benchmark, turns cut at random places and wrapped round the recording's end,
+    splices mid-word that no speaker makes (they cost the agent's own checkpoints several
+    hundredths of cosine: README, "Change of voice"); kept to compare."""
     total = int(seconds * RATE)
     out = (10 ** (_NOISE_DBFS / 20) * rng.standard_normal(total)).astype(np.float32)
+    cuts = pauses(material)
+    cursor = cuts[int(rng.integers(0, max(1, len(cuts) - 1)))]
     at = 0
     spoken = 0
     while at < total:
-        turn = int(rng.uniform(2.0, 8.0) * RATE)
-        start = int(rng.integers(0, len(material)))
-        piece = np.take(material, np.arange(start, start + turn), mode="wrap")
-        end = min(total, at + turn)
+        wanted = int(rng.uniform(2.0, 8.0) * RATE)
+        if spliced:
+            start = int(rng.integers(0, len(material)))
+            piece = np.take(material, np.arange(start, start + wanted), mode="wrap")
+        else:
+            start = cursor
+            stop = next((c for c in cuts if c - start >= wanted), len(material))
+            piece = material[start:stop]
+            cursor = 0 if stop >= len(material) else stop
+        end = min(total, at + len(piece))
         out[at:end] += piece[: end - at]
         spoken += end - at
+        if turns is not None:
+            turns.append(Turn(at / RATE, start / RATE, (end - at) / RATE))
         at = end + int(rng.uniform(2.0, 8.0) * RATE)
     return out, spoken / RATE
 
 
 def pcm16(samples: np.ndarray[Any, np.dtype[np.float32]]) -> bytes:
     return bytes((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One decided checkpoint of a simulated shift, as its event told it."""
+
+    at: float
+    trigger: str
+    passed: bool
+    score: float
+    threshold: float
+    net_speech_seconds: float
+    pad: str
+    """The countermeasure's decision ('-' when it did not run)."""
+    audio: tuple[float, float]
+    """The checkpoint's audio, in seconds of the leg."""
+
+
+def material_heard(
+    turns: Sequence[Turn], audio: tuple[float, float], material_seconds: float
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Which 10 ms of the speaker's material the leg's stretch `audio` carries."""
+    bins = max(1, round(material_seconds * 100))
+    heard = np.zeros(bins, dtype=np.bool_)
+    start, end = audio
+    for turn in turns:
+        a, b = max(start, turn.at), min(end, turn.at + turn.seconds)
+        if b <= a:
+            continue
+        first = round((turn.source + a - turn.at) * 100)
+        heard[np.arange(first, first + round((b - a) * 100)) % bins] = True
+    return heard
+
+
+def shared_material(
+    turns: Sequence[Turn], one: tuple[float, float], other: tuple[float, float], seconds: float
+) -> float:
+    """The fraction of the material in stretch `one` that stretch `other` carries too."""
+    a, b = material_heard(turns, one, seconds), material_heard(turns, other, seconds)
+    return float(np.sum(a & b) / max(1, np.sum(a)))
 
 
 @dataclass
@@ -153,6 +281,11 @@ class ShiftOutcome:
     """The first failed checkpoint after the takeover (any failure on a genuine shift)."""
     locked_at: float | None = None
     second_voices: int = 0
+    agent: str = ""
+    decided: list[Decided] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    """The agent's turns (not the impostor's)."""
+    material_seconds: float = 0.0
 
 
 # --- the simulation -------------------------------------------------------------------------
@@ -184,7 +317,9 @@ def held_apart_voices(directory: Path, config: ServerConfig) -> list[Voice]:
         ):
             continue
         samples = np.asarray(sf.read(path, dtype="float32")[0], dtype=np.float32)
-        half = len(samples) // 2
+        # Split in the pause nearest the middle, not mid-word.
+        inner = pauses(samples)[1:-1] or [len(samples) // 2]
+        half = min(inner, key=lambda cut: abs(cut - len(samples) // 2))
         voices.append(
             Voice(
                 speaker,
@@ -213,17 +348,23 @@ class Simulation:
         self.shifts.embedder = self.watch_embedder
         self.logins_refused = 0
         self._enrolled: set[str] = set()
+        self.spliced = False
+        """Legs of turns cut at random places (`conversation`'s `spliced`)."""
 
     def enroll(self, voice: Voice) -> bool:
-        """Enrolls the voice as an agent; False when its half recording is too little."""
+        """Enrolls the voice as an agent; False when its half recording is too little, or its
+        voiceprint was held as a duplicate of another."""
         agent_id = f"bench-{voice.speaker}"
         enrollment = self._services.enrollment
         enrollment.create_agent(agent_id, voice.speaker, "BENCH")
         for part in voice.enrollment:
             enrollment.add_utterance(agent_id, _audio(part))
         try:
-            enrollment.finalize(agent_id)
+            outcome = enrollment.finalize(agent_id)
         except VoxauthError:
+            return False
+        if outcome.held is not None:
+            # Held for HR's review (it matched another agent): no active voiceprint.
             return False
         self._enrolled.add(agent_id)
         return True
@@ -256,10 +397,13 @@ class Simulation:
             stream = await self.shifts.attach(
                 login.shift.shift_id, StreamFormat(AudioEncoding.PCM16LE, RATE)
             )
-            leg, spoken = conversation(agent.material, seconds, rng)
+            turns: list[Turn] = []
+            leg, spoken = conversation(agent.material, seconds, rng, turns, spliced=self.spliced)
             if impostor is not None:
                 cut = int(takeover_at * RATE)
-                other, _ = conversation(impostor.material, (len(leg) - cut) / RATE + 1, rng)
+                other, _ = conversation(
+                    impostor.material, (len(leg) - cut) / RATE + 1, rng, spliced=self.spliced
+                )
                 leg[cut:] = other[: len(leg) - cut]
             runs.append(
                 _Run(
@@ -270,10 +414,16 @@ class Simulation:
                         seconds,
                         spoken,
                         takeover_at if impostor is not None else None,
+                        agent=agent.speaker,
+                        turns=turns,
+                        material_seconds=len(agent.material) / RATE,
                     ),
                 )
             )
         started = self._clock.monotonic()
+        origin = self.shifts.wall_time(started)
+        for run in runs:
+            run.origin = origin
         step = int(_STEP_SECONDS * RATE) * 2
         longest = max((len(r.pcm) for r in runs), default=0)
         for offset in range(0, longest, step):
@@ -305,6 +455,9 @@ class _Run:
     pcm: bytes
     outcome: ShiftOutcome
     done: bool = False
+    origin: datetime | None = None
+    """The wall time of the leg's start: audio pushed at step k arrives at origin + k and
+    holds the leg's second k (its block starts one step earlier)."""
 
     def drain(self, now: float) -> None:
         # Read without awaiting: the benchmark looks once per virtual second, all shifts in
@@ -324,6 +477,18 @@ class _Run:
             o.checkpoints[key] = o.checkpoints.get(key, 0) + 1
             if failed and after and o.first_failure_at is None:
                 o.first_failure_at = now
+            o.decided.append(
+                Decided(
+                    now,
+                    trigger,
+                    not failed,
+                    event.score,
+                    event.threshold,
+                    event.net_speech_seconds,
+                    event.presentation.decision.value if event.presentation else "-",
+                    (self._leg_seconds(event.audio_start), self._leg_seconds(event.audio_end)),
+                )
+            )
         elif event.kind is ShiftEventKind.INSUFFICIENT_SPEECH:
             trigger = (event.trigger or CheckpointTrigger.SCHEDULED).value
             key = f"{trigger} insufficient"
@@ -332,6 +497,11 @@ class _Run:
             o.locked_at = now
         elif event.kind is ShiftEventKind.SECOND_VOICE:
             o.second_voices += 1
+
+    def _leg_seconds(self, at: datetime | None) -> float:
+        if at is None or self.origin is None:
+            return 0.0
+        return (at - self.origin).total_seconds() + _STEP_SECONDS
 
 
 def _audio(samples: np.ndarray[Any, np.dtype[np.float32]]) -> AudioInput:
@@ -390,6 +560,7 @@ async def _run(
     await server.start()
     try:
         simulation = Simulation(server, clock)
+        simulation.spliced = args.spliced_turns
         voices = {p[0].speaker: p[0] for p in plans}
         enrolled = {speaker for speaker, voice in voices.items() if simulation.enroll(voice)}
         plans = [p for p in plans if p[0].speaker in enrolled]
@@ -471,7 +642,8 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
     for name, run in (("takeover", takeover), ("genuine", genuine)):
         print(
             f"{name} run: {run.agents} agents enrolled ({run.not_enrolled} recordings too short "
-            f"for a voiceprint), {run.logins_refused} logins refused (those shifts not run)"
+            f"for a voiceprint or held as another's duplicate), {run.logins_refused} logins "
+            "refused (those shifts not run)"
         )
     shifts = takeover.outcomes
     locked = [o for o in shifts if o.locked_at is not None and o.takeover_at is not None]
@@ -484,6 +656,9 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
     print(f"takeover shifts: {len(shifts)} (a takeover 2-30 min in, then 20 min of the impostor)")
     print(f"  takeover -> first failed checkpoint: {_fmt(Spread.of(to_fail))} ({len(to_fail)})")
     print(f"  takeover -> lock: {_fmt(Spread.of(to_lock))}; locked {len(locked)}/{len(shifts)}")
+    print(f"  takeovers locked: {_interval(len(locked), len(shifts), 'shifts')}")
+    within = sum(t < 120 for t in to_lock)
+    print(f"  locked within 2 min of the takeover: {_interval(within, len(shifts), 'shifts')}")
     print(f"  checkpoints: {_counts(shifts)}")
     if baseline is not None:
         base = [o for o in baseline.outcomes if o.locked_at is not None]
@@ -507,6 +682,30 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
         f"second-voice events {voices} ({voices / hours:.2f} per shift-hour)"
     )
     print(f"  checkpoints: {counts}")
+    print(f"  shifts with a false lock: {_interval(locks, len(calm), 'shifts')}")
+    triggered = sum(_triggered(o) for o in calm)
+    print(f"  shifts with a false trigger: {_interval(triggered, len(calm), 'shifts')}")
+    decided = sum(len(o.decided) for o in calm)
+    print(f"  failed checkpoints: {_interval(failures, decided, 'decided')}")
+    speakers = {o.agent for o in calm}
+    failing = {o.agent for o in calm if any(not d.passed for d in o.decided)}
+    print(
+        f"  speakers (one recording each, the independent trials): {len(speakers)}; with a "
+        f"failed checkpoint: {_interval(len(failing), len(speakers), 'speakers')}"
+    )
+    shared = [
+        shared_material(o.turns, b.audio, a.audio, o.material_seconds)
+        for o in calm
+        for a, b in itertools.pairwise(o.decided)
+    ]
+    if shared:
+        print(
+            f"  consecutive checkpoints of a shift judged the same recorded speech: "
+            f"median {nearest_rank(shared, 0.5):.0%} of it (min {min(shared):.0%}, "
+            f"{len(shared)} pairs): their failures are not independent trials"
+        )
+    for line in explain_locks(calm):
+        print(line)
     speech_minutes = sum(o.speech_seconds for o in calm) / 60
     print(
         f"  the watch: {genuine.looks} looks, {genuine.embeddings} with speech enough to embed "
@@ -532,6 +731,39 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
         f" {total:.1f} s per shift-hour, i.e. {2 * 3600 / total:.0f} shifts per 2-core replica "
         "(stream ingestion over gRPC not included)"
     )
+
+
+def _triggered(outcome: ShiftOutcome) -> bool:
+    return any(k.startswith("CHANGE_WATCH") for k in outcome.checkpoints)
+
+
+def explain_locks(outcomes: Sequence[ShiftOutcome]) -> list[str]:
+    """For each locked genuine shift: its agent, every decided checkpoint (trigger, score
+    against threshold, net speech, the countermeasure's decision, the leg's seconds it
+    judged) and how much of the same recorded material the two failures that locked it
+    judged (looped material scored twice makes the failures one trial, not two)."""
+    lines = []
+    for o in outcomes:
+        if o.locked_at is None or o.takeover_at is not None:
+            continue
+        lines.append(
+            f"  false lock: agent {o.agent} at {o.locked_at:.0f} s "
+            f"(material {o.material_seconds:.1f} s, looped)"
+        )
+        for d in o.decided:
+            lines.append(
+                f"    {d.at:6.0f} s {d.trigger:<12} {'passed' if d.passed else 'FAILED'} "
+                f"score {d.score:.3f} vs {d.threshold:.3f}, {d.net_speech_seconds:.1f} s net, "
+                f"PAD {d.pad}, audio {d.audio[0]:.0f}-{d.audio[1]:.0f} s"
+            )
+        failed = [d for d in o.decided if not d.passed][-2:]
+        if len(failed) == 2:
+            shared = shared_material(o.turns, failed[1].audio, failed[0].audio, o.material_seconds)
+            lines.append(
+                f"    the locking failure judged {shared:.0%} of the material the one "
+                "before it judged"
+            )
+    return lines
 
 
 def _counts(outcomes: Sequence[ShiftOutcome]) -> dict[str, int]:
@@ -564,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
         "--genuine-only",
         action="store_true",
         help="draw the same shifts, run only the genuine ones (e.g. to compare --no-watch)",
+    )
+    parser.add_argument(
+        "--spliced-turns",
+        action="store_true",
+        help="cut turns at random places of the recording, as the first version did",
     )
     parser.add_argument("--seed", type=int, default=13)
     args = parser.parse_args(argv)

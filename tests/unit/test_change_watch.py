@@ -51,6 +51,7 @@ POLICY = replace(
     checkpoint_jitter_seconds=0.0,
     min_checkpoint_gap_seconds=10.0,
     checkpoint_net_speech_seconds=4.0,
+    confirm_net_speech_seconds=8.0,
     speech_wait_seconds=60.0,
     speech_recheck_seconds=1.0,
     change_watch_interval_seconds=5.0,
@@ -301,9 +302,13 @@ async def _a_takeover_triggers_a_checkpoint_and_the_follow_up_locks(
     assert failed.change_similarity == pytest.approx(0.0)
     # It judged the new voice only, from the suspected change on.
     assert failed.score == pytest.approx(0.0)
-    await shift.speak(-1.0, 8)
+    await shift.speak(-1.0, 10)
     follow_up = await shift.until(ShiftEventKind.CHECKPOINT_FAILED)
     assert follow_up.trigger is CheckpointTrigger.FOLLOW_UP
+    # The failure that locks was decided on more speech, all of it after the first's.
+    assert follow_up.net_speech_seconds == pytest.approx(POLICY.confirm_net_speech_seconds)
+    assert failed.audio_end is not None and follow_up.audio_start is not None
+    assert follow_up.audio_start >= failed.audio_end
     locked = await shift.until(ShiftEventKind.SHIFT_LOCKED)
     assert locked.shift.state is ShiftState.LOCKED
     # All within 30 s of the takeover, against 1,000 s for the random checkpoint.
@@ -371,7 +376,8 @@ async def _a_second_voice_is_reported_and_locks_only_by_policy(
         shift = await start_shift(store, tmp_path, replace(POLICY, second_voice_locks=locks))
         await shift.speak(1.0, 12)
         await shift.speak(-1.0, 5)
-        await shift.speak(1.0, 12)
+        # Enough of the agent for the follow-up (8 s) and a look after it.
+        await shift.speak(1.0, 16)
         second = await shift.until(ShiftEventKind.SECOND_VOICE)
         assert second.audio_start is not None and second.audio_end is not None
         assert second.audio_start < second.audio_end
@@ -414,4 +420,60 @@ async def _a_random_checkpoints_failure_alone_is_not_followed_up_at_once(
         CheckpointTrigger.SCHEDULED,
         CheckpointTrigger.SCHEDULED,
     ]
+    await shift.service.close()
+
+
+def test_the_check_that_could_lock_verifies_more_speech(store: SecureStore, tmp_path: Path) -> None:
+    asyncio.run(_the_check_that_could_lock_verifies_more_speech(store, tmp_path))
+
+
+async def _the_check_that_could_lock_verifies_more_speech(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    shift = await start_shift(store, tmp_path, POLICY)
+    session = shift.service._sessions[shift.shift_id]
+    needed = shift.service.net_speech_needed
+    assert needed(session) == POLICY.checkpoint_net_speech_seconds
+    session.record = replace(session.record, consecutive_failures=1)
+    assert needed(session) == POLICY.confirm_net_speech_seconds
+    # A policy that locks on one failure: every checkpoint could lock.
+    shift.service.policy = replace(POLICY, max_consecutive_failures=1)
+    session.record = replace(session.record, consecutive_failures=0)
+    assert needed(session) == POLICY.confirm_net_speech_seconds
+    # Never less than an ordinary checkpoint.
+    shift.service.policy = replace(POLICY, confirm_net_speech_seconds=1.0)
+    session.record = replace(session.record, consecutive_failures=1)
+    assert needed(session) == POLICY.checkpoint_net_speech_seconds
+    await shift.service.close()
+
+
+def test_the_follow_up_judges_only_speech_after_the_failure_and_the_agent_passes_it(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    asyncio.run(
+        _the_follow_up_judges_only_speech_after_the_failure_and_the_agent_passes_it(store, tmp_path)
+    )
+
+
+async def _the_follow_up_judges_only_speech_after_the_failure_and_the_agent_passes_it(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    # Someone else speaks briefly (the watch triggers, the checkpoint fails), then the agent
+    # again: the follow-up that could lock hears the agent only, none of the failed audio,
+    # and passes; the shift is not locked and its failures start again from none.
+    shift = await start_shift(store, tmp_path, POLICY)
+    await shift.speak(1.0, 12)
+    await shift.speak(-1.0, 5)
+    failed = await shift.until(ShiftEventKind.CHECKPOINT_FAILED)
+    assert failed.trigger is CheckpointTrigger.CHANGE_WATCH
+    await shift.speak(1.0, 14)
+    follow_up = await shift.until(ShiftEventKind.CHECKPOINT_PASSED)
+    assert follow_up.trigger is CheckpointTrigger.FOLLOW_UP
+    assert follow_up.net_speech_seconds == pytest.approx(POLICY.confirm_net_speech_seconds)
+    assert failed.audio_end is not None and follow_up.audio_start is not None
+    assert follow_up.audio_start >= failed.audio_end
+    record = await shift.service.get(shift.shift_id)
+    assert record.state is ShiftState.VERIFIED
+    assert record.consecutive_failures == 0
+    assert ShiftEventKind.SHIFT_LOCKED not in [kind for kind, _ in shift.kinds()]
     await shift.service.close()

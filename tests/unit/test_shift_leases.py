@@ -61,6 +61,8 @@ POLICY = replace(
     checkpoint_jitter_seconds=0.0,
     min_checkpoint_gap_seconds=10.0,
     checkpoint_net_speech_seconds=2.0,
+    # The longer check that can lock is tested in tests/unit/test_change_watch.py.
+    confirm_net_speech_seconds=2.0,
     speech_wait_seconds=30.0,
     speech_recheck_seconds=1.0,
     lease_seconds=6.0,
