@@ -81,7 +81,7 @@ def pad_rates(scores: Scores, thresholds: dict[Channel, float]) -> list[PadRow]:
     return rows
 
 
-def det_plot(scores: Scores, thresholds: dict[Channel, float], out: Path) -> None:
+def det_plot(scores: Scores, thresholds: dict[Channel, float], out: Path, model_id: str) -> None:
     """APCER against BPCER as the threshold moves, per channel and attack type, on normal
     deviate axes, with the service's operating point marked."""
     import matplotlib
@@ -121,7 +121,7 @@ def det_plot(scores: Scores, thresholds: dict[Channel, float], out: Path) -> Non
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("APCER")
     axes[0].legend()
-    figure.suptitle("AASIST (raw checkpoint) on the attack corpus, test split; dotted: service")
+    figure.suptitle(f"{model_id} on the attack corpus, test split; dotted: the service's threshold")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
@@ -281,7 +281,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         worst = max(attacks, key=lambda r: r.rate.value)
         print(f"{channel.value:<10} worst APCER: {worst.kind} {worst.rate}")
     if args.det:
-        det_plot(scores, thresholds, args.det)
+        det_plot(scores, thresholds, args.det, model_id)
         print(f"DET plot: {args.det}")
     if args.iapar:
         checks = speaker_checks(
