@@ -126,7 +126,7 @@ class AasistCountermeasure:
     def channel_score(self, evidence: CountermeasureEvidence, channel: str) -> float:
         if self._backend is None:
             return evidence.raw_score
-        return self._backend.score(channel, evidence.features)
+        return self._backend.score(channel, evidence.features, evidence.raw_score)
 
     def window_logits(self, waveform: Waveform) -> WindowLogits:
         """Logits of each window that covers the waveform, in order."""

@@ -32,6 +32,7 @@ from models.embedder import Waveform
 from models.errors import ModelFilesError
 
 BACKEND_FORMAT = "voxauth-pad-backend/1"
+CHANNELS = frozenset({"wideband", "telephone"})
 Features = npt.NDArray[np.float64]
 
 _SAMPLE_RATE = 16_000
@@ -46,6 +47,10 @@ _QUIET_SHARE = 0.1
 """The quietest tenth of the frames: the background, whose shape tells a room, a microphone's
 noise or digital silence apart."""
 _EPSILON = 1e-10
+_MAX_SECONDS = 20.0
+"""The statistics are taken over at most the first 20 s: they are stable long before (the corpus
+and a checkpoint are 8 s), and a minute of audio would hold some 100 MB of spectra per call
+while the countermeasure's windows still cover all of it."""
 
 
 def _filter_bank() -> npt.NDArray[np.float64]:
@@ -95,7 +100,7 @@ def spectral_features(waveform: Waveform) -> Features:
       against noise: vocoders rebuild the fine structure from a model of it), the spread of
       the band's energy over time (its modulation), and the mean phase step between adjacent
       bins (a group-delay measure: resynthesis replaces the phase)."""
-    samples = np.asarray(waveform, dtype=np.float64)
+    samples = np.asarray(waveform[: int(_MAX_SECONDS * _SAMPLE_RATE)], dtype=np.float64)
     if len(samples) < _FRAME:
         samples = np.pad(samples, (0, _FRAME - len(samples)))
     count = 1 + (len(samples) - _FRAME) // _HOP
@@ -174,7 +179,8 @@ class LinearModel:
 
 @dataclass(frozen=True)
 class PadBackEnd:
-    """Per channel ("wideband", "telephone"), one linear model per kind of attack, each
+    """Per channel ("wideband", "telephone", or one of them: the other then keeps the network's
+    raw score), one linear model per kind of attack, each
     fitted to tell bona fide from that kind; a check's score is the lowest of them. One line
     cannot fence genuine speech off from replays, vocoders and synthesis at once (their
     differences lie in different features); the lowest of one line per kind can, and a new
@@ -194,7 +200,11 @@ class PadBackEnd:
         """Each attack kind's log-odds of bona fide against it."""
         return {kind: model.score(features) for kind, model in self.models[channel].items()}
 
-    def score(self, channel: str, features: Features) -> float:
+    def score(self, channel: str, features: Features, raw_score: float) -> float:
+        """The lowest of the kinds' scores; `raw_score` (the network's own) on a channel this
+        back-end has no models for."""
+        if channel not in self.models:
+            return raw_score
         return min(self.scores(channel, features).values())
 
     @classmethod
@@ -223,8 +233,10 @@ class PadBackEnd:
             }
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ModelFilesError(f"{path}: malformed back-end ({error})") from error
-        if set(models) != {"wideband", "telephone"} or not all(models.values()):
-            raise ModelFilesError(f"{path}: needs models for wideband and for telephone")
+        if not models or not set(models) <= CHANNELS or not all(models.values()):
+            raise ModelFilesError(
+                f"{path}: needs models for wideband, telephone or both, and nothing else"
+            )
         return cls(countermeasure_id, models, hashlib.sha256(raw).hexdigest())
 
 

@@ -71,6 +71,11 @@ class Split(enum.Enum):
 
 
 BONA_FIDE = "bona-fide"
+BONA_FIDE_CODED = "bona-fide-coded"
+"""Genuine speech that arrived as an MP3 or Opus file (how HR may upload an enrollment, or a
+softphone stream an Opus call): a lossy codec is not an attack, and a countermeasure fitted
+without such items learns that it is (replays in the corpus are often coded first)."""
+GENUINE_KINDS = (BONA_FIDE, BONA_FIDE_CODED)
 ATTACKS = ("replay", "world", "griffin-lim", "conversion", "espeak", "neural-tts")
 """Attack kinds, in the order they are made."""
 
@@ -139,6 +144,11 @@ def coded(waveform: Waveform, codec: str, rng: Rng) -> tuple[Waveform, dict[str,
     result: Waveform = np.zeros_like(waveform)
     result[: min(len(waveform), len(decoded))] = decoded[: len(waveform)]
     return result, {"codec": codec, "compression_level": round(quality, 3)}
+
+
+def coded_genuine(waveform: Waveform, rng: Rng) -> tuple[Waveform, dict[str, Any]]:
+    """The genuine item through MP3 or Opus at a random quality: still bona fide."""
+    return coded(waveform, str(rng.choice(["mp3", "opus"])), rng)
 
 
 def loudspeaker(waveform: Waveform, rng: Rng) -> tuple[Waveform, dict[str, Any]]:
@@ -488,7 +498,12 @@ def build(
         genuine = resample(audio.mean(axis=1), rate)[: int(max_seconds * TARGET_RATE)]
         level = rms(genuine)
         made: list[tuple[str, str, Waveform, dict[str, Any]]] = [
-            (BONA_FIDE, path.name, genuine, {})
+            (BONA_FIDE, path.name, genuine, {}),
+            (
+                BONA_FIDE_CODED,
+                path.name,
+                *coded_genuine(genuine, item_rng(seed, speaker, BONA_FIDE_CODED)),
+            ),
         ]
         for kind in kinds:
             rng = item_rng(seed, speaker, kind)

@@ -39,7 +39,13 @@ import soundfile as sf
 from models.pad_backend import BACKEND_FORMAT, SPECTRAL_DIM, LinearModel, check_features
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PAD_CALIBRATION_FORMAT, ChannelCalibration
-from server.tools.attack_corpus import BONA_FIDE, CORPUS_FILE, Item, Split, load_items
+from server.tools.attack_corpus import (
+    CORPUS_FILE,
+    GENUINE_KINDS,
+    Item,
+    Split,
+    load_items,
+)
 
 FEATURES_FORMAT = "voxauth-pad-features/1"
 _FOLDS = 5
@@ -169,7 +175,7 @@ def fit_channel(
     chosen penalty."""
     items = [item for item, _ in examples]
     x = np.stack([features.features for _, features in examples])
-    y = np.array([1.0 if i.kind == BONA_FIDE else 0.0 for i in items])
+    y = np.array([1.0 if i.kind in GENUINE_KINDS else 0.0 for i in items])
     folds = np.array([fold_of(i.speaker) for i in items])
     losses: dict[float, float] = {}
     held_out: dict[float, Vector] = {}
@@ -207,23 +213,30 @@ def fit_channel(
 
 
 def fit_backend(
-    corpus: Path, views: Sequence[dict[str, ItemFeatures]], countermeasure_id: str
+    corpus: Path,
+    views: Sequence[dict[str, ItemFeatures]],
+    countermeasure_id: str,
+    channels: Sequence[Channel] = tuple(Channel),
 ) -> dict[str, Any]:
     """Fitted on every view of the fit split's items (the whole items, and e.g. their first
     seconds), so that one model serves checks of any length."""
     document = json.loads((corpus / CORPUS_FILE).read_text())
     fit_items = [i for i in load_items(corpus) if i.split is Split.FIT]
     examples = [(i, found[i.path]) for found in views for i in fit_items if i.path in found]
-    kinds = sorted({i.kind for i, _ in examples} - {BONA_FIDE})
-    channels: dict[str, Any] = {}
+    kinds = sorted({i.kind for i, _ in examples} - set(GENUINE_KINDS))
+    fitted: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
-    for channel in Channel:
-        channels[channel.value], provenance[channel.value] = {}, {}
+    for channel in channels:
+        fitted[channel.value], provenance[channel.value] = {}, {}
         for kind in kinds:
             model, details = fit_channel(
-                [e for e in examples if e[0].channel is channel and e[0].kind in (BONA_FIDE, kind)]
+                [
+                    e
+                    for e in examples
+                    if e[0].channel is channel and e[0].kind in (*GENUINE_KINDS, kind)
+                ]
             )
-            channels[channel.value][kind] = model.as_json()
+            fitted[channel.value][kind] = model.as_json()
             provenance[channel.value][kind] = details
     return {
         "format": BACKEND_FORMAT,
@@ -233,7 +246,7 @@ def fit_backend(
         "score": "the lowest of the log-odds of bona fide against each kind of attack: per "
         "channel and kind, a logistic regression of the fit split's bona-fide items against "
         "that kind's, classes balanced",
-        "channels": channels,
+        "channels": fitted,
         "provenance": {
             "command": "voxauth attacks fit-backend CORPUS --features FILE [FILE ...]",
             "corpus": {"seed": document["seed"], "max_seconds": document["max_seconds"]},
@@ -256,7 +269,7 @@ def calibration_channels(
             [
                 s
                 for i, s in scores.items()
-                if i.split is split and i.channel is channel and i.kind == BONA_FIDE
+                if i.split is split and i.channel is channel and i.kind in GENUINE_KINDS
             ],
             dtype=np.float64,
         )
@@ -302,7 +315,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     document = json.loads((args.corpus / CORPUS_FILE).read_text())
     genuine = [
-        i for i in load_items(args.corpus) if i.split is Split.CALIBRATION and i.kind == BONA_FIDE
+        i
+        for i in load_items(args.corpus)
+        if i.split is Split.CALIBRATION and i.kind in GENUINE_KINDS
     ]
     backend = PadBackEnd.load(
         args.backend or default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
@@ -315,7 +330,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     # One entry per view of each item: the items are keys, so each view gets its own copy.
     scores = {
         dataclasses.replace(i, path=f"{i.path}#{number}"): backend.score(
-            i.channel.value, found[i.path].features
+            i.channel.value, found[i.path].features, found[i.path].raw
         )
         for number, found in enumerate(views)
         for i in genuine
@@ -330,7 +345,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         "corpus": {"seed": document["seed"], "max_seconds": document["max_seconds"]},
         "split": Split.CALIBRATION.value,
         "speakers": sorted({i.speaker for i in genuine}),
-        "kind": BONA_FIDE,
+        "kinds": list(GENUINE_KINDS),
         "views": len(views),
     }
     calibration = pad_calibration(
@@ -404,6 +419,13 @@ def _add_commands(commands: Any) -> None:
     fit.add_argument(
         "--out", type=Path, default=Path("models/scoring/pad_backend.json"), help="written"
     )
+    fit.add_argument(
+        "--channels",
+        nargs="+",
+        choices=[c.value for c in Channel],
+        default=[Channel.WIDEBAND.value],
+        help="channels to fit (default: wideband; the others keep the network's raw score)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -424,7 +446,9 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"wrote the features of {len(found)} items to {args.out}")
         return 0
     views = [load_features(path) for path in args.features]
-    document = fit_backend(args.corpus, views, AASIST_MANIFEST.model_id)
+    document = fit_backend(
+        args.corpus, views, AASIST_MANIFEST.model_id, [Channel(c) for c in args.channels]
+    )
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     for channel, kinds in document["provenance"]["fit"].items():
         for kind, details in kinds.items():

@@ -41,6 +41,7 @@ from server.tools.attack_corpus import (
     ATTACKS,
     BONA_FIDE,
     CORPUS_FILE,
+    GENUINE_KINDS,
     Item,
     Split,
     load_items,
@@ -67,14 +68,14 @@ class PadRow:
 def pad_rates(scores: Scores, thresholds: dict[Channel, float]) -> list[PadRow]:
     rows = []
     for channel in Channel:
-        for kind in (BONA_FIDE, *ATTACKS):
+        for kind in (*GENUINE_KINDS, *ATTACKS):
             values = [s for i, s in scores.items() if i.channel is channel and i.kind == kind]
             if not values:
                 continue
             threshold = thresholds[channel]
             errors = (
                 sum(v < threshold for v in values)
-                if kind == BONA_FIDE
+                if kind in GENUINE_KINDS
                 else sum(v >= threshold for v in values)
             )
             rows.append(PadRow(channel, kind, Rate(int(errors), len(values))))
@@ -94,7 +95,7 @@ def det_plot(scores: Scores, thresholds: dict[Channel, float], out: Path, model_
     ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
     for axis, channel in zip(axes, Channel, strict=True):
         genuine = np.sort(
-            [s for i, s in scores.items() if i.channel is channel and i.kind == BONA_FIDE]
+            [s for i, s in scores.items() if i.channel is channel and i.kind in GENUINE_KINDS]
         )
         for kind in ATTACKS:
             attacks = np.sort(
@@ -135,7 +136,7 @@ def item_scores(
         i: (
             found[i.path].raw
             if backend is None
-            else backend.score(i.channel.value, found[i.path].features)
+            else backend.score(i.channel.value, found[i.path].features, found[i.path].raw)
         )
         for i in items
         if i.path in found
@@ -241,7 +242,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         # split's genuine items, by the same normal model the shipped calibration uses.
         backend = None
         model_id = AASIST_MANIFEST.model_id
-        genuine = item_scores([i for i in everything if i.kind == BONA_FIDE], found, None)
+        genuine = item_scores([i for i in everything if i.kind in GENUINE_KINDS], found, None)
         calibration = PadCalibration(model_id, calibration_channels(genuine, Split.CALIBRATION))
     else:
         backend = PadBackEnd.load(
@@ -274,10 +275,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(f"{'channel':<10} {'kind':<12} {'rate':<6} value (errors/trials; 95% Wilson interval)")
     rows = pad_rates(scores, thresholds)
     for row in rows:
-        name = "BPCER" if row.kind == BONA_FIDE else "APCER"
+        name = "BPCER" if row.kind in GENUINE_KINDS else "APCER"
         print(f"{row.channel.value:<10} {row.kind:<12} {name:<6} {row.rate}")
     for channel in Channel:
-        attacks = [r for r in rows if r.channel is channel and r.kind != BONA_FIDE]
+        attacks = [r for r in rows if r.channel is channel and r.kind not in GENUINE_KINDS]
         worst = max(attacks, key=lambda r: r.rate.value)
         print(f"{channel.value:<10} worst APCER: {worst.kind} {worst.rate}")
     if args.det:
@@ -302,13 +303,13 @@ def _print_iapar(scores: Scores, thresholds: dict[Channel, float], checks: Speak
         "IAPAR (accepted and passed PAD)"
     )
     for channel in Channel:
-        for kind in (BONA_FIDE, *ATTACKS):
+        for kind in (*GENUINE_KINDS, *ATTACKS):
             decided = [i for i in checks.accepted if i.channel is channel and i.kind == kind]
             if not decided:
                 continue
             matched = sum(checks.accepted[i] for i in decided)
             through = sum(checks.accepted[i] and scores[i] >= thresholds[channel] for i in decided)
-            label = "accepted (1 - FNMR with PAD)" if kind == BONA_FIDE else ""
+            label = "accepted (1 - FNMR with PAD)" if kind in GENUINE_KINDS else ""
             print(
                 f"{channel.value:<10} {kind:<12} {Rate(matched, len(decided))!s:<34} "
                 f"{Rate(through, len(decided))} {label}"

@@ -46,7 +46,7 @@ def test_the_same_recording_counts_once(voxauth: RunningServer) -> None:
     mulaw = pb.Audio(
         encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=8_000, data=encode_mulaw(narrowband)
     )
-    assert "same recording" in add(voxauth, mulaw).rejection_reason
+    assert "same recording" in add(voxauth, mulaw).rejection_reason, "a telephone copy"
     # ...or 6 dB quieter as FLAC: still the same recording.
     assert "same recording" in add(voxauth, flac_audio(recording * 0.5)).rejection_reason
 

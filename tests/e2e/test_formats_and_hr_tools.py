@@ -18,6 +18,7 @@ from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import voxauth_pb2 as pb
 
 from server.audit_actions import AuditAction
+from server.config import PresentationAttackPolicy
 from server.security.crypto import VoiceprintCipher
 from server.storage.databases import open_store
 from server.tools.agents_cli import EXIT_INCOMPLETE
@@ -78,7 +79,11 @@ def test_enroll_from_mp3_and_ogg_files_and_verify(
 
 @pytest.fixture
 def shift_server(start_server: Callable[..., RunningServer], tmp_path: Path) -> RunningServer:
-    return start_server(replace(make_config(tmp_path), shifts=POLICY))
+    # PAD reports but does not refuse here: these tests are about the stream formats, and one
+    # of their genuine clips sent as Opus scores at the wideband PAD threshold itself (-2.564
+    # against -2.56), a bona-fide rejection of the kind README's coded-genuine BPCER counts.
+    presentation = PresentationAttackPolicy(mode="monitor")
+    return start_server(replace(make_config(tmp_path), shifts=POLICY, presentation=presentation))
 
 
 def start_shift(voxauth: RunningServer) -> str:

@@ -140,19 +140,33 @@ def test_refused_checkpoints_lock_the_shift_and_the_subscriber_sees_them(
     stream = ShiftStream(server.shifts, started.shift.shift_id)
     assert stream.next_event().kind == spb.SHIFT_EVENT_KIND_STREAM_ATTACHED
     attack = resynthesised(second_half(SPEAKER_B))
-    for _ in range(2):
+    # Every checkpoint on the attack fails on PAD; the lock comes with the second failure
+    # that judged speech heard after the first, which needs 8 s of fresh speech: more than one
+    # copy of the attack holds, so two per round.
+    failures = 0
+    event = None
+    for _ in range(4):
+        stream.send(attack)
         stream.send(attack)
         server.advance(100)
-        failed = stream.next_event()
-        assert failed.kind == spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED
+        event = stream.next_event()
+        while event.kind == spb.SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH:
+            event = stream.next_event()
+        if event.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED:
+            break
+        assert event.kind == spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED
         # The countermeasure refuses it; made from the login recording, it also embeds like
-        # it, so replay detection names it first.
-        pad = failed.presentation_attack
+        # it, so replay detection may name it first.
+        pad = event.presentation_attack
         assert pad.score < pad.threshold
         assert pad.decision in SUSPECTED
-    locked = stream.next_event()
-    assert locked.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED
-    assert locked.shift.state == spb.SHIFT_STATE_LOCKED
+        failures += 1
+        if event.shift.state == spb.SHIFT_STATE_LOCKED:
+            event = stream.next_event()
+            break
+    assert event is not None and event.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED
+    assert event.shift.state == spb.SHIFT_STATE_LOCKED
+    assert 2 <= failures <= 4
 
     # A spoofed login check is announced too, with its own kind.
     spoofed = server.shifts.CheckLogin(
@@ -165,9 +179,9 @@ def test_refused_checkpoints_lock_the_shift_and_the_subscriber_sees_them(
     kinds = [seen.get(timeout=30).kind]
     while kinds[-1] != spb.SHIFT_EVENT_KIND_PRESENTATION_ATTACK:
         kinds.append(seen.get(timeout=30).kind)
-    assert [k for k in kinds if k != spb.SHIFT_EVENT_KIND_STREAM_ATTACHED] == [
-        spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED,
-        spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED,
+    ignored = (spb.SHIFT_EVENT_KIND_STREAM_ATTACHED, spb.SHIFT_EVENT_KIND_INSUFFICIENT_SPEECH)
+    assert [k for k in kinds if k not in ignored] == [
+        *[spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED] * failures,
         spb.SHIFT_EVENT_KIND_SHIFT_LOCKED,
         spb.SHIFT_EVENT_KIND_PRESENTATION_ATTACK,
     ]

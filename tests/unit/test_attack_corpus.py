@@ -160,13 +160,14 @@ def test_build_makes_every_kind_in_both_channels_reproducibly(tmp_path: Path) ->
     kinds = ("replay", "world", "griffin-lim", "conversion")
     first = corpus.build(source, tmp_path / "a", seed=3, max_seconds=1.0, kinds=kinds)
     corpus.build(source, tmp_path / "b", seed=3, max_seconds=1.0, kinds=kinds)
-    assert len(first) == 2 * (1 + len(kinds)) * 2
+    # Per speaker: genuine, genuine sent as MP3 or Opus, and each attack, in both channels.
+    assert len(first) == 2 * (2 + len(kinds)) * 2
     assert {(i.speaker, i.split) for i in first} == {
         ("103", Split.CALIBRATION),
         ("1034", Split.TEST),
     }
     assert {(i.kind, i.channel) for i in first} == {
-        (kind, channel) for kind in (corpus.BONA_FIDE, *kinds) for channel in Channel
+        (kind, channel) for kind in (*corpus.GENUINE_KINDS, *kinds) for channel in Channel
     }
     assert [i.as_json() for i in corpus.load_items(tmp_path / "a")] == [i.as_json() for i in first]
     for item in first:

@@ -198,6 +198,9 @@ def test_spectral_features_are_finite_and_blind_to_the_level() -> None:
     assert loud[1:] == pytest.approx(quiet[1:], abs=1e-3)
     for hostile in (np.zeros(10, np.float32), np.zeros(SAMPLE_RATE, np.float32)):
         assert np.isfinite(spectral_features(hostile)).all()
+    # A long upload is summarised by its first 20 s: bounded memory per call.
+    minute = rng.standard_normal(60 * SAMPLE_RATE).astype(np.float32) * 0.1
+    assert spectral_features(minute) == pytest.approx(spectral_features(minute[: 20 * SAMPLE_RATE]))
 
 
 @pytest.mark.parametrize(
