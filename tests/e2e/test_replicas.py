@@ -418,7 +418,7 @@ def test_replicas_fail_over_and_ride_out_a_database_restart(
 
 def wait_for(what: Callable[[], bool], timeout: float = 60.0) -> None:
     # 60 s: on the 2-core CI machine, once, two events took longer than 30 s to reach a
-    # subscriber on a freshly started replica (it passes in 12 s alone); see the closing note.
+    # subscriber on a freshly started replica (it passes in 12 s alone); not yet explained.
     deadline = time.monotonic() + timeout
     while not what():
         assert time.monotonic() < deadline, "timed out"
