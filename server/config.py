@@ -351,9 +351,10 @@ class PresentationAttackPolicy(Settings):
         default=0.05,
         metadata=setting("VOXAUTH_PAD_TARGET_BPCER_TELEPHONE", check=bona_fide_rejection_rate),
     )
-    """The same for telephone checks. Higher than wideband's by default: without the band
-    above 4 kHz, resynthesis and replay are harder to tell from genuine speech, and at 2% a
-    fifth of the corpus's WORLD resyntheses would pass (server/tools/ATTACKS.md)."""
+    """The same for telephone checks. Higher than wideband's by default: telephone checks keep
+    the raw network's score (no back-end: README, "Presentation-attack detection"), which
+    separates the corpus so roughly that a lower rate lets most replays and resyntheses
+    through (server/tools/ATTACKS.md)."""
 
     def target_for(self, telephone: bool) -> float:
         return self.target_bpcer_telephone if telephone else self.target_bpcer
