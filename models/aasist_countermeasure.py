@@ -30,6 +30,7 @@ from models.countermeasure import CountermeasureEvidence, WindowBatch, windows_o
 from models.embedder import Waveform
 from models.errors import UnusableWaveformError
 from models.manifest import AASIST_MANIFEST, verify_model_dir
+from models.openvino_runtime import warm_up
 from models.pad_backend import PadBackEnd, check_features
 
 WindowLogits = npt.NDArray[np.float32]
@@ -161,6 +162,7 @@ class _OpenVinoWindows:
     thread-safe; each runs on its own stream)."""
 
     def __init__(self, compiled: ov.CompiledModel) -> None:
+        warm_up(compiled, np.zeros((1, WINDOW_SAMPLES), dtype=np.float32))
         self._compiled = compiled
         self._requests = threading.local()
 

@@ -36,6 +36,7 @@ from models.export import (
     exported_network,
 )
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
+from models.openvino_runtime import warm_up
 
 _SAMPLE_RATE = 16_000
 # ECAPA pools statistics over 10 ms frames; below half a second it has too few to be stable.
@@ -56,6 +57,11 @@ class EcapaEmbedder:
         self._normalization = normalization.eval()
         self._trunk = trunk
         self._head = head
+        # Before any worker calls it (models/openvino_runtime.py: a first-call deadlock).
+        frames = trunk.create_infer_request()
+        frames.infer({0: np.zeros((1, 100, N_MELS), dtype=np.float32)})
+        warm_up(head, np.array(frames.get_output_tensor(0).data))
+        del frames
         # One pair of infer requests per calling thread: a request is not thread-safe, and each
         # runs on its own OpenVINO stream, so concurrent calls use separate cores.
         self._requests = threading.local()

@@ -1,0 +1,26 @@
+"""What both OpenVINO networks need from the runtime beyond compiling.
+
+The first `Tensor.data` of a process initialises a static table inside OpenVINO's Python
+bindings (element types to numpy dtypes) while holding the GIL only part of the time. Two
+threads making their first inference at once can deadlock there: one holds the static's guard
+and waits for the GIL, the other holds the GIL and waits for the guard. It was seen: `voxauth
+attacks features` with two workers hung for minutes in `InferRequest.infer` with both workers
+blocked, no CPU used. The service's two workers meet the same race on the first two requests
+after a start. So every compiled network runs one inference in the thread that loads it,
+before any worker can call it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import openvino as ov
+
+
+def warm_up(compiled: ov.CompiledModel, example: npt.NDArray[np.float32]) -> None:
+    """Run `compiled` once on `example` in a request of its own, reading every output, then
+    drop the request (it holds the activations' memory)."""
+    request = compiled.create_infer_request()
+    request.infer({0: example})
+    for index in range(len(compiled.outputs)):
+        np.array(request.get_output_tensor(index).data)
