@@ -301,7 +301,9 @@ class VoxauthServer:
     async def _load_model(self, store: Store, assurances: AssuranceDesk) -> None:
         started = asyncio.get_running_loop().time()
         embedder = await self._inference.run(self._load_embedder)
-        detector = await self._inference.run(SileroSpeechDetector)
+        detector = await self._inference.run(
+            lambda: SileroSpeechDetector(streams=self.config.inference.workers)
+        )
         countermeasure = await self._inference.run(self._load_countermeasure)
         policy = self.config.presentation
         # A calibration of another countermeasure stops the start here, clearly.

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional
+from silero_vad import get_speech_timestamps, load_silero_vad
 
 from models.embedder import Waveform
 from server.pipeline.decode import AudioEncoding, decode, encode_mulaw, telephone_channel
-from server.pipeline.silero import SileroSpeechDetector
+from server.pipeline.silero import SileroSpeechDetector, _at_detection_level
 from server.pipeline.speech import (
     QualityIssue,
     QualityThresholds,
@@ -188,3 +191,43 @@ def test_concurrent_detection_matches_serial(detector: SpeechDetector) -> None:
         concurrent = list(pool.map(detector.segments, clips))
     assert concurrent == serial
     assert all(serial)
+
+
+@pytest.fixture(scope="module")
+def streaming_model() -> Any:
+    """silero-vad's TorchScript model, the streaming path the service used before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+        return load_silero_vad()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "198-126831-0000.flac",
+        "1447-130550-0000.flac",
+        "229-130880-0000.flac",
+        "8770-295462-0000.flac",
+    ],
+)
+@pytest.mark.parametrize("through_a_call", [False, True], ids=["wideband", "telephone"])
+def test_segments_are_the_streaming_models(
+    detector: SileroSpeechDetector, streaming_model: Any, name: str, through_a_call: bool
+) -> None:
+    """The sequence model in OpenVINO finds exactly what silero-vad's own streaming path
+    (its TorchScript model, frame by frame) finds on the same levelled audio: the segments,
+    and with them net speech and every cached embedding, are the same as before the swap."""
+    audio = load(name)
+    if through_a_call:
+        audio = telephone_channel(audio)
+    stamps = get_speech_timestamps(
+        torch.from_numpy(_at_detection_level(audio)), streaming_model, sampling_rate=16_000
+    )
+    assert detector.segments(audio) == [(s["start"], s["end"]) for s in stamps]
+
+
+@pytest.mark.parametrize("samples", [0, 1, 300, 511, 512, 513, 16_000 * 17 + 7])
+def test_any_length_is_detected_without_error(detector: SileroSpeechDetector, samples: int) -> None:
+    audio = np.resize(load("198-126831-0000.flac"), samples).astype(np.float32)
+    for start, end in detector.segments(audio):
+        assert 0 <= start < end <= samples
