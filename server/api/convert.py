@@ -151,6 +151,7 @@ def verify_response(result: VerificationResult) -> pb.VerifyResponse:
         quality=_quality(result.quality),
         target_false_match_rate=result.target_fmr,
         channel=_CHANNELS[result.channel],
+        min_net_speech_seconds=result.min_net_speech_seconds,
     )
     scoring = result.scoring
     if scoring is not None:

@@ -23,7 +23,13 @@ from server.pipeline.decode import (
     telephone_channel,
 )
 from server.pipeline.presentation import PresentationAssessment, PresentationAttackDetector
-from server.pipeline.speech import QualityThresholds, SpeechAnalysis, SpeechDetector, analyse
+from server.pipeline.speech import (
+    QualityIssue,
+    QualityThresholds,
+    SpeechAnalysis,
+    SpeechDetector,
+    analyse,
+)
 from server.runtime.telemetry import NO_TELEMETRY, Model, Telemetry
 
 
@@ -68,8 +74,17 @@ class VoiceAnalyser:
         self._thresholds = thresholds
         self._limits = limits
 
-    def analyse(self, audio: ReceivedAudio, *, min_net_speech_seconds: float) -> VoiceSample:
-        """Blocking (decoding, VAD and the model): call from a worker thread."""
+    def analyse(
+        self,
+        audio: ReceivedAudio,
+        *,
+        min_net_speech_seconds: float,
+        min_telephone_net_speech_seconds: float | None = None,
+    ) -> VoiceSample:
+        """Blocking (decoding, VAD and the model): call from a worker thread. Speech that
+        comes over the telephone channel needs `min_telephone_net_speech_seconds` (None: as
+        much as any other) to be embedded; with less, the sample reads TOO_LITTLE_SPEECH and
+        decides nothing."""
         decoded = (
             audio.finish()
             if isinstance(audio, AudioStream)
@@ -83,6 +98,7 @@ class VoiceAnalyser:
         return self.analyse_waveform(
             decoded.waveform,
             min_net_speech_seconds=min_net_speech_seconds,
+            min_telephone_net_speech_seconds=min_telephone_net_speech_seconds,
             source_rate_hz=decoded.source_rate_hz,
         )
 
@@ -91,11 +107,17 @@ class VoiceAnalyser:
         waveform: Waveform,
         *,
         min_net_speech_seconds: float,
+        min_telephone_net_speech_seconds: float | None = None,
         source_rate_hz: int = TARGET_RATE,
     ) -> VoiceSample:
         """The same as `analyse` for audio already decoded to 16 kHz mono; `source_rate_hz`
         is the rate it came at (the speech's bandwidth tells telephone audio in any case)."""
-        return self._sample(waveform, self._detector, min_net_speech_seconds, source_rate_hz)
+        return self._sample(
+            waveform,
+            self._detector,
+            _Minimums(min_net_speech_seconds, min_telephone_net_speech_seconds),
+            source_rate_hz,
+        )
 
     def analyse_speech(
         self, speech: Waveform, *, source_rate_hz: int, stretch: Waveform | None = None
@@ -107,7 +129,7 @@ class VoiceAnalyser:
         return self._sample(
             speech,
             _ALL_SPEECH,
-            0.0,
+            _Minimums(0.0, None),
             source_rate_hz,
             as_arrived=speech if stretch is None else stretch,
         )
@@ -116,7 +138,7 @@ class VoiceAnalyser:
         self,
         waveform: Waveform,
         detector: SpeechDetector,
-        min_net_speech_seconds: float,
+        minimums: _Minimums,
         source_rate_hz: int,
         *,
         as_arrived: Waveform | None = None,
@@ -129,9 +151,7 @@ class VoiceAnalyser:
             else self.presentation.submit(waveform if as_arrived is None else as_arrived)
         )
         try:
-            sample = self._speaker_sample(
-                waveform, detector, min_net_speech_seconds, source_rate_hz
-            )
+            sample = self._speaker_sample(waveform, detector, minimums, source_rate_hz)
         except BaseException:
             if pending is not None:
                 concurrent.futures.wait([pending])
@@ -150,18 +170,27 @@ class VoiceAnalyser:
         self,
         waveform: Waveform,
         detector: SpeechDetector,
-        min_net_speech_seconds: float,
+        minimums: _Minimums,
         source_rate_hz: int,
     ) -> VoiceSample:
         quality = analyse(
             waveform,
             detector,
             self._thresholds,
-            min_net_speech_seconds=min_net_speech_seconds,
+            min_net_speech_seconds=minimums.general,
         )
         too_short = len(quality.speech) < self.embedder.min_samples
+        # The channel is known only once the speech is found (16 kHz audio may carry a call).
         channel = channel_of(source_rate_hz, quality.speech)
-        if too_short or quality.net_speech_seconds < min_net_speech_seconds:
+        needed = minimums.of(channel)
+        if (
+            quality.net_speech_seconds < needed
+            and QualityIssue.TOO_LITTLE_SPEECH not in quality.issues
+        ):
+            quality = dataclasses.replace(
+                quality, issues=(QualityIssue.TOO_LITTLE_SPEECH, *quality.issues)
+            )
+        if too_short or quality.net_speech_seconds < needed:
             return VoiceSample(quality=quality, embedding=None, channel=channel)
         # Only the detected speech is embedded: pauses carry no voice and dilute the embedding.
         return VoiceSample(quality=quality, embedding=self._embed(quality.speech), channel=channel)
@@ -184,6 +213,20 @@ class VoiceAnalyser:
     @property
     def model_id(self) -> str:
         return self.embedder.model_id
+
+
+@dataclass(frozen=True)
+class _Minimums:
+    """The net speech a sample needs to be embedded: `general`, and on the telephone channel
+    `telephone` (None: as much as `general`)."""
+
+    general: float
+    telephone: float | None
+
+    def of(self, channel: Channel) -> float:
+        if channel is Channel.TELEPHONE and self.telephone is not None:
+            return self.telephone
+        return self.general
 
 
 class _AllSpeech:

@@ -34,6 +34,8 @@ from server.errors import (
     VoxauthError,
 )
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.channel import Channel
+from server.pipeline.decode import TARGET_RATE
 from server.pipeline.speech import SpeechDetector
 from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
@@ -879,15 +881,24 @@ class ShiftService:
         """Blocking (worker thread): verifies the shift's most recent speech, or returns None
         while there is not enough of it."""
         assert session.buffer is not None
-        recent = session.buffer.recent_speech(self._detector, self.net_speech_needed(session))
+        needed = self.net_speech_needed(session)
+        recent = session.buffer.recent_speech(self._detector, needed)
         if recent is None:
             return None
         voiceprint = self._verification.voiceprint_of(session.record.agent_id)
         sample = self._analyser.analyse_speech(
-            recent.speech,
-            source_rate_hz=recent.source_rate_hz,
-            stretch=recent.stretch,
+            recent.speech, source_rate_hz=recent.source_rate_hz, stretch=recent.stretch
         )
+        needed_on_its_channel = self.net_speech_needed(session, sample.channel)
+        if needed_on_its_channel > needed:
+            # A 16 kHz stream that carries a call is scored as telephone speech, which needs
+            # the telephone minimum: wait for that much speech as for any checkpoint.
+            recent = session.buffer.recent_speech(self._detector, needed_on_its_channel)
+            if recent is None:
+                return None
+            sample = self._analyser.analyse_speech(
+                recent.speech, source_rate_hz=recent.source_rate_hz, stretch=recent.stretch
+            )
         result, audit = self._verification.decide(
             voiceprint,
             sample,
@@ -901,14 +912,23 @@ class ShiftService:
             return None
         return CheckedSpeech(result, recent, sample.embedding, audit)
 
-    def net_speech_needed(self, session: ShiftSession) -> float:
+    def net_speech_needed(self, session: ShiftSession, channel: Channel | None = None) -> float:
         """What the shift's next checkpoint verifies: more speech when its failure would lock
-        (ShiftPolicy.confirm_net_speech_seconds). The speech is the buffer's, which holds
+        (ShiftPolicy.confirm_net_speech_seconds), and never less than a check on `channel`
+        needs for a decision (VerificationPolicy.min_net_speech_for; by default the channel
+        of the stream's format: 8 kHz is telephone). The speech is the buffer's, which holds
         nothing from before the last decided checkpoint."""
         policy = self.policy
         if session.record.consecutive_failures + 1 >= policy.max_consecutive_failures:
-            return max(policy.checkpoint_net_speech_seconds, policy.confirm_net_speech_seconds)
-        return policy.checkpoint_net_speech_seconds
+            needed = max(policy.checkpoint_net_speech_seconds, policy.confirm_net_speech_seconds)
+        else:
+            needed = policy.checkpoint_net_speech_seconds
+        if channel is None:
+            telephone = (
+                session.buffer is not None and session.buffer.format.sample_rate_hz < TARGET_RATE
+            )
+            channel = Channel.TELEPHONE if telephone else Channel.WIDEBAND
+        return max(needed, self._verification.min_net_speech_seconds(channel))
 
     def voiceprint_of(self, agent_id: str) -> Voiceprint:
         """Blocking (store): the agent's voiceprint, for the change watch."""

@@ -478,6 +478,11 @@ def _verify(args: argparse.Namespace) -> int:
             f"expected false-non-match rate at this length "
             f"{response.expected_false_non_match_rate:.2%}"
         )
+    elif pb.QUALITY_ISSUE_TOO_LITTLE_SPEECH in response.quality.issues:
+        print(
+            f"too little speech: a decision on the {band} channel needs "
+            f"{response.min_net_speech_seconds:g} s of net speech"
+        )
     return {
         pb.DECISION_ACCEPT: EXIT_OK,
         pb.DECISION_REJECT: EXIT_REJECT,

@@ -6,12 +6,15 @@ impostor trial otherwise. Each trial is scored as the service scores it: cosine 
 embeddings, AS-norm against the shipped cohort (models/scoring/), and the decision threshold
 that the shipped calibration sets for the target false-match rate and the trial's net speech.
 Speakers whose audio made the cohort or the calibration are left out, so no figure comes from
-data the scoring was fitted on.
+data the scoring was fitted on. Tests with less net speech than the service needs on their
+channel (VerificationPolicy.min_net_speech_for) are left out, as the service answers them
+INCONCLUSIVE.
 
 Conditions: wideband (voiceprint and test as recorded), wideband-to-telephone (wideband
 voiceprint, test through a simulated G.711 call), telephone (the companion voiceprint that
 enrollment makes from the same speech through the simulated call, and a telephone test).
-Test durations: 3 s or 8 s of net speech from the start of the second half, or all of it;
+Test durations: any number of seconds of net speech from the start of the second half (3 s,
+8 s, ...; `minimum`: the service's minimum for the test's channel), or all of it;
 or, with the file cut unevenly, long tests (all after the first 4.5 s of net speech, against
 a voiceprint of the first 4 s) and long voiceprints (all after 4 s, tested by the first 3 s).
 """
@@ -31,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.api.console.compliance import write_evaluation
-from server.config import ScoringPolicy
+from server.config import ScoringPolicy, VerificationPolicy
 from server.pipeline.channel import Channel
 from server.scoring.calibration import Condition, ConditionCalibration
 from server.scoring.normalization import as_norm_matrix, top_n_statistics
@@ -52,7 +55,8 @@ TEST_SIDE = {
     Condition.TELEPHONE: Side.TELEPHONE,
 }
 DURATIONS = {"3": 3.0, "8": 8.0, "full": None}
-"""Net speech of the second half's test segment; None: all of it."""
+"""Named net speech of the second half's test segment; None: all of it. `--duration` also
+takes any other number of seconds (`duration_choice`)."""
 
 # The one file a speaker has, cut unevenly, gives what halves cannot: tests longer than half a
 # file (against a short voiceprint) and voiceprints longer than half a file (against a short
@@ -72,7 +76,44 @@ LAYOUTS: dict[str, tuple[Segment, Segment]] = {
     "long": LONG_TEST,
     "long-enrollment": LONG_ENROLLMENT,
 }
-"""What `--duration` chooses: (voiceprint, test) segments of each file."""
+"""What `--duration` chooses by name: (voiceprint, test) segments of each file."""
+
+
+def duration_choice(text: str) -> str:
+    """A `--duration` value: a name of LAYOUTS, or a positive number of seconds of net speech
+    of the second half (written as `:g` writes it, so "4.0" and "4" are one choice and share
+    the cache's segments)."""
+    if text in LAYOUTS or text == MINIMUM:
+        return text
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a positive number of seconds nor one of "
+            f"{', '.join(sorted([*LAYOUTS, MINIMUM]))}"
+        )
+    return f"{seconds:g}"
+
+
+MINIMUM = "minimum"
+"""`--duration minimum`: each test as long as the service's minimum for its channel."""
+
+
+def service_minimum(policy: VerificationPolicy, channel: Channel) -> float:
+    """The net speech the service needs for a decision on a test of `channel`: tests with
+    less are left out, as the service would answer them INCONCLUSIVE."""
+    return policy.min_net_speech_for(telephone=channel is Channel.TELEPHONE)
+
+
+def layout(duration: str) -> tuple[Segment, Segment]:
+    """(voiceprint, test) segments of each file for a `duration_choice`."""
+    if duration in LAYOUTS:
+        return LAYOUTS[duration]
+    return Segment(Part.FIRST_HALF), Segment(Part.SECOND_HALF, 0.0, float(duration))
+
+
 CALIBRATED_BEFORE = 7.6
 """The longest test the halves-only calibration (format 1) measured: the report shows the
 tests longer than this apart."""
@@ -275,7 +316,8 @@ class ConditionResult:
 
     @property
     def name(self) -> str:
-        duration = f"{self.duration} s" if self.duration in ("3", "8") else self.duration
+        seconds = self.duration.replace(".", "", 1).isdigit()
+        duration = f"{self.duration} s" if seconds else self.duration
         through = "" if self.distortion is None else f" through {self.distortion.value}"
         return f"{self.condition.value}, {duration} test{through}"
 
@@ -291,15 +333,22 @@ def evaluate(
     min_enrollment_seconds: float,
     min_test_seconds: float,
     distortion: Distortion | None = None,
+    test_files: Sequence[Recording] | None = None,
 ) -> ConditionResult:
     """`distortion`: what the tests go through (a domain shift); the condition must be the
-    one the service scores its channel on."""
-    enrolled_segment, tested_segment = LAYOUTS[duration]
+    one the service scores its channel on. `test_files`: the files tested (default: `files`,
+    which enroll), to compare lengths on the same trials."""
+    enrolled_segment, tested_segment = layout(duration)
     enrollment = embed_side(
         corpus, files, ENROLLMENT_SIDE[condition], enrolled_segment, min_enrollment_seconds
     )
     test = embed_side(
-        corpus, files, TEST_SIDE[condition], tested_segment, min_test_seconds, distortion
+        corpus,
+        files if test_files is None else test_files,
+        TEST_SIDE[condition],
+        tested_segment,
+        min_test_seconds,
+        distortion,
     )
     enrollment_cohort = scoring.cohort(condition.enrollment_channel)
     test_cohort = scoring.cohort(condition.test_channel)
@@ -493,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration",
         action="append",
-        choices=sorted(LAYOUTS),
-        help="net speech of each test (3, 8, full: of the second half against the first; "
+        type=duration_choice,
+        help="net speech of each test (a number of seconds, e.g. 3, 8, or full: of the "
+        "second half against the first; minimum: the service's minimum for the test's "
+        "channel; "
         "long: all after the file's first 4.5 s against its first 4 s; long-enrollment: the "
         "first 3 s against all after 4 s); repeat for several (default: full)",
     )
@@ -559,14 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache,
         detector_version=silero.VERSION,
     )
-    min_enrollment, min_test = (
-        (0.0, 0.0)
-        if args.all_trials
-        else (
-            config.enrollment.min_utterance_net_speech_seconds,
-            config.verification.min_net_speech_seconds,
-        )
-    )
+    min_enrollment = 0.0 if args.all_trials else config.enrollment.min_utterance_net_speech_seconds
     started = time.perf_counter()
     print(f"model: {embedder.model_id}")
     held_out = len({r.speaker for r in files})
@@ -579,8 +623,20 @@ def main(argv: list[str] | None = None) -> int:
         (condition, duration, None) for duration in durations for condition in conditions
     ]
     runs += [(shift_condition(d), duration, d) for duration in durations for d in shifts]
+    if MINIMUM in durations:
+        print(
+            "the service's minimums: "
+            + ", ".join(
+                f"{channel.value} {service_minimum(config.verification, channel):g} s"
+                for channel in Channel
+            )
+        )
     results = []
     for condition, duration, distortion in runs:
+        tested_channel = condition.test_channel
+        needed = service_minimum(config.verification, tested_channel)
+        if duration == MINIMUM:
+            duration = f"{needed:g}"
         result = evaluate(
             corpus,
             files,
@@ -589,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
             duration,
             policy=policy,
             min_enrollment_seconds=min_enrollment,
-            min_test_seconds=min_test,
+            min_test_seconds=0.0 if args.all_trials else needed,
             distortion=distortion,
         )
         name = result.name

@@ -13,7 +13,7 @@ from server.errors import ModelMismatchError, NotEnrolledError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser, VoiceSample
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PresentationAssessment, PresentationDecision
-from server.pipeline.speech import SpeechAnalysis
+from server.pipeline.speech import QualityIssue, SpeechAnalysis
 from server.runtime.log_format import logged_agent
 from server.scoring.calibration import Condition
 from server.scoring.gallery import GalleryMatch, Probe
@@ -58,6 +58,10 @@ class VerificationResult:
     """The watchlist entry the voice matched (an alert, audited): screened at Verify and at
     shift logins; None when it matched none or was not screened."""
 
+    min_net_speech_seconds: float = 0.0
+    """The net speech a decision on this check's channel needs (the telephone channel's own
+    minimum for telephone checks): with less, INCONCLUSIVE with TOO_LITTLE_SPEECH."""
+
     @property
     def refused_as_attack(self) -> bool:
         return self.presentation is not None and self.presentation.refuses
@@ -94,9 +98,7 @@ class VerificationService:
         agent_id = voiceprint.agent_id
         self._throttle.check(agent_id, self._now())
         try:
-            sample = self._analyser.analyse(
-                audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
-            )
+            sample = self._analyse(audio)
             result = self.judge(voiceprint, sample, action=action)
         except BaseException:
             self._throttle.abandon(agent_id)
@@ -110,13 +112,23 @@ class VerificationService:
         """Blocking: runs the model. The watchlist screen alone, for a login of an agent with
         no voiceprint yet (a passive enrollment's shift): the watchlist entry the voice
         matches (audited as an alert), or None. Raises InvalidAudioError for bad audio."""
-        sample = self._analyser.analyse(
-            audio, min_net_speech_seconds=self._policy.min_net_speech_seconds
-        )
+        sample = self._analyse(audio)
         if self._watchlist is None or sample.embedding is None:
             return None
         probe = Probe(sample.embedding, sample.quality.net_speech_seconds, sample.channel)
         return self._watchlist.screen(agent_id, probe, self._analyser.model_id, action)
+
+    def _analyse(self, audio: AudioInput) -> VoiceSample:
+        return self._analyser.analyse(
+            audio,
+            min_net_speech_seconds=self._policy.min_net_speech_for(telephone=False),
+            min_telephone_net_speech_seconds=self._policy.min_net_speech_for(telephone=True),
+        )
+
+    def min_net_speech_seconds(self, channel: Channel) -> float:
+        """The net speech a check on `channel` needs for a decision
+        (VerificationPolicy.min_net_speech_for)."""
+        return self._policy.min_net_speech_for(telephone=channel is Channel.TELEPHONE)
 
     def scoring_thresholds(self) -> list[LocalThreshold]:
         """Blocking (may read the voiceprints): per condition, the shipped and the local
@@ -226,6 +238,7 @@ class VerificationService:
             scoring=scoring,
             presentation=presentation,
             watchlist=watched,
+            min_net_speech_seconds=self.min_net_speech_seconds(sample.channel),
         )
         details: dict[str, object] = {
             **(context or {}),
@@ -236,6 +249,9 @@ class VerificationService:
             "channel": sample.channel.value,
             "target_fmr": result.target_fmr,
         }
+        if QualityIssue.TOO_LITTLE_SPEECH in sample.quality.issues:
+            # Which minimum refused it: telephone checks have their own.
+            details["min_net_speech_seconds"] = result.min_net_speech_seconds
         if scoring is not None:
             details |= {
                 "condition": scoring.condition.value,

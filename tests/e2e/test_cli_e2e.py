@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from server.api.console.compliance import load_evaluation
+from server.config import ServerConfig
 from server.security.certificates import create_pki
 from server.tools.cli import EXIT_INCONCLUSIVE, EXIT_OK, EXIT_REFUSED, EXIT_REJECT, EXIT_USAGE, main
 from tests.support import (
@@ -85,13 +86,18 @@ def test_eval_prints_error_rates_with_trial_counts(
     results = tmp_path / "eval.json"
     arguments = ["eval", str(DATA), "--det", str(det), "--cache", str(tmp_path / "cache")]
     arguments += ["--results", str(results)]
-    assert main([*arguments, "--duration", "full", "--duration", "3"]) == EXIT_OK
+    assert main([*arguments, "--duration", "full", "--duration", "minimum"]) == EXIT_OK
     out = capsys.readouterr().out
     # 4 of the 5 files have two halves with enough speech: 4 target, 12 impostor trials, in
-    # each condition; the tests' speakers are none of the calibration's.
+    # each condition; the tests' speakers are none of the calibration's. `minimum` tests each
+    # channel at the service's own minimum of net speech.
     assert "speakers: 5 held out of 5" in out
+    minimums = ServerConfig().verification
+    assert "the service's minimums: wideband 3 s, telephone " in out
     for condition in ("wideband", "wideband-to-telephone", "telephone"):
-        for duration in ("full", "3 s"):
+        telephone = condition != "wideband"
+        shortest = f"{minimums.min_net_speech_for(telephone=telephone):g} s"
+        for duration in ("full", shortest):
             assert f"{condition}, {duration} test: 4 target, 12 impostor trials" in out
     assert "AS-norm  EER 0.00%" in out
     assert "FMR 0.00% (0/12" in out

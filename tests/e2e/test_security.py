@@ -106,6 +106,11 @@ def test_each_role_is_refused_outside_its_rights(
     admin = admin_pb2_grpc.AdminServiceStub(channel(secure, pki, Role.ADMIN))
     shown = json.loads(admin.GetConfiguration(config).json)
     assert shown["transport"]["client_ca"]
+    # Each channel's minimum of net speech for a decision.
+    assert shown["verification"]["min_net_speech_seconds"] == 3.0
+    assert shown["verification"]["min_net_speech_seconds_telephone"] == (
+        secure.config.verification.min_net_speech_seconds_telephone
+    )
     # One enrolled agent: the shipped thresholds apply, and it says why.
     wideband = shown["scoring_thresholds"]["wideband"]
     assert wideband["local_normalized_threshold"] is None

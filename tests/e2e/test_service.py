@@ -78,6 +78,46 @@ def test_too_little_speech_is_inconclusive(voxauth: RunningServer) -> None:
     assert pb.QUALITY_ISSUE_TOO_LITTLE_SPEECH in result.quality.issues
 
 
+def test_a_telephone_check_needs_the_telephone_minimum_and_a_wideband_one_does_not(
+    voxauth: RunningServer,
+) -> None:
+    enroll_a(voxauth)
+    policy = voxauth.config.verification
+    minimum = policy.min_net_speech_for(telephone=True)
+    assert minimum > policy.min_net_speech_seconds
+    # Less audio than the telephone minimum, so less net speech, but more than 3 s of it.
+    cut = second_half(SPEAKER_A)[: int((minimum - 0.3) * 16_000)]
+    narrowband = resample_poly(cut, 1, 2).astype(np.float32)
+    call = pb.Audio(
+        encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=8000, data=encode_mulaw(narrowband)
+    )
+    refused = voxauth.verify("agent-a", call)
+    assert refused.channel == pb.CHANNEL_TELEPHONE
+    assert policy.min_net_speech_seconds <= refused.quality.net_speech_seconds < minimum
+    assert refused.decision == pb.DECISION_INCONCLUSIVE
+    assert pb.QUALITY_ISSUE_TOO_LITTLE_SPEECH in refused.quality.issues
+    assert refused.min_net_speech_seconds == minimum
+    # The same speech as a 16 kHz file that carries the call: telephone, refused alike.
+    relayed = voxauth.verify("agent-a", wav_audio(telephone_channel(cut)))
+    assert relayed.channel == pb.CHANNEL_TELEPHONE
+    assert relayed.decision == pb.DECISION_INCONCLUSIVE
+    # The same speech recorded wideband is decided, by the general minimum.
+    decided = voxauth.verify("agent-a", wav_audio(cut))
+    assert decided.channel == pb.CHANNEL_WIDEBAND
+    assert decided.decision == pb.DECISION_ACCEPT
+    assert decided.min_net_speech_seconds == policy.min_net_speech_seconds
+    # With the telephone minimum of speech, the call is decided.
+    whole_call = resample_poly(second_half(SPEAKER_A), 1, 2).astype(np.float32)
+    longer = voxauth.verify(
+        "agent-a",
+        pb.Audio(
+            encoding=pb.AUDIO_ENCODING_MULAW, sample_rate_hz=8000, data=encode_mulaw(whole_call)
+        ),
+    )
+    assert longer.quality.net_speech_seconds >= minimum
+    assert longer.decision != pb.DECISION_INCONCLUSIVE
+
+
 def test_telephone_mulaw_of_enrolled_speaker_is_accepted(voxauth: RunningServer) -> None:
     enroll_a(voxauth)
     narrowband = resample_poly(second_half(SPEAKER_A), 1, 2).astype(np.float32)

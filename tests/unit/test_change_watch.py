@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from server.audit_actions import AuditAction
-from server.config import AudioLimits, InferenceLimits, ShiftPolicy, StoreLimits
+from server.config import (
+    AudioLimits,
+    InferenceLimits,
+    ShiftPolicy,
+    StoreLimits,
+    VerificationPolicy,
+)
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
+from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding, encode_mulaw
 from server.pipeline.speech import QualityThresholds
 from server.runtime.inference import InferencePool
@@ -32,6 +39,7 @@ from server.storage.sqlite import open_store
 from tests.clock import ManualClock
 from tests.fakes import (
     AGENT_VOICE,
+    FAKE_VOICE_POLICY,
     MODEL_ID,
     AllSpeech,
     FakeEmbedder,
@@ -255,7 +263,12 @@ class Shift:
         return [(e.kind, e.trigger) for e in self.events]
 
 
-async def start_shift(store: SecureStore, tmp_path: Path, policy: ShiftPolicy) -> Shift:
+async def start_shift(
+    store: SecureStore,
+    tmp_path: Path,
+    policy: ShiftPolicy,
+    verification_policy: VerificationPolicy = FAKE_VOICE_POLICY,
+) -> Shift:
     clock = ManualClock(T0)
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
     store_pool = StorePool(StoreLimits())
@@ -263,7 +276,9 @@ async def start_shift(store: SecureStore, tmp_path: Path, policy: ShiftPolicy) -
     await events.open()
     service = ShiftService(
         store,
-        fake_verification(store, tmp_path / "scoring", clock.now),
+        fake_verification(
+            store, tmp_path / "scoring", clock.now, verification_policy=verification_policy
+        ),
         analyser,
         AllSpeech(),
         InferencePool(InferenceLimits()),
@@ -272,7 +287,7 @@ async def start_shift(store: SecureStore, tmp_path: Path, policy: ShiftPolicy) -
         clock,
         events,
     )
-    login = AudioInput(pcm(talking(1.0, 4)), AudioEncoding.PCM16LE, 16_000)
+    login = AudioInput(pcm(talking(1.0, 6)), AudioEncoding.PCM16LE, 16_000)
     started = await service.start(AGENT, "softphone-13", login)
     assert started.shift.state is ShiftState.VERIFIED
     stream = await service.attach(started.shift.shift_id, PCM16)
@@ -444,6 +459,36 @@ async def _the_check_that_could_lock_verifies_more_speech(
     shift.service.policy = replace(POLICY, confirm_net_speech_seconds=1.0)
     session.record = replace(session.record, consecutive_failures=1)
     assert needed(session) == POLICY.checkpoint_net_speech_seconds
+    await shift.service.close()
+
+
+def test_a_checkpoint_on_telephone_speech_waits_for_the_telephone_minimum(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    asyncio.run(_a_checkpoint_on_telephone_speech_waits_for_the_telephone_minimum(store, tmp_path))
+
+
+async def _a_checkpoint_on_telephone_speech_waits_for_the_telephone_minimum(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    # Checkpoints verify 4 s, the telephone channel needs 5 s for a decision. The stream is
+    # 16 kHz PCM, so its format says wideband; the fake voice carries nothing above 4 kHz,
+    # so its speech is scored as telephone, and the checkpoint verifies 5 s, not 4.
+    minimum = VerificationPolicy(min_net_speech_seconds_telephone=5.0)
+    shift = await start_shift(store, tmp_path, POLICY, minimum)
+    session = shift.service._sessions[shift.shift_id]
+    needed = shift.service.net_speech_needed
+    assert needed(session) == POLICY.checkpoint_net_speech_seconds == 4.0
+    assert needed(session, Channel.TELEPHONE) == 5.0
+    assert needed(session, Channel.WIDEBAND) == 4.0
+    await shift.speak(-1.0, 12)
+    failed = await shift.until(ShiftEventKind.CHECKPOINT_FAILED)
+    assert failed.trigger is CheckpointTrigger.CHANGE_WATCH
+    assert failed.net_speech_seconds == pytest.approx(5.0)
+    # The one that could lock verifies the confirmation's 8 s, above either minimum.
+    await shift.speak(-1.0, 12)
+    second = await shift.until(ShiftEventKind.CHECKPOINT_FAILED)
+    assert second.net_speech_seconds == pytest.approx(POLICY.confirm_net_speech_seconds)
     await shift.service.close()
 
 

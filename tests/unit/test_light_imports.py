@@ -30,6 +30,7 @@ ADAPTERS = frozenset(
         "models.ecapa",
         "models.export",
         "models.reference",
+        "models.openvino_runtime",
         "server.pipeline.silero",
     }
 )

@@ -205,8 +205,9 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_REJECT: _Decision.ValueType  # 2
     """The voice does not match: score < threshold."""
     DECISION_INCONCLUSIVE: _Decision.ValueType  # 3
-    """Not enough net speech to decide (less than the minimum, 3 s by default). Not a failure:
-    ask for more speech. The scores and thresholds are 0 and not meaningful.
+    """Not enough net speech to decide (less than the minimum of the check's channel,
+    VerifyResponse.min_net_speech_seconds). Not a failure: ask for more speech. The scores
+    and thresholds are 0 and not meaningful.
     """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper): ...
@@ -219,8 +220,9 @@ llr >= llr_threshold).
 DECISION_REJECT: Decision.ValueType  # 2
 """The voice does not match: score < threshold."""
 DECISION_INCONCLUSIVE: Decision.ValueType  # 3
-"""Not enough net speech to decide (less than the minimum, 3 s by default). Not a failure:
-ask for more speech. The scores and thresholds are 0 and not meaningful.
+"""Not enough net speech to decide (less than the minimum of the check's channel,
+VerifyResponse.min_net_speech_seconds). Not a failure: ask for more speech. The scores
+and thresholds are 0 and not meaningful.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
@@ -1148,6 +1150,7 @@ class VerifyResponse(_message.Message):
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     PRESENTATION_ATTACK_FIELD_NUMBER: _builtins.int
     WATCHLIST_ALERT_FIELD_NUMBER: _builtins.int
+    MIN_NET_SPEECH_SECONDS_FIELD_NUMBER: _builtins.int
     decision: Global___Decision.ValueType
     score: _builtins.float
     """Raw cosine similarity between the audio's embedding and the voiceprint it was compared
@@ -1194,6 +1197,12 @@ class VerifyResponse(_message.Message):
     """The voice matched a watchlist entry (a known fraudster or dismissed employee): an alert,
     audited; the decision is the voiceprint's.
     """
+    min_net_speech_seconds: _builtins.float
+    """The net speech a decision on this check's channel needs:
+    VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS (3 s by default), or for telephone checks
+    VOXAUTH_VERIFY_MIN_NET_SPEECH_SECONDS_TELEPHONE when higher. With less, the check is
+    INCONCLUSIVE with QUALITY_ISSUE_TOO_LITTLE_SPEECH: send more speech.
+    """
     @_builtins.property
     def quality(self) -> Global___AudioQuality: ...
     @_builtins.property
@@ -1221,10 +1230,11 @@ class VerifyResponse(_message.Message):
         decided_by: Global___DecidedBy.ValueType = ...,
         presentation_attack: Global___PresentationAttack | None = ...,
         watchlist_alert: _builtins.bool = ...,
+        min_net_speech_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["presentation_attack", b"presentation_attack", "quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "presentation_attack", b"presentation_attack", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold", "watchlist_alert", b"watchlist_alert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "comparison", b"comparison", "decided_by", b"decided_by", "decision", b"decision", "expected_false_non_match_rate", b"expected_false_non_match_rate", "llr", b"llr", "llr_threshold", b"llr_threshold", "min_net_speech_seconds", b"min_net_speech_seconds", "model_id", b"model_id", "normalized_score", b"normalized_score", "normalized_threshold", b"normalized_threshold", "presentation_attack", b"presentation_attack", "quality", b"quality", "score", b"score", "target_false_match_rate", b"target_false_match_rate", "threshold", b"threshold", "watchlist_alert", b"watchlist_alert"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
