@@ -153,7 +153,12 @@ class StoreEventBus:
         store = self._store
 
         def bounds() -> tuple[int | None, int]:
-            return store.oldest_event_id(), store.latest_event_id()
+            # The newest first: it waits for a write in progress (see latest_event_id), so the
+            # oldest, read after, sees that write's event. The other way round an empty table's
+            # first event, committing in between, read as "none kept" with an id given, and a
+            # subscriber resuming from the start was refused as expired.
+            latest = store.latest_event_id()
+            return store.oldest_event_id(), latest
 
         oldest, latest = await self._store_pool.run(bounds)
         if after_id > latest:

@@ -365,7 +365,8 @@ class Transaction(Protocol):
         """At most `limit` events with an id above `after_id`, by id."""
 
     def latest_event_id(self) -> int:
-        """The highest id given so far; 0 before any."""
+        """The highest id given so far; 0 before any. Never one of a write still in progress
+        (its event not yet readable): every event up to it that commits has committed."""
 
     def delete_events_before(self, at: datetime) -> None: ...
 

@@ -364,7 +364,8 @@ class EventStore(Protocol):
         gone."""
 
     def latest_event_id(self) -> int:
-        """The highest id given so far; 0 before any."""
+        """The highest id given so far; 0 before any. Never one of a write still in progress
+        (its event not yet readable): every event up to it that commits has committed."""
 
     def oldest_event_id(self) -> int | None:
         """The lowest id still kept (the older ones are dropped); None when none is."""

@@ -12,8 +12,13 @@ absolute deadline.
 
 The streams come from several client processes (`--clients`), since one Python process
 cannot write thousands of messages a second; they share the host's cores with the server, so
-their CPU is measured and reported beside it. Per level, over a window of `--seconds` that
-starts once every shift of the level is streaming:
+their CPU is measured and reported beside it. The shifts of a level log in as softphones
+should (server/tools/login_ramp.py): at most `--logins-in-flight` at a time over all clients,
+and a login refused for load (RESOURCE_EXHAUSTED, UNAVAILABLE) retried with the same request
+id after an exponential, jittered backoff; each shift streams as soon as its login passes.
+That ramp is reported (its time, the logins retried and how often) and not measured: per
+level, over a window of `--seconds` that starts once every shift of the level is streaming
+and every login of it decided:
 
 - server CPU (utime + stime of the server process, all threads, from /proc/PID/stat) per
   second of wall time, in total and per stream, and the marginal cost per added stream;
@@ -21,7 +26,10 @@ starts once every shift of the level is streaming:
   and the worst lateness at the end of the window, which grows when the server (or the
   client) cannot keep up: a backlog, not jitter;
 - the server's resident memory (VmRSS) per shift over the idle server's;
-- the checkpoints decided in the window (the default rate gives few) and their latency.
+- the checkpoints decided in the window, by trigger, and their latency (decided - due). A
+  shift's first checkpoint comes 120 to 1080 s after its login, so a window soon after the
+  ramp sees fewer than the steady state (shifts / 600 s): both are printed, with the number
+  the schedule leads to expect at the shifts' ages in the window.
 """
 
 from __future__ import annotations
@@ -30,15 +38,18 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import math
 import multiprocessing
 import os
 import random
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -52,6 +63,7 @@ from voxauth.v1 import voxauth_pb2 as pb
 
 from server.config import ShiftPolicy
 from server.shifts.buffer import MAX_FRAMES_PER_MESSAGE
+from server.tools.login_ramp import Attempted, Backoff, RampTally, ramp, with_retries
 from server.tools.shift_bench import (
     _SPEECH_DIR,
     FRAME_BYTES,
@@ -71,8 +83,14 @@ from server.tools.shift_bench import (
 )
 
 _MAX_SHIFTS = 5000
-_LOGIN_CONCURRENCY = 2  # per client process; the server's inference queue bounds a burst
+_LOGIN_CONCURRENCY = 2  # the probe's logins, before any stream runs
 _CALL_TIMEOUT = 120.0
+_SETTLE_SECONDS = 5.0  # after the ramp: the last streams' first messages, before the window
+_TRIGGERS = {
+    spb.CHECKPOINT_TRIGGER_SCHEDULED: "scheduled",
+    spb.CHECKPOINT_TRIGGER_CHANGE_WATCH: "change watch",
+    spb.CHECKPOINT_TRIGGER_FOLLOW_UP: "follow-up",
+}
 _OUTCOMES = {
     spb.SHIFT_EVENT_KIND_CHECKPOINT_PASSED: "passed",
     spb.SHIFT_EVENT_KIND_CHECKPOINT_FAILED: "failed",
@@ -81,6 +99,9 @@ _OUTCOMES = {
 # A level keeps up when no message was written this far behind its deadline at the end of
 # the window: a backlog that grows would pass it within a window, jitter stays below.
 BACKLOG_LIMIT_SECONDS = 1.0
+# ... and when its streams sent this share of the messages real time asks for in the window
+# (a stream that stopped, or a client that could not keep up, falls below).
+SENT_SHARE_LIMIT = 0.99
 
 
 # --- pure parts -----------------------------------------------------------------------------
@@ -119,24 +140,6 @@ def marginal(lower: tuple[int, float] | None, upper: tuple[int, float], baseline
     return (upper[1] - cores0) / (upper[0] - shifts0)
 
 
-@dataclass(frozen=True)
-class Capacity:
-    """Shifts one replica carries when each part of a shift's work alone would allow
-    `limits[part]` shifts: the parts share the replica's time, so their fractions add up,
-    1/N = sum(1/N_part)."""
-
-    limits: dict[str, float]
-
-    @property
-    def shifts(self) -> float:
-        return 1.0 / sum(1.0 / n for n in self.limits.values())
-
-    @property
-    def binding(self) -> str:
-        """The part that takes the largest share of the replica."""
-        return min(self.limits, key=lambda part: self.limits[part])
-
-
 def shifts_by_cpu(cores: float, per_shift_cores: float) -> float:
     """Shifts whose work of `per_shift_cores` (CPU seconds per second per shift) fits in
     `cores`."""
@@ -154,6 +157,80 @@ def parse_levels(text: str) -> list[int]:
     if not levels or levels[0] < 1 or levels[-1] > _MAX_SHIFTS:
         raise argparse.ArgumentTypeError(f"shift counts must be 1 to {_MAX_SHIFTS}")
     return levels
+
+
+def _uniform_sum_cdf(x: float, terms: int) -> float:
+    """P(U1 + ... + U_terms <= x) for independent uniforms on [0, 1] (Irwin-Hall), in exact
+    arithmetic: the alternating sum's terms dwarf the result in floating point."""
+    if x <= 0:
+        return 0.0
+    if x >= terms:
+        return 1.0
+    exact = Fraction(x)
+    total = sum(
+        (-1) ** j * math.comb(terms, j) * (exact - j) ** terms for j in range(math.floor(x) + 1)
+    )
+    return float(total / math.factorial(terms))
+
+
+_MAX_SCHEDULE_TERMS = 40  # shifts up to 40 shortest intervals old (80 min by default)
+
+
+def expected_scheduled(
+    logged_in_at: Sequence[float], start: float, end: float, policy: ShiftPolicy
+) -> float:
+    """How many random checkpoints the schedule leads to expect in [start, end] from shifts
+    that logged in at `logged_in_at` (one clock): a shift's k-th checkpoint falls at the sum of
+    k intervals, each uniform in mean +/- jitter, drawn from its login on. (Each next interval
+    is drawn when a checkpoint is decided, so late decisions move the later ones a little; not
+    counted.)"""
+    shortest = policy.mean_checkpoint_interval_seconds - policy.checkpoint_jitter_seconds
+    span = 2 * policy.checkpoint_jitter_seconds
+    if shortest < policy.min_checkpoint_gap_seconds or span <= 0:
+        raise ValueError("only for a schedule whose minimum gap never shortens the draw")
+    if end - min(logged_in_at, default=end) > _MAX_SCHEDULE_TERMS * shortest:
+        raise ValueError("shifts too old for the expectation's precision")
+    total = 0.0
+    for login in logged_in_at:
+        for k in range(1, _MAX_SCHEDULE_TERMS + 1):
+            if k * shortest > end - login:
+                break
+            total += _uniform_sum_cdf((end - login - k * shortest) / span, k)
+            total -= _uniform_sum_cdf((start - login - k * shortest) / span, k)
+    return total
+
+
+@dataclass(frozen=True)
+class CheckpointSeen:
+    trigger: str
+    latency: float
+    """Decided minus due, in seconds (server timestamps)."""
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """A window's checkpoints against the schedule."""
+
+    seen: Counter[str]
+    """By trigger."""
+    expected_scheduled: float
+    steady_scheduled: float
+    """What the steady state of the schedule gives in as long a window: shifts / mean."""
+    latency_p50: float | None
+    latency_max: float | None
+
+    @classmethod
+    def of(
+        cls, checkpoints: Sequence[CheckpointSeen], expected: float, steady: float
+    ) -> CheckpointSummary:
+        latencies = [c.latency for c in checkpoints]
+        return cls(
+            seen=Counter(c.trigger for c in checkpoints),
+            expected_scheduled=expected,
+            steady_scheduled=steady,
+            latency_p50=nearest_rank(latencies, 0.5) if latencies else None,
+            latency_max=max(latencies, default=None),
+        )
 
 
 @dataclass
@@ -178,9 +255,25 @@ class ClientReport:
     lags: list[float]
     final_lags: list[float]
     messages: int
-    latencies: list[float]
+    checkpoints: list[CheckpointSeen]
     outcomes: Counter[str]
     errors: list[str]
+
+
+@dataclass(frozen=True)
+class GrowReport:
+    """One client's share of a level's ramp: how its logins went, and when each shift that
+    streams logged in (seconds since the epoch)."""
+
+    ramp: RampTally
+    logged_in_at: list[float]
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client process that could not do what it was asked (or is gone): its reason."""
+
+    reason: str
 
 
 # --- the client processes -------------------------------------------------------------------
@@ -202,6 +295,7 @@ class _StreamingShift:
         self.agent = agent
         self.call = call
         self.tally = ShiftTally(last_event_at=attached_at)
+        self.checkpoints: list[CheckpointSeen] = []
         self.lag = LagLog()
         self.ending = False
         self.sent = 0
@@ -230,11 +324,11 @@ class _StreamingShift:
         try:
             while (event := await self.call.read()) is not grpc.aio.EOF:
                 if event.kind in _OUTCOMES:
-                    self.tally.checkpoint(
-                        _OUTCOMES[event.kind],
-                        event.at.ToNanoseconds() / 1e9,
-                        event.scheduled_at.ToNanoseconds() / 1e9,
-                    )
+                    at = event.at.ToNanoseconds() / 1e9
+                    due = event.scheduled_at.ToNanoseconds() / 1e9
+                    self.tally.checkpoint(_OUTCOMES[event.kind], at, due)
+                    trigger = _TRIGGERS.get(event.trigger, "unspecified")
+                    self.checkpoints.append(CheckpointSeen(trigger, at - due))
                 elif event.kind == spb.SHIFT_EVENT_KIND_SHIFT_LOCKED:
                     self.tally.locked = True
         except grpc.aio.AioRpcError as error:
@@ -247,69 +341,93 @@ class _StreamingShift:
             self.tally.error = f"stream: {reason}"
 
 
-async def _client(conn: Connection, address: str, paths: list[Path], frames: int) -> None:
-    agents = [_agent_from(p, frames) for p in paths]
-    period = frames * 0.02
+@dataclass(frozen=True)
+class _ClientSettings:
+    address: str
+    paths: list[Path]
+    frames: int
+    logins_in_flight: int
+    backoff: Backoff
+
+
+async def _client(conn: Connection, settings: _ClientSettings) -> None:
+    agents = [_agent_from(p, settings.frames) for p in settings.paths]
+    period = settings.frames * 0.02
     shifts: list[_StreamingShift] = []
     tasks: list[asyncio.Task[None]] = []
+    logged_in_at: list[float] = []
     loop = asyncio.get_running_loop()
-    async with grpc.aio.insecure_channel(address) as channel:
+    # One gate for all of this client's logins: its share of the bound on logins in flight.
+    gate = asyncio.Semaphore(settings.logins_in_flight)
+    async with grpc.aio.insecure_channel(settings.address) as channel:
         stub = spb_grpc.ShiftServiceStub(channel)
+
+        async def join(item: tuple[int, str]) -> Attempted[_StreamingShift]:
+            """One softphone: its login, retried while refused for load, then its stream."""
+            agent = agents[item[0] % len(agents)]
+            # One request id for all attempts: a retry whose first attempt did act is
+            # answered, not logged in twice.
+            request = spb.StartShiftRequest(
+                agent_id=agent.agent_id,
+                device_id=item[1],
+                login_audio=agent.login,
+                request_id=uuid.uuid4().hex,
+            )
+            login = await with_retries(
+                lambda: stub.StartShift(request, timeout=_CALL_TIMEOUT),
+                settings.backoff,
+                sleep=asyncio.sleep,
+                draw=random.random,
+                gate=gate,
+            )
+            response = login.value
+            if response.shift.state != spb.SHIFT_STATE_VERIFIED:
+                raise RuntimeError(f"login of {agent.agent_id} not verified")
+            logged_in = time.time()
+            shift = await _open_stream(stub, agent, response.shift.shift_id)
+            shifts.append(shift)
+            logged_in_at.append(logged_in)
+            start = loop.time() + random.uniform(0, period)
+            tasks.append(asyncio.create_task(shift.send(start, period)))
+            tasks.append(asyncio.create_task(shift.read()))
+            return Attempted(shift, login.attempts, login.waited)
+
         while True:
             command, argument = await loop.run_in_executor(None, conn.recv)
-            if command == "grow":
-                errors: list[str] = []
-                gate = asyncio.Semaphore(_LOGIN_CONCURRENCY)
-                started = await asyncio.gather(
-                    *(_start_shift(stub, agents[a % len(agents)], d, gate) for a, d in argument),
-                    return_exceptions=True,
-                )
-                errors += [
-                    f"StartShift: {_describe(e)}" for e in started if isinstance(e, BaseException)
-                ]
-                ok = [s for s in started if not isinstance(s, BaseException)]
-                attached = await asyncio.gather(
-                    *(_open_stream(stub, agent, shift_id) for agent, shift_id in ok),
-                    return_exceptions=True,
-                )
-                errors += [
-                    f"attach: {_describe(e)}" for e in attached if isinstance(e, BaseException)
-                ]
-                for shift in attached:
-                    if isinstance(shift, BaseException):
-                        continue
-                    shifts.append(shift)
-                    start = loop.time() + random.uniform(0, period)
-                    tasks.append(asyncio.create_task(shift.send(start, period)))
-                    tasks.append(asyncio.create_task(shift.read()))
-                conn.send(errors)
-            elif command == "mark":
-                for s in shifts:
-                    s.lag.reset()
-                    s.tally.latencies.clear()
-                    s.tally.outcomes.clear()
-                    s.sent = 0
-                conn.send(None)
-            elif command == "report":
-                conn.send(
-                    ClientReport(
-                        lags=[x for s in shifts for x in s.lag.lags],
-                        final_lags=[s.lag.last for s in shifts],
-                        messages=sum(s.sent for s in shifts),
-                        latencies=[x for s in shifts for x in s.tally.latencies],
-                        outcomes=sum((s.tally.outcomes for s in shifts), Counter()),
-                        errors=[s.tally.error for s in shifts if s.tally.error is not None],
+            try:
+                if command == "grow":
+                    already = len(logged_in_at)
+                    outcomes = await ramp(argument, join)
+                    conn.send(GrowReport(RampTally.of(outcomes), logged_in_at[already:]))
+                elif command == "mark":
+                    for s in shifts:
+                        s.lag.reset()
+                        s.checkpoints.clear()
+                        s.tally.outcomes.clear()
+                        s.sent = 0
+                    conn.send(None)
+                elif command == "report":
+                    conn.send(
+                        ClientReport(
+                            lags=[x for s in shifts for x in s.lag.lags],
+                            final_lags=[s.lag.last for s in shifts],
+                            messages=sum(s.sent for s in shifts),
+                            checkpoints=[c for s in shifts for c in s.checkpoints],
+                            outcomes=sum((s.tally.outcomes for s in shifts), Counter()),
+                            errors=[s.tally.error for s in shifts if s.tally.error is not None],
+                        )
                     )
-                )
-            else:  # stop
-                for s in shifts:
-                    s.ending = True
-                await _end_all(stub, shifts)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                conn.send(None)
-                return
+                else:  # stop
+                    for s in shifts:
+                        s.ending = True
+                    await _end_all(stub, shifts)
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    conn.send(None)
+                    return
+            except Exception as error:  # told to the benchmark, which reports it: never a crash
+                conn.send(ClientFailure(f"{command}: {_describe(error)}"))
 
 
 async def _open_stream(stub: Any, agent: Agent, shift_id: str) -> _StreamingShift:
@@ -352,8 +470,8 @@ async def _logging_in(channel: grpc.aio.Channel, agents: Sequence[Agent]) -> set
     return usable
 
 
-def _client_main(conn: Connection, address: str, paths: list[Path], frames: int) -> None:
-    asyncio.run(_client(conn, address, paths, frames))
+def _client_main(conn: Connection, settings: _ClientSettings) -> None:
+    asyncio.run(_client(conn, settings))
 
 
 # --- the server side and one level ----------------------------------------------------------
@@ -401,41 +519,65 @@ class LevelResult:
     lag_max: float
     final_lag_max: float
     outcomes: Counter[str]
-    latency_max: float | None
+    checkpoints: CheckpointSummary
+    ramp: RampTally
+    ramp_seconds: float
     errors: list[str]
     load_average: float
 
     @property
+    def sent_share(self) -> float:
+        return self.messages / self.expected_messages if self.expected_messages else 1.0
+
+    @property
     def keeps_up(self) -> bool:
-        return not self.errors and self.final_lag_max <= BACKLOG_LIMIT_SECONDS
+        """Every shift of the level streaming (every login passed, no stream failed), every
+        message sent, none left behind at the window's end."""
+        return (
+            not self.errors
+            and self.final_lag_max <= BACKLOG_LIMIT_SECONDS
+            and self.sent_share >= SENT_SHARE_LIMIT
+        )
 
 
 class _Clients:
-    """The client processes, driven over pipes."""
+    """The client processes, driven over pipes. A client that fails a command, or is gone,
+    answers with a ClientFailure instead of stopping the benchmark."""
 
-    def __init__(self, count: int, address: str, paths: list[Path], frames: int) -> None:
+    def __init__(self, count: int, settings: _ClientSettings) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process with gRPC threads
         self._conns: list[Connection] = []
         self.processes = []
         for _ in range(count):
             parent, child = context.Pipe()
-            process = context.Process(
-                target=_client_main, args=(child, address, paths, frames), daemon=True
-            )
+            process = context.Process(target=_client_main, args=(child, settings), daemon=True)
             process.start()
             self._conns.append(parent)
             self.processes.append(process)
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.processes if p.pid is not None]
+        return [p.pid for p in self.processes if p.pid is not None and p.is_alive()]
 
     async def ask(self, commands: Sequence[tuple[str, Any]]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        for conn, command in zip(self._conns, commands, strict=True):
-            conn.send(command)
+
+        def exchange(index: int, command: tuple[str, Any]) -> Any:
+            process = self.processes[index]
+            try:
+                self._conns[index].send(command)
+                return self._conns[index].recv()
+            except (EOFError, OSError):
+                process.join(timeout=1.0)
+                return ClientFailure(f"client process {index} exited ({process.exitcode})")
+
         return list(
-            await asyncio.gather(*(loop.run_in_executor(None, c.recv) for c in self._conns))
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(None, exchange, i, command)
+                    for i, command in enumerate(commands)
+                )
+            )
         )
 
     async def broadcast(self, command: str) -> list[Any]:
@@ -448,35 +590,53 @@ class _Clients:
                 process.kill()
 
 
+def _failures(replies: Sequence[Any]) -> list[str]:
+    return [r.reason for r in replies if isinstance(r, ClientFailure)]
+
+
+@dataclass
+class _Run:
+    """What the levels so far leave to the next: the shifts open and when each logged in."""
+
+    shifts: int = 0
+    logged_in_at: list[float] = field(default_factory=list)
+
+
 async def _level(
-    clients: _Clients,
-    server: BenchServer,
-    current: int,
-    count: int,
-    seconds: float,
-    frames: int,
+    clients: _Clients, server: BenchServer, run: _Run, count: int, settings: Settings
 ) -> LevelResult:
-    shares = split_evenly(count - current, len(clients.processes))
+    shares = split_evenly(count - run.shifts, len(clients.processes))
     commands: list[tuple[str, Any]] = []
-    next_index = current
+    next_index = run.shifts
     for share in shares:
         commands.append(
             ("grow", [(i, f"capacity-{i}") for i in range(next_index, next_index + share)])
         )
         next_index += share
-    grow_errors = [e for errors in await clients.ask(commands) for e in errors]
-    await asyncio.sleep(5.0)  # the last streams' first messages, before the window opens
-    await clients.broadcast("mark")
+    ramp_started = time.monotonic()
+    grown = await clients.ask(commands)
+    ramp_seconds = time.monotonic() - ramp_started
+    ramps = [g for g in grown if isinstance(g, GrowReport)]
+    tally = RampTally.merged([g.ramp for g in ramps])
+    run.shifts = count
+    run.logged_in_at += [t for g in ramps for t in g.logged_in_at]
+    errors = _failures(grown) + [f"login: {f}" for f in tally.failures]
+    await asyncio.sleep(_SETTLE_SECONDS)
+    errors += _failures(await clients.broadcast("mark"))
+    opened = time.time()
     before = _read(server.process.pid, clients.pids)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(settings.seconds)
     after = _read(server.process.pid, clients.pids)
+    closed = time.time()
     rss = _rss_of(server.process.pid)
-    reports: list[ClientReport] = await clients.broadcast("report")
+    replies = await clients.broadcast("report")
+    errors += _failures(replies)
+    reports = [r for r in replies if isinstance(r, ClientReport)]
     wall = after.wall - before.wall
     server_cores = (after.server - before.server) / wall
     client_cores = (after.clients - before.clients) / wall
     lags = [x for r in reports for x in r.lags] or [0.0]
-    latencies = [x for r in reports for x in r.latencies]
+    policy = ShiftPolicy()
     return LevelResult(
         shifts=count,
         seconds=wall,
@@ -485,35 +645,71 @@ async def _level(
         other_cores=(after.host_busy - before.host_busy) / wall - server_cores - client_cores,
         rss_bytes=rss,
         messages=sum(r.messages for r in reports),
-        expected_messages=round(count * wall / (frames * 0.02)),
+        expected_messages=round(count * wall / (settings.frames * 0.02)),
         lag_p50=nearest_rank(lags, 0.5),
         lag_p99=nearest_rank(lags, 0.99),
         lag_max=max(lags),
         final_lag_max=max((x for r in reports for x in r.final_lags), default=0.0),
         outcomes=sum((r.outcomes for r in reports), Counter()),
-        latency_max=max(latencies, default=None),
-        errors=grow_errors + [e for r in reports for e in r.errors],
+        checkpoints=CheckpointSummary.of(
+            [c for r in reports for c in r.checkpoints],
+            expected_scheduled(run.logged_in_at, opened, closed, policy),
+            count * (closed - opened) / policy.mean_checkpoint_interval_seconds,
+        ),
+        ramp=tally,
+        ramp_seconds=ramp_seconds,
+        errors=errors + [e for r in reports for e in r.errors],
         load_average=os.getloadavg()[0],
     )
 
 
 _HEADER = (
-    "shifts  window  server CPU  per stream  marginal  clients  others  load  RSS MB  per shift"
-    "  messages  lag p50   p99    max  end lag  checkpoints  cp max s  result"
+    "shifts  window  server CPU  per stream  marginal  clients  per stream  others  load"
+    "  RSS MB  per shift  messages  lag p50   p99    max  end lag  result"
 )
 
 
 def format_level(result: LevelResult, marginal_cores: float, baseline_rss: int) -> str:
     r = result
     per_shift_mb = (r.rss_bytes - baseline_rss) / r.shifts / 2**20
-    checkpoints = sum(r.outcomes.values())
-    cp_max = "-" if r.latency_max is None else f"{r.latency_max:.2f}"
     return (
         f"{r.shifts:6d} {r.seconds:6.0f}s {r.server_cores:9.0%}  {r.server_cores / r.shifts:9.3%}"
-        f" {marginal_cores:8.3%} {r.client_cores:8.0%} {r.other_cores:6.0%} {r.load_average:5.1f}"
-        f" {r.rss_bytes / 2**20:7.0f} {per_shift_mb:8.2f}  {r.messages / r.expected_messages:8.1%}"
-        f" {r.lag_p50:7.3f} {r.lag_p99:6.3f} {r.lag_max:6.2f} {r.final_lag_max:7.2f}"
-        f" {checkpoints:12d} {cp_max:>9}  {'ok' if r.keeps_up else 'BEHIND'}"
+        f" {marginal_cores:8.3%} {r.client_cores:8.0%}  {r.client_cores / r.shifts:9.3%}"
+        f" {r.other_cores:6.0%} {r.load_average:5.1f} {r.rss_bytes / 2**20:7.0f}"
+        f" {per_shift_mb:10.2f}  {r.sent_share:8.1%} {r.lag_p50:7.3f} {r.lag_p99:6.3f}"
+        f" {r.lag_max:6.2f} {r.final_lag_max:7.2f}  {'ok' if r.keeps_up else 'BEHIND'}"
+    )
+
+
+def format_ramp(ramp: RampTally, seconds: float, in_flight: int) -> str:
+    """How the level's logins went, before its window."""
+    retried = (
+        f"{ramp.retried} retried ({ramp.retries} retries, at most {ramp.most_attempts} "
+        f"attempts, {ramp.waited:.0f} s of backoff in all)"
+    )
+    return (
+        f"       ramp: {ramp.logins} logins in {seconds:.0f} s, at most {in_flight} in flight: "
+        f"{ramp.succeeded} passed, {retried}, {len(ramp.failures)} failed"
+    )
+
+
+def format_checkpoints(summary: CheckpointSummary, seconds: float) -> str:
+    """The window's checkpoints against the schedule's expectation and its steady state."""
+    c = summary
+    scheduled = c.seen["scheduled"]
+    others = ", ".join(
+        f"{n} {trigger}" for trigger, n in sorted(c.seen.items()) if n and trigger != "scheduled"
+    )
+    latency = (
+        "none decided"
+        if c.latency_max is None
+        else f"latency p50 {c.latency_p50:.2f} s, max {c.latency_max:.2f} s"
+    )
+    return (
+        f"       checkpoints: {scheduled} scheduled in the window ({scheduled / seconds:.2f}/s;"
+        f" the schedule expects {c.expected_scheduled:.1f} at these shifts' ages, the steady"
+        f" state {c.steady_scheduled:.1f}, {c.steady_scheduled / seconds:.2f}/s)"
+        f"{', ' + others if others else ''}; {latency}"
     )
 
 
@@ -524,9 +720,8 @@ class Settings:
     clients: int
     frames: int
     cores: float
-    checkpoints_per_second: float
-    look_cpu_seconds: float
-    look_interval: float
+    logins_in_flight: int
+    check_cpu_seconds: float
 
 
 async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
@@ -548,7 +743,18 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
             if not agents:
                 raise RuntimeError(f"no long enough recording in {_SPEECH_DIR}")
         pid = server.process.pid
-        clients = _Clients(settings.clients, server.address, paths, settings.frames)
+        clients = _Clients(
+            settings.clients,
+            _ClientSettings(
+                server.address,
+                paths,
+                settings.frames,
+                # The bound over all clients, split between them (each at least one).
+                max(1, settings.logins_in_flight // settings.clients),
+                Backoff(),
+            ),
+        )
+        in_flight = max(1, settings.logins_in_flight // settings.clients) * settings.clients
         await asyncio.sleep(10.0)  # the clients' imports, and the server back to rest
         before = _read(pid, clients.pids)
         await asyncio.sleep(10.0)
@@ -556,6 +762,7 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
         baseline_cores = (after.server - before.server) / (after.wall - before.wall)
         baseline_rss = _rss_of(pid)
         policy = ShiftPolicy()
+        backoff = Backoff()
         print("voxauth bench capacity: concurrent shift streams at real time, default policy")
         print(f"server     {server.address}; {' '.join(server.settings)}")
         print(
@@ -574,29 +781,35 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
             f"{baseline_cores:.1%} of a core, {baseline_rss / 2**20:.0f} MB RSS"
         )
         print(
+            f"logins     at most {in_flight} in flight; refused for load, retried with the same"
+            f" request id after {backoff.first:g} s doubling to {backoff.cap:g} s (equal"
+            f" jitter, never before the server's RetryInfo), {backoff.attempts} attempts at most"
+        )
+        print(
             "columns    CPU: CPU seconds per second (100% = one core); marginal: per stream added"
             " since the level below;\n           lag: how late messages were written; end lag:"
-            " the latest at the window's end (a backlog if it grows)"
+            " the latest at the window's end (a backlog if it grows); the window opens"
+            f" {_SETTLE_SECONDS:g} s after the ramp"
         )
         print()
         print(_HEADER, flush=True)
         results: list[LevelResult] = []
-        current = 0
+        run = _Run()
         previous: tuple[int, float] | None = None
         for count in settings.levels:
-            result = await _level(
-                clients, server, current, count, settings.seconds, settings.frames
-            )
-            current = count
+            result = await _level(clients, server, run, count, settings)
             slope = marginal(previous, (count, result.server_cores), baseline_cores)
             previous = (count, result.server_cores)
             results.append(result)
-            print(format_level(result, slope, baseline_rss), flush=True)
-            for error in sorted(set(result.errors))[:5]:
-                print(f"       error: {error}")
+            print(format_level(result, slope, baseline_rss))
+            print(format_ramp(result.ramp, result.ramp_seconds, in_flight))
+            print(format_checkpoints(result.checkpoints, result.seconds))
+            for error, times in Counter(result.errors).most_common(5):
+                print(f"       error ({times}x): {error}")
+            print(flush=True)
             if not result.keeps_up:
                 break
-        _print_capacity(settings, results, policy)
+        _print_steady_state(settings, results, policy)
         await clients.broadcast("stop")
         return results
     finally:
@@ -605,41 +818,37 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
         server.stop()
 
 
-def _print_capacity(
+def steady_state_cores(result: LevelResult, check_cpu_seconds: float, seconds: float) -> float:
+    """The level's server CPU with the schedule's steady rate of random checkpoints instead of
+    the window's: the window's cores plus the missing checkpoints' CPU. (The change watch's
+    looks already run at their steady rate: one a minute of audio, from a stream's first
+    minute on.)"""
+    missing = result.checkpoints.steady_scheduled - result.checkpoints.seen["scheduled"]
+    return result.server_cores + missing * check_cpu_seconds / seconds
+
+
+def _print_steady_state(
     settings: Settings, results: Sequence[LevelResult], policy: ShiftPolicy
 ) -> None:
     kept = [r for r in results if r.keeps_up]
     if not kept:
-        print("\nno level kept up: no capacity figure")
+        print("no level kept up: no capacity figure")
         return
     top = kept[-1]
-    per_stream = top.server_cores / top.shifts
-    limits = {
-        "ingestion": shifts_by_cpu(settings.cores, per_stream),
-        "checkpoints": settings.checkpoints_per_second * policy.mean_checkpoint_interval_seconds,
-        "change watch": shifts_by_cpu(
-            settings.cores, settings.look_cpu_seconds / settings.look_interval
-        ),
-    }
-    capacity = Capacity(limits)
-    print()
+    steady = steady_state_cores(top, settings.check_cpu_seconds, top.seconds)
     print(
-        f"ingestion    {per_stream:.3%} of a core per stream at {top.shifts} streams "
-        f"-> {limits['ingestion']:.0f} streams on {settings.cores:g} cores (server alone)"
+        f"measured     {top.shifts} shifts kept up: the server used {top.server_cores:.0%} of a"
+        f" core ({top.server_cores / top.shifts:.3%} per shift), streams, looks and the"
+        f" {top.checkpoints.seen.total()} checkpoints of its window together"
     )
     print(
-        f"checkpoints  {settings.checkpoints_per_second:g} decided on time per second "
-        f"(`bench shifts`) x {policy.mean_checkpoint_interval_seconds:g} s per shift "
-        f"-> {limits['checkpoints']:.0f} shifts"
-    )
-    print(
-        f"change watch {settings.look_cpu_seconds:g} CPU s per look every "
-        f"{settings.look_interval:g} s (an estimate) -> {limits['change watch']:.0f} shifts"
-    )
-    print(
-        f"together     1 / (1/{limits['ingestion']:.0f} + 1/{limits['checkpoints']:.0f} + "
-        f"1/{limits['change watch']:.0f}) = {capacity.shifts:.0f} shifts per replica; "
-        f"the largest share: {capacity.binding}"
+        f"steady state {steady:.0%} of a core with {policy.mean_checkpoint_interval_seconds:g}"
+        f" s between a shift's checkpoints (an estimate: the window's checkpoints"
+        f" {top.checkpoints.seen['scheduled']} scheduled for"
+        f" {top.checkpoints.steady_scheduled:.0f} at the steady rate, each further one at"
+        f" {settings.check_cpu_seconds:g} s of CPU) -> about"
+        f" {shifts_by_cpu(settings.cores, steady / top.shifts):.0f} shifts on"
+        f" {settings.cores:g} cores, server alone"
     )
 
 
@@ -669,40 +878,38 @@ def main(argv: list[str] | None = None) -> int:
         "send 20, the server takes up to 1000)",
     )
     parser.add_argument(
+        "--logins-in-flight",
+        type=int,
+        default=6,
+        help="logins in flight at once over all clients, during a level's ramp (default 6)",
+    )
+    parser.add_argument(
         "--cores", type=float, default=2.0, help="cores of the replica the figure is for"
     )
     parser.add_argument(
-        "--checkpoints-per-second",
+        "--check-cpu-seconds",
         type=float,
-        default=4.7,
-        help="checkpoints a second the replica decides on time (`bench shifts`; default 4.7)",
-    )
-    parser.add_argument(
-        "--look-cpu-seconds",
-        type=float,
-        default=0.040,
-        help="CPU seconds of one change-watch look (default 0.040: 3 s embedded, measured on "
-        "the change watch's branch)",
-    )
-    parser.add_argument(
-        "--look-interval", type=float, default=60.0, help="seconds between looks (default 60)"
+        default=0.40,
+        help="CPU seconds of one checkpoint, for the steady-state estimate (default 0.40, "
+        "README 'Speed')",
     )
     args = parser.parse_args(argv)
     if args.message_ms % 20 or not 20 <= args.message_ms <= 20 * MAX_FRAMES_PER_MESSAGE:
         parser.error("--message-ms must be a multiple of 20 from 20 to 1000")
-    if args.seconds < 10 or args.clients < 1 or args.cores <= 0:
-        parser.error("--seconds must be at least 10, --clients and --cores positive")
-    if args.checkpoints_per_second <= 0 or args.look_cpu_seconds <= 0 or args.look_interval <= 0:
-        parser.error("the checkpoint and look figures must be positive")
+    if args.seconds < 10 or args.clients < 1 or args.cores <= 0 or args.logins_in_flight < 1:
+        parser.error(
+            "--seconds must be at least 10; --clients, --logins-in-flight, --cores positive"
+        )
+    if args.check_cpu_seconds <= 0:
+        parser.error("--check-cpu-seconds must be positive")
     settings = Settings(
         levels=args.shifts,
         seconds=args.seconds,
         clients=args.clients,
         frames=args.message_ms // 20,
         cores=args.cores,
-        checkpoints_per_second=args.checkpoints_per_second,
-        look_cpu_seconds=args.look_cpu_seconds,
-        look_interval=args.look_interval,
+        logins_in_flight=args.logins_in_flight,
+        check_cpu_seconds=args.check_cpu_seconds,
     )
     with tempfile.TemporaryDirectory(prefix="voxauth-capacity-") as workdir:
         try:

@@ -4,6 +4,7 @@ event is sealed under its agent's key and erased with the agent."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 from server.storage.secure_store import SecureStore
@@ -83,3 +84,43 @@ def test_a_listing_after_an_id_pages_through_every_event_once_in_order(store: Se
     assert seen == ids[3:]
     assert store.events_after(ids[-1] + 1000, 4) == []
     assert store.events_after(-5, 2) == [(ids[0], b"event 0"), (ids[1], b"event 1")]
+
+
+def test_the_latest_id_is_never_one_of_a_write_still_in_progress(store: SecureStore) -> None:
+    """A replica opening its event bus, or checking a resume id, reads the latest id while
+    another replica may be storing an event. PostgreSQL's sequence counts the id of a
+    transaction not yet committed: a bus that started after it never delivered that event,
+    and a check that saw the id with the event not yet readable refused a subscriber resuming
+    from the start as expired (the CI timeout of tests/e2e/test_replicas.py's resume test)."""
+    store.create_agent(agent("a-1"))
+    before = store.append_event("a-1", b"committed", NOW, NOW - timedelta(hours=1))
+    inserted, release = threading.Event(), threading.Event()
+    given: list[int] = []
+
+    def writer() -> None:
+        with store.unit_of_work("store an event, slowly") as unit:
+            given.append(unit.append_event("a-1", b"in progress", NOW, NOW - timedelta(hours=1)))
+            inserted.set()
+            release.wait(30)
+
+    read: list[tuple[int, list[int]]] = []
+
+    def reader() -> None:
+        latest = store.latest_event_id()
+        read.append((latest, [i for i, _ in store.events_after(0, 100)]))
+
+    writing = threading.Thread(target=writer)
+    writing.start()
+    assert inserted.wait(30)
+    reading = threading.Thread(target=reader)
+    reading.start()
+    # The reader either answers at once (it may say `before`: the event is not committed) or
+    # waits for the write; give it the time to answer at once, then let the write commit.
+    reading.join(2.0)
+    release.set()
+    writing.join(30)
+    reading.join(30)
+    [(latest, readable)] = read
+    assert latest in (before, given[0])
+    # Whatever the latest id it was told, every event up to it was readable right after.
+    assert [i for i in readable if i <= latest] == [i for i in (before, *given) if i <= latest]

@@ -1,29 +1,39 @@
 """The pure parts of `voxauth bench capacity`: /proc parsing, message sizes, the split over
-client processes, the per-stream arithmetic and the combination of limits. (The benchmark
-itself runs for minutes; it is a command, not a test.)"""
+client processes, the per-stream arithmetic, the checkpoints the schedule leads to expect in a
+window, and what makes a level keep up. (The benchmark itself runs for minutes; it is a
+command, not a test. Its logins' retries and pacing: tests/unit/test_login_ramp.py.)"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from server.config import ShiftPolicy
 from server.tools.capacity_bench import (
     BACKLOG_LIMIT_SECONDS,
-    Capacity,
+    CheckpointSeen,
+    CheckpointSummary,
     LagLog,
     LevelResult,
+    expected_scheduled,
+    format_checkpoints,
     format_level,
+    format_ramp,
     marginal,
     message_chunks,
     parse_levels,
     rss_bytes_from_status,
     shifts_by_cpu,
     split_evenly,
+    steady_state_cores,
 )
+from server.tools.login_ramp import RampTally
 from server.tools.shift_bench import FRAME_BYTES, cpu_seconds_from_stat
 
 _STATUS = "Name:\tpython\nVmPeak:\t  900000 kB\nVmRSS:\t  123456 kB\nThreads:\t12\n"
@@ -72,17 +82,6 @@ def test_marginal_cost_per_added_stream() -> None:
         marginal((250, 0.4), (250, 0.5), 0.0)
 
 
-def test_limits_combine_as_shares_of_the_replica() -> None:
-    # Each part alone would allow 2000 shifts: together they take half the replica each.
-    capacity = Capacity({"ingestion": 2000.0, "checkpoints": 2000.0})
-    assert capacity.shifts == pytest.approx(1000.0)
-    # The combination is never above the tightest part; the tightest part binds.
-    three = Capacity({"ingestion": 1500.0, "checkpoints": 2820.0, "change watch": 2500.0})
-    assert three.shifts == pytest.approx(1 / (1 / 1500 + 1 / 2820 + 1 / 2500))
-    assert three.shifts < 1500.0
-    assert three.binding == "ingestion"
-
-
 def test_shifts_by_cpu() -> None:
     assert shifts_by_cpu(2.0, 0.001) == pytest.approx(2000.0)
     with pytest.raises(ValueError):
@@ -105,7 +104,76 @@ def test_lag_log_keeps_the_latest_after_a_reset() -> None:
     assert log.last == 0.4
 
 
-def _level(final_lag: float, errors: list[str]) -> LevelResult:
+_POLICY = ShiftPolicy()  # the default: 600 +/- 480 s, at least 120 s apart
+
+
+def test_no_random_checkpoint_is_expected_in_a_shift_s_first_two_minutes() -> None:
+    assert expected_scheduled([1000.0] * 500, 1000.0, 1120.0, _POLICY) == 0.0
+    assert expected_scheduled([], 0.0, 60.0, _POLICY) == 0.0
+
+
+def test_before_a_second_checkpoint_can_fall_the_first_is_uniform_over_its_spread() -> None:
+    # 500 shifts logged in at 0, a 96 s window from 130 s (a second checkpoint needs 240 s):
+    # a tenth of the first's 960 s spread.
+    assert expected_scheduled([0.0] * 500, 130.0, 226.0, _POLICY) == pytest.approx(50.0)
+    # Later, second checkpoints add to the window: 300-396 s holds more than a tenth.
+    assert expected_scheduled([0.0] * 500, 300.0, 396.0, _POLICY) > 50.0
+
+
+def test_the_expectation_matches_a_simulation_of_the_schedule() -> None:
+    rng = random.Random(7)
+    logins = [rng.uniform(0.0, 200.0) for _ in range(40)]
+    start, end = 900.0, 1500.0
+    trials, seen = 2000, 0
+    for _ in range(trials):
+        for login in logins:
+            at = login
+            while True:
+                at += rng.uniform(120.0, 1080.0)
+                if at > end:
+                    break
+                seen += at >= start
+    simulated = seen / trials
+    assert expected_scheduled(logins, start, end, _POLICY) == pytest.approx(simulated, rel=0.03)
+    # Long after the logins the rate tends to the steady one, shifts / 600 s.
+    late = expected_scheduled([0.0] * 100, 3600.0, 4200.0, _POLICY)
+    assert late == pytest.approx(100 * 600 / 600, rel=0.05)
+
+
+def test_a_schedule_the_expectation_cannot_describe_is_refused() -> None:
+    gapped = replace(_POLICY, min_checkpoint_gap_seconds=200.0)  # clips draws below 200 s
+    with pytest.raises(ValueError, match="minimum gap"):
+        expected_scheduled([0.0], 0.0, 60.0, gapped)
+    with pytest.raises(ValueError, match="too old"):
+        expected_scheduled([0.0], 0.0, 100_000.0, _POLICY)
+
+
+def _summary(seen: list[CheckpointSeen]) -> CheckpointSummary:
+    return CheckpointSummary.of(seen, expected=4.2, steady=50.0)
+
+
+def test_checkpoints_are_counted_by_trigger_with_their_latency() -> None:
+    summary = _summary(
+        [
+            CheckpointSeen("scheduled", 0.3),
+            CheckpointSeen("scheduled", 17.5),
+            CheckpointSeen("scheduled", 0.5),
+            CheckpointSeen("change watch", 0.2),
+        ]
+    )
+    assert summary.seen == Counter({"scheduled": 3, "change watch": 1})
+    assert (summary.latency_p50, summary.latency_max) == (0.3, 17.5)
+    line = format_checkpoints(summary, 60.0)
+    assert "3 scheduled in the window (0.05/s" in line
+    assert "expects 4.2" in line and "steady state 50.0, 0.83/s" in line
+    assert "1 change watch" in line and "max 17.50 s" in line
+    empty = _summary([])
+    assert empty.latency_max is None and "none decided" in format_checkpoints(empty, 60.0)
+
+
+def _level(
+    final_lag: float, errors: list[str], messages: int = 90_000, scheduled: int = 3
+) -> LevelResult:
     return LevelResult(
         shifts=100,
         seconds=90.0,
@@ -113,24 +181,54 @@ def _level(final_lag: float, errors: list[str]) -> LevelResult:
         client_cores=0.3,
         other_cores=0.1,
         rss_bytes=300 << 20,
-        messages=90_000,
+        messages=messages,
         expected_messages=90_000,
         lag_p50=0.0,
         lag_p99=0.01,
         lag_max=0.2,
         final_lag_max=final_lag,
         outcomes=Counter(passed=3),
-        latency_max=0.4,
+        checkpoints=_summary([CheckpointSeen("scheduled", 0.4)] * scheduled),
+        ramp=RampTally(
+            logins=100,
+            succeeded=100,
+            retried=7,
+            retries=9,
+            most_attempts=3,
+            waited=6.5,
+            failures=[],
+        ),
+        ramp_seconds=42.0,
         errors=errors,
         load_average=1.5,
     )
 
 
-def test_a_level_keeps_up_only_without_backlog_or_errors() -> None:
+def test_a_level_keeps_up_only_with_every_message_sent_no_backlog_and_no_error() -> None:
     assert _level(0.05, []).keeps_up
     assert not _level(BACKLOG_LIMIT_SECONDS + 0.5, []).keeps_up
     assert not _level(0.05, ["stream: the server ended the stream"]).keeps_up
+    # A third of the streams silent (a client gone) is behind even with no lag on the rest.
+    assert not _level(0.0, [], messages=61_740).keeps_up
+    assert not _level(0.0, ["login: RESOURCE_EXHAUSTED: busy (after 12 attempts)"]).keeps_up
     row = format_level(_level(0.05, []), 0.0019, baseline_rss=100 << 20)
     assert "0.200%" in row  # 20% of a core over 100 streams
+    assert "0.300%" in row  # the clients' 30% over 100 streams
     assert "2.00" in row  # (300 - 100) MB over 100 shifts
     assert row.endswith("ok")
+    assert format_level(_level(0.0, [], messages=61_740), 0.0, 0).endswith("BEHIND")
+
+
+def test_the_ramp_line_says_how_many_logins_were_retried_and_how_often() -> None:
+    line = format_ramp(_level(0.0, []).ramp, 42.0, 6)
+    assert "100 logins in 42 s, at most 6 in flight: 100 passed" in line
+    assert "7 retried (9 retries, at most 3 attempts, 6 s of backoff" in line
+    assert line.endswith("0 failed")
+
+
+def test_the_steady_state_adds_the_checkpoints_the_window_lacked() -> None:
+    # 3 of the 50 steady-state checkpoints in 90 s: 47 more at 0.4 s each over 90 s.
+    level = _level(0.0, [], scheduled=3)
+    assert steady_state_cores(level, 0.4, 90.0) == pytest.approx(0.2 + 47 * 0.4 / 90)
+    # A window that saw the steady rate already needs nothing added.
+    assert steady_state_cores(_level(0.0, [], scheduled=50), 0.4, 90.0) == pytest.approx(0.2)

@@ -806,7 +806,13 @@ class PostgresTransaction:
         return [EventRow(i, ref, bytes(payload), _utc(at)) for i, ref, payload, at in rows]
 
     def latest_event_id(self) -> int:
-        # The identity's own counter: deleting the newest events does not move it back.
+        # The identity's own counter: deleting the newest events does not move it back. A
+        # sequence is outside MVCC: it counts the id a writer took in a transaction not yet
+        # committed. Waiting for the writer lock first (shared: readers do not queue behind
+        # each other) makes every id counted one whose transaction has ended, so a bus opened
+        # at it misses none that commit later, and a resume check does not take an event
+        # still to commit for one dropped.
+        self._one("SELECT pg_advisory_xact_lock_shared(%s, %s)", WRITER_LOCK)
         row = self._one(
             "SELECT coalesce((SELECT last_value FROM shift_events_event_id_seq "
             "WHERE is_called), 0)",
