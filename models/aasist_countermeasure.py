@@ -30,7 +30,7 @@ from models.countermeasure import CountermeasureEvidence, WindowBatch, windows_o
 from models.embedder import Waveform
 from models.errors import UnusableWaveformError
 from models.manifest import AASIST_MANIFEST, verify_model_dir
-from models.openvino_runtime import warm_up
+from models.openvino_runtime import stream_settings, warm_up
 from models.pad_backend import PadBackEnd, check_features
 
 WindowLogits = npt.NDArray[np.float32]
@@ -76,11 +76,7 @@ class AasistCountermeasure:
         compiled = core.compile_model(
             core.read_model(exported_network(model_dir)),
             "CPU",
-            {
-                "NUM_STREAMS": workers,
-                "INFERENCE_NUM_THREADS": workers * threads,
-                "INFERENCE_PRECISION_HINT": chosen,
-            },
+            {**stream_settings(workers, threads), "INFERENCE_PRECISION_HINT": chosen},
         )
         return cls(_OpenVinoWindows(compiled))
 

@@ -36,7 +36,7 @@ from models.export import (
     exported_network,
 )
 from models.manifest import ECAPA_MANIFEST, verify_model_dir
-from models.openvino_runtime import warm_up
+from models.openvino_runtime import stream_settings, warm_up
 
 _SAMPLE_RATE = 16_000
 # ECAPA pools statistics over 10 ms frames; below half a second it has too few to be stable.
@@ -73,7 +73,7 @@ class EcapaEmbedder:
         verify_model_dir(model_dir, ECAPA_MANIFEST)
         core = ov.Core()
         trunk, head = split_network(core.read_model(exported_network(model_dir)))
-        streams = {"NUM_STREAMS": workers, "INFERENCE_NUM_THREADS": workers * threads}
+        streams = stream_settings(workers, threads)
         return cls(
             Fbank(n_mels=N_MELS),
             # Per-utterance mean removal, as in training; it keeps no running statistics.

@@ -24,3 +24,19 @@ def warm_up(compiled: ov.CompiledModel, example: npt.NDArray[np.float32]) -> Non
     request.infer({0: example})
     for index in range(len(compiled.outputs)):
         np.array(request.get_output_tensor(index).data)
+
+
+def stream_settings(workers: int, threads: int) -> dict[str, int | bool]:
+    """Compile settings for `workers` concurrent callers with `threads` intra-op threads
+    each, one OpenVINO stream per caller.
+
+    Without pinning: OpenVINO pins each compiled network's stream n to core n, so the speaker
+    network's first stream and the countermeasure's, which a check runs side by side, shared
+    core 0 while core 1 idled (ECAPA 80 -> 134 ms and AASIST 195 -> 248 ms run together with
+    pinning; 74 and 145 ms without, the same as alone; README, "Speed").
+    """
+    return {
+        "NUM_STREAMS": workers,
+        "INFERENCE_NUM_THREADS": workers * threads,
+        "ENABLE_CPU_PINNING": False,
+    }

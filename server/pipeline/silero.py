@@ -29,6 +29,7 @@ from silero_vad import get_speech_timestamps_from_probs
 from silero_vad.sequence_vad import frame_blocks
 
 from models.embedder import Waveform
+from models.openvino_runtime import stream_settings
 from server.pipeline.decode import TARGET_RATE
 from server.pipeline.speech import Segment
 
@@ -76,8 +77,7 @@ class SileroSpeechDetector:
             network,
             "CPU",
             {
-                "NUM_STREAMS": streams,
-                "INFERENCE_NUM_THREADS": streams,
+                **stream_settings(streams, 1),
                 # Float32 everywhere: the segments are the streaming model's only in float32
                 # (on CPUs with AMX the default would be bfloat16).
                 "INFERENCE_PRECISION_HINT": "f32",

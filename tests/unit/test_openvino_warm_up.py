@@ -12,7 +12,7 @@ import torch
 from models.aasist import WINDOW_SAMPLES
 from models.aasist_countermeasure import _OpenVinoWindows
 from models.ecapa import EcapaEmbedder
-from models.openvino_runtime import warm_up
+from models.openvino_runtime import stream_settings, warm_up
 
 
 class _Tensor:
@@ -64,3 +64,10 @@ def test_both_parts_of_the_speaker_network_run_once_when_it_is_built() -> None:
     EcapaEmbedder(identity, identity, trunk, head)
     assert len(trunk.inferred) == 1 and trunk.read == [0]
     assert head.inferred == [(1, 4)] and head.read == [0]
+
+
+def test_streams_are_not_pinned_to_cores() -> None:
+    """Pinned, the speaker network's and the countermeasure's first streams share core 0
+    while a check runs them side by side (models/openvino_runtime.py)."""
+    settings = stream_settings(2, 1)
+    assert settings == {"NUM_STREAMS": 2, "INFERENCE_NUM_THREADS": 2, "ENABLE_CPU_PINNING": False}
