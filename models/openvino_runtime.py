@@ -1,7 +1,8 @@
-"""What both OpenVINO networks need from the runtime beyond compiling.
+"""What every OpenVINO network of the service (ECAPA, AASIST, Silero) needs beyond compiling.
 
-The first `Tensor.data` of a process initialises a static table inside OpenVINO's Python
-bindings (element types to numpy dtypes) while holding the GIL only part of the time. Two
+The first inference of a process initialises a function-local static inside OpenVINO's Python
+bindings (by the stacks of the hang below, on the way from `InferRequest.infer` to
+`Tensor.data`) while holding the GIL only part of the time. Two
 threads making their first inference at once can deadlock there: one holds the static's guard
 and waits for the GIL, the other holds the GIL and waits for the guard. It was seen: `voxauth
 attacks features` with two workers hung for minutes in `InferRequest.infer` with both workers
