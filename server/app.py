@@ -211,7 +211,13 @@ class VoxauthServer:
                 self.config.http,
                 http_tls(self.config.transport),
             )
-            self.http_port = await self._http.start()
+            try:
+                self.http_port = await self._http.start()
+            except BaseException:
+                # The gRPC side already listens: close it, or it outlives the failed start.
+                self._http = None
+                await self.stop(grace=0)
+                raise
         host = self.config.listen_address.rsplit(":", 1)[0]
         log.info("voxauth listening on %s:%d (loading the speaker model)", host, self.port)
         try:

@@ -214,5 +214,5 @@ def _listen(
         )
         port = server.add_secure_port(address, credentials)
     if not port:
-        raise OSError(f"cannot listen on {address}")
+        raise ConfigurationError(f"cannot listen on {address} (in use, or not an address here)")
     return port

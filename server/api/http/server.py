@@ -99,7 +99,14 @@ class HttpServer:
         server = uvicorn.Server(uvicorn_config)
         server.lifespan = uvicorn_config.lifespan_class(uvicorn_config)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listening = socket.create_server((host, port), family=family)
+        try:
+            listening = socket.create_server((host, port), family=family)
+        except OSError as error:
+            # Most often another voxauth (or anything) on the port: say so, not a traceback.
+            raise ConfigurationError(
+                f"cannot listen for HTTP on {host}:{port}: {error.strerror or error}"
+                " (VOXAUTH_HTTP_LISTEN; empty turns the HTTP side off)"
+            ) from error
         listening.setblocking(False)
         loop = asyncio.get_running_loop()
 
