@@ -378,6 +378,7 @@ class VoxauthServer:
             events,
             assurances,
             PassiveEnrollment(store, enrollment, analyser, enrolling),
+            telemetry=self.metrics,
         )
         self._readiness.serve(
             Services(

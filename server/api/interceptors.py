@@ -3,14 +3,15 @@
 Servicers raise domain exceptions (server/errors.py) and never pick status codes themselves:
 each error takes the status of its category. Invalid input with a request field attached also
 carries a google.rpc.BadRequest detail naming it, and a capacity error that knows how long to
-wait (a throttled verification) a google.rpc.RetryInfo detail with that time.
+wait (a throttled verification, a full inference queue, the audio budget) a google.rpc.RetryInfo
+detail with that time.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -93,11 +94,22 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) 
         )
         status.details.add().Pack(detail)
     if isinstance(error, CapacityError) and error.retry_after_seconds is not None:
-        delay = duration_pb2.Duration(seconds=math.ceil(error.retry_after_seconds))
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.add().Pack(
+            error_details_pb2.RetryInfo(retry_delay=retry_delay(error.retry_after_seconds))
+        )
     await context.abort(
         code, message, trailing_metadata=rpc_status.to_status(status).trailing_metadata
     )
+
+
+def retry_delay(seconds: float) -> duration_pb2.Duration:
+    """A RetryInfo's delay: whole seconds and nanos, to the microsecond, so the inference
+    pool's hint of 0.5 s is not stretched to 1 s (the throttle's and the audio budget's are
+    whole seconds already). A client must read both fields (Duration.ToTimedelta does, as
+    server/tools/login_ramp.py); one that reads `seconds` alone retries up to a second early."""
+    delay = duration_pb2.Duration()
+    delay.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
+    return delay
 
 
 def _passes_through(error: BaseException) -> bool:

@@ -6,8 +6,9 @@ Where each figure comes from, so the domain stays free of any metrics library:
 - decisions, PAD refusals, checkpoints, locks, disablings, access denials: the audit records
   as they commit (SecureStore.on_audit), the service's own record of them, so a figure here
   and the audit log cannot disagree;
-- inference queue wait, model time, store latency: the runtime's Telemetry protocol
-  (server/runtime/telemetry.py), which Metrics implements;
+- inference queue wait, model time, store latency, the change watch's looks and the shift
+  work the busy inference pool refused: the Telemetry protocol (server/runtime/telemetry.py),
+  which Metrics implements;
 - open shifts by state, throttled and disabled agents, the inference queue's depth,
   readiness: read at each scrape (`LiveSources`), from the store and the pools.
 
@@ -32,7 +33,7 @@ from server.errors import VoxauthError
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PresentationDecision
 from server.records import AuditEvent, ShiftState, StoreCensus
-from server.runtime.telemetry import Model
+from server.runtime.telemetry import LookOutcome, Model
 from server.verification.decision import Decision
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,23 @@ class Metrics:
             buckets=_SHORT_SECONDS,
             registry=registry,
         )
+        self.change_watch_looks = Counter(
+            "voxauth_change_watch_looks",
+            "Change-watch looks that were due, by outcome: compared (speech embedded and "
+            "compared), too_little_speech, skipped_busy (the inference queue was full: no look "
+            "until the next interval), failed.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in LookOutcome:  # each at 0 from the start: a rate needs a first sample
+            self.change_watch_looks.labels(outcome.value)
+        self.checkpoints_deferred_busy = Counter(
+            "voxauth_checkpoint_attempts_deferred_busy",
+            "Attempts of a due checkpoint to check the shift's speech that the full inference "
+            "queue refused; the checkpoint tries again when more audio arrives, until its "
+            "speech wait ends.",
+            registry=registry,
+        )
         Info("voxauth_build", "The running voxauth.", registry=registry).info(
             {"version": _version(), "python": platform.python_version()}
         )
@@ -198,6 +216,12 @@ class Metrics:
 
     def store_called(self, seconds: float) -> None:
         self.store_seconds.observe(seconds)
+
+    def change_watch_looked(self, outcome: LookOutcome) -> None:
+        self.change_watch_looks.labels(outcome.value).inc()
+
+    def checkpoint_deferred_busy(self) -> None:
+        self.checkpoints_deferred_busy.inc()
 
 
 def _channel(event: AuditEvent) -> str:

@@ -41,6 +41,7 @@ from server.runtime.clock import Clock
 from server.runtime.inference import InferencePool
 from server.runtime.log_format import logged_agent
 from server.runtime.store_pool import StorePool
+from server.runtime.telemetry import NO_TELEMETRY, LookOutcome, Telemetry
 from server.security.assurance_desk import AssuranceDesk
 from server.shifts import passive as passive_shift
 from server.shifts.buffer import FRAME_SECONDS, RecentSpeech, ShiftAudioBuffer, StreamFormat
@@ -399,10 +400,16 @@ class ShiftSession:
                     )
                 )
             except CapacityError:
-                return  # Busy: the next look comes with the next interval of audio.
+                # Busy: the next look comes with the next interval of audio.
+                service.telemetry.change_watch_looked(LookOutcome.SKIPPED_BUSY)
+                return
             except VoxauthError as error:
+                service.telemetry.change_watch_looked(LookOutcome.FAILED)
                 log.warning("shift %s: change watch: %s", self.record.shift_id, error.message)
                 return
+            service.telemetry.change_watch_looked(
+                LookOutcome.TOO_LITTLE_SPEECH if look is None else LookOutcome.COMPARED
+            )
             second = self.watch.record(look)
             if self.record.state is not ShiftState.VERIFIED or look is None:
                 continue
@@ -489,6 +496,7 @@ class ShiftSession:
                     )
                 except CapacityError:
                     outcome = None  # Busy: look again when more audio arrives.
+                    service.telemetry.checkpoint_deferred_busy()
                 if outcome is not None:
                     await self._decided(outcome, scheduled_at, cause)
                     return
@@ -642,8 +650,10 @@ class ShiftService:
         events: EventBus,
         assurances: AssuranceDesk | None = None,
         passive: PassiveEnrollment | None = None,
+        telemetry: Telemetry = NO_TELEMETRY,
     ) -> None:
         self._store = store
+        self.telemetry = telemetry
         self.passive = passive
         self.detector = detector
         self._assurances = assurances

@@ -29,7 +29,11 @@ and every login of it decided:
 - the checkpoints decided in the window, by trigger, and their latency (decided - due). A
   shift's first checkpoint comes 120 to 1080 s after its login, so a window soon after the
   ramp sees fewer than the steady state (shifts / 600 s): both are printed, with the number
-  the schedule leads to expect at the shifts' ages in the window.
+  the schedule leads to expect at the shifts' ages in the window;
+- the change watch's looks in the window, by outcome, with those skipped because the
+  inference pool was busy, and the checkpoint attempts the busy pool deferred: the server's
+  own counters, scraped from its /metrics (plain HTTP on loopback) as the window opens and
+  closes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import random
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -57,6 +62,7 @@ from typing import Any
 import grpc
 import numpy as np
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 from voxauth.v1 import shifts_pb2 as spb
 from voxauth.v1 import shifts_pb2_grpc as spb_grpc
 from voxauth.v1 import voxauth_pb2 as pb
@@ -72,6 +78,7 @@ from server.tools.shift_bench import (
     BenchServer,
     ShiftTally,
     _describe,
+    _free_port,
     _pcm16,
     _raw,
     _start_shift,
@@ -231,6 +238,84 @@ class CheckpointSummary:
             latency_p50=nearest_rank(latencies, 0.5) if latencies else None,
             latency_max=max(latencies, default=None),
         )
+
+
+LOOKS_METRIC = "voxauth_change_watch_looks_total"
+DEFERRED_METRIC = "voxauth_checkpoint_attempts_deferred_busy_total"
+_LOOK_OUTCOMES = ("compared", "too_little_speech", "skipped_busy", "failed")
+"""The outcomes of voxauth_change_watch_looks (server/runtime/telemetry.py, LookOutcome)."""
+
+
+@dataclass(frozen=True)
+class ShiftWork:
+    """The server's counts of its shifts' background work: the change watch's looks by
+    outcome (compared, too_little_speech, skipped_busy, failed) and the checkpoint attempts
+    the busy inference pool deferred."""
+
+    looks: Counter[str]
+    checkpoints_deferred_busy: float
+
+    @classmethod
+    def parse(cls, exposition: str) -> ShiftWork:
+        """From the server's /metrics text. Raises ValueError for a text without these
+        counters (a server from before them)."""
+        looks: Counter[str] = Counter()
+        deferred: float | None = None
+        for family in text_string_to_metric_families(exposition):
+            for sample in family.samples:
+                if sample.name == LOOKS_METRIC:
+                    looks[sample.labels.get("outcome", "")] += int(sample.value)
+                elif sample.name == DEFERRED_METRIC:
+                    deferred = sample.value
+        if not looks or deferred is None:
+            raise ValueError(f"the server exports no {LOOKS_METRIC} or {DEFERRED_METRIC}")
+        return cls(looks, deferred)
+
+    def since(self, earlier: ShiftWork) -> ShiftWork:
+        """What was counted between `earlier` and this reading (counters only grow)."""
+        looks = Counter({k: self.looks[k] - earlier.looks[k] for k in self.looks})
+        return ShiftWork(looks, self.checkpoints_deferred_busy - earlier.checkpoints_deferred_busy)
+
+
+def format_shift_work(work: ShiftWork | str) -> str:
+    """The window's change-watch looks and the shift work the busy pool refused; or why the
+    server's counters could not be read."""
+    if isinstance(work, str):
+        return f"       change watch: not read from the server's /metrics ({work})"
+    looks = work.looks
+    made = ", ".join(
+        f"{looks[o]} {o.replace('_', ' ')}" for o in _LOOK_OUTCOMES if o != "skipped_busy"
+    )
+    return (
+        f"       change watch: {looks.total()} looks due in the window ({made});"
+        f" change-watch looks skipped (busy): {looks['skipped_busy']};"
+        f" checkpoint attempts deferred (busy): {work.checkpoints_deferred_busy:.0f}"
+    )
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> str:
+    """Blocking: the text of a /metrics page (plain HTTP: the bench server is on loopback in
+    insecure development mode)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        text: str = answer.read().decode()
+        return text
+
+
+async def read_shift_work(url: str) -> ShiftWork | str:
+    """The server's shift-work counters now, or why they could not be read: a scrape that
+    fails is reported beside the level, never a failed level."""
+    try:
+        return ShiftWork.parse(await asyncio.to_thread(scrape_metrics, url))
+    except (OSError, ValueError) as error:
+        return str(error)
+
+
+def window_shift_work(before: ShiftWork | str, after: ShiftWork | str) -> ShiftWork | str:
+    if isinstance(before, str):
+        return before
+    if isinstance(after, str):
+        return after
+    return after.since(before)
 
 
 @dataclass
@@ -524,6 +609,8 @@ class LevelResult:
     ramp_seconds: float
     errors: list[str]
     load_average: float
+    shift_work: ShiftWork | str = "not read"
+    """The window's change-watch looks and busy refusals, or why they could not be read."""
 
     @property
     def sent_share(self) -> float:
@@ -603,7 +690,12 @@ class _Run:
 
 
 async def _level(
-    clients: _Clients, server: BenchServer, run: _Run, count: int, settings: Settings
+    clients: _Clients,
+    server: BenchServer,
+    run: _Run,
+    count: int,
+    settings: Settings,
+    metrics_url: str,
 ) -> LevelResult:
     shares = split_evenly(count - run.shifts, len(clients.processes))
     commands: list[tuple[str, Any]] = []
@@ -623,11 +715,14 @@ async def _level(
     errors = _failures(grown) + [f"login: {f}" for f in tally.failures]
     await asyncio.sleep(_SETTLE_SECONDS)
     errors += _failures(await clients.broadcast("mark"))
+    # Scraped outside the CPU readings, so the scrapes' own work is not in the window's.
+    work_before = await read_shift_work(metrics_url)
     opened = time.time()
     before = _read(server.process.pid, clients.pids)
     await asyncio.sleep(settings.seconds)
     after = _read(server.process.pid, clients.pids)
     closed = time.time()
+    work_after = await read_shift_work(metrics_url)
     rss = _rss_of(server.process.pid)
     replies = await clients.broadcast("report")
     errors += _failures(replies)
@@ -660,6 +755,7 @@ async def _level(
         ramp_seconds=ramp_seconds,
         errors=errors + [e for r in reports for e in r.errors],
         load_average=os.getloadavg()[0],
+        shift_work=window_shift_work(work_before, work_after),
     )
 
 
@@ -724,13 +820,25 @@ class Settings:
     check_cpu_seconds: float
 
 
+def server_environment(http_port: int) -> dict[str, str]:
+    """The bench server's settings beside BenchServer's own."""
+    return {
+        # Some recordings hold under 5 s of consistent speech in their first half (the gates
+        # of enrollment/duplicates.py discard stretches): enroll on 3 s, the login minimum.
+        "VOXAUTH_ENROLL_NET_SPEECH_SECONDS": "3",
+        # Every shift of an agent logs in with the same recording, which replay detection
+        # rightly refuses after the first; the stream path does not use it.
+        "VOXAUTH_REPLAY_DETECTION": "0",
+        # The HTTP side for /metrics (the change watch's counters): on loopback, plain HTTP
+        # in insecure development mode as the gRPC port is.
+        "VOXAUTH_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+    }
+
+
 async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
-    # Some recordings hold under 5 s of consistent speech in their first half (the gates of
-    # enrollment/duplicates.py discard stretches): enroll on 3 s, the login minimum.
-    # Every shift of an agent logs in with the same recording, which replay detection
-    # rightly refuses after the first; the stream path does not use it.
-    environment = {"VOXAUTH_ENROLL_NET_SPEECH_SECONDS": "3", "VOXAUTH_REPLAY_DETECTION": "0"}
-    server = BenchServer(workdir, environment)
+    http_port = _free_port()
+    server = BenchServer(workdir, server_environment(http_port))
+    metrics_url = f"http://127.0.0.1:{http_port}/metrics"
     clients: _Clients | None = None
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -789,7 +897,8 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
             "columns    CPU: CPU seconds per second (100% = one core); marginal: per stream added"
             " since the level below;\n           lag: how late messages were written; end lag:"
             " the latest at the window's end (a backlog if it grows); the window opens"
-            f" {_SETTLE_SECONDS:g} s after the ramp"
+            f" {_SETTLE_SECONDS:g} s after the ramp;\n           change watch: the server's"
+            " counters (its /metrics) over the window"
         )
         print()
         print(_HEADER, flush=True)
@@ -797,13 +906,14 @@ async def _bench(settings: Settings, workdir: Path) -> list[LevelResult]:
         run = _Run()
         previous: tuple[int, float] | None = None
         for count in settings.levels:
-            result = await _level(clients, server, run, count, settings)
+            result = await _level(clients, server, run, count, settings, metrics_url)
             slope = marginal(previous, (count, result.server_cores), baseline_cores)
             previous = (count, result.server_cores)
             results.append(result)
             print(format_level(result, slope, baseline_rss))
             print(format_ramp(result.ramp, result.ramp_seconds, in_flight))
             print(format_checkpoints(result.checkpoints, result.seconds))
+            print(format_shift_work(result.shift_work))
             for error, times in Counter(result.errors).most_common(5):
                 print(f"       error ({times}x): {error}")
             print(flush=True)
@@ -836,10 +946,16 @@ def _print_steady_state(
         return
     top = kept[-1]
     steady = steady_state_cores(top, settings.check_cpu_seconds, top.seconds)
+    work = top.shift_work
+    skipped = (
+        f" (change-watch looks skipped, busy: {work.looks['skipped_busy']})"
+        if isinstance(work, ShiftWork)
+        else ""
+    )
     print(
         f"measured     {top.shifts} shifts kept up: the server used {top.server_cores:.0%} of a"
-        f" core ({top.server_cores / top.shifts:.3%} per shift), streams, looks and the"
-        f" {top.checkpoints.seen.total()} checkpoints of its window together"
+        f" core ({top.server_cores / top.shifts:.3%} per shift), streams, looks{skipped} and"
+        f" the {top.checkpoints.seen.total()} checkpoints of its window together"
     )
     print(
         f"steady state {steady:.0%} of a core with {policy.mean_checkpoint_interval_seconds:g}"

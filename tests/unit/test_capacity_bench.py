@@ -6,32 +6,45 @@ command, not a test. Its logins' retries and pacing: tests/unit/test_login_ramp.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from server.api.metrics import Metrics
 from server.config import ShiftPolicy
+from server.runtime.telemetry import LookOutcome
 from server.tools.capacity_bench import (
     BACKLOG_LIMIT_SECONDS,
     CheckpointSeen,
     CheckpointSummary,
     LagLog,
     LevelResult,
+    Settings,
+    ShiftWork,
+    _print_steady_state,
     expected_scheduled,
     format_checkpoints,
     format_level,
     format_ramp,
+    format_shift_work,
     marginal,
     message_chunks,
     parse_levels,
+    read_shift_work,
     rss_bytes_from_status,
+    server_environment,
     shifts_by_cpu,
     split_evenly,
     steady_state_cores,
+    window_shift_work,
 )
 from server.tools.login_ramp import RampTally
 from server.tools.shift_bench import FRAME_BYTES, cpu_seconds_from_stat
@@ -232,3 +245,97 @@ def test_the_steady_state_adds_the_checkpoints_the_window_lacked() -> None:
     assert steady_state_cores(level, 0.4, 90.0) == pytest.approx(0.2 + 47 * 0.4 / 90)
     # A window that saw the steady rate already needs nothing added.
     assert steady_state_cores(_level(0.0, [], scheduled=50), 0.4, 90.0) == pytest.approx(0.2)
+
+
+# --- the server's own counts of the change watch's looks ------------------------------------
+
+
+def _counted(compared: int, skipped: int, deferred: int) -> Metrics:
+    """A server's metrics after these looks and deferred checkpoint attempts."""
+    metrics = Metrics()
+    for outcome, times in [(LookOutcome.COMPARED, compared), (LookOutcome.SKIPPED_BUSY, skipped)]:
+        for _ in range(times):
+            metrics.change_watch_looked(outcome)
+    metrics.change_watch_looked(LookOutcome.TOO_LITTLE_SPEECH)
+    for _ in range(deferred):
+        metrics.checkpoint_deferred_busy()
+    return metrics
+
+
+@pytest.fixture
+def metrics_page() -> Iterator[tuple[str, list[Metrics]]]:
+    """A /metrics page on loopback serving the last of the metrics in the list."""
+    served: list[Metrics] = [Metrics()]
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = served[-1].exposition()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_window_s_looks_come_from_the_server_s_metrics(
+    metrics_page: tuple[str, list[Metrics]],
+) -> None:
+    url, served = metrics_page
+    served.append(_counted(compared=10, skipped=2, deferred=1))
+    before = asyncio.run(read_shift_work(url))
+    served.append(_counted(compared=250, skipped=9, deferred=4))
+    after = asyncio.run(read_shift_work(url))
+    assert isinstance(before, ShiftWork) and isinstance(after, ShiftWork)
+    assert after.looks["compared"] == 250 and after.checkpoints_deferred_busy == 4
+    window = window_shift_work(before, after)
+    assert isinstance(window, ShiftWork)
+    assert window.looks == Counter(compared=240, skipped_busy=7, too_little_speech=0, failed=0)
+    assert window.checkpoints_deferred_busy == 3
+    line = format_shift_work(window)
+    assert "247 looks due in the window (240 compared, 0 too little speech, 0 failed)" in line
+    assert "change-watch looks skipped (busy): 7" in line
+    assert line.endswith("checkpoint attempts deferred (busy): 3")
+
+
+def test_a_server_whose_counters_cannot_be_read_is_reported_not_a_failed_level(
+    metrics_page: tuple[str, list[Metrics]],
+) -> None:
+    url, _ = metrics_page
+    # No such page (nor counters on it), and no server at all: the reason, not an exception.
+    missing = asyncio.run(read_shift_work(url.replace("/metrics", "/nothing")))
+    assert isinstance(missing, str) and "404" in missing
+    with pytest.raises(ValueError, match="voxauth_change_watch_looks_total"):
+        ShiftWork.parse("# an older server\nvoxauth_ready 1\n")
+    gone = asyncio.run(read_shift_work("http://127.0.0.1:1/metrics"))
+    assert isinstance(gone, str)
+    assert window_shift_work(gone, ShiftWork(Counter(), 0.0)) == gone
+    assert format_shift_work(gone).startswith("       change watch: not read")
+    assert _level(0.0, []).keeps_up  # not read by default, and the level still keeps up
+
+
+def test_the_bench_server_serves_its_metrics_on_loopback() -> None:
+    environment = server_environment(18443)
+    assert environment["VOXAUTH_HTTP_LISTEN"] == "127.0.0.1:18443"
+    assert environment["VOXAUTH_REPLAY_DETECTION"] == "0"
+
+
+def test_the_capacity_figure_says_how_many_looks_the_busy_pool_skipped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = Settings([100], 90.0, 4, 5, 2.0, 6, 0.4)
+    level = replace(_level(0.0, []), shift_work=ShiftWork(Counter(skipped_busy=12), 0.0))
+    _print_steady_state(settings, [level], ShiftPolicy())
+    assert "looks (change-watch looks skipped, busy: 12) and the 3 checkpoints" in (
+        capsys.readouterr().out
+    )

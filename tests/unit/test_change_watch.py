@@ -5,14 +5,16 @@ shift service's triggered checkpoints, follow-ups and locks on a manual clock.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
 
+from server.api.metrics import Metrics
 from server.audit_actions import AuditAction
 from server.config import (
     AudioLimits,
@@ -21,12 +23,14 @@ from server.config import (
     StoreLimits,
     VerificationPolicy,
 )
+from server.errors import CapacityError
 from server.pipeline.analysis import AudioInput, VoiceAnalyser
 from server.pipeline.channel import Channel
 from server.pipeline.decode import AudioEncoding, encode_mulaw
 from server.pipeline.speech import QualityThresholds
 from server.runtime.inference import InferencePool
 from server.runtime.store_pool import StorePool
+from server.runtime.telemetry import NO_TELEMETRY, Telemetry
 from server.security.crypto import VoiceprintCipher
 from server.shifts.buffer import ShiftAudioBuffer, StreamFormat
 from server.shifts.change_watch import ChangeWatch, CheckpointTrigger, speech_by_level
@@ -45,7 +49,7 @@ from tests.fakes import (
     FakeEmbedder,
     fake_verification,
 )
-from tests.support import KEY
+from tests.support import KEY, metric, parse_metrics
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 AGENT = "agent-13"
@@ -268,6 +272,8 @@ async def start_shift(
     tmp_path: Path,
     policy: ShiftPolicy,
     verification_policy: VerificationPolicy = FAKE_VOICE_POLICY,
+    pool: InferencePool | None = None,
+    telemetry: Telemetry = NO_TELEMETRY,
 ) -> Shift:
     clock = ManualClock(T0)
     analyser = VoiceAnalyser(FakeEmbedder(), AllSpeech(), QualityThresholds(), AudioLimits())
@@ -281,11 +287,12 @@ async def start_shift(
         ),
         analyser,
         AllSpeech(),
-        InferencePool(InferenceLimits()),
+        pool or InferencePool(InferenceLimits()),
         store_pool,
         policy,
         clock,
         events,
+        telemetry=telemetry,
     )
     login = AudioInput(pcm(talking(1.0, 6)), AudioEncoding.PCM16LE, 16_000)
     started = await service.start(AGENT, "softphone-13", login)
@@ -521,4 +528,66 @@ async def _the_follow_up_judges_only_speech_after_the_failure_and_the_agent_pass
     assert record.state is ShiftState.VERIFIED
     assert record.consecutive_failures == 0
     assert ShiftEventKind.SHIFT_LOCKED not in [kind for kind, _ in shift.kinds()]
+    await shift.service.close()
+
+
+T = TypeVar("T")
+
+
+class BusyPool(InferencePool):
+    """The inference pool, refusing everything while `busy` as a full queue does."""
+
+    busy = False
+
+    async def run(self, work: Callable[[], T]) -> T:
+        if self.busy:
+            raise CapacityError("the server is busy; retry in about 2.0 s", retry_after_seconds=2.0)
+        return await super().run(work)
+
+
+def _shift_work(metrics: Metrics) -> tuple[float, float, float]:
+    """The change watch's looks compared and skipped as busy, and the checkpoint attempts
+    deferred as busy, as a scrape of /metrics shows them."""
+    samples = parse_metrics(metrics.exposition().decode())
+    looks = "voxauth_change_watch_looks_total"
+    return (
+        metric(samples, looks, outcome="compared"),
+        metric(samples, looks, outcome="skipped_busy"),
+        metric(samples, "voxauth_checkpoint_attempts_deferred_busy_total"),
+    )
+
+
+def test_looks_and_checkpoint_attempts_the_busy_pool_refused_are_counted(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    asyncio.run(_looks_and_checkpoint_attempts_the_busy_pool_refused_are_counted(store, tmp_path))
+
+
+async def _looks_and_checkpoint_attempts_the_busy_pool_refused_are_counted(
+    store: SecureStore, tmp_path: Path
+) -> None:
+    # A random checkpoint at 60 s; a look due every 5 s of audio.
+    policy = replace(POLICY, mean_checkpoint_interval_seconds=60.0)
+    metrics, pool = Metrics(), BusyPool(InferenceLimits())
+    shift = await start_shift(store, tmp_path, policy, pool=pool, telemetry=metrics)
+    assert _shift_work(metrics) == (0, 0, 0)
+    await shift.speak(1.0, 12)
+    compared, skipped, deferred = _shift_work(metrics)
+    assert compared >= 1 and (skipped, deferred) == (0, 0)
+    # Busy: every look due in the next 20 s (one per 5 s) is skipped, and counted so.
+    pool.busy = True
+    await shift.speak(1.0, 20)
+    assert _shift_work(metrics) == (compared, 4, 0)
+    # Still busy when the checkpoint falls due (60 s): each try on new audio is deferred,
+    # until its speech wait (60 s) ends without a decision.
+    await shift.speak(1.0, 100)
+    insufficient = await shift.until(ShiftEventKind.INSUFFICIENT_SPEECH)
+    assert insufficient.trigger is CheckpointTrigger.SCHEDULED
+    busy_compared, skipped, deferred = _shift_work(metrics)
+    assert busy_compared == compared and skipped > 4 and deferred >= 30
+    # The pool free again: looks are made, and no more are skipped.
+    pool.busy = False
+    await shift.speak(1.0, 12)
+    after, *refused = _shift_work(metrics)
+    assert after > compared and refused == [skipped, deferred]
     await shift.service.close()

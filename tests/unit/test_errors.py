@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import importlib
 import pkgutil
+import threading
 from typing import Any
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 import enrollment
 import models
 import server
-from server.api.interceptors import STATUS_OF_CATEGORY, _abort, category_of, status_code_for
+from server.api.interceptors import (
+    STATUS_OF_CATEGORY,
+    _abort,
+    _wrap_unary,
+    category_of,
+    status_code_for,
+)
+from server.config import InferenceLimits
 from server.errors import (
     AgentExistsError,
     AgentNotFoundError,
@@ -57,6 +66,7 @@ from server.errors import (
     WatchlistAudioRefusedError,
     WatchlistEntryNotFoundError,
 )
+from server.runtime.inference import RETRY_HINT_MAX_SECONDS, RETRY_HINT_MIN_SECONDS, InferencePool
 
 Code = grpc.StatusCode
 
@@ -169,16 +179,55 @@ def _aborted(error: Exception) -> _AbortingContext:
     return context
 
 
-def test_a_throttled_call_says_when_to_retry() -> None:
-    context = _aborted(ThrottledError("wait", retry_after_seconds=29.2))
-    assert context.code is Code.RESOURCE_EXHAUSTED
+def _retry_delay(context: _AbortingContext) -> float:
     (detail,) = _status_details(context)
     retry = error_details_pb2.RetryInfo()
     assert detail.Unpack(retry)
-    assert retry.retry_delay.seconds == 30
+    return float(retry.retry_delay.ToTimedelta().total_seconds())
+
+
+def test_a_throttled_call_says_when_to_retry() -> None:
+    context = _aborted(ThrottledError("wait", retry_after_seconds=30))
+    assert context.code is Code.RESOURCE_EXHAUSTED
+    assert _retry_delay(context) == 30.0
+    # The time as given, not rounded up to whole seconds: 0.5 s stays 0.5 s.
+    (detail,) = _status_details(_aborted(CapacityError("busy", retry_after_seconds=0.5)))
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry)
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (0, 500_000_000)
+    assert _retry_delay(_aborted(CapacityError("busy", retry_after_seconds=29.2))) == 29.2
     busy = _aborted(CapacityError("server is busy"))
     assert busy.code is Code.RESOURCE_EXHAUSTED
     assert _status_details(busy) == []
+
+
+def test_a_full_inference_queue_is_refused_with_a_retry_hint() -> None:
+    """Through the error-mapping interceptor's wrapper, as a servicer sees it: a call that
+    finds the inference pool full ends RESOURCE_EXHAUSTED with a RetryInfo in its bounds."""
+
+    async def scenario() -> _AbortingContext:
+        pool = InferencePool(InferenceLimits(workers=1, threads=1, max_queued=1))
+        release = threading.Event()
+        held = [asyncio.ensure_future(pool.run(lambda: release.wait(10))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+
+        async def verify(request: object, context: object) -> object:
+            return await pool.run(lambda: "verified")
+
+        context = _AbortingContext()
+        try:
+            await _wrap_unary(verify)(object(), context)  # type: ignore[arg-type]
+        finally:
+            release.set()
+            await asyncio.gather(*held)
+            pool.shutdown()
+        return context
+
+    context = asyncio.run(scenario())
+    assert context.code is Code.RESOURCE_EXHAUSTED
+    assert "busy" in context.details and "retry in about" in context.details
+    assert RETRY_HINT_MIN_SECONDS <= _retry_delay(context) <= RETRY_HINT_MAX_SECONDS
+    assert _retry_delay(context) == pytest.approx(float(context.details.split()[-2]), abs=0.05)
 
 
 def test_invalid_input_names_the_field_and_internal_errors_say_nothing() -> None:

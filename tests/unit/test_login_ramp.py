@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.api.interceptors import retry_delay
 from server.tools.login_ramp import (
     Attempted,
     Backoff,
@@ -47,12 +47,10 @@ class Refusal(grpc.RpcError):
         return self._metadata
 
 
-def _retry_info(seconds: int) -> tuple[tuple[str, str | bytes], ...]:
+def _retry_info(seconds: float) -> tuple[tuple[str, str | bytes], ...]:
     """The trailing metadata of server/api/interceptors.py's RESOURCE_EXHAUSTED with a wait."""
     status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="busy")
-    status.details.add().Pack(
-        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds))
-    )
+    status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=retry_delay(seconds)))
     return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
@@ -94,10 +92,13 @@ def test_a_backoff_that_could_not_back_off_is_refused(bad: dict[str, float]) -> 
 def test_pushback_is_read_from_retry_info_and_from_the_grpc_header() -> None:
     busy = grpc.StatusCode.RESOURCE_EXHAUSTED
     assert pushback_seconds(Refusal(busy, _retry_info(2))) == 2.0
+    # The inference pool's hints are fractions of a second: nanos count, not seconds alone.
+    assert pushback_seconds(Refusal(busy, _retry_info(0.5))) == 0.5
+    assert pushback_seconds(Refusal(busy, _retry_info(4.125))) == 4.125
     assert pushback_seconds(Refusal(busy, [("grpc-retry-pushback-ms", "1500")])) == 1.5
     both = [*_retry_info(1), ("grpc-retry-pushback-ms", "4000")]
     assert pushback_seconds(Refusal(busy, both)) == 4.0
-    # None asked for: the inference queue's refusal today.
+    # None asked for (the pending-utterance bound's refusal).
     assert pushback_seconds(Refusal(busy)) is None
     # gRPC's "do not retry" (negative) and garbage are ignored, not a crash.
     assert pushback_seconds(Refusal(busy, [("grpc-retry-pushback-ms", "-1")])) is None

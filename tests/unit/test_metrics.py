@@ -17,7 +17,7 @@ from server.api.metrics import Metrics
 from server.audit_actions import AuditAction
 from server.errors import StorageError
 from server.records import AuditEvent, ShiftState, StoreCensus
-from server.runtime.telemetry import Model
+from server.runtime.telemetry import LookOutcome, Model
 from tests.support import MetricSamples, api_server, make_config, metric, parse_metrics
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -122,6 +122,10 @@ def test_telemetry_and_live_figures_are_scraped() -> None:
     metrics.model_ran(Model.SPEAKER, 0.3)
     metrics.model_ran(Model.COUNTERMEASURE, 0.2)
     metrics.store_called(0.001)
+    metrics.change_watch_looked(LookOutcome.COMPARED)
+    metrics.change_watch_looked(LookOutcome.SKIPPED_BUSY)
+    metrics.change_watch_looked(LookOutcome.SKIPPED_BUSY)
+    metrics.checkpoint_deferred_busy()
     metrics.models_loaded("ecapa-1", "aasist-1")
     metrics.live.ready = lambda: True
     metrics.live.inference_in_flight = lambda: 5
@@ -137,6 +141,16 @@ def test_telemetry_and_live_figures_are_scraped() -> None:
     assert metric(samples, "voxauth_model_seconds_sum", model="speaker") == pytest.approx(0.3)
     assert metric(samples, "voxauth_model_seconds_count", model="countermeasure") == 1
     assert metric(samples, "voxauth_store_call_seconds_count") == 1
+    looks = "voxauth_change_watch_looks_total"
+    assert [
+        metric(samples, looks, outcome=o.value)
+        for o in (LookOutcome.COMPARED, LookOutcome.SKIPPED_BUSY, LookOutcome.FAILED)
+    ] == [1, 2, 0]
+    # Every outcome is exported from the start (at 0), so a rate has a first sample.
+    assert {dict(labels)["outcome"] for name, labels in samples if name == looks} == {
+        o.value for o in LookOutcome
+    }
+    assert metric(samples, "voxauth_checkpoint_attempts_deferred_busy_total") == 1
     assert metric(samples, "voxauth_ready") == 1
     assert (
         metric(samples, "voxauth_inference_in_flight"),
