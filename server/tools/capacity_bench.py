@@ -311,6 +311,7 @@ async def read_shift_work(url: str) -> ShiftWork | str:
 
 
 def window_shift_work(before: ShiftWork | str, after: ShiftWork | str) -> ShiftWork | str:
+    """The counts of a window from its two readings, or why one of them failed."""
     if isinstance(before, str):
         return before
     if isinstance(after, str):
