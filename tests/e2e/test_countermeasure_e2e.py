@@ -181,3 +181,18 @@ def test_export_holds_no_selu_node(model_dir: Path) -> None:
     operators = {node.op_type for node in graph.node}
     assert "Selu" not in operators
     assert "Elu" in operators
+
+
+def test_export_pools_the_filter_bank_along_time_first(model_dir: Path) -> None:
+    """The filter bank's magnitudes are pooled in their 1-D layout (models.aasist._pooled_bands):
+    a 3 x 3 pool of them made OpenVINO reorder all of them into a 2-D layout first."""
+    graph = onnx.load(str(export_network(model_dir))).graph
+    kernels = [
+        next(
+            list(attribute.ints) for attribute in node.attribute if attribute.name == "kernel_shape"
+        )
+        for node in graph.node
+        if node.op_type == "MaxPool"
+    ]
+    assert kernels[0] == [3]
+    assert [3, 3] not in kernels

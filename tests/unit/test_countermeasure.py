@@ -15,6 +15,7 @@ from models.aasist import (
     SAMPLE_RATE,
     WINDOW_SAMPLES,
     Aasist,
+    _pooled_bands,
     exported_network,
     sinc_filter_bank,
 )
@@ -237,6 +238,16 @@ def test_sinc_filters_pass_their_own_mel_band_and_stop_distant_ones() -> None:
         assert edges[index] - 120 <= grid[int(np.argmax(response))] <= edges[index + 1] + 120
         assert _gain_db(bank[index], edges[index + 10]) < max(response) - 40
     assert _gain_db(bank[60], (edges[60] + edges[61]) / 2) > -3
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 64_472), (1, 70, 301), (1, 6, 9), (3, 8, 10)])
+def test_front_end_pooling_is_the_published_3_by_3_pool(shape: tuple[int, int, int]) -> None:
+    """The export's time-first pooling (format 4) gives exactly the published network's
+    2-D pool, also where the filters or the samples do not divide by 3."""
+    torch.manual_seed(1)
+    bank = torch.randn(*shape).abs()
+    expected = torch.nn.functional.max_pool2d(bank.unsqueeze(1), (3, 3))
+    assert torch.equal(_pooled_bands(bank), expected)
 
 
 def test_network_maps_a_batch_of_windows_to_two_logits_each() -> None:
