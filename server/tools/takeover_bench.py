@@ -1058,8 +1058,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"({voice.leg_net_speech:.1f} s; {voice.leg_from[0]}..{voice.leg_from[-1]})"
                     + (f", skipped {', '.join(voice.skipped)}" if voice.skipped else "")
                 )
+        # Grouped by reason: a folder of one recording per speaker leaves out many short ones.
+        reasons: dict[str, list[str]] = {}
         for out in left_out:
-            print(f"  {out.speaker} left out: {out.reason}")
+            reasons.setdefault(out.reason, []).append(out.speaker)
+        for reason, who in reasons.items():
+            print(f"  {', '.join(who)} left out: {reason}")
         if len(voices) < 2:
             print("voxauth bench shifts takeover: fewer than 2 usable speakers", file=sys.stderr)
             return 2
