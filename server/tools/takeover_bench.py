@@ -22,6 +22,11 @@ What one recording per speaker cannot show: every checkpoint of a genuine shift 
 same few seconds of recorded speech again (the report says how much of it), so its failures
 are one trial repeated, not independent ones; a real shift's checkpoints minutes apart judge
 different speech. The report counts the speakers, the independent trials, with the shifts.
+
+Speakers of several recordings (e.g. LibriSpeech test-other, about ten utterances each) are
+split by recording instead (`split_recordings`): the first recordings in file-name order
+enroll the agent at the server's own enrollment minimum, the rest, and only the rest, make
+its login and leg, so no checkpoint judges speech the voiceprint was made of.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,38 +302,185 @@ class Voice:
     enrollment: list[np.ndarray[Any, np.dtype[np.float32]]]
     login: np.ndarray[Any, np.dtype[np.float32]]
     material: np.ndarray[Any, np.dtype[np.float32]]
+    enrolled_from: tuple[str, ...] = ()
+    """The recordings (file stems) that enrolled it, for a speaker of several recordings."""
+    leg_from: tuple[str, ...] = ()
+    """The recordings its login and leg of the call are made of (none of the above)."""
+    skipped: tuple[str, ...] = ()
+    """Recordings before the leg's that enrollment would refuse (quality, countermeasure): in
+    neither part."""
+    enrollment_net_speech: float = 0.0
+    leg_net_speech: float = 0.0
 
 
-def held_apart_voices(directory: Path, config: ServerConfig) -> list[Voice]:
-    """One voice per speaker not in the shipped cohort or calibration, whose recording is long
-    enough to enroll and log in from."""
+@dataclass(frozen=True)
+class LeftOut:
+    """A speaker the benchmark does not run, and why."""
+
+    speaker: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One recording as the server's analyser finds it."""
+
+    net_speech_seconds: float
+    usable: bool
+    """Enrollment would keep it: embedded, with no quality issue, not taken for an attack."""
+
+
+# A shift's login verifies about as much speech as a checkpoint.
+_LOGIN_NET_SPEECH_SECONDS = 8.0
+# A leg needs speech for two checkpoints at least, so a lock's two failures (each hears only
+# speech after the one before) can judge different recorded speech.
+_LEG_NET_SPEECH_SECONDS = 16.0
+
+
+def split_recordings(
+    speaker: str,
+    recordings: Sequence[tuple[str, np.ndarray[Any, np.dtype[np.float32]]]],
+    measured: Mapping[str, Measured],
+    required: float,
+    *,
+    leg_minimum: float = _LEG_NET_SPEECH_SECONDS,
+    login_seconds: float = _LOGIN_NET_SPEECH_SECONDS,
+) -> Voice | LeftOut:
+    """A speaker of several recordings (`recordings` in file-name order, `measured` by
+    name): its first recordings enroll it, as many as it takes to reach `required` seconds
+    of net speech (the server's enrollment minimum; a recording its quality gates or the
+    countermeasure would refuse is skipped, in neither part); the rest, and only the rest,
+    make its login and its leg of the call, so no checkpoint judges speech the voiceprint
+    was made of. Left out when the recordings cannot reach `required`, or leave under
+    `leg_minimum` of net speech for the call."""
+    enrollment: list[tuple[str, np.ndarray[Any, np.dtype[np.float32]]]] = []
+    skipped: list[str] = []
+    enrolled = 0.0
+    used = 0
+    for name, samples in recordings:
+        if enrolled >= required:
+            break
+        used += 1
+        if measured[name].usable:
+            enrollment.append((name, samples))
+            enrolled += measured[name].net_speech_seconds
+        else:
+            skipped.append(name)
+    if enrolled < required:
+        return LeftOut(
+            speaker,
+            f"{enrolled:.1f} s of net speech in its {len(recordings)} recordings that "
+            f"enrollment would keep, {required:g} s needed",
+        )
+    rest = list(recordings[used:])
+    left = sum(measured[name].net_speech_seconds for name, _ in rest)
+    if left < leg_minimum:
+        return LeftOut(
+            speaker,
+            f"{left:.1f} s of net speech left for the call in {len(rest)} recordings after "
+            f"enrollment's {enrolled:.1f} s, {leg_minimum:g} s needed",
+        )
+    login: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+    heard = 0.0
+    for name, samples in rest:
+        if heard >= login_seconds:
+            break
+        login.append(samples)
+        heard += measured[name].net_speech_seconds
+    return Voice(
+        speaker,
+        [np.ascontiguousarray(samples) for _, samples in enrollment],
+        np.concatenate(login).astype(np.float32),
+        # Read on in order across the recordings: LibriSpeech's start and end in silence, so
+        # their joins are pauses where turns may be cut.
+        np.concatenate([samples for _, samples in rest]).astype(np.float32),
+        tuple(name for name, _ in enrollment),
+        tuple(name for name, _ in rest),
+        tuple(skipped),
+        enrolled,
+        left,
+    )
+
+
+def held_apart_recordings(directory: Path, config: ServerConfig) -> dict[str, list[Path]]:
+    """The folder's 16 kHz .flac recordings by speaker (SPEAKER-... file names), in file-name
+    order, of the speakers not in the shipped cohort or calibration."""
     from models.manifest import ECAPA_MANIFEST
 
     scoring = ScoringModel.load(config.scoring, ECAPA_MANIFEST.model_id)
     fitted_on = set(scoring.calibration.provenance.get("speakers", []))
-    voices = []
+    speakers: dict[str, list[Path]] = {}
     for path in sorted(directory.glob("*.flac")):
         speaker = path.stem.split("-", 1)[0]
-        info = sf.info(path)
-        if (
-            speaker in fitted_on
-            or info.samplerate != RATE
-            or info.duration < _MIN_RECORDING_SECONDS
-        ):
+        if speaker in fitted_on or sf.info(path).samplerate != RATE:
             continue
-        samples = np.asarray(sf.read(path, dtype="float32")[0], dtype=np.float32)
-        # Split in the pause nearest the middle, not mid-word.
-        inner = pauses(samples)[1:-1] or [len(samples) // 2]
-        half = min(inner, key=lambda cut: abs(cut - len(samples) // 2))
-        voices.append(
-            Voice(
+        speakers.setdefault(speaker, []).append(path)
+    return speakers
+
+
+def one_recording_voice(path: Path) -> Voice | LeftOut:
+    """A speaker of one recording: the first half (split in the pause nearest the middle, not
+    mid-word) enrolls, the second half logs in and makes the leg."""
+    speaker = path.stem.split("-", 1)[0]
+    if sf.info(path).duration < _MIN_RECORDING_SECONDS:
+        return LeftOut(speaker, f"one recording under {_MIN_RECORDING_SECONDS:g} s")
+    samples = np.asarray(sf.read(path, dtype="float32")[0], dtype=np.float32)
+    inner = pauses(samples)[1:-1] or [len(samples) // 2]
+    half = min(inner, key=lambda cut: abs(cut - len(samples) // 2))
+    return Voice(
+        speaker,
+        [np.ascontiguousarray(samples[:half])],
+        samples[half:],
+        samples[half:],
+        (path.stem,),
+        (path.stem,),
+    )
+
+
+def held_apart_voices(
+    speakers: Mapping[str, Sequence[Path]],
+    several: bool,
+    measure: Callable[[Sequence[np.ndarray[Any, np.dtype[np.float32]]]], list[Measured]],
+    required: float,
+) -> tuple[list[Voice], list[LeftOut]]:
+    """The voices to run and the speakers left out. `several`: the folder holds speakers of
+    several recordings; they are split by recording (`split_recordings`, `measure` giving the
+    server's view of each) and speakers of one recording are left out, as a run enrolls all
+    its agents at one minimum. Otherwise every speaker's one recording is split in half."""
+    read: dict[Path, np.ndarray[Any, np.dtype[np.float32]]] = {}
+    if several:
+        read = {
+            path: np.asarray(sf.read(path, dtype="float32")[0], dtype=np.float32)
+            for paths in speakers.values()
+            if len(paths) > 1
+            for path in paths
+        }
+    # One measurement of them all: it starts the service's models once.
+    found = dict(zip(read, measure(list(read.values())), strict=True)) if read else {}
+    voices: list[Voice] = []
+    left_out: list[LeftOut] = []
+    for speaker, paths in speakers.items():
+        voice: Voice | LeftOut
+        if not several:
+            voice = one_recording_voice(paths[0])
+        elif len(paths) == 1:
+            voice = LeftOut(
                 speaker,
-                [np.ascontiguousarray(samples[:half])],
-                samples[half:],
-                samples[half:],
+                "one recording, in a folder of speakers of several: those enroll at the "
+                "server's minimum, which a half recording cannot meet",
             )
-        )
-    return voices
+        else:
+            voice = split_recordings(
+                speaker,
+                [(path.stem, read[path]) for path in paths],
+                {path.stem: found[path] for path in paths},
+                required,
+            )
+        if isinstance(voice, Voice):
+            voices.append(voice)
+        else:
+            left_out.append(voice)
+    return voices, left_out
 
 
 class Simulation:
@@ -347,6 +499,8 @@ class Simulation:
         self.watch_embedder = CountingEmbedder(self.shifts.embedder)
         self.shifts.embedder = self.watch_embedder
         self.logins_refused = 0
+        self.not_enrolled: dict[str, str] = {}
+        """Why a voice was not enrolled, by speaker."""
         self._enrolled: set[str] = set()
         self.spliced = False
         """Legs of turns cut at random places (`conversation`'s `spliced`)."""
@@ -357,14 +511,22 @@ class Simulation:
         agent_id = f"bench-{voice.speaker}"
         enrollment = self._services.enrollment
         enrollment.create_agent(agent_id, voice.speaker, "BENCH")
+        refused = []
         for part in voice.enrollment:
-            enrollment.add_utterance(agent_id, _audio(part))
+            added = enrollment.add_utterance(agent_id, _audio(part))
+            if added.record is None:
+                refused.append(f"utterance refused: {added.rejection_reason}")
         try:
             outcome = enrollment.finalize(agent_id)
-        except VoxauthError:
+        except VoxauthError as error:
+            self.not_enrolled[voice.speaker] = "; ".join([*refused, error.message])
             return False
         if outcome.held is not None:
             # Held for HR's review (it matched another agent): no active voiceprint.
+            self.not_enrolled[voice.speaker] = (
+                f"held for review ({outcome.held.reason.value}, "
+                f"{outcome.held.matched_agent_id or outcome.held.matched_entry_id})"
+            )
             return False
         self._enrolled.add(agent_id)
         return True
@@ -511,7 +673,12 @@ def _audio(samples: np.ndarray[Any, np.dtype[np.float32]]) -> AudioInput:
 # --- the benchmark --------------------------------------------------------------------------
 
 
-def bench_config(workdir: Path, watch: bool, threshold: float | None) -> ServerConfig:
+def bench_config(
+    workdir: Path, watch: bool, threshold: float | None, *, one_recording: bool = True
+) -> ServerConfig:
+    """`one_recording`: every speaker has one recording, half of which enrolls it: the
+    enrollment minimum is lowered to what a half holds. Speakers of several recordings enroll
+    at the server's own minimum."""
     base = ServerConfig.from_environment()
     shifts = replace(base.shifts, change_watch=watch)
     if threshold is not None:
@@ -521,7 +688,9 @@ def bench_config(workdir: Path, watch: bool, threshold: float | None) -> ServerC
         listen_address="127.0.0.1:0",
         database_path=workdir / f"bench-{watch}.db",
         # One recording per speaker: its first half (6-8 s, 4-7 s of speech) makes the voiceprint.
-        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=4.0),
+        enrollment=replace(EnrollmentPolicy(), required_net_speech_seconds=4.0)
+        if one_recording
+        else base.enrollment,
         transport=TransportConfig(insecure_development=True),
         http=replace(base.http, listen_address=""),
         presentation=replace(base.presentation, replay_detection=False),
@@ -540,6 +709,7 @@ class RunResult:
     agents: int
     not_enrolled: int
     logins_refused: int
+    not_enrolled_why: dict[str, str] = field(default_factory=dict)
     look_cpu: tuple[float, float] | None = None
     """CPU seconds of one look with speech and of one without, measured alone."""
 
@@ -566,8 +736,10 @@ async def _run(
         plans = [p for p in plans if p[0].speaker in enrolled]
         outcomes: list[ShiftOutcome] = []
         cpu = 0.0
-        for start in range(0, len(plans), args.concurrency):
-            batch = plans[start : start + args.concurrency]
+        # One shift per agent at a time: with fewer speakers than shifts side by side, fewer.
+        side_by_side = max(1, min(args.concurrency, len({p[0].speaker for p in plans})))
+        for start in range(0, len(plans), side_by_side):
+            batch = plans[start : start + side_by_side]
             before = time.process_time()
             outcomes += await simulation.run_batch(batch, args.seed + start)
             cpu += time.process_time() - before
@@ -580,10 +752,46 @@ async def _run(
             len(enrolled),
             len(voices) - len(enrolled),
             simulation.logins_refused,
+            dict(simulation.not_enrolled),
         )
         if measure_look and plans:
             result.look_cpu = look_cost(simulation, plans[0][0], np.random.default_rng(args.seed))
         return result
+    finally:
+        await server.stop(grace=0)
+
+
+async def _measure(
+    config: ServerConfig, recordings: Sequence[np.ndarray[Any, np.dtype[np.float32]]]
+) -> list[Measured]:
+    """Each recording's net speech as the service's analyser (its speech detector) finds it,
+    and whether enrollment's quality gates would keep it."""
+    clock = ManualClock(datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
+    database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
+    server = VoxauthServer(
+        replace(config, database_path=database), secrets.token_bytes(32), clock=clock
+    )
+    await server.start()
+    try:
+        assert server.services is not None
+        analyser = server.services.shifts._analyser
+        least = config.enrollment.min_utterance_net_speech_seconds
+        found = []
+        for samples in recordings:
+            sample = analyser.analyse(_audio(samples), min_net_speech_seconds=least)
+            quality = sample.quality
+            pad = sample.presentation
+            found.append(
+                Measured(
+                    quality.net_speech_seconds,
+                    sample.embedding is not None
+                    and not quality.issues
+                    and quality.net_speech_seconds >= least
+                    # Enrollment refuses what the countermeasure takes for an attack.
+                    and not (pad is not None and pad.enforced and pad.decision.suspected),
+                )
+            )
+        return found
     finally:
         await server.stop(grace=0)
 
@@ -638,13 +846,17 @@ def _fmt(spread: Spread | None) -> str:
     return f"median {spread.median:.0f} s, p90 {spread.p90:.0f} s, max {spread.max:.0f} s"
 
 
-def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) -> None:
+def report(
+    takeover: RunResult, genuine: RunResult, baseline: RunResult | None, *, several: bool = False
+) -> None:
     for name, run in (("takeover", takeover), ("genuine", genuine)):
         print(
             f"{name} run: {run.agents} agents enrolled ({run.not_enrolled} recordings too short "
             f"for a voiceprint or held as another's duplicate), {run.logins_refused} logins "
             "refused (those shifts not run)"
         )
+        for speaker, why in sorted(run.not_enrolled_why.items()):
+            print(f"  {speaker} not enrolled: {why}")
     shifts = takeover.outcomes
     locked = [o for o in shifts if o.locked_at is not None and o.takeover_at is not None]
     to_lock = [o.locked_at - o.takeover_at for o in locked]  # type: ignore[operator]
@@ -689,8 +901,13 @@ def report(takeover: RunResult, genuine: RunResult, baseline: RunResult | None) 
     print(f"  failed checkpoints: {_interval(failures, decided, 'decided')}")
     speakers = {o.agent for o in calm}
     failing = {o.agent for o in calm if any(not d.passed for d in o.decided)}
+    kind = (
+        "several recordings each, the leg's apart from the enrollment's"
+        if several
+        else "one recording each, the independent trials"
+    )
     print(
-        f"  speakers (one recording each, the independent trials): {len(speakers)}; with a "
+        f"  speakers ({kind}): {len(speakers)}; with a "
         f"failed checkpoint: {_interval(len(failing), len(speakers), 'speakers')}"
     )
     shared = [
@@ -780,7 +997,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Time from a takeover of the agent's line to the lock, false triggers and "
         "locks on the agent's own voice, and the change watch's CPU, at the default schedule.",
     )
-    parser.add_argument("directory", type=Path, help="folder of .flac recordings, one speaker each")
+    parser.add_argument(
+        "directory",
+        type=Path,
+        help="folder of 16 kHz .flac recordings named SPEAKER-..., e.g. LibriSpeech's. With one "
+        "recording per speaker, its first half enrolls (the enrollment minimum lowered to 4 s "
+        "of net speech) and its second half makes the leg. When speakers have several, each "
+        "enrolls from its first recordings in file-name order until the server's own minimum "
+        "of net speech is met, and its login and leg are made of the remaining recordings "
+        "only (speakers of one recording, or with too little speech, are then left out, "
+        "with the reason printed)",
+    )
     parser.add_argument("--takeovers", type=int, default=40, help="takeover shifts (default 40)")
     parser.add_argument("--genuine", type=int, default=20, help="genuine shifts (default 20)")
     parser.add_argument("--hours", type=float, default=1.0, help="genuine shift length, h")
@@ -810,7 +1037,33 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="voxauth-takeover-") as tmp:
         workdir = Path(tmp)
         config = bench_config(workdir, not args.no_watch, args.threshold)
-        voices = held_apart_voices(args.directory, config)
+        speakers = held_apart_recordings(args.directory, config)
+        several = any(len(paths) > 1 for paths in speakers.values())
+        config = bench_config(workdir, not args.no_watch, args.threshold, one_recording=not several)
+
+        def measure(
+            recordings: Sequence[np.ndarray[Any, np.dtype[np.float32]]],
+        ) -> list[Measured]:
+            return asyncio.run(_measure(config, recordings))
+
+        voices, left_out = held_apart_voices(
+            speakers, several, measure, config.enrollment.required_net_speech_seconds
+        )
+        for voice in voices:
+            if several:
+                print(
+                    f"  {voice.speaker}: enrolls from {len(voice.enrolled_from)} recordings "
+                    f"({voice.enrollment_net_speech:.1f} s net speech; {voice.enrolled_from[0]}"
+                    f"..{voice.enrolled_from[-1]}), the leg from {len(voice.leg_from)} "
+                    f"({voice.leg_net_speech:.1f} s; {voice.leg_from[0]}..{voice.leg_from[-1]})"
+                    + (f", skipped {', '.join(voice.skipped)}" if voice.skipped else "")
+                )
+        # Grouped by reason: a folder of one recording per speaker leaves out many short ones.
+        reasons: dict[str, list[str]] = {}
+        for out in left_out:
+            reasons.setdefault(out.reason, []).append(out.speaker)
+        for reason, who in reasons.items():
+            print(f"  {', '.join(who)} left out: {reason}")
         if len(voices) < 2:
             print("voxauth bench shifts takeover: fewer than 2 usable speakers", file=sys.stderr)
             return 2
@@ -839,6 +1092,6 @@ def main(argv: list[str] | None = None) -> int:
             # Without the watch a lock takes two random checkpoints: give it 40 minutes.
             longer = [(a, i, t, t + 2400.0) for a, i, t, _ in takeover_plans[: args.baseline]]
             baseline = asyncio.run(_run(plain, longer, args))
-    report(takeover, genuine, baseline)
+    report(takeover, genuine, baseline, several=several)
     print(f"ran {time.monotonic() - started:.0f} s wall")
     return 0

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from server.runtime.clock import ManualClock
 from server.tools.takeover_bench import (
     RATE,
     CountingPool,
+    LeftOut,
+    Measured,
     Spread,
     Turn,
+    Voice,
+    bench_config,
     conversation,
+    held_apart_voices,
     material_heard,
     pauses,
     shared_material,
+    split_recordings,
     wilson,
 )
 
@@ -150,3 +159,111 @@ def test_wilson_interval_is_honest_for_zero_and_all() -> None:
     low, high = wilson(2, 28)
     assert low < 2 / 28 < high
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def recordings(seconds: Sequence[float]) -> list[tuple[str, np.ndarray]]:
+    """Recordings of one speaker, each a constant level telling which it is."""
+    return [
+        (f"7-1-{index:04d}", np.full(round(s * RATE), 0.01 * (index + 1), dtype=np.float32))
+        for index, s in enumerate(seconds)
+    ]
+
+
+def speech(values: Sequence[float], usable: Sequence[bool] | None = None) -> dict[str, Measured]:
+    flags = usable or [True] * len(values)
+    return {
+        f"7-1-{i:04d}": Measured(v, ok) for i, (v, ok) in enumerate(zip(values, flags, strict=True))
+    }
+
+
+def test_several_recordings_enroll_in_name_order_until_the_minimum_and_the_rest_make_the_leg() -> (
+    None
+):
+    material = recordings([8, 9, 10, 6, 7, 12])
+    voice = split_recordings("7", material, speech([7, 8, 9, 5, 6, 11]), 20.0)
+    assert isinstance(voice, Voice)
+    # 7 + 8 < 20; 7 + 8 + 9 = 24 meets it: the first three enroll, no more.
+    assert voice.enrolled_from == ("7-1-0000", "7-1-0001", "7-1-0002")
+    assert voice.enrollment_net_speech == 24.0
+    assert [len(part) for part in voice.enrollment] == [8 * RATE, 9 * RATE, 10 * RATE]
+    # The login and the leg are the other three only, in order: nothing enrolled is judged.
+    assert voice.leg_from == ("7-1-0003", "7-1-0004", "7-1-0005")
+    assert voice.leg_net_speech == 22.0
+    expected = np.concatenate([samples for _, samples in material[3:]])
+    assert np.array_equal(voice.material, expected)
+    enrolled_levels = {float(part[0]) for part in voice.enrollment}
+    assert not enrolled_levels & set(np.unique(voice.material).tolist())
+    # The login: the leg's first recordings, up to 8 s of speech (5 + 6).
+    assert len(voice.login) == (6 + 7) * RATE
+    assert voice.skipped == ()
+
+
+def test_a_recording_enrollment_would_refuse_is_in_neither_part() -> None:
+    voice = split_recordings(
+        "7",
+        recordings([8, 9, 10, 6, 7, 12]),
+        speech([7, 8, 9, 5, 6, 11], [True, False, True, True, True, True]),
+        20.0,
+    )
+    assert isinstance(voice, Voice)
+    # Without the refused second, 7 + 9 < 20: the fourth enrolls too.
+    assert voice.enrolled_from == ("7-1-0000", "7-1-0002", "7-1-0003")
+    assert voice.skipped == ("7-1-0001",)
+    assert voice.leg_from == ("7-1-0004", "7-1-0005")
+    assert voice.enrollment_net_speech == 21.0 and voice.leg_net_speech == 17.0
+
+
+def test_speakers_with_too_little_speech_are_left_out_with_the_reason() -> None:
+    too_little = split_recordings("7", recordings([8, 9]), speech([7, 8]), 20.0)
+    assert isinstance(too_little, LeftOut)
+    assert "15.0 s of net speech" in too_little.reason and "20 s needed" in too_little.reason
+    refused = split_recordings(
+        "7", recordings([8, 9, 10]), speech([7, 8, 9], [True, False, False]), 20.0
+    )
+    assert isinstance(refused, LeftOut) and "7.0 s" in refused.reason
+    # Enough to enroll, but not enough left for two checkpoints' speech on the call.
+    short_leg = split_recordings("7", recordings([12, 12, 9]), speech([10, 10, 8]), 20.0)
+    assert isinstance(short_leg, LeftOut)
+    assert "8.0 s of net speech left for the call" in short_leg.reason
+    assert "16 s needed" in short_leg.reason
+
+
+def test_a_folder_of_several_recordings_per_speaker_is_split_by_recording(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(1)
+    for name in ["11-1-0000", "11-1-0001", "11-1-0002", "11-1-0003", "12-1-0000", "13-1-0000"]:
+        sf.write(tmp_path / f"{name}.flac", 0.1 * rng.standard_normal(RATE * 13), RATE)
+    measured: list[int] = []
+
+    def measure(samples: Sequence[np.ndarray]) -> list[Measured]:
+        measured.append(len(samples))
+        return [Measured(12.0, True) for _ in samples]
+
+    speakers = {
+        s: sorted(tmp_path.glob(f"{s}-*.flac"), key=lambda p: p.name) for s in ("11", "12", "13")
+    }
+    voices, left_out = held_apart_voices(speakers, True, measure, 20.0)
+    assert measured == [4]  # only the speaker of several, measured in one go
+    assert [v.speaker for v in voices] == ["11"]
+    assert voices[0].enrolled_from == ("11-1-0000", "11-1-0001")
+    assert voices[0].leg_from == ("11-1-0002", "11-1-0003")
+    assert {o.speaker for o in left_out} == {"12", "13"}
+    assert all("one recording" in o.reason for o in left_out)
+    # A folder of one recording per speaker: each is split in half, as before; none measured.
+    one = {s: speakers[s] for s in ("12", "13")}
+    voices, left_out = held_apart_voices(one, False, measure, 4.0)
+    assert measured == [4] and left_out == []
+    for voice in voices:
+        assert voice.leg_from == voice.enrolled_from
+        assert len(voice.enrollment[0]) + len(voice.material) == 13 * RATE
+        assert np.array_equal(voice.login, voice.material)
+
+
+def test_only_a_folder_of_one_recording_per_speaker_lowers_the_enrollment_minimum(
+    tmp_path: Path,
+) -> None:
+    lowered = bench_config(tmp_path, True, None, one_recording=True)
+    assert lowered.enrollment.required_net_speech_seconds == 4.0
+    kept = bench_config(tmp_path, True, None, one_recording=False)
+    assert kept.enrollment.required_net_speech_seconds == 20.0
