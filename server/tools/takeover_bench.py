@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import math
@@ -40,7 +41,7 @@ import secrets
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -721,14 +722,7 @@ async def _run(
     *,
     measure_look: bool = False,
 ) -> RunResult:
-    clock = ManualClock(datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
-    # A database and a key of its own for each run.
-    database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
-    server = VoxauthServer(
-        replace(config, database_path=database), secrets.token_bytes(32), clock=clock
-    )
-    await server.start()
-    try:
+    async with _bench_server(config) as (server, clock):
         simulation = Simulation(server, clock)
         simulation.spliced = args.spliced_turns
         voices = {p[0].speaker: p[0] for p in plans}
@@ -757,6 +751,19 @@ async def _run(
         if measure_look and plans:
             result.look_cpu = look_cost(simulation, plans[0][0], np.random.default_rng(args.seed))
         return result
+
+
+@contextlib.asynccontextmanager
+async def _bench_server(config: ServerConfig) -> AsyncIterator[tuple[VoxauthServer, ManualClock]]:
+    """A started server on a virtual clock, with a database and a key of its own."""
+    clock = ManualClock(datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
+    database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
+    server = VoxauthServer(
+        replace(config, database_path=database), secrets.token_bytes(32), clock=clock
+    )
+    await server.start()
+    try:
+        yield server, clock
     finally:
         await server.stop(grace=0)
 
@@ -766,13 +773,7 @@ async def _measure(
 ) -> list[Measured]:
     """Each recording's net speech as the service's analyser (its speech detector) finds it,
     and whether enrollment's quality gates would keep it."""
-    clock = ManualClock(datetime(2026, 12, 1, 8, 0, tzinfo=UTC))
-    database = Path(config.database_path).with_name(f"{secrets.token_hex(4)}.db")
-    server = VoxauthServer(
-        replace(config, database_path=database), secrets.token_bytes(32), clock=clock
-    )
-    await server.start()
-    try:
+    async with _bench_server(config) as (server, _):
         assert server.services is not None
         analyser = server.services.shifts._analyser
         least = config.enrollment.min_utterance_net_speech_seconds
@@ -792,8 +793,6 @@ async def _measure(
                 )
             )
         return found
-    finally:
-        await server.stop(grace=0)
 
 
 def look_cost(
