@@ -500,7 +500,15 @@ def reported(agent_id: str, n: int, clock: ManualClock) -> ShiftEvent:
 
 
 async def taken(subscription: EventSubscription, count: int) -> list[ShiftEvent]:
-    return [await eventually(subscription.next_event) for _ in range(count)]
+    got: list[ShiftEvent] = []
+    try:
+        for _ in range(count):
+            got.append(await eventually(subscription.next_event))
+    except TimeoutError:
+        # Say how far it got: this test once timed out in a loaded full run, with no more said.
+        ids = [event.event_id for event in got]
+        raise AssertionError(f"{len(got)} of {count} events arrived (ids {ids})") from None
+    return got
 
 
 def test_a_subscriber_resumes_on_another_replica_with_every_event_once_in_order(
