@@ -26,7 +26,13 @@ from models.aasist import (
     build_network,
     exported_network,
 )
-from models.countermeasure import CountermeasureEvidence, WindowBatch, windows_of
+from models.countermeasure import (
+    CountermeasureEvidence,
+    WindowBatch,
+    judged_audio,
+    judged_id,
+    windows_of,
+)
 from models.embedder import Waveform
 from models.errors import UnusableWaveformError
 from models.manifest import AASIST_MANIFEST, verify_model_dir
@@ -98,7 +104,9 @@ class AasistCountermeasure:
     def model_id(self) -> str:
         """The checkpoint's id, with the back-end's where there is one: a PAD calibration
         holds for exactly the scores it was measured on."""
-        return AASIST_MANIFEST.model_id if self._backend is None else self._backend.model_id
+        return (
+            judged_id(AASIST_MANIFEST.model_id) if self._backend is None else self._backend.model_id
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -109,15 +117,20 @@ class AasistCountermeasure:
         return int(_MIN_SECONDS * SAMPLE_RATE)
 
     def score(self, waveform: Waveform) -> float:
-        """Mean bona-fide logit over the windows that cover the waveform."""
-        return float(np.mean(self.window_logits(waveform)[:, BONA_FIDE_CLASS]))
+        """Mean bona-fide logit over the windows that cover the check as the countermeasure
+        judges it (models.countermeasure.judged_audio: its long pauses shortened)."""
+        self._check(waveform)
+        logits, _ = self._window_outputs(judged_audio(waveform))
+        return float(np.mean(logits[:, BONA_FIDE_CLASS]))
 
     def evidence(self, waveform: Waveform) -> CountermeasureEvidence:
         """The mean bona-fide logit and the back-end's input (the windows' readouts with the
         check's spectral statistics), from one pass over the windows."""
-        logits, readouts = self.window_outputs(waveform)
+        self._check(waveform)
+        judged = judged_audio(waveform)
+        logits, readouts = self._window_outputs(judged)
         return CountermeasureEvidence(
-            float(np.mean(logits[:, BONA_FIDE_CLASS])), check_features(readouts, waveform)
+            float(np.mean(logits[:, BONA_FIDE_CLASS])), check_features(readouts, judged)
         )
 
     def channel_score(self, evidence: CountermeasureEvidence, channel: str) -> float:
@@ -130,7 +143,13 @@ class AasistCountermeasure:
         return self.window_outputs(waveform)[0]
 
     def window_outputs(self, waveform: Waveform) -> WindowOutputs:
-        """Logits and readouts of each window that covers the waveform, in order."""
+        """Logits and readouts of each window that covers the waveform as it is, in order:
+        the network's own outputs (`score` and `evidence` judge a check as
+        models.countermeasure.judged_audio gives it)."""
+        self._check(waveform)
+        return self._window_outputs(waveform)
+
+    def _check(self, waveform: Waveform) -> None:
         if waveform.ndim != 1:
             raise UnusableWaveformError(f"expected mono audio (1-D), got shape {waveform.shape}")
         if waveform.shape[0] < self.min_samples:
@@ -140,6 +159,8 @@ class AasistCountermeasure:
             )
         if not np.isfinite(waveform).all():
             raise UnusableWaveformError("audio contains NaN or infinite samples")
+
+    def _window_outputs(self, waveform: Waveform) -> WindowOutputs:
         windows = windows_of(waveform, WINDOW_SAMPLES)
         # A few windows at a time: the network's activations grow with the batch, and a
         # minute of audio is 15 windows (tests/e2e/test_upload_memory.py bounds the RSS).

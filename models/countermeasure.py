@@ -76,3 +76,81 @@ def windows_of(waveform: Waveform, window: int) -> WindowBatch:
         [waveform[start : start + window] for start in window_starts(len(waveform), window)]
     )
     return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+# --- long pauses --------------------------------------------------------------------------
+
+PAUSE_FRAME = 320
+"""20 ms at 16 kHz: the frames whose energy tells a pause."""
+LONGEST_PAUSE_SECONDS = 1.0
+"""A pause longer than this is shortened to it (its first and last half second kept)."""
+# A pause: a frame within this share of the way from the audio's quietest frames (its 5th
+# percentile, in dB) to its loudest (95th): recordings differ in both, and a line's hum or
+# hiss raises the floor. Below this spread there is no telling pause from speech.
+_PAUSE_SHARE = 0.3
+_MIN_SPREAD_DB = 10.0
+_JOIN = 80
+"""5 ms crossfade where a pause's two kept halves meet (no click for the network to read)."""
+
+
+def judged_id(weights_id: str) -> str:
+    """The id of a network's check scores (`Countermeasure.evidence`): its weights' id and
+    what is done to the audio before it judges (`judged_audio`), so that a back-end or
+    calibration made on audio judged another way is refused."""
+    return f"{weights_id}+pauses@{LONGEST_PAUSE_SECONDS:g}s"
+
+
+def judged_audio(waveform: Waveform) -> Waveform:
+    """What the countermeasure judges of a check: the audio with its long pauses shortened
+    (`shortened_pauses`)."""
+    return shortened_pauses(waveform)
+
+
+def pause_runs(waveform: Waveform) -> list[tuple[int, int]]:
+    """Sample spans (start, end) of the waveform's runs of pause frames, in order."""
+    frames = len(waveform) // PAUSE_FRAME
+    if frames < 3:
+        return []
+    framed = waveform[: frames * PAUSE_FRAME].astype(np.float64).reshape(frames, PAUSE_FRAME)
+    level = 10 * np.log10(np.mean(framed**2, axis=1) + 1e-12)
+    floor, loud = np.percentile(level, [5, 95])
+    if loud - floor < _MIN_SPREAD_DB:
+        return []
+    quiet = level < floor + _PAUSE_SHARE * (loud - floor)
+    runs: list[tuple[int, int]] = []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]])))
+    for start, end in zip(edges[0::2], edges[1::2], strict=True):
+        runs.append((int(start) * PAUSE_FRAME, int(end) * PAUSE_FRAME))
+    if runs and runs[-1][1] == frames * PAUSE_FRAME:
+        # The tail shorter than a frame belongs to a pause that reaches the end.
+        runs[-1] = (runs[-1][0], len(waveform))
+    return runs
+
+
+def shortened_pauses(waveform: Waveform, longest: float = LONGEST_PAUSE_SECONDS) -> Waveform:
+    """The waveform with every pause longer than `longest` seconds cut to `longest`: the
+    first and last half of that kept, joined by a short crossfade. The speech is untouched.
+
+    Why: AASIST, trained on ASVspoof 2019 LA, learnt that long near-silence marks synthetic
+    speech (its spoofed utterances carry more of it), so a genuine check with long pauses
+    scores spoof-like. The back-end and the thresholds were fitted on read speech whose pauses
+    stay under a second; a shift checkpoint's stretch of a call holds the customer's turns as
+    pauses of several seconds. Cut to the corpus's form, it is judged as the calibration
+    measured (server/tools/ATTACKS.md, "Long pauses")."""
+    keep = int(longest * 16_000)
+    long_runs = [(start, end) for start, end in pause_runs(waveform) if end - start > keep]
+    if not long_runs:
+        return waveform
+    half = keep // 2
+    pieces: list[Waveform] = []
+    cursor = 0
+    for start, end in long_runs:
+        head = waveform[cursor : start + half]
+        tail = waveform[end - half : end]
+        join = min(_JOIN, half)
+        fade = np.linspace(0.0, 1.0, join, dtype=np.float32)
+        mixed = head[len(head) - join :] * (1 - fade) + tail[:join] * fade
+        pieces += [head[: len(head) - join], mixed.astype(waveform.dtype)]
+        cursor = end - half + join
+    pieces.append(waveform[cursor:])
+    return np.concatenate(pieces)

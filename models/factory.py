@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.countermeasure import Countermeasure
+from models.countermeasure import Countermeasure, judged_id
 from models.embedder import SpeakerEmbedder
 
 
@@ -35,7 +35,9 @@ def load_countermeasure(
     from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
 
     fitted = PadBackEnd.load(
-        backend or default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+        backend or default_backend_path(),
+        judged_id(AASIST_MANIFEST.model_id),
+        READOUT_DIM + SPECTRAL_DIM,
     )
     network = AasistCountermeasure.load(model_dir, workers=workers, threads=threads)
     return network.with_backend(fitted)

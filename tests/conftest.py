@@ -13,6 +13,7 @@ import pytest
 
 from models.aasist import READOUT_DIM
 from models.aasist_countermeasure import AasistCountermeasure
+from models.countermeasure import judged_id
 from models.ecapa import EcapaEmbedder
 from models.embedder import SpeakerEmbedder
 from models.fetch import default_countermeasure_dir, default_model_dir
@@ -41,7 +42,7 @@ def countermeasure() -> AasistCountermeasure:
 def service_countermeasure(countermeasure: AasistCountermeasure) -> AasistCountermeasure:
     """The countermeasure as the service runs it: the network through the shipped back-end."""
     backend = PadBackEnd.load(
-        default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+        default_backend_path(), judged_id(AASIST_MANIFEST.model_id), READOUT_DIM + SPECTRAL_DIM
     )
     return countermeasure.with_backend(backend)
 

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from voxauth.v1 import voxauth_pb2 as pb
 
-from models.countermeasure import CountermeasureEvidence
+from models.countermeasure import CountermeasureEvidence, judged_id
 from models.embedder import Embedding, Waveform
 from models.manifest import AASIST_MANIFEST
 from models.pad_backend import backend_model_id, default_backend_path
@@ -85,7 +85,8 @@ GENUINE_PAD_SCORE = 3.0
 
 
 SHIPPED_COUNTERMEASURE_ID = backend_model_id(
-    AASIST_MANIFEST.model_id, hashlib.sha256(default_backend_path().read_bytes()).hexdigest()
+    judged_id(AASIST_MANIFEST.model_id),
+    hashlib.sha256(default_backend_path().read_bytes()).hexdigest(),
 )
 """The service's countermeasure: AASIST through the shipped back-end."""
 

@@ -3,9 +3,11 @@ its channel for the operator's target bona-fide rejection rate, and the decision
 
 The countermeasure sees the check as it arrived, pauses included: the raw AASIST checkpoint
 reads silence (speech-only audio scores about 2 lower, server/tools/ATTACKS.md), and the
-calibration was measured on whole recordings. It runs on its own worker thread while speech
-detection and the embedding run on the caller's, so a check costs the longer of the two, not
-their sum.
+calibration was measured on whole recordings; only pauses longer than a second are cut to one
+(models.countermeasure.judged_audio), since the calibration's read speech has none and a
+shift's stretch holds the customer's turns as pauses of several seconds. It runs on its own
+worker thread while speech detection and the embedding run on the caller's, so a check costs
+the longer of the two, not their sum.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 
-from models.pad_backend import BACKEND_FORMAT, SPECTRAL_DIM, LinearModel, check_features
+from models.pad_backend import BACKEND_FORMAT, SPECTRAL_DIM, LinearModel
 from server.pipeline.channel import Channel
 from server.pipeline.presentation import PAD_CALIBRATION_FORMAT, ChannelCalibration
 from server.tools.attack_corpus import (
@@ -72,7 +72,6 @@ def extract(
 ) -> dict[str, ItemFeatures]:
     """Every item through the countermeasure; `max_seconds` keeps only the start of each (a
     check at the service's minimum speech is shorter than the corpus's 8 s)."""
-    from models.aasist import BONA_FIDE_CLASS
     from models.aasist_countermeasure import AasistCountermeasure
     from models.fetch import default_countermeasure_dir
 
@@ -84,10 +83,9 @@ def extract(
         waveform, rate = sf.read(corpus / item.path, dtype="float32")
         if max_seconds is not None:
             waveform = waveform[: int(max_seconds * rate)]
-        logits, readouts = countermeasure.window_outputs(waveform)
-        return item.path, ItemFeatures(
-            float(np.mean(logits[:, BONA_FIDE_CLASS])), check_features(readouts, waveform)
-        )
+        # As the service judges a check: one function, so the two cannot drift apart.
+        evidence = countermeasure.evidence(waveform)
+        return item.path, ItemFeatures(evidence.raw_score, evidence.features)
 
     found: dict[str, ItemFeatures] = {}
     started = time.perf_counter()
@@ -310,6 +308,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     """Thresholds of the countermeasure as the service runs it: through the shipped (or
     --backend) back-end, from the features of the calibration split's genuine items."""
     from models.aasist import READOUT_DIM
+    from models.countermeasure import judged_id
     from models.manifest import AASIST_MANIFEST
     from models.pad_backend import PadBackEnd, default_backend_path
 
@@ -320,7 +319,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         if i.split is Split.CALIBRATION and i.kind in GENUINE_KINDS
     ]
     backend = PadBackEnd.load(
-        args.backend or default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+        args.backend or default_backend_path(),
+        judged_id(AASIST_MANIFEST.model_id),
+        READOUT_DIM + SPECTRAL_DIM,
     )
     views = (
         [load_features(path) for path in args.features]
@@ -354,7 +355,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         provenance,
         score="the PAD back-end's log-odds of bona fide for the check's channel "
         "(models/pad_backend.py) over AASIST's readout of the 64,600-sample windows covering the "
-        "audio as it arrived (pauses included, OpenVINO at the CPU's native precision) and the "
+        "audio as it arrived (pauses included, those over a second cut to one: "
+        "models.countermeasure.judged_audio; OpenVINO at the CPU's native precision) and the "
         "check's spectral statistics",
     )
     args.out.write_text(json.dumps(calibration, indent=1) + "\n")
@@ -429,6 +431,7 @@ def _add_commands(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from models.countermeasure import judged_id
     from models.manifest import AASIST_MANIFEST
 
     if args.command == "features":
@@ -442,12 +445,12 @@ def _run(args: argparse.Namespace) -> int:
             precision=args.precision,
             max_seconds=args.max_seconds,
         )
-        save_features(args.out, found, AASIST_MANIFEST.model_id, args.max_seconds)
+        save_features(args.out, found, judged_id(AASIST_MANIFEST.model_id), args.max_seconds)
         _say(f"wrote the features of {len(found)} items to {args.out}")
         return 0
     views = [load_features(path) for path in args.features]
     document = fit_backend(
-        args.corpus, views, AASIST_MANIFEST.model_id, [Channel(c) for c in args.channels]
+        args.corpus, views, judged_id(AASIST_MANIFEST.model_id), [Channel(c) for c in args.channels]
     )
     args.out.write_text(json.dumps(document, indent=1) + "\n")
     for channel, kinds in document["provenance"]["fit"].items():

@@ -31,6 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from models.aasist import READOUT_DIM
+from models.countermeasure import judged_id
 from models.embedder import Embedding
 from models.manifest import AASIST_MANIFEST
 from models.pad_backend import SPECTRAL_DIM, PadBackEnd, default_backend_path
@@ -42,6 +43,7 @@ from server.tools.attack_corpus import (
     BONA_FIDE,
     CORPUS_FILE,
     GENUINE_KINDS,
+    LINE_CONDITIONS,
     Item,
     Split,
     load_items,
@@ -79,6 +81,48 @@ def pad_rates(scores: Scores, thresholds: dict[Channel, float]) -> list[PadRow]:
                 else sum(v >= threshold for v in values)
             )
             rows.append(PadRow(channel, kind, Rate(int(errors), len(values))))
+    return rows
+
+
+@dataclass(frozen=True)
+class LineRow:
+    channel: Channel
+    condition: str
+    """A line condition (server.tools.attack_corpus.LINE_CONDITIONS) or "none"."""
+    bpcer: Rate
+    apcer: Rate
+    """All attack kinds together."""
+
+
+def line_condition_of(item: Item) -> str:
+    line = item.params.get("line")
+    return "none" if not isinstance(line, dict) else str(line.get("condition", "none"))
+
+
+def line_rates(scores: Scores, thresholds: dict[Channel, float]) -> list[LineRow]:
+    """BPCER and APCER per line condition: whether hum, noise or long pauses move the
+    countermeasure's decisions on either side."""
+    rows = []
+    for channel in Channel:
+        threshold = thresholds[channel]
+        for condition in ("none", *LINE_CONDITIONS):
+            chosen = [
+                (i, s)
+                for i, s in scores.items()
+                if i.channel is channel and line_condition_of(i) == condition
+            ]
+            genuine = [s for i, s in chosen if i.kind in GENUINE_KINDS]
+            attacks = [s for i, s in chosen if i.kind not in GENUINE_KINDS]
+            if not genuine and not attacks:
+                continue
+            rows.append(
+                LineRow(
+                    channel,
+                    condition,
+                    Rate(sum(v < threshold for v in genuine), len(genuine)),
+                    Rate(sum(v >= threshold for v in attacks), len(attacks)),
+                )
+            )
     return rows
 
 
@@ -235,19 +279,20 @@ def speaker_checks(
 
 def evaluate_command(args: argparse.Namespace) -> int:
     everything = load_items(args.corpus)
-    items = [i for i in everything if i.split is Split.TEST]
+    splits = {Split(value) for value in args.split}
+    items = [i for i in everything if i.split in splits]
     found = load_features(args.features)
     if args.raw:
         # The raw checkpoint's figures for comparison: its thresholds from the calibration
         # split's genuine items, by the same normal model the shipped calibration uses.
         backend = None
-        model_id = AASIST_MANIFEST.model_id
+        model_id = judged_id(AASIST_MANIFEST.model_id)
         genuine = item_scores([i for i in everything if i.kind in GENUINE_KINDS], found, None)
         calibration = PadCalibration(model_id, calibration_channels(genuine, Split.CALIBRATION))
     else:
         backend = PadBackEnd.load(
             args.backend or default_backend_path(),
-            AASIST_MANIFEST.model_id,
+            judged_id(AASIST_MANIFEST.model_id),
             READOUT_DIM + SPECTRAL_DIM,
         )
         model_id = backend.model_id
@@ -263,7 +308,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     speakers = len({i.speaker for i in scores})
     seconds = features_max_seconds(args.features)
     print(
-        f"{model_id}; test split ({speakers} speakers, {len(scores)} items"
+        f"{model_id}; {'+'.join(sorted(s.value for s in splits))} split ({speakers} speakers, "
+        f"{len(scores)} items"
         + ("" if seconds is None else f", first {seconds:g} s of each")
         + "); "
         "thresholds from the calibration split: "
@@ -281,6 +327,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
         attacks = [r for r in rows if r.channel is channel and r.kind not in GENUINE_KINDS]
         worst = max(attacks, key=lambda r: r.rate.value)
         print(f"{channel.value:<10} worst APCER: {worst.kind} {worst.rate}")
+    lines = line_rates(scores, thresholds)
+    if any(row.condition != "none" for row in lines):
+        print()
+        print("By line condition (all attack kinds together):")
+        print(f"{'channel':<10} {'condition':<10} {'BPCER':<36} APCER")
+        for line in lines:
+            print(f"{line.channel.value:<10} {line.condition:<10} {line.bpcer!s:<36} {line.apcer}")
     if args.det:
         det_plot(scores, thresholds, args.det, model_id)
         print(f"DET plot: {args.det}")
@@ -354,6 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=PresentationAttackPolicy.target_bpcer_telephone,
         help="telephone (default: the service's)",
+    )
+    parser.add_argument(
+        "--split",
+        nargs="+",
+        choices=[s.value for s in Split],
+        default=[Split.TEST.value],
+        help="splits to report on (default: test; a corpus built from another set of speakers, "
+        "none of whom anything was fitted on, may use all three)",
     )
     parser.add_argument("--backend", type=Path, help="default: the shipped one")
     parser.add_argument("--calibration", type=Path, help="default: the shipped one")

@@ -29,7 +29,7 @@ from models.aasist import (
     export_path,
 )
 from models.aasist_countermeasure import AasistCountermeasure
-from models.countermeasure import window_starts, windows_of
+from models.countermeasure import judged_id, window_starts, windows_of
 from models.embedder import Waveform
 from models.fetch import default_countermeasure_dir
 from models.manifest import AASIST_MANIFEST, verify_model_dir
@@ -121,7 +121,7 @@ def test_service_path_readouts_and_backend_scores_agree_with_the_torch_network(
     countermeasure: AasistCountermeasure, model_dir: Path
 ) -> None:
     backend = PadBackEnd.load(
-        default_backend_path(), AASIST_MANIFEST.model_id, READOUT_DIM + SPECTRAL_DIM
+        default_backend_path(), judged_id(AASIST_MANIFEST.model_id), READOUT_DIM + SPECTRAL_DIM
     )
     ours_path = countermeasure.with_backend(backend)
     torch_path = AasistCountermeasure.load_torch(model_dir).with_backend(backend)
@@ -140,7 +140,7 @@ def test_service_path_readouts_and_backend_scores_agree_with_the_torch_network(
 
 
 def test_describes_itself(countermeasure: AasistCountermeasure) -> None:
-    assert countermeasure.model_id == AASIST_MANIFEST.model_id
+    assert countermeasure.model_id == judged_id(AASIST_MANIFEST.model_id)
     assert countermeasure.sample_rate == 16_000
     assert countermeasure.min_samples == 16_000
 

@@ -158,8 +158,10 @@ def _source(folder: Path) -> Path:
 def test_build_makes_every_kind_in_both_channels_reproducibly(tmp_path: Path) -> None:
     source = _source(tmp_path / "source")
     kinds = ("replay", "world", "griffin-lim", "conversion")
-    first = corpus.build(source, tmp_path / "a", seed=3, max_seconds=1.0, kinds=kinds)
-    corpus.build(source, tmp_path / "b", seed=3, max_seconds=1.0, kinds=kinds)
+    first = corpus.build(
+        source, tmp_path / "a", seed=3, max_seconds=1.0, kinds=kinds, line_share=0.0
+    )
+    corpus.build(source, tmp_path / "b", seed=3, max_seconds=1.0, kinds=kinds, line_share=0.0)
     # Per speaker: genuine, genuine sent as MP3 or Opus, and each attack, in both channels.
     assert len(first) == 2 * (2 + len(kinds)) * 2
     assert {(i.speaker, i.split) for i in first} == {
@@ -180,6 +182,64 @@ def test_build_makes_every_kind_in_both_channels_reproducibly(tmp_path: Path) ->
     telephone = next(i for i in first if i.channel is Channel.TELEPHONE and i.kind == "world")
     audio, _ = sf.read(tmp_path / "a" / telephone.path, dtype="float32")
     assert _band_energy(audio, 4200, 8000) < 1e-4 * _band_energy(audio, 0, 4000)
+
+
+def test_line_conditions_fall_on_genuine_items_and_attacks_alike(tmp_path: Path) -> None:
+    source = _source(tmp_path / "source")
+    kinds = ("replay", "world")
+    plain = corpus.build(
+        source, tmp_path / "plain", seed=3, max_seconds=1.0, kinds=kinds, line_share=0.0
+    )
+    lined = corpus.build(
+        source, tmp_path / "lined", seed=3, max_seconds=1.0, kinds=kinds, line_share=0.5
+    )
+    again = corpus.build(
+        source, tmp_path / "again", seed=3, max_seconds=1.0, kinds=kinds, line_share=0.5
+    )
+    assert [i.path for i in plain] == [i.path for i in lined]
+    with_line = [i for i in lined if "line" in i.params]
+    # Both sides carry conditions (8 of 16 items here with this seed).
+    assert {i.kind in corpus.GENUINE_KINDS for i in with_line} == {True, False}
+    for before, after, repeat in zip(plain, lined, again, strict=True):
+        made = (tmp_path / "lined" / after.path).read_bytes()
+        assert made == (tmp_path / "again" / repeat.path).read_bytes()
+        # An item without a condition is the item of a corpus without any.
+        if "line" not in after.params:
+            assert made == (tmp_path / "plain" / before.path).read_bytes()
+            assert after.params == before.params
+        else:
+            assert after.params["line"]["condition"] in corpus.LINE_CONDITIONS
+
+
+@pytest.mark.parametrize("condition", corpus.LINE_CONDITIONS)
+def test_each_line_condition_adds_what_it_names(condition: str) -> None:
+    speech = np.concatenate([_voiced(1.0), np.zeros(RATE // 4, np.float32), _voiced(1.0, 180.0)])
+    rng = next(
+        item_rng(0, "s", f"line{n}")
+        for n in range(200)
+        if str(item_rng(0, "s", f"line{n}").choice(corpus.LINE_CONDITIONS)) == condition
+    )
+    out, params = corpus.line_condition(speech, rng)
+    assert params["condition"] == condition
+    assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
+    if condition == "pauses":
+        added = sum(params["pause_seconds"])
+        assert len(out) == len(speech) + sum(int(s * RATE) for s in params["pause_seconds"])
+        assert 1.5 <= added <= 15.0
+        return
+    assert len(out) == len(speech)
+    added_signal = out - speech
+    if condition == "hum":
+        mains = params["mains_hz"]
+        assert _band_energy(added_signal, mains - 2, mains + 2) > 0.2 * _band_energy(
+            added_signal, 0, 8000
+        )
+    elif condition == "rumble":
+        assert _band_energy(added_signal, 0, 300) > 0.95 * _band_energy(added_signal, 0, 8000)
+    elif condition == "hiss":
+        assert _band_energy(added_signal, 2000, 8000) > 0.95 * _band_energy(added_signal, 0, 8000)
+    # The level follows the draw: at least 6 dB under the speech.
+    assert corpus.rms(added_signal) < 0.51 * corpus.rms(speech)
 
 
 def test_summary_rates_each_attack_against_bona_fide_of_its_channel(tmp_path: Path) -> None:

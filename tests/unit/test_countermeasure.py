@@ -21,8 +21,13 @@ from models.aasist import (
 )
 from models.aasist_countermeasure import AasistCountermeasure, WindowOutputs
 from models.countermeasure import (
+    LONGEST_PAUSE_SECONDS,
     CountermeasureEvidence,
     WindowBatch,
+    judged_audio,
+    judged_id,
+    pause_runs,
+    shortened_pauses,
     window_starts,
     windows_of,
 )
@@ -96,7 +101,11 @@ def test_score_is_the_mean_bona_fide_logit_over_the_windows() -> None:
     countermeasure = AasistCountermeasure(network)
     audio = np.zeros(2 * WINDOW_SAMPLES + 1, np.float32)
     audio[0], audio[-WINDOW_SAMPLES] = 0.3, 0.9  # the first and the last window's first samples
-    assert countermeasure.score(audio) == pytest.approx((0.3 + 0.0 + 0.9) / 3)
+    # The fake network's logit is a window's first sample; the windows are those of the audio
+    # as the countermeasure judges it (its long pauses shortened).
+    firsts = windows_of(judged_audio(audio), WINDOW_SAMPLES)[:, 0]
+    assert countermeasure.score(audio) == pytest.approx(float(np.mean(firsts)))
+    assert firsts == pytest.approx([0.3, 0.0, 0.9], abs=0.05)
     # In batches of at most two windows, which bounds the network's memory on long audio.
     assert [batch.shape for batch in network.batches] == [
         (2, WINDOW_SAMPLES),
@@ -108,10 +117,11 @@ def test_evidence_carries_the_raw_score_and_the_backends_input() -> None:
     audio = np.zeros(2 * WINDOW_SAMPLES + 1, np.float32)
     audio[0], audio[-WINDOW_SAMPLES] = 0.3, 0.9
     evidence = AasistCountermeasure(_RecordingNetwork()).evidence(audio)
-    assert evidence.raw_score == pytest.approx(0.4)
+    mean_first = float(np.mean(windows_of(judged_audio(audio), WINDOW_SAMPLES)[:, 0]))
+    assert evidence.raw_score == pytest.approx(mean_first)
     assert evidence.features.shape == (READOUT_DIM + SPECTRAL_DIM,)
     # The readout part is the mean over the windows.
-    assert evidence.features[:READOUT_DIM] == pytest.approx(np.full(READOUT_DIM, 0.4))
+    assert evidence.features[:READOUT_DIM] == pytest.approx(np.full(READOUT_DIM, mean_first))
 
 
 DIM = READOUT_DIM + SPECTRAL_DIM
@@ -266,3 +276,74 @@ def test_missing_export_names_the_command_that_makes_it(tmp_path: Path) -> None:
         exported_network(tmp_path)
     assert "countermeasure network" in raised.value.message
     assert f"voxauth fetch-model --countermeasure-dir {tmp_path}" in raised.value.message
+
+
+# --- long pauses ------------------------------------------------------------------------------
+
+
+def _talk(*parts: tuple[str, float], seed: int = 0) -> np.ndarray:
+    """Speech-like bursts ("speech": loud noise modulated at a syllable rate) and pauses
+    ("pause": faint line noise), in order, at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for kind, seconds in parts:
+        n = int(seconds * SAMPLE_RATE)
+        if kind == "speech":
+            syllables = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * np.arange(n) / SAMPLE_RATE)
+            pieces.append(0.1 * rng.standard_normal(n) * syllables)
+        else:
+            pieces.append(10 ** (-65 / 20) * rng.standard_normal(n))
+    return np.concatenate(pieces).astype(np.float32)
+
+
+def test_a_check_without_long_pauses_is_judged_as_it_is() -> None:
+    audio = _talk(("speech", 3.0), ("pause", 0.8), ("speech", 3.0))
+    assert shortened_pauses(audio) is audio
+    # Nothing but noise (no spread between quiet and loud) and digital silence: unchanged.
+    noise = _talk(("speech", 5.0))
+    assert shortened_pauses(noise) is noise
+    silence = np.zeros(5 * SAMPLE_RATE, np.float32)
+    assert shortened_pauses(silence) is silence
+
+
+def test_long_pauses_are_cut_to_the_longest_kept_and_the_speech_stays() -> None:
+    first, second = _talk(("speech", 3.0), seed=1), _talk(("speech", 2.0), seed=2)
+    pause = _talk(("pause", 6.0), seed=3)
+    lead = _talk(("pause", 3.0), seed=4)
+    audio = np.concatenate([lead, first, pause, second])
+    judged = shortened_pauses(audio)
+    longest = max(end - start for start, end in pause_runs(judged))
+    assert longest <= LONGEST_PAUSE_SECONDS * SAMPLE_RATE + 320
+    # Two pauses (the leading one and the middle one) of 3 s and 6 s, each now about 1 s.
+    assert len(judged) / SAMPLE_RATE == pytest.approx(len(audio) / SAMPLE_RATE - 7.0, abs=0.1)
+    # Every speech sample is still there, in order: the cuts fall inside the pauses.
+    assert np.isin(first, judged).all() and np.isin(second, judged).all()
+    start = int(np.flatnonzero(judged == first[0])[0])
+    np.testing.assert_array_equal(judged[start : start + len(first)], first)
+
+
+def test_the_countermeasure_judges_a_check_with_its_pauses_shortened() -> None:
+    network = _RecordingNetwork()
+    countermeasure = AasistCountermeasure(network)
+    audio = np.concatenate(
+        [_talk(("speech", 2.5)), _talk(("pause", 8.0)), _talk(("speech", 2.5), seed=5)]
+    )
+    evidence = countermeasure.evidence(audio)
+    judged = judged_audio(audio)
+    # 13 s as it arrived would be four windows; with the pause at 1 s, 6 s are two.
+    assert sum(len(batch) for batch in network.batches) == len(windows_of(judged, WINDOW_SAMPLES))
+    assert sum(len(batch) for batch in network.batches) == 2
+    assert countermeasure.score(audio) == pytest.approx(evidence.raw_score)
+    assert evidence.features[READOUT_DIM:] == pytest.approx(spectral_features(judged))
+    # The network's own outputs stay those of the audio as given (its reference tests).
+    assert len(countermeasure.window_outputs(audio)[0]) == 4
+
+
+def test_scores_judged_another_way_have_another_id(tmp_path: Path) -> None:
+    """A back-end fitted on checks judged with their pauses (the id without the suffix) is
+    refused: its scores were measured on audio of another form."""
+    assert judged_id(AASIST_MANIFEST.model_id) != AASIST_MANIFEST.model_id
+    path = tmp_path / "backend.json"
+    path.write_text(json.dumps(_backend_document(wideband={"replay": _model(1.0, 0.0)})))
+    with pytest.raises(ModelFilesError, match="fitted on"):
+        PadBackEnd.load(path, judged_id(AASIST_MANIFEST.model_id), DIM)

@@ -8,12 +8,13 @@ import pytest
 from server.pipeline.channel import Channel
 from server.tools.attack_corpus import BONA_FIDE, Item, Split
 from server.tools.pad_backend_fit import pad_calibration
-from server.tools.pad_evaluation import pad_rates
+from server.tools.pad_evaluation import line_rates, pad_rates
 
 
-def item(n: int, split: Split, channel: Channel, kind: str) -> Item:
+def item(n: int, split: Split, channel: Channel, kind: str, line: str | None = None) -> Item:
+    params = {} if line is None else {"line": {"condition": line}}
     return Item(
-        f"{split.value}/{channel.value}/{kind}/{n}.flac", str(n), split, channel, kind, "", {}
+        f"{split.value}/{channel.value}/{kind}/{n}.flac", str(n), split, channel, kind, "", params
     )
 
 
@@ -52,3 +53,21 @@ def test_apcer_and_bpcer_are_counted_at_the_channels_threshold() -> None:
         2,
     )
     assert rows[Channel.TELEPHONE, BONA_FIDE].errors == 0
+
+
+def test_line_conditions_are_counted_on_both_sides_apart() -> None:
+    thresholds = {Channel.WIDEBAND: 0.0, Channel.TELEPHONE: 0.0}
+    scores = {
+        item(1, Split.TEST, Channel.WIDEBAND, BONA_FIDE, "hum"): -0.5,  # refused for its hum
+        item(2, Split.TEST, Channel.WIDEBAND, BONA_FIDE, "hum"): 1.0,
+        item(3, Split.TEST, Channel.WIDEBAND, "replay", "hum"): 0.5,  # hum hid a replay
+        item(4, Split.TEST, Channel.WIDEBAND, "world", "hum"): -1.0,
+        item(5, Split.TEST, Channel.WIDEBAND, BONA_FIDE): 1.0,
+        item(6, Split.TEST, Channel.WIDEBAND, "world"): -1.0,
+    }
+    rows = {(r.channel, r.condition): r for r in line_rates(scores, thresholds)}
+    assert set(rows) == {(Channel.WIDEBAND, "hum"), (Channel.WIDEBAND, "none")}
+    hum = rows[Channel.WIDEBAND, "hum"]
+    assert (hum.bpcer.errors, hum.bpcer.trials, hum.apcer.errors, hum.apcer.trials) == (1, 2, 1, 2)
+    plain = rows[Channel.WIDEBAND, "none"]
+    assert (plain.bpcer.errors, plain.apcer.errors) == (0, 0)

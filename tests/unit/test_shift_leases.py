@@ -6,6 +6,8 @@ with the fake voice."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -13,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
 
 from server.audit_actions import AuditAction
@@ -499,11 +502,18 @@ def reported(agent_id: str, n: int, clock: ManualClock) -> ShiftEvent:
     return ShiftEvent(ShiftEventKind.CHECKPOINT_FAILED, shift, now)
 
 
-async def taken(subscription: EventSubscription, count: int) -> list[ShiftEvent]:
+async def taken(
+    subscription: EventSubscription, count: int, seconds: float = 60.0
+) -> list[ShiftEvent]:
+    """`count` events, each within 10 s and all within `seconds` (else an AssertionError that
+    says how many came: events trickling in one per wait once took this test past pytest's
+    timeout, which hid how far it had got)."""
     got: list[ShiftEvent] = []
+    deadline = asyncio.get_running_loop().time() + seconds
     try:
         for _ in range(count):
-            got.append(await eventually(subscription.next_event))
+            left = deadline - asyncio.get_running_loop().time()
+            got.append(await eventually(subscription.next_event, max(0.0, min(10.0, left))))
     except TimeoutError:
         # Say how far it got: this test once timed out in a loaded full run, with no more said.
         ids = [event.event_id for event in got]
@@ -632,3 +642,34 @@ def test_a_replayed_event_says_what_the_live_one_said() -> None:
         scheduled_at=clock.now(),
     )
     assert decode_event(encode_event(event)) == event
+
+
+def test_the_event_listener_outlives_an_error_that_is_not_the_databases(
+    postgres_server: PostgresServer,
+) -> None:
+    """A replica's LISTEN thread that died on an unexpected error would leave it deaf to the
+    other replicas' events (heard only at the bus's slow poll) without a word: it logs the
+    error and listens again."""
+    from server.storage.postgresql.backend import EVENTS_CHANNEL
+    from server.storage.postgresql.notify import PostgresEventWakeups
+
+    location = postgres_server.new_database()
+    calls: list[float] = []
+    woke_again = threading.Event()
+
+    def woken() -> None:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the bus's wake-up")
+        woke_again.set()
+
+    wakeups = PostgresEventWakeups(location)
+    try:
+        wakeups.start(woken)
+        assert woke_again.wait(10), "the listener did not come back after the error"
+        woke_again.clear()
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
+        assert woke_again.wait(10), "a notification after the error was not heard"
+    finally:
+        wakeups.close()

@@ -56,3 +56,8 @@ class PostgresEventWakeups:
             except psycopg.Error as error:
                 log.warning("shift event listener disconnected (%s); reconnecting", error)
                 self._closed.wait(_RETRY_SECONDS)
+            except Exception:
+                # Anything else must not end the thread either: a replica whose listener has
+                # died hears the others' events only at the bus's slow poll, and says nothing.
+                log.exception("shift event listener failed; reconnecting")
+                self._closed.wait(_RETRY_SECONDS)
