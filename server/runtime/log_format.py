@@ -180,6 +180,21 @@ def use_json(format_name: str, stream: IO[str]) -> bool:
     return format_name == "json"
 
 
+class _CurrentStderr(logging.StreamHandler[IO[str]]):
+    """A handler on whatever `sys.stderr` is when each record is written, not on the stream
+    it was made with: once that stream is swapped out and closed (a test harness capturing
+    output per test, a process redirecting its stderr), a thread still logging would write
+    into a closed file ("--- Logging error ---") and lose the record."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: IO[str]) -> None:
+        pass  # always the current stderr
+
+
 def configure_logging(
     level: str,
     *,
@@ -190,7 +205,9 @@ def configure_logging(
     """Root logging for `voxauth serve` and the tools: one handler on `stream` (stderr), JSON
     lines or escaped text (see `use_json`), each record stamped with its request id."""
     out = sys.stderr if stream is None else stream
-    handler = logging.StreamHandler(out)
+    handler: logging.StreamHandler[IO[str]] = (
+        _CurrentStderr() if stream is None else logging.StreamHandler(stream)
+    )
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(
         JsonFormatter() if use_json(format_name, out) else SafeFormatter(TEXT_FORMAT)

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,27 @@ def test_a_request_scope_closed_from_another_context_does_not_fail() -> None:
     contextvars.copy_context().run(scope.__enter__)
     scope.__exit__(None, None, None)  # in this context the id was never set
     assert current_request_id() is None
+
+
+def test_logging_to_stderr_follows_stderr_when_it_is_swapped_and_closed(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server thread that logs after the stderr it started with was replaced and closed (a
+    test's captured output, a redirect) writes to the stderr of now, not into a closed file."""
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("info", format_name="text")
+    logging.getLogger("server.test").info("while the first stderr is open")
+    assert "while the first stderr is open" in first.getvalue()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    errors: list[BaseException | None] = []
+
+    def failed(_handler: logging.Handler, _record: logging.LogRecord) -> None:
+        errors.append(sys.exc_info()[1])  # what logging would print as "--- Logging error ---"
+
+    monkeypatch.setattr(logging.Handler, "handleError", failed)
+    logging.getLogger("server.test").info("after it was closed")
+    assert errors == []
+    assert "after it was closed" in second.getvalue()
