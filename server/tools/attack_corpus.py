@@ -742,6 +742,17 @@ def report(rows: Sequence[KindSummary]) -> str:
     return "\n".join(lines)
 
 
+def _share(text: str) -> float:
+    """A share from 0 to 1 (a build with another would silently mean all items or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, not {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="voxauth attacks",
@@ -759,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--kinds", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     make.add_argument(
         "--line-share",
-        type=float,
+        type=_share,
         default=DEFAULT_LINE_SHARE,
         help="share of items, genuine and attacks alike, given a line condition (hum, rumble, "
         "hiss, noise or long pauses; default %(default)s; 0: none, the corpus of format 1)",

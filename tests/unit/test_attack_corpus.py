@@ -255,3 +255,14 @@ def test_summary_rates_each_attack_against_bona_fide_of_its_channel(tmp_path: Pa
     assert rows[corpus.BONA_FIDE].eer is None
     assert rows["replay"].below_zero.errors == 4
     assert "replay" in corpus.report(list(rows.values()))
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.5", "nan", "half"])
+def test_a_line_share_outside_0_to_1_is_refused_before_anything_is_built(
+    share: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        corpus.main(["build", str(tmp_path), str(tmp_path / "out"), "--line-share", share])
+    assert exited.value.code == 2
+    assert "--line-share" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
