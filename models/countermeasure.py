@@ -97,13 +97,28 @@ def judged_id(weights_id: str) -> str:
     """The id of a network's check scores (`Countermeasure.evidence`): its weights' id and
     what is done to the audio before it judges (`judged_audio`), so that a back-end or
     calibration made on audio judged another way is refused."""
-    return f"{weights_id}+pauses@{LONGEST_PAUSE_SECONDS:g}s"
+    return f"{weights_id}+pauses@{LONGEST_PAUSE_SECONDS:g}s+pcm16"
+
+
+def on_pcm16_grid(waveform: Waveform) -> Waveform:
+    """`waveform` rounded to the nearest 16-bit sample value: unchanged when it came as 16-bit
+    PCM (a WAV or FLAC file, or the corpus's items), and given the 16-bit rounding noise those
+    carry when it did not (G.711 or Opus decoded and resampled in floating point).
+
+    Why: the back-end's spectral statistics read the check's quietest frames and its highest
+    bands, and there a decoded telephone call holds next to nothing (the resampler's stop band,
+    some 150 dB down) where every corpus item holds 16-bit rounding noise (about 100 dB down).
+    A genuine recording sent as G.711 u-law scored -36.6 against a threshold of -2.36 before
+    this, and -1.4 on the 16-bit grid (tests/e2e/test_duplicate_enrollment.py sends it)."""
+    grid = np.clip(np.round(waveform.astype(np.float64) * 32768.0), -32768, 32767) / 32768.0
+    result: Waveform = grid.astype(np.float32)
+    return result
 
 
 def judged_audio(waveform: Waveform) -> Waveform:
-    """What the countermeasure judges of a check: the audio with its long pauses shortened
-    (`shortened_pauses`)."""
-    return shortened_pauses(waveform)
+    """What the countermeasure judges of a check: the audio on the 16-bit grid
+    (`on_pcm16_grid`), with its long pauses shortened (`shortened_pauses`)."""
+    return shortened_pauses(on_pcm16_grid(waveform))
 
 
 def pause_runs(waveform: Waveform) -> list[tuple[int, int]]:

@@ -379,10 +379,10 @@ class PresentationAttackPolicy(Settings):
         default=0.05,
         metadata=setting("VOXAUTH_PAD_TARGET_BPCER_TELEPHONE", check=bona_fide_rejection_rate),
     )
-    """The same for telephone checks. Higher than wideband's by default: telephone checks keep
-    the raw network's score (no back-end: README, "Presentation-attack detection"), which
-    separates the corpus so roughly that a lower rate lets most replays and resyntheses
-    through (server/tools/ATTACKS.md)."""
+    """The same for telephone checks. Higher than wideband's by default: even with the
+    telephone back-end (fitted on calls drawn from varied paths) replays and resyntheses are
+    told apart less well through the 4 kHz band, and a lower rate lets more of them through
+    (README, "Presentation-attack detection"; server/tools/ATTACKS.md)."""
 
     def target_for(self, telephone: bool) -> float:
         return self.target_bpcer_telephone if telephone else self.target_bpcer

@@ -504,6 +504,12 @@ def to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:
     return _to_target_rate(samples, rate)
 
 
+def resampled(samples: npt.NDArray[np.float32], rate: int, to_rate: int) -> Waveform:
+    """`samples` from `rate` to `to_rate` by the pipeline's resampler (the one
+    `telephone_channel` uses to reach 8 kHz): for tools that simulate a call."""
+    return _resample(samples, rate, to_rate)
+
+
 def _to_target_rate(samples: npt.NDArray[np.float32], rate: int) -> Waveform:
     """`samples` (which this takes over) at TARGET_RATE."""
     if rate != TARGET_RATE:

@@ -52,16 +52,19 @@ import soundfile as sf
 
 from models.embedder import Waveform
 from server.pipeline.channel import Channel
-from server.pipeline.decode import TARGET_RATE, telephone_channel
+from server.pipeline.decode import TARGET_RATE
 from server.tools.calibrate import is_calibration_speaker
 from server.tools.corpus import AUDIO_SUFFIXES, speaker_of
 from server.tools.evaluation import Rate, Trials, equal_error_rate
+from server.tools.telephone_paths import PATH_SETS, SIMULATED, telephone_path
 
 CORPUS_FILE = "corpus.json"
-CORPUS_FORMAT = 2
+CORPUS_FORMAT = 3
 """2: items may carry a line condition (params "line"); format 1 corpora are read as ones
-without (`--line-share 0` builds the same items as format 1 did)."""
-_READABLE_FORMATS = (1, 2)
+without (`--line-share 0` builds the same items as format 1 did). 3: telephone items may carry
+the call's path (params "telephone", server/tools/telephone_paths.py); `--telephone-paths
+simulated` builds the same items as format 2 did."""
+_READABLE_FORMATS = (1, 2, 3)
 DEFAULT_LINE_SHARE = 0.0
 """The shipped back-end is fitted on the corpus without line conditions (server/tools/ATTACKS.md,
 "Line conditions": one fitted with them was measured and not shipped)."""
@@ -604,11 +607,14 @@ def build(
     max_seconds: float,
     kinds: Sequence[str] = ATTACKS,
     line_share: float = DEFAULT_LINE_SHARE,
+    telephone_paths: str = SIMULATED,
 ) -> list[Item]:
     """Make the corpus in `out` from the recordings in `source`; returns its items (also
     written to out/corpus.json). Each item, genuine or attack, carries a line condition with
     probability `line_share`, drawn from its own generator: the items without one are the
-    same as at `line_share` 0."""
+    same as at `line_share` 0. Telephone items reach 8 kHz by `telephone_paths`
+    (server/tools/telephone_paths.py), each item's path from its own generator: the wideband
+    items do not depend on it."""
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
     voice = NeuralVoice.from_package() if "neural-tts" in kinds else None
     if "neural-tts" in kinds and voice is None:
@@ -652,11 +658,16 @@ def build(
                 wideband, line_params = line_condition(wideband, line_rng)
                 params = {**params, "line": line_params}
             for channel in Channel:
-                waveform = wideband if channel is Channel.WIDEBAND else telephone_channel(wideband)
+                waveform, channel_params = wideband, params
+                if channel is Channel.TELEPHONE:
+                    call_rng = item_rng(seed, speaker, f"{kind}:telephone")
+                    waveform, call = telephone_path(wideband, telephone_paths, call_rng)
+                    if call is not None:
+                        channel_params = {**params, "telephone": call}
                 relative = f"{split.value}/{channel.value}/{kind}/{path.stem}.flac"
                 (out / relative).parent.mkdir(parents=True, exist_ok=True)
                 sf.write(out / relative, waveform, TARGET_RATE, subtype="PCM_16")
-                items.append(Item(relative, speaker, split, channel, kind, origin, params))
+                items.append(Item(relative, speaker, split, channel, kind, origin, channel_params))
         if number % 25 == 0 or number == len(files):
             _say(f"{number}/{len(files)} recordings ({time.perf_counter() - started:.0f} s)")
     document = {
@@ -664,6 +675,7 @@ def build(
         "seed": seed,
         "max_seconds": max_seconds,
         "line_share": line_share,
+        "telephone_paths": telephone_paths,
         "source": str(source),
         "items": [item.as_json() for item in items],
     }
@@ -679,7 +691,7 @@ def load_items(corpus: Path) -> list[Item]:
     document = json.loads((corpus / CORPUS_FILE).read_text())
     if document.get("format") not in _READABLE_FORMATS:
         raise ValueError(
-            f"{corpus / CORPUS_FILE} is not a corpus of format 1 or 2 (found "
+            f"{corpus / CORPUS_FILE} is not a corpus of format 1, 2 or 3 (found "
             f"{document.get('format')!r})"
         )
     return [Item.from_json(entry) for entry in document["items"]]
@@ -775,6 +787,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="share of items, genuine and attacks alike, given a line condition (hum, rumble, "
         "hiss, noise or long pauses; default %(default)s; 0: none, the corpus of format 1)",
     )
+    make.add_argument(
+        "--telephone-paths",
+        choices=PATH_SETS,
+        default=SIMULATED,
+        help="how telephone items reach 8 kHz: the one simulated call of formats 1 and 2 "
+        "(default), calls drawn from several resamplers, channel filters, mu-law or A-law and "
+        "levels (varied), or from resamplers the varied set never uses (held-out)",
+    )
     score = commands.add_parser("score", help="score a corpus with the countermeasure")
     score.add_argument("corpus", type=Path)
     score.add_argument(
@@ -805,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seconds=args.max_seconds,
             kinds=args.kinds,
             line_share=args.line_share,
+            telephone_paths=args.telephone_paths,
         )
         _say(f"wrote {len(items)} items to {args.out}")
         return 0

@@ -247,13 +247,23 @@ def fit_backend(
         "channels": fitted,
         "provenance": {
             "command": "voxauth attacks fit-backend CORPUS --features FILE [FILE ...]",
-            "corpus": {"seed": document["seed"], "max_seconds": document["max_seconds"]},
+            "corpus": corpus_provenance(document),
             "split": Split.FIT.value,
             "speakers": sorted({i.speaker for i, _ in examples}),
             "views": len(views),
             "fit": provenance,
         },
     }
+
+
+def corpus_provenance(document: dict[str, Any]) -> dict[str, Any]:
+    """What made the corpus a file was fitted or calibrated on: its seed and item length, and
+    (from format 2 and 3 on) its line conditions' share and its telephone paths."""
+    made = {"seed": document["seed"], "max_seconds": document["max_seconds"]}
+    for key in ("line_share", "telephone_paths"):
+        if key in document:
+            made[key] = document[key]
+    return made
 
 
 def calibration_channels(
@@ -343,7 +353,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             if args.features
             else ""
         ),
-        "corpus": {"seed": document["seed"], "max_seconds": document["max_seconds"]},
+        "corpus": corpus_provenance(document),
         "split": Split.CALIBRATION.value,
         "speakers": sorted({i.speaker for i in genuine}),
         "kinds": list(GENUINE_KINDS),
@@ -426,7 +436,8 @@ def _add_commands(commands: Any) -> None:
         nargs="+",
         choices=[c.value for c in Channel],
         default=[Channel.WIDEBAND.value],
-        help="channels to fit (default: wideband; the others keep the network's raw score)",
+        help="channels to fit (default: wideband; the others keep the network's raw score; fit "
+        "telephone on a corpus built with --telephone-paths varied)",
     )
 
 

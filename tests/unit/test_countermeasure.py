@@ -26,6 +26,7 @@ from models.countermeasure import (
     WindowBatch,
     judged_audio,
     judged_id,
+    on_pcm16_grid,
     pause_runs,
     shortened_pauses,
     window_starts,
@@ -347,3 +348,22 @@ def test_scores_judged_another_way_have_another_id(tmp_path: Path) -> None:
     path.write_text(json.dumps(_backend_document(wideband={"replay": _model(1.0, 0.0)})))
     with pytest.raises(ModelFilesError, match="fitted on"):
         PadBackEnd.load(path, judged_id(AASIST_MANIFEST.model_id), DIM)
+
+
+def test_the_countermeasure_judges_audio_on_the_16_bit_grid() -> None:
+    """A G.711 call decoded and resampled in floating point holds almost nothing in its quiet
+    frames and top band, where every corpus item holds 16-bit rounding noise; the back-end read
+    that as an attack (a genuine recording sent as u-law scored -36.6 against -2.36). On the
+    grid, 16-bit audio is unchanged and decoded audio carries the same rounding as the corpus."""
+    from server.pipeline.decode import AudioEncoding, decode_audio, encode_mulaw
+
+    rng = np.random.default_rng(3)
+    pcm16 = (rng.integers(-3000, 3000, 16_000) / 32768).astype(np.float32)
+    assert np.array_equal(on_pcm16_grid(pcm16), pcm16)
+    narrowband = (0.1 * np.sin(np.arange(8_000) * 0.3)).astype(np.float32)
+    call = decode_audio(encode_mulaw(narrowband), AudioEncoding.MULAW, 8_000, max_seconds=2)
+    assert not np.array_equal(np.round(call.waveform * 32768), call.waveform * 32768)
+    judged = judged_audio(call.waveform)
+    assert np.array_equal(np.round(judged * 32768), judged * 32768)
+    assert np.abs(judged - call.waveform).max() <= 0.5 / 32768 + 1e-9
+    assert judged_id("w").endswith("+pcm16")
